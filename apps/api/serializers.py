@@ -1,0 +1,204 @@
+from typing import Any
+
+from drf_spectacular.utils import extend_schema_field, inline_serializer
+from rest_framework import serializers
+
+from apps.catalog.models import Channel, Priority
+from apps.deliveries.models import Delivery, DeliveryEvent, DeliveryStatus, Notification
+from apps.deliveries.selectors import notification_status
+from apps.recipients.models import Recipient, validate_timezone
+from notify.pipeline.ingest import EventRequest, RecipientRef
+
+MAX_RECIPIENTS_PER_EVENT = 1000
+MAX_EVENTS_PER_BATCH = 100
+
+
+class RecipientSerializer(serializers.ModelSerializer):
+    """A recipient as producers create, read and update it."""
+
+    external_id = serializers.CharField(max_length=255)
+    timezone = serializers.CharField(max_length=64, required=False)
+    attributes = serializers.DictField(required=False)
+
+    class Meta:
+        model = Recipient
+        fields = ["external_id", "email", "phone", "locale", "timezone", "attributes", "created_at", "updated_at"]
+        read_only_fields = ["created_at", "updated_at"]
+
+    def validate_timezone(self, value: str) -> str:
+        try:
+            validate_timezone(value)
+        except Exception as error:  # Django's ValidationError carries the message
+            raise serializers.ValidationError(getattr(error, "messages", [str(error)])[0])
+        return value
+
+    def validate_phone(self, value: str) -> str:
+        if value and not (value.startswith("+") and value[1:].isdigit() and 8 <= len(value) <= 16):
+            raise serializers.ValidationError("Use E.164 format, for example +14155550123.")
+        return value
+
+
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "string", "description": "The external id of an existing recipient."},
+            {"$ref": "#/components/schemas/Recipient"},
+        ]
+    }
+)
+class RecipientRefField(serializers.Field):
+    """An external id, or an inline recipient object that is upserted."""
+
+    default_error_messages = {"invalid": "Give an external id string or a recipient object."}
+
+    def to_internal_value(self, data: Any) -> RecipientRef:
+        if isinstance(data, str):
+            if not data.strip():
+                raise serializers.ValidationError("An external id may not be blank.")
+            return RecipientRef(external_id=data)
+        if isinstance(data, dict):
+            serializer = RecipientSerializer(data=data)
+            serializer.is_valid(raise_exception=True)
+            fields = dict(serializer.validated_data)
+            return RecipientRef(external_id=fields.pop("external_id"), fields=fields)
+        self.fail("invalid")
+
+    def to_representation(self, value: RecipientRef) -> Any:
+        return value.external_id
+
+
+class EventSerializer(serializers.Serializer):
+    """Trigger one event for one recipient or for a list of them."""
+
+    category = serializers.CharField(max_length=100)
+    recipient = RecipientRefField(required=False)
+    recipients = serializers.ListField(
+        child=RecipientRefField(), required=False, min_length=1, max_length=MAX_RECIPIENTS_PER_EVENT
+    )
+    data = serializers.DictField(default=dict)
+    priority = serializers.ChoiceField(choices=Priority.choices, required=False)
+    channels = serializers.ListField(
+        child=serializers.ChoiceField(choices=Channel.choices), required=False, min_length=1
+    )
+    idempotency_key = serializers.CharField(max_length=255, required=False)
+    send_at = serializers.DateTimeField(required=False)
+
+    def validate_channels(self, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise serializers.ValidationError("List each channel once.")
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if ("recipient" in attrs) == ("recipients" in attrs):
+            raise serializers.ValidationError({"recipients": ["Give either 'recipient' or 'recipients', not both."]})
+        return attrs
+
+
+def event_request_from(*, attrs: dict[str, Any], body: dict[str, Any], idempotency_key: str | None = None) -> EventRequest:
+    """The engine's view of one validated event; `body` is what the producer sent."""
+    refs = attrs["recipients"] if "recipients" in attrs else [attrs["recipient"]]
+    return EventRequest(
+        category_key=attrs["category"],
+        recipients=refs,
+        data=attrs.get("data", {}),
+        priority=attrs.get("priority"),
+        channels=attrs.get("channels"),
+        idempotency_key=attrs.get("idempotency_key") or idempotency_key,
+        send_at=attrs.get("send_at"),
+        body=body,
+    )
+
+
+class EventBatchSerializer(serializers.Serializer):
+    events = serializers.ListField(child=EventSerializer(), min_length=1, max_length=MAX_EVENTS_PER_BATCH)
+
+
+class EventAcceptedSerializer(serializers.Serializer):
+    event_id = serializers.UUIDField()
+    idempotency_key = serializers.CharField(allow_null=True)
+    notification_ids = serializers.ListField(child=serializers.UUIDField())
+
+
+EventBatchAcceptedSerializer = inline_serializer(
+    name="EventBatchAccepted", fields={"events": EventAcceptedSerializer(many=True)}
+)
+
+
+class DeliveryEventSerializer(serializers.ModelSerializer):
+    at = serializers.DateTimeField(source="created_at")
+
+    class Meta:
+        model = DeliveryEvent
+        fields = ["status", "reason", "attempt", "detail", "at"]
+
+
+class DeliverySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Delivery
+        fields = [
+            "id",
+            "channel",
+            "priority",
+            "status",
+            "status_reason",
+            "attempt_count",
+            "next_attempt_at",
+            "sent_at",
+            "provider_message_id",
+        ]
+
+
+class DeliveryWithHistorySerializer(DeliverySerializer):
+    history = DeliveryEventSerializer(source="events", many=True, read_only=True)
+
+    class Meta(DeliverySerializer.Meta):
+        fields = DeliverySerializer.Meta.fields + ["history"]
+
+
+class NotificationSerializer(serializers.ModelSerializer):
+    recipient = serializers.CharField(source="recipient.external_id")
+    category = serializers.CharField(source="category.key")
+    template_version = serializers.IntegerField(source="template_version.number")
+    status = serializers.SerializerMethodField()
+    deliveries = DeliverySerializer(many=True, read_only=True)
+
+    class Meta:
+        model = Notification
+        fields = [
+            "id",
+            "event_id",
+            "recipient",
+            "category",
+            "priority",
+            "locale",
+            "template_version",
+            "status",
+            "send_at",
+            "created_at",
+            "cancelled_at",
+            "deliveries",
+        ]
+
+    @extend_schema_field(serializers.ChoiceField(choices=["pending", *DeliveryStatus.values, "mixed"]))
+    def get_status(self, notification: Notification) -> str:
+        return notification_status(deliveries=list(notification.deliveries.all()))
+
+
+class NotificationDetailSerializer(NotificationSerializer):
+    deliveries = DeliveryWithHistorySerializer(many=True, read_only=True)
+
+
+class CancelResultSerializer(serializers.Serializer):
+    cancelled_deliveries = serializers.IntegerField()
+
+
+class ErrorSerializer(serializers.Serializer):
+    error = inline_serializer(
+        name="ErrorBody",
+        fields={
+            "code": serializers.CharField(),
+            "message": serializers.CharField(),
+            "fields": serializers.DictField(child=serializers.ListField(child=serializers.CharField()), required=False),
+        },
+    )
+

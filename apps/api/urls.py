@@ -1,0 +1,14 @@
+from django.urls import path
+from rest_framework.routers import SimpleRouter
+
+from apps.api.views import EventBatchView, EventView, NotificationViewSet, RecipientViewSet
+
+router = SimpleRouter(trailing_slash=False)
+router.register("notifications", NotificationViewSet, basename="notification")
+router.register("recipients", RecipientViewSet, basename="recipient")
+
+urlpatterns = [
+    path("events", EventView.as_view(), name="events"),
+    path("events/batch", EventBatchView.as_view(), name="events-batch"),
+    *router.urls,
+]

@@ -1,0 +1,198 @@
+"""Producer API views: parse, call one service, shape the response."""
+from typing import Any
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import Http404
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import mixins, pagination, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from apps.api.errors import error_response, field_error
+from apps.api.serializers import (
+    CancelResultSerializer,
+    ErrorSerializer,
+    EventAcceptedSerializer,
+    EventBatchAcceptedSerializer,
+    EventBatchSerializer,
+    EventSerializer,
+    NotificationDetailSerializer,
+    NotificationSerializer,
+    RecipientSerializer,
+    event_request_from,
+)
+from apps.deliveries.models import DeliveryStatus, Notification
+from apps.deliveries.selectors import notification_get, notifications_list
+from apps.recipients.models import Recipient
+from apps.recipients.services import recipient_upsert
+from notify.pipeline.control import NotCancellable, notification_cancel
+from notify.pipeline.ingest import EventRequest, IdempotencyConflict, IngestError, events_ingest
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+ERRORS = {
+    400: OpenApiResponse(ErrorSerializer, description="Bad input; `fields` names each bad field."),
+    401: OpenApiResponse(ErrorSerializer, description="Missing or unknown API key."),
+    409: OpenApiResponse(ErrorSerializer, description="Idempotency key reused with a different body."),
+    413: OpenApiResponse(ErrorSerializer, description="Request body over the size limit."),
+}
+
+
+class CreatedCursorPagination(pagination.CursorPagination):
+    ordering = "-created_at"
+    page_size = 50
+    page_size_query_param = "page_size"
+    max_page_size = 500
+
+
+def _ingest(request: Request, events: list[EventRequest]) -> tuple[list[dict[str, Any]], bool] | Response:
+    try:
+        results = events_ingest(api_key=request.auth, events=events)
+    except IngestError as error:
+        return field_error(field=error.field, message=error.message)
+    except IdempotencyConflict as error:
+        return error_response(
+            status_code=status.HTTP_409_CONFLICT,
+            code="idempotency_conflict",
+            message=str(error),
+            fields={"idempotency_key": [str(error)]},
+        )
+    return [r.response for r in results], all(r.replayed for r in results)
+
+
+def _accepted(body: dict[str, Any], *, replayed: bool) -> Response:
+    response = Response(body, status=status.HTTP_202_ACCEPTED)
+    if replayed:
+        response["Idempotent-Replayed"] = "true"
+    return response
+
+
+class EventView(APIView):
+    @extend_schema(
+        request=EventSerializer,
+        responses={202: EventAcceptedSerializer, **ERRORS},
+        parameters=[OpenApiParameter(IDEMPOTENCY_HEADER, str, OpenApiParameter.HEADER, required=False)],
+        summary="Trigger an event",
+        description="Notify one recipient or up to 1,000. The same idempotency key with the same "
+        "body returns the original response; with a different body, 409.",
+    )
+    def post(self, request: Request) -> Response:
+        serializer = EventSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        header_key = request.headers.get(IDEMPOTENCY_HEADER)
+        body_key = serializer.validated_data.get("idempotency_key")
+        if header_key and body_key and header_key != body_key:
+            return field_error(field="idempotency_key", message="The body and the Idempotency-Key header disagree.")
+        event = event_request_from(attrs=serializer.validated_data, body=request.data, idempotency_key=header_key)
+        outcome = _ingest(request, [event])
+        if isinstance(outcome, Response):
+            return outcome
+        responses, replayed = outcome
+        return _accepted(responses[0], replayed=replayed)
+
+
+class EventBatchView(APIView):
+    @extend_schema(
+        request=EventBatchSerializer,
+        responses={202: EventBatchAcceptedSerializer, **ERRORS},
+        summary="Trigger a batch of events",
+        description="Up to 100 events, accepted or refused together.",
+    )
+    def post(self, request: Request) -> Response:
+        serializer = EventBatchSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        events = [
+            event_request_from(attrs=attrs, body=body)
+            for attrs, body in zip(serializer.validated_data["events"], request.data["events"], strict=True)
+        ]
+        outcome = _ingest(request, events)
+        if isinstance(outcome, Response):
+            return outcome
+        responses, replayed = outcome
+        return _accepted({"events": responses}, replayed=replayed)
+
+
+class NotificationFilterSerializer(serializers.Serializer):
+    recipient = serializers.CharField(required=False, help_text="External id of the recipient.")
+    category = serializers.CharField(required=False, help_text="Category key.")
+    status = serializers.ChoiceField(choices=DeliveryStatus.choices, required=False, help_text="A delivery status.")
+    created_after = serializers.DateTimeField(required=False)
+    created_before = serializers.DateTimeField(required=False)
+
+
+class NotificationViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins.RetrieveModelMixin):
+    serializer_class = NotificationSerializer
+    pagination_class = CreatedCursorPagination
+    queryset = Notification.objects.none()
+
+    def get_queryset(self):  # type: ignore[no-untyped-def]
+        filters = NotificationFilterSerializer(data=self.request.query_params)
+        filters.is_valid(raise_exception=True)
+        return notifications_list(tenant=self.request.auth.tenant, **filters.validated_data)
+
+    def get_object(self) -> Notification:
+        try:
+            return notification_get(tenant=self.request.auth.tenant, notification_id=self.kwargs["pk"])
+        except (Notification.DoesNotExist, DjangoValidationError):
+            raise Http404
+
+    @extend_schema(parameters=[NotificationFilterSerializer], summary="List notifications")
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().list(request, *args, **kwargs)
+
+    @extend_schema(responses=NotificationDetailSerializer, summary="A notification with its full delivery history")
+    def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return Response(NotificationDetailSerializer(self.get_object()).data)
+
+    @extend_schema(
+        request=None,
+        responses={200: CancelResultSerializer, 409: ErrorSerializer},
+        summary="Cancel a notification that has not been sent",
+    )
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, pk: str) -> Response:
+        try:
+            cancelled = notification_cancel(notification=self.get_object())
+        except NotCancellable as error:
+            return error_response(status_code=status.HTTP_409_CONFLICT, code="not_cancellable", message=str(error))
+        return Response({"cancelled_deliveries": cancelled})
+
+
+class RecipientViewSet(viewsets.ModelViewSet):
+    serializer_class = RecipientSerializer
+    pagination_class = CreatedCursorPagination
+    lookup_field = "external_id"
+    lookup_value_regex = "[^/]+"
+    queryset = Recipient.objects.none()
+
+    def get_queryset(self):  # type: ignore[no-untyped-def]
+        return Recipient.objects.filter(tenant=self.request.auth.tenant)
+
+    def _upsert(self, *, external_id: str, data: dict[str, Any], partial: bool) -> Response:
+        instance = self.get_queryset().filter(external_id=external_id).first()
+        serializer = self.get_serializer(instance, data={**data, "external_id": external_id}, partial=partial)
+        serializer.is_valid(raise_exception=True)
+        fields = {k: v for k, v in serializer.validated_data.items() if k != "external_id"}
+        recipient, created = recipient_upsert(tenant=self.request.auth.tenant, external_id=external_id, fields=fields)
+        return Response(
+            self.get_serializer(recipient).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
+        )
+
+    @extend_schema(summary="Create or update a recipient by external id", responses={200: RecipientSerializer, 201: RecipientSerializer})
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        if not isinstance(request.data, dict):
+            return field_error(field="non_field_errors", message="Send a JSON object.")
+        external_id = request.data.get("external_id")
+        if not isinstance(external_id, str) or not external_id.strip():
+            return field_error(field="external_id", message="This field is required.")
+        return self._upsert(external_id=external_id, data=request.data, partial=True)
+
+    @extend_schema(summary="Create or replace a recipient", responses={200: RecipientSerializer, 201: RecipientSerializer})
+    def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        if not isinstance(request.data, dict):
+            return field_error(field="non_field_errors", message="Send a JSON object.")
+        partial = kwargs.get("partial", False)
+        if partial and not self.get_queryset().filter(external_id=kwargs["external_id"]).exists():
+            raise Http404
+        return self._upsert(external_id=kwargs["external_id"], data=request.data, partial=partial)

@@ -1,0 +1,70 @@
+from django.contrib import admin
+from django.db.models import Max
+from django.http import HttpRequest, HttpResponse
+
+from apps.catalog.models import Category, Template, TemplateVariant, TemplateVersion
+
+
+@admin.register(Category)
+class CategoryAdmin(admin.ModelAdmin):
+    list_display = ("key", "tenant", "kind", "default_priority", "default_channels", "template")
+    list_filter = ("tenant", "kind", "default_priority")
+    search_fields = ("key", "description")
+    list_select_related = ("tenant", "template")
+
+
+class TemplateVersionInline(admin.TabularInline):
+    model = TemplateVersion
+    extra = 0
+    fields = ("number", "note", "created_at")
+    readonly_fields = fields
+    show_change_link = True
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Template | None = None) -> bool:
+        return False
+
+
+@admin.register(Template)
+class TemplateAdmin(admin.ModelAdmin):
+    list_display = ("key", "name", "tenant")
+    list_filter = ("tenant",)
+    search_fields = ("key", "name")
+    inlines = [TemplateVersionInline]
+
+
+class TemplateVariantInline(admin.StackedInline):
+    model = TemplateVariant
+    extra = 0
+    fields = ("channel", "locale", "subject", "title", "body", "html", "link", "data")
+
+
+@admin.register(TemplateVersion)
+class TemplateVersionAdmin(admin.ModelAdmin):
+    """Versions are immutable. Saving an existing version saves a new version with the
+    edited content, so every notification keeps the exact content it was rendered with."""
+
+    list_display = ("template", "number", "note", "created_at")
+    list_filter = ("template__tenant", "template")
+    search_fields = ("template__key", "note")
+    readonly_fields = ("number", "created_at")
+    inlines = [TemplateVariantInline]
+
+    def changeform_view(  # type: ignore[override]
+        self, request: HttpRequest, object_id: str | None = None, form_url: str = "", extra_context: dict | None = None
+    ) -> HttpResponse:
+        if request.method == "POST" and object_id is not None:
+            request.POST = request.POST.copy()
+            request.POST["_saveasnew"] = "Save as new version"
+        extra_context = {**(extra_context or {}), "show_save_and_add_another": False}
+        if object_id is not None:
+            extra_context["subtitle"] = "Saving creates a new version; this one stays as it is."
+        return super().changeform_view(request, object_id, form_url, extra_context)
+
+    def save_model(self, request: HttpRequest, obj: TemplateVersion, form: object, change: bool) -> None:
+        latest = TemplateVersion.objects.filter(template=obj.template).aggregate(n=Max("number"))["n"]
+        obj.number = (latest or 0) + 1
+        super().save_model(request, obj, form, change)
+
+    def has_delete_permission(self, request: HttpRequest, obj: TemplateVersion | None = None) -> bool:
+        return False

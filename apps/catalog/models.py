@@ -1,0 +1,111 @@
+from django.core.exceptions import ValidationError
+from django.db import models
+
+from apps.tenants.models import Tenant
+
+
+class Channel(models.TextChoices):
+    EMAIL = "email", "Email"
+
+
+class Priority(models.TextChoices):
+    CRITICAL = "critical", "Critical"
+    NORMAL = "normal", "Normal"
+    BULK = "bulk", "Bulk"
+
+
+class CategoryKind(models.TextChoices):
+    CRITICAL = "critical", "Critical (OTP, fraud, security)"
+    TRANSACTIONAL = "transactional", "Transactional"
+    MARKETING = "marketing", "Marketing"
+
+
+def validate_channel_list(value: object) -> None:
+    valid = set(Channel.values)
+    if not isinstance(value, list) or not value or not all(v in valid for v in value):
+        raise ValidationError(f"Give a non-empty list of channels from: {', '.join(sorted(valid))}.")
+
+
+class Template(models.Model):
+    """A named message; its content lives in immutable, numbered versions."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="templates")
+    key = models.SlugField(max_length=100)
+    name = models.CharField(max_length=200)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["tenant", "key"], name="template_key_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.key})"
+
+    def current_version(self) -> "TemplateVersion | None":
+        return self.versions.order_by("-number").first()
+
+
+class ImmutableModel(models.Model):
+    """Rows that may be created and read but never changed: notifications pin them."""
+
+    class Meta:
+        abstract = True
+
+    def save(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        if not self._state.adding:
+            raise ValidationError(f"{self._meta.verbose_name} is immutable; create a new version instead.")
+        super().save(*args, **kwargs)
+
+
+class TemplateVersion(ImmutableModel):
+    template = models.ForeignKey(Template, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField(editable=False)
+    note = models.CharField(max_length=200, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["template", "number"], name="template_version_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.template.key} v{self.number}"
+
+
+class TemplateVariant(ImmutableModel):
+    """The content of one version for one channel and one locale ("" is the default)."""
+
+    version = models.ForeignKey(TemplateVersion, on_delete=models.CASCADE, related_name="variants")
+    channel = models.CharField(max_length=16, choices=Channel.choices)
+    locale = models.CharField(max_length=35, blank=True, default="", help_text="Empty for the default.")
+    subject = models.CharField(max_length=500, blank=True, default="", help_text="Email subject.")
+    title = models.CharField(max_length=500, blank=True, default="", help_text="Push or in-app title.")
+    body = models.TextField(blank=True, default="", help_text="Plain text: email text part, SMS, push or in-app body.")
+    html = models.TextField(blank=True, default="", help_text="Email HTML part.")
+    link = models.CharField(max_length=2000, blank=True, default="", help_text="In-app link.")
+    data = models.JSONField(default=dict, blank=True, help_text="Push data payload.")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["version", "channel", "locale"], name="template_variant_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.channel}/{self.locale or 'default'}"
+
+
+class Category(models.Model):
+    """What kind of thing happened; it sets the channels, the priority and the template."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="categories")
+    key = models.SlugField(max_length=100)
+    description = models.CharField(max_length=500, blank=True, default="")
+    kind = models.CharField(max_length=16, choices=CategoryKind.choices, default=CategoryKind.TRANSACTIONAL)
+    default_channels = models.JSONField(default=list, validators=[validate_channel_list])
+    default_priority = models.CharField(max_length=16, choices=Priority.choices, default=Priority.NORMAL)
+    template = models.ForeignKey(Template, on_delete=models.PROTECT, related_name="categories")
+
+    class Meta:
+        verbose_name_plural = "categories"
+        constraints = [models.UniqueConstraint(fields=["tenant", "key"], name="category_key_unique")]
+
+    def __str__(self) -> str:
+        return self.key

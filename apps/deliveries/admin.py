@@ -1,0 +1,122 @@
+from django.contrib import admin
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils.html import format_html, format_html_join
+
+from apps.deliveries.models import DeadLetter, Delivery, DeliveryEvent, Event, Notification
+from notify.pipeline.control import NotCancellable, dead_letters_replay, notification_cancel
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Delivery records are written by the engine only; the admin reads them and acts
+    through the engine's entry points."""
+
+    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+def history_table(deliveries: QuerySet[Delivery] | list[Delivery]) -> str:
+    rows = []
+    for delivery in deliveries:
+        for event in delivery.events.all():
+            rows.append(
+                (
+                    event.created_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
+                    delivery.channel,
+                    event.status,
+                    event.attempt,
+                    event.reason,
+                )
+            )
+    if not rows:
+        return "—"
+    body = format_html_join("", "<tr><td>{}</td><td>{}</td><td><b>{}</b></td><td>{}</td><td>{}</td></tr>", rows)
+    return format_html(
+        "<table><thead><tr><th>At (UTC)</th><th>Channel</th><th>Status</th><th>Attempt</th><th>Why</th>"
+        "</tr></thead><tbody>{}</tbody></table>",
+        body,
+    )
+
+
+@admin.register(Event)
+class EventAdmin(ReadOnlyAdmin):
+    list_display = ("id", "tenant", "category", "idempotency_key", "created_at")
+    list_filter = ("tenant", "category")
+    search_fields = ("=id", "idempotency_key")
+    date_hierarchy = "created_at"
+    list_select_related = ("tenant", "category")
+
+
+class DeliveryInline(admin.TabularInline):
+    model = Delivery
+    extra = 0
+    fields = ("channel", "status", "status_reason", "attempt_count", "next_attempt_at", "sent_at")
+    readonly_fields = fields
+    show_change_link = True
+    can_delete = False
+
+
+@admin.register(Notification)
+class NotificationAdmin(ReadOnlyAdmin):
+    list_display = ("id", "recipient", "category", "priority", "created_at", "cancelled_at")
+    list_filter = ("tenant", "category", "priority", "deliveries__status", "deliveries__channel")
+    search_fields = ("=id", "recipient__external_id", "recipient__email", "=event__id")
+    date_hierarchy = "created_at"
+    list_select_related = ("recipient", "category")
+    readonly_fields = ("history",)
+    inlines = [DeliveryInline]
+    actions = ["cancel"]
+
+    @admin.display(description="Why: every state change of every delivery")
+    def history(self, notification: Notification) -> str:
+        return history_table(notification.deliveries.prefetch_related("events"))
+
+    @admin.action(description="Cancel selected notifications (unsent deliveries only)")
+    def cancel(self, request: HttpRequest, queryset: QuerySet[Notification]) -> None:
+        cancelled = 0
+        for notification in queryset:
+            try:
+                cancelled += notification_cancel(notification=notification, reason=f"cancelled by {request.user}")
+            except NotCancellable:
+                pass
+        self.message_user(request, f"Cancelled {cancelled} deliveries.")
+
+
+class DeliveryEventInline(admin.TabularInline):
+    model = DeliveryEvent
+    extra = 0
+    fields = ("created_at", "status", "attempt", "reason", "detail")
+    readonly_fields = fields
+    can_delete = False
+
+
+@admin.register(Delivery)
+class DeliveryAdmin(ReadOnlyAdmin):
+    list_display = ("id", "channel", "priority", "status", "attempt_count", "next_attempt_at", "sent_at", "updated_at")
+    list_filter = ("status", "channel", "priority", "notification__tenant")
+    search_fields = ("=id", "=notification__id", "notification__recipient__external_id", "provider_message_id")
+    date_hierarchy = "updated_at"
+    inlines = [DeliveryEventInline]
+
+
+@admin.register(DeadLetter)
+class DeadLetterAdmin(ReadOnlyAdmin):
+    list_display = ("delivery_link", "channel", "attempts", "reason", "created_at", "replayed_at", "replayed_by")
+    list_filter = ("channel", ("replayed_at", admin.EmptyFieldListFilter))
+    search_fields = ("=delivery__id", "reason", "delivery__notification__recipient__external_id")
+    date_hierarchy = "created_at"
+    actions = ["replay"]
+
+    @admin.display(description="Delivery")
+    def delivery_link(self, dead_letter: DeadLetter) -> str:
+        return format_html('<a href="../delivery/{}/change/">{}</a>', dead_letter.delivery_id, dead_letter.delivery_id)
+
+    @admin.action(description="Replay selected dead letters")
+    def replay(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
+        replayed = dead_letters_replay(dead_letter_ids=list(queryset.values_list("id", flat=True)), actor=str(request.user))
+        skipped = queryset.count() - replayed
+        note = f" ({skipped} already replayed)" if skipped else ""
+        self.message_user(request, f"Replayed {replayed} dead letter(s){note}.")

@@ -1,0 +1,10 @@
+from django.apps import AppConfig
+
+
+class DeliveriesConfig(AppConfig):
+    name = "apps.deliveries"
+    label = "deliveries"
+
+    def ready(self) -> None:
+        # Connects the email channel's provider-feedback receiver.
+        import notify.channels.email  # noqa: F401

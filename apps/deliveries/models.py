@@ -1,0 +1,147 @@
+import uuid
+
+from django.db import models
+
+from apps.catalog.models import Category, Channel, Priority, TemplateVersion
+from apps.recipients.models import Recipient
+from apps.tenants.models import ApiKey, Tenant
+
+
+class Event(models.Model):
+    """What a producer sent, once. The idempotency key is enforced by a unique constraint."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="events")
+    api_key = models.ForeignKey(ApiKey, on_delete=models.SET_NULL, null=True, blank=True)
+    category = models.ForeignKey(Category, on_delete=models.PROTECT, related_name="events")
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)
+    # A digest of the request body, so a reused key with a different body is recognised.
+    request_digest = models.CharField(max_length=64)
+    data = models.JSONField(default=dict, blank=True)
+    # The response first given for this event, returned again on an idempotent retry.
+    response = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "idempotency_key"], name="event_idempotency_key_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.category.key} {self.id}"
+
+
+class Notification(models.Model):
+    """One event for one recipient."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="notifications")
+    event = models.ForeignKey(Event, on_delete=models.CASCADE, related_name="notifications")
+    recipient = models.ForeignKey(Recipient, on_delete=models.CASCADE, related_name="notifications")
+    category = models.ForeignKey(Category, on_delete=models.PROTECT, related_name="notifications")
+    # The exact content this notification is rendered with, chosen when it was planned.
+    template_version = models.ForeignKey(TemplateVersion, on_delete=models.PROTECT, related_name="+")
+    locale = models.CharField(max_length=35, blank=True, default="")
+    priority = models.CharField(max_length=16, choices=Priority.choices)
+    send_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    cancelled_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["tenant", "-created_at"], name="notification_tenant_recent"),
+            models.Index(fields=["recipient", "-created_at"], name="notification_recipient_recent"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.category.key} → {self.recipient.external_id}"
+
+
+class DeliveryStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    SENDING = "sending", "Sending"
+    SENT = "sent", "Sent"
+    DELIVERED = "delivered", "Delivered"
+    RETRYING = "retrying", "Retrying (transient failure, next attempt scheduled)"
+    FAILED = "failed", "Failed (permanent, not retried)"
+    DEAD = "dead", "Dead (retries exhausted, in the dead-letter queue)"
+    SUPPRESSED = "suppressed", "Suppressed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+CLAIMABLE_STATUSES = (DeliveryStatus.QUEUED, DeliveryStatus.RETRYING)
+UNSENT_STATUSES = (DeliveryStatus.QUEUED, DeliveryStatus.RETRYING)
+
+
+class Delivery(models.Model):
+    """One notification on one channel, with its own state and retry bookkeeping."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    notification = models.ForeignKey(Notification, on_delete=models.CASCADE, related_name="deliveries")
+    channel = models.CharField(max_length=16, choices=Channel.choices)
+    priority = models.CharField(max_length=16, choices=Priority.choices)
+    status = models.CharField(max_length=16, choices=DeliveryStatus.choices, default=DeliveryStatus.QUEUED)
+    status_reason = models.CharField(max_length=500, blank=True, default="")
+    attempt_count = models.PositiveIntegerField(default=0)
+    # When the next attempt may start; the claim ignores deliveries that are not due yet.
+    next_attempt_at = models.DateTimeField()
+    # When a task for this delivery was last handed to the broker (None: not yet).
+    published_at = models.DateTimeField(null=True, blank=True)
+    # Fencing for the claim: only the holder of the current token may record an outcome.
+    lease_token = models.UUIDField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    provider_message_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "deliveries"
+        indexes = [
+            # The sweeper's scans: due or stale queued work, and expired leases.
+            models.Index(
+                fields=["next_attempt_at"],
+                name="delivery_claimable_due",
+                condition=models.Q(status__in=["queued", "retrying"]),
+            ),
+            models.Index(
+                fields=["lease_expires_at"],
+                name="delivery_leased",
+                condition=models.Q(status="sending"),
+            ),
+            models.Index(fields=["status", "channel"], name="delivery_status_channel"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.channel} {self.id} ({self.status})"
+
+
+class DeliveryEvent(models.Model):
+    """Append-only history: every state change of a delivery, with its time and reason."""
+
+    delivery = models.ForeignKey(Delivery, on_delete=models.CASCADE, related_name="events")
+    status = models.CharField(max_length=16, choices=DeliveryStatus.choices)
+    reason = models.CharField(max_length=500, blank=True, default="")
+    attempt = models.PositiveIntegerField(default=0)
+    detail = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.status} at {self.created_at:%Y-%m-%d %H:%M:%S}"
+
+
+class DeadLetter(models.Model):
+    """A delivery whose retries ran out. Ops inspect it and replay it from the admin."""
+
+    delivery = models.ForeignKey(Delivery, on_delete=models.CASCADE, related_name="dead_letters")
+    channel = models.CharField(max_length=16, choices=Channel.choices)
+    reason = models.CharField(max_length=500)
+    attempts = models.PositiveIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    replayed_at = models.DateTimeField(null=True, blank=True)
+    replayed_by = models.CharField(max_length=150, blank=True, default="")
+
+    def __str__(self) -> str:
+        return f"{self.channel} {self.delivery_id}"

@@ -1,0 +1,11 @@
+from django.contrib import admin
+
+from apps.recipients.models import Recipient
+
+
+@admin.register(Recipient)
+class RecipientAdmin(admin.ModelAdmin):
+    list_display = ("external_id", "tenant", "email", "phone", "locale", "timezone", "updated_at")
+    list_filter = ("tenant", "locale")
+    search_fields = ("external_id", "email", "phone")
+    readonly_fields = ("created_at", "updated_at")

@@ -1,0 +1,38 @@
+import uuid
+
+from django.core.exceptions import ValidationError
+from django.db import models
+
+from apps.tenants.models import Tenant
+
+
+def validate_timezone(value: str) -> None:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValidationError(f"'{value}' is not an IANA timezone (for example Europe/Paris).")
+
+
+class Recipient(models.Model):
+    """A person a tenant notifies, known by the tenant's own external id."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="recipients")
+    external_id = models.CharField(max_length=255)
+    email = models.EmailField(blank=True, default="")
+    phone = models.CharField(max_length=32, blank=True, default="")
+    locale = models.CharField(max_length=35, blank=True, default="")
+    timezone = models.CharField(max_length=64, default="UTC", validators=[validate_timezone])
+    attributes = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "external_id"], name="recipient_external_id_unique")
+        ]
+
+    def __str__(self) -> str:
+        return self.external_id

@@ -1,0 +1,79 @@
+"""The demo workspace: created idempotently by `manage.py demo_setup` and by tests."""
+from django.contrib.auth import get_user_model
+from django.db import transaction
+
+from apps.catalog.models import Category, CategoryKind, Priority, Template, TemplateVariant, TemplateVersion
+from apps.recipients.models import Recipient
+from apps.tenants.models import ApiKey, Tenant
+
+WELCOME_VARIANTS = [
+    {
+        "locale": "",
+        "subject": "Welcome, {{ data.name|default:recipient.id }}!",
+        "body": "Hi {{ data.name|default:recipient.id }}, your account is ready.",
+        "html": "<p>Hi <b>{{ data.name|default:recipient.id }}</b>, your account is ready.</p>",
+    },
+    {
+        "locale": "es",
+        "subject": "¡Bienvenido, {{ data.name|default:recipient.id }}!",
+        "body": "Hola {{ data.name|default:recipient.id }}, tu cuenta está lista.",
+        "html": "<p>Hola <b>{{ data.name|default:recipient.id }}</b>, tu cuenta está lista.</p>",
+    },
+]
+OTP_VARIANTS = [
+    {
+        "locale": "",
+        "subject": "Your sign-in code: {{ data.code }}",
+        "body": "Your code is {{ data.code }}. It expires in 10 minutes.",
+        "html": "",
+    }
+]
+DIGEST_VARIANTS = [
+    {
+        "locale": "",
+        "subject": "This week: {{ data.headline }}",
+        "body": "{{ data.headline }}",
+        "html": "<h1>{{ data.headline }}</h1>",
+    }
+]
+
+
+@transaction.atomic
+def demo_workspace_ensure(*, api_key: str, admin_username: str = "", admin_password: str = "") -> Tenant:
+    """Create the demo tenant, its categories, templates, a recipient, the demo API key and
+    an admin login, each only if missing."""
+    tenant, _ = Tenant.objects.get_or_create(slug="demo", defaults={"name": "Demo workspace"})
+    for key, kind, priority, variants in (
+        ("welcome", CategoryKind.TRANSACTIONAL, Priority.NORMAL, WELCOME_VARIANTS),
+        ("otp", CategoryKind.CRITICAL, Priority.CRITICAL, OTP_VARIANTS),
+        ("weekly-digest", CategoryKind.MARKETING, Priority.BULK, DIGEST_VARIANTS),
+    ):
+        template, created = Template.objects.get_or_create(tenant=tenant, key=key, defaults={"name": key})
+        if created:
+            version = TemplateVersion.objects.create(template=template, number=1, note="demo")
+            for variant in variants:
+                TemplateVariant.objects.create(version=version, channel="email", **variant)
+        Category.objects.get_or_create(
+            tenant=tenant,
+            key=key,
+            defaults={
+                "kind": kind,
+                "default_priority": priority,
+                "default_channels": ["email"],
+                "template": template,
+                "description": f"Demo {kind} category",
+            },
+        )
+    Recipient.objects.get_or_create(
+        tenant=tenant, external_id="ada", defaults={"email": "ada@example.com", "locale": "en", "timezone": "Europe/London"}
+    )
+    if api_key:
+        key = ApiKey(tenant=tenant, name="demo")
+        key.assign_secret(raw_key=api_key)
+        if not ApiKey.objects.filter(lookup=key.lookup).exists():
+            key.save()
+    if admin_username:
+        User = get_user_model()
+        if not User.objects.filter(username=admin_username).exists():
+            User.objects.create_superuser(admin_username, f"{admin_username}@example.com", admin_password)
+    return tenant

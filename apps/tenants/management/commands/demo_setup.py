@@ -1,0 +1,22 @@
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from apps.tenants.demo import demo_workspace_ensure
+
+
+class Command(BaseCommand):
+    help = "Create the demo workspace, API key and admin login (idempotent)."
+
+    def add_arguments(self, parser):  # type: ignore[no-untyped-def]
+        parser.add_argument("--admin-username", default="admin")
+        parser.add_argument("--admin-password", default="admin")
+
+    def handle(self, *args, **options):  # type: ignore[no-untyped-def]
+        if not settings.NOTIFY_DEMO_API_KEY:
+            raise CommandError("Set NOTIFY_DEMO_API_KEY (format ntf_<lookup>_<secret>) to create the demo key.")
+        demo_workspace_ensure(
+            api_key=settings.NOTIFY_DEMO_API_KEY,
+            admin_username=options["admin_username"],
+            admin_password=options["admin_password"],
+        )
+        self.stdout.write("demo workspace ready")

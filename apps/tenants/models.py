@@ -1,0 +1,71 @@
+import hashlib
+import secrets
+import uuid
+
+from django.db import models
+
+
+class Tenant(models.Model):
+    """A producer's workspace: it owns API keys, categories, templates and recipients."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    slug = models.SlugField(unique=True)
+    name = models.CharField(max_length=200)
+    default_locale = models.CharField(max_length=35, default="en")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+KEY_PREFIX = "ntf"
+
+
+def api_key_digest(*, secret: str) -> str:
+    """The stored form of a key's secret part. Keys are random, so a fast hash suffices."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class ApiKeyQuerySet(models.QuerySet["ApiKey"]):
+    def active(self) -> "ApiKeyQuerySet":
+        return self.filter(revoked_at__isnull=True)
+
+
+class ApiKey(models.Model):
+    """A tenant-scoped producer credential. Only a digest is stored; the key is shown once."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=100)
+    # The public lookup part of the key ("ntf_<lookup>_<secret>"), safe to display.
+    lookup = models.CharField(max_length=16, unique=True, editable=False)
+    digest = models.CharField(max_length=64, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ApiKeyQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({KEY_PREFIX}_{self.lookup}_…)"
+
+    @staticmethod
+    def split(raw_key: str) -> tuple[str, str] | None:
+        """(lookup, secret) of a raw key, or None when it is not shaped like one of ours."""
+        parts = raw_key.split("_")
+        if len(parts) != 3 or parts[0] != KEY_PREFIX or not parts[1] or not parts[2]:
+            return None
+        return parts[1], parts[2]
+
+    def assign_secret(self, *, raw_key: str | None = None) -> str:
+        """Give the key a fresh (or the given) secret and return the raw key to show once."""
+        if raw_key is None:
+            raw_key = f"{KEY_PREFIX}_{secrets.token_hex(6)}_{secrets.token_urlsafe(24)}"
+        parts = self.split(raw_key)
+        if parts is None:
+            raise ValueError(f"an API key looks like {KEY_PREFIX}_<lookup>_<secret>")
+        self.lookup, secret = parts
+        self.digest = api_key_digest(secret=secret)
+        return raw_key

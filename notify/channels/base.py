@@ -1,0 +1,51 @@
+"""The one small interface every channel implements, and the values that cross it."""
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+from uuid import UUID
+
+from apps.recipients.models import Recipient
+from notify.resilience.failures import FailureKind
+
+
+@dataclass(frozen=True)
+class RenderedContent:
+    subject: str = ""
+    title: str = ""
+    body: str = ""
+    html: str = ""
+    link: str = ""
+    data: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    delivery_id: UUID
+    address: str
+    content: RenderedContent
+    category_key: str
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    delivery_id: UUID
+    failure: FailureKind | None = None
+    reason: str = ""
+    provider_message_id: str = ""
+    elapsed_ms: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+
+class Channel(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def address_for(self, *, recipient: Recipient) -> str:
+        """Where this recipient is reached on this channel, or "" when they cannot be."""
+
+    @abstractmethod
+    def send_batch(self, *, messages: list[OutboundMessage]) -> list[SendOutcome]:
+        """Send each message once; return one outcome per message, never raise for one."""

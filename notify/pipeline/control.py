@@ -1,0 +1,61 @@
+"""Operator controls: cancel what has not been sent, replay what died."""
+from django.db import transaction
+from django.utils import timezone
+
+from apps.deliveries.models import UNSENT_STATUSES, DeadLetter, Delivery, DeliveryEvent, DeliveryStatus, Notification
+from notify.pipeline.dispatch import deliveries_publish_on_commit
+from notify.pipeline.record import history_event
+
+
+class NotCancellable(Exception):
+    pass
+
+
+def notification_cancel(*, notification: Notification, reason: str = "cancelled by the producer") -> int:
+    """Cancel every delivery of the notification that has not started sending."""
+    now = timezone.now()
+    with transaction.atomic():
+        deliveries = list(
+            Delivery.objects.select_for_update().filter(notification=notification, status__in=UNSENT_STATUSES)
+        )
+        if not deliveries:
+            raise NotCancellable("Nothing left to cancel: every delivery has been sent or has finished.")
+        for delivery in deliveries:
+            delivery.status = DeliveryStatus.CANCELLED
+            delivery.status_reason = reason
+            delivery.updated_at = now
+        Delivery.objects.bulk_update(deliveries, fields=["status", "status_reason", "updated_at"])
+        DeliveryEvent.objects.bulk_create(
+            [history_event(delivery=d, status=DeliveryStatus.CANCELLED, reason=reason, at=now) for d in deliveries]
+        )
+        Notification.objects.filter(pk=notification.pk).update(cancelled_at=now)
+    return len(deliveries)
+
+
+def dead_letters_replay(*, dead_letter_ids: list[int], actor: str) -> int:
+    """Queue the dead deliveries again with a fresh retry budget; history shows the replay."""
+    now = timezone.now()
+    with transaction.atomic():
+        dead_letters = list(
+            DeadLetter.objects.select_for_update()
+            .filter(id__in=dead_letter_ids, replayed_at__isnull=True, delivery__status=DeliveryStatus.DEAD)
+            .select_related("delivery")
+        )
+        deliveries = [dl.delivery for dl in dead_letters]
+        reason = f"replayed from the dead-letter queue by {actor}"
+        for delivery in deliveries:
+            delivery.status = DeliveryStatus.QUEUED
+            delivery.status_reason = reason
+            delivery.attempt_count = 0
+            delivery.next_attempt_at = now
+            delivery.updated_at = now
+        deliveries_publish_on_commit(deliveries=deliveries, now=now)
+        Delivery.objects.bulk_update(
+            deliveries,
+            fields=["status", "status_reason", "attempt_count", "next_attempt_at", "published_at", "updated_at"],
+        )
+        DeliveryEvent.objects.bulk_create(
+            [history_event(delivery=d, status=DeliveryStatus.QUEUED, reason=reason, at=now) for d in deliveries]
+        )
+        DeadLetter.objects.filter(id__in=[dl.id for dl in dead_letters]).update(replayed_at=now, replayed_by=actor)
+    return len(dead_letters)

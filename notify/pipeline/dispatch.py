@@ -1,0 +1,176 @@
+"""Dispatch: hand claimable deliveries to the broker after the writing transaction commits,
+and sweep up anything the broker lost.
+
+The database is the truth and the broker only a transport. `published_at` records when a
+task for a delivery became due on the broker; the sweeper publishes again whatever has
+been due and unclaimed for too long, and re-queues deliveries whose lease expired."""
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from uuid import UUID
+
+from celery import current_app
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from apps.deliveries.models import CLAIMABLE_STATUSES, DeadLetter, Delivery, DeliveryEvent, DeliveryStatus
+from config.queues import dead_letter_queue, delivery_queue
+from notify.pipeline.record import history_event
+from notify.resilience.failures import attempts_exhausted
+
+logger = logging.getLogger(__name__)
+
+SEND_TASK = "notify.send_deliveries"
+DEAD_LETTER_TASK = "notify.dead_letter_notice"
+
+
+def batch_size(*, priority: str) -> int:
+    return settings.NOTIFY_BATCH_SIZE[priority]
+
+
+def deliveries_publish_on_commit(*, deliveries: Iterable[Delivery], now: datetime) -> None:
+    """Set `published_at` on claimable deliveries and publish them once the transaction
+    commits: one message per batch, per channel and priority. The caller saves the rows."""
+    groups: dict[tuple[str, str, datetime], list[Delivery]] = defaultdict(list)
+    for delivery in deliveries:
+        if delivery.status in CLAIMABLE_STATUSES:
+            groups[(delivery.channel, delivery.priority, delivery.next_attempt_at)].append(delivery)
+    for (channel, priority, due_at), group in groups.items():
+        _publish_group(channel=channel, priority=priority, due_at=due_at, deliveries=group, now=now)
+
+
+def retries_schedule(*, deliveries: list[Delivery], now: datetime) -> None:
+    """Publish one batch's retries together, when the last of them is due; a delay too long
+    for a broker countdown waits in the database for the sweeper instead."""
+    due_at = max(d.next_attempt_at for d in deliveries)
+    _publish_group(
+        channel=deliveries[0].channel, priority=deliveries[0].priority, due_at=due_at, deliveries=deliveries, now=now
+    )
+
+
+def _publish_group(*, channel: str, priority: str, due_at: datetime, deliveries: list[Delivery], now: datetime) -> None:
+    countdown = max((due_at - now).total_seconds(), 0.0)
+    if countdown > settings.NOTIFY_COUNTDOWN_MAX_SECONDS:
+        for delivery in deliveries:
+            delivery.published_at = None
+        return
+    for delivery in deliveries:
+        delivery.published_at = due_at
+    ids = [str(d.id) for d in deliveries]
+    size = batch_size(priority=priority)
+    for start in range(0, len(ids), size):
+        chunk = ids[start : start + size]
+        transaction.on_commit(
+            lambda chunk=chunk: publish(channel=channel, priority=priority, delivery_ids=chunk, countdown=countdown)
+        )
+
+
+def publish(*, channel: str, priority: str, delivery_ids: list[str], countdown: float = 0.0) -> None:
+    """Send one batch to its queue. A broker failure is logged, not raised: the rows are
+    committed, and the sweeper publishes them again."""
+    try:
+        current_app.send_task(
+            SEND_TASK,
+            args=[delivery_ids],
+            queue=delivery_queue(channel=channel, priority=priority),
+            countdown=countdown or None,
+        )
+    except Exception:  # noqa: BLE001 - any broker error; the sweeper recovers
+        logger.exception("publishing %d %s deliveries failed; the sweeper will retry", len(delivery_ids), channel)
+
+
+def dead_letters_announce(*, dead_letters: list[DeadLetter]) -> None:
+    """Put a notice on each channel's dead-letter queue once the transaction commits."""
+    for dead_letter in dead_letters:
+        args = [str(dead_letter.delivery_id), dead_letter.channel, dead_letter.reason]
+        queue = dead_letter_queue(channel=dead_letter.channel)
+        transaction.on_commit(lambda args=args, queue=queue: _send_notice(args=args, queue=queue))
+
+
+def _send_notice(*, args: list[str], queue: str) -> None:
+    try:
+        current_app.send_task(DEAD_LETTER_TASK, args=args, queue=queue)
+    except Exception:  # noqa: BLE001 - the DeadLetter row is the record; the notice is a courtesy
+        logger.exception("could not publish a dead-letter notice for delivery %s", args[0])
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    leases_expired: int
+    republished: int
+
+
+def sweep(*, now: datetime | None = None) -> SweepReport:
+    """Re-queue expired leases, then publish due work that the broker does not hold."""
+    now = now or timezone.now()
+    expired = 0
+    while count := _leases_expire(now=now):
+        expired += count
+    republished = 0
+    while count := _stale_publish(now=now):
+        republished += count
+    if expired or republished:
+        logger.info("sweep: %d leases expired, %d deliveries republished", expired, republished)
+    return SweepReport(leases_expired=expired, republished=republished)
+
+
+def _leases_expire(*, now: datetime) -> int:
+    with transaction.atomic():
+        deliveries = list(
+            Delivery.objects.select_for_update(skip_locked=True)
+            .filter(status=DeliveryStatus.SENDING, lease_expires_at__lt=now)[: settings.NOTIFY_SWEEP_CHUNK]
+        )
+        history = []
+        dead_letters = []
+        for delivery in deliveries:
+            delivery.lease_token = None
+            delivery.lease_expires_at = None
+            delivery.updated_at = now
+            if attempts_exhausted(channel=delivery.channel, attempt=delivery.attempt_count):
+                # A message that keeps killing its worker must not loop for ever.
+                reason = f"worker lost during each of {delivery.attempt_count} attempts"
+                delivery.status = DeliveryStatus.DEAD
+                dead_letters.append(
+                    DeadLetter(delivery=delivery, channel=delivery.channel, reason=reason, attempts=delivery.attempt_count)
+                )
+            else:
+                reason = "lease expired: the worker did not report back; re-queued"
+                delivery.status = DeliveryStatus.QUEUED
+                delivery.next_attempt_at = now
+            delivery.status_reason = reason
+            history.append(history_event(delivery=delivery, status=delivery.status, reason=reason, at=now))
+        deliveries_publish_on_commit(deliveries=deliveries, now=now)
+        Delivery.objects.bulk_update(
+            deliveries,
+            fields=["status", "status_reason", "lease_token", "lease_expires_at", "next_attempt_at", "published_at", "updated_at"],
+        )
+        DeliveryEvent.objects.bulk_create(history)
+        if dead_letters:
+            DeadLetter.objects.bulk_create(dead_letters)
+            dead_letters_announce(dead_letters=dead_letters)
+    return len(deliveries)
+
+
+def _stale_publish(*, now: datetime) -> int:
+    stale_before = now - timedelta(seconds=settings.NOTIFY_REPUBLISH_AFTER_SECONDS)
+    with transaction.atomic():
+        rows = list(
+            Delivery.objects.select_for_update(skip_locked=True)
+            .filter(status__in=CLAIMABLE_STATUSES, next_attempt_at__lte=now)
+            .filter(Q(published_at__isnull=True) | Q(published_at__lt=stale_before))
+            .values_list("id", "channel", "priority")[: settings.NOTIFY_SWEEP_CHUNK]
+        )
+        groups: dict[tuple[str, str], list[UUID]] = defaultdict(list)
+        for delivery_id, channel, priority in rows:
+            groups[(channel, priority)].append(delivery_id)
+        for (channel, priority), ids in groups.items():
+            Delivery.objects.filter(id__in=ids).update(published_at=now)
+            size = batch_size(priority=priority)
+            for start in range(0, len(ids), size):
+                chunk = [str(i) for i in ids[start : start + size]]
+                transaction.on_commit(lambda c=chunk, ch=channel, p=priority: publish(channel=ch, priority=p, delivery_ids=c))
+    return len(rows)

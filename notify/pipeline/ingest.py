@@ -1,0 +1,178 @@
+"""Ingest: accept producer events exactly once and turn them into planned, published work.
+
+Everything one request asks for is written in one transaction, so a bad request leaves no
+partial write, and tasks are published only after that transaction commits."""
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from apps.catalog.models import Category
+from apps.deliveries.models import Delivery, DeliveryEvent, Event, Notification
+from apps.recipients.models import Recipient
+from apps.tenants.models import ApiKey, Tenant
+from notify.pipeline.dispatch import deliveries_publish_on_commit
+from notify.pipeline.plan import PlanError, notifications_plan
+
+RECIPIENT_FIELDS = ("email", "phone", "locale", "timezone", "attributes")
+
+
+class IngestError(Exception):
+    """A request the engine refuses; `field` names the request field at fault."""
+
+    def __init__(self, *, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class IdempotencyConflict(Exception):
+    def __init__(self, *, key: str) -> None:
+        super().__init__(
+            f"Idempotency key '{key}' was already used with a different request body. "
+            "Use a new key for a different request."
+        )
+        self.key = key
+
+
+@dataclass
+class RecipientRef:
+    """A recipient named by external id, with the fields to upsert when given inline."""
+
+    external_id: str
+    fields: dict[str, Any] | None = None
+
+
+@dataclass
+class EventRequest:
+    category_key: str
+    recipients: list[RecipientRef]
+    data: dict[str, Any] = field(default_factory=dict)
+    priority: str | None = None
+    channels: list[str] | None = None
+    idempotency_key: str | None = None
+    send_at: datetime | None = None
+    # The request body as the producer sent it, to recognise a reused idempotency key.
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class IngestResult:
+    response: dict[str, Any]
+    replayed: bool
+
+
+def request_digest(*, body: dict[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def events_ingest(*, api_key: ApiKey, events: list[EventRequest]) -> list[IngestResult]:
+    """Ingest a list of events atomically; an event whose idempotency key was seen before
+    returns its original response instead of being ingested again."""
+    tenant = api_key.tenant
+    categories = _categories_resolve(tenant=tenant, events=events)
+    results: list[IngestResult] = []
+    now = timezone.now()
+    with transaction.atomic():
+        for index, request in enumerate(events):
+            prefix = f"events[{index}]." if len(events) > 1 else ""
+            digest = request_digest(body=request.body)
+            event = Event(
+                tenant=tenant,
+                api_key=api_key,
+                category=categories[request.category_key],
+                idempotency_key=request.idempotency_key,
+                request_digest=digest,
+                data=request.data,
+            )
+            try:
+                with transaction.atomic():
+                    event.save(force_insert=True)
+            except IntegrityError:
+                # Another request holds this key. The unique index made us wait for it to
+                # commit, so its event and response are visible now.
+                existing = Event.objects.get(tenant=tenant, idempotency_key=request.idempotency_key)
+                if existing.request_digest != digest:
+                    raise IdempotencyConflict(key=request.idempotency_key or "")
+                results.append(IngestResult(response=existing.response, replayed=True))
+                continue
+            recipients = _recipients_upsert(tenant=tenant, refs=request.recipients, field_prefix=prefix)
+            try:
+                plan = notifications_plan(
+                    event=event,
+                    category=categories[request.category_key],
+                    recipients=recipients,
+                    priority_override=request.priority,
+                    channels_override=request.channels,
+                    send_at=request.send_at,
+                )
+            except PlanError as error:
+                raise IngestError(field=prefix + error.field, message=error.message) from error
+            deliveries_publish_on_commit(deliveries=plan.deliveries, now=now)
+            Notification.objects.bulk_create(plan.notifications)
+            Delivery.objects.bulk_create(plan.deliveries)
+            DeliveryEvent.objects.bulk_create(plan.history)
+            event.response = {
+                "event_id": str(event.id),
+                "idempotency_key": request.idempotency_key,
+                "notification_ids": [str(n.id) for n in plan.notifications],
+            }
+            event.save(update_fields=["response"])
+            results.append(IngestResult(response=event.response, replayed=False))
+    return results
+
+
+def _categories_resolve(*, tenant: Tenant, events: list[EventRequest]) -> dict[str, Category]:
+    keys = {request.category_key for request in events}
+    categories = {
+        c.key: c for c in Category.objects.filter(tenant=tenant, key__in=keys).select_related("template")
+    }
+    for index, request in enumerate(events):
+        if request.category_key not in categories:
+            valid = sorted(Category.objects.filter(tenant=tenant).values_list("key", flat=True))
+            prefix = f"events[{index}]." if len(events) > 1 else ""
+            raise IngestError(
+                field=f"{prefix}category",
+                message=f"Unknown category '{request.category_key}'. Valid keys: {', '.join(valid) or '(none yet)'}.",
+            )
+    return categories
+
+
+def _recipients_upsert(*, tenant: Tenant, refs: list[RecipientRef], field_prefix: str) -> list[Recipient]:
+    """Upsert inline recipients and look up the ones named by id, in the order given."""
+    inline: dict[str, RecipientRef] = {ref.external_id: ref for ref in refs if ref.fields is not None}
+    # Group by the set of fields given, so an upsert only overwrites what was sent.
+    # Sorted by external id so that concurrent upserts lock rows in one order.
+    groups: dict[tuple[str, ...], list[Recipient]] = {}
+    for external_id in sorted(inline):
+        given = inline[external_id].fields or {}
+        field_names = tuple(sorted(name for name in RECIPIENT_FIELDS if name in given))
+        groups.setdefault(field_names, []).append(
+            Recipient(tenant=tenant, external_id=external_id, **{name: given[name] for name in field_names})
+        )
+    for field_names, rows in groups.items():
+        Recipient.objects.bulk_create(
+            rows,
+            update_conflicts=True,
+            unique_fields=["tenant", "external_id"],
+            update_fields=[*field_names, "updated_at"] if field_names else ["updated_at"],
+        )
+    by_external_id = {
+        r.external_id: r
+        for r in Recipient.objects.filter(tenant=tenant, external_id__in={ref.external_id for ref in refs})
+    }
+    missing = [ref.external_id for ref in refs if ref.external_id not in by_external_id]
+    if missing:
+        index = next(i for i, ref in enumerate(refs) if ref.external_id == missing[0])
+        raise IngestError(
+            field=f"{field_prefix}recipients[{index}]",
+            message=f"Unknown recipient '{missing[0]}'. Pass an object with external_id and fields to create it.",
+        )
+    # A recipient named twice in one event is notified once.
+    ordered = dict.fromkeys(ref.external_id for ref in refs)
+    return [by_external_id[external_id] for external_id in ordered]

@@ -1,0 +1,159 @@
+"""Plan: decide the channels, the priority and the content of each notification.
+
+Planning pins the template version on the notification. Rendering that version is
+deterministic, so the send stage renders it then instead of storing the rendered text."""
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+
+from django.template import Context, Engine
+from django.template import Template as DjangoTemplate
+from django.utils import timezone
+
+from apps.catalog.models import Category, TemplateVariant, TemplateVersion
+from apps.deliveries.models import Delivery, DeliveryEvent, DeliveryStatus, Event, Notification
+from apps.recipients.models import Recipient
+from notify.channels import channel_get
+from notify.channels.base import RenderedContent
+from notify.pipeline.record import history_event
+
+
+class PlanError(Exception):
+    """The request cannot be planned; `field` names the request field at fault."""
+
+    def __init__(self, *, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+@dataclass
+class Plan:
+    notifications: list[Notification]
+    deliveries: list[Delivery]
+    history: list[DeliveryEvent]
+
+
+def notifications_plan(
+    *,
+    event: Event,
+    category: Category,
+    recipients: list[Recipient],
+    priority_override: str | None,
+    channels_override: list[str] | None,
+    send_at: datetime | None,
+) -> Plan:
+    """Build (unsaved) notifications, deliveries and their first history rows."""
+    version = category.template.current_version()
+    if version is None:
+        raise PlanError(field="category", message=f"Category '{category.key}' has a template with no versions yet.")
+    channels = channels_override or list(category.default_channels)
+    variants = version_variants(version_id=version.pk)
+    missing = [c for c in channels if not any(channel == c for channel, _ in variants)]
+    if missing:
+        raise PlanError(
+            field="channels",
+            message=f"Template '{category.template.key}' v{version.number} has no content for: {', '.join(missing)}.",
+        )
+    priority = priority_override or category.default_priority
+    now = timezone.now()
+    due_at = max(send_at, now) if send_at else now
+    tenant_locale = event.tenant.default_locale
+
+    plan = Plan(notifications=[], deliveries=[], history=[])
+    for recipient in recipients:
+        notification = Notification(
+            tenant_id=event.tenant_id,
+            event=event,
+            recipient=recipient,
+            category=category,
+            template_version=version,
+            locale=recipient.locale or tenant_locale,
+            priority=priority,
+            send_at=send_at,
+        )
+        plan.notifications.append(notification)
+        for channel_name in channels:
+            delivery = Delivery(
+                notification=notification, channel=channel_name, priority=priority, next_attempt_at=due_at
+            )
+            if not channel_get(name=channel_name).address_for(recipient=recipient):
+                delivery.status = DeliveryStatus.SUPPRESSED
+                delivery.status_reason = f"recipient has no {channel_name} address"
+                reason = delivery.status_reason
+            else:
+                reason = f"scheduled for {due_at.isoformat()}" if due_at > now else "planned"
+            plan.deliveries.append(delivery)
+            plan.history.append(history_event(delivery=delivery, status=delivery.status, reason=reason, at=now))
+    return plan
+
+
+@lru_cache(maxsize=512)
+def version_variants(*, version_id: int) -> dict[tuple[str, str], TemplateVariant]:
+    """A version's content by (channel, lower-cased locale). Versions are immutable, so the
+    cache never needs invalidating."""
+    return {
+        (variant.channel, variant.locale.lower()): variant
+        for variant in TemplateVariant.objects.filter(version_id=version_id)
+    }
+
+
+def locale_chain(*, locale: str, default_locale: str) -> list[str]:
+    """es-MX -> es-mx, es, then the tenant default and its language, then "" (the default)."""
+    chain: list[str] = []
+    for candidate in (locale, default_locale):
+        tag = candidate.replace("_", "-").lower()
+        while tag:
+            if tag not in chain:
+                chain.append(tag)
+            tag = tag.rpartition("-")[0]
+    chain.append("")
+    return chain
+
+
+def variant_resolve(*, version_id: int, channel: str, locale: str, default_locale: str) -> TemplateVariant:
+    variants = version_variants(version_id=version_id)
+    for tag in locale_chain(locale=locale, default_locale=default_locale):
+        variant = variants.get((channel, tag))
+        if variant is not None:
+            return variant
+    # Planning checked that the channel has content, so take any locale rather than fail.
+    return next(v for (c, _), v in sorted(variants.items()) if c == channel)
+
+
+_HTML_ENGINE = Engine(autoescape=True)
+_TEXT_ENGINE = Engine(autoescape=False)
+
+
+@lru_cache(maxsize=4096)
+def _compiled(source: str, *, html: bool) -> DjangoTemplate:
+    return (_HTML_ENGINE if html else _TEXT_ENGINE).from_string(source)
+
+
+def _render(source: str, context: dict, *, html: bool = False) -> str:
+    if "{" not in source:
+        return source
+    return _compiled(source, html=html).render(Context(context))
+
+
+def content_render(*, variant: TemplateVariant, data: dict, recipient: Recipient) -> RenderedContent:
+    """Render one variant with the event data and the recipient's public fields."""
+    context = {
+        "data": data,
+        "recipient": {
+            "id": recipient.external_id,
+            "email": recipient.email,
+            "phone": recipient.phone,
+            "locale": recipient.locale,
+            "timezone": recipient.timezone,
+            **({"attributes": recipient.attributes} if recipient.attributes else {}),
+        },
+    }
+    return RenderedContent(
+        subject=_render(variant.subject, context),
+        title=_render(variant.title, context),
+        body=_render(variant.body, context),
+        html=_render(variant.html, context, html=True),
+        link=_render(variant.link, context),
+        data=variant.data,
+    )

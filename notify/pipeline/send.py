@@ -1,0 +1,101 @@
+"""Send: claim a batch of deliveries atomically, render and send them, record outcomes.
+
+A duplicate task (a republish, a redelivery) finds nothing left to claim, so the same
+delivery is never sent by two workers at once."""
+import uuid
+from datetime import timedelta
+from uuid import UUID
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from apps.deliveries.models import CLAIMABLE_STATUSES, Delivery, DeliveryStatus, Event
+from notify.channels import channel_get
+from notify.channels.base import OutboundMessage, SendOutcome
+from notify.pipeline.plan import content_render, variant_resolve
+from notify.pipeline.record import outcomes_record
+from notify.resilience.failures import FailureKind
+
+# Outcomes are recorded in chunks: bulk writes for throughput, while a worker killed
+# mid-batch leaves at most one chunk to be re-sent (and deduplicated by the provider).
+RECORD_CHUNK = 50
+
+
+def deliveries_claim(*, delivery_ids: list[str]) -> tuple[UUID, list[Delivery]]:
+    """Lease every due, claimable delivery among the ids; return the lease token and them."""
+    now = timezone.now()
+    token = uuid.uuid4()
+    with transaction.atomic():
+        claimable = list(
+            Delivery.objects.select_for_update(skip_locked=True)
+            .filter(id__in=delivery_ids, status__in=CLAIMABLE_STATUSES, next_attempt_at__lte=now)
+            .values_list("id", flat=True)
+        )
+        if claimable:
+            Delivery.objects.filter(id__in=claimable).update(
+                status=DeliveryStatus.SENDING,
+                attempt_count=F("attempt_count") + 1,
+                lease_token=token,
+                lease_expires_at=now + timedelta(seconds=settings.NOTIFY_LEASE_SECONDS),
+                updated_at=now,
+            )
+    if not claimable:
+        return token, []
+    deliveries = list(
+        Delivery.objects.filter(id__in=claimable, lease_token=token).select_related(
+            "notification__recipient", "notification__category", "notification__tenant"
+        )
+    )
+    return token, deliveries
+
+
+def deliveries_send(*, delivery_ids: list[str]) -> int:
+    """Claim, send and record the given deliveries; return how many were claimed."""
+    token, deliveries = deliveries_claim(delivery_ids=delivery_ids)
+    if not deliveries:
+        return 0
+    event_data = dict(
+        Event.objects.filter(id__in={d.notification.event_id for d in deliveries}).values_list("id", "data")
+    )
+    by_id = {d.id: d for d in deliveries}
+    for start in range(0, len(deliveries), RECORD_CHUNK):
+        chunk = deliveries[start : start + RECORD_CHUNK]
+        outcomes = _send_chunk(deliveries=chunk, event_data=event_data)
+        outcomes_record(lease_token=token, deliveries=by_id, outcomes=outcomes)
+    return len(deliveries)
+
+
+def _send_chunk(*, deliveries: list[Delivery], event_data: dict[UUID, dict]) -> list[SendOutcome]:
+    channel = channel_get(name=deliveries[0].channel)
+    messages: list[OutboundMessage] = []
+    outcomes: list[SendOutcome] = []
+    for delivery in deliveries:
+        notification = delivery.notification
+        recipient = notification.recipient
+        address = channel.address_for(recipient=recipient)
+        if not address:
+            outcomes.append(
+                SendOutcome(
+                    delivery_id=delivery.id,
+                    failure=FailureKind.PERMANENT,
+                    reason=f"recipient has no {channel.name} address",
+                )
+            )
+            continue
+        variant = variant_resolve(
+            version_id=notification.template_version_id,
+            channel=channel.name,
+            locale=notification.locale,
+            default_locale=notification.tenant.default_locale,
+        )
+        content = content_render(variant=variant, data=event_data[notification.event_id], recipient=recipient)
+        messages.append(
+            OutboundMessage(
+                delivery_id=delivery.id, address=address, content=content, category_key=notification.category.key
+            )
+        )
+    if messages:
+        outcomes.extend(channel.send_batch(messages=messages))
+    return outcomes

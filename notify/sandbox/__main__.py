@@ -1,0 +1,44 @@
+"""Run the provider sandbox: python -m notify.sandbox --port 8025 [--faults JSON]"""
+import argparse
+import json
+from urllib.parse import urlparse
+
+import uvicorn
+
+from notify.sandbox.server import Sandbox
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Loopback fakes of the notification providers.")
+    parser.add_argument("--host", default="127.0.0.1", help="loopback only; default 127.0.0.1")
+    parser.add_argument("--port", type=int, default=8025)
+    parser.add_argument(
+        "--faults", default="{}", help='initial faults per provider, e.g. \'{"postmark": {"latency_ms": 20}}\''
+    )
+    parser.add_argument(
+        "--webhook",
+        action="append",
+        default=[],
+        metavar="PROVIDER=URL",
+        help="send the provider's delivery webhooks to URL (basic auth may be in the URL)",
+    )
+    args = parser.parse_args()
+    webhooks = dict(item.split("=", 1) for item in args.webhook)
+    for url in webhooks.values():
+        host = urlparse(url).hostname or ""
+        if not (host.startswith("127.") or host in ("localhost", "::1")):
+            parser.error(f"webhook URLs must be on loopback, not {host!r}")
+    if not args.host.startswith("127.") and args.host not in ("localhost", "::1"):
+        parser.error("the sandbox listens on loopback only")
+    uvicorn.run(
+        Sandbox(faults=json.loads(args.faults), webhooks=webhooks),
+        host=args.host,
+        port=args.port,
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+    )
+
+
+if __name__ == "__main__":
+    main()

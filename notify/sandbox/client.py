@@ -1,0 +1,43 @@
+"""A small client for the sandbox's control API, used by tests, the demo and the benchmark."""
+import time
+from typing import Any
+
+import requests
+
+
+class SandboxClient:
+    def __init__(self, *, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.session = requests.Session()
+
+    def reset(self) -> None:
+        self.session.post(f"{self.base_url}/_sandbox/reset", timeout=5).raise_for_status()
+
+    def faults_set(self, *, provider: str = "postmark", **faults: Any) -> None:
+        response = self.session.post(f"{self.base_url}/_sandbox/faults", json={"provider": provider, **faults}, timeout=5)
+        response.raise_for_status()
+
+    def requests_log(self, *, provider: str | None = None) -> list[dict[str, Any]]:
+        params = {"provider": provider} if provider else {}
+        response = self.session.get(f"{self.base_url}/_sandbox/requests", params=params, timeout=30)
+        response.raise_for_status()
+        return response.json()["requests"]
+
+    def stats(self) -> dict[str, Any]:
+        response = self.session.get(f"{self.base_url}/_sandbox/stats", timeout=5)
+        response.raise_for_status()
+        return response.json()
+
+    def is_up(self) -> bool:
+        try:
+            self.stats()
+        except requests.RequestException:
+            return False
+        return True
+
+    def wait_until_up(self, *, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.is_up():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the sandbox at {self.base_url} did not start within {timeout}s")
+            time.sleep(0.05)

@@ -1,0 +1,232 @@
+"""A loopback imitation of the providers' HTTP APIs, with a request log and fault injection.
+
+It is a plain ASGI application with no Django in it, so it starts in a blink and stays out
+of the way of what it measures. Tests, the demo and the benchmark all talk to it:
+
+  POST /postmark/email          Postmark's send API, as anymail's Postmark backend calls it
+  GET  /_sandbox/requests       the log (?provider=postmark&after=<seq>)
+  GET  /_sandbox/stats          counts per provider and outcome
+  POST /_sandbox/faults         {"provider": "postmark", "latency_ms": 50, "error_rate": 0.1,
+                                 "error_status": 503, "fail_next": [503, 503],
+                                 "address_status": {"x@example.com": 422}}
+  POST /_sandbox/reset          forget the log and every fault
+  GET  /                        the log as a page, newest first
+
+With a webhook URL for a provider, each accepted message is followed, after a short
+delay, by the provider's "delivered" webhook, retried like a real provider retries it.
+
+Like providers that support idempotency keys, a repeated X-Idempotency-Key is answered
+with the first response and logged as a duplicate, not accepted again."""
+import asyncio
+import json
+import logging
+import random
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from html import escape
+from typing import Any
+from urllib.parse import parse_qs
+
+import requests
+
+Scope = dict[str, Any]
+PROVIDERS = ("postmark",)
+WEBHOOK_DELAY_SECONDS = 0.5
+WEBHOOK_ATTEMPTS = 6
+logger = logging.getLogger("notify.sandbox")
+
+
+@dataclass
+class Faults:
+    latency_ms: float = 0.0
+    error_rate: float = 0.0
+    error_status: int = 503
+    fail_next: list[int] = field(default_factory=list)
+    address_status: dict[str, int] = field(default_factory=dict)
+
+    def status_for(self, *, address: str) -> int | None:
+        """The injected HTTP status for this request, or None to behave normally."""
+        if self.fail_next:
+            return self.fail_next.pop(0)
+        address = address.lower()
+        domain = "@" + address.rpartition("@")[2]
+        if address in self.address_status:
+            return self.address_status[address]
+        if domain in self.address_status:
+            return self.address_status[domain]
+        if self.error_rate and random.random() < self.error_rate:
+            return self.error_status
+        return None
+
+
+@dataclass
+class SandboxState:
+    log: list[dict[str, Any]] = field(default_factory=list)
+    faults: dict[str, Faults] = field(default_factory=lambda: {p: Faults() for p in PROVIDERS})
+    # provider -> idempotency key -> the first successful response body
+    accepted: dict[str, dict[str, dict[str, Any]]] = field(default_factory=lambda: {p: {} for p in PROVIDERS})
+
+    def record(self, **entry: Any) -> dict[str, Any]:
+        entry["seq"] = len(self.log) + 1
+        entry["at"] = time.time()
+        self.log.append(entry)
+        return entry
+
+
+class Sandbox:
+    def __init__(
+        self, *, faults: dict[str, dict[str, Any]] | None = None, webhooks: dict[str, str] | None = None
+    ) -> None:
+        self.webhooks = webhooks or {}
+        self.state = SandboxState()
+        for provider, settings in (faults or {}).items():
+            self.state.faults[provider] = Faults(**settings)
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        method, path = scope["method"], scope["path"]
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        query = {k: v[0] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
+        if method == "POST" and path.rstrip("/") == "/postmark/email":
+            status, payload = await self.postmark_email(headers=headers, body=body)
+        elif method == "GET" and path == "/_sandbox/requests":
+            status, payload = 200, self.requests_list(query=query)
+        elif method == "GET" and path == "/_sandbox/stats":
+            status, payload = 200, self.stats()
+        elif method == "POST" and path == "/_sandbox/faults":
+            status, payload = self.faults_set(body=body)
+        elif method == "POST" and path == "/_sandbox/reset":
+            self.state = SandboxState()
+            status, payload = 200, {"reset": True}
+        elif method == "GET" and path == "/":
+            await _respond(send, 200, self.log_page().encode(), content_type=b"text/html; charset=utf-8")
+            return
+        else:
+            status, payload = 404, {"error": f"no sandbox route for {method} {path}"}
+        await _respond(send, status, json.dumps(payload).encode())
+
+    async def postmark_email(self, *, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
+        faults = self.state.faults["postmark"]
+        if faults.latency_ms:
+            await asyncio.sleep(faults.latency_ms / 1000)
+        if not headers.get("x-postmark-server-token"):
+            return 401, {"ErrorCode": 10, "Message": "No Account or Server API tokens were supplied in the HTTP headers."}
+        try:
+            message = json.loads(body)
+        except ValueError:
+            return 422, {"ErrorCode": 402, "Message": "Received invalid JSON input."}
+        to = str(message.get("To", ""))
+        key = next(
+            (h.get("Value") for h in message.get("Headers", []) if h.get("Name", "").lower() == "x-idempotency-key"),
+            None,
+        )
+        entry = {
+            "provider": "postmark",
+            "to": to,
+            "subject": message.get("Subject", ""),
+            "text": (message.get("TextBody") or "")[:500],
+            "idempotency_key": key,
+            "metadata": message.get("Metadata", {}),
+        }
+        if key and key in self.state.accepted["postmark"]:
+            first = self.state.accepted["postmark"][key]
+            self.state.record(**entry, status=200, outcome="duplicate", message_id=first["MessageID"])
+            return 200, first
+        injected = faults.status_for(address=to)
+        if injected is None and "@" not in to:
+            injected = 422
+        if injected is not None:
+            self.state.record(**entry, status=injected, outcome="error")
+            if injected == 422:
+                return 422, {"ErrorCode": 300, "Message": f"Invalid 'To' address: '{to}'."}
+            return injected, {"ErrorCode": 100, "Message": "Injected sandbox failure."}
+        response = {
+            "To": to,
+            "SubmittedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "MessageID": str(uuid.uuid4()),
+            "ErrorCode": 0,
+            "Message": "OK",
+        }
+        if key:
+            self.state.accepted["postmark"][key] = response
+        self.state.record(**entry, status=200, outcome="accepted", message_id=response["MessageID"])
+        if "postmark" in self.webhooks:
+            delivered = {
+                "RecordType": "Delivery",
+                "ServerID": 1,
+                "MessageStream": "outbound",
+                "MessageID": response["MessageID"],
+                "Recipient": to,
+                "Tag": message.get("Tag", ""),
+                "DeliveredAt": response["SubmittedAt"],
+                "Details": "Delivered by the sandbox",
+                "Metadata": message.get("Metadata", {}),
+            }
+            asyncio.get_running_loop().create_task(self.webhook_send(provider="postmark", payload=delivered))
+        return 200, response
+
+    async def webhook_send(self, *, provider: str, payload: dict[str, Any]) -> None:
+        """POST a webhook the way providers do: later, and again until it is taken."""
+        for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
+            await asyncio.sleep(WEBHOOK_DELAY_SECONDS * attempt)
+            try:
+                response = await asyncio.to_thread(requests.post, self.webhooks[provider], json=payload, timeout=10)
+                if response.status_code < 300:
+                    return
+            except requests.RequestException as error:
+                logger.warning("webhook to %s failed: %s", provider, error)
+        logger.warning("gave up on a %s webhook after %d attempts", provider, WEBHOOK_ATTEMPTS)
+
+    def requests_list(self, *, query: dict[str, str]) -> dict[str, Any]:
+        after = int(query.get("after", 0))
+        provider = query.get("provider")
+        entries = [e for e in self.state.log[after:] if provider is None or e["provider"] == provider]
+        return {"requests": entries, "last_seq": len(self.state.log)}
+
+    def stats(self) -> dict[str, Any]:
+        counts = Counter(f"{e['provider']}.{e['outcome']}" for e in self.state.log)
+        return {"total": len(self.state.log), "by_outcome": dict(counts)}
+
+    def faults_set(self, *, body: bytes) -> tuple[int, dict[str, Any]]:
+        try:
+            settings = json.loads(body or b"{}")
+            provider = settings.pop("provider", "postmark")
+            if provider not in PROVIDERS:
+                return 400, {"error": f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}"}
+            self.state.faults[provider] = Faults(**settings)
+        except (ValueError, TypeError) as error:
+            return 400, {"error": f"bad fault settings: {error}"}
+        return 200, {"provider": provider, "faults": self.state.faults[provider].__dict__}
+
+    def log_page(self) -> str:
+        rows = "".join(
+            f"<tr><td>{e['seq']}</td><td>{time.strftime('%H:%M:%S', time.localtime(e['at']))}</td>"
+            f"<td>{escape(e['provider'])}</td><td>{escape(e['outcome'])}</td><td>{e['status']}</td>"
+            f"<td>{escape(e['to'])}</td><td>{escape(str(e['subject']))}</td></tr>"
+            for e in reversed(self.state.log[-200:])
+        )
+        return (
+            "<!doctype html><meta charset=utf-8><title>Provider sandbox</title>"
+            "<style>body{font:14px system-ui;margin:2em}td,th{padding:4px 8px;border-bottom:1px solid #ddd}</style>"
+            "<h1>Provider sandbox</h1><p>Every request the fake providers received, newest first.</p>"
+            "<table><tr><th>#</th><th>At</th><th>Provider</th><th>Outcome</th><th>HTTP</th><th>To</th>"
+            f"<th>Subject</th></tr>{rows}</table>"
+        )
+
+
+async def _respond(send: Any, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,27 @@
+"""Thin Celery tasks: ids in, one engine call, nothing else."""
+import logging
+
+import sentry_sdk
+from celery import shared_task
+
+from notify.pipeline import dispatch, send
+
+logger = logging.getLogger(__name__)
+
+
+@shared_task(name=dispatch.SEND_TASK)
+def send_deliveries(delivery_ids: list[str]) -> int:
+    return send.deliveries_send(delivery_ids=delivery_ids)
+
+
+@shared_task(name="notify.sweep")
+def sweep() -> dict[str, int]:
+    report = dispatch.sweep()
+    return {"leases_expired": report.leases_expired, "republished": report.republished}
+
+
+@shared_task(name=dispatch.DEAD_LETTER_TASK)
+def dead_letter_notice(delivery_id: str, channel: str, reason: str) -> None:
+    """Alert ops that a delivery died; the DeadLetter row is the durable record."""
+    logger.warning("delivery %s on %s is dead: %s", delivery_id, channel, reason)
+    sentry_sdk.capture_message(f"{channel} delivery {delivery_id} dead-lettered: {reason}", level="warning")

@@ -1,0 +1,80 @@
+# Shared set-up for the run, test and bench commands. Sourced, not executed.
+# Creates the virtualenv, installs the pinned requirements, and checks (or starts) the
+# services a command needs, with a clear message when one is missing.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+cd "$ROOT"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+die() { printf '\033[31merror:\033[0m %s\n' "$*" >&2; exit 1; }
+
+venv_ensure() {
+    local python="${PYTHON:-python3}"
+    command -v "$python" >/dev/null || die "Python 3.11 or newer is needed. Install it (apt-get install python3 python3-venv) or set PYTHON=/path/to/python3."
+    "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+        || die "Python 3.11 or newer is needed; $python is $("$python" -V 2>&1). Set PYTHON=/path/to/python3.11."
+    if [ ! -x "$PY" ]; then
+        say "creating the virtualenv in .venv"
+        "$python" -m venv "$VENV" || die "could not create a virtualenv. On Debian/Ubuntu: apt-get install python3-venv"
+    fi
+    local wanted stamp="$VENV/.requirements.sha256"
+    wanted="$(cat requirements/*.txt | sha256sum | cut -d' ' -f1)"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+        say "installing the pinned requirements"
+        "$PY" -m pip install --quiet --disable-pip-version-check --upgrade pip
+        "$PY" -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt
+        echo "$wanted" >"$stamp"
+    fi
+}
+
+redis_ensure() {
+    local url="${CELERY_BROKER_URL:-redis://127.0.0.1:6379/0}"
+    if "$PY" -c "import redis,sys; redis.Redis.from_url('$url', socket_connect_timeout=1).ping()" 2>/dev/null; then
+        return
+    fi
+    if command -v redis-server >/dev/null; then
+        say "starting Redis on 127.0.0.1:6379"
+        redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+        for _ in $(seq 50); do
+            "$PY" -c "import redis; redis.Redis.from_url('$url').ping()" 2>/dev/null && return
+            sleep 0.1
+        done
+    fi
+    die "Redis is not reachable at $url. Install it (Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis) and start it, or set CELERY_BROKER_URL to a running Redis."
+}
+
+postgres_ensure() {
+    if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+        return
+    fi
+    if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then
+        say "starting PostgreSQL"
+        pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
+        for _ in $(seq 50); do
+            pg_isready -q -h 127.0.0.1 -p 5432 && return
+            sleep 0.2
+        done
+    fi
+    die "PostgreSQL is not reachable on 127.0.0.1:5432. Install it (Debian/Ubuntu: apt-get install postgresql) and start it, with trust auth for user postgres on 127.0.0.1, or set DATABASE_URL."
+}
+
+database_create() {
+    # Create the database named in DATABASE_URL if it does not exist yet.
+    "$PY" - <<'PYEOF'
+import os, sys
+import psycopg
+from urllib.parse import urlparse
+url = urlparse(os.environ["DATABASE_URL"])
+name = url.path.lstrip("/")
+admin = url._replace(path="/postgres").geturl()
+try:
+    with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
+        if not conn.execute("select 1 from pg_database where datname = %s", (name,)).fetchone():
+            conn.execute(f'create database "{name}"')
+except psycopg.OperationalError as error:
+    sys.exit(f"error: cannot connect to PostgreSQL at {url.hostname}:{url.port}: {error}".strip())
+PYEOF
+}

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Run the service with its demo: web (ASGI), workers per queue group, beat and the
+# provider sandbox. Ctrl-C stops everything. `scripts/run.sh --smoke` starts it all,
+# sends the demo notification, waits until it is delivered, then stops.
+source "$(dirname "$0")/lib.sh"
+
+SMOKE=0
+[ "${1:-}" = "--smoke" ] && SMOKE=1
+
+WEB_PORT="${NOTIFY_WEB_PORT:-8000}"
+SANDBOX_PORT="${NOTIFY_SANDBOX_PORT:-8025}"
+export DJANGO_SECRET_KEY="${DJANGO_SECRET_KEY:-demo-only-insecure-secret-key}"
+export DJANGO_DEBUG="${DJANGO_DEBUG:-1}"
+export NOTIFY_DEMO_API_KEY="${NOTIFY_DEMO_API_KEY:-ntf_demo_0123456789abcdefDEMO}"
+export CELERY_BROKER_URL="${CELERY_BROKER_URL:-redis://127.0.0.1:6379/0}"
+export POSTMARK_SERVER_TOKEN="${POSTMARK_SERVER_TOKEN:-sandbox-token}"
+export POSTMARK_API_URL="${POSTMARK_API_URL:-http://127.0.0.1:$SANDBOX_PORT/postmark/}"
+export ANYMAIL_WEBHOOK_SECRET="${ANYMAIL_WEBHOOK_SECRET:-sandbox:sandbox-webhook-secret}"
+export NOTIFY_SWEEP_INTERVAL_SECONDS="${NOTIFY_SWEEP_INTERVAL_SECONDS:-5}"
+WEBHOOK_URL="http://${ANYMAIL_WEBHOOK_SECRET}@127.0.0.1:$WEB_PORT/anymail/postmark/tracking/"
+
+venv_ensure
+redis_ensure
+if [ -n "${DATABASE_URL:-}" ]; then
+    case "$DATABASE_URL" in postgres*) postgres_ensure; database_create ;; esac
+    say "database: $DATABASE_URL"
+else
+    mkdir -p var
+    say "database: embedded SQLite (var/demo.sqlite3); set DATABASE_URL for PostgreSQL"
+fi
+for port in "$WEB_PORT" "$SANDBOX_PORT"; do
+    if "$PY" -c "import socket,sys; s=socket.socket(); sys.exit(s.connect_ex(('127.0.0.1', $port)) != 0)"; then
+        die "port $port is already in use. Stop what uses it, or set NOTIFY_WEB_PORT / NOTIFY_SANDBOX_PORT."
+    fi
+done
+
+"$PY" manage.py migrate --no-input -v 0
+"$PY" manage.py demo_setup -v 0
+
+mkdir -p var/log
+PIDS=()
+stop_all() {
+    trap - EXIT INT TERM
+    [ ${#PIDS[@]} -gt 0 ] && kill "${PIDS[@]}" 2>/dev/null || true
+    wait 2>/dev/null || true
+}
+trap stop_all EXIT INT TERM
+start() {
+    local name="$1"; shift
+    "$@" >"var/log/$name.log" 2>&1 &
+    PIDS+=($!)
+}
+
+start sandbox "$PY" -m notify.sandbox --port "$SANDBOX_PORT" --webhook "postmark=$WEBHOOK_URL"
+start web "$VENV/bin/uvicorn" config.asgi:application --host 127.0.0.1 --port "$WEB_PORT" --no-access-log
+for group in critical normal bulk maintenance; do
+    start "worker-$group" "$VENV/bin/celery" -A config worker --pool solo --without-mingle --without-gossip \
+        -Q "$("$PY" -m config.queues "$group")" -n "$group@%h" -l info
+done
+start beat "$VENV/bin/celery" -A config beat -l info --pidfile=
+
+for _ in $(seq 100); do
+    curl -sf "http://127.0.0.1:$WEB_PORT/api/schema/" -o /dev/null && break
+    sleep 0.2
+done
+curl -sf "http://127.0.0.1:$WEB_PORT/api/schema/" -o /dev/null || die "the web server did not start; see var/log/web.log"
+
+CURL="curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/events \\
+  -H 'Authorization: Bearer $NOTIFY_DEMO_API_KEY' -H 'Content-Type: application/json' \\
+  -d '{\"category\": \"welcome\", \"recipient\": {\"external_id\": \"grace\", \"email\": \"grace@example.com\"}, \"data\": {\"name\": \"Grace\"}}'"
+
+cat <<INFO
+
+  Notify is running (logs in var/log/).
+
+  Admin        http://127.0.0.1:$WEB_PORT/admin/        login: admin / admin
+  API docs     http://127.0.0.1:$WEB_PORT/api/docs/
+  Sandbox log  http://127.0.0.1:$SANDBOX_PORT/         every request the fake providers received
+  API key      $NOTIFY_DEMO_API_KEY
+
+  Send a notification:
+
+  $CURL
+
+  Then open Notifications in the admin, or the sandbox log. Ctrl-C stops everything.
+
+INFO
+
+if [ "$SMOKE" = 1 ]; then
+    response="$(eval "$CURL")"
+    echo "$response"
+    NOTIFICATION_ID="$(echo "$response" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["notification_ids"][0])')"
+    for _ in $(seq 150); do
+        status="$(curl -s "http://127.0.0.1:$WEB_PORT/api/v1/notifications/$NOTIFICATION_ID" \
+            -H "Authorization: Bearer $NOTIFY_DEMO_API_KEY" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["status"])')"
+        [ "$status" = "delivered" ] && break
+        sleep 0.2
+    done
+    echo "notification $NOTIFICATION_ID: $status"
+    curl -s "http://127.0.0.1:$SANDBOX_PORT/_sandbox/stats"; echo
+    [ "$status" = "delivered" ] || die "the demo notification was not delivered; see var/log/"
+    exit 0
+fi
+wait -n
+die "a process stopped unexpectedly; see var/log/"
