@@ -163,7 +163,7 @@ class RecipientViewSet(viewsets.ModelViewSet):
     serializer_class = RecipientSerializer
     pagination_class = CreatedCursorPagination
     lookup_field = "external_id"
-    lookup_value_regex = "[^/]+"
+    lookup_value_regex = ".+"  # external ids may contain slashes
     queryset = Recipient.objects.none()
 
     def get_queryset(self):  # type: ignore[no-untyped-def]

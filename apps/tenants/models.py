@@ -54,7 +54,7 @@ class ApiKey(models.Model):
     @staticmethod
     def split(raw_key: str) -> tuple[str, str] | None:
         """(lookup, secret) of a raw key, or None when it is not shaped like one of ours."""
-        parts = raw_key.split("_")
+        parts = raw_key.split("_", 2)
         if len(parts) != 3 or parts[0] != KEY_PREFIX or not parts[1] or not parts[2]:
             return None
         return parts[1], parts[2]

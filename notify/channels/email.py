@@ -52,15 +52,15 @@ class EmailChannel(Channel):
         try:
             email.send()
         except AnymailRecipientsRefused as error:
-            return self._outcome(message, started, failure=failure_from_status(422), reason=str(error))
+            return self._outcome(message, started, failure=failure_from_status(422), reason=_reason(error))
         except AnymailRequestsAPIError as error:
             status_code = error.status_code
             return self._outcome(
-                message, started, failure=failure_from_status(status_code), reason=_first_line(error)
+                message, started, failure=failure_from_status(status_code), reason=_reason(error)
             )
         except (AnymailError, OSError) as error:
             # No HTTP status: the request never completed (connection refused, timeout).
-            return self._outcome(message, started, failure=failure_from_status(None), reason=_first_line(error))
+            return self._outcome(message, started, failure=failure_from_status(None), reason=_reason(error))
         status = getattr(email, "anymail_status", None)
         provider_id = status.message_id if status is not None and isinstance(status.message_id, str) else ""
         return self._outcome(message, started, provider_message_id=provider_id or "")
@@ -71,8 +71,16 @@ class EmailChannel(Channel):
         return SendOutcome(delivery_id=message.delivery_id, elapsed_ms=elapsed_ms, **fields)  # type: ignore[arg-type]
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0][:400] if str(error).strip() else type(error).__name__
+def _reason(error: Exception) -> str:
+    """The provider's own words when it sent any, else the first line of the error."""
+    response = getattr(error, "response", None)
+    try:
+        provider_message = response.json().get("Message") if response is not None else None
+    except ValueError:
+        provider_message = None
+    status = f"HTTP {response.status_code}: " if response is not None else ""
+    text = provider_message or (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"{status}{text}"[:400]
 
 
 @receiver(tracking, dispatch_uid="notify.channels.email.tracking")

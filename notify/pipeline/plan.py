@@ -121,19 +121,19 @@ def variant_resolve(*, version_id: int, channel: str, locale: str, default_local
     return next(v for (c, _), v in sorted(variants.items()) if c == channel)
 
 
-_HTML_ENGINE = Engine(autoescape=True)
-_TEXT_ENGINE = Engine(autoescape=False)
+_ENGINE = Engine()
 
 
 @lru_cache(maxsize=4096)
-def _compiled(source: str, *, html: bool) -> DjangoTemplate:
-    return (_HTML_ENGINE if html else _TEXT_ENGINE).from_string(source)
+def _compiled(source: str) -> DjangoTemplate:
+    return _ENGINE.from_string(source)
 
 
 def _render(source: str, context: dict, *, html: bool = False) -> str:
     if "{" not in source:
         return source
-    return _compiled(source, html=html).render(Context(context))
+    # Escaping is decided by the context: HTML parts are escaped, text parts are not.
+    return _compiled(source).render(Context(context, autoescape=html))
 
 
 def content_render(*, variant: TemplateVariant, data: dict, recipient: Recipient) -> RenderedContent:

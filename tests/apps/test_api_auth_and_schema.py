@@ -1,0 +1,39 @@
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from apps.tenants.models import ApiKey
+
+
+def test_requests_without_a_valid_key_get_401(workspace):
+    client = APIClient()
+    assert client.get("/api/v1/notifications").status_code == 401
+    client.credentials(HTTP_AUTHORIZATION="Bearer ntf_nope_nope")
+    response = client.get("/api/v1/notifications")
+    assert response.status_code == 401
+    assert response.json()["error"]["message"] == "Unknown or revoked API key."
+    client.credentials(HTTP_AUTHORIZATION="Token abc")
+    assert client.get("/api/v1/notifications").status_code == 401
+
+
+def test_a_revoked_key_stops_working(api, workspace):
+    assert api.get("/api/v1/notifications").status_code == 200
+    ApiKey.objects.filter(pk=workspace.api_key.pk).update(revoked_at=timezone.now())
+    assert api.get("/api/v1/notifications").status_code == 401
+
+
+def test_only_a_digest_of_the_key_is_stored(workspace):
+    stored = ApiKey.objects.get(pk=workspace.api_key.pk)
+    secret = workspace.api_key.raw_key.split("_", 2)[2]
+    assert secret not in (stored.digest, stored.lookup)
+    assert len(stored.digest) == 64
+
+
+def test_the_openapi_schema_and_docs_are_served(client, db):
+    schema = client.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
+    assert schema.status_code == 200
+    paths = schema.json()["paths"]
+    assert {"/api/v1/events", "/api/v1/events/batch", "/api/v1/notifications/{id}/cancel"} <= set(paths)
+    assert "409" in paths["/api/v1/events"]["post"]["responses"]
+    docs = client.get("/api/docs/")
+    assert docs.status_code == 200
+    assert b"swagger-ui" in docs.content

@@ -1,0 +1,163 @@
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+from django.conf import settings as django_settings
+from django.db import connection
+from rest_framework.test import APIClient
+
+from apps.catalog.models import Category, Priority
+from apps.tenants.models import ApiKey, Tenant
+from notify.sandbox.client import SandboxClient
+from tests.factories import ApiKeyFactory, CategoryFactory
+from tests.helpers import wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Workspace:
+    tenant: Tenant
+    api_key: ApiKey
+    normal: Category
+    critical: Category
+    bulk: Category
+
+    @property
+    def auth_header(self) -> str:
+        return f"Bearer {self.api_key.raw_key}"
+
+
+@pytest.fixture
+def workspace(db: None) -> Workspace:
+    key = ApiKeyFactory()
+    tenant = key.tenant
+    return Workspace(
+        tenant=tenant,
+        api_key=key,
+        normal=CategoryFactory(tenant=tenant, key="welcome", default_priority=Priority.NORMAL),
+        critical=CategoryFactory(tenant=tenant, key="otp", default_priority=Priority.CRITICAL),
+        bulk=CategoryFactory(tenant=tenant, key="digest", default_priority=Priority.BULK),
+    )
+
+
+@pytest.fixture
+def api(workspace: Workspace) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=workspace.auth_header)
+    return client
+
+
+@pytest.fixture(scope="session")
+def sandbox_url() -> Iterator[str]:
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "notify.sandbox", "--port", str(port)], cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    SandboxClient(base_url=url).wait_until_up()
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture
+def sandbox(sandbox_url: str, settings) -> SandboxClient:  # type: ignore[no-untyped-def]
+    """The provider sandbox, emptied, with this process's email pointed at it."""
+    # Django's test set-up swaps in the in-memory email backend; the real one is wanted here.
+    settings.EMAIL_BACKEND = "anymail.backends.postmark.EmailBackend"
+    settings.ANYMAIL = {**django_settings.ANYMAIL, "POSTMARK_API_URL": f"{sandbox_url}/postmark/"}
+    client = SandboxClient(base_url=sandbox_url)
+    client.reset()
+    return client
+
+
+@dataclass
+class WorkerProcess:
+    """A real `celery worker` process consuming one or more worker groups' queues."""
+
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@dataclass
+class WorkerPool:
+    sandbox_url: str
+    log_dir: Path
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    def start(self, *groups: str, concurrency: int = 1, env: dict[str, str] | None = None) -> WorkerProcess:
+        """Start a worker on the groups' queues and wait until it is ready."""
+        queues = subprocess.run(
+            [sys.executable, "-m", "config.queues", *groups], cwd=ROOT, check=True, capture_output=True, text=True
+        ).stdout.strip()
+        name = f"{'-'.join(groups)}-{len(self.workers)}"
+        db = connection.settings_dict
+        database_url = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+        log_path = self.log_dir / f"worker-{name}.log"
+        pool = ["--pool", "solo"] if concurrency == 1 else ["--pool", "prefork", "--concurrency", str(concurrency)]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "config", "worker", *pool, "-Q", queues, "-n", f"{name}@%h",
+             "--without-mingle", "--without-gossip", "--without-heartbeat", "-l", "info"],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "DATABASE_URL": database_url,
+                "POSTMARK_API_URL": f"{self.sandbox_url}/postmark/",
+                **(env or {}),
+            },
+            stdout=log_path.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        worker = WorkerProcess(name=name, process=process, log_path=log_path)
+        self.workers.append(worker)
+        wait_for(lambda: " ready." in worker.log() or process.poll() is not None, timeout=30, what=f"worker {name}")
+        if process.poll() is not None:
+            raise AssertionError(f"worker {name} exited:\n{worker.log()}")
+        return worker
+
+    def stop_all(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+
+@pytest.fixture
+def broker() -> redis.Redis:
+    client = redis.Redis.from_url(django_settings.CELERY_BROKER_URL)
+    client.flushdb()
+    return client
+
+
+@pytest.fixture
+def workers(transactional_db: None, sandbox: SandboxClient, broker: redis.Redis, tmp_path: Path) -> Iterator[WorkerPool]:
+    """Start real worker processes with `workers.start("critical")`; all stop afterwards."""
+    pool = WorkerPool(sandbox_url=sandbox.base_url, log_dir=tmp_path)
+    yield pool
+    pool.stop_all()

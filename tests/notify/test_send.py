@@ -1,0 +1,136 @@
+"""The send and record stages in this process, with real anymail talking to the sandbox."""
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from apps.deliveries.models import DeadLetter, Delivery, DeliveryStatus
+from notify.pipeline.control import dead_letters_replay
+from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
+from notify.pipeline.record import outcomes_record
+from notify.pipeline.send import deliveries_claim, deliveries_send
+from notify.channels.base import SendOutcome
+
+
+def ingest_one(workspace, *, email: str = "ada@example.com", category: str = "welcome") -> Delivery:  # type: ignore[no-untyped-def]
+    [result] = events_ingest(
+        api_key=workspace.api_key,
+        events=[
+            EventRequest(
+                category_key=category,
+                recipients=[RecipientRef(external_id="ada", fields={"email": email})],
+                data={"name": "Ada"},
+            )
+        ],
+    )
+    return Delivery.objects.get(notification_id=result.response["notification_ids"][0])
+
+
+def send_now(delivery: Delivery) -> Delivery:
+    Delivery.objects.filter(pk=delivery.pk).update(next_attempt_at=timezone.now())  # as if the backoff passed
+    deliveries_send(delivery_ids=[str(delivery.pk)])
+    return Delivery.objects.get(pk=delivery.pk)
+
+
+def history(delivery: Delivery) -> list[str]:
+    return list(delivery.events.values_list("status", flat=True))
+
+
+def test_a_send_is_recorded_with_the_providers_message_id(workspace, sandbox):
+    delivery = send_now(ingest_one(workspace))
+    assert delivery.status == DeliveryStatus.SENT
+    [request] = sandbox.requests_log()
+    assert request["outcome"] == "accepted"
+    assert request["subject"] == "Hello Ada"
+    assert request["idempotency_key"] == str(delivery.pk)
+    assert delivery.provider_message_id == request["message_id"]
+    assert history(delivery) == ["queued", "sent"]
+
+
+def test_a_transient_failure_schedules_a_retry_with_backoff(workspace, sandbox, django_capture_on_commit_callbacks):
+    sandbox.faults_set(fail_next=[503])
+    delivery = ingest_one(workspace)
+    with django_capture_on_commit_callbacks() as published:
+        delivery = send_now(delivery)
+    assert delivery.status == DeliveryStatus.RETRYING
+    assert delivery.attempt_count == 1
+    assert delivery.next_attempt_at > timezone.now() - timedelta(seconds=1)
+    assert "503" in delivery.status_reason
+    assert len(published) == 1  # the retry rides a broker countdown
+
+    delivery = send_now(delivery)
+    assert delivery.status == DeliveryStatus.SENT
+    assert delivery.attempt_count == 2
+    assert history(delivery) == ["queued", "retrying", "sent"]
+    assert [r["status"] for r in sandbox.requests_log()] == [503, 200]
+
+
+def test_an_unreachable_provider_is_a_transient_failure(workspace, sandbox, settings):
+    settings.ANYMAIL = {**settings.ANYMAIL, "POSTMARK_API_URL": "http://127.0.0.1:9/postmark/"}
+    delivery = send_now(ingest_one(workspace))
+    assert delivery.status == DeliveryStatus.RETRYING
+
+
+def test_a_permanent_failure_is_not_retried(workspace, sandbox):
+    sandbox.faults_set(address_status={"ada@example.com": 422})
+    delivery = send_now(ingest_one(workspace))
+    assert delivery.status == DeliveryStatus.FAILED
+    assert "Invalid 'To' address" in delivery.status_reason
+    deliveries_send(delivery_ids=[str(delivery.pk)])  # a duplicate task finds nothing to claim
+    assert len(sandbox.requests_log()) == 1
+    assert not DeadLetter.objects.exists()
+
+
+def test_exhausted_retries_dead_letter_then_replay_delivers(workspace, sandbox, django_capture_on_commit_callbacks):
+    sandbox.faults_set(address_status={"ada@example.com": 500})
+    delivery = ingest_one(workspace)
+    for _ in range(3):  # NOTIFY_EMAIL_MAX_ATTEMPTS in the test settings
+        with django_capture_on_commit_callbacks(execute=False) as published:
+            delivery = send_now(delivery)
+    assert delivery.status == DeliveryStatus.DEAD
+    assert history(delivery) == ["queued", "retrying", "retrying", "dead"]
+    dead_letter = DeadLetter.objects.get(delivery=delivery)
+    assert dead_letter.attempts == 3
+    assert len(published) == 1  # the notice for the channel's dead-letter queue
+
+    sandbox.faults_set()
+    assert dead_letters_replay(dead_letter_ids=[dead_letter.pk], actor="ops@example.com") == 1
+    assert dead_letters_replay(dead_letter_ids=[dead_letter.pk], actor="ops@example.com") == 0
+    delivery = send_now(delivery)
+    assert delivery.status == DeliveryStatus.SENT
+    assert history(delivery)[-2:] == ["queued", "sent"]
+    assert "replayed from the dead-letter queue by ops@example.com" in delivery.events.get(status="queued", attempt=0, reason__startswith="replayed").reason
+    dead_letter.refresh_from_db()
+    assert dead_letter.replayed_by == "ops@example.com"
+
+
+def test_a_claimed_delivery_cannot_be_claimed_again(workspace, sandbox):
+    delivery = ingest_one(workspace)
+    token, claimed = deliveries_claim(delivery_ids=[str(delivery.pk)])
+    assert [d.pk for d in claimed] == [delivery.pk]
+    _, claimed_again = deliveries_claim(delivery_ids=[str(delivery.pk)])
+    assert claimed_again == []
+
+
+def test_an_expired_lease_holder_cannot_record(workspace, sandbox):
+    delivery = ingest_one(workspace)
+    stale_token, claimed = deliveries_claim(delivery_ids=[str(delivery.pk)])
+    # The sweeper re-queued it and another worker claimed it with a new token.
+    Delivery.objects.filter(pk=delivery.pk).update(status=DeliveryStatus.QUEUED)
+    fresh_token, _ = deliveries_claim(delivery_ids=[str(delivery.pk)])
+    outcomes_record(
+        lease_token=stale_token,
+        deliveries={d.pk: d for d in claimed},
+        outcomes=[SendOutcome(delivery_id=delivery.pk, provider_message_id="stale")],
+    )
+    delivery.refresh_from_db()
+    assert delivery.status == DeliveryStatus.SENDING
+    assert delivery.lease_token == fresh_token
+
+
+@pytest.mark.parametrize("status", [DeliveryStatus.CANCELLED, DeliveryStatus.SENT])
+def test_only_queued_or_retrying_deliveries_are_claimed(workspace, sandbox, status):
+    delivery = ingest_one(workspace)
+    Delivery.objects.filter(pk=delivery.pk).update(status=status)
+    assert deliveries_send(delivery_ids=[str(delivery.pk)]) == 0
+    assert sandbox.requests_log() == []
