@@ -113,23 +113,33 @@ class WorkerPool:
     log_dir: Path
     workers: list[WorkerProcess] = field(default_factory=list)
 
-    def start(self, *groups: str, concurrency: int = 1, env: dict[str, str] | None = None) -> WorkerProcess:
+    def start(self, *groups: str, concurrency: int = 1) -> WorkerProcess:
         """Start a worker on the groups' queues and wait until it is ready."""
         queues = subprocess.run(
             [sys.executable, "-m", "config.queues", *groups], cwd=ROOT, check=True, capture_output=True, text=True
         ).stdout.strip()
         name = f"{'-'.join(groups)}-{len(self.workers)}"
-        db = connection.settings_dict
-        database_url = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
-        log_path = self.log_dir / f"worker-{name}.log"
         pool = ["--pool", "solo"] if concurrency == 1 else ["--pool", "prefork", "--concurrency", str(concurrency)]
+        return self._spawn(
+            name,
+            ["worker", *pool, "-Q", queues, "-n", f"{name}@%h", "--without-mingle", "--without-gossip",
+             "--without-heartbeat"],
+            ready=" ready.",
+        )
+
+    def start_beat(self) -> WorkerProcess:
+        """Start celery beat with the DatabaseScheduler, sweeping every second."""
+        return self._spawn("beat", ["beat", "--pidfile="], ready="beat: Starting", env={"NOTIFY_SWEEP_INTERVAL_SECONDS": "1"})
+
+    def _spawn(self, name: str, arguments: list[str], *, ready: str, env: dict[str, str] | None = None) -> WorkerProcess:
+        db = connection.settings_dict
+        log_path = self.log_dir / f"{name}.log"
         process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "config", "worker", *pool, "-Q", queues, "-n", f"{name}@%h",
-             "--without-mingle", "--without-gossip", "--without-heartbeat", "-l", "info"],
+            [sys.executable, "-m", "celery", "-A", "config", *arguments, "-l", "info"],
             cwd=ROOT,
             env={
                 **os.environ,
-                "DATABASE_URL": database_url,
+                "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
                 "POSTMARK_API_URL": f"{self.sandbox_url}/postmark/",
                 **(env or {}),
             },
@@ -138,9 +148,9 @@ class WorkerPool:
         )
         worker = WorkerProcess(name=name, process=process, log_path=log_path)
         self.workers.append(worker)
-        wait_for(lambda: " ready." in worker.log() or process.poll() is not None, timeout=30, what=f"worker {name}")
+        wait_for(lambda: ready in worker.log() or process.poll() is not None, timeout=30, what=f"{name} to start")
         if process.poll() is not None:
-            raise AssertionError(f"worker {name} exited:\n{worker.log()}")
+            raise AssertionError(f"{name} exited:\n{worker.log()}")
         return worker
 
     def stop_all(self) -> None:

@@ -93,7 +93,7 @@ def email_tracking_received(sender: Any, event: AnymailTrackingEvent, esp_name: 
     raw = event.esp_event.get("RecordType", event.event_type) if isinstance(event.esp_event, dict) else event.event_type
     feedback_record(
         delivery_id=delivery_id,
-        provider_status=f"{esp_name}:{raw}",
+        provider_status=f"{esp_name.lower()}:{raw}",
         normalized_status=event.event_type,
         occurred_at=event.timestamp,
     )

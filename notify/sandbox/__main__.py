@@ -1,11 +1,10 @@
 """Run the provider sandbox: python -m notify.sandbox --port 8025 [--faults JSON]"""
 import argparse
 import json
-from urllib.parse import urlparse
 
 import uvicorn
 
-from notify.sandbox.server import Sandbox
+from notify.sandbox.server import Sandbox, is_loopback_url
 
 
 def main() -> None:
@@ -24,10 +23,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     webhooks = dict(item.split("=", 1) for item in args.webhook)
-    for url in webhooks.values():
-        host = urlparse(url).hostname or ""
-        if not (host.startswith("127.") or host in ("localhost", "::1")):
-            parser.error(f"webhook URLs must be on loopback, not {host!r}")
+    if not all(is_loopback_url(url) for url in webhooks.values()):
+        parser.error("webhook URLs must be on loopback (127.0.0.0/8, localhost or ::1)")
     if not args.host.startswith("127.") and args.host not in ("localhost", "::1"):
         parser.error("the sandbox listens on loopback only")
     uvicorn.run(

@@ -17,6 +17,9 @@ class SandboxClient:
         response = self.session.post(f"{self.base_url}/_sandbox/faults", json={"provider": provider, **faults}, timeout=5)
         response.raise_for_status()
 
+    def webhooks_set(self, **urls: str) -> None:
+        self.session.post(f"{self.base_url}/_sandbox/webhooks", json=urls, timeout=5).raise_for_status()
+
     def requests_log(self, *, provider: str | None = None) -> list[dict[str, Any]]:
         params = {"provider": provider} if provider else {}
         response = self.session.get(f"{self.base_url}/_sandbox/requests", params=params, timeout=30)

@@ -9,7 +9,8 @@ of the way of what it measures. Tests, the demo and the benchmark all talk to it
   POST /_sandbox/faults         {"provider": "postmark", "latency_ms": 50, "error_rate": 0.1,
                                  "error_status": 503, "fail_next": [503, 503],
                                  "address_status": {"x@example.com": 422}}
-  POST /_sandbox/reset          forget the log and every fault
+  POST /_sandbox/webhooks       {"postmark": "http://127.0.0.1:8000/anymail/postmark/tracking/"}
+  POST /_sandbox/reset          forget the log, every fault and webhooks set since start
   GET  /                        the log as a page, newest first
 
 With a webhook URL for a provider, each accepted message is followed, after a short
@@ -27,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from html import escape
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlparse
 
 import requests
 
@@ -79,7 +80,8 @@ class Sandbox:
     def __init__(
         self, *, faults: dict[str, dict[str, Any]] | None = None, webhooks: dict[str, str] | None = None
     ) -> None:
-        self.webhooks = webhooks or {}
+        self.initial_webhooks = webhooks or {}
+        self.webhooks = dict(self.initial_webhooks)
         self.state = SandboxState()
         for provider, settings in (faults or {}).items():
             self.state.faults[provider] = Faults(**settings)
@@ -102,8 +104,11 @@ class Sandbox:
             status, payload = 200, self.stats()
         elif method == "POST" and path == "/_sandbox/faults":
             status, payload = self.faults_set(body=body)
+        elif method == "POST" and path == "/_sandbox/webhooks":
+            status, payload = self.webhooks_set(body=body)
         elif method == "POST" and path == "/_sandbox/reset":
             self.state = SandboxState()
+            self.webhooks = dict(self.initial_webhooks)
             status, payload = 200, {"reset": True}
         elif method == "GET" and path == "/":
             await _respond(send, 200, self.log_page().encode(), content_type=b"text/html; charset=utf-8")
@@ -205,6 +210,17 @@ class Sandbox:
             return 400, {"error": f"bad fault settings: {error}"}
         return 200, {"provider": provider, "faults": self.state.faults[provider].__dict__}
 
+    def webhooks_set(self, *, body: bytes) -> tuple[int, dict[str, Any]]:
+        try:
+            webhooks = json.loads(body or b"{}")
+        except ValueError as error:
+            return 400, {"error": f"bad webhook settings: {error}"}
+        unknown = set(webhooks) - set(PROVIDERS)
+        if unknown or not all(is_loopback_url(url) for url in webhooks.values()):
+            return 400, {"error": "give {provider: url} with known providers and loopback URLs only"}
+        self.webhooks.update(webhooks)
+        return 200, {"webhooks": self.webhooks}
+
     def log_page(self) -> str:
         rows = "".join(
             f"<tr><td>{e['seq']}</td><td>{time.strftime('%H:%M:%S', time.localtime(e['at']))}</td>"
@@ -219,6 +235,12 @@ class Sandbox:
             "<table><tr><th>#</th><th>At</th><th>Provider</th><th>Outcome</th><th>HTTP</th><th>To</th>"
             f"<th>Subject</th></tr>{rows}</table>"
         )
+
+
+def is_loopback_url(url: str) -> bool:
+    """The sandbox never sends traffic off this machine."""
+    host = urlparse(url).hostname or ""
+    return host.startswith("127.") or host in ("localhost", "::1")
 
 
 async def _respond(send: Any, status: int, body: bytes, content_type: bytes = b"application/json") -> None:

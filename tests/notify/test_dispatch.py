@@ -1,0 +1,61 @@
+from datetime import timedelta
+
+from django.utils import timezone
+
+from apps.deliveries.models import DeadLetter, Delivery, DeliveryStatus
+from notify.pipeline.dispatch import sweep
+from notify.pipeline.send import deliveries_claim
+from tests.notify.test_send import ingest_one
+
+
+def test_an_expired_lease_is_requeued_and_published(workspace, django_capture_on_commit_callbacks):
+    delivery = ingest_one(workspace)
+    deliveries_claim(delivery_ids=[str(delivery.pk)])
+    later = timezone.now() + timedelta(seconds=5)  # past the 4 s test lease
+    with django_capture_on_commit_callbacks(execute=False) as published:
+        report = sweep(now=later)
+    assert report.leases_expired == 1
+    delivery.refresh_from_db()
+    assert delivery.status == DeliveryStatus.QUEUED
+    assert delivery.lease_token is None
+    assert delivery.events.last().reason.startswith("lease expired")
+    assert len(published) == 1
+
+
+def test_a_lease_that_keeps_expiring_ends_in_the_dead_letter_queue(workspace):
+    delivery = ingest_one(workspace)
+    deliveries_claim(delivery_ids=[str(delivery.pk)])
+    Delivery.objects.filter(pk=delivery.pk).update(attempt_count=3)
+    sweep(now=timezone.now() + timedelta(seconds=5))
+    delivery.refresh_from_db()
+    assert delivery.status == DeliveryStatus.DEAD
+    assert DeadLetter.objects.get(delivery=delivery).reason == "worker lost during each of 3 attempts"
+
+
+def test_a_live_lease_is_left_alone(workspace):
+    delivery = ingest_one(workspace)
+    deliveries_claim(delivery_ids=[str(delivery.pk)])
+    assert sweep().leases_expired == 0
+
+
+def test_stale_queued_work_is_published_again_and_fresh_work_is_not(workspace, django_capture_on_commit_callbacks):
+    stale = ingest_one(workspace)
+    now = timezone.now()
+    with django_capture_on_commit_callbacks(execute=False) as published:
+        assert sweep(now=now).republished == 0  # just published at ingest
+    assert published == []
+    with django_capture_on_commit_callbacks(execute=False) as published:
+        assert sweep(now=now + timedelta(seconds=3)).republished == 1  # past the 2 s test threshold
+    assert len(published) == 1
+    stale.refresh_from_db()
+    assert stale.published_at == now + timedelta(seconds=3)
+
+
+def test_scheduled_work_is_published_only_when_due(workspace, django_capture_on_commit_callbacks):
+    delivery = ingest_one(workspace)
+    due = timezone.now() + timedelta(hours=2)
+    Delivery.objects.filter(pk=delivery.pk).update(next_attempt_at=due, published_at=None)
+    assert sweep(now=due - timedelta(seconds=1)).republished == 0
+    with django_capture_on_commit_callbacks(execute=False) as published:
+        assert sweep(now=due).republished == 1
+    assert len(published) == 1

@@ -1,0 +1,39 @@
+"""The sandbox's own behaviour: tests elsewhere rely on it, so it is tested too."""
+import requests
+
+
+def send(sandbox, to: str = "a@example.com", key: str | None = None, token: str = "t") -> requests.Response:  # type: ignore[no-untyped-def]
+    message = {"From": "n@example.com", "To": to, "Subject": "s", "TextBody": "b"}
+    if key:
+        message["Headers"] = [{"Name": "X-Idempotency-Key", "Value": key}]
+    return requests.post(f"{sandbox.base_url}/postmark/email", json=message, headers={"X-Postmark-Server-Token": token}, timeout=5)
+
+
+def test_accepts_logs_and_deduplicates_by_idempotency_key(sandbox):
+    first = send(sandbox, key="k1")
+    again = send(sandbox, key="k1")
+    assert first.status_code == again.status_code == 200
+    assert again.json()["MessageID"] == first.json()["MessageID"]
+    assert [r["outcome"] for r in sandbox.requests_log()] == ["accepted", "duplicate"]
+    assert sandbox.stats()["by_outcome"] == {"postmark.accepted": 1, "postmark.duplicate": 1}
+
+
+def test_injected_faults(sandbox):
+    sandbox.faults_set(fail_next=[503, 429], address_status={"@bounce.test": 422})
+    assert [send(sandbox).status_code for _ in range(3)] == [503, 429, 200]
+    assert send(sandbox, to="x@bounce.test").status_code == 422
+    sandbox.faults_set(error_rate=1.0, error_status=500)
+    assert send(sandbox).status_code == 500
+    sandbox.faults_set(latency_ms=150)
+    assert send(sandbox).elapsed.total_seconds() >= 0.15
+
+
+def test_checks_the_server_token_and_the_address(sandbox):
+    assert send(sandbox, token="").status_code == 401
+    assert send(sandbox, to="not-an-address").status_code == 422
+
+
+def test_bad_fault_settings_are_refused(sandbox):
+    response = requests.post(f"{sandbox.base_url}/_sandbox/faults", json={"provider": "postmark", "colour": "red"}, timeout=5)
+    assert response.status_code == 400
+    assert "bad fault settings" in response.json()["error"]
