@@ -1,8 +1,14 @@
-"""Email through django-anymail: the only module that touches anymail's sending API."""
-import time
+"""Email through django-anymail: the only module that touches anymail.
 
+One message goes through anymail's ordinary send. A batch for Postmark goes to Postmark's
+batch endpoint (up to 500 different messages in one request), with each message's payload
+still built by anymail; other ESPs send a batch message by message on one connection."""
+import json
+import time
 from typing import Any
 
+import requests
+from anymail.backends.postmark import EmailBackend as PostmarkBackend
 from anymail.exceptions import AnymailError, AnymailRecipientsRefused, AnymailRequestsAPIError
 from anymail.signals import AnymailTrackingEvent, tracking
 from django.conf import settings
@@ -12,11 +18,12 @@ from django.dispatch import receiver
 from apps.recipients.models import Recipient
 from notify.channels.base import Channel, OutboundMessage, SendOutcome
 from notify.pipeline.record import feedback_record
-from notify.resilience.failures import failure_from_status
+from notify.resilience.failures import FailureKind, failure_from_status
 
 # Providers that honour it replay the first response for a repeated key, which turns our
 # at-least-once sends into exactly-once deliveries. The delivery id is the key.
 IDEMPOTENCY_HEADER = "X-Idempotency-Key"
+POSTMARK_BATCH_LIMIT = 500
 
 
 class EmailChannel(Channel):
@@ -28,59 +35,104 @@ class EmailChannel(Channel):
     def send_batch(self, *, messages: list[OutboundMessage]) -> list[SendOutcome]:
         # One connection for the whole batch: anymail keeps its HTTP session alive.
         connection = get_connection(fail_silently=False)
-        outcomes = []
         with connection:
-            for message in messages:
-                outcomes.append(self._send_one(connection=connection, message=message))
-        return outcomes
+            if len(messages) > 1 and isinstance(connection, PostmarkBackend):
+                outcomes = []
+                for start in range(0, len(messages), POSTMARK_BATCH_LIMIT):
+                    chunk = messages[start : start + POSTMARK_BATCH_LIMIT]
+                    outcomes.extend(_postmark_batch_send(connection=connection, messages=chunk))
+                return outcomes
+            return [_send_one(connection=connection, message=message) for message in messages]
 
-    def _send_one(self, *, connection: object, message: OutboundMessage) -> SendOutcome:
-        content = message.content
-        email = EmailMultiAlternatives(
-            subject=content.subject,
-            body=content.body,
-            from_email=settings.DEFAULT_FROM_EMAIL,
-            to=[message.address],
-            headers={IDEMPOTENCY_HEADER: str(message.delivery_id)},
-            connection=connection,
+
+def _email(*, message: OutboundMessage, connection: Any) -> EmailMultiAlternatives:
+    content = message.content
+    email = EmailMultiAlternatives(
+        subject=content.subject,
+        body=content.body,
+        from_email=settings.DEFAULT_FROM_EMAIL,
+        to=[message.address],
+        headers={IDEMPOTENCY_HEADER: str(message.delivery_id)},
+        connection=connection,
+    )
+    if content.html:
+        email.attach_alternative(content.html, "text/html")
+    email.metadata = {"delivery_id": str(message.delivery_id)}  # type: ignore[attr-defined]
+    email.tags = [message.category_key]  # type: ignore[attr-defined]
+    return email
+
+
+def _send_one(*, connection: Any, message: OutboundMessage) -> SendOutcome:
+    email = _email(message=message, connection=connection)
+    started = time.perf_counter()
+    try:
+        email.send()
+    except AnymailRecipientsRefused as error:
+        return _outcome(message, started, failure=FailureKind.PERMANENT, reason=_reason(error))
+    except AnymailRequestsAPIError as error:
+        return _outcome(message, started, failure=failure_from_status(error.status_code), reason=_reason(error))
+    except (AnymailError, OSError) as error:
+        # No HTTP status: the request never completed (connection refused, timeout).
+        return _outcome(message, started, failure=failure_from_status(None), reason=_reason(error))
+    status = getattr(email, "anymail_status", None)
+    provider_id = status.message_id if status is not None and isinstance(status.message_id, str) else ""
+    return _outcome(message, started, provider_message_id=provider_id)
+
+
+def _postmark_batch_send(*, connection: PostmarkBackend, messages: list[OutboundMessage]) -> list[SendOutcome]:
+    """POST /email/batch: one request, one result per message, in order."""
+    payloads = [
+        connection.build_message_payload(_email(message=m, connection=connection), connection.send_defaults).data
+        for m in messages
+    ]
+    started = time.perf_counter()
+    try:
+        response = connection.session.post(
+            f"{connection.api_url}email/batch",
+            data=json.dumps(payloads),
+            headers={
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                "X-Postmark-Server-Token": connection.server_token,
+            },
+            timeout=connection.timeout,
         )
-        if content.html:
-            email.attach_alternative(content.html, "text/html")
-        email.metadata = {"delivery_id": str(message.delivery_id)}  # type: ignore[attr-defined]
-        email.tags = [message.category_key]  # type: ignore[attr-defined]
-        started = time.perf_counter()
-        try:
-            email.send()
-        except AnymailRecipientsRefused as error:
-            return self._outcome(message, started, failure=failure_from_status(422), reason=_reason(error))
-        except AnymailRequestsAPIError as error:
-            status_code = error.status_code
-            return self._outcome(
-                message, started, failure=failure_from_status(status_code), reason=_reason(error)
-            )
-        except (AnymailError, OSError) as error:
-            # No HTTP status: the request never completed (connection refused, timeout).
-            return self._outcome(message, started, failure=failure_from_status(None), reason=_reason(error))
-        status = getattr(email, "anymail_status", None)
-        provider_id = status.message_id if status is not None and isinstance(status.message_id, str) else ""
-        return self._outcome(message, started, provider_message_id=provider_id or "")
+    except requests.RequestException as error:
+        return [_outcome(m, started, failure=failure_from_status(None), reason=_reason(error)) for m in messages]
+    if response.status_code != 200:
+        failure, reason = failure_from_status(response.status_code), _reason_from_response(response)
+        return [_outcome(m, started, failure=failure, reason=reason) for m in messages]
+    results = response.json()
+    outcomes = []
+    for message, result in zip(messages, results, strict=True):
+        if result.get("ErrorCode", 0) == 0:
+            outcomes.append(_outcome(message, started, provider_message_id=result.get("MessageID", "")))
+        else:
+            # Per-message errors in a batch are about the message itself (bad or inactive
+            # address, rejected content), so they are permanent.
+            reason = f"Postmark error {result.get('ErrorCode')}: {result.get('Message', '')}"
+            outcomes.append(_outcome(message, started, failure=FailureKind.PERMANENT, reason=reason))
+    return outcomes
 
-    @staticmethod
-    def _outcome(message: OutboundMessage, started: float, **fields: object) -> SendOutcome:
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        return SendOutcome(delivery_id=message.delivery_id, elapsed_ms=elapsed_ms, **fields)  # type: ignore[arg-type]
+
+def _outcome(message: OutboundMessage, started: float, **fields: Any) -> SendOutcome:
+    return SendOutcome(delivery_id=message.delivery_id, elapsed_ms=(time.perf_counter() - started) * 1000, **fields)
+
+
+def _reason_from_response(response: requests.Response) -> str:
+    try:
+        provider_message = response.json().get("Message")
+    except (ValueError, AttributeError):
+        provider_message = None
+    return f"HTTP {response.status_code}: {provider_message or response.reason}"[:400]
 
 
 def _reason(error: Exception) -> str:
     """The provider's own words when it sent any, else the first line of the error."""
     response = getattr(error, "response", None)
-    try:
-        provider_message = response.json().get("Message") if response is not None else None
-    except ValueError:
-        provider_message = None
-    status = f"HTTP {response.status_code}: " if response is not None else ""
-    text = provider_message or (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return f"{status}{text}"[:400]
+    if response is not None:
+        return _reason_from_response(response)
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:400]
 
 
 @receiver(tracking, dispatch_uid="notify.channels.email.tracking")

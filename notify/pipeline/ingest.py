@@ -12,9 +12,10 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from apps.catalog.models import Category
-from apps.deliveries.models import Delivery, DeliveryEvent, Event, Notification
+from apps.deliveries.models import Event
 from apps.recipients.models import Recipient
 from apps.tenants.models import ApiKey, Tenant
+from notify.pipeline.bulk import rows_insert
 from notify.pipeline.dispatch import deliveries_publish_on_commit
 from notify.pipeline.plan import PlanError, notifications_plan
 
@@ -114,9 +115,9 @@ def events_ingest(*, api_key: ApiKey, events: list[EventRequest]) -> list[Ingest
             except PlanError as error:
                 raise IngestError(field=prefix + error.field, message=error.message) from error
             deliveries_publish_on_commit(deliveries=plan.deliveries, now=now)
-            Notification.objects.bulk_create(plan.notifications)
-            Delivery.objects.bulk_create(plan.deliveries)
-            DeliveryEvent.objects.bulk_create(plan.history)
+            rows_insert(objects=plan.notifications)
+            rows_insert(objects=plan.deliveries)
+            rows_insert(objects=plan.history)
             event.response = {
                 "event_id": str(event.id),
                 "idempotency_key": request.idempotency_key,
@@ -162,6 +163,7 @@ def _recipients_upsert(*, tenant: Tenant, refs: list[RecipientRef], field_prefix
             unique_fields=["tenant", "external_id"],
             update_fields=[*field_names, "updated_at"] if field_names else ["updated_at"],
         )
+    # Read back: an upserted row that already existed keeps its own primary key.
     by_external_id = {
         r.external_id: r
         for r in Recipient.objects.filter(tenant=tenant, external_id__in={ref.external_id for ref in refs})

@@ -10,10 +10,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 from uuid import UUID
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from apps.deliveries.models import DeadLetter, Delivery, DeliveryEvent, DeliveryStatus
+from notify.pipeline.bulk import rows_insert
 from notify.resilience.failures import FailureKind, attempts_exhausted, retry_delay
 
 if TYPE_CHECKING:  # the channels import this module for feedback
@@ -38,85 +39,113 @@ def history_event(
 
 def outcomes_record(*, lease_token: UUID, deliveries: dict[UUID, Delivery], outcomes: list[SendOutcome]) -> None:
     """Apply a chunk of outcomes: sent, retry later, dead-letter, or failed for good."""
+    now = timezone.now()
+    sent = [o for o in outcomes if o.ok]
+    failed = [o for o in outcomes if not o.ok]
+    history: list[DeliveryEvent] = []
+    with transaction.atomic():
+        if sent:
+            held = _sent_mark(lease_token=lease_token, outcomes=sent, now=now)
+            for outcome in sent:
+                if outcome.delivery_id in held:
+                    detail = {"elapsed_ms": round(outcome.elapsed_ms, 1), "provider_message_id": outcome.provider_message_id}
+                    delivery = deliveries[outcome.delivery_id]
+                    history.append(
+                        history_event(delivery=delivery, status=DeliveryStatus.SENT, reason="accepted by the provider", at=now, detail=detail)
+                    )
+        if failed:
+            history.extend(_failures_record(lease_token=lease_token, deliveries=deliveries, outcomes=failed, now=now))
+        rows_insert(objects=history)
+    if len(history) < len(outcomes):
+        logger.warning("lease lost for %d deliveries; another worker owns them now", len(outcomes) - len(history))
+
+
+def _sent_mark(*, lease_token: UUID, outcomes: list[SendOutcome], now: datetime) -> set[UUID]:
+    """Mark deliveries sent, each with its provider message id, in one statement; return
+    the ids this lease still held.
+
+    Written as SQL because bulk_update() builds an ORM expression per row, which at batch
+    sizes costs more than the send itself."""
+    pk = Delivery._meta.pk
+    lease_field = Delivery._meta.get_field("lease_token")
+    ids = [pk.get_db_prep_value(o.delivery_id, connection) for o in outcomes]
+    when = " ".join(["WHEN %s THEN %s"] * len(outcomes))
+    in_list = ", ".join(["%s"] * len(outcomes))
+    timestamp = connection.ops.adapt_datetimefield_value(now)
+    sql = (
+        f"UPDATE {Delivery._meta.db_table} SET status = %s, status_reason = '', sent_at = %s, updated_at = %s, "
+        f"lease_token = NULL, lease_expires_at = NULL, "
+        f"provider_message_id = CASE id {when} ELSE provider_message_id END "
+        f"WHERE id IN ({in_list}) AND lease_token = %s AND status = %s RETURNING id"
+    )
+    params: list[object] = [DeliveryStatus.SENT, timestamp, timestamp]
+    for delivery_id, outcome in zip(ids, outcomes):
+        params += [delivery_id, outcome.provider_message_id[:255]]
+    params += [*ids, lease_field.get_db_prep_value(lease_token, connection), DeliveryStatus.SENDING]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return {pk.to_python(row[0]) for row in cursor.fetchall()}
+
+
+def _failures_record(
+    *, lease_token: UUID, deliveries: dict[UUID, Delivery], outcomes: list[SendOutcome], now: datetime
+) -> list[DeliveryEvent]:
     from notify.pipeline import dispatch  # dispatch publishes; record is imported by it
 
-    now = timezone.now()
-    with transaction.atomic():
-        held = set(
-            Delivery.objects.select_for_update()
-            .filter(id__in=[o.delivery_id for o in outcomes], lease_token=lease_token, status=DeliveryStatus.SENDING)
-            .values_list("id", flat=True)
-        )
-        lost = len(outcomes) - len(held)
-        if lost:
-            logger.warning("lease lost for %d deliveries; another worker owns them now", lost)
+    held = set(
+        Delivery.objects.select_for_update()
+        .filter(id__in=[o.delivery_id for o in outcomes], lease_token=lease_token, status=DeliveryStatus.SENDING)
+        .values_list("id", flat=True)
+    )
+    history: list[DeliveryEvent] = []
+    dead_letters: list[DeadLetter] = []
+    retries: dict[tuple[str, str], list[Delivery]] = defaultdict(list)
+    # One backoff draw per chunk: a chunk that failed together retries together.
+    delay = None
+    for outcome in outcomes:
+        if outcome.delivery_id not in held:
+            continue
+        delivery = deliveries[outcome.delivery_id]
+        if outcome.failure is FailureKind.PERMANENT:
+            delivery.status = DeliveryStatus.FAILED
+            reason = f"permanent failure: {outcome.reason}"
+        elif attempts_exhausted(channel=delivery.channel, attempt=delivery.attempt_count):
+            delivery.status = DeliveryStatus.DEAD
+            reason = f"retries exhausted after {delivery.attempt_count} attempts: {outcome.reason}"
+            dead_letters.append(
+                DeadLetter(delivery=delivery, channel=delivery.channel, reason=outcome.reason[:500], attempts=delivery.attempt_count)
+            )
+        else:
+            delay = delay or retry_delay(channel=delivery.channel, attempt=delivery.attempt_count)
+            delivery.status = DeliveryStatus.RETRYING
+            delivery.next_attempt_at = now + delay
+            reason = f"transient failure: {outcome.reason}; retry at {delivery.next_attempt_at.isoformat()}"
+            retries[(delivery.channel, delivery.priority)].append(delivery)
+        delivery.status_reason = reason[:500]
+        detail = {"elapsed_ms": round(outcome.elapsed_ms, 1), "failure": outcome.failure.value if outcome.failure else ""}
+        history.append(history_event(delivery=delivery, status=delivery.status, reason=reason, at=now, detail=detail))
 
-        changed: list[Delivery] = []
-        history: list[DeliveryEvent] = []
-        dead_letters: list[DeadLetter] = []
-        retries: dict[tuple[str, str], list[Delivery]] = defaultdict(list)
-        for outcome in outcomes:
-            if outcome.delivery_id not in held:
-                continue
-            delivery = deliveries[outcome.delivery_id]
-            delivery.lease_token = None
-            delivery.lease_expires_at = None
-            delivery.updated_at = now  # bulk_update skips auto_now
-            detail = {"elapsed_ms": round(outcome.elapsed_ms, 1)}
-            if outcome.ok:
-                delivery.status = DeliveryStatus.SENT
-                delivery.status_reason = ""
-                delivery.sent_at = now
-                delivery.provider_message_id = outcome.provider_message_id
-                detail["provider_message_id"] = outcome.provider_message_id
-                reason = "accepted by the provider"
-            elif outcome.failure is FailureKind.PERMANENT:
-                delivery.status = DeliveryStatus.FAILED
-                delivery.status_reason = reason = f"permanent failure: {outcome.reason}"
-            elif attempts_exhausted(channel=delivery.channel, attempt=delivery.attempt_count):
-                delivery.status = DeliveryStatus.DEAD
-                delivery.status_reason = reason = (
-                    f"retries exhausted after {delivery.attempt_count} attempts: {outcome.reason}"
-                )
-                dead_letters.append(
-                    DeadLetter(
-                        delivery=delivery,
-                        channel=delivery.channel,
-                        reason=outcome.reason[:500],
-                        attempts=delivery.attempt_count,
-                    )
-                )
-            else:
-                delay = retry_delay(channel=delivery.channel, attempt=delivery.attempt_count)
-                delivery.status = DeliveryStatus.RETRYING
-                delivery.next_attempt_at = now + delay
-                delivery.status_reason = reason = (
-                    f"transient failure: {outcome.reason}; retry at {delivery.next_attempt_at.isoformat()}"
-                )
-                retries[(delivery.channel, delivery.priority)].append(delivery)
-            changed.append(delivery)
-            history.append(history_event(delivery=delivery, status=delivery.status, reason=reason, at=now, detail=detail))
-
-        for group in retries.values():
-            dispatch.retries_schedule(deliveries=group, now=now)
-        Delivery.objects.bulk_update(
-            changed,
-            fields=[
-                "status",
-                "status_reason",
-                "sent_at",
-                "provider_message_id",
-                "next_attempt_at",
-                "published_at",
-                "lease_token",
-                "lease_expires_at",
-                "updated_at",
-            ],
+    for group in retries.values():
+        dispatch.retries_schedule(deliveries=group, now=now)
+    # Rows that failed alike (an outage fails a whole chunk alike) share one UPDATE.
+    changes: dict[tuple, list[UUID]] = defaultdict(list)
+    for delivery_id in held:
+        delivery = deliveries[delivery_id]
+        changes[(delivery.status, delivery.status_reason, delivery.next_attempt_at, delivery.published_at)].append(delivery_id)
+    for (status, status_reason, next_attempt_at, published_at), ids in changes.items():
+        Delivery.objects.filter(id__in=ids).update(
+            status=status,
+            status_reason=status_reason,
+            next_attempt_at=next_attempt_at,
+            published_at=published_at,
+            lease_token=None,
+            lease_expires_at=None,
+            updated_at=now,
         )
-        DeliveryEvent.objects.bulk_create(history)
-        if dead_letters:
-            DeadLetter.objects.bulk_create(dead_letters)
-            dispatch.dead_letters_announce(dead_letters=dead_letters)
+    if dead_letters:
+        DeadLetter.objects.bulk_create(dead_letters)
+        dispatch.dead_letters_announce(dead_letters=dead_letters)
+    return history
 
 
 # Provider feedback (normalised by the channel) -> our delivery state. Feedback of other

@@ -3,6 +3,7 @@
 A duplicate task (a republish, a redelivery) finds nothing left to claim, so the same
 delivery is never sent by two workers at once."""
 import uuid
+from dataclasses import dataclass
 from datetime import timedelta
 from uuid import UUID
 
@@ -11,7 +12,9 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from apps.catalog.models import Category
 from apps.deliveries.models import CLAIMABLE_STATUSES, Delivery, DeliveryStatus, Event
+from apps.tenants.models import Tenant
 from notify.channels import channel_get
 from notify.channels.base import OutboundMessage, SendOutcome
 from notify.pipeline.plan import content_render, variant_resolve
@@ -20,7 +23,7 @@ from notify.resilience.failures import FailureKind
 
 # Outcomes are recorded in chunks: bulk writes for throughput, while a worker killed
 # mid-batch leaves at most one chunk to be re-sent (and deduplicated by the provider).
-RECORD_CHUNK = 50
+RECORD_CHUNK = 100
 
 
 def deliveries_claim(*, delivery_ids: list[str]) -> tuple[UUID, list[Delivery]]:
@@ -44,9 +47,7 @@ def deliveries_claim(*, delivery_ids: list[str]) -> tuple[UUID, list[Delivery]]:
     if not claimable:
         return token, []
     deliveries = list(
-        Delivery.objects.filter(id__in=claimable, lease_token=token).select_related(
-            "notification__recipient", "notification__category", "notification__tenant"
-        )
+        Delivery.objects.filter(id__in=claimable, lease_token=token).select_related("notification__recipient")
     )
     return token, deliveries
 
@@ -56,18 +57,31 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
     token, deliveries = deliveries_claim(delivery_ids=delivery_ids)
     if not deliveries:
         return 0
-    event_data = dict(
-        Event.objects.filter(id__in={d.notification.event_id for d in deliveries}).values_list("id", "data")
+    # A batch shares a few events, categories and tenants: read each once, not per row.
+    notifications = [d.notification for d in deliveries]
+    context = BatchContext(
+        event_data=dict(Event.objects.filter(id__in={n.event_id for n in notifications}).values_list("id", "data")),
+        category_keys=dict(Category.objects.filter(id__in={n.category_id for n in notifications}).values_list("id", "key")),
+        tenant_locales=dict(
+            Tenant.objects.filter(id__in={n.tenant_id for n in notifications}).values_list("id", "default_locale")
+        ),
     )
     by_id = {d.id: d for d in deliveries}
     for start in range(0, len(deliveries), RECORD_CHUNK):
         chunk = deliveries[start : start + RECORD_CHUNK]
-        outcomes = _send_chunk(deliveries=chunk, event_data=event_data)
+        outcomes = _send_chunk(deliveries=chunk, context=context)
         outcomes_record(lease_token=token, deliveries=by_id, outcomes=outcomes)
     return len(deliveries)
 
 
-def _send_chunk(*, deliveries: list[Delivery], event_data: dict[UUID, dict]) -> list[SendOutcome]:
+@dataclass(frozen=True)
+class BatchContext:
+    event_data: dict[UUID, dict]
+    category_keys: dict[int, str]
+    tenant_locales: dict[UUID, str]
+
+
+def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[SendOutcome]:
     channel = channel_get(name=deliveries[0].channel)
     messages: list[OutboundMessage] = []
     outcomes: list[SendOutcome] = []
@@ -88,12 +102,15 @@ def _send_chunk(*, deliveries: list[Delivery], event_data: dict[UUID, dict]) -> 
             version_id=notification.template_version_id,
             channel=channel.name,
             locale=notification.locale,
-            default_locale=notification.tenant.default_locale,
+            default_locale=context.tenant_locales[notification.tenant_id],
         )
-        content = content_render(variant=variant, data=event_data[notification.event_id], recipient=recipient)
+        content = content_render(variant=variant, data=context.event_data[notification.event_id], recipient=recipient)
         messages.append(
             OutboundMessage(
-                delivery_id=delivery.id, address=address, content=content, category_key=notification.category.key
+                delivery_id=delivery.id,
+                address=address,
+                content=content,
+                category_key=context.category_keys[notification.category_id],
             )
         )
     if messages:

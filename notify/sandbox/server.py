@@ -4,6 +4,7 @@ It is a plain ASGI application with no Django in it, so it starts in a blink and
 of the way of what it measures. Tests, the demo and the benchmark all talk to it:
 
   POST /postmark/email          Postmark's send API, as anymail's Postmark backend calls it
+  POST /postmark/email/batch    Postmark's batch API: up to 500 different messages
   GET  /_sandbox/requests       the log (?provider=postmark&after=<seq>)
   GET  /_sandbox/stats          counts per provider and outcome
   POST /_sandbox/faults         {"provider": "postmark", "latency_ms": 50, "error_rate": 0.1,
@@ -47,19 +48,18 @@ class Faults:
     fail_next: list[int] = field(default_factory=list)
     address_status: dict[str, int] = field(default_factory=dict)
 
-    def status_for(self, *, address: str) -> int | None:
-        """The injected HTTP status for this request, or None to behave normally."""
+    def request_status(self) -> int | None:
+        """An injected HTTP status for the whole request, or None to behave normally."""
         if self.fail_next:
             return self.fail_next.pop(0)
-        address = address.lower()
-        domain = "@" + address.rpartition("@")[2]
-        if address in self.address_status:
-            return self.address_status[address]
-        if domain in self.address_status:
-            return self.address_status[domain]
         if self.error_rate and random.random() < self.error_rate:
             return self.error_status
         return None
+
+    def address_rule(self, *, address: str) -> int | None:
+        """An injected status for one recipient address (exact, or "@domain")."""
+        address = address.lower()
+        return self.address_status.get(address, self.address_status.get("@" + address.rpartition("@")[2]))
 
 
 @dataclass
@@ -98,6 +98,8 @@ class Sandbox:
         query = {k: v[0] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
         if method == "POST" and path.rstrip("/") == "/postmark/email":
             status, payload = await self.postmark_email(headers=headers, body=body)
+        elif method == "POST" and path.rstrip("/") == "/postmark/email/batch":
+            status, payload = await self.postmark_batch(headers=headers, body=body)
         elif method == "GET" and path == "/_sandbox/requests":
             status, payload = 200, self.requests_list(query=query)
         elif method == "GET" and path == "/_sandbox/stats":
@@ -117,41 +119,68 @@ class Sandbox:
             status, payload = 404, {"error": f"no sandbox route for {method} {path}"}
         await _respond(send, status, json.dumps(payload).encode())
 
-    async def postmark_email(self, *, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
+    async def postmark_email(self, *, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
+        """POST /email: one message."""
+        return await self._postmark(headers=headers, body=body, batch=False)
+
+    async def postmark_batch(self, *, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
+        """POST /email/batch: up to 500 messages, one result each, in order."""
+        return await self._postmark(headers=headers, body=body, batch=True)
+
+    async def _postmark(self, *, headers: dict[str, str], body: bytes, batch: bool) -> tuple[int, Any]:
         faults = self.state.faults["postmark"]
         if faults.latency_ms:
             await asyncio.sleep(faults.latency_ms / 1000)
         if not headers.get("x-postmark-server-token"):
             return 401, {"ErrorCode": 10, "Message": "No Account or Server API tokens were supplied in the HTTP headers."}
         try:
-            message = json.loads(body)
+            messages = json.loads(body)
         except ValueError:
             return 422, {"ErrorCode": 402, "Message": "Received invalid JSON input."}
-        to = str(message.get("To", ""))
+        if not batch:
+            messages = [messages]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages) or len(messages) > 500:
+            return 422, {"ErrorCode": 402, "Message": "Send a JSON array of at most 500 messages."}
+        entries = [self._entry(message) for message in messages]
+        # A server-side failure fails the whole request, as a real provider's outage does.
+        rules = [faults.address_rule(address=e["to"]) for e in entries]
+        injected = faults.request_status() or next((r for r in rules if r and (r >= 500 or r == 429)), None)
+        if injected is not None:
+            for entry in entries:
+                self.state.record(**entry, status=injected, outcome="error")
+            return injected, {"ErrorCode": 100, "Message": "Injected sandbox failure."}
+        results = [self._postmark_one(message=m, entry=e, rule=r) for m, e, r in zip(messages, entries, rules)]
+        if batch:
+            return 200, results
+        result = results[0]
+        return (200 if result["ErrorCode"] == 0 else 422), result
+
+    @staticmethod
+    def _entry(message: dict[str, Any]) -> dict[str, Any]:
         key = next(
             (h.get("Value") for h in message.get("Headers", []) if h.get("Name", "").lower() == "x-idempotency-key"),
             None,
         )
-        entry = {
+        return {
             "provider": "postmark",
-            "to": to,
+            "to": str(message.get("To", "")),
             "subject": message.get("Subject", ""),
             "text": (message.get("TextBody") or "")[:500],
             "idempotency_key": key,
             "metadata": message.get("Metadata", {}),
         }
+
+    def _postmark_one(self, *, message: dict[str, Any], entry: dict[str, Any], rule: int | None) -> dict[str, Any]:
+        key, to = entry["idempotency_key"], entry["to"]
         if key and key in self.state.accepted["postmark"]:
             first = self.state.accepted["postmark"][key]
             self.state.record(**entry, status=200, outcome="duplicate", message_id=first["MessageID"])
-            return 200, first
-        injected = faults.status_for(address=to)
-        if injected is None and "@" not in to:
-            injected = 422
-        if injected is not None:
-            self.state.record(**entry, status=injected, outcome="error")
-            if injected == 422:
-                return 422, {"ErrorCode": 300, "Message": f"Invalid 'To' address: '{to}'."}
-            return injected, {"ErrorCode": 100, "Message": "Injected sandbox failure."}
+            return first
+        if rule is not None or "@" not in to:
+            self.state.record(**entry, status=rule or 422, outcome="error")
+            if rule == 406:
+                return {"ErrorCode": 406, "Message": f"You tried to send to recipient(s) that have been marked as inactive. Found inactive addresses: {to}.", "To": to}
+            return {"ErrorCode": 300, "Message": f"Invalid 'To' address: '{to}'.", "To": to}
         response = {
             "To": to,
             "SubmittedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -175,7 +204,7 @@ class Sandbox:
                 "Metadata": message.get("Metadata", {}),
             }
             asyncio.get_running_loop().create_task(self.webhook_send(provider="postmark", payload=delivered))
-        return 200, response
+        return response
 
     async def webhook_send(self, *, provider: str, payload: dict[str, Any]) -> None:
         """POST a webhook the way providers do: later, and again until it is taken."""
