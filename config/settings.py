@@ -124,6 +124,7 @@ SPECTACULAR_SETTINGS = {
         "DeliveryStatusEnum": "apps.deliveries.models.DeliveryStatus",
         "ChannelEnum": "apps.catalog.models.Channel",
         "PriorityEnum": "apps.catalog.models.Priority",
+        "NotificationStatusEnum": "apps.deliveries.selectors.NOTIFICATION_STATUSES",
     },
 }
 

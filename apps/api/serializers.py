@@ -4,8 +4,8 @@ from drf_spectacular.utils import extend_schema_field, inline_serializer
 from rest_framework import serializers
 
 from apps.catalog.models import Channel, Priority
-from apps.deliveries.models import Delivery, DeliveryEvent, DeliveryStatus, Notification
-from apps.deliveries.selectors import notification_status
+from apps.deliveries.models import Delivery, DeliveryEvent, Notification
+from apps.deliveries.selectors import NOTIFICATION_STATUSES, notification_status
 from apps.recipients.models import Recipient, validate_timezone
 from notify.pipeline.ingest import EventRequest, RecipientRef
 
@@ -180,7 +180,7 @@ class NotificationSerializer(serializers.ModelSerializer):
             "deliveries",
         ]
 
-    @extend_schema_field(serializers.ChoiceField(choices=["pending", *DeliveryStatus.values, "mixed"]))
+    @extend_schema_field(serializers.ChoiceField(choices=NOTIFICATION_STATUSES))
     def get_status(self, notification: Notification) -> str:
         return notification_status(deliveries=list(notification.deliveries.all()))
 

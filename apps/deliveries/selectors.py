@@ -8,6 +8,7 @@ from apps.deliveries.models import Delivery, DeliveryStatus, Notification
 from apps.tenants.models import Tenant
 
 PENDING_STATUSES = {DeliveryStatus.QUEUED, DeliveryStatus.SENDING, DeliveryStatus.RETRYING}
+NOTIFICATION_STATUSES = ["pending", *DeliveryStatus.values, "mixed"]
 
 
 def notification_status(*, deliveries: list[Delivery]) -> str:

@@ -9,7 +9,7 @@ from notify.sandbox.server import Sandbox, is_loopback_url
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Loopback fakes of the notification providers.")
-    parser.add_argument("--host", default="127.0.0.1", help="loopback only; default 127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8025)
     parser.add_argument(
         "--faults", default="{}", help='initial faults per provider, e.g. \'{"postmark": {"latency_ms": 20}}\''
@@ -25,8 +25,6 @@ def main() -> None:
     webhooks = dict(item.split("=", 1) for item in args.webhook)
     if not all(is_loopback_url(url) for url in webhooks.values()):
         parser.error("webhook URLs must be on loopback (127.0.0.0/8, localhost or ::1)")
-    if not args.host.startswith("127.") and args.host not in ("localhost", "::1"):
-        parser.error("the sandbox listens on loopback only")
     uvicorn.run(
         Sandbox(faults=json.loads(args.faults), webhooks=webhooks),
         host=args.host,

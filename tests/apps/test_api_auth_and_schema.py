@@ -37,3 +37,10 @@ def test_the_openapi_schema_and_docs_are_served(client, db):
     docs = client.get("/api/docs/")
     assert docs.status_code == 200
     assert b"swagger-ui" in docs.content
+
+
+def test_the_schema_generates_without_warnings(tmp_path):
+    from django.core.management import call_command
+
+    call_command("spectacular", "--fail-on-warn", "--file", str(tmp_path / "schema.yml"))
+    assert "/api/v1/events" in (tmp_path / "schema.yml").read_text()

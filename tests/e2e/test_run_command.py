@@ -1,0 +1,38 @@
+"""The README's run command, as a new user runs it: everything starts, the printed curl line
+sends a notification, and it is delivered."""
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.worker
+def test_the_run_command_delivers_the_demo_notification(tmp_path):
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}",  # the demo's embedded database
+        "CELERY_BROKER_URL": "redis://127.0.0.1:6379/14",
+        "NOTIFY_WEB_PORT": str(_free_port()),
+        "NOTIFY_SANDBOX_PORT": str(_free_port()),
+    }
+    for name in ("POSTMARK_API_URL", "DJANGO_SECRET_KEY"):
+        env.pop(name, None)
+    result = subprocess.run(
+        ["bash", "scripts/run.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "login: admin / admin" in output
+    assert "curl -s -X POST" in output
+    assert ": delivered" in output
+    assert '"postmark.accepted": 1' in output
