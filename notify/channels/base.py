@@ -49,3 +49,6 @@ class Channel(ABC):
     @abstractmethod
     def send_batch(self, *, messages: list[OutboundMessage]) -> list[SendOutcome]:
         """Send each message once; return one outcome per message, never raise for one."""
+
+    def reset(self) -> None:
+        """Drop any provider connection kept open between batches."""

@@ -13,6 +13,7 @@ from anymail.exceptions import AnymailError, AnymailRecipientsRefused, AnymailRe
 from anymail.signals import AnymailTrackingEvent, tracking
 from django.conf import settings
 from django.core.mail import EmailMultiAlternatives, get_connection
+from django.core.signals import setting_changed
 from django.dispatch import receiver
 
 from apps.recipients.models import Recipient
@@ -32,17 +33,31 @@ class EmailChannel(Channel):
     def address_for(self, *, recipient: Recipient) -> str:
         return recipient.email
 
+    def __init__(self) -> None:
+        self._connection: Any = None
+
     def send_batch(self, *, messages: list[OutboundMessage]) -> list[SendOutcome]:
-        # One connection for the whole batch: anymail keeps its HTTP session alive.
-        connection = get_connection(fail_silently=False)
-        with connection:
-            if len(messages) > 1 and isinstance(connection, PostmarkBackend):
-                outcomes = []
-                for start in range(0, len(messages), POSTMARK_BATCH_LIMIT):
-                    chunk = messages[start : start + POSTMARK_BATCH_LIMIT]
-                    outcomes.extend(_postmark_batch_send(connection=connection, messages=chunk))
-                return outcomes
-            return [_send_one(connection=connection, message=message) for message in messages]
+        connection = self._open_connection()
+        if len(messages) > 1 and isinstance(connection, PostmarkBackend):
+            outcomes = []
+            for start in range(0, len(messages), POSTMARK_BATCH_LIMIT):
+                chunk = messages[start : start + POSTMARK_BATCH_LIMIT]
+                outcomes.extend(_postmark_batch_send(connection=connection, messages=chunk))
+            return outcomes
+        return [_send_one(connection=connection, message=message) for message in messages]
+
+    def _open_connection(self) -> Any:
+        """One open backend per worker process, so its HTTP keep-alive connection to the
+        provider outlives a batch. Worker processes send from one thread at a time."""
+        if self._connection is None:
+            self._connection = get_connection(fail_silently=False)
+            self._connection.open()
+        return self._connection
+
+    def reset(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+        self._connection = None
 
 
 def _email(*, message: OutboundMessage, connection: Any) -> EmailMultiAlternatives:
@@ -133,6 +148,15 @@ def _reason(error: Exception) -> str:
     if response is not None:
         return _reason_from_response(response)
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:400]
+
+
+@receiver(setting_changed, dispatch_uid="notify.channels.email.settings")
+def email_settings_changed(setting: str, **kwargs: Any) -> None:
+    """A changed email setting (in tests) must not keep using the old provider."""
+    if setting in ("EMAIL_BACKEND", "ANYMAIL"):
+        from notify.channels import channel_get
+
+        channel_get(name="email").reset()
 
 
 @receiver(tracking, dispatch_uid="notify.channels.email.tracking")

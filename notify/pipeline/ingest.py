@@ -92,7 +92,8 @@ def events_ingest(*, api_key: ApiKey, events: list[EventRequest]) -> list[Ingest
                 data=request.data,
             )
             try:
-                with transaction.atomic():
+                # A savepoint only where a key can collide; without a key there is no conflict.
+                with transaction.atomic(savepoint=request.idempotency_key is not None):
                     event.save(force_insert=True)
             except IntegrityError:
                 # Another request holds this key. The unique index made us wait for it to
