@@ -82,6 +82,8 @@ class EventView(APIView):
         serializer.is_valid(raise_exception=True)
         header_key = request.headers.get(IDEMPOTENCY_HEADER)
         body_key = serializer.validated_data.get("idempotency_key")
+        if header_key is not None and not 0 < len(header_key) <= 255:
+            return field_error(field=IDEMPOTENCY_HEADER, message="An idempotency key has 1 to 255 characters.")
         if header_key and body_key and header_key != body_key:
             return field_error(field="idempotency_key", message="The body and the Idempotency-Key header disagree.")
         event = event_request_from(attrs=serializer.validated_data, body=request.data, idempotency_key=header_key)
@@ -100,6 +102,11 @@ class EventBatchView(APIView):
         description="Up to 100 events, accepted or refused together.",
     )
     def post(self, request: Request) -> Response:
+        if IDEMPOTENCY_HEADER in request.headers:
+            return field_error(
+                field=IDEMPOTENCY_HEADER,
+                message="A batch takes no Idempotency-Key header; give each event its own idempotency_key.",
+            )
         serializer = EventBatchSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         events = [

@@ -91,6 +91,19 @@ class TemplateVariant(ImmutableModel):
     def __str__(self) -> str:
         return f"{self.channel}/{self.locale or 'default'}"
 
+    def clean(self) -> None:
+        """Refuse content that does not compile, naming the field, before it is saved."""
+        from django.template import Engine, TemplateSyntaxError
+
+        errors = {}
+        for name in ("subject", "title", "body", "html", "link"):
+            try:
+                Engine().from_string(getattr(self, name))
+            except TemplateSyntaxError as error:
+                errors[name] = f"Template syntax error: {error}"
+        if errors:
+            raise ValidationError(errors)
+
 
 class Category(models.Model):
     """What kind of thing happened; it sets the channels, the priority and the template."""

@@ -9,7 +9,12 @@ from typing import Any
 
 import requests
 from anymail.backends.postmark import EmailBackend as PostmarkBackend
-from anymail.exceptions import AnymailError, AnymailRecipientsRefused, AnymailRequestsAPIError
+from anymail.exceptions import (
+    AnymailError,
+    AnymailInvalidAddress,
+    AnymailRecipientsRefused,
+    AnymailRequestsAPIError,
+)
 from anymail.signals import AnymailTrackingEvent, tracking
 from django.conf import settings
 from django.core.mail import EmailMultiAlternatives, get_connection
@@ -43,8 +48,11 @@ class EmailChannel(Channel):
             for start in range(0, len(messages), POSTMARK_BATCH_LIMIT):
                 chunk = messages[start : start + POSTMARK_BATCH_LIMIT]
                 outcomes.extend(_postmark_batch_send(connection=connection, messages=chunk))
-            return outcomes
-        return [_send_one(connection=connection, message=message) for message in messages]
+        else:
+            outcomes = [_send_one(connection=connection, message=message) for message in messages]
+        if any(o.failure is FailureKind.TRANSIENT for o in outcomes):
+            self.reset()  # a fresh connection next time, in case this one is broken
+        return outcomes
 
     def _open_connection(self) -> Any:
         """One open backend per worker process, so its HTTP keep-alive connection to the
@@ -78,29 +86,47 @@ def _email(*, message: OutboundMessage, connection: Any) -> EmailMultiAlternativ
 
 
 def _send_one(*, connection: Any, message: OutboundMessage) -> SendOutcome:
-    email = _email(message=message, connection=connection)
     started = time.perf_counter()
+    email = _email(message=message, connection=connection)
     try:
         email.send()
-    except AnymailRecipientsRefused as error:
+    except (AnymailRecipientsRefused, AnymailInvalidAddress) as error:
         return _outcome(message, started, failure=FailureKind.PERMANENT, reason=_reason(error))
     except AnymailRequestsAPIError as error:
         return _outcome(message, started, failure=failure_from_status(error.status_code), reason=_reason(error))
     except (AnymailError, OSError) as error:
         # No HTTP status: the request never completed (connection refused, timeout).
         return _outcome(message, started, failure=failure_from_status(None), reason=_reason(error))
+    else:
+        return _outcome(message, started, provider_message_id=_provider_id(email))
+
+
+def _provider_id(email: EmailMultiAlternatives) -> str:
     status = getattr(email, "anymail_status", None)
-    provider_id = status.message_id if status is not None and isinstance(status.message_id, str) else ""
-    return _outcome(message, started, provider_message_id=provider_id)
+    return status.message_id if status is not None and isinstance(status.message_id, str) else ""
 
 
 def _postmark_batch_send(*, connection: PostmarkBackend, messages: list[OutboundMessage]) -> list[SendOutcome]:
     """POST /email/batch: one request, one result per message, in order."""
-    payloads = [
-        connection.build_message_payload(_email(message=m, connection=connection), connection.send_defaults).data
-        for m in messages
-    ]
     started = time.perf_counter()
+    refused: dict[int, SendOutcome] = {}
+    payloads = []
+    for index, message in enumerate(messages):
+        try:
+            email = _email(message=message, connection=connection)
+            payloads.append(connection.build_message_payload(email, connection.send_defaults).data)
+        except AnymailError as error:  # an address or content anymail cannot encode
+            refused[index] = _outcome(message, started, failure=FailureKind.PERMANENT, reason=_reason(error))
+    sendable = [m for index, m in enumerate(messages) if index not in refused]
+    outcomes = iter(_postmark_batch_post(connection=connection, messages=sendable, payloads=payloads, started=started))
+    return [refused[index] if index in refused else next(outcomes) for index in range(len(messages))]
+
+
+def _postmark_batch_post(
+    *, connection: PostmarkBackend, messages: list[OutboundMessage], payloads: list[dict], started: float
+) -> list[SendOutcome]:
+    if not messages:
+        return []
     try:
         response = connection.session.post(
             f"{connection.api_url}email/batch",
@@ -117,9 +143,17 @@ def _postmark_batch_send(*, connection: PostmarkBackend, messages: list[Outbound
     if response.status_code != 200:
         failure, reason = failure_from_status(response.status_code), _reason_from_response(response)
         return [_outcome(m, started, failure=failure, reason=reason) for m in messages]
-    results = response.json()
+    try:
+        results = response.json()
+        if not isinstance(results, list) or len(results) != len(messages):
+            raise ValueError(f"expected {len(messages)} results")
+    except ValueError as error:
+        # The provider's answer is unreadable: we cannot know what it took, so retry all;
+        # the idempotency key makes a repeat harmless where the provider honours it.
+        reason = f"unreadable batch response: {error}"
+        return [_outcome(m, started, failure=FailureKind.TRANSIENT, reason=reason) for m in messages]
     outcomes = []
-    for message, result in zip(messages, results, strict=True):
+    for message, result in zip(messages, results):
         if result.get("ErrorCode", 0) == 0:
             outcomes.append(_outcome(message, started, provider_message_id=result.get("MessageID", "")))
         else:

@@ -18,7 +18,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from apps.deliveries.models import CLAIMABLE_STATUSES, DeadLetter, Delivery, DeliveryEvent, DeliveryStatus
-from config.queues import dead_letter_queue, delivery_queue
+from config.queues import CHANNELS, PRIORITIES, dead_letter_queue, delivery_queue
 from notify.pipeline.record import history_event
 from notify.resilience.failures import attempts_exhausted
 
@@ -53,6 +53,7 @@ def retries_schedule(*, deliveries: list[Delivery], now: datetime) -> None:
 
 
 def _publish_group(*, channel: str, priority: str, due_at: datetime, deliveries: list[Delivery], now: datetime) -> None:
+    # Due now (or overdue) goes out at once: a Celery ETA task would escape prefetch limits.
     countdown = max((due_at - now).total_seconds(), 0.0)
     if countdown > settings.NOTIFY_COUNTDOWN_MAX_SECONDS:
         for delivery in deliveries:
@@ -113,6 +114,8 @@ def sweep(*, now: datetime | None = None) -> SweepReport:
     republished = 0
     while count := _stale_publish(now=now):
         republished += count
+        if count < settings.NOTIFY_SWEEP_CHUNK:
+            break
     if expired or republished:
         logger.info("sweep: %d leases expired, %d deliveries republished", expired, republished)
     return SweepReport(leases_expired=expired, republished=republished)
@@ -155,13 +158,37 @@ def _leases_expire(*, now: datetime) -> int:
     return len(deliveries)
 
 
+def queues_with_backlog() -> set[tuple[str, str]]:
+    """The (channel, priority) pairs whose broker queue still holds messages."""
+    backlogged: set[tuple[str, str]] = set()
+    try:
+        with current_app.connection_for_read() as connection:
+            broker = connection.default_channel
+            for channel in CHANNELS:
+                for priority in PRIORITIES:
+                    try:
+                        queue = broker.queue_declare(queue=delivery_queue(channel=channel, priority=priority), passive=True)
+                    except Exception:  # noqa: BLE001 - a queue that does not exist is empty
+                        continue
+                    if queue.message_count:
+                        backlogged.add((channel, priority))
+    except Exception:  # noqa: BLE001 - with the broker down, publishing fails anyway
+        logger.warning("could not read the broker's queue lengths", exc_info=True)
+    return backlogged
+
+
 def _stale_publish(*, now: datetime) -> int:
     stale_before = now - timedelta(seconds=settings.NOTIFY_REPUBLISH_AFTER_SECONDS)
+    # Work published long ago but waiting behind a backlog is still on the broker: publish
+    # it again only once its queue has drained, or a long backlog would feed on itself.
+    stale = Q(published_at__lt=stale_before)
+    for channel, priority in queues_with_backlog():
+        stale &= ~Q(channel=channel, priority=priority)
     with transaction.atomic():
         rows = list(
             Delivery.objects.select_for_update(skip_locked=True)
             .filter(status__in=CLAIMABLE_STATUSES, next_attempt_at__lte=now)
-            .filter(Q(published_at__isnull=True) | Q(published_at__lt=stale_before))
+            .filter(Q(published_at__isnull=True) | stale)
             .values_list("id", "channel", "priority")[: settings.NOTIFY_SWEEP_CHUNK]
         )
         groups: dict[tuple[str, str], list[UUID]] = defaultdict(list)

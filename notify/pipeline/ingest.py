@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, OperationalError, transaction
 from django.utils import timezone
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random
 
 from apps.catalog.models import Category
 from apps.deliveries.models import Event
@@ -72,6 +73,13 @@ def request_digest(*, body: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _is_lock_conflict(error: BaseException) -> bool:
+    """A deadlock or serialization failure: the database rolled back, and a retry is safe."""
+    return isinstance(error, OperationalError) and getattr(error.__cause__, "sqlstate", None) in ("40P01", "40001")
+
+
+# Concurrent upserts of overlapping recipients can deadlock; PostgreSQL aborts one of them.
+@retry(retry=retry_if_exception(_is_lock_conflict), stop=stop_after_attempt(3), wait=wait_random(0, 0.05), reraise=True)
 def events_ingest(*, api_key: ApiKey, events: list[EventRequest]) -> list[IngestResult]:
     """Ingest a list of events atomically; an event whose idempotency key was seen before
     returns its original response instead of being ingested again."""
@@ -112,6 +120,7 @@ def events_ingest(*, api_key: ApiKey, events: list[EventRequest]) -> list[Ingest
                     priority_override=request.priority,
                     channels_override=request.channels,
                     send_at=request.send_at,
+                    now=now,
                 )
             except PlanError as error:
                 raise IngestError(field=prefix + error.field, message=error.message) from error

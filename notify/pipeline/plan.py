@@ -8,7 +8,6 @@ from functools import lru_cache
 
 from django.template import Context, Engine
 from django.template import Template as DjangoTemplate
-from django.utils import timezone
 
 from apps.catalog.models import Category, TemplateVariant, TemplateVersion
 from apps.deliveries.models import Delivery, DeliveryEvent, DeliveryStatus, Event, Notification
@@ -42,6 +41,7 @@ def notifications_plan(
     priority_override: str | None,
     channels_override: list[str] | None,
     send_at: datetime | None,
+    now: datetime,
 ) -> Plan:
     """Build (unsaved) notifications, deliveries and their first history rows."""
     version = category.template.current_version()
@@ -56,7 +56,6 @@ def notifications_plan(
             message=f"Template '{category.template.key}' v{version.number} has no content for: {', '.join(missing)}.",
         )
     priority = priority_override or category.default_priority
-    now = timezone.now()
     due_at = max(send_at, now) if send_at else now
     tenant_locale = event.tenant.default_locale
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 from uuid import UUID
 
@@ -100,8 +100,8 @@ def _failures_record(
     history: list[DeliveryEvent] = []
     dead_letters: list[DeadLetter] = []
     retries: dict[tuple[str, str], list[Delivery]] = defaultdict(list)
-    # One backoff draw per chunk: a chunk that failed together retries together.
-    delay = None
+    # One backoff draw per attempt number in a chunk: what failed together retries together.
+    delays: dict[int, timedelta] = {}
     for outcome in outcomes:
         if outcome.delivery_id not in held:
             continue
@@ -116,7 +116,8 @@ def _failures_record(
                 DeadLetter(delivery=delivery, channel=delivery.channel, reason=outcome.reason[:500], attempts=delivery.attempt_count)
             )
         else:
-            delay = delay or retry_delay(channel=delivery.channel, attempt=delivery.attempt_count)
+            attempt = delivery.attempt_count
+            delay = delays.setdefault(attempt, retry_delay(channel=delivery.channel, attempt=attempt))
             delivery.status = DeliveryStatus.RETRYING
             delivery.next_attempt_at = now + delay
             reason = f"transient failure: {outcome.reason}; retry at {delivery.next_attempt_at.isoformat()}"
@@ -151,6 +152,7 @@ def _failures_record(
 # Provider feedback (normalised by the channel) -> our delivery state. Feedback of other
 # kinds is kept in the history without changing the state.
 FEEDBACK_STATUSES = {"delivered": DeliveryStatus.DELIVERED}
+FEEDBACK_APPLIES_TO = (DeliveryStatus.SENT, DeliveryStatus.RETRYING, DeliveryStatus.DEAD)
 
 
 class FeedbackNotReady(Exception):
@@ -170,7 +172,9 @@ def feedback_record(
         if delivery.status == DeliveryStatus.SENDING:
             raise FeedbackNotReady(f"delivery {delivery_id} is still being sent")
         new_status = FEEDBACK_STATUSES.get(normalized_status)
-        if new_status is None or delivery.status != DeliveryStatus.SENT:
+        # A provider can deliver what we recorded as failed (a timeout after it accepted):
+        # its word wins, and the pending retry finds nothing left to claim.
+        if new_status is None or delivery.status not in FEEDBACK_APPLIES_TO:
             return False
         delivery.status = new_status
         delivery.status_reason = ""

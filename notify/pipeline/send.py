@@ -2,6 +2,7 @@
 
 A duplicate task (a republish, a redelivery) finds nothing left to claim, so the same
 delivery is never sent by two workers at once."""
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,8 +22,12 @@ from notify.pipeline.plan import content_render, variant_resolve
 from notify.pipeline.record import outcomes_record
 from notify.resilience.failures import FailureKind
 
-# Outcomes are recorded in chunks: bulk writes for throughput, while a worker killed
-# mid-batch leaves at most one chunk to be re-sent (and deduplicated by the provider).
+logger = logging.getLogger(__name__)
+
+# Deliveries are sent and recorded in chunks: bulk writes for throughput, while a worker
+# killed mid-batch leaves at most one chunk to be sent again (which a provider that honours
+# idempotency keys accepts once). The lease is renewed before each chunk, so it must only
+# outlast one chunk's sending.
 RECORD_CHUNK = 100
 
 
@@ -69,9 +74,27 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
     by_id = {d.id: d for d in deliveries}
     for start in range(0, len(deliveries), RECORD_CHUNK):
         chunk = deliveries[start : start + RECORD_CHUNK]
-        outcomes = _send_chunk(deliveries=chunk, context=context)
-        outcomes_record(lease_token=token, deliveries=by_id, outcomes=outcomes)
+        if start:
+            chunk = _lease_renew(lease_token=token, deliveries=chunk)
+        if chunk:
+            outcomes = _send_chunk(deliveries=chunk, context=context)
+            outcomes_record(lease_token=token, deliveries=by_id, outcomes=outcomes)
     return len(deliveries)
+
+
+def _lease_renew(*, lease_token: UUID, deliveries: list[Delivery]) -> list[Delivery]:
+    """Extend the lease on the deliveries still held and return them. Any whose lease
+    expired were re-queued by the sweeper and are another worker's now: not sent here."""
+    now = timezone.now()
+    held = Delivery.objects.filter(
+        id__in=[d.id for d in deliveries], lease_token=lease_token, status=DeliveryStatus.SENDING
+    )
+    renewed = held.update(lease_expires_at=now + timedelta(seconds=settings.NOTIFY_LEASE_SECONDS), updated_at=now)
+    if renewed == len(deliveries):
+        return deliveries
+    still_held = set(held.values_list("id", flat=True))
+    logger.warning("lease lost for %d deliveries before sending", len(deliveries) - len(still_held))
+    return [d for d in deliveries if d.id in still_held]
 
 
 @dataclass(frozen=True)
@@ -104,7 +127,15 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
             locale=notification.locale,
             default_locale=context.tenant_locales[notification.tenant_id],
         )
-        content = content_render(variant=variant, data=context.event_data[notification.event_id], recipient=recipient)
+        try:
+            content = content_render(variant=variant, data=context.event_data[notification.event_id], recipient=recipient)
+        except Exception as error:  # noqa: BLE001 - any rendering error, including a template's
+            # The pinned version renders the same way on every attempt: retrying cannot help.
+            logger.exception("rendering delivery %s failed", delivery.id)
+            outcomes.append(
+                SendOutcome(delivery_id=delivery.id, failure=FailureKind.PERMANENT, reason=f"template error: {error}")
+            )
+            continue
         messages.append(
             OutboundMessage(
                 delivery_id=delivery.id,
@@ -114,5 +145,13 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
             )
         )
     if messages:
-        outcomes.extend(channel.send_batch(messages=messages))
+        try:
+            outcomes.extend(channel.send_batch(messages=messages))
+        except Exception as error:  # noqa: BLE001 - a channel must not strand a leased chunk
+            logger.exception("the %s channel raised while sending %d messages", channel.name, len(messages))
+            channel.reset()
+            reason = f"channel error: {type(error).__name__}: {error}"[:400]
+            outcomes.extend(
+                SendOutcome(delivery_id=m.delivery_id, failure=FailureKind.TRANSIENT, reason=reason) for m in messages
+            )
     return outcomes

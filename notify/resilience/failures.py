@@ -12,12 +12,14 @@ class FailureKind(str, Enum):
     PERMANENT = "permanent"  # retrying cannot help: bad address, rejected content
 
 
-TRANSIENT_STATUSES = frozenset({408, 409, 425, 429})
+# 401/403 mean our credentials or account are at fault (a rotated key, an unpaid bill):
+# not the message's fault, so retry and finally dead-letter, where ops replay once fixed.
+TRANSIENT_STATUSES = frozenset({401, 403, 408, 409, 425, 429})
 
 
 def failure_from_status(status_code: int | None) -> FailureKind:
-    """No status (the request never completed), 408/429-style and 5xx are transient;
-    every other 4xx means the request itself is wrong and retrying cannot help."""
+    """No status (the request never completed), auth/account errors, 408/429-style and 5xx
+    are transient; every other 4xx means the message itself is wrong, so retrying cannot help."""
     if status_code is None or status_code >= 500 or status_code in TRANSIENT_STATUSES:
         return FailureKind.TRANSIENT
     return FailureKind.PERMANENT

@@ -257,3 +257,31 @@ def test_concurrent_different_bodies_with_one_key_create_one_event_and_409s(work
     assert sorted(r.status_code for r in responses) == [202] + [409] * 5
     assert Event.objects.count() == 1
     assert DeliveryEvent.objects.count() == 1
+
+
+def test_an_overlong_idempotency_header_is_named(api, workspace):
+    response = post(api, {"category": "welcome", "recipient": "ada"}, HTTP_IDEMPOTENCY_KEY="k" * 256)
+    assert response.status_code == 400
+    assert "Idempotency-Key" in error_fields(response)
+
+
+def test_a_batch_refuses_the_idempotency_header(api, workspace):
+    body = {"events": [{"category": "welcome", "recipient": {"external_id": "a", "email": "a@example.com"}}]}
+    response = post(api, body, path=f"{EVENTS}/batch", HTTP_IDEMPOTENCY_KEY="k")
+    assert response.status_code == 400
+    assert "Idempotency-Key" in error_fields(response)
+    assert not Event.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"category": "welcome", "recipient": {"external_id": "a", "email": "a@example.com"}, "data": {"note": "a\u0000b"}}, "data.note"),
+        ({"category": "welcome", "recipients": [{"external_id": "a", "attributes": {"x": ["ok", "\ud800"]}}]}, "recipients[0].attributes.x[1]"),
+    ],
+)
+def test_text_the_database_cannot_store_is_refused(api, workspace, body, field):
+    response = api.post(EVENTS, data=json.dumps(body), content_type="application/json")
+    assert response.status_code == 400
+    assert field in error_fields(response)
+    assert not Event.objects.exists()

@@ -3,7 +3,7 @@ from datetime import timedelta
 from django.utils import timezone
 
 from apps.deliveries.models import DeadLetter, Delivery, DeliveryStatus
-from notify.pipeline.dispatch import sweep
+from notify.pipeline.dispatch import publish, sweep
 from notify.pipeline.send import deliveries_claim
 from tests.notify.test_send import ingest_one
 
@@ -38,7 +38,7 @@ def test_a_live_lease_is_left_alone(workspace):
     assert sweep().leases_expired == 0
 
 
-def test_stale_queued_work_is_published_again_and_fresh_work_is_not(workspace, django_capture_on_commit_callbacks):
+def test_stale_queued_work_is_published_again_and_fresh_work_is_not(workspace, broker, django_capture_on_commit_callbacks):
     stale = ingest_one(workspace)
     now = timezone.now()
     with django_capture_on_commit_callbacks(execute=False) as published:
@@ -49,6 +49,15 @@ def test_stale_queued_work_is_published_again_and_fresh_work_is_not(workspace, d
     assert len(published) == 1
     stale.refresh_from_db()
     assert stale.published_at == now + timedelta(seconds=3)
+
+
+def test_stale_work_behind_a_backlog_waits_until_its_queue_drains(workspace, broker):
+    ingest_one(workspace)
+    publish(channel="email", priority="normal", delivery_ids=["a-message-still-waiting"])
+    later = timezone.now() + timedelta(seconds=3)
+    assert sweep(now=later).republished == 0  # its message may be the one still queued
+    broker.flushdb()  # the backlog (and everything else) is gone
+    assert sweep(now=later).republished == 1
 
 
 def test_scheduled_work_is_published_only_when_due(workspace, django_capture_on_commit_callbacks):

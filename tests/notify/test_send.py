@@ -134,3 +134,69 @@ def test_only_queued_or_retrying_deliveries_are_claimed(workspace, sandbox, stat
     Delivery.objects.filter(pk=delivery.pk).update(status=status)
     assert deliveries_send(delivery_ids=[str(delivery.pk)]) == 0
     assert sandbox.requests_log() == []
+
+
+def test_content_that_cannot_render_fails_permanently_without_a_send(workspace, sandbox):
+    from apps.catalog.models import TemplateVariant
+
+    # Saved around the admin's validation, as an older row or a direct write could be.
+    TemplateVariant.objects.filter(version__template=workspace.normal.template).update(subject="{% if %}")
+    delivery = send_now(ingest_one(workspace))
+    assert delivery.status == DeliveryStatus.FAILED
+    assert "template error" in delivery.status_reason
+    assert sandbox.requests_log() == []
+
+
+def test_template_content_is_checked_before_it_is_saved(workspace):
+    from django.core.exceptions import ValidationError
+
+    from apps.catalog.models import TemplateVariant
+
+    variant = TemplateVariant(channel="email", subject="Hi {{ data.name }", html="{% for %}")
+    with pytest.raises(ValidationError) as raised:
+        variant.clean()
+    assert set(raised.value.message_dict) == {"html"}
+
+
+def test_an_address_anymail_cannot_encode_fails_alone_in_a_batch(workspace, sandbox):
+    [result] = events_ingest(
+        api_key=workspace.api_key,
+        events=[
+            EventRequest(
+                category_key="digest",
+                recipients=[
+                    RecipientRef(external_id="ok1", fields={"email": "ok1@example.com"}),
+                    RecipientRef(external_id="bad", fields={"email": "a@\u2603.net"}),
+                    RecipientRef(external_id="ok2", fields={"email": "ok2@example.com"}),
+                ],
+            )
+        ],
+    )
+    ids = [str(d) for d in Delivery.objects.filter(notification_id__in=result.response["notification_ids"]).values_list("id", flat=True)]
+    deliveries_send(delivery_ids=ids)
+    by_recipient = dict(Delivery.objects.filter(id__in=ids).values_list("notification__recipient__external_id", "status"))
+    assert by_recipient == {"ok1": "sent", "bad": "failed", "ok2": "sent"}
+    assert sorted(r["to"] for r in sandbox.requests_log()) == ["ok1@example.com", "ok2@example.com"]
+
+
+def test_a_chunk_whose_lease_was_taken_over_is_not_sent(workspace, sandbox):
+    import uuid
+
+    from notify.pipeline.send import _lease_renew
+
+    first, second = ingest_one(workspace), ingest_one(workspace, category="otp")
+    token, claimed = deliveries_claim(delivery_ids=[str(first.pk), str(second.pk)])
+    Delivery.objects.filter(pk=second.pk).update(lease_token=uuid.uuid4())  # re-queued and claimed elsewhere
+    assert [d.pk for d in _lease_renew(lease_token=token, deliveries=claimed)] == [first.pk]
+
+
+def test_provider_feedback_wins_over_a_pending_retry(workspace, sandbox):
+    from notify.pipeline.record import feedback_record
+
+    sandbox.faults_set(fail_next=[503])
+    delivery = send_now(ingest_one(workspace))
+    assert delivery.status == DeliveryStatus.RETRYING
+    assert feedback_record(delivery_id=str(delivery.pk), provider_status="postmark:Delivery", normalized_status="delivered", occurred_at=None)
+    delivery.refresh_from_db()
+    assert delivery.status == DeliveryStatus.DELIVERED
+    assert deliveries_send(delivery_ids=[str(delivery.pk)]) == 0
