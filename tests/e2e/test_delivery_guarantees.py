@@ -108,14 +108,17 @@ def test_exhausted_retries_become_a_dead_letter_and_an_admin_replay_delivers(api
     assert history[-1][0] == "sent"
 
 
-def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(api, workers, sandbox):
-    sandbox.faults_set(latency_ms=15)
+def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(api, workers, sandbox, settings):
+    settings.NOTIFY_BATCH_SIZE = {**settings.NOTIFY_BATCH_SIZE, "bulk": 200}  # two provider requests a batch
+    sandbox.faults_set(latency_ms=400)
     doomed = workers.start("bulk")
-    notification_ids = trigger(api, category="digest", count=300)
-    # Kill it part-way through a batch: sent to the provider, not yet recorded.
-    wait_for(lambda: sandbox.stats()["total"] >= 75, what="the second batch to be under way")
+    notification_ids = trigger(api, category="digest", count=400)
+    # Kill it while the second chunk of the first batch is at the provider: the first chunk
+    # is recorded as sent, the second reaches the provider but is never recorded.
+    wait_for(lambda: sandbox.stats()["total"] >= 100, what="the first chunk to be accepted")
+    time.sleep(0.15)
     doomed.kill()
-    assert statuses(notification_ids)[DeliveryStatus.SENDING] > 0
+    assert statuses(notification_ids)[DeliveryStatus.SENDING] == 100
 
     workers.start("bulk")
     workers.start("maintenance")
@@ -126,7 +129,7 @@ def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(api, workers, sa
 
 
 def test_a_redis_flushall_mid_run_still_completes_every_delivery(api, workers, sandbox, broker):
-    sandbox.faults_set(latency_ms=10)
+    sandbox.faults_set(latency_ms=300)
     workers.start("bulk")
     workers.start("maintenance")
     workers.start_beat()
@@ -138,7 +141,7 @@ def test_a_redis_flushall_mid_run_still_completes_every_delivery(api, workers, s
 
 
 def test_critical_work_does_not_wait_behind_a_bulk_backlog(api, workers, sandbox):
-    sandbox.faults_set(latency_ms=5)
+    sandbox.faults_set(latency_ms=100)  # per provider request: a bulk batch of 50 is one request
     workers.start("bulk")
     workers.start("critical")
     bulk_ids = trigger(api, category="digest", count=1000, prefix="b") + trigger(
