@@ -1,4 +1,5 @@
 """ASGI entry point. HTTP today; the WebSocket inbox joins here through Channels."""
+
 import os
 
 from django.core.asgi import get_asgi_application

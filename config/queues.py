@@ -5,6 +5,7 @@ Run `python -m config.queues GROUP` to print a group's queues for `celery worker
 Separate worker processes per group are what keeps critical work from waiting behind bulk
 work; Redis message priorities are approximate, so we do not rely on them.
 """
+
 import sys
 
 CHANNELS: tuple[str, ...] = ("email",)

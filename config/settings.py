@@ -1,5 +1,6 @@
 """Settings. Everything that varies between deployments is read from the environment here,
 and only here. A missing required setting fails loudly at start-up."""
+
 from datetime import timedelta
 from pathlib import Path
 
@@ -65,11 +66,7 @@ TEMPLATES = [
 
 # Without DATABASE_URL the demo runs on an embedded SQLite file; tests and benchmarks
 # always set a PostgreSQL URL.
-DATABASES = {
-    "default": env.db_url(
-        "DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'var' / 'demo.sqlite3'}"
-    )
-}
+DATABASES = {"default": env.db_url("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'var' / 'demo.sqlite3'}")}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several worker processes write at once: WAL plus IMMEDIATE transactions make
     # SQLite wait for the write lock instead of failing with "database is locked".

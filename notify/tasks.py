@@ -1,4 +1,5 @@
 """Thin Celery tasks: ids in, one engine call, nothing else."""
+
 import logging
 
 import sentry_sdk

@@ -6,6 +6,7 @@ through the sandbox (or an in-process sink) and record every status in PostgreSQ
 Prints sustained bulk notifications/s, then the end-to-end latency of critical
 notifications (API call -> provider accepted and recorded) sent while a bulk backlog drains.
 Run it through `make bench`, which prepares the database, Redis and the virtualenv."""
+
 import argparse
 import os
 import signal
@@ -45,7 +46,11 @@ class Processes:
         self.web_workers = web_workers
         # WSGI under uvicorn runs each request on its own thread, so a small request is not
         # queued behind a large one in the same process; ASGI runs sync views on one thread.
-        self.web_app = ["config.asgi:application"] if web_interface == "asgi" else ["--interface", "wsgi", "config.wsgi:application"]
+        self.web_app = (
+            ["config.asgi:application"]
+            if web_interface == "asgi"
+            else ["--interface", "wsgi", "config.wsgi:application"]
+        )
         self.children: list[subprocess.Popen] = []
         self.env = {**os.environ, "LOG_LEVEL": "WARNING"}
         if sink == "memory":
@@ -57,7 +62,9 @@ class Processes:
     def spawn(self, *command: str) -> None:
         log = open(ROOT / "var" / "log" / f"bench-{len(self.children)}.log", "w")
         self.children.append(
-            subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            subprocess.Popen(
+                command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         )
 
     def start_web(self) -> None:
@@ -66,8 +73,17 @@ class Processes:
         # at a low priority so that it takes only what our processes leave.
         self.spawn("nice", "-n", "15", python, "-m", "notify.sandbox", "--port", str(SANDBOX_PORT))
         self.spawn(
-            python, "-m", "uvicorn", *self.web_app, "--port", str(WEB_PORT), "--no-access-log",
-            "--log-level", "warning", "--workers", str(self.web_workers),
+            python,
+            "-m",
+            "uvicorn",
+            *self.web_app,
+            "--port",
+            str(WEB_PORT),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            "--workers",
+            str(self.web_workers),
         )
         SandboxClient(base_url=f"http://127.0.0.1:{SANDBOX_PORT}").wait_until_up()
         deadline = time.monotonic() + 30
@@ -79,14 +95,34 @@ class Processes:
                 time.sleep(0.1)
 
     def start_workers(self) -> None:
-        celery = [sys.executable, "-m", "celery", "-A", "config", "worker", "--without-mingle", "--without-gossip",
-                  "-l", "warning"]
+        celery = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "config",
+            "worker",
+            "--without-mingle",
+            "--without-gossip",
+            "-l",
+            "warning",
+        ]
         self.spawn(*celery, "--pool", "solo", "-Q", "email.critical", "-n", "critical@%h")
         # Bulk workers run at a lower CPU priority, as deployments should run them, so
         # that critical work and the API are scheduled first when the cores are busy.
         self.spawn(
-            "nice", "-n", "10", *celery, "--pool", "prefork", "--concurrency", str(self.bulk_concurrency),
-            "-Q", "email.bulk", "-n", "bulk@%h",
+            "nice",
+            "-n",
+            "10",
+            *celery,
+            "--pool",
+            "prefork",
+            "--concurrency",
+            str(self.bulk_concurrency),
+            "-Q",
+            "email.bulk",
+            "-n",
+            "bulk@%h",
         )
 
     def stop(self) -> None:
@@ -113,9 +149,13 @@ def ingest_bulk(*, session: requests.Session, headers: dict[str, str], count: in
 
     def post(chunk: tuple[int, int]) -> None:
         start, size = chunk
-        recipients = [{"external_id": f"{prefix}{i}", "email": f"{prefix}{i}@example.com"} for i in range(start, start + size)]
+        recipients = [
+            {"external_id": f"{prefix}{i}", "email": f"{prefix}{i}@example.com"} for i in range(start, start + size)
+        ]
         response = session.post(
-            API, json={"category": "weekly-digest", "recipients": recipients, "data": {"headline": "News"}}, headers=headers
+            API,
+            json={"category": "weekly-digest", "recipients": recipients, "data": {"headline": "News"}},
+            headers=headers,
         )
         response.raise_for_status()
 
@@ -154,8 +194,11 @@ class CriticalProbe:
             began = time.time()
             response = requests.post(  # a new connection each time, as independent producers make
                 API,
-                json={"category": "otp", "recipient": {"external_id": f"{self.prefix}{i}", "email": f"otp{i}@example.com"},
-                      "data": {"code": "123456"}},
+                json={
+                    "category": "otp",
+                    "recipient": {"external_id": f"{self.prefix}{i}", "email": f"otp{i}@example.com"},
+                    "data": {"code": "123456"},
+                },
                 headers=self.headers,
             )
             response.raise_for_status()
@@ -173,12 +216,16 @@ class CriticalProbe:
 
     def report(self, *, label: str) -> None:
         totals, api = self.totals_ms, self.api_ms
-        worker = [total - call for total, call in zip(totals, api)]
+        worker = [total - call for total, call in zip(totals, api, strict=True)]
         print(f"{label}: {len(totals)} sent, bulk backlog still unsent at the end: {self.backlog_at_end}")
-        print(f"  end to end P50 {percentile(totals, 0.5):.0f} ms, P95 {percentile(totals, 0.95):.0f} ms, "
-              f"P99 {percentile(totals, 0.99):.0f} ms, max {max(totals):.0f} ms")
-        print(f"  of which the API call P50 {percentile(api, 0.5):.0f} ms, P99 {percentile(api, 0.99):.0f} ms; "
-              f"queue, worker and provider P50 {percentile(worker, 0.5):.0f} ms, P99 {percentile(worker, 0.99):.0f} ms")
+        print(
+            f"  end to end P50 {percentile(totals, 0.5):.0f} ms, P95 {percentile(totals, 0.95):.0f} ms, "
+            f"P99 {percentile(totals, 0.99):.0f} ms, max {max(totals):.0f} ms"
+        )
+        print(
+            f"  of which the API call P50 {percentile(api, 0.5):.0f} ms, P99 {percentile(api, 0.99):.0f} ms; "
+            f"queue, worker and provider P50 {percentile(worker, 0.5):.0f} ms, P99 {percentile(worker, 0.99):.0f} ms"
+        )
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -203,17 +250,28 @@ def main() -> None:
     demo_workspace_ensure(api_key=api_key)
     reset_database()
     headers = {"Authorization": f"Bearer {api_key}"}
-    processes = Processes(sink=args.sink, bulk_concurrency=args.bulk_concurrency, web_workers=args.web_workers, web_interface=args.web_interface)
+    processes = Processes(
+        sink=args.sink,
+        bulk_concurrency=args.bulk_concurrency,
+        web_workers=args.web_workers,
+        web_interface=args.web_interface,
+    )
     processes.start_web()
     session = requests.Session()
     try:
-        print(f"machine: {os.cpu_count()} cores; sink: {args.sink}; bulk batch {settings.NOTIFY_BATCH_SIZE['bulk']}; "
-              f"bulk worker processes: {args.bulk_concurrency}; web: {args.web_workers} {args.web_interface} processes")
+        print(
+            f"machine: {os.cpu_count()} cores; sink: {args.sink}; bulk batch {settings.NOTIFY_BATCH_SIZE['bulk']}; "
+            f"bulk worker processes: {args.bulk_concurrency}; web: {args.web_workers} {args.web_interface} processes"
+        )
 
         # 1. Ingest alone; then the workers drain that backlog while critical notifications
         #    are sent through it.
-        ingest_seconds = ingest_bulk(session=session, headers=headers, count=args.bulk, prefix="a", threads=args.ingest_threads)
-        print(f"ingest: {args.bulk} notifications accepted in {ingest_seconds:.1f} s = {args.bulk / ingest_seconds:,.0f}/s")
+        ingest_seconds = ingest_bulk(
+            session=session, headers=headers, count=args.bulk, prefix="a", threads=args.ingest_threads
+        )
+        print(
+            f"ingest: {args.bulk} notifications accepted in {ingest_seconds:.1f} s = {args.bulk / ingest_seconds:,.0f}/s"
+        )
         processes.start_workers()
         while final_count() == 0:
             time.sleep(0.01)
@@ -222,8 +280,10 @@ def main() -> None:
         wait_until_final(total=args.bulk + args.critical, timeout=1800)
         span = Delivery.objects.filter(priority="bulk").aggregate(first=Min("sent_at"), last=Max("sent_at"))
         drain_seconds = (span["last"] - span["first"]).total_seconds()
-        print(f"drain: {args.bulk} queued notifications sent and recorded in {drain_seconds:.1f} s = "
-              f"{args.bulk / drain_seconds:,.0f}/s")
+        print(
+            f"drain: {args.bulk} queued notifications sent and recorded in {drain_seconds:.1f} s = "
+            f"{args.bulk / drain_seconds:,.0f}/s"
+        )
         probe.report(label="critical while that backlog drained")
 
         # 2. Sustained end to end: ingest and delivery at once, first request to last status,
@@ -232,7 +292,13 @@ def main() -> None:
         started = time.perf_counter()
         backlog = threading.Thread(
             target=ingest_bulk,
-            kwargs={"session": session, "headers": headers, "count": args.bulk, "prefix": "b", "threads": args.ingest_threads},
+            kwargs={
+                "session": session,
+                "headers": headers,
+                "count": args.bulk,
+                "prefix": "b",
+                "threads": args.ingest_threads,
+            },
         )
         backlog.start()
         while final_count() == 0:
@@ -242,8 +308,10 @@ def main() -> None:
         backlog.join()
         elapsed = wait_until_final(total=args.bulk + args.critical, timeout=1800) - started
         sent = Delivery.objects.filter(status=DeliveryStatus.SENT).count()
-        print(f"end to end: {args.bulk} bulk notifications ingested and delivered in {elapsed:.1f} s = "
-              f"{args.bulk / elapsed:,.0f}/s sustained ({sent} sent in all)")
+        print(
+            f"end to end: {args.bulk} bulk notifications ingested and delivered in {elapsed:.1f} s = "
+            f"{args.bulk / elapsed:,.0f}/s sustained ({sent} sent in all)"
+        )
         probe.report(label="critical while bulk was ingested and drained at once")
     finally:
         processes.stop()

@@ -122,16 +122,29 @@ class WorkerPool:
         pool = ["--pool", "solo"] if concurrency == 1 else ["--pool", "prefork", "--concurrency", str(concurrency)]
         return self._spawn(
             name,
-            ["worker", *pool, "-Q", queues, "-n", f"{name}@%h", "--without-mingle", "--without-gossip",
-             "--without-heartbeat"],
+            [
+                "worker",
+                *pool,
+                "-Q",
+                queues,
+                "-n",
+                f"{name}@%h",
+                "--without-mingle",
+                "--without-gossip",
+                "--without-heartbeat",
+            ],
             ready=" ready.",
         )
 
     def start_beat(self) -> WorkerProcess:
         """Start celery beat with the DatabaseScheduler, sweeping every second."""
-        return self._spawn("beat", ["beat", "--pidfile="], ready="beat: Starting", env={"NOTIFY_SWEEP_INTERVAL_SECONDS": "1"})
+        return self._spawn(
+            "beat", ["beat", "--pidfile="], ready="beat: Starting", env={"NOTIFY_SWEEP_INTERVAL_SECONDS": "1"}
+        )
 
-    def _spawn(self, name: str, arguments: list[str], *, ready: str, env: dict[str, str] | None = None) -> WorkerProcess:
+    def _spawn(
+        self, name: str, arguments: list[str], *, ready: str, env: dict[str, str] | None = None
+    ) -> WorkerProcess:
         db = connection.settings_dict
         log_path = self.log_dir / f"{name}.log"
         process = subprocess.Popen(
@@ -166,7 +179,9 @@ def broker() -> redis.Redis:
 
 
 @pytest.fixture
-def workers(transactional_db: None, sandbox: SandboxClient, broker: redis.Redis, tmp_path: Path) -> Iterator[WorkerPool]:
+def workers(
+    transactional_db: None, sandbox: SandboxClient, broker: redis.Redis, tmp_path: Path
+) -> Iterator[WorkerPool]:
     """Start real worker processes with `workers.start("critical")`; all stop afterwards."""
     pool = WorkerPool(sandbox_url=sandbox.base_url, log_dir=tmp_path)
     yield pool

@@ -43,7 +43,9 @@ def template_with_email(*, tenant: Tenant, key: str, variants: dict[str, dict[st
     """A template with one version holding an email variant per locale ("" = default)."""
     template = TemplateFactory(tenant=tenant, key=key)
     version = TemplateVersion.objects.create(template=template, number=1)
-    for locale, fields in (variants or {"": {"subject": "Hello {{ data.name }}", "body": "Hi {{ data.name }}"}}).items():
+    for locale, fields in (
+        variants or {"": {"subject": "Hello {{ data.name }}", "body": "Hi {{ data.name }}"}}
+    ).items():
         TemplateVariant.objects.create(version=version, channel="email", locale=locale, **fields)
     return template
 

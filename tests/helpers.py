@@ -5,7 +5,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_for(condition: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> T:
+def wait_for(
+    condition: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"
+) -> T:
     """Poll until `condition()` is truthy and return its value; fail the test on timeout."""
     deadline = time.monotonic() + timeout
     while True:

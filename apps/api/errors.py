@@ -1,5 +1,6 @@
 """One error shape for the whole API:
 {"error": {"code": ..., "message": ..., "fields": {"dotted.path": ["what is wrong"]}}}"""
+
 from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
@@ -31,7 +32,9 @@ def _flatten(detail: Any, prefix: str = "") -> dict[str, list[str]]:
     return {prefix or "non_field_errors": [str(detail)]}
 
 
-def error_response(*, status_code: int, code: str, message: str, fields: dict[str, list[str]] | None = None) -> Response:
+def error_response(
+    *, status_code: int, code: str, message: str, fields: dict[str, list[str]] | None = None
+) -> Response:
     body: dict[str, Any] = {"code": code, "message": message}
     if fields:
         body["fields"] = fields

@@ -95,7 +95,9 @@ class EventSerializer(serializers.Serializer):
         return attrs
 
 
-def event_request_from(*, attrs: dict[str, Any], body: dict[str, Any], idempotency_key: str | None = None) -> EventRequest:
+def event_request_from(
+    *, attrs: dict[str, Any], body: dict[str, Any], idempotency_key: str | None = None
+) -> EventRequest:
     """The engine's view of one validated event; `body` is what the producer sent."""
     refs = attrs["recipients"] if "recipients" in attrs else [attrs["recipient"]]
     return EventRequest(
@@ -202,4 +204,3 @@ class ErrorSerializer(serializers.Serializer):
             "fields": serializers.DictField(child=serializers.ListField(child=serializers.CharField()), required=False),
         },
     )
-

@@ -1,4 +1,5 @@
 """Producer API views: parse, call one service, shape the response."""
+
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -186,7 +187,10 @@ class RecipientViewSet(viewsets.ModelViewSet):
             self.get_serializer(recipient).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
         )
 
-    @extend_schema(summary="Create or update a recipient by external id", responses={200: RecipientSerializer, 201: RecipientSerializer})
+    @extend_schema(
+        summary="Create or update a recipient by external id",
+        responses={200: RecipientSerializer, 201: RecipientSerializer},
+    )
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         if not isinstance(request.data, dict):
             return field_error(field="non_field_errors", message="Send a JSON object.")
@@ -195,7 +199,9 @@ class RecipientViewSet(viewsets.ModelViewSet):
             return field_error(field="external_id", message="This field is required.")
         return self._upsert(external_id=external_id, data=request.data, partial=True)
 
-    @extend_schema(summary="Create or replace a recipient", responses={200: RecipientSerializer, 201: RecipientSerializer})
+    @extend_schema(
+        summary="Create or replace a recipient", responses={200: RecipientSerializer, 201: RecipientSerializer}
+    )
     def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         if not isinstance(request.data, dict):
             return field_error(field="non_field_errors", message="Send a JSON object.")

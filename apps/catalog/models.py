@@ -62,9 +62,7 @@ class TemplateVersion(ImmutableModel):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        constraints = [
-            models.UniqueConstraint(fields=["template", "number"], name="template_version_unique")
-        ]
+        constraints = [models.UniqueConstraint(fields=["template", "number"], name="template_version_unique")]
 
     def __str__(self) -> str:
         return f"{self.template.key} v{self.number}"
@@ -84,9 +82,7 @@ class TemplateVariant(ImmutableModel):
     data = models.JSONField(default=dict, blank=True, help_text="Push data payload.")
 
     class Meta:
-        constraints = [
-            models.UniqueConstraint(fields=["version", "channel", "locale"], name="template_variant_unique")
-        ]
+        constraints = [models.UniqueConstraint(fields=["version", "channel", "locale"], name="template_variant_unique")]
 
     def __str__(self) -> str:
         return f"{self.channel}/{self.locale or 'default'}"

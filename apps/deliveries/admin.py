@@ -116,7 +116,9 @@ class DeadLetterAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Replay selected dead letters")
     def replay(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
-        replayed = dead_letters_replay(dead_letter_ids=list(queryset.values_list("id", flat=True)), actor=str(request.user))
+        replayed = dead_letters_replay(
+            dead_letter_ids=list(queryset.values_list("id", flat=True)), actor=str(request.user)
+        )
         skipped = queryset.count() - replayed
         note = f" ({skipped} already replayed)" if skipped else ""
         self.message_user(request, f"Replayed {replayed} dead letter(s){note}.")

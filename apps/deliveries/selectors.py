@@ -1,4 +1,5 @@
 """Reads of notifications and deliveries for the API and the admin."""
+
 from datetime import datetime
 from uuid import UUID
 

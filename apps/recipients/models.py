@@ -30,9 +30,7 @@ class Recipient(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
-        constraints = [
-            models.UniqueConstraint(fields=["tenant", "external_id"], name="recipient_external_id_unique")
-        ]
+        constraints = [models.UniqueConstraint(fields=["tenant", "external_id"], name="recipient_external_id_unique")]
 
     def __str__(self) -> str:
         return self.external_id

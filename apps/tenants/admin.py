@@ -37,9 +37,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def save_model(self, request: HttpRequest, obj: ApiKey, form: object, change: bool) -> None:
         if not change:
             raw_key = obj.assign_secret()
-            messages.warning(
-                request, f"Copy this API key now; it is not stored and will not be shown again: {raw_key}"
-            )
+            messages.warning(request, f"Copy this API key now; it is not stored and will not be shown again: {raw_key}")
         super().save_model(request, obj, form, change)
 
     @admin.action(description="Revoke selected API keys")

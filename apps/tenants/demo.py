@@ -1,4 +1,5 @@
 """The demo workspace: created idempotently by `manage.py demo_setup` and by tests."""
+
 from django.contrib.auth import get_user_model
 from django.db import transaction
 
@@ -65,7 +66,9 @@ def demo_workspace_ensure(*, api_key: str, admin_username: str = "", admin_passw
             },
         )
     Recipient.objects.get_or_create(
-        tenant=tenant, external_id="ada", defaults={"email": "ada@example.com", "locale": "en", "timezone": "Europe/London"}
+        tenant=tenant,
+        external_id="ada",
+        defaults={"email": "ada@example.com", "locale": "en", "timezone": "Europe/London"},
     )
     if api_key:
         key = ApiKey(tenant=tenant, name="demo")

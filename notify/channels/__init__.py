@@ -1,4 +1,5 @@
 """The channel registry: channel name -> its implementation."""
+
 from notify.channels.base import Channel
 from notify.channels.email import EmailChannel
 

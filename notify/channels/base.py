@@ -1,4 +1,5 @@
 """The one small interface every channel implements, and the values that cross it."""
+
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar

@@ -3,6 +3,7 @@
 One message goes through anymail's ordinary send. A batch for Postmark goes to Postmark's
 batch endpoint (up to 500 different messages in one request), with each message's payload
 still built by anymail; other ESPs send a batch message by message on one connection."""
+
 import json
 import time
 from typing import Any
@@ -153,7 +154,7 @@ def _postmark_batch_post(
         reason = f"unreadable batch response: {error}"
         return [_outcome(m, started, failure=FailureKind.TRANSIENT, reason=reason) for m in messages]
     outcomes = []
-    for message, result in zip(messages, results):
+    for message, result in zip(messages, results, strict=True):
         if result.get("ErrorCode", 0) == 0:
             outcomes.append(_outcome(message, started, provider_message_id=result.get("MessageID", "")))
         else:

@@ -1,4 +1,5 @@
 """Bulk inserts for the hot path: the thousands of rows one ingest or one batch writes."""
+
 from django.db import connection, models
 from psycopg.types.json import Jsonb
 
@@ -21,11 +22,13 @@ def rows_insert(*, objects: list[models.Model]) -> None:
     json_fields = {f.attname for f in fields if isinstance(f, models.JSONField)}
     connection.ensure_connection()
     with connection.cursor() as cursor:
-        with cursor.cursor.copy(f"COPY {connection.ops.quote_name(model._meta.db_table)} ({columns}) FROM STDIN") as copy:
+        with cursor.cursor.copy(
+            f"COPY {connection.ops.quote_name(model._meta.db_table)} ({columns}) FROM STDIN"
+        ) as copy:
             for obj in objects:
                 # pre_save fills auto_now(_add) fields, as save() would.
                 row = [f.pre_save(obj, add=True) for f in fields]
-                copy.write_row([Jsonb(v) if f.attname in json_fields else v for f, v in zip(fields, row)])
+                copy.write_row([Jsonb(v) if f.attname in json_fields else v for f, v in zip(fields, row, strict=True)])
     for obj in objects:
         obj._state.adding = False
         obj._state.db = connection.alias

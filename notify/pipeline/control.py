@@ -1,4 +1,5 @@
 """Operator controls: cancel what has not been sent, replay what died."""
+
 from django.db import transaction
 from django.utils import timezone
 

@@ -4,6 +4,7 @@ and sweep up anything the broker lost.
 The database is the truth and the broker only a transport. `published_at` records when a
 task for a delivery became due on the broker; the sweeper publishes again whatever has
 been due and unclaimed for too long, and re-queues deliveries whose lease expired."""
+
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
@@ -124,8 +125,9 @@ def sweep(*, now: datetime | None = None) -> SweepReport:
 def _leases_expire(*, now: datetime) -> int:
     with transaction.atomic():
         deliveries = list(
-            Delivery.objects.select_for_update(skip_locked=True)
-            .filter(status=DeliveryStatus.SENDING, lease_expires_at__lt=now)[: settings.NOTIFY_SWEEP_CHUNK]
+            Delivery.objects.select_for_update(skip_locked=True).filter(
+                status=DeliveryStatus.SENDING, lease_expires_at__lt=now
+            )[: settings.NOTIFY_SWEEP_CHUNK]
         )
         history = []
         dead_letters = []
@@ -138,7 +140,9 @@ def _leases_expire(*, now: datetime) -> int:
                 reason = f"worker lost during each of {delivery.attempt_count} attempts"
                 delivery.status = DeliveryStatus.DEAD
                 dead_letters.append(
-                    DeadLetter(delivery=delivery, channel=delivery.channel, reason=reason, attempts=delivery.attempt_count)
+                    DeadLetter(
+                        delivery=delivery, channel=delivery.channel, reason=reason, attempts=delivery.attempt_count
+                    )
                 )
             else:
                 reason = "lease expired: the worker did not report back; re-queued"
@@ -149,7 +153,15 @@ def _leases_expire(*, now: datetime) -> int:
         deliveries_publish_on_commit(deliveries=deliveries, now=now)
         Delivery.objects.bulk_update(
             deliveries,
-            fields=["status", "status_reason", "lease_token", "lease_expires_at", "next_attempt_at", "published_at", "updated_at"],
+            fields=[
+                "status",
+                "status_reason",
+                "lease_token",
+                "lease_expires_at",
+                "next_attempt_at",
+                "published_at",
+                "updated_at",
+            ],
         )
         DeliveryEvent.objects.bulk_create(history)
         if dead_letters:
@@ -167,7 +179,9 @@ def queues_with_backlog() -> set[tuple[str, str]]:
             for channel in CHANNELS:
                 for priority in PRIORITIES:
                     try:
-                        queue = broker.queue_declare(queue=delivery_queue(channel=channel, priority=priority), passive=True)
+                        queue = broker.queue_declare(
+                            queue=delivery_queue(channel=channel, priority=priority), passive=True
+                        )
                     except Exception:  # noqa: BLE001 - a queue that does not exist is empty
                         continue
                     if queue.message_count:
@@ -199,5 +213,7 @@ def _stale_publish(*, now: datetime) -> int:
             size = batch_size(priority=priority)
             for start in range(0, len(ids), size):
                 chunk = [str(i) for i in ids[start : start + size]]
-                transaction.on_commit(lambda c=chunk, ch=channel, p=priority: publish(channel=ch, priority=p, delivery_ids=c))
+                transaction.on_commit(
+                    lambda c=chunk, ch=channel, p=priority: publish(channel=ch, priority=p, delivery_ids=c)
+                )
     return len(rows)

@@ -2,6 +2,7 @@
 
 Everything one request asks for is written in one transaction, so a bad request leaves no
 partial write, and tasks are published only after that transaction commits."""
+
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -140,9 +141,7 @@ def events_ingest(*, api_key: ApiKey, events: list[EventRequest]) -> list[Ingest
 
 def _categories_resolve(*, tenant: Tenant, events: list[EventRequest]) -> dict[str, Category]:
     keys = {request.category_key for request in events}
-    categories = {
-        c.key: c for c in Category.objects.filter(tenant=tenant, key__in=keys).select_related("template")
-    }
+    categories = {c.key: c for c in Category.objects.filter(tenant=tenant, key__in=keys).select_related("template")}
     for index, request in enumerate(events):
         if request.category_key not in categories:
             valid = sorted(Category.objects.filter(tenant=tenant).values_list("key", flat=True))

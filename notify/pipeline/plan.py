@@ -2,6 +2,7 @@
 
 Planning pins the template version on the notification. Rendering that version is
 deterministic, so the send stage renders it then instead of storing the rendered text."""
+
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -9,7 +10,7 @@ from functools import lru_cache
 from django.template import Context, Engine
 from django.template import Template as DjangoTemplate
 
-from apps.catalog.models import Category, TemplateVariant, TemplateVersion
+from apps.catalog.models import Category, TemplateVariant
 from apps.deliveries.models import Delivery, DeliveryEvent, DeliveryStatus, Event, Notification
 from apps.recipients.models import Recipient
 from notify.channels import channel_get

@@ -2,6 +2,7 @@
 
 Only the holder of a claim's lease token may record; a worker whose lease expired (and
 whose deliveries were re-queued) finds nothing to update."""
+
 from __future__ import annotations
 
 import logging
@@ -48,10 +49,19 @@ def outcomes_record(*, lease_token: UUID, deliveries: dict[UUID, Delivery], outc
             held = _sent_mark(lease_token=lease_token, outcomes=sent, now=now)
             for outcome in sent:
                 if outcome.delivery_id in held:
-                    detail = {"elapsed_ms": round(outcome.elapsed_ms, 1), "provider_message_id": outcome.provider_message_id}
+                    detail = {
+                        "elapsed_ms": round(outcome.elapsed_ms, 1),
+                        "provider_message_id": outcome.provider_message_id,
+                    }
                     delivery = deliveries[outcome.delivery_id]
                     history.append(
-                        history_event(delivery=delivery, status=DeliveryStatus.SENT, reason="accepted by the provider", at=now, detail=detail)
+                        history_event(
+                            delivery=delivery,
+                            status=DeliveryStatus.SENT,
+                            reason="accepted by the provider",
+                            at=now,
+                            detail=detail,
+                        )
                     )
         if failed:
             history.extend(_failures_record(lease_token=lease_token, deliveries=deliveries, outcomes=failed, now=now))
@@ -79,7 +89,7 @@ def _sent_mark(*, lease_token: UUID, outcomes: list[SendOutcome], now: datetime)
         f"WHERE id IN ({in_list}) AND lease_token = %s AND status = %s RETURNING id"
     )
     params: list[object] = [DeliveryStatus.SENT, timestamp, timestamp]
-    for delivery_id, outcome in zip(ids, outcomes):
+    for delivery_id, outcome in zip(ids, outcomes, strict=True):
         params += [delivery_id, outcome.provider_message_id[:255]]
     params += [*ids, lease_field.get_db_prep_value(lease_token, connection), DeliveryStatus.SENDING]
     with connection.cursor() as cursor:
@@ -113,7 +123,12 @@ def _failures_record(
             delivery.status = DeliveryStatus.DEAD
             reason = f"retries exhausted after {delivery.attempt_count} attempts: {outcome.reason}"
             dead_letters.append(
-                DeadLetter(delivery=delivery, channel=delivery.channel, reason=outcome.reason[:500], attempts=delivery.attempt_count)
+                DeadLetter(
+                    delivery=delivery,
+                    channel=delivery.channel,
+                    reason=outcome.reason[:500],
+                    attempts=delivery.attempt_count,
+                )
             )
         else:
             attempt = delivery.attempt_count
@@ -123,7 +138,10 @@ def _failures_record(
             reason = f"transient failure: {outcome.reason}; retry at {delivery.next_attempt_at.isoformat()}"
             retries[(delivery.channel, delivery.priority)].append(delivery)
         delivery.status_reason = reason[:500]
-        detail = {"elapsed_ms": round(outcome.elapsed_ms, 1), "failure": outcome.failure.value if outcome.failure else ""}
+        detail = {
+            "elapsed_ms": round(outcome.elapsed_ms, 1),
+            "failure": outcome.failure.value if outcome.failure else "",
+        }
         history.append(history_event(delivery=delivery, status=delivery.status, reason=reason, at=now, detail=detail))
 
     for group in retries.values():
@@ -132,7 +150,9 @@ def _failures_record(
     changes: dict[tuple, list[UUID]] = defaultdict(list)
     for delivery_id in held:
         delivery = deliveries[delivery_id]
-        changes[(delivery.status, delivery.status_reason, delivery.next_attempt_at, delivery.published_at)].append(delivery_id)
+        changes[(delivery.status, delivery.status_reason, delivery.next_attempt_at, delivery.published_at)].append(
+            delivery_id
+        )
     for (status, status_reason, next_attempt_at, published_at), ids in changes.items():
         Delivery.objects.filter(id__in=ids).update(
             status=status,

@@ -2,6 +2,7 @@
 
 A duplicate task (a republish, a redelivery) finds nothing left to claim, so the same
 delivery is never sent by two workers at once."""
+
 import logging
 import uuid
 from dataclasses import dataclass
@@ -66,7 +67,9 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
     notifications = [d.notification for d in deliveries]
     context = BatchContext(
         event_data=dict(Event.objects.filter(id__in={n.event_id for n in notifications}).values_list("id", "data")),
-        category_keys=dict(Category.objects.filter(id__in={n.category_id for n in notifications}).values_list("id", "key")),
+        category_keys=dict(
+            Category.objects.filter(id__in={n.category_id for n in notifications}).values_list("id", "key")
+        ),
         tenant_locales=dict(
             Tenant.objects.filter(id__in={n.tenant_id for n in notifications}).values_list("id", "default_locale")
         ),
@@ -128,7 +131,9 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
             default_locale=context.tenant_locales[notification.tenant_id],
         )
         try:
-            content = content_render(variant=variant, data=context.event_data[notification.event_id], recipient=recipient)
+            content = content_render(
+                variant=variant, data=context.event_data[notification.event_id], recipient=recipient
+            )
         except Exception as error:  # noqa: BLE001 - any rendering error, including a template's
             # The pinned version renders the same way on every attempt: retrying cannot help.
             logger.exception("rendering delivery %s failed", delivery.id)

@@ -1,10 +1,10 @@
 """How a failure is classified, and how long to wait before the next attempt."""
+
 import random
 from datetime import timedelta
 from enum import Enum
 
 from django.conf import settings
-
 
 
 class FailureKind(str, Enum):

@@ -1,4 +1,5 @@
 """Run the provider sandbox: python -m notify.sandbox --port 8025 [--faults JSON]"""
+
 import argparse
 import json
 

@@ -1,4 +1,5 @@
 """A small client for the sandbox's control API, used by tests, the demo and the benchmark."""
+
 import time
 from typing import Any
 
@@ -14,7 +15,9 @@ class SandboxClient:
         self.session.post(f"{self.base_url}/_sandbox/reset", timeout=5).raise_for_status()
 
     def faults_set(self, *, provider: str = "postmark", **faults: Any) -> None:
-        response = self.session.post(f"{self.base_url}/_sandbox/faults", json={"provider": provider, **faults}, timeout=5)
+        response = self.session.post(
+            f"{self.base_url}/_sandbox/faults", json={"provider": provider, **faults}, timeout=5
+        )
         response.raise_for_status()
 
     def webhooks_set(self, **urls: str) -> None:

@@ -19,6 +19,7 @@ delay, by the provider's "delivered" webhook, retried like a real provider retri
 
 Like providers that support idempotency keys, a repeated X-Idempotency-Key is answered
 with the first response and logged as a duplicate, not accepted again."""
+
 import asyncio
 import json
 import logging
@@ -132,7 +133,10 @@ class Sandbox:
         if faults.latency_ms:
             await asyncio.sleep(faults.latency_ms / 1000)
         if not headers.get("x-postmark-server-token"):
-            return 401, {"ErrorCode": 10, "Message": "No Account or Server API tokens were supplied in the HTTP headers."}
+            return 401, {
+                "ErrorCode": 10,
+                "Message": "No Account or Server API tokens were supplied in the HTTP headers.",
+            }
         try:
             messages = json.loads(body)
         except ValueError:
@@ -149,7 +153,9 @@ class Sandbox:
             for entry in entries:
                 self.state.record(**entry, status=injected, outcome="error")
             return injected, {"ErrorCode": 100, "Message": "Injected sandbox failure."}
-        results = [self._postmark_one(message=m, entry=e, rule=r) for m, e, r in zip(messages, entries, rules)]
+        results = [
+            self._postmark_one(message=m, entry=e, rule=r) for m, e, r in zip(messages, entries, rules, strict=True)
+        ]
         if batch:
             return 200, results
         result = results[0]
@@ -179,7 +185,11 @@ class Sandbox:
         if rule is not None or "@" not in to:
             self.state.record(**entry, status=rule or 422, outcome="error")
             if rule == 406:
-                return {"ErrorCode": 406, "Message": f"You tried to send to recipient(s) that have been marked as inactive. Found inactive addresses: {to}.", "To": to}
+                return {
+                    "ErrorCode": 406,
+                    "Message": f"You tried to send to recipient(s) that have been marked as inactive. Found inactive addresses: {to}.",
+                    "To": to,
+                }
             return {"ErrorCode": 300, "Message": f"Invalid 'To' address: '{to}'.", "To": to}
         response = {
             "To": to,

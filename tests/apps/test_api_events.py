@@ -184,7 +184,11 @@ def test_a_planning_error_late_in_a_batch_leaves_no_partial_write(api, workspace
 
 
 def test_the_same_key_and_body_returns_the_original_response(api, workspace):
-    body = {"category": "welcome", "recipient": {"external_id": "ada", "email": "a@example.com"}, "idempotency_key": "k1"}
+    body = {
+        "category": "welcome",
+        "recipient": {"external_id": "ada", "email": "a@example.com"},
+        "idempotency_key": "k1",
+    }
     first = post(api, body)
     again = post(api, body)
     assert first.status_code == again.status_code == 202
@@ -204,7 +208,11 @@ def test_the_header_key_works_and_a_different_body_gets_409(api, workspace):
 
 
 def test_keys_are_scoped_to_a_tenant(api, workspace):
-    body = {"category": "welcome", "recipient": {"external_id": "ada", "email": "a@example.com"}, "idempotency_key": "k"}
+    body = {
+        "category": "welcome",
+        "recipient": {"external_id": "ada", "email": "a@example.com"},
+        "idempotency_key": "k",
+    }
     post(api, body)
     Event.objects.update(tenant=__import__("tests.factories").factories.TenantFactory())
     assert post(api, body).status_code == 202
@@ -276,8 +284,18 @@ def test_a_batch_refuses_the_idempotency_header(api, workspace):
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"category": "welcome", "recipient": {"external_id": "a", "email": "a@example.com"}, "data": {"note": "a\u0000b"}}, "data.note"),
-        ({"category": "welcome", "recipients": [{"external_id": "a", "attributes": {"x": ["ok", "\ud800"]}}]}, "recipients[0].attributes.x[1]"),
+        (
+            {
+                "category": "welcome",
+                "recipient": {"external_id": "a", "email": "a@example.com"},
+                "data": {"note": "a\u0000b"},
+            },
+            "data.note",
+        ),
+        (
+            {"category": "welcome", "recipients": [{"external_id": "a", "attributes": {"x": ["ok", "\ud800"]}}]},
+            "recipients[0].attributes.x[1]",
+        ),
     ],
 )
 def test_text_the_database_cannot_store_is_refused(api, workspace, body, field):

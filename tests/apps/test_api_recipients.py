@@ -12,9 +12,13 @@ def test_create_then_upsert_by_external_id(api, workspace):
 
 
 def test_read_update_replace_and_delete(api, workspace):
-    api.post("/api/v1/recipients", {"external_id": "u/1", "email": "u@example.com", "timezone": "Asia/Tokyo"}, format="json")
+    api.post(
+        "/api/v1/recipients", {"external_id": "u/1", "email": "u@example.com", "timezone": "Asia/Tokyo"}, format="json"
+    )
     assert api.get("/api/v1/recipients/u/1").json()["external_id"] == "u/1"  # ids may hold slashes
-    api.post("/api/v1/recipients", {"external_id": "u1", "email": "u@example.com", "timezone": "Asia/Tokyo"}, format="json")
+    api.post(
+        "/api/v1/recipients", {"external_id": "u1", "email": "u@example.com", "timezone": "Asia/Tokyo"}, format="json"
+    )
     assert api.get("/api/v1/recipients/u1").json()["timezone"] == "Asia/Tokyo"
 
     patched = api.patch("/api/v1/recipients/u1", {"attributes": {"plan": "pro"}}, format="json")

@@ -1,5 +1,6 @@
 """The delivery guarantees, proven with real worker processes, Redis, PostgreSQL and the
 sandbox. Each test starts the processes it needs."""
+
 import json
 import statistics
 import time
@@ -18,9 +19,7 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
 
 
 def trigger(api: APIClient, *, category: str, count: int = 1, prefix: str = "r", email: str | None = None) -> list[str]:
-    recipients = [
-        {"external_id": f"{prefix}{i}", "email": email or f"{prefix}{i}@example.com"} for i in range(count)
-    ]
+    recipients = [{"external_id": f"{prefix}{i}", "email": email or f"{prefix}{i}@example.com"} for i in range(count)]
     response = api.post(
         "/api/v1/events",
         data=json.dumps({"category": category, "recipients": recipients, "data": {"name": "you"}}),
@@ -43,7 +42,9 @@ def wait_for_status(notification_ids: list[str], status: str, *, timeout: float 
 
 
 def assert_each_accepted_exactly_once(sandbox, notification_ids: list[str]) -> None:  # type: ignore[no-untyped-def]
-    delivery_ids = {str(i) for i in Delivery.objects.filter(notification_id__in=notification_ids).values_list("id", flat=True)}
+    delivery_ids = {
+        str(i) for i in Delivery.objects.filter(notification_id__in=notification_ids).values_list("id", flat=True)
+    }
     accepted = Counter(r["idempotency_key"] for r in sandbox.requests_log() if r["outcome"] == "accepted")
     assert set(accepted) == delivery_ids
     assert set(accepted.values()) == {1}
@@ -154,6 +155,8 @@ def test_critical_work_does_not_wait_behind_a_bulk_backlog(api, workers, sandbox
         wait_for_status([critical_id], DeliveryStatus.SENT, timeout=10)
         latencies.append(time.monotonic() - started)
     unsent_bulk = len(bulk_ids) - statuses(bulk_ids)[DeliveryStatus.SENT]
-    print(f"critical latency while bulk drains: median {statistics.median(latencies)*1000:.0f} ms, "
-          f"max {max(latencies)*1000:.0f} ms; bulk still unsent: {unsent_bulk}")
+    print(
+        f"critical latency while bulk drains: median {statistics.median(latencies) * 1000:.0f} ms, "
+        f"max {max(latencies) * 1000:.0f} ms; bulk still unsent: {unsent_bulk}"
+    )
     assert unsent_bulk > 0, "the bulk backlog drained first, so the test proved nothing"

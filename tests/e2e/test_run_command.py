@@ -1,5 +1,6 @@
 """The README's run command, as a new user runs it: everything starts, the printed curl line
 sends a notification, and it is delivered."""
+
 import os
 import socket
 import subprocess

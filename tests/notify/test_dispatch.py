@@ -38,7 +38,9 @@ def test_a_live_lease_is_left_alone(workspace):
     assert sweep().leases_expired == 0
 
 
-def test_stale_queued_work_is_published_again_and_fresh_work_is_not(workspace, broker, django_capture_on_commit_callbacks):
+def test_stale_queued_work_is_published_again_and_fresh_work_is_not(
+    workspace, broker, django_capture_on_commit_callbacks
+):
     stale = ingest_one(workspace)
     now = timezone.now()
     with django_capture_on_commit_callbacks(execute=False) as published:

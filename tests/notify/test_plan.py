@@ -34,7 +34,13 @@ def test_rendering_escapes_html_but_not_text():
     template = template_with_email(
         tenant=tenant,
         key="t",
-        variants={"": {"subject": "Hi {{ data.name }}", "body": "{{ data.name }} / {{ recipient.id }}", "html": "<p>{{ data.name }}</p>"}},
+        variants={
+            "": {
+                "subject": "Hi {{ data.name }}",
+                "body": "{{ data.name }} / {{ recipient.id }}",
+                "html": "<p>{{ data.name }}</p>",
+            }
+        },
     )
     variant = TemplateVersion.objects.get(template=template).variants.get()
     recipient = RecipientFactory(tenant=tenant, external_id="r1")

@@ -1,4 +1,5 @@
 """The sandbox's own behaviour: tests elsewhere rely on it, so it is tested too."""
+
 import requests
 
 
@@ -6,7 +7,9 @@ def send(sandbox, to: str = "a@example.com", key: str | None = None, token: str 
     message = {"From": "n@example.com", "To": to, "Subject": "s", "TextBody": "b"}
     if key:
         message["Headers"] = [{"Name": "X-Idempotency-Key", "Value": key}]
-    return requests.post(f"{sandbox.base_url}/postmark/email", json=message, headers={"X-Postmark-Server-Token": token}, timeout=5)
+    return requests.post(
+        f"{sandbox.base_url}/postmark/email", json=message, headers={"X-Postmark-Server-Token": token}, timeout=5
+    )
 
 
 def test_accepts_logs_and_deduplicates_by_idempotency_key(sandbox):
@@ -34,6 +37,8 @@ def test_checks_the_server_token_and_the_address(sandbox):
 
 
 def test_bad_fault_settings_are_refused(sandbox):
-    response = requests.post(f"{sandbox.base_url}/_sandbox/faults", json={"provider": "postmark", "colour": "red"}, timeout=5)
+    response = requests.post(
+        f"{sandbox.base_url}/_sandbox/faults", json={"provider": "postmark", "colour": "red"}, timeout=5
+    )
     assert response.status_code == 400
     assert "bad fault settings" in response.json()["error"]

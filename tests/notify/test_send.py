@@ -1,15 +1,16 @@
 """The send and record stages in this process, with real anymail talking to the sandbox."""
+
 from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 
 from apps.deliveries.models import DeadLetter, Delivery, DeliveryStatus
+from notify.channels.base import SendOutcome
 from notify.pipeline.control import dead_letters_replay
 from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
 from notify.pipeline.record import outcomes_record
 from notify.pipeline.send import deliveries_claim, deliveries_send
-from notify.channels.base import SendOutcome
 
 
 def ingest_one(workspace, *, email: str = "ada@example.com", category: str = "welcome") -> Delivery:  # type: ignore[no-untyped-def]
@@ -99,7 +100,10 @@ def test_exhausted_retries_dead_letter_then_replay_delivers(workspace, sandbox, 
     delivery = send_now(delivery)
     assert delivery.status == DeliveryStatus.SENT
     assert history(delivery)[-2:] == ["queued", "sent"]
-    assert "replayed from the dead-letter queue by ops@example.com" in delivery.events.get(status="queued", attempt=0, reason__startswith="replayed").reason
+    assert (
+        "replayed from the dead-letter queue by ops@example.com"
+        in delivery.events.get(status="queued", attempt=0, reason__startswith="replayed").reason
+    )
     dead_letter.refresh_from_db()
     assert dead_letter.replayed_by == "ops@example.com"
 
@@ -172,9 +176,16 @@ def test_an_address_anymail_cannot_encode_fails_alone_in_a_batch(workspace, sand
             )
         ],
     )
-    ids = [str(d) for d in Delivery.objects.filter(notification_id__in=result.response["notification_ids"]).values_list("id", flat=True)]
+    ids = [
+        str(d)
+        for d in Delivery.objects.filter(notification_id__in=result.response["notification_ids"]).values_list(
+            "id", flat=True
+        )
+    ]
     deliveries_send(delivery_ids=ids)
-    by_recipient = dict(Delivery.objects.filter(id__in=ids).values_list("notification__recipient__external_id", "status"))
+    by_recipient = dict(
+        Delivery.objects.filter(id__in=ids).values_list("notification__recipient__external_id", "status")
+    )
     assert by_recipient == {"ok1": "sent", "bad": "failed", "ok2": "sent"}
     assert sorted(r["to"] for r in sandbox.requests_log()) == ["ok1@example.com", "ok2@example.com"]
 
@@ -196,7 +207,12 @@ def test_provider_feedback_wins_over_a_pending_retry(workspace, sandbox):
     sandbox.faults_set(fail_next=[503])
     delivery = send_now(ingest_one(workspace))
     assert delivery.status == DeliveryStatus.RETRYING
-    assert feedback_record(delivery_id=str(delivery.pk), provider_status="postmark:Delivery", normalized_status="delivered", occurred_at=None)
+    assert feedback_record(
+        delivery_id=str(delivery.pk),
+        provider_status="postmark:Delivery",
+        normalized_status="delivered",
+        occurred_at=None,
+    )
     delivery.refresh_from_db()
     assert delivery.status == DeliveryStatus.DELIVERED
     assert deliveries_send(delivery_ids=[str(delivery.pk)]) == 0
