@@ -97,7 +97,7 @@ class DeliveryEventInline(admin.TabularInline):
 class DeliveryAdmin(ReadOnlyAdmin):
     list_display = ("id", "channel", "priority", "status", "attempt_count", "next_attempt_at", "sent_at", "updated_at")
     list_filter = ("status", "channel", "priority", "notification__tenant")
-    search_fields = ("=id", "=notification__id", "notification__recipient__external_id", "provider_message_id")
+    search_fields = ("=id", "=notification__id", "notification__recipient__external_id", "=provider_message_id")
     date_hierarchy = "updated_at"
     inlines = [DeliveryEventInline]
 

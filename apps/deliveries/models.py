@@ -11,7 +11,9 @@ class Event(models.Model):
     """What a producer sent, once. The idempotency key is enforced by a unique constraint."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="events")
+    # Indexed through the (tenant, idempotency_key) constraint. Every index on these tables
+    # is paid for on each of the thousands of rows an ingest writes, so each one must earn it.
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="events", db_index=False)
     api_key = models.ForeignKey(ApiKey, on_delete=models.SET_NULL, null=True, blank=True)
     category = models.ForeignKey(Category, on_delete=models.PROTECT, related_name="events")
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)
@@ -35,12 +37,16 @@ class Notification(models.Model):
     """One event for one recipient."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="notifications")
+    # tenant and recipient are indexed through the composite indexes below.
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="notifications", db_index=False)
     event = models.ForeignKey(Event, on_delete=models.CASCADE, related_name="notifications")
-    recipient = models.ForeignKey(Recipient, on_delete=models.CASCADE, related_name="notifications")
+    recipient = models.ForeignKey(Recipient, on_delete=models.CASCADE, related_name="notifications", db_index=False)
     category = models.ForeignKey(Category, on_delete=models.PROTECT, related_name="notifications")
     # The exact content this notification is rendered with, chosen when it was planned.
-    template_version = models.ForeignKey(TemplateVersion, on_delete=models.PROTECT, related_name="+")
+    # Not indexed: versions are never deleted, and nothing looks notifications up by version.
+    template_version = models.ForeignKey(
+        TemplateVersion, on_delete=models.PROTECT, related_name="+", db_index=False
+    )
     locale = models.CharField(max_length=35, blank=True, default="")
     priority = models.CharField(max_length=16, choices=Priority.choices)
     send_at = models.DateTimeField(null=True, blank=True)
@@ -90,7 +96,7 @@ class Delivery(models.Model):
     # Fencing for the claim: only the holder of the current token may record an outcome.
     lease_token = models.UUIDField(null=True, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
-    provider_message_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
+    provider_message_id = models.CharField(max_length=255, blank=True, default="")
     sent_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -108,7 +114,6 @@ class Delivery(models.Model):
                 name="delivery_leased",
                 condition=models.Q(status="sending"),
             ),
-            models.Index(fields=["status", "channel"], name="delivery_status_channel"),
         ]
 
     def __str__(self) -> str:
@@ -123,7 +128,7 @@ class DeliveryEvent(models.Model):
     reason = models.CharField(max_length=500, blank=True, default="")
     attempt = models.PositiveIntegerField(default=0)
     detail = models.JSONField(default=dict, blank=True)
-    created_at = models.DateTimeField(db_index=True)
+    created_at = models.DateTimeField()
 
     class Meta:
         ordering = ["created_at", "id"]

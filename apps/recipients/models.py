@@ -19,7 +19,8 @@ class Recipient(models.Model):
     """A person a tenant notifies, known by the tenant's own external id."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="recipients")
+    # Indexed through the (tenant, external_id) constraint.
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="recipients", db_index=False)
     external_id = models.CharField(max_length=255)
     email = models.EmailField(blank=True, default="")
     phone = models.CharField(max_length=32, blank=True, default="")

@@ -22,6 +22,8 @@ from notify.pipeline.dispatch import deliveries_publish_on_commit
 from notify.pipeline.plan import PlanError, notifications_plan
 
 RECIPIENT_FIELDS = ("email", "phone", "locale", "timezone", "attributes")
+# What planning reads of a recipient (the send stage loads the rest itself).
+PLANNED_RECIPIENT_FIELDS = ("id", "tenant_id", "external_id", "email", "phone", "locale")
 
 
 class IngestError(Exception):
@@ -175,7 +177,9 @@ def _recipients_upsert(*, tenant: Tenant, refs: list[RecipientRef], field_prefix
     # Read back: an upserted row that already existed keeps its own primary key.
     by_external_id = {
         r.external_id: r
-        for r in Recipient.objects.filter(tenant=tenant, external_id__in={ref.external_id for ref in refs})
+        for r in Recipient.objects.filter(tenant=tenant, external_id__in={ref.external_id for ref in refs}).only(
+            *PLANNED_RECIPIENT_FIELDS
+        )
     }
     missing = [ref.external_id for ref in refs if ref.external_id not in by_external_id]
     if missing:
