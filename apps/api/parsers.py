@@ -1,3 +1,4 @@
+from collections.abc import Mapping
 from typing import Any
 
 from rest_framework import exceptions, parsers
@@ -30,7 +31,7 @@ class JSONParser(parsers.JSONParser):
     """JSON that the database can store: text with a NUL character or an unpaired surrogate
     is refused with a 400 naming the field, instead of failing on insert."""
 
-    def parse(self, stream: Any, media_type: str | None = None, parser_context: dict | None = None) -> Any:
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Mapping[str, Any] | None = None) -> Any:
         data = super().parse(stream, media_type, parser_context)
         path = _unstorable_text_path(data)
         if path is not None:

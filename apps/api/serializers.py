@@ -76,7 +76,7 @@ class EventSerializer(serializers.Serializer):
     recipients = serializers.ListField(
         child=RecipientRefField(), required=False, min_length=1, max_length=MAX_RECIPIENTS_PER_EVENT
     )
-    data = serializers.DictField(default=dict)
+    data = serializers.DictField(default=dict)  # type: ignore[assignment]  # a field, not Serializer.data
     priority = serializers.ChoiceField(choices=Priority.choices, required=False)
     channels = serializers.ListField(
         child=serializers.ChoiceField(choices=Channel.choices), required=False, min_length=1

@@ -1,6 +1,6 @@
 """Producer API views: parse, call one service, shape the response."""
 
-from typing import Any
+from typing import Any, cast
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404
@@ -28,6 +28,7 @@ from apps.deliveries.models import DeliveryStatus, Notification
 from apps.deliveries.selectors import notification_get, notifications_list
 from apps.recipients.models import Recipient
 from apps.recipients.services import recipient_upsert
+from apps.tenants.models import ApiKey
 from notify.pipeline.control import NotCancellable, notification_cancel
 from notify.pipeline.ingest import EventRequest, IdempotencyConflict, IngestError, events_ingest
 
@@ -47,9 +48,19 @@ class CreatedCursorPagination(pagination.CursorPagination):
     max_page_size = 500
 
 
+def api_key_of(request: Request) -> ApiKey:
+    """The authenticated producer key; every view here requires one (HasApiKey)."""
+    return cast(ApiKey, request.auth)
+
+
+def body_of(request: Request) -> dict[str, Any]:
+    """The parsed JSON body, which the serializer has already checked is an object."""
+    return cast(dict[str, Any], request.data)
+
+
 def _ingest(request: Request, events: list[EventRequest]) -> tuple[list[dict[str, Any]], bool] | Response:
     try:
-        results = events_ingest(api_key=request.auth, events=events)
+        results = events_ingest(api_key=api_key_of(request), events=events)
     except IngestError as error:
         return field_error(field=error.field, message=error.message)
     except IdempotencyConflict as error:
@@ -87,7 +98,7 @@ class EventView(APIView):
             return field_error(field=IDEMPOTENCY_HEADER, message="An idempotency key has 1 to 255 characters.")
         if header_key and body_key and header_key != body_key:
             return field_error(field="idempotency_key", message="The body and the Idempotency-Key header disagree.")
-        event = event_request_from(attrs=serializer.validated_data, body=request.data, idempotency_key=header_key)
+        event = event_request_from(attrs=serializer.validated_data, body=body_of(request), idempotency_key=header_key)
         outcome = _ingest(request, [event])
         if isinstance(outcome, Response):
             return outcome
@@ -112,7 +123,7 @@ class EventBatchView(APIView):
         serializer.is_valid(raise_exception=True)
         events = [
             event_request_from(attrs=attrs, body=body)
-            for attrs, body in zip(serializer.validated_data["events"], request.data["events"], strict=True)
+            for attrs, body in zip(serializer.validated_data["events"], body_of(request)["events"], strict=True)
         ]
         outcome = _ingest(request, events)
         if isinstance(outcome, Response):
@@ -137,11 +148,11 @@ class NotificationViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins
     def get_queryset(self):  # type: ignore[no-untyped-def]
         filters = NotificationFilterSerializer(data=self.request.query_params)
         filters.is_valid(raise_exception=True)
-        return notifications_list(tenant=self.request.auth.tenant, **filters.validated_data)
+        return notifications_list(tenant=api_key_of(self.request).tenant, **filters.validated_data)
 
     def get_object(self) -> Notification:
         try:
-            return notification_get(tenant=self.request.auth.tenant, notification_id=self.kwargs["pk"])
+            return notification_get(tenant=api_key_of(self.request).tenant, notification_id=self.kwargs["pk"])
         except (Notification.DoesNotExist, DjangoValidationError):
             raise Http404
 
@@ -175,14 +186,16 @@ class RecipientViewSet(viewsets.ModelViewSet):
     queryset = Recipient.objects.none()
 
     def get_queryset(self):  # type: ignore[no-untyped-def]
-        return Recipient.objects.filter(tenant=self.request.auth.tenant)
+        return Recipient.objects.filter(tenant=api_key_of(self.request).tenant)
 
     def _upsert(self, *, external_id: str, data: dict[str, Any], partial: bool) -> Response:
         instance = self.get_queryset().filter(external_id=external_id).first()
         serializer = self.get_serializer(instance, data={**data, "external_id": external_id}, partial=partial)
         serializer.is_valid(raise_exception=True)
         fields = {k: v for k, v in serializer.validated_data.items() if k != "external_id"}
-        recipient, created = recipient_upsert(tenant=self.request.auth.tenant, external_id=external_id, fields=fields)
+        recipient, created = recipient_upsert(
+            tenant=api_key_of(self.request).tenant, external_id=external_id, fields=fields
+        )
         return Response(
             self.get_serializer(recipient).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
         )

@@ -54,8 +54,9 @@ class TemplateVersionAdmin(admin.ModelAdmin):
         self, request: HttpRequest, object_id: str | None = None, form_url: str = "", extra_context: dict | None = None
     ) -> HttpResponse:
         if request.method == "POST" and object_id is not None:
-            request.POST = request.POST.copy()
-            request.POST["_saveasnew"] = "Save as new version"
+            post = request.POST.copy()
+            post["_saveasnew"] = "Save as new version"
+            request.POST = post  # type: ignore[assignment]
         extra_context = {**(extra_context or {}), "show_save_and_add_another": False}
         if object_id is not None:
             extra_context["subtitle"] = "Saving creates a new version; this one stays as it is."

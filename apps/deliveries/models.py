@@ -44,9 +44,7 @@ class Notification(models.Model):
     category = models.ForeignKey(Category, on_delete=models.PROTECT, related_name="notifications")
     # The exact content this notification is rendered with, chosen when it was planned.
     # Not indexed: versions are never deleted, and nothing looks notifications up by version.
-    template_version = models.ForeignKey(
-        TemplateVersion, on_delete=models.PROTECT, related_name="+", db_index=False
-    )
+    template_version = models.ForeignKey(TemplateVersion, on_delete=models.PROTECT, related_name="+", db_index=False)
     locale = models.CharField(max_length=35, blank=True, default="")
     priority = models.CharField(max_length=16, choices=Priority.choices)
     send_at = models.DateTimeField(null=True, blank=True)

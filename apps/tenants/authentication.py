@@ -24,10 +24,11 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         if scheme != self.keyword or not raw_key.strip():
             raise exceptions.AuthenticationFailed("Use the header 'Authorization: Bearer <API key>'.")
         parts = ApiKey.split(raw_key.strip())
-        key = None
-        if parts is not None:
-            key = ApiKey.objects.active().select_related("tenant").filter(lookup=parts[0]).first()
-        if key is None or not hmac.compare_digest(key.digest, api_key_digest(secret=parts[1])):
+        if parts is None:
+            raise exceptions.AuthenticationFailed("Unknown or revoked API key.")
+        lookup, secret = parts
+        key = ApiKey.objects.active().select_related("tenant").filter(lookup=lookup).first()
+        if key is None or not hmac.compare_digest(key.digest, api_key_digest(secret=secret)):
             raise exceptions.AuthenticationFailed("Unknown or revoked API key.")
         now = timezone.now()
         # Record use at a coarse resolution so that every request does not write a row.

@@ -71,10 +71,10 @@ def demo_workspace_ensure(*, api_key: str, admin_username: str = "", admin_passw
         defaults={"email": "ada@example.com", "locale": "en", "timezone": "Europe/London"},
     )
     if api_key:
-        key = ApiKey(tenant=tenant, name="demo")
-        key.assign_secret(raw_key=api_key)
-        if not ApiKey.objects.filter(lookup=key.lookup).exists():
-            key.save()
+        demo_key = ApiKey(tenant=tenant, name="demo")
+        demo_key.assign_secret(raw_key=api_key)
+        if not ApiKey.objects.filter(lookup=demo_key.lookup).exists():
+            demo_key.save()
     if admin_username:
         User = get_user_model()
         if not User.objects.filter(username=admin_username).exists():

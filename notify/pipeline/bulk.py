@@ -1,5 +1,7 @@
 """Bulk inserts for the hot path: the thousands of rows one ingest or one batch writes."""
 
+from collections.abc import Sequence
+
 from django.db import connection, models
 from psycopg.types.json import Jsonb
 
@@ -7,7 +9,7 @@ from psycopg.types.json import Jsonb
 COPY_FROM_ROWS = 50
 
 
-def rows_insert(*, objects: list[models.Model]) -> None:
+def rows_insert(*, objects: Sequence[models.Model]) -> None:
     """Insert new model instances. On PostgreSQL this streams them through COPY, which
     skips the ORM's per-value query building: several times cheaper than bulk_create()
     at a thousand rows. For a few rows, and on SQLite (the demo), it is bulk_create()."""
@@ -15,15 +17,15 @@ def rows_insert(*, objects: list[models.Model]) -> None:
         return
     model = type(objects[0])
     if connection.vendor != "postgresql" or len(objects) < COPY_FROM_ROWS:
-        model.objects.bulk_create(objects)
+        model._default_manager.bulk_create(objects)
         return
     fields = [f for f in model._meta.concrete_fields if not isinstance(f, models.AutoField)]
-    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+    columns = ", ".join(connection.ops.quote_name(str(f.column)) for f in fields)
     json_fields = {f.attname for f in fields if isinstance(f, models.JSONField)}
     connection.ensure_connection()
     with connection.cursor() as cursor:
         with cursor.cursor.copy(
-            f"COPY {connection.ops.quote_name(model._meta.db_table)} ({columns}) FROM STDIN"
+            f"COPY {connection.ops.quote_name(str(model._meta.db_table))} ({columns}) FROM STDIN"
         ) as copy:
             for obj in objects:
                 # pre_save fills auto_now(_add) fields, as save() would.

@@ -10,6 +10,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
+from typing import Any
 from uuid import UUID
 
 from celery import current_app
@@ -67,7 +69,7 @@ def _publish_group(*, channel: str, priority: str, due_at: datetime, deliveries:
     for start in range(0, len(ids), size):
         chunk = ids[start : start + size]
         transaction.on_commit(
-            lambda chunk=chunk: publish(channel=channel, priority=priority, delivery_ids=chunk, countdown=countdown)
+            partial(publish, channel=channel, priority=priority, delivery_ids=chunk, countdown=countdown)
         )
 
 
@@ -90,7 +92,7 @@ def dead_letters_announce(*, dead_letters: list[DeadLetter]) -> None:
     for dead_letter in dead_letters:
         args = [str(dead_letter.delivery_id), dead_letter.channel, dead_letter.reason]
         queue = dead_letter_queue(channel=dead_letter.channel)
-        transaction.on_commit(lambda args=args, queue=queue: _send_notice(args=args, queue=queue))
+        transaction.on_commit(partial(_send_notice, args=args, queue=queue))
 
 
 def _send_notice(*, args: list[str], queue: str) -> None:
@@ -175,7 +177,7 @@ def queues_with_backlog() -> set[tuple[str, str]]:
     backlogged: set[tuple[str, str]] = set()
     try:
         with current_app.connection_for_read() as connection:
-            broker = connection.default_channel
+            broker: Any = connection.default_channel  # kombu's virtual channel for the transport
             for channel in CHANNELS:
                 for priority in PRIORITIES:
                     try:
@@ -213,7 +215,5 @@ def _stale_publish(*, now: datetime) -> int:
             size = batch_size(priority=priority)
             for start in range(0, len(ids), size):
                 chunk = [str(i) for i in ids[start : start + size]]
-                transaction.on_commit(
-                    lambda c=chunk, ch=channel, p=priority: publish(channel=ch, priority=p, delivery_ids=c)
-                )
+                transaction.on_commit(partial(publish, channel=channel, priority=priority, delivery_ids=chunk))
     return len(rows)

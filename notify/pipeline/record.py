@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from django.db import connection, transaction
@@ -88,7 +88,7 @@ def _sent_mark(*, lease_token: UUID, outcomes: list[SendOutcome], now: datetime)
         f"provider_message_id = CASE id {when} ELSE provider_message_id END "
         f"WHERE id IN ({in_list}) AND lease_token = %s AND status = %s RETURNING id"
     )
-    params: list[object] = [DeliveryStatus.SENT, timestamp, timestamp]
+    params: list[Any] = [DeliveryStatus.SENT, timestamp, timestamp]
     for delivery_id, outcome in zip(ids, outcomes, strict=True):
         params += [delivery_id, outcome.provider_message_id[:255]]
     params += [*ids, lease_field.get_db_prep_value(lease_token, connection), DeliveryStatus.SENDING]
