@@ -160,11 +160,12 @@ NOTIFY_REPUBLISH_AFTER_SECONDS = env.float("NOTIFY_REPUBLISH_AFTER_SECONDS", def
 NOTIFY_COUNTDOWN_MAX_SECONDS = env.float("NOTIFY_COUNTDOWN_MAX_SECONDS", default=300.0)
 NOTIFY_SWEEP_CHUNK = env.int("NOTIFY_SWEEP_CHUNK", default=5000)
 NOTIFY_RETRY_POLICY = {
-    "email": {
-        "max_attempts": env.int("NOTIFY_EMAIL_MAX_ATTEMPTS", default=5),
-        "base_seconds": env.float("NOTIFY_EMAIL_RETRY_BASE_SECONDS", default=10.0),
-        "cap_seconds": env.float("NOTIFY_EMAIL_RETRY_CAP_SECONDS", default=3600.0),
-    },
+    channel: {
+        "max_attempts": env.int(f"NOTIFY_{channel.upper()}_MAX_ATTEMPTS", default=5),
+        "base_seconds": env.float(f"NOTIFY_{channel.upper()}_RETRY_BASE_SECONDS", default=10.0),
+        "cap_seconds": env.float(f"NOTIFY_{channel.upper()}_RETRY_CAP_SECONDS", default=3600.0),
+    }
+    for channel in ("email", "sms")
 }
 NOTIFY_DEFAULT_LOCALE = env("NOTIFY_DEFAULT_LOCALE", default="en")
 
@@ -177,6 +178,17 @@ ANYMAIL = {
     "WEBHOOK_SECRET": env("ANYMAIL_WEBHOOK_SECRET", default=""),
     "REQUESTS_TIMEOUT": env.float("NOTIFY_EMAIL_TIMEOUT_SECONDS", default=10.0),
 }
+
+# --- SMS (Twilio) -----------------------------------------------------------------------
+TWILIO_ACCOUNT_SID = env("TWILIO_ACCOUNT_SID", default="")
+TWILIO_AUTH_TOKEN = env("TWILIO_AUTH_TOKEN", default="")
+TWILIO_FROM_NUMBER = env("TWILIO_FROM_NUMBER", default="")
+# Twilio's API host; point it at the sandbox to test.
+TWILIO_API_BASE = env("TWILIO_API_BASE", default="https://api.twilio.com")
+NOTIFY_SMS_MAX_SEGMENTS = env.int("NOTIFY_SMS_MAX_SEGMENTS", default=10)
+NOTIFY_SMS_TIMEOUT_SECONDS = env.float("NOTIFY_SMS_TIMEOUT_SECONDS", default=10.0)
+# Where providers reach this service for status callbacks (no trailing slash).
+NOTIFY_PUBLIC_URL = env("NOTIFY_PUBLIC_URL", default="http://127.0.0.1:8000")
 
 # --- Demo and sandbox -------------------------------------------------------------------
 NOTIFY_DEMO_API_KEY = env("NOTIFY_DEMO_API_KEY", default="")

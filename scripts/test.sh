@@ -7,10 +7,13 @@ export DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/not
 export CELERY_BROKER_URL="${TEST_BROKER_URL:-redis://127.0.0.1:6379/15}"
 export POSTMARK_SERVER_TOKEN="sandbox-token"
 export ANYMAIL_WEBHOOK_SECRET="sandbox:sandbox-webhook-secret"
+export TWILIO_ACCOUNT_SID="ACsandbox00000000000000000000000000"
+export TWILIO_AUTH_TOKEN="sandbox-twilio-auth-token"
+export TWILIO_FROM_NUMBER="+15005550006"
 # Short clocks so that retries, leases and the sweeper act within a test's patience.
-export NOTIFY_EMAIL_MAX_ATTEMPTS=3
-export NOTIFY_EMAIL_RETRY_BASE_SECONDS=0.2
-export NOTIFY_EMAIL_RETRY_CAP_SECONDS=1
+for channel in EMAIL SMS; do
+    export "NOTIFY_${channel}_MAX_ATTEMPTS=3" "NOTIFY_${channel}_RETRY_BASE_SECONDS=0.2" "NOTIFY_${channel}_RETRY_CAP_SECONDS=1"
+done
 export NOTIFY_LEASE_SECONDS=4
 export NOTIFY_REPUBLISH_AFTER_SECONDS=2
 export NOTIFY_BULK_BATCH_SIZE=50

@@ -78,6 +78,7 @@ def sandbox(sandbox_url: str, settings) -> SandboxClient:  # type: ignore[no-unt
     # Django's test set-up swaps in the in-memory email backend; the real one is wanted here.
     settings.EMAIL_BACKEND = "anymail.backends.postmark.EmailBackend"
     settings.ANYMAIL = {**django_settings.ANYMAIL, "POSTMARK_API_URL": f"{sandbox_url}/postmark/"}
+    settings.TWILIO_API_BASE = f"{sandbox_url}/twilio"
     client = SandboxClient(base_url=sandbox_url)
     client.reset()
     return client
@@ -154,6 +155,7 @@ class WorkerPool:
                 **os.environ,
                 "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
                 "POSTMARK_API_URL": f"{self.sandbox_url}/postmark/",
+                "TWILIO_API_BASE": f"{self.sandbox_url}/twilio",
                 **(env or {}),
             },
             stdout=log_path.open("w"),

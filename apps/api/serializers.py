@@ -7,6 +7,7 @@ from apps.catalog.models import Channel, Priority
 from apps.deliveries.models import Delivery, DeliveryEvent, Notification
 from apps.deliveries.selectors import NOTIFICATION_STATUSES, notification_status
 from apps.recipients.models import Recipient, validate_timezone
+from notify.channels.sms import e164
 from notify.pipeline.ingest import EventRequest, RecipientRef
 
 MAX_RECIPIENTS_PER_EVENT = 1000
@@ -33,9 +34,13 @@ class RecipientSerializer(serializers.ModelSerializer):
         return value
 
     def validate_phone(self, value: str) -> str:
-        if value and not (value.startswith("+") and value[1:].isdigit() and 8 <= len(value) <= 16):
-            raise serializers.ValidationError("Use E.164 format, for example +14155550123.")
-        return value
+        """Stored in E.164 form; a number that cannot be one is refused here, not at send time."""
+        if not value:
+            return value
+        number = e164(number=value)
+        if number is None:
+            raise serializers.ValidationError("Give a valid number in E.164 format, for example +14155550123.")
+        return number
 
 
 @extend_schema_field(

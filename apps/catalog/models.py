@@ -6,6 +6,7 @@ from apps.tenants.models import Tenant
 
 class Channel(models.TextChoices):
     EMAIL = "email", "Email"
+    SMS = "sms", "SMS"
 
 
 class Priority(models.TextChoices):

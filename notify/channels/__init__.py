@@ -1,10 +1,24 @@
 """The channel registry: channel name -> its implementation."""
 
+from typing import Any
+
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
 from notify.channels.base import Channel
 from notify.channels.email import EmailChannel
+from notify.channels.sms import SmsChannel
 
-_CHANNELS: dict[str, Channel] = {channel.name: channel for channel in (EmailChannel(),)}
+_CHANNELS: dict[str, Channel] = {channel.name: channel for channel in (EmailChannel(), SmsChannel())}
 
 
 def channel_get(*, name: str) -> Channel:
     return _CHANNELS[name]
+
+
+@receiver(setting_changed, dispatch_uid="notify.channels.settings")
+def provider_settings_changed(setting: str, **kwargs: Any) -> None:
+    """A changed provider setting (in tests) must not keep using the old connection."""
+    if setting in ("EMAIL_BACKEND", "ANYMAIL") or setting.startswith("TWILIO_"):
+        for channel in _CHANNELS.values():
+            channel.reset()

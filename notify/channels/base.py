@@ -33,6 +33,9 @@ class SendOutcome:
     failure: FailureKind | None = None
     reason: str = ""
     provider_message_id: str = ""
+    # The provider's own word for the outcome, kept next to ours ("twilio:queued").
+    provider_status: str = ""
+    segments: int | None = None
     elapsed_ms: float = 0.0
 
     @property

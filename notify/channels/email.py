@@ -19,7 +19,6 @@ from anymail.exceptions import (
 from anymail.signals import AnymailTrackingEvent, tracking
 from django.conf import settings
 from django.core.mail import EmailMultiAlternatives, get_connection
-from django.core.signals import setting_changed
 from django.dispatch import receiver
 
 from apps.recipients.models import Recipient
@@ -183,15 +182,6 @@ def _reason(error: Exception) -> str:
     if response is not None:
         return _reason_from_response(response)
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:400]
-
-
-@receiver(setting_changed, dispatch_uid="notify.channels.email.settings")
-def email_settings_changed(setting: str, **kwargs: Any) -> None:
-    """A changed email setting (in tests) must not keep using the old provider."""
-    if setting in ("EMAIL_BACKEND", "ANYMAIL"):
-        from notify.channels import channel_get
-
-        channel_get(name="email").reset()
 
 
 @receiver(tracking, dispatch_uid="notify.channels.email.tracking")

@@ -49,10 +49,7 @@ def outcomes_record(*, lease_token: UUID, deliveries: dict[UUID, Delivery], outc
             held = _sent_mark(lease_token=lease_token, outcomes=sent, now=now)
             for outcome in sent:
                 if outcome.delivery_id in held:
-                    detail = {
-                        "elapsed_ms": round(outcome.elapsed_ms, 1),
-                        "provider_message_id": outcome.provider_message_id,
-                    }
+                    detail = _detail(outcome)
                     delivery = deliveries[outcome.delivery_id]
                     history.append(
                         history_event(
@@ -70,6 +67,14 @@ def outcomes_record(*, lease_token: UUID, deliveries: dict[UUID, Delivery], outc
         logger.warning("lease lost for %d deliveries; another worker owns them now", len(outcomes) - len(history))
 
 
+def _detail(outcome: SendOutcome) -> dict[str, Any]:
+    detail: dict[str, Any] = {"elapsed_ms": round(outcome.elapsed_ms, 1)}
+    for name in ("provider_message_id", "provider_status", "segments"):
+        if getattr(outcome, name):
+            detail[name] = getattr(outcome, name)
+    return detail
+
+
 def _sent_mark(*, lease_token: UUID, outcomes: list[SendOutcome], now: datetime) -> set[UUID]:
     """Mark deliveries sent, each with its provider message id, in one statement; return
     the ids this lease still held.
@@ -80,17 +85,21 @@ def _sent_mark(*, lease_token: UUID, outcomes: list[SendOutcome], now: datetime)
     lease_field = Delivery._meta.get_field("lease_token")
     ids = [pk.get_db_prep_value(o.delivery_id, connection) for o in outcomes]
     when = " ".join(["WHEN %s THEN %s"] * len(outcomes))
+    segments_when = " ".join(["WHEN %s THEN %s"] * len(outcomes))
     in_list = ", ".join(["%s"] * len(outcomes))
     timestamp = connection.ops.adapt_datetimefield_value(now)
     sql = (
         f"UPDATE {Delivery._meta.db_table} SET status = %s, status_reason = '', sent_at = %s, updated_at = %s, "
         f"lease_token = NULL, lease_expires_at = NULL, "
-        f"provider_message_id = CASE id {when} ELSE provider_message_id END "
+        f"provider_message_id = CASE id {when} ELSE provider_message_id END, "
+        f"segments = CASE id {segments_when} ELSE segments END "
         f"WHERE id IN ({in_list}) AND lease_token = %s AND status = %s RETURNING id"
     )
     params: list[Any] = [DeliveryStatus.SENT, timestamp, timestamp]
     for delivery_id, outcome in zip(ids, outcomes, strict=True):
         params += [delivery_id, outcome.provider_message_id[:255]]
+    for delivery_id, outcome in zip(ids, outcomes, strict=True):
+        params += [delivery_id, outcome.segments]
     params += [*ids, lease_field.get_db_prep_value(lease_token, connection), DeliveryStatus.SENDING]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
@@ -169,10 +178,13 @@ def _failures_record(
     return history
 
 
-# Provider feedback (normalised by the channel) -> our delivery state. Feedback of other
-# kinds is kept in the history without changing the state.
-FEEDBACK_STATUSES = {"delivered": DeliveryStatus.DELIVERED}
-FEEDBACK_APPLIES_TO = (DeliveryStatus.SENT, DeliveryStatus.RETRYING, DeliveryStatus.DEAD)
+# Provider feedback, normalised by the channel -> (our new state, the states it applies to).
+# A provider can deliver what we recorded as failed (a timeout after it accepted): its word
+# wins, and the pending retry finds nothing left to claim.
+FEEDBACK_TRANSITIONS = {
+    "delivered": (DeliveryStatus.DELIVERED, (DeliveryStatus.SENT, DeliveryStatus.RETRYING, DeliveryStatus.DEAD)),
+    "failed": (DeliveryStatus.FAILED, (DeliveryStatus.SENT,)),
+}
 
 
 class FeedbackNotReady(Exception):
@@ -180,7 +192,7 @@ class FeedbackNotReady(Exception):
 
 
 def feedback_record(
-    *, delivery_id: str, provider_status: str, normalized_status: str, occurred_at: datetime | None
+    *, delivery_id: str, provider_status: str, normalized_status: str, occurred_at: datetime | None, reason: str = ""
 ) -> bool:
     """Apply provider feedback to a delivery; return False when there is nothing to apply."""
     now = timezone.now()
@@ -191,16 +203,18 @@ def feedback_record(
             return False
         if delivery.status == DeliveryStatus.SENDING:
             raise FeedbackNotReady(f"delivery {delivery_id} is still being sent")
-        new_status = FEEDBACK_STATUSES.get(normalized_status)
-        # A provider can deliver what we recorded as failed (a timeout after it accepted):
-        # its word wins, and the pending retry finds nothing left to claim.
-        if new_status is None or delivery.status not in FEEDBACK_APPLIES_TO:
+        if normalized_status not in FEEDBACK_TRANSITIONS:
+            return False
+        new_status, applies_to = FEEDBACK_TRANSITIONS[normalized_status]
+        if delivery.status not in applies_to:
             return False
         delivery.status = new_status
-        delivery.status_reason = ""
+        delivery.status_reason = reason
         delivery.save(update_fields=["status", "status_reason", "updated_at"])
         detail = {"provider_status": provider_status}
         if occurred_at is not None:
             detail["occurred_at"] = occurred_at.isoformat()
-        history_event(delivery=delivery, status=new_status, reason="provider feedback", at=now, detail=detail).save()
+        history_event(
+            delivery=delivery, status=new_status, reason=reason or "provider feedback", at=now, detail=detail
+        ).save()
     return True

@@ -5,6 +5,8 @@ of the way of what it measures. Tests, the demo and the benchmark all talk to it
 
   POST /postmark/email          Postmark's send API, as anymail's Postmark backend calls it
   POST /postmark/email/batch    Postmark's batch API: up to 500 different messages
+  POST /twilio/2010-04-01/Accounts/{sid}/Messages.json
+                                Twilio's Messages API, then its signed status callbacks
   GET  /_sandbox/requests       the log (?provider=postmark&after=<seq>)
   GET  /_sandbox/stats          counts per provider and outcome
   POST /_sandbox/faults         {"provider": "postmark", "latency_ms": 50, "error_rate": 0.1,
@@ -21,9 +23,13 @@ Like providers that support idempotency keys, a repeated X-Idempotency-Key is an
 with the first response and logged as a duplicate, not accepted again."""
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import logging
 import random
+import re
 import time
 import uuid
 from collections import Counter
@@ -35,7 +41,9 @@ from urllib.parse import parse_qs, urlparse
 import requests
 
 Scope = dict[str, Any]
-PROVIDERS = ("postmark",)
+PROVIDERS = ("postmark", "twilio")
+TWILIO_MESSAGES = re.compile(r"^/twilio/2010-04-01/Accounts/(?P<account>[^/]+)/Messages\.json$")
+TWILIO_CALLBACK_DELAY_SECONDS = 0.2
 WEBHOOK_DELAY_SECONDS = 0.5
 WEBHOOK_ATTEMPTS = 6
 logger = logging.getLogger("notify.sandbox")
@@ -48,6 +56,8 @@ class Faults:
     error_status: int = 503
     fail_next: list[int] = field(default_factory=list)
     address_status: dict[str, int] = field(default_factory=dict)
+    # The final status the provider reports back for an accepted message (Twilio callbacks).
+    final_status: str = "delivered"
 
     def request_status(self) -> int | None:
         """An injected HTTP status for the whole request, or None to behave normally."""
@@ -58,9 +68,11 @@ class Faults:
         return None
 
     def address_rule(self, *, address: str) -> int | None:
-        """An injected status for one recipient address (exact, or "@domain")."""
+        """An injected status for one recipient address (exact, or "@domain" for email)."""
         address = address.lower()
-        return self.address_status.get(address, self.address_status.get("@" + address.rpartition("@")[2]))
+        if address in self.address_status:
+            return self.address_status[address]
+        return self.address_status.get("@" + address.rpartition("@")[2]) if "@" in address else None
 
 
 @dataclass
@@ -101,6 +113,8 @@ class Sandbox:
             status, payload = await self.postmark_email(headers=headers, body=body)
         elif method == "POST" and path.rstrip("/") == "/postmark/email/batch":
             status, payload = await self.postmark_batch(headers=headers, body=body)
+        elif method == "POST" and (match := TWILIO_MESSAGES.match(path)):
+            status, payload = await self.twilio_message(account=match["account"], headers=headers, body=body)
         elif method == "GET" and path == "/_sandbox/requests":
             status, payload = 200, self.requests_list(query=query)
         elif method == "GET" and path == "/_sandbox/stats":
@@ -213,20 +227,103 @@ class Sandbox:
                 "Details": "Delivered by the sandbox",
                 "Metadata": message.get("Metadata", {}),
             }
-            asyncio.get_running_loop().create_task(self.webhook_send(provider="postmark", payload=delivered))
+            asyncio.get_running_loop().create_task(
+                self.webhook_send(url=self.webhooks["postmark"], json_body=delivered)
+            )
         return response
 
-    async def webhook_send(self, *, provider: str, payload: dict[str, Any]) -> None:
+    async def twilio_message(self, *, account: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
+        """POST /2010-04-01/Accounts/{sid}/Messages.json, form-encoded, with basic auth."""
+        faults = self.state.faults["twilio"]
+        if faults.latency_ms:
+            await asyncio.sleep(faults.latency_ms / 1000)
+        username, _, auth_token = _basic_auth(headers.get("authorization", ""))
+        if username != account or not auth_token:
+            return 401, _twilio_error(20003, "Authenticate", 401)
+        form = {k: v[0] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
+        to, text = form.get("To", ""), form.get("Body", "")
+        entry: dict[str, Any] = {
+            "provider": "twilio",
+            "to": to,
+            "subject": "",
+            "text": text[:500],
+            "idempotency_key": None,
+            "metadata": {},
+        }
+        injected = faults.request_status() or faults.address_rule(address=to)
+        if injected is None and not re.fullmatch(r"\+[1-9][0-9]{7,14}", to):
+            injected = 400
+        if injected is not None:
+            self.state.record(**entry, status=injected, outcome="error")
+            if injected == 400:
+                return 400, _twilio_error(21211, f"The 'To' number {to} is not a valid phone number.", 400)
+            return injected, _twilio_error(20500 if injected >= 500 else 20429, "Injected sandbox failure.", injected)
+        sid = "SM" + uuid.uuid4().hex
+        self.state.record(**entry, status=201, outcome="accepted", message_id=sid)
+        callback = form.get("StatusCallback")
+        if callback and is_loopback_url(callback):
+            asyncio.get_running_loop().create_task(
+                self.twilio_callbacks(url=callback, auth_token=auth_token, sid=sid, account=account, form=form)
+            )
+        message = {
+            "sid": sid,
+            "account_sid": account,
+            "to": to,
+            "from": form.get("From", ""),
+            "body": text,
+            "status": "queued",
+            "num_segments": "1",
+            "direction": "outbound-api",
+            "api_version": "2010-04-01",
+            "error_code": None,
+            "error_message": None,
+        }
+        return 201, message
+
+    async def twilio_callbacks(
+        self, *, url: str, auth_token: str, sid: str, account: str, form: dict[str, str]
+    ) -> None:
+        """Twilio's status callbacks, signed the way Twilio signs them: "sent", then the final one."""
+        final = self.state.faults["twilio"].final_status
+        for status in ("sent", final):
+            params = {
+                "MessageSid": sid,
+                "SmsSid": sid,
+                "AccountSid": account,
+                "MessageStatus": status,
+                "SmsStatus": status,
+                "To": form.get("To", ""),
+                "From": form.get("From", ""),
+                "ApiVersion": "2010-04-01",
+            }
+            if status in ("undelivered", "failed"):
+                params["ErrorCode"] = "30003"
+            signature = _twilio_signature(auth_token=auth_token, url=url, params=params)
+            await self.webhook_send(
+                url=url, form=params, headers={"X-Twilio-Signature": signature}, delay=TWILIO_CALLBACK_DELAY_SECONDS
+            )
+
+    async def webhook_send(
+        self,
+        *,
+        url: str,
+        json_body: dict[str, Any] | None = None,
+        form: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        delay: float = WEBHOOK_DELAY_SECONDS,
+    ) -> None:
         """POST a webhook the way providers do: later, and again until it is taken."""
         for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
-            await asyncio.sleep(WEBHOOK_DELAY_SECONDS * attempt)
+            await asyncio.sleep(delay * attempt)
             try:
-                response = await asyncio.to_thread(requests.post, self.webhooks[provider], json=payload, timeout=10)
+                response = await asyncio.to_thread(
+                    requests.post, url, json=json_body, data=form, headers=headers, timeout=10
+                )
                 if response.status_code < 300:
                     return
             except requests.RequestException as error:
-                logger.warning("webhook to %s failed: %s", provider, error)
-        logger.warning("gave up on a %s webhook after %d attempts", provider, WEBHOOK_ATTEMPTS)
+                logger.warning("webhook to %s failed: %s", url, error)
+        logger.warning("gave up on a webhook to %s after %d attempts", url, WEBHOOK_ATTEMPTS)
 
     def requests_list(self, *, query: dict[str, str]) -> dict[str, Any]:
         after = int(query.get("after", 0))
@@ -274,6 +371,32 @@ class Sandbox:
             "<table><tr><th>#</th><th>At</th><th>Provider</th><th>Outcome</th><th>HTTP</th><th>To</th>"
             f"<th>Subject</th></tr>{rows}</table>"
         )
+
+
+def _basic_auth(header: str) -> tuple[str, str, str]:
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return "", "", ""
+    try:
+        return base64.b64decode(encoded).decode().partition(":")
+    except ValueError:
+        return "", "", ""
+
+
+def _twilio_error(code: int, message: str, status: int) -> dict[str, Any]:
+    return {
+        "code": code,
+        "message": message,
+        "more_info": f"https://www.twilio.com/docs/errors/{code}",
+        "status": status,
+    }
+
+
+def _twilio_signature(*, auth_token: str, url: str, params: dict[str, str]) -> str:
+    """Twilio's documented scheme: HMAC-SHA1 of the URL followed by each POST parameter's
+    name and value in name order, base64-encoded, keyed with the account's auth token."""
+    payload = url + "".join(name + params[name] for name in sorted(params))
+    return base64.b64encode(hmac.new(auth_token.encode(), payload.encode(), hashlib.sha1).digest()).decode()
 
 
 def is_loopback_url(url: str) -> bool:

@@ -1,0 +1,23 @@
+"""Provider webhooks that anymail does not already receive."""
+
+from django.http import HttpRequest, HttpResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_POST
+
+from notify.channels.sms import BadSignature, sms_status_callback
+
+
+@csrf_exempt
+@require_POST
+def twilio_status_callback(request: HttpRequest) -> HttpResponse:
+    """Twilio's signed message status callback; an unsigned or forged one gets 403."""
+    try:
+        sms_status_callback(
+            url=request.build_absolute_uri(),
+            params=request.POST.dict(),
+            signature=request.headers.get("X-Twilio-Signature", ""),
+            delivery_id=request.GET.get("delivery", ""),
+        )
+    except BadSignature:
+        return HttpResponse("invalid X-Twilio-Signature", status=403, content_type="text/plain")
+    return HttpResponse(status=204)

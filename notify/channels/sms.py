@@ -1,0 +1,156 @@
+"""SMS through Twilio's Messages API: the only module that touches the twilio SDK.
+
+Numbers are checked as E.164 before sending, segments are counted (GSM-7 or UCS-2) and
+capped, and Twilio's signed status callbacks are verified and turned into feedback."""
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import gsm0338  # noqa: F401 - registers the "gsm03.38" codec
+import phonenumbers
+from django.conf import settings
+from twilio.base.exceptions import TwilioException, TwilioRestException
+from twilio.http.http_client import TwilioHttpClient
+from twilio.http.response import Response
+from twilio.request_validator import RequestValidator
+from twilio.rest import Client
+
+from apps.recipients.models import Recipient
+from notify.channels.base import Channel, OutboundMessage, SendOutcome
+from notify.pipeline.record import feedback_record
+from notify.resilience.failures import FailureKind, failure_from_status
+
+TWILIO_HOST = "https://api.twilio.com"
+# Twilio error codes that mean the number itself cannot receive: retrying cannot help.
+PERMANENT_TWILIO_CODES = frozenset({21211, 21214, 21408, 21610, 21612, 21614})
+
+
+def sms_segments(*, text: str) -> int:
+    """How many segments a carrier bills: GSM-7 when every character has a GSM 03.38 code
+    (an extension character takes two septets), otherwise UCS-2 in UTF-16 code units."""
+    try:
+        units, single, multi = len(text.encode("gsm03.38")), 160, 153
+    except UnicodeEncodeError:
+        units, single, multi = len(text.encode("utf-16-le")) // 2, 70, 67
+    if units <= single:
+        return 1
+    return math.ceil(units / multi)
+
+
+def e164(*, number: str) -> str | None:
+    """The number in E.164 form when it is a valid, complete number, else None."""
+    try:
+        parsed = phonenumbers.parse(number, None)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(parsed):
+        return None
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+class _ConfiguredHostHttpClient(TwilioHttpClient):
+    """Twilio's own HTTP client, sending to TWILIO_API_BASE instead of api.twilio.com, so
+    the real SDK code path runs against the sandbox in tests and the demo."""
+
+    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Response:
+        if url.startswith(TWILIO_HOST):
+            url = settings.TWILIO_API_BASE.rstrip("/") + url[len(TWILIO_HOST) :]
+        return super().request(method, url, *args, **kwargs)
+
+
+class SmsChannel(Channel):
+    name = "sms"
+
+    def __init__(self) -> None:
+        self._client: Client | None = None
+
+    def address_for(self, *, recipient: Recipient) -> str:
+        return recipient.phone
+
+    def send_batch(self, *, messages: list[OutboundMessage]) -> list[SendOutcome]:
+        # Twilio has no batch send: one request per message, on one keep-alive session.
+        return [self._send_one(message=message) for message in messages]
+
+    def reset(self) -> None:
+        self._client = None
+
+    def _client_get(self) -> Client:
+        if self._client is None:
+            self._client = Client(
+                settings.TWILIO_ACCOUNT_SID,
+                settings.TWILIO_AUTH_TOKEN,
+                http_client=_ConfiguredHostHttpClient(timeout=settings.NOTIFY_SMS_TIMEOUT_SECONDS),
+            )
+        return self._client
+
+    def _send_one(self, *, message: OutboundMessage) -> SendOutcome:
+        started = time.perf_counter()
+        number = e164(number=message.address)
+        if number is None:
+            return _outcome(
+                message,
+                started,
+                failure=FailureKind.PERMANENT,
+                reason=f"'{message.address}' is not a valid E.164 number",
+            )
+        segments = sms_segments(text=message.content.body)
+        if segments > settings.NOTIFY_SMS_MAX_SEGMENTS:
+            reason = f"{segments} segments is over the limit of {settings.NOTIFY_SMS_MAX_SEGMENTS}"
+            return _outcome(message, started, failure=FailureKind.PERMANENT, reason=reason, segments=segments)
+        callback = f"{settings.NOTIFY_PUBLIC_URL}/webhooks/twilio/status?delivery={message.delivery_id}"
+        try:
+            sent = self._client_get().messages.create(
+                to=number, from_=settings.TWILIO_FROM_NUMBER, body=message.content.body, status_callback=callback
+            )
+        except TwilioRestException as error:
+            failure = (
+                FailureKind.PERMANENT if error.code in PERMANENT_TWILIO_CODES else failure_from_status(error.status)
+            )
+            reason = f"HTTP {error.status}: Twilio error {error.code}: {error.msg}"
+            return _outcome(message, started, failure=failure, reason=reason, segments=segments)
+        except (TwilioException, OSError) as error:
+            # No answer from Twilio (connection refused, timeout).
+            self.reset()
+            return _outcome(message, started, failure=FailureKind.TRANSIENT, reason=f"{type(error).__name__}: {error}")
+        # Twilio sends no callback for the first status, so it is kept with the send.
+        return _outcome(
+            message,
+            started,
+            provider_message_id=sent.sid or "",
+            provider_status=f"twilio:{sent.status}",
+            segments=segments,
+        )
+
+
+def _outcome(message: OutboundMessage, started: float, **fields: Any) -> SendOutcome:
+    return SendOutcome(delivery_id=message.delivery_id, elapsed_ms=(time.perf_counter() - started) * 1000, **fields)
+
+
+# Twilio's message statuses -> the feedback vocabulary shared by every channel.
+TWILIO_FEEDBACK = {"delivered": "delivered", "undelivered": "failed", "failed": "failed"}
+
+
+class BadSignature(Exception):
+    pass
+
+
+def sms_status_callback(*, url: str, params: Mapping[str, str], signature: str, delivery_id: str) -> bool:
+    """Verify a Twilio status callback and apply it; return False when it changes nothing.
+    `url` is the full URL Twilio called (it carries our delivery id). Raises BadSignature
+    when the request was not signed with our auth token."""
+    if not RequestValidator(settings.TWILIO_AUTH_TOKEN).validate(url, dict(params), signature):
+        raise BadSignature("X-Twilio-Signature does not match")
+    status = params.get("MessageStatus", "")
+    normalized = TWILIO_FEEDBACK.get(status)
+    if not delivery_id or normalized is None:
+        return False
+    reason = f"Twilio error {params['ErrorCode']}" if params.get("ErrorCode") else ""
+    return feedback_record(
+        delivery_id=delivery_id,
+        provider_status=f"twilio:{status}",
+        normalized_status=normalized,
+        occurred_at=None,
+        reason=reason,
+    )

@@ -1,0 +1,146 @@
+"""The SMS channel: the real twilio SDK over loopback to the sandbox's Messages API."""
+
+import json
+
+import pytest
+from django.test import Client
+
+from apps.catalog.models import Category, TemplateVariant, TemplateVersion
+from apps.deliveries.models import Delivery, DeliveryStatus
+from notify.channels.sms import e164, sms_segments
+from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
+from notify.pipeline.send import deliveries_send
+from tests.factories import CategoryFactory, TemplateFactory
+from tests.helpers import wait_for
+
+
+@pytest.mark.parametrize(
+    ("text", "segments"),
+    [
+        ("a" * 160, 1),
+        ("a" * 161, 2),
+        ("a" * 306, 2),
+        ("a" * 307, 3),
+        ("€" * 80, 1),  # an extension character takes two septets
+        ("€" * 81, 2),
+        ("é" * 160, 1),  # in the GSM basic set
+        ("✓" * 70, 1),  # not GSM: UCS-2
+        ("✓" * 71, 2),
+        ("😀" * 35, 1),  # two UTF-16 code units each
+        ("😀" * 36, 2),
+    ],
+)
+def test_segments_are_counted_as_carriers_bill_them(text, segments):
+    assert sms_segments(text=text) == segments
+
+
+def test_numbers_are_checked_as_e164():
+    assert e164(number="+14155550123") == "+14155550123"
+    assert e164(number="+44 20 7946 0958") == "+442079460958"
+    assert e164(number="4155550123") is None  # no country
+    assert e164(number="+1415555") is None  # too short
+
+
+@pytest.fixture
+def sms_category(workspace) -> Category:  # type: ignore[no-untyped-def]
+    template = TemplateFactory(tenant=workspace.tenant, key="code")
+    version = TemplateVersion.objects.create(template=template, number=1)
+    TemplateVariant.objects.create(version=version, channel="sms", body="{{ data.text }}")
+    return CategoryFactory(tenant=workspace.tenant, key="code", template=template, default_channels=["sms"])
+
+
+def send_sms(workspace, *, phone: str, text: str = "Your code is 123456") -> Delivery:  # type: ignore[no-untyped-def]
+    [result] = events_ingest(
+        api_key=workspace.api_key,
+        events=[
+            EventRequest(
+                category_key="code",
+                recipients=[RecipientRef(external_id="ada", fields={"phone": phone})],
+                data={"text": text},
+            )
+        ],
+    )
+    delivery = Delivery.objects.get(notification_id=result.response["notification_ids"][0])
+    deliveries_send(delivery_ids=[str(delivery.pk)])
+    delivery.refresh_from_db()
+    return delivery
+
+
+def test_a_text_is_sent_with_its_sid_first_status_and_segments(workspace, sms_category, sandbox):
+    delivery = send_sms(workspace, phone="+14155550123", text="é" * 161)
+    assert delivery.status == DeliveryStatus.SENT
+    [request] = sandbox.requests_log(provider="twilio")
+    assert (request["to"], request["text"]) == ("+14155550123", "é" * 161)
+    assert delivery.provider_message_id == request["message_id"]
+    assert delivery.provider_message_id.startswith("SM")
+    assert delivery.segments == 2
+    sent = delivery.events.get(status="sent")
+    assert sent.detail["provider_status"] == "twilio:queued"
+
+
+def test_a_transient_failure_is_retried(workspace, sms_category, sandbox):
+    sandbox.faults_set(provider="twilio", fail_next=[503])
+    delivery = send_sms(workspace, phone="+14155550123")
+    assert delivery.status == DeliveryStatus.RETRYING
+    assert "Twilio error 20500" in delivery.status_reason
+
+
+def test_an_invalid_number_fails_permanently_before_any_request(workspace, sms_category, sandbox):
+    delivery = send_sms(workspace, phone="+1415555")
+    assert delivery.status == DeliveryStatus.FAILED
+    assert "not a valid E.164 number" in delivery.status_reason
+    assert sandbox.requests_log(provider="twilio") == []
+
+
+def test_a_number_twilio_rejects_fails_permanently(workspace, sms_category, sandbox):
+    sandbox.faults_set(provider="twilio", address_status={"+14155550199": 400})
+    delivery = send_sms(workspace, phone="+14155550199")
+    assert delivery.status == DeliveryStatus.FAILED
+    assert "Twilio error 21211" in delivery.status_reason
+
+
+def test_a_text_over_the_segment_limit_is_not_sent(workspace, sms_category, sandbox, settings):
+    settings.NOTIFY_SMS_MAX_SEGMENTS = 2
+    delivery = send_sms(workspace, phone="+14155550123", text="x" * 307)
+    assert delivery.status == DeliveryStatus.FAILED
+    assert "3 segments is over the limit of 2" in delivery.status_reason
+    assert sandbox.requests_log(provider="twilio") == []
+
+
+def test_a_bad_phone_number_is_refused_by_the_api(api, workspace, sms_category):
+    body = {"category": "code", "recipient": {"external_id": "x", "phone": "+999"}}
+    response = api.post("/api/v1/events", data=json.dumps(body), content_type="application/json")
+    assert response.status_code == 400
+    assert "recipient.phone" in response.json()["error"]["fields"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_signed_status_callbacks_update_the_delivery_and_forged_ones_get_403(
+    workspace, sms_category, sandbox, live_server, settings
+):
+    settings.NOTIFY_PUBLIC_URL = live_server.url.replace("localhost", "127.0.0.1")
+    delivery = send_sms(workspace, phone="+14155550123")
+    wait_for(
+        lambda: Delivery.objects.get(pk=delivery.pk).status == DeliveryStatus.DELIVERED, what="the delivered callback"
+    )
+    history = list(Delivery.objects.get(pk=delivery.pk).events.values_list("status", "detail"))
+    assert history[-1] == ("delivered", {"provider_status": "twilio:delivered"})
+
+    forged = Client().post(
+        f"/webhooks/twilio/status?delivery={delivery.pk}",
+        {"MessageSid": delivery.provider_message_id, "MessageStatus": "failed"},
+        HTTP_X_TWILIO_SIGNATURE="forged",
+    )
+    assert forged.status_code == 403
+    assert Delivery.objects.get(pk=delivery.pk).status == DeliveryStatus.DELIVERED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_undelivered_callback_fails_the_delivery_with_the_carriers_code(
+    workspace, sms_category, sandbox, live_server, settings
+):
+    settings.NOTIFY_PUBLIC_URL = live_server.url.replace("localhost", "127.0.0.1")
+    sandbox.faults_set(provider="twilio", final_status="undelivered")
+    delivery = send_sms(workspace, phone="+14155550123")
+    wait_for(lambda: Delivery.objects.get(pk=delivery.pk).status == DeliveryStatus.FAILED, what="the failed callback")
+    assert Delivery.objects.get(pk=delivery.pk).status_reason == "Twilio error 30003"
