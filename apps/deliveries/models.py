@@ -66,6 +66,10 @@ class DeliveryStatus(models.TextChoices):
     SENDING = "sending", "Sending"
     SENT = "sent", "Sent"
     DELIVERED = "delivered", "Delivered"
+    OPENED = "opened", "Opened"
+    CLICKED = "clicked", "Clicked"
+    BOUNCED = "bounced", "Bounced (hard bounce; the address is suppressed)"
+    COMPLAINED = "complained", "Complained (marked as spam; the address is suppressed)"
     RETRYING = "retrying", "Retrying (transient failure, next attempt scheduled)"
     FAILED = "failed", "Failed (permanent, not retried)"
     DEAD = "dead", "Dead (retries exhausted, in the dead-letter queue)"
@@ -95,6 +99,9 @@ class Delivery(models.Model):
     lease_token = models.UUIDField(null=True, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     provider_message_id = models.CharField(max_length=255, blank=True, default="")
+    # Bumped when a provider reports that a message it accepted failed later (a soft bounce):
+    # the re-send is a new message, so it needs a new idempotency key.
+    resend_round = models.PositiveSmallIntegerField(default=0)
     # SMS: how many segments the provider bills for the rendered text.
     segments = models.PositiveSmallIntegerField(null=True, blank=True)
     sent_at = models.DateTimeField(null=True, blank=True)

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from apps.recipients.models import Recipient
+from apps.recipients.models import Recipient, Suppression
 
 
 @admin.register(Recipient)
@@ -9,3 +9,11 @@ class RecipientAdmin(admin.ModelAdmin):
     list_filter = ("tenant", "locale")
     search_fields = ("external_id", "email", "phone")
     readonly_fields = ("created_at", "updated_at")
+
+
+@admin.register(Suppression)
+class SuppressionAdmin(admin.ModelAdmin):
+    list_display = ("address", "channel", "tenant", "reason", "source", "created_at")
+    list_filter = ("tenant", "channel", "source")
+    search_fields = ("address", "reason")
+    readonly_fields = ("created_at",)

@@ -35,3 +35,23 @@ class Recipient(models.Model):
 
     def __str__(self) -> str:
         return self.external_id
+
+
+class Suppression(models.Model):
+    """An address that must not be sent to again on a channel: it hard-bounced, its owner
+    complained, or ops added it. Honoured when planning and again just before sending."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="suppressions", db_index=False)
+    channel = models.CharField(max_length=16)
+    address = models.CharField(max_length=320, help_text="Email address or E.164 number, as sent to.")
+    reason = models.CharField(max_length=500)
+    source = models.CharField(max_length=100, help_text="What added it: provider:event, or admin.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "channel", "address"], name="suppression_address_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.channel}:{self.address}"

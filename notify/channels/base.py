@@ -22,6 +22,8 @@ class RenderedContent:
 @dataclass(frozen=True)
 class OutboundMessage:
     delivery_id: UUID
+    # Sent to providers that support one: a repeat with the same key is accepted once.
+    idempotency_key: str
     address: str
     content: RenderedContent
     category_key: str
@@ -36,11 +38,13 @@ class SendOutcome:
     # The provider's own word for the outcome, kept next to ours ("twilio:queued").
     provider_status: str = ""
     segments: int | None = None
+    # Not sent because the address is on the suppression list (failure is PERMANENT).
+    suppressed: bool = False
     elapsed_ms: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return self.failure is None
+        return self.failure is None and not self.suppressed
 
 
 class Channel(ABC):

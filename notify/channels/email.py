@@ -75,7 +75,7 @@ def _email(*, message: OutboundMessage, connection: Any) -> EmailMultiAlternativ
         body=content.body,
         from_email=settings.DEFAULT_FROM_EMAIL,
         to=[message.address],
-        headers={IDEMPOTENCY_HEADER: str(message.delivery_id)},
+        headers={IDEMPOTENCY_HEADER: message.idempotency_key},
         connection=connection,
     )
     if content.html:
@@ -184,17 +184,40 @@ def _reason(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:400]
 
 
+# anymail's normalized event types -> the feedback vocabulary shared by every channel.
+ANYMAIL_FEEDBACK = {
+    "delivered": "delivered",
+    "opened": "opened",
+    "clicked": "clicked",
+    "bounced": "bounced",
+    "complained": "complained",
+    "deferred": "soft_bounced",
+    "rejected": "failed",
+    "failed": "failed",
+}
+# Bounces that anymail reports as "bounced" but that are temporary at the receiving end.
+SOFT_BOUNCE_TYPES = frozenset({"SoftBounce", "Transient", "DnsError"})
+
+
 @receiver(tracking, dispatch_uid="notify.channels.email.tracking")
 def email_tracking_received(sender: Any, event: AnymailTrackingEvent, esp_name: str, **kwargs: Any) -> None:
     """anymail's verified tracking webhooks -> delivery feedback. Raising (feedback that
     arrived early) answers 500, and the provider sends the webhook again later."""
     delivery_id = (event.metadata or {}).get("delivery_id")
-    if not delivery_id:
+    normalized = ANYMAIL_FEEDBACK.get(event.event_type)
+    if not delivery_id or normalized is None:
         return
-    raw = event.esp_event.get("RecordType", event.event_type) if isinstance(event.esp_event, dict) else event.event_type
+    raw = event.esp_event if isinstance(event.esp_event, dict) else {}
+    raw_status = raw.get("RecordType", event.event_type)
+    if raw.get("Type"):
+        raw_status = f"{raw_status}/{raw['Type']}"
+    if normalized == "bounced" and raw.get("Type") in SOFT_BOUNCE_TYPES:
+        normalized = "soft_bounced"
     feedback_record(
         delivery_id=delivery_id,
-        provider_status=f"{esp_name.lower()}:{raw}",
-        normalized_status=event.event_type,
+        provider_status=f"{esp_name.lower()}:{raw_status}",
+        normalized_status=normalized,
         occurred_at=event.timestamp,
+        reason=(event.description or "")[:400] if normalized != "delivered" else "",
+        address=event.recipient or "",
     )

@@ -153,4 +153,5 @@ def sms_status_callback(*, url: str, params: Mapping[str, str], signature: str, 
         normalized_status=normalized,
         occurred_at=None,
         reason=reason,
+        address=params.get("To", ""),
     )

@@ -16,6 +16,7 @@ from apps.recipients.models import Recipient
 from notify.channels import channel_get
 from notify.channels.base import RenderedContent
 from notify.pipeline.record import history_event
+from notify.policy.suppression import suppressed_addresses
 
 
 class PlanError(Exception):
@@ -60,6 +61,14 @@ def notifications_plan(
     due_at = max(send_at, now) if send_at else now
     tenant_locale = event.tenant.default_locale
 
+    suppressed = {
+        channel_name: suppressed_addresses(
+            tenant_id=event.tenant_id,
+            channel=channel_name,
+            addresses=[channel_get(name=channel_name).address_for(recipient=r) for r in recipients],
+        )
+        for channel_name in channels
+    }
     plan = Plan(notifications=[], deliveries=[], history=[])
     for recipient in recipients:
         notification = Notification(
@@ -77,9 +86,14 @@ def notifications_plan(
             delivery = Delivery(
                 notification=notification, channel=channel_name, priority=priority, next_attempt_at=due_at
             )
-            if not channel_get(name=channel_name).address_for(recipient=recipient):
+            address = channel_get(name=channel_name).address_for(recipient=recipient)
+            if not address or address.lower() in suppressed[channel_name]:
                 delivery.status = DeliveryStatus.SUPPRESSED
-                delivery.status_reason = f"recipient has no {channel_name} address"
+                delivery.status_reason = (
+                    f"address is suppressed: {suppressed[channel_name][address.lower()]}"
+                    if address
+                    else f"recipient has no {channel_name} address"
+                )
                 reason = delivery.status_reason
             else:
                 reason = f"scheduled for {due_at.isoformat()}" if due_at > now else "planned"

@@ -106,6 +106,29 @@ def _sent_mark(*, lease_token: UUID, outcomes: list[SendOutcome], now: datetime)
         return {pk.to_python(row[0]) for row in cursor.fetchall()}
 
 
+def failure_apply(
+    *, delivery: Delivery, failure: FailureKind | None, reason: str, now: datetime, delays: dict[int, timedelta]
+) -> DeadLetter | None:
+    """Set the delivery's state after a failed attempt: failed for good, retrying with
+    backoff, or dead once its attempts are spent (then return its unsaved dead letter)."""
+    attempt = delivery.attempt_count
+    dead_letter = None
+    if failure is FailureKind.PERMANENT:
+        delivery.status = DeliveryStatus.FAILED
+        text = f"permanent failure: {reason}"
+    elif attempts_exhausted(channel=delivery.channel, attempt=attempt):
+        delivery.status = DeliveryStatus.DEAD
+        text = f"retries exhausted after {attempt} attempts: {reason}"
+        dead_letter = DeadLetter(delivery=delivery, channel=delivery.channel, reason=reason[:500], attempts=attempt)
+    else:
+        delay = delays.setdefault(attempt, retry_delay(channel=delivery.channel, attempt=attempt))
+        delivery.status = DeliveryStatus.RETRYING
+        delivery.next_attempt_at = now + delay
+        text = f"transient failure: {reason}; retry at {delivery.next_attempt_at.isoformat()}"
+    delivery.status_reason = text[:500]
+    return dead_letter
+
+
 def _failures_record(
     *, lease_token: UUID, deliveries: dict[UUID, Delivery], outcomes: list[SendOutcome], now: datetime
 ) -> list[DeliveryEvent]:
@@ -125,33 +148,22 @@ def _failures_record(
         if outcome.delivery_id not in held:
             continue
         delivery = deliveries[outcome.delivery_id]
-        if outcome.failure is FailureKind.PERMANENT:
-            delivery.status = DeliveryStatus.FAILED
-            reason = f"permanent failure: {outcome.reason}"
-        elif attempts_exhausted(channel=delivery.channel, attempt=delivery.attempt_count):
-            delivery.status = DeliveryStatus.DEAD
-            reason = f"retries exhausted after {delivery.attempt_count} attempts: {outcome.reason}"
-            dead_letters.append(
-                DeadLetter(
-                    delivery=delivery,
-                    channel=delivery.channel,
-                    reason=outcome.reason[:500],
-                    attempts=delivery.attempt_count,
-                )
-            )
+        if outcome.suppressed:
+            delivery.status, delivery.status_reason = DeliveryStatus.SUPPRESSED, outcome.reason[:500]
         else:
-            attempt = delivery.attempt_count
-            delay = delays.setdefault(attempt, retry_delay(channel=delivery.channel, attempt=attempt))
-            delivery.status = DeliveryStatus.RETRYING
-            delivery.next_attempt_at = now + delay
-            reason = f"transient failure: {outcome.reason}; retry at {delivery.next_attempt_at.isoformat()}"
-            retries[(delivery.channel, delivery.priority)].append(delivery)
-        delivery.status_reason = reason[:500]
-        detail = {
-            "elapsed_ms": round(outcome.elapsed_ms, 1),
-            "failure": outcome.failure.value if outcome.failure else "",
-        }
-        history.append(history_event(delivery=delivery, status=delivery.status, reason=reason, at=now, detail=detail))
+            dead_letter = failure_apply(
+                delivery=delivery, failure=outcome.failure, reason=outcome.reason, now=now, delays=delays
+            )
+            if dead_letter is not None:
+                dead_letters.append(dead_letter)
+            elif delivery.status == DeliveryStatus.RETRYING:
+                retries[(delivery.channel, delivery.priority)].append(delivery)
+        detail = {**_detail(outcome), "failure": outcome.failure.value if outcome.failure else ""}
+        history.append(
+            history_event(
+                delivery=delivery, status=delivery.status, reason=delivery.status_reason, at=now, detail=detail
+            )
+        )
 
     for group in retries.values():
         dispatch.retries_schedule(deliveries=group, now=now)
@@ -178,13 +190,26 @@ def _failures_record(
     return history
 
 
-# Provider feedback, normalised by the channel -> (our new state, the states it applies to).
-# A provider can deliver what we recorded as failed (a timeout after it accepted): its word
-# wins, and the pending retry finds nothing left to claim.
-FEEDBACK_TRANSITIONS = {
-    "delivered": (DeliveryStatus.DELIVERED, (DeliveryStatus.SENT, DeliveryStatus.RETRYING, DeliveryStatus.DEAD)),
+# Provider feedback, normalised by the channel -> (our new state, the states it moves from).
+# Progress only moves forward (delivered -> opened -> clicked). A provider can deliver what
+# we recorded as retrying or dead (a timeout after it accepted): its word wins, and the
+# pending retry finds nothing left to claim.
+_SENT_OR_LATER = (DeliveryStatus.SENT, DeliveryStatus.RETRYING, DeliveryStatus.DEAD)
+FEEDBACK_TRANSITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "delivered": (DeliveryStatus.DELIVERED, _SENT_OR_LATER),
+    "opened": (DeliveryStatus.OPENED, (*_SENT_OR_LATER, DeliveryStatus.DELIVERED)),
+    "clicked": (DeliveryStatus.CLICKED, (*_SENT_OR_LATER, DeliveryStatus.DELIVERED, DeliveryStatus.OPENED)),
     "failed": (DeliveryStatus.FAILED, (DeliveryStatus.SENT,)),
+    "bounced": (DeliveryStatus.BOUNCED, (DeliveryStatus.SENT, DeliveryStatus.DELIVERED)),
+    "complained": (
+        DeliveryStatus.COMPLAINED,
+        (DeliveryStatus.SENT, DeliveryStatus.DELIVERED, DeliveryStatus.OPENED, DeliveryStatus.CLICKED),
+    ),
+    # A soft bounce is a transient failure reported late: retried like one.
+    "soft_bounced": (DeliveryStatus.RETRYING, (DeliveryStatus.SENT, DeliveryStatus.DELIVERED)),
 }
+# Feedback that means the address must not be sent to again.
+SUPPRESSING_FEEDBACK = {"bounced": "hard bounce", "complained": "spam complaint"}
 
 
 class FeedbackNotReady(Exception):
@@ -192,29 +217,64 @@ class FeedbackNotReady(Exception):
 
 
 def feedback_record(
-    *, delivery_id: str, provider_status: str, normalized_status: str, occurred_at: datetime | None, reason: str = ""
+    *,
+    delivery_id: str,
+    provider_status: str,
+    normalized_status: str,
+    occurred_at: datetime | None,
+    reason: str = "",
+    address: str = "",
 ) -> bool:
-    """Apply provider feedback to a delivery; return False when there is nothing to apply."""
+    """Apply provider feedback to a delivery; return False when there is nothing to apply.
+    A hard bounce or a complaint also puts the address on the tenant's suppression list."""
+    from notify.pipeline import dispatch  # dispatch publishes; record is imported by it
+    from notify.policy.suppression import suppression_add
+
     now = timezone.now()
     with transaction.atomic():
-        delivery = Delivery.objects.select_for_update().filter(id=delivery_id).first()
+        delivery = Delivery.objects.select_for_update().select_related("notification").filter(id=delivery_id).first()
         if delivery is None:
             logger.info("feedback for unknown delivery %s ignored", delivery_id)
             return False
         if delivery.status == DeliveryStatus.SENDING:
             raise FeedbackNotReady(f"delivery {delivery_id} is still being sent")
+        if normalized_status in SUPPRESSING_FEEDBACK and address:
+            suppression_add(
+                tenant_id=delivery.notification.tenant_id,
+                channel=delivery.channel,
+                address=address,
+                reason=f"{SUPPRESSING_FEEDBACK[normalized_status]} ({provider_status})",
+                source=provider_status,
+            )
         if normalized_status not in FEEDBACK_TRANSITIONS:
             return False
         new_status, applies_to = FEEDBACK_TRANSITIONS[normalized_status]
         if delivery.status not in applies_to:
             return False
-        delivery.status = new_status
-        delivery.status_reason = reason
-        delivery.save(update_fields=["status", "status_reason", "updated_at"])
-        detail = {"provider_status": provider_status}
+        detail: dict[str, Any] = {"provider_status": provider_status}
         if occurred_at is not None:
             detail["occurred_at"] = occurred_at.isoformat()
+        if normalized_status == "soft_bounced":
+            delivery.resend_round += 1  # the provider will not take the same key twice
+            dead_letter = failure_apply(
+                delivery=delivery, failure=FailureKind.TRANSIENT, reason=reason or provider_status, now=now, delays={}
+            )
+            if dead_letter is not None:
+                dead_letter.save()
+                dispatch.dead_letters_announce(dead_letters=[dead_letter])
+            else:
+                dispatch.retries_schedule(deliveries=[delivery], now=now)
+        else:
+            delivery.status = new_status
+            delivery.status_reason = reason
+        delivery.save(
+            update_fields=["status", "status_reason", "next_attempt_at", "published_at", "resend_round", "updated_at"]
+        )
         history_event(
-            delivery=delivery, status=new_status, reason=reason or "provider feedback", at=now, detail=detail
+            delivery=delivery,
+            status=delivery.status,
+            reason=delivery.status_reason or "provider feedback",
+            at=now,
+            detail=detail,
         ).save()
     return True

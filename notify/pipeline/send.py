@@ -21,6 +21,7 @@ from notify.channels import channel_get
 from notify.channels.base import OutboundMessage, SendOutcome
 from notify.pipeline.plan import content_render, variant_resolve
 from notify.pipeline.record import outcomes_record
+from notify.policy.suppression import suppressed_addresses
 from notify.resilience.failures import FailureKind
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ SEND_FIELDS = (
     "channel",
     "priority",
     "attempt_count",
+    "resend_round",
     "next_attempt_at",
     "published_at",
     "notification__id",
@@ -115,6 +117,11 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
     return len(deliveries)
 
 
+def delivery_idempotency_key(*, delivery: Delivery) -> str:
+    """The delivery id, with the resend round once a provider-side failure forced a re-send."""
+    return str(delivery.id) if not delivery.resend_round else f"{delivery.id}:{delivery.resend_round}"
+
+
 def _lease_renew(*, lease_token: UUID, deliveries: list[Delivery]) -> list[Delivery]:
     """Extend the lease on the deliveries still held and return them. Any whose lease
     expired were re-queued by the sweeper and are another worker's now: not sent here."""
@@ -141,10 +148,29 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
     channel = channel_get(name=deliveries[0].channel)
     messages: list[OutboundMessage] = []
     outcomes: list[SendOutcome] = []
+    # Checked again here: an address can bounce after its notification was planned.
+    suppressed = {
+        tenant_id: suppressed_addresses(
+            tenant_id=tenant_id,
+            channel=channel.name,
+            addresses=[
+                channel.address_for(recipient=d.notification.recipient)
+                for d in deliveries
+                if d.notification.tenant_id == tenant_id
+            ],
+        )
+        for tenant_id in {d.notification.tenant_id for d in deliveries}
+    }
     for delivery in deliveries:
         notification = delivery.notification
         recipient = notification.recipient
         address = channel.address_for(recipient=recipient)
+        if address and address.lower() in suppressed[notification.tenant_id]:
+            reason = f"address is suppressed: {suppressed[notification.tenant_id][address.lower()]}"
+            outcomes.append(
+                SendOutcome(delivery_id=delivery.id, failure=FailureKind.PERMANENT, reason=reason, suppressed=True)
+            )
+            continue
         if not address:
             outcomes.append(
                 SendOutcome(
@@ -174,6 +200,7 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
         messages.append(
             OutboundMessage(
                 delivery_id=delivery.id,
+                idempotency_key=delivery_idempotency_key(delivery=delivery),
                 address=address,
                 content=content,
                 category_key=context.category_keys[notification.category_id],

@@ -216,21 +216,17 @@ class Sandbox:
             self.state.accepted["postmark"][key] = response
         self.state.record(**entry, status=200, outcome="accepted", message_id=response["MessageID"])
         if "postmark" in self.webhooks:
-            delivered = {
-                "RecordType": "Delivery",
-                "ServerID": 1,
-                "MessageStream": "outbound",
-                "MessageID": response["MessageID"],
-                "Recipient": to,
-                "Tag": message.get("Tag", ""),
-                "DeliveredAt": response["SubmittedAt"],
-                "Details": "Delivered by the sandbox",
-                "Metadata": message.get("Metadata", {}),
-            }
+            events = _postmark_feedback(
+                final_status=self.state.faults["postmark"].final_status, message=message, response=response
+            )
             asyncio.get_running_loop().create_task(
-                self.webhook_send(url=self.webhooks["postmark"], json_body=delivered)
+                self.webhooks_send_in_order(url=self.webhooks["postmark"], events=events)
             )
         return response
+
+    async def webhooks_send_in_order(self, *, url: str, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            await self.webhook_send(url=url, json_body=event)
 
     async def twilio_message(self, *, account: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
         """POST /2010-04-01/Accounts/{sid}/Messages.json, form-encoded, with basic auth."""
@@ -371,6 +367,47 @@ class Sandbox:
             "<table><tr><th>#</th><th>At</th><th>Provider</th><th>Outcome</th><th>HTTP</th><th>To</th>"
             f"<th>Subject</th></tr>{rows}</table>"
         )
+
+
+# What a Postmark account reports after accepting a message, by the sandbox's final_status.
+POSTMARK_FEEDBACK: dict[str, list[tuple[str, str | None]]] = {
+    "delivered": [("Delivery", None)],
+    "hard_bounce": [("Bounce", "HardBounce")],
+    "soft_bounce": [("Bounce", "SoftBounce")],
+    "complained": [("Delivery", None), ("SpamComplaint", "SpamComplaint")],
+    "opened": [("Delivery", None), ("Open", None)],
+    "clicked": [("Delivery", None), ("Open", None), ("Click", None)],
+}
+
+
+def _postmark_feedback(*, final_status: str, message: dict[str, Any], response: dict[str, Any]) -> list[dict[str, Any]]:
+    """Postmark's webhook payloads for one accepted message, in the order Postmark sends them."""
+    events = []
+    for record_type, bounce_type in POSTMARK_FEEDBACK.get(final_status, POSTMARK_FEEDBACK["delivered"]):
+        event: dict[str, Any] = {
+            "RecordType": record_type,
+            "ServerID": 1,
+            "MessageStream": "outbound",
+            "MessageID": response["MessageID"],
+            "Recipient": response["To"],
+            "Tag": message.get("Tag", ""),
+            "Metadata": message.get("Metadata", {}),
+        }
+        if record_type == "Delivery":
+            event.update(DeliveredAt=response["SubmittedAt"], Details="Delivered by the sandbox")
+        elif bounce_type is not None:
+            event.update(
+                Type=bounce_type,
+                TypeCode=1 if bounce_type == "HardBounce" else 4096,
+                Email=response["To"],
+                BouncedAt=response["SubmittedAt"],
+                Description=f"Sandbox {bounce_type}",
+                Details="smtp;550 5.1.1 sandbox" if bounce_type == "HardBounce" else "smtp;452 mailbox full",
+            )
+        else:
+            event.update(ReceivedAt=response["SubmittedAt"], Platform="Desktop", OriginalLink="https://example.com")
+        events.append(event)
+    return events
 
 
 def _basic_auth(header: str) -> tuple[str, str, str]:

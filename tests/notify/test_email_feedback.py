@@ -1,0 +1,111 @@
+"""Email feedback: Postmark's webhooks (from the sandbox) through anymail's verified
+tracking view into delivery states and the suppression list."""
+
+import json
+from urllib.parse import urlparse
+
+import pytest
+from django.test import Client
+from django.utils import timezone
+
+from apps.deliveries.models import Delivery, DeliveryStatus
+from apps.recipients.models import Suppression
+from notify.pipeline.send import deliveries_send
+from tests.helpers import wait_for
+from tests.notify.test_send import ingest_one
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def webhooks(sandbox, live_server):  # type: ignore[no-untyped-def]
+    port = urlparse(live_server.url).port
+    sandbox.webhooks_set(postmark=f"http://sandbox:sandbox-webhook-secret@127.0.0.1:{port}/anymail/postmark/tracking/")
+    return sandbox
+
+
+def send(delivery: Delivery) -> None:
+    Delivery.objects.filter(pk=delivery.pk).update(next_attempt_at=timezone.now())
+    deliveries_send(delivery_ids=[str(delivery.pk)])
+
+
+def wait_for_status(delivery: Delivery, status: str) -> Delivery:
+    wait_for(lambda: Delivery.objects.get(pk=delivery.pk).status == status, timeout=15, what=f"status {status}")
+    return Delivery.objects.get(pk=delivery.pk)
+
+
+def test_delivered_opened_clicked_are_recorded_with_the_raw_status(workspace, webhooks):
+    webhooks.faults_set(final_status="clicked")
+    delivery = ingest_one(workspace)
+    send(delivery)
+    delivery = wait_for_status(delivery, DeliveryStatus.CLICKED)
+    history = list(delivery.events.values_list("status", "detail__provider_status"))
+    assert history[1:] == [
+        ("sent", None),
+        ("delivered", "postmark:Delivery"),
+        ("opened", "postmark:Open"),
+        ("clicked", "postmark:Click"),
+    ]
+
+
+def test_a_hard_bounce_suppresses_the_address_from_then_on(workspace, webhooks, api):
+    webhooks.faults_set(final_status="hard_bounce")
+    waiting = ingest_one(workspace)  # planned before the bounce, sent after it
+    bounced = ingest_one(workspace)
+    send(bounced)
+    bounced = wait_for_status(bounced, DeliveryStatus.BOUNCED)
+    assert bounced.events.last().detail["provider_status"] == "postmark:Bounce/HardBounce"
+    suppression = Suppression.objects.get(tenant=workspace.tenant, channel="email", address="ada@example.com")
+    assert suppression.reason == "hard bounce (postmark:Bounce/HardBounce)"
+
+    send(waiting)
+    waiting.refresh_from_db()
+    assert waiting.status == DeliveryStatus.SUPPRESSED
+    assert waiting.status_reason.startswith("address is suppressed: hard bounce")
+
+    response = api.post(
+        "/api/v1/events",
+        data=json.dumps({"category": "welcome", "recipient": "ada"}),
+        content_type="application/json",
+    )
+    later = Delivery.objects.get(notification_id=response.json()["notification_ids"][0])
+    assert later.status == DeliveryStatus.SUPPRESSED
+    assert len([r for r in webhooks.requests_log() if r["outcome"] == "accepted"]) == 1
+
+
+def test_a_complaint_suppresses_the_address(workspace, webhooks):
+    webhooks.faults_set(final_status="complained")
+    delivery = ingest_one(workspace)
+    send(delivery)
+    wait_for_status(delivery, DeliveryStatus.COMPLAINED)
+    assert Suppression.objects.filter(address="ada@example.com", reason__startswith="spam complaint").exists()
+
+
+def test_a_soft_bounce_is_retried(workspace, webhooks):
+    webhooks.faults_set(final_status="soft_bounce")
+    delivery = ingest_one(workspace)
+    send(delivery)
+    delivery = wait_for_status(delivery, DeliveryStatus.RETRYING)
+    assert "SoftBounce" in delivery.events.last().detail["provider_status"]
+    assert not Suppression.objects.exists()
+
+    webhooks.faults_set(final_status="delivered")
+    send(delivery)
+    delivery = wait_for_status(delivery, DeliveryStatus.DELIVERED)
+    assert delivery.attempt_count == 2
+
+
+def test_the_tracking_webhook_requires_its_credentials(workspace, sandbox):
+    delivery = ingest_one(workspace)
+    send(delivery)
+    payload = {
+        "RecordType": "Bounce",
+        "Type": "HardBounce",
+        "MessageID": "x",
+        "Email": "ada@example.com",
+        "Metadata": {"delivery_id": str(delivery.pk)},
+    }
+    response = Client().post("/anymail/postmark/tracking/", data=json.dumps(payload), content_type="application/json")
+    assert response.status_code in (400, 401, 403)
+    assert Delivery.objects.get(pk=delivery.pk).status == DeliveryStatus.SENT
+    assert not Suppression.objects.exists()
