@@ -31,6 +31,7 @@ from django.conf import settings  # noqa: E402
 from django.db import connection  # noqa: E402
 from django.db.models import Max, Min  # noqa: E402
 
+from apps.catalog.models import Category, Priority, Template, TemplateVariant, TemplateVersion  # noqa: E402
 from apps.deliveries.models import Delivery, DeliveryStatus  # noqa: E402
 from apps.tenants.demo import demo_workspace_ensure  # noqa: E402
 from notify.sandbox.client import SandboxClient  # noqa: E402
@@ -38,7 +39,12 @@ from notify.sandbox.client import SandboxClient  # noqa: E402
 WEB_PORT = int(os.environ.get("BENCH_WEB_PORT", "8100"))
 SANDBOX_PORT = int(os.environ.get("BENCH_SANDBOX_PORT", "8125"))
 API = f"http://127.0.0.1:{WEB_PORT}/api/v1/events"
-FINAL = (DeliveryStatus.SENT, DeliveryStatus.FAILED, DeliveryStatus.DEAD)
+# Every state a delivery reaches once the pipeline is done with it (feedback may follow).
+FINAL = tuple(
+    status
+    for status in DeliveryStatus
+    if status not in (DeliveryStatus.QUEUED, DeliveryStatus.SENDING, DeliveryStatus.RETRYING)
+)
 
 
 class Processes:
@@ -57,6 +63,10 @@ class Processes:
             self.env["EMAIL_BACKEND"] = "django.core.mail.backends.dummy.EmailBackend"
         else:
             self.env["POSTMARK_API_URL"] = f"http://127.0.0.1:{SANDBOX_PORT}/postmark/"
+        # SMS has no in-process sink: it always goes to the sandbox's Messages API, whose
+        # status callbacks come back to this benchmark's web server.
+        self.env["TWILIO_API_BASE"] = f"http://127.0.0.1:{SANDBOX_PORT}/twilio"
+        self.env["NOTIFY_PUBLIC_URL"] = f"http://127.0.0.1:{WEB_PORT}"
         self.bulk_concurrency = bulk_concurrency
 
     def spawn(self, *command: str) -> None:
@@ -107,7 +117,7 @@ class Processes:
             "-l",
             "warning",
         ]
-        self.spawn(*celery, "--pool", "solo", "-Q", "email.critical", "-n", "critical@%h")
+        self.spawn(*celery, "--pool", "solo", "-Q", "email.critical,sms.critical", "-n", "critical@%h")
         # Bulk workers run at a lower CPU priority, as deployments should run them, so
         # that critical work and the API are scheduled first when the cores are busy.
         self.spawn(
@@ -120,7 +130,7 @@ class Processes:
             "--concurrency",
             str(self.bulk_concurrency),
             "-Q",
-            "email.bulk",
+            "email.bulk,sms.bulk",
             "-n",
             "bulk@%h",
         )
@@ -135,6 +145,29 @@ class Processes:
             child.wait(timeout=30)
 
 
+def bench_categories_ensure(*, tenant_id: object) -> None:
+    """bench-<channel>-<priority> categories, one channel each, so every figure is one channel's."""
+    for channel in ("email", "sms"):
+        template, created = Template.objects.get_or_create(
+            tenant_id=tenant_id, key=f"bench-{channel}", defaults={"name": channel}
+        )
+        if created:
+            version = TemplateVersion.objects.create(template=template, number=1)
+            TemplateVariant.objects.create(
+                version=version,
+                channel=channel,
+                subject="News: {{ data.headline }}",
+                body="{{ data.headline }}",
+                html="<h1>{{ data.headline }}</h1>" if channel == "email" else "",
+            )
+        for priority in (Priority.BULK, Priority.CRITICAL):
+            Category.objects.get_or_create(
+                tenant_id=tenant_id,
+                key=f"bench-{channel}-{priority}",
+                defaults={"template": template, "default_channels": [channel], "default_priority": priority},
+            )
+
+
 def reset_database() -> None:
     with connection.cursor() as cursor:
         cursor.execute(
@@ -143,18 +176,21 @@ def reset_database() -> None:
         )
 
 
-def ingest_bulk(*, session: requests.Session, headers: dict[str, str], count: int, prefix: str, threads: int) -> float:
+def ingest_bulk(
+    *, session: requests.Session, headers: dict[str, str], count: int, prefix: str, threads: int, channel: str
+) -> float:
     """Post `count` bulk notifications, 1,000 recipients a request; return seconds taken."""
     chunks = [(start, min(1000, count - start)) for start in range(0, count, 1000)]
 
     def post(chunk: tuple[int, int]) -> None:
         start, size = chunk
         recipients = [
-            {"external_id": f"{prefix}{i}", "email": f"{prefix}{i}@example.com"} for i in range(start, start + size)
+            {"external_id": f"{prefix}{i}", "email": f"{prefix}{i}@example.com", "phone": f"+1415555{i % 10000:04d}"}
+            for i in range(start, start + size)
         ]
         response = session.post(
             API,
-            json={"category": "weekly-digest", "recipients": recipients, "data": {"headline": "News"}},
+            json={"category": f"bench-{channel}-bulk", "recipients": recipients, "data": {"headline": "News"}},
             headers=headers,
         )
         response.raise_for_status()
@@ -195,7 +231,7 @@ class CriticalProbe:
             response = requests.post(  # a new connection each time, as independent producers make
                 API,
                 json={
-                    "category": "otp",
+                    "category": "bench-email-critical",
                     "recipient": {"external_id": f"{self.prefix}{i}", "email": f"otp{i}@example.com"},
                     "data": {"code": "123456"},
                 },
@@ -239,6 +275,7 @@ def main() -> None:
     parser.add_argument("--critical", type=int, default=200, help="critical notifications sent during the backlog")
     parser.add_argument("--critical-rate", type=float, default=20.0, help="critical sends per second (default 20)")
     parser.add_argument("--sink", choices=["sandbox", "memory"], default="sandbox")
+    parser.add_argument("--channel", choices=["email", "sms"], default="email", help="the bulk channel (default email)")
     parser.add_argument("--bulk-concurrency", type=int, default=3, help="bulk worker processes (default 3)")
     parser.add_argument("--web-workers", type=int, default=3, help="uvicorn worker processes (default 3)")
     parser.add_argument("--web-interface", choices=["asgi", "wsgi"], default="asgi")
@@ -247,7 +284,8 @@ def main() -> None:
 
     (ROOT / "var" / "log").mkdir(parents=True, exist_ok=True)
     api_key = settings.NOTIFY_DEMO_API_KEY
-    demo_workspace_ensure(api_key=api_key)
+    tenant = demo_workspace_ensure(api_key=api_key)
+    bench_categories_ensure(tenant_id=tenant.id)
     reset_database()
     headers = {"Authorization": f"Bearer {api_key}"}
     processes = Processes(
@@ -260,14 +298,19 @@ def main() -> None:
     session = requests.Session()
     try:
         print(
-            f"machine: {os.cpu_count()} cores; sink: {args.sink}; bulk batch {settings.NOTIFY_BATCH_SIZE['bulk']}; "
+            f"machine: {os.cpu_count()} cores; bulk channel: {args.channel}; sink: {args.sink}; bulk batch {settings.NOTIFY_BATCH_SIZE['bulk']}; "
             f"bulk worker processes: {args.bulk_concurrency}; web: {args.web_workers} {args.web_interface} processes"
         )
 
         # 1. Ingest alone; then the workers drain that backlog while critical notifications
         #    are sent through it.
         ingest_seconds = ingest_bulk(
-            session=session, headers=headers, count=args.bulk, prefix="a", threads=args.ingest_threads
+            session=session,
+            headers=headers,
+            count=args.bulk,
+            prefix="a",
+            threads=args.ingest_threads,
+            channel=args.channel,
         )
         print(
             f"ingest: {args.bulk} notifications accepted in {ingest_seconds:.1f} s = {args.bulk / ingest_seconds:,.0f}/s"
@@ -298,6 +341,7 @@ def main() -> None:
                 "count": args.bulk,
                 "prefix": "b",
                 "threads": args.ingest_threads,
+                "channel": args.channel,
             },
         )
         backlog.start()

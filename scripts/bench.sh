@@ -8,6 +8,9 @@ export DATABASE_URL="${BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/no
 export CELERY_BROKER_URL="${BENCH_BROKER_URL:-redis://127.0.0.1:6379/13}"
 export NOTIFY_DEMO_API_KEY="${NOTIFY_DEMO_API_KEY:-ntf_bench_0123456789abcdefBENCH}"
 export POSTMARK_SERVER_TOKEN="sandbox-token"
+export TWILIO_ACCOUNT_SID="ACsandbox00000000000000000000000000"
+export TWILIO_AUTH_TOKEN="sandbox-twilio-auth-token"
+export TWILIO_FROM_NUMBER="+15005550006"
 
 venv_ensure
 postgres_ensure
@@ -15,4 +18,4 @@ redis_ensure
 database_create
 "$PY" manage.py migrate --no-input -v 0
 "$PY" -c "import redis; redis.Redis.from_url('$CELERY_BROKER_URL').flushdb()"
-exec "$PY" scripts/bench.py "$@"
+exec "$PY" -u scripts/bench.py "$@"

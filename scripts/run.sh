@@ -73,6 +73,9 @@ curl -sf "http://127.0.0.1:$WEB_PORT/api/schema/" -o /dev/null || die "the web s
 CURL="curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/events \\
   -H 'Authorization: Bearer $NOTIFY_DEMO_API_KEY' -H 'Content-Type: application/json' \\
   -d '{\"category\": \"welcome\", \"recipient\": {\"external_id\": \"grace\", \"email\": \"grace@example.com\"}, \"data\": {\"name\": \"Grace\"}}'"
+SMS_CURL="curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/events \\
+  -H 'Authorization: Bearer $NOTIFY_DEMO_API_KEY' -H 'Content-Type: application/json' \\
+  -d '{\"category\": \"otp\", \"recipient\": {\"external_id\": \"grace\", \"phone\": \"+14155550123\"}, \"data\": {\"code\": \"482913\"}}'"
 
 cat <<INFO
 
@@ -83,27 +86,38 @@ cat <<INFO
   Sandbox log  http://127.0.0.1:$SANDBOX_PORT/         every request the fake providers received
   API key      $NOTIFY_DEMO_API_KEY
 
-  Send a notification:
+  Send a notification by email:
 
   $CURL
+
+  Send a sign-in code by SMS:
+
+  $SMS_CURL
 
   Then open Notifications in the admin, or the sandbox log. Ctrl-C stops everything.
 
 INFO
 
-if [ "$SMOKE" = 1 ]; then
-    response="$(eval "$CURL")"
+# Send one request, then wait until its notification is delivered; print the outcome.
+delivered() {
+    local response notification_id status=""
+    response="$(eval "$1")"
     echo "$response"
-    NOTIFICATION_ID="$(echo "$response" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["notification_ids"][0])')"
+    notification_id="$(echo "$response" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["notification_ids"][0])')"
     for _ in $(seq 150); do
-        status="$(curl -s "http://127.0.0.1:$WEB_PORT/api/v1/notifications/$NOTIFICATION_ID" \
+        status="$(curl -s "http://127.0.0.1:$WEB_PORT/api/v1/notifications/$notification_id" \
             -H "Authorization: Bearer $NOTIFY_DEMO_API_KEY" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["status"])')"
         [ "$status" = "delivered" ] && break
         sleep 0.2
     done
-    echo "notification $NOTIFICATION_ID: $status"
+    echo "notification $notification_id: $status"
+    [ "$status" = "delivered" ]
+}
+
+if [ "$SMOKE" = 1 ]; then
+    delivered "$CURL" || die "the demo email was not delivered; see var/log/"
+    delivered "$SMS_CURL" || die "the demo SMS was not delivered; see var/log/"
     curl -s "http://127.0.0.1:$SANDBOX_PORT/_sandbox/stats"; echo
-    [ "$status" = "delivered" ] || die "the demo notification was not delivered; see var/log/"
     exit 0
 fi
 wait -n

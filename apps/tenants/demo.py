@@ -9,12 +9,14 @@ from apps.tenants.models import ApiKey, Tenant
 
 WELCOME_VARIANTS = [
     {
+        "channel": "email",
         "locale": "",
         "subject": "Welcome, {{ data.name|default:recipient.id }}!",
         "body": "Hi {{ data.name|default:recipient.id }}, your account is ready.",
         "html": "<p>Hi <b>{{ data.name|default:recipient.id }}</b>, your account is ready.</p>",
     },
     {
+        "channel": "email",
         "locale": "es",
         "subject": "¡Bienvenido, {{ data.name|default:recipient.id }}!",
         "body": "Hola {{ data.name|default:recipient.id }}, tu cuenta está lista.",
@@ -23,14 +25,20 @@ WELCOME_VARIANTS = [
 ]
 OTP_VARIANTS = [
     {
+        "channel": "sms",
+        "locale": "",
+        "body": "Your sign-in code is {{ data.code }}. It expires in 10 minutes.",
+    },
+    {
+        "channel": "email",
         "locale": "",
         "subject": "Your sign-in code: {{ data.code }}",
         "body": "Your code is {{ data.code }}. It expires in 10 minutes.",
-        "html": "",
-    }
+    },
 ]
 DIGEST_VARIANTS = [
     {
+        "channel": "email",
         "locale": "",
         "subject": "This week: {{ data.headline }}",
         "body": "{{ data.headline }}",
@@ -44,23 +52,23 @@ def demo_workspace_ensure(*, api_key: str, admin_username: str = "", admin_passw
     """Create the demo tenant, its categories, templates, a recipient, the demo API key and
     an admin login, each only if missing."""
     tenant, _ = Tenant.objects.get_or_create(slug="demo", defaults={"name": "Demo workspace"})
-    for key, kind, priority, variants in (
-        ("welcome", CategoryKind.TRANSACTIONAL, Priority.NORMAL, WELCOME_VARIANTS),
-        ("otp", CategoryKind.CRITICAL, Priority.CRITICAL, OTP_VARIANTS),
-        ("weekly-digest", CategoryKind.MARKETING, Priority.BULK, DIGEST_VARIANTS),
+    for key, kind, priority, channels, variants in (
+        ("welcome", CategoryKind.TRANSACTIONAL, Priority.NORMAL, ["email"], WELCOME_VARIANTS),
+        ("otp", CategoryKind.CRITICAL, Priority.CRITICAL, ["sms"], OTP_VARIANTS),
+        ("weekly-digest", CategoryKind.MARKETING, Priority.BULK, ["email"], DIGEST_VARIANTS),
     ):
         template, created = Template.objects.get_or_create(tenant=tenant, key=key, defaults={"name": key})
         if created:
             version = TemplateVersion.objects.create(template=template, number=1, note="demo")
             for variant in variants:
-                TemplateVariant.objects.create(version=version, channel="email", **variant)
+                TemplateVariant.objects.create(version=version, **variant)
         Category.objects.get_or_create(
             tenant=tenant,
             key=key,
             defaults={
                 "kind": kind,
                 "default_priority": priority,
-                "default_channels": ["email"],
+                "default_channels": channels,
                 "template": template,
                 "description": f"Demo {kind} category",
             },

@@ -35,5 +35,6 @@ def test_the_run_command_delivers_the_demo_notification(tmp_path):
     assert result.returncode == 0, output
     assert "login: admin / admin" in output
     assert "curl -s -X POST" in output
-    assert ": delivered" in output
+    assert output.count(": delivered") == 2  # the email and the SMS
     assert '"postmark.accepted": 1' in output
+    assert '"twilio.accepted": 1' in output
