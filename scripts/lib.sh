@@ -25,7 +25,7 @@ venv_ensure() {
     if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
         say "installing the pinned requirements"
         "$PY" -m pip install --quiet --disable-pip-version-check --upgrade pip
-        "$PY" -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt
+        "$PY" -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt -c requirements/constraints.txt
         echo "$wanted" >"$stamp"
     fi
 }
