@@ -144,6 +144,15 @@ class DeliveryEvent(models.Model):
         return f"{self.status} at {self.created_at:%Y-%m-%d %H:%M:%S}"
 
 
+class EarlyFeedback(models.Model):
+    """Provider feedback that arrived while its delivery was still being sent; applied (and
+    deleted) as soon as the send is recorded."""
+
+    delivery = models.ForeignKey(Delivery, on_delete=models.CASCADE, related_name="+")
+    payload = models.JSONField()
+    received_at = models.DateTimeField(auto_now_add=True)
+
+
 class DeadLetter(models.Model):
     """A delivery whose retries ran out. Ops inspect it and replay it from the admin."""
 

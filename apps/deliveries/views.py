@@ -13,10 +13,9 @@ def twilio_status_callback(request: HttpRequest) -> HttpResponse:
     """Twilio's signed message status callback; an unsigned or forged one gets 403."""
     try:
         sms_status_callback(
-            url=request.build_absolute_uri(),
+            path=request.get_full_path(),
             params=request.POST.dict(),
             signature=request.headers.get("X-Twilio-Signature", ""),
-            delivery_id=request.GET.get("delivery", ""),
         )
     except BadSignature:
         return HttpResponse("invalid X-Twilio-Signature", status=403, content_type="text/plain")

@@ -1,6 +1,8 @@
 from django.contrib import admin
+from django.http import HttpRequest
 
 from apps.recipients.models import Recipient, Suppression
+from notify.policy.suppression import address_canonical
 
 
 @admin.register(Recipient)
@@ -17,3 +19,9 @@ class SuppressionAdmin(admin.ModelAdmin):
     list_filter = ("tenant", "channel", "source")
     search_fields = ("address", "reason")
     readonly_fields = ("created_at",)
+
+    def save_model(self, request: HttpRequest, obj: Suppression, form: object, change: bool) -> None:
+        obj.address = address_canonical(channel=obj.channel, address=obj.address)
+        if not obj.source:
+            obj.source = f"admin:{request.user}"
+        super().save_model(request, obj, form, change)

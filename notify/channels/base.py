@@ -27,6 +27,8 @@ class OutboundMessage:
     address: str
     content: RenderedContent
     category_key: str
+    # Which send of the delivery this is; providers echo it back with their feedback.
+    resend_round: int = 0
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class SendOutcome:
     segments: int | None = None
     # Not sent because the address is on the suppression list (failure is PERMANENT).
     suppressed: bool = False
+    # The provider says this address must not be sent to again (an opted-out number).
+    suppress_address: str = ""
     elapsed_ms: float = 0.0
 
     @property

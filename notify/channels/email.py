@@ -23,7 +23,7 @@ from django.dispatch import receiver
 
 from apps.recipients.models import Recipient
 from notify.channels.base import Channel, OutboundMessage, SendOutcome
-from notify.pipeline.record import feedback_record
+from notify.pipeline.record import Feedback, feedback_record
 from notify.resilience.failures import FailureKind, failure_from_status
 
 # Providers that honour it replay the first response for a repeated key, which turns our
@@ -80,7 +80,7 @@ def _email(*, message: OutboundMessage, connection: Any) -> EmailMultiAlternativ
     )
     if content.html:
         email.attach_alternative(content.html, "text/html")
-    email.metadata = {"delivery_id": str(message.delivery_id)}  # type: ignore[attr-defined]
+    email.metadata = {"delivery_id": str(message.delivery_id), "round": str(message.resend_round)}  # type: ignore[attr-defined]
     email.tags = [message.category_key]  # type: ignore[attr-defined]
     return email
 
@@ -191,19 +191,21 @@ ANYMAIL_FEEDBACK = {
     "clicked": "clicked",
     "bounced": "bounced",
     "complained": "complained",
-    "deferred": "soft_bounced",
+    "deferred": "deferred",  # the provider is still retrying: history only
     "rejected": "failed",
     "failed": "failed",
 }
-# Bounces that anymail reports as "bounced" but that are temporary at the receiving end.
-SOFT_BOUNCE_TYPES = frozenset({"SoftBounce", "Transient", "DnsError"})
+# Postmark's bounce that anymail reports as "bounced" but that is temporary at the receiving
+# end and that Postmark does not retry itself: we send again.
+SOFT_BOUNCE_TYPES = frozenset({"SoftBounce"})
 
 
 @receiver(tracking, dispatch_uid="notify.channels.email.tracking")
 def email_tracking_received(sender: Any, event: AnymailTrackingEvent, esp_name: str, **kwargs: Any) -> None:
     """anymail's verified tracking webhooks -> delivery feedback. Raising (feedback that
     arrived early) answers 500, and the provider sends the webhook again later."""
-    delivery_id = (event.metadata or {}).get("delivery_id")
+    metadata = event.metadata or {}
+    delivery_id = metadata.get("delivery_id")
     normalized = ANYMAIL_FEEDBACK.get(event.event_type)
     if not delivery_id or normalized is None:
         return
@@ -214,10 +216,13 @@ def email_tracking_received(sender: Any, event: AnymailTrackingEvent, esp_name: 
     if normalized == "bounced" and raw.get("Type") in SOFT_BOUNCE_TYPES:
         normalized = "soft_bounced"
     feedback_record(
-        delivery_id=delivery_id,
-        provider_status=f"{esp_name.lower()}:{raw_status}",
-        normalized_status=normalized,
-        occurred_at=event.timestamp,
-        reason=(event.description or "")[:400] if normalized != "delivered" else "",
-        address=event.recipient or "",
+        feedback=Feedback(
+            delivery_id=delivery_id,
+            normalized_status=normalized,
+            provider_status=f"{esp_name.lower()}:{raw_status}",
+            resend_round=int(metadata.get("round") or 0) if str(metadata.get("round") or "0").isdigit() else 0,
+            occurred_at=event.timestamp,
+            reason=(event.description or "")[:400] if normalized != "delivered" else "",
+            address=event.recipient or "",
+        )
     )

@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import gsm0338  # noqa: F401 - registers the "gsm03.38" codec
 import phonenumbers
@@ -19,12 +20,14 @@ from twilio.rest import Client
 
 from apps.recipients.models import Recipient
 from notify.channels.base import Channel, OutboundMessage, SendOutcome
-from notify.pipeline.record import feedback_record
+from notify.pipeline.record import Feedback, feedback_record
 from notify.resilience.failures import FailureKind, failure_from_status
 
 TWILIO_HOST = "https://api.twilio.com"
 # Twilio error codes that mean the number itself cannot receive: retrying cannot help.
 PERMANENT_TWILIO_CODES = frozenset({21211, 21214, 21408, 21610, 21612, 21614})
+# The recipient replied STOP: the number is suppressed, not just this message failed.
+OPTED_OUT_TWILIO_CODE = 21610
 
 
 def sms_segments(*, text: str) -> int:
@@ -99,7 +102,10 @@ class SmsChannel(Channel):
         if segments > settings.NOTIFY_SMS_MAX_SEGMENTS:
             reason = f"{segments} segments is over the limit of {settings.NOTIFY_SMS_MAX_SEGMENTS}"
             return _outcome(message, started, failure=FailureKind.PERMANENT, reason=reason, segments=segments)
-        callback = f"{settings.NOTIFY_PUBLIC_URL}/webhooks/twilio/status?delivery={message.delivery_id}"
+        callback = (
+            f"{settings.NOTIFY_PUBLIC_URL}/webhooks/twilio/status"
+            f"?delivery={message.delivery_id}&round={message.resend_round}"
+        )
         try:
             sent = self._client_get().messages.create(
                 to=number, from_=settings.TWILIO_FROM_NUMBER, body=message.content.body, status_callback=callback
@@ -109,7 +115,16 @@ class SmsChannel(Channel):
                 FailureKind.PERMANENT if error.code in PERMANENT_TWILIO_CODES else failure_from_status(error.status)
             )
             reason = f"HTTP {error.status}: Twilio error {error.code}: {error.msg}"
-            return _outcome(message, started, failure=failure, reason=reason, segments=segments)
+            opted_out = number if error.code == OPTED_OUT_TWILIO_CODE else ""
+            return _outcome(
+                message,
+                started,
+                failure=failure,
+                reason=reason,
+                segments=segments,
+                provider_status=f"twilio:error-{error.code}",
+                suppress_address=opted_out,
+            )
         except (TwilioException, OSError) as error:
             # No answer from Twilio (connection refused, timeout).
             self.reset()
@@ -128,30 +143,49 @@ def _outcome(message: OutboundMessage, started: float, **fields: Any) -> SendOut
     return SendOutcome(delivery_id=message.delivery_id, elapsed_ms=(time.perf_counter() - started) * 1000, **fields)
 
 
-# Twilio's message statuses -> the feedback vocabulary shared by every channel.
+# Twilio's final message statuses -> the feedback vocabulary shared by every channel, refined
+# by the error code: some failures are temporary at the carrier, some prove the number dead.
 TWILIO_FEEDBACK = {"delivered": "delivered", "undelivered": "failed", "failed": "failed"}
+TWILIO_TEMPORARY_ERRORS = frozenset({"30001", "30003", "30008"})  # queue overflow, unreachable, unknown
+TWILIO_DEAD_NUMBER_ERRORS = frozenset({"30005", "30006"})  # unknown destination, landline
+TWILIO_OPTED_OUT_ERRORS = frozenset({"21610", "30004"})  # STOP, blocked by the recipient
 
 
 class BadSignature(Exception):
     pass
 
 
-def sms_status_callback(*, url: str, params: Mapping[str, str], signature: str, delivery_id: str) -> bool:
+def sms_status_callback(*, path: str, params: Mapping[str, str], signature: str) -> bool:
     """Verify a Twilio status callback and apply it; return False when it changes nothing.
-    `url` is the full URL Twilio called (it carries our delivery id). Raises BadSignature
-    when the request was not signed with our auth token."""
-    if not RequestValidator(settings.TWILIO_AUTH_TOKEN).validate(url, dict(params), signature):
+
+    `path` is the request's path and query string: the signed URL is rebuilt from
+    NOTIFY_PUBLIC_URL, the base the callback URL was made from, so a TLS-terminating proxy in
+    front of us does not break the signature. Raises BadSignature for an unsigned or forged
+    request, and for every request while no auth token is configured."""
+    url = settings.NOTIFY_PUBLIC_URL + path
+    token = settings.TWILIO_AUTH_TOKEN
+    if not token or not RequestValidator(token).validate(url, dict(params), signature):
         raise BadSignature("X-Twilio-Signature does not match")
+    query = dict(parse_qsl(urlsplit(url).query))
     status = params.get("MessageStatus", "")
     normalized = TWILIO_FEEDBACK.get(status)
-    if not delivery_id or normalized is None:
+    if normalized is None:
         return False
-    reason = f"Twilio error {params['ErrorCode']}" if params.get("ErrorCode") else ""
+    error_code = params.get("ErrorCode", "")
+    if normalized == "failed" and error_code in TWILIO_TEMPORARY_ERRORS:
+        normalized = "soft_bounced"
+    elif normalized == "failed" and error_code in TWILIO_DEAD_NUMBER_ERRORS:
+        normalized = "bounced"
+    elif normalized == "failed" and error_code in TWILIO_OPTED_OUT_ERRORS:
+        normalized = "unsubscribed"
+    round_text = query.get("round", "0")
     return feedback_record(
-        delivery_id=delivery_id,
-        provider_status=f"twilio:{status}",
-        normalized_status=normalized,
-        occurred_at=None,
-        reason=reason,
-        address=params.get("To", ""),
+        feedback=Feedback(
+            delivery_id=query.get("delivery", ""),
+            normalized_status=normalized,
+            provider_status=f"twilio:{status}" + (f"/{error_code}" if error_code else ""),
+            resend_round=int(round_text) if round_text.isdigit() else 0,
+            reason=f"Twilio error {error_code}" if error_code else "",
+            address=params.get("To", ""),
+        )
     )

@@ -87,10 +87,10 @@ def notifications_plan(
                 notification=notification, channel=channel_name, priority=priority, next_attempt_at=due_at
             )
             address = channel_get(name=channel_name).address_for(recipient=recipient)
-            if not address or address.lower() in suppressed[channel_name]:
+            if not address or address in suppressed[channel_name]:
                 delivery.status = DeliveryStatus.SUPPRESSED
                 delivery.status_reason = (
-                    f"address is suppressed: {suppressed[channel_name][address.lower()]}"
+                    f"address is suppressed: {suppressed[channel_name][address]}"
                     if address
                     else f"recipient has no {channel_name} address"
                 )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -14,7 +15,7 @@ from uuid import UUID
 from django.db import connection, transaction
 from django.utils import timezone
 
-from apps.deliveries.models import DeadLetter, Delivery, DeliveryEvent, DeliveryStatus
+from apps.deliveries.models import DeadLetter, Delivery, DeliveryEvent, DeliveryStatus, EarlyFeedback
 from notify.pipeline.bulk import rows_insert
 from notify.resilience.failures import FailureKind, attempts_exhausted, retry_delay
 
@@ -63,6 +64,7 @@ def outcomes_record(*, lease_token: UUID, deliveries: dict[UUID, Delivery], outc
         if failed:
             history.extend(_failures_record(lease_token=lease_token, deliveries=deliveries, outcomes=failed, now=now))
         rows_insert(objects=history)
+        early_feedback_apply(delivery_ids=[o.delivery_id for o in outcomes])
     if len(history) < len(outcomes):
         logger.warning("lease lost for %d deliveries; another worker owns them now", len(outcomes) - len(history))
 
@@ -148,6 +150,16 @@ def _failures_record(
         if outcome.delivery_id not in held:
             continue
         delivery = deliveries[outcome.delivery_id]
+        if outcome.suppress_address:
+            from notify.policy.suppression import suppression_add
+
+            suppression_add(
+                tenant_id=delivery.notification.tenant_id,
+                channel=delivery.channel,
+                address=outcome.suppress_address,
+                reason=f"opted out ({outcome.provider_status or outcome.reason[:80]})",
+                source=outcome.provider_status or delivery.channel,
+            )
         if outcome.suppressed:
             delivery.status, delivery.status_reason = DeliveryStatus.SUPPRESSED, outcome.reason[:500]
         else:
@@ -205,76 +217,135 @@ FEEDBACK_TRANSITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
         DeliveryStatus.COMPLAINED,
         (DeliveryStatus.SENT, DeliveryStatus.DELIVERED, DeliveryStatus.OPENED, DeliveryStatus.CLICKED),
     ),
+    # The recipient opted out at the provider (an SMS STOP): this message failed for good.
+    "unsubscribed": (DeliveryStatus.FAILED, (DeliveryStatus.SENT,)),
     # A soft bounce is a transient failure reported late: retried like one.
-    "soft_bounced": (DeliveryStatus.RETRYING, (DeliveryStatus.SENT, DeliveryStatus.DELIVERED)),
+    "soft_bounced": (DeliveryStatus.RETRYING, (DeliveryStatus.SENT,)),
 }
 # Feedback that means the address must not be sent to again.
-SUPPRESSING_FEEDBACK = {"bounced": "hard bounce", "complained": "spam complaint"}
+SUPPRESSING_FEEDBACK = {"bounced": "hard bounce", "complained": "spam complaint", "unsubscribed": "opted out"}
 
 
-class FeedbackNotReady(Exception):
-    """Feedback arrived before the send was recorded; the provider should retry it."""
+@dataclass(frozen=True)
+class Feedback:
+    """What a provider reported about one delivery, in the shared vocabulary."""
+
+    delivery_id: str
+    normalized_status: str
+    provider_status: str  # the provider's own word, kept next to ours: "postmark:Bounce/HardBounce"
+    resend_round: int = 0  # which send of the delivery it is about (see Delivery.resend_round)
+    occurred_at: datetime | None = None
+    reason: str = ""
+    address: str = ""  # as the provider reports it; suppression stores it in canonical form
 
 
-def feedback_record(
-    *,
-    delivery_id: str,
-    provider_status: str,
-    normalized_status: str,
-    occurred_at: datetime | None,
-    reason: str = "",
-    address: str = "",
-) -> bool:
+def feedback_record(*, feedback: Feedback) -> bool:
     """Apply provider feedback to a delivery; return False when there is nothing to apply.
-    A hard bounce or a complaint also puts the address on the tenant's suppression list."""
-    from notify.pipeline import dispatch  # dispatch publishes; record is imported by it
+    A hard bounce, a complaint or an opt-out also suppresses the address for the tenant.
+    Feedback that arrives while the delivery is still being sent is kept and applied as
+    soon as the send is recorded, since providers need not send it again."""
     from notify.policy.suppression import suppression_add
 
-    now = timezone.now()
+    try:
+        UUID(str(feedback.delivery_id))
+    except ValueError:
+        logger.info("feedback for malformed delivery id %r ignored", feedback.delivery_id)
+        return False
     with transaction.atomic():
-        delivery = Delivery.objects.select_for_update().select_related("notification").filter(id=delivery_id).first()
+        delivery = (
+            Delivery.objects.select_for_update(of=("self",))
+            .select_related("notification")
+            .filter(id=feedback.delivery_id)
+            .first()
+        )
         if delivery is None:
-            logger.info("feedback for unknown delivery %s ignored", delivery_id)
+            logger.info("feedback for unknown delivery %s ignored", feedback.delivery_id)
             return False
-        if delivery.status == DeliveryStatus.SENDING:
-            raise FeedbackNotReady(f"delivery {delivery_id} is still being sent")
-        if normalized_status in SUPPRESSING_FEEDBACK and address:
+        if feedback.resend_round < delivery.resend_round:
+            return False  # about an earlier send that has since been replaced
+        if feedback.normalized_status in SUPPRESSING_FEEDBACK and feedback.address:
             suppression_add(
                 tenant_id=delivery.notification.tenant_id,
                 channel=delivery.channel,
-                address=address,
-                reason=f"{SUPPRESSING_FEEDBACK[normalized_status]} ({provider_status})",
-                source=provider_status,
+                address=feedback.address,
+                reason=f"{SUPPRESSING_FEEDBACK[feedback.normalized_status]} ({feedback.provider_status})",
+                source=feedback.provider_status,
             )
-        if normalized_status not in FEEDBACK_TRANSITIONS:
-            return False
-        new_status, applies_to = FEEDBACK_TRANSITIONS[normalized_status]
-        if delivery.status not in applies_to:
-            return False
-        detail: dict[str, Any] = {"provider_status": provider_status}
-        if occurred_at is not None:
-            detail["occurred_at"] = occurred_at.isoformat()
-        if normalized_status == "soft_bounced":
-            delivery.resend_round += 1  # the provider will not take the same key twice
-            dead_letter = failure_apply(
-                delivery=delivery, failure=FailureKind.TRANSIENT, reason=reason or provider_status, now=now, delays={}
-            )
-            if dead_letter is not None:
-                dead_letter.save()
-                dispatch.dead_letters_announce(dead_letters=[dead_letter])
-            else:
-                dispatch.retries_schedule(deliveries=[delivery], now=now)
-        else:
-            delivery.status = new_status
-            delivery.status_reason = reason
-        delivery.save(
-            update_fields=["status", "status_reason", "next_attempt_at", "published_at", "resend_round", "updated_at"]
-        )
+        if delivery.status == DeliveryStatus.SENDING:
+            EarlyFeedback.objects.create(delivery=delivery, payload=_feedback_payload(feedback))
+            return True
+        return _feedback_apply(delivery=delivery, feedback=feedback)
+
+
+def _feedback_payload(feedback: Feedback) -> dict[str, Any]:
+    payload = dict(feedback.__dict__)
+    payload["occurred_at"] = feedback.occurred_at.isoformat() if feedback.occurred_at else None
+    return payload
+
+
+def early_feedback_apply(*, delivery_ids: list[UUID]) -> None:
+    """Apply feedback that arrived while these deliveries were being sent."""
+    parked = list(EarlyFeedback.objects.filter(delivery_id__in=delivery_ids).order_by("id"))
+    for row in parked:
+        payload = dict(row.payload)
+        occurred = payload.pop("occurred_at", None)
+        occurred_at = datetime.fromisoformat(occurred) if occurred else None
+        feedback_record(feedback=Feedback(**payload, occurred_at=occurred_at))
+    if parked:
+        EarlyFeedback.objects.filter(id__in=[row.id for row in parked]).delete()
+
+
+# Feedback kept in the history without changing the state (the provider is still trying).
+INFORMATIONAL_FEEDBACK = {"deferred": "the provider deferred it and is still trying"}
+
+
+def _feedback_apply(*, delivery: Delivery, feedback: Feedback) -> bool:
+    from notify.pipeline import dispatch  # dispatch publishes; record is imported by it
+
+    if feedback.normalized_status in INFORMATIONAL_FEEDBACK:
+        reason = f"{INFORMATIONAL_FEEDBACK[feedback.normalized_status]}: {feedback.reason}".rstrip(": ")
         history_event(
             delivery=delivery,
             status=delivery.status,
-            reason=delivery.status_reason or "provider feedback",
-            at=now,
-            detail=detail,
+            reason=reason,
+            at=timezone.now(),
+            detail={"provider_status": feedback.provider_status},
         ).save()
+        return True
+    if feedback.normalized_status not in FEEDBACK_TRANSITIONS:
+        return False
+    new_status, applies_to = FEEDBACK_TRANSITIONS[feedback.normalized_status]
+    if delivery.status not in applies_to:
+        return False
+    now = timezone.now()
+    detail: dict[str, Any] = {"provider_status": feedback.provider_status}
+    if feedback.occurred_at is not None:
+        detail["occurred_at"] = feedback.occurred_at.isoformat()
+    if feedback.normalized_status == "soft_bounced":
+        delivery.resend_round += 1  # the provider will not take the same key twice
+        dead_letter = failure_apply(
+            delivery=delivery,
+            failure=FailureKind.TRANSIENT,
+            reason=feedback.reason or feedback.provider_status,
+            now=now,
+            delays={},
+        )
+        if dead_letter is not None:
+            dead_letter.save()
+            dispatch.dead_letters_announce(dead_letters=[dead_letter])
+        else:
+            dispatch.retries_schedule(deliveries=[delivery], now=now)
+    else:
+        delivery.status = new_status
+        delivery.status_reason = feedback.reason
+    delivery.save(
+        update_fields=["status", "status_reason", "next_attempt_at", "published_at", "resend_round", "updated_at"]
+    )
+    history_event(
+        delivery=delivery,
+        status=delivery.status,
+        reason=delivery.status_reason or "provider feedback",
+        at=now,
+        detail=detail,
+    ).save()
     return True

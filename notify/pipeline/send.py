@@ -165,8 +165,8 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
         notification = delivery.notification
         recipient = notification.recipient
         address = channel.address_for(recipient=recipient)
-        if address and address.lower() in suppressed[notification.tenant_id]:
-            reason = f"address is suppressed: {suppressed[notification.tenant_id][address.lower()]}"
+        if address and address in suppressed[notification.tenant_id]:
+            reason = f"address is suppressed: {suppressed[notification.tenant_id][address]}"
             outcomes.append(
                 SendOutcome(delivery_id=delivery.id, failure=FailureKind.PERMANENT, reason=reason, suppressed=True)
             )
@@ -201,6 +201,7 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
             OutboundMessage(
                 delivery_id=delivery.id,
                 idempotency_key=delivery_idempotency_key(delivery=delivery),
+                resend_round=delivery.resend_round,
                 address=address,
                 content=content,
                 category_key=context.category_keys[notification.category_id],

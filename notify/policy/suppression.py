@@ -6,24 +6,35 @@ from uuid import UUID
 from apps.recipients.models import Suppression
 
 
+def address_canonical(*, channel: str, address: str) -> str:
+    """The one form an address is suppressed and looked up in: lower-case email, E.164 phone."""
+    address = address.strip()
+    if channel == "sms":
+        from notify.channels.sms import e164  # the SMS channel owns number handling
+
+        return e164(number=address) or address
+    return address.lower()
+
+
 def suppression_add(*, tenant_id: UUID, channel: str, address: str, reason: str, source: str) -> bool:
     """Suppress the address; return False when it already was."""
     _, created = Suppression.objects.get_or_create(
         tenant_id=tenant_id,
         channel=channel,
-        address=address.lower(),
+        address=address_canonical(channel=channel, address=address),
         defaults={"reason": reason[:500], "source": source[:100]},
     )
     return created
 
 
 def suppressed_addresses(*, tenant_id: UUID, channel: str, addresses: Iterable[str]) -> dict[str, str]:
-    """The suppressed ones among the addresses, each with the reason it was suppressed."""
-    wanted = {address.lower() for address in addresses if address}
-    if not wanted:
+    """The suppressed ones among the addresses (keyed as given), each with its reason."""
+    canonical = {address: address_canonical(channel=channel, address=address) for address in addresses if address}
+    if not canonical:
         return {}
-    return dict(
-        Suppression.objects.filter(tenant_id=tenant_id, channel=channel, address__in=wanted).values_list(
-            "address", "reason"
-        )
+    reasons = dict(
+        Suppression.objects.filter(
+            tenant_id=tenant_id, channel=channel, address__in=set(canonical.values())
+        ).values_list("address", "reason")
     )
+    return {given: reasons[form] for given, form in canonical.items() if form in reasons}

@@ -250,7 +250,9 @@ class Sandbox:
         if injected is None and not re.fullmatch(r"\+[1-9][0-9]{7,14}", to):
             injected = 400
         if injected is not None:
-            self.state.record(**entry, status=injected, outcome="error")
+            self.state.record(**entry, status=400 if injected >= 10000 else injected, outcome="error")
+            if injected >= 10000:  # a Twilio error code, e.g. 21610 for a number that replied STOP
+                return 400, _twilio_error(injected, "Injected Twilio error.", 400)
             if injected == 400:
                 return 400, _twilio_error(21211, f"The 'To' number {to} is not a valid phone number.", 400)
             return injected, _twilio_error(20500 if injected >= 500 else 20429, "Injected sandbox failure.", injected)
@@ -279,8 +281,10 @@ class Sandbox:
     async def twilio_callbacks(
         self, *, url: str, auth_token: str, sid: str, account: str, form: dict[str, str]
     ) -> None:
-        """Twilio's status callbacks, signed the way Twilio signs them: "sent", then the final one."""
-        final = self.state.faults["twilio"].final_status
+        """Twilio's status callbacks, signed the way Twilio signs them: "sent", then the final
+        status ("delivered", or e.g. "undelivered:30005" with its error code). Like Twilio by
+        default, an HTTP error answer is not retried; only a failed connection is."""
+        final, _, error_code = self.state.faults["twilio"].final_status.partition(":")
         for status in ("sent", final):
             params = {
                 "MessageSid": sid,
@@ -293,10 +297,14 @@ class Sandbox:
                 "ApiVersion": "2010-04-01",
             }
             if status in ("undelivered", "failed"):
-                params["ErrorCode"] = "30003"
+                params["ErrorCode"] = error_code or "30007"
             signature = _twilio_signature(auth_token=auth_token, url=url, params=params)
             await self.webhook_send(
-                url=url, form=params, headers={"X-Twilio-Signature": signature}, delay=TWILIO_CALLBACK_DELAY_SECONDS
+                url=url,
+                form=params,
+                headers={"X-Twilio-Signature": signature},
+                delay=TWILIO_CALLBACK_DELAY_SECONDS,
+                retry_http_errors=False,
             )
 
     async def webhook_send(
@@ -307,6 +315,7 @@ class Sandbox:
         form: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
         delay: float = WEBHOOK_DELAY_SECONDS,
+        retry_http_errors: bool = True,
     ) -> None:
         """POST a webhook the way providers do: later, and again until it is taken."""
         for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
@@ -315,7 +324,7 @@ class Sandbox:
                 response = await asyncio.to_thread(
                     requests.post, url, json=json_body, data=form, headers=headers, timeout=10
                 )
-                if response.status_code < 300:
+                if response.status_code < 300 or not retry_http_errors:
                     return
             except requests.RequestException as error:
                 logger.warning("webhook to %s failed: %s", url, error)

@@ -109,3 +109,60 @@ def test_the_tracking_webhook_requires_its_credentials(workspace, sandbox):
     assert response.status_code in (400, 401, 403)
     assert Delivery.objects.get(pk=delivery.pk).status == DeliveryStatus.SENT
     assert not Suppression.objects.exists()
+
+
+def test_feedback_during_the_send_is_applied_once_the_send_is_recorded(workspace, sandbox):
+    from apps.deliveries.models import EarlyFeedback
+    from notify.channels.base import SendOutcome
+    from notify.pipeline.record import Feedback, feedback_record, outcomes_record
+    from notify.pipeline.send import deliveries_claim
+
+    delivery = ingest_one(workspace)
+    token, claimed = deliveries_claim(delivery_ids=[str(delivery.pk)])
+    early = Feedback(delivery_id=str(delivery.pk), normalized_status="delivered", provider_status="twilio:delivered")
+    assert feedback_record(feedback=early)
+    assert Delivery.objects.get(pk=delivery.pk).status == DeliveryStatus.SENDING
+    assert EarlyFeedback.objects.count() == 1
+
+    outcomes_record(
+        lease_token=token, deliveries={d.pk: d for d in claimed}, outcomes=[SendOutcome(delivery_id=delivery.pk)]
+    )
+    delivery.refresh_from_db()
+    assert delivery.status == DeliveryStatus.DELIVERED
+    assert list(delivery.events.values_list("status", flat=True)) == ["queued", "sent", "delivered"]
+    assert not EarlyFeedback.objects.exists()
+
+
+def test_feedback_about_an_earlier_send_is_ignored(workspace, sandbox):
+    from notify.pipeline.record import Feedback, feedback_record
+
+    delivery = ingest_one(workspace)
+    send(delivery)
+    Delivery.objects.filter(pk=delivery.pk).update(resend_round=1)
+    stale = Feedback(
+        delivery_id=str(delivery.pk), normalized_status="soft_bounced", provider_status="postmark:Bounce/SoftBounce"
+    )
+    assert not feedback_record(feedback=stale)
+    assert Delivery.objects.get(pk=delivery.pk).status == DeliveryStatus.SENT
+
+
+def test_a_deferral_is_kept_in_the_history_without_a_resend(workspace, sandbox):
+    from notify.pipeline.record import Feedback, feedback_record
+
+    delivery = ingest_one(workspace)
+    send(delivery)
+    deferred = Feedback(
+        delivery_id=str(delivery.pk), normalized_status="deferred", provider_status="postmark:Bounce/Transient"
+    )
+    assert feedback_record(feedback=deferred)
+    delivery.refresh_from_db()
+    assert delivery.status == DeliveryStatus.SENT
+    assert delivery.events.last().reason.startswith("the provider deferred it")
+
+
+def test_malformed_delivery_ids_in_feedback_are_ignored(workspace):
+    from notify.pipeline.record import Feedback, feedback_record
+
+    assert not feedback_record(
+        feedback=Feedback(delivery_id="not-a-uuid", normalized_status="delivered", provider_status="x")
+    )

@@ -202,16 +202,15 @@ def test_a_chunk_whose_lease_was_taken_over_is_not_sent(workspace, sandbox):
 
 
 def test_provider_feedback_wins_over_a_pending_retry(workspace, sandbox):
-    from notify.pipeline.record import feedback_record
+    from notify.pipeline.record import Feedback, feedback_record
 
     sandbox.faults_set(fail_next=[503])
     delivery = send_now(ingest_one(workspace))
     assert delivery.status == DeliveryStatus.RETRYING
     assert feedback_record(
-        delivery_id=str(delivery.pk),
-        provider_status="postmark:Delivery",
-        normalized_status="delivered",
-        occurred_at=None,
+        feedback=Feedback(
+            delivery_id=str(delivery.pk), normalized_status="delivered", provider_status="postmark:Delivery"
+        )
     )
     delivery.refresh_from_db()
     assert delivery.status == DeliveryStatus.DELIVERED

@@ -7,6 +7,7 @@ from django.test import Client
 
 from apps.catalog.models import Category, TemplateVariant, TemplateVersion
 from apps.deliveries.models import Delivery, DeliveryStatus
+from apps.recipients.models import Suppression
 from notify.channels.sms import e164, sms_segments
 from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
 from notify.pipeline.send import deliveries_send
@@ -136,11 +137,38 @@ def test_signed_status_callbacks_update_the_delivery_and_forged_ones_get_403(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_an_undelivered_callback_fails_the_delivery_with_the_carriers_code(
-    workspace, sms_category, sandbox, live_server, settings
+@pytest.mark.parametrize(
+    ("final_status", "status", "suppressed"),
+    [
+        ("undelivered:30007", DeliveryStatus.FAILED, False),  # filtered by the carrier: this message
+        ("undelivered:30005", DeliveryStatus.BOUNCED, True),  # the number does not exist
+        ("undelivered:30003", DeliveryStatus.RETRYING, False),  # unreachable for now: sent again
+    ],
+)
+def test_an_undelivered_callback_is_classified_by_its_error_code(
+    workspace, sms_category, sandbox, live_server, settings, final_status, status, suppressed
 ):
     settings.NOTIFY_PUBLIC_URL = live_server.url.replace("localhost", "127.0.0.1")
-    sandbox.faults_set(provider="twilio", final_status="undelivered")
+    sandbox.faults_set(provider="twilio", final_status=final_status)
     delivery = send_sms(workspace, phone="+14155550123")
-    wait_for(lambda: Delivery.objects.get(pk=delivery.pk).status == DeliveryStatus.FAILED, what="the failed callback")
-    assert Delivery.objects.get(pk=delivery.pk).status_reason == "Twilio error 30003"
+    wait_for(lambda: Delivery.objects.get(pk=delivery.pk).status == status, what=f"status {status}")
+    delivery = Delivery.objects.get(pk=delivery.pk)
+    assert f"Twilio error {final_status.partition(':')[2]}" in delivery.status_reason
+    assert Suppression.objects.filter(channel="sms", address="+14155550123").exists() is suppressed
+    assert delivery.resend_round == (1 if status == DeliveryStatus.RETRYING else 0)
+
+
+def test_a_number_that_replied_stop_is_suppressed(workspace, sms_category, sandbox):
+    sandbox.faults_set(provider="twilio", address_status={"+14155550123": 21610})
+    delivery = send_sms(workspace, phone="+1 415 555 0123")
+    assert delivery.status == DeliveryStatus.FAILED
+    assert Suppression.objects.get(channel="sms").address == "+14155550123"
+    again = send_sms(workspace, phone="+14155550123")
+    assert again.status == DeliveryStatus.SUPPRESSED
+    assert len(sandbox.requests_log(provider="twilio")) == 1
+
+
+def test_callbacks_are_refused_without_an_auth_token(workspace, sms_category, sandbox, settings):
+    settings.TWILIO_AUTH_TOKEN = ""
+    response = Client().post("/webhooks/twilio/status?delivery=x&round=0", {"MessageStatus": "delivered"})
+    assert response.status_code == 403
