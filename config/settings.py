@@ -165,7 +165,7 @@ NOTIFY_RETRY_POLICY = {
         "base_seconds": env.float(f"NOTIFY_{channel.upper()}_RETRY_BASE_SECONDS", default=10.0),
         "cap_seconds": env.float(f"NOTIFY_{channel.upper()}_RETRY_CAP_SECONDS", default=3600.0),
     }
-    for channel in ("email", "sms")
+    for channel in ("email", "sms", "push")
 }
 NOTIFY_DEFAULT_LOCALE = env("NOTIFY_DEFAULT_LOCALE", default="en")
 
@@ -189,6 +189,15 @@ NOTIFY_SMS_MAX_SEGMENTS = env.int("NOTIFY_SMS_MAX_SEGMENTS", default=10)
 NOTIFY_SMS_TIMEOUT_SECONDS = env.float("NOTIFY_SMS_TIMEOUT_SECONDS", default=10.0)
 # Where providers reach this service for status callbacks (no trailing slash).
 NOTIFY_PUBLIC_URL = env("NOTIFY_PUBLIC_URL", default="http://127.0.0.1:8000")
+
+# --- Mobile push (Firebase Cloud Messaging, HTTP v1) -------------------------------------
+FCM_PROJECT_ID = env("FCM_PROJECT_ID", default="")
+# A service account key file; without one, and with the token endpoint not Google's (the
+# sandbox), an ephemeral key is made so that the real OAuth code path still runs.
+FCM_CREDENTIALS_FILE = env("FCM_CREDENTIALS_FILE", default="")
+FCM_API_BASE = env("FCM_API_BASE", default="https://fcm.googleapis.com")
+FCM_TOKEN_URI = env("FCM_TOKEN_URI", default="https://oauth2.googleapis.com/token")
+NOTIFY_PUSH_TIMEOUT_SECONDS = env.float("NOTIFY_PUSH_TIMEOUT_SECONDS", default=10.0)
 
 # --- Demo and sandbox -------------------------------------------------------------------
 NOTIFY_DEMO_API_KEY = env("NOTIFY_DEMO_API_KEY", default="")

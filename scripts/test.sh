@@ -10,8 +10,9 @@ export ANYMAIL_WEBHOOK_SECRET="sandbox:sandbox-webhook-secret"
 export TWILIO_ACCOUNT_SID="ACsandbox00000000000000000000000000"
 export TWILIO_AUTH_TOKEN="sandbox-twilio-auth-token"
 export TWILIO_FROM_NUMBER="+15005550006"
+export FCM_PROJECT_ID="notify-sandbox"
 # Short clocks so that retries, leases and the sweeper act within a test's patience.
-for channel in EMAIL SMS; do
+for channel in EMAIL SMS PUSH; do
     export "NOTIFY_${channel}_MAX_ATTEMPTS=3" "NOTIFY_${channel}_RETRY_BASE_SECONDS=0.2" "NOTIFY_${channel}_RETRY_CAP_SECONDS=1"
 done
 export NOTIFY_LEASE_SECONDS=4

@@ -79,6 +79,8 @@ def sandbox(sandbox_url: str, settings) -> SandboxClient:  # type: ignore[no-unt
     settings.EMAIL_BACKEND = "anymail.backends.postmark.EmailBackend"
     settings.ANYMAIL = {**django_settings.ANYMAIL, "POSTMARK_API_URL": f"{sandbox_url}/postmark/"}
     settings.TWILIO_API_BASE = f"{sandbox_url}/twilio"
+    settings.FCM_API_BASE = f"{sandbox_url}/fcm"
+    settings.FCM_TOKEN_URI = f"{sandbox_url}/google/token"
     client = SandboxClient(base_url=sandbox_url)
     client.reset()
     return client
@@ -156,6 +158,8 @@ class WorkerPool:
                 "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
                 "POSTMARK_API_URL": f"{self.sandbox_url}/postmark/",
                 "TWILIO_API_BASE": f"{self.sandbox_url}/twilio",
+                "FCM_API_BASE": f"{self.sandbox_url}/fcm",
+                "FCM_TOKEN_URI": f"{self.sandbox_url}/google/token",
                 **(env or {}),
             },
             stdout=log_path.open("w"),

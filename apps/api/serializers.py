@@ -6,12 +6,24 @@ from rest_framework import serializers
 from apps.catalog.models import Channel, Priority
 from apps.deliveries.models import Delivery, DeliveryEvent, Notification
 from apps.deliveries.selectors import NOTIFICATION_STATUSES, notification_status
-from apps.recipients.models import Recipient, validate_timezone
+from apps.recipients.models import Device, Recipient, validate_timezone
 from notify.channels.sms import e164
 from notify.pipeline.ingest import EventRequest, RecipientRef
 
 MAX_RECIPIENTS_PER_EVENT = 1000
 MAX_EVENTS_PER_BATCH = 100
+
+
+class DeviceSerializer(serializers.ModelSerializer):
+    """A device that receives mobile push, registered by the producer for a recipient."""
+
+    recipient = serializers.CharField(source="recipient.external_id", help_text="The recipient's external id.")
+    token = serializers.CharField(max_length=1024)
+
+    class Meta:
+        model = Device
+        fields = ["recipient", "token", "platform", "app", "active", "deactivated_reason", "last_seen_at", "created_at"]
+        read_only_fields = ["active", "deactivated_reason", "last_seen_at", "created_at"]
 
 
 class RecipientSerializer(serializers.ModelSerializer):

@@ -1,11 +1,12 @@
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from apps.api.views import EventBatchView, EventView, NotificationViewSet, RecipientViewSet
+from apps.api.views import DeviceViewSet, EventBatchView, EventView, NotificationViewSet, RecipientViewSet
 
 router = SimpleRouter(trailing_slash=False)
 router.register("notifications", NotificationViewSet, basename="notification")
 router.register("recipients", RecipientViewSet, basename="recipient")
+router.register("devices", DeviceViewSet, basename="device")
 
 urlpatterns = [
     path("events", EventView.as_view(), name="events"),

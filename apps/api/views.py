@@ -14,6 +14,7 @@ from rest_framework.views import APIView
 from apps.api.errors import error_response, field_error
 from apps.api.serializers import (
     CancelResultSerializer,
+    DeviceSerializer,
     ErrorSerializer,
     EventAcceptedSerializer,
     EventBatchAcceptedSerializer,
@@ -26,8 +27,8 @@ from apps.api.serializers import (
 )
 from apps.deliveries.models import DeliveryStatus, Notification
 from apps.deliveries.selectors import notification_get, notifications_list
-from apps.recipients.models import Recipient
-from apps.recipients.services import recipient_upsert
+from apps.recipients.models import Device, Recipient
+from apps.recipients.services import device_register, recipient_upsert
 from apps.tenants.models import ApiKey
 from notify.pipeline.control import NotCancellable, notification_cancel
 from notify.pipeline.ingest import EventRequest, IdempotencyConflict, IngestError, events_ingest
@@ -222,3 +223,47 @@ class RecipientViewSet(viewsets.ModelViewSet):
         if partial and not self.get_queryset().filter(external_id=kwargs["external_id"]).exists():
             raise Http404
         return self._upsert(external_id=kwargs["external_id"], data=request.data, partial=partial)
+
+
+class DeviceViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins.DestroyModelMixin):
+    """Mobile push devices. POST registers (or updates) one by its token."""
+
+    serializer_class = DeviceSerializer
+    pagination_class = CreatedCursorPagination
+    lookup_field = "token"
+    lookup_value_regex = "[^/]+"
+    queryset = Device.objects.none()
+
+    def get_queryset(self):  # type: ignore[no-untyped-def]
+        devices = Device.objects.filter(tenant=api_key_of(self.request).tenant).select_related("recipient")
+        recipient = self.request.query_params.get("recipient")
+        return devices.filter(recipient__external_id=recipient) if recipient else devices
+
+    @extend_schema(
+        parameters=[OpenApiParameter("recipient", str, description="Only this recipient's devices.")],
+        summary="List devices",
+    )
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().list(request, *args, **kwargs)
+
+    @extend_schema(
+        summary="Register a device (upsert by token)", responses={200: DeviceSerializer, 201: DeviceSerializer}
+    )
+    def create(self, request: Request) -> Response:
+        serializer = DeviceSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        tenant = api_key_of(request).tenant
+        external_id = serializer.validated_data["recipient"]["external_id"]
+        recipient = Recipient.objects.filter(tenant=tenant, external_id=external_id).first()
+        if recipient is None:
+            return field_error(field="recipient", message=f"Unknown recipient '{external_id}'. Create it first.")
+        device, created = device_register(
+            tenant=tenant,
+            recipient=recipient,
+            token=serializer.validated_data["token"],
+            platform=serializer.validated_data["platform"],
+            app=serializer.validated_data.get("app", ""),
+        )
+        return Response(
+            DeviceSerializer(device).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
+        )

@@ -7,6 +7,7 @@ from apps.tenants.models import Tenant
 class Channel(models.TextChoices):
     EMAIL = "email", "Email"
     SMS = "sms", "SMS"
+    PUSH = "push", "Mobile push"
 
 
 class Priority(models.TextChoices):

@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.http import HttpRequest
 
-from apps.recipients.models import Recipient, Suppression
+from apps.recipients.models import Device, Recipient, Suppression
 from notify.policy.suppression import address_canonical
 
 
@@ -25,3 +25,11 @@ class SuppressionAdmin(admin.ModelAdmin):
         if not obj.source:
             obj.source = f"admin:{request.user}"
         super().save_model(request, obj, form, change)
+
+
+@admin.register(Device)
+class DeviceAdmin(admin.ModelAdmin):
+    list_display = ("recipient", "platform", "app", "active", "deactivated_reason", "last_seen_at")
+    list_filter = ("tenant", "platform", "active")
+    search_fields = ("recipient__external_id", "token")
+    readonly_fields = ("created_at", "last_seen_at")

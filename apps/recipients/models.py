@@ -55,3 +55,30 @@ class Suppression(models.Model):
 
     def __str__(self) -> str:
         return f"{self.channel}:{self.address}"
+
+
+class DevicePlatform(models.TextChoices):
+    ANDROID = "android", "Android"
+    IOS = "ios", "iOS"
+    WEB = "web", "Web"
+
+
+class Device(models.Model):
+    """A recipient's app install that can receive mobile push. Registering the same token
+    again updates this row (and moves it, if the device changed hands)."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="devices", db_index=False)
+    recipient = models.ForeignKey(Recipient, on_delete=models.CASCADE, related_name="devices")
+    platform = models.CharField(max_length=16, choices=DevicePlatform.choices)
+    token = models.CharField(max_length=1024)
+    app = models.CharField(max_length=100, blank=True, default="")
+    active = models.BooleanField(default=True)
+    deactivated_reason = models.CharField(max_length=300, blank=True, default="")
+    last_seen_at = models.DateTimeField(auto_now=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["tenant", "token"], name="device_token_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.platform} {self.token[:12]}…"

@@ -2,7 +2,7 @@ from typing import Any
 
 from django.db import transaction
 
-from apps.recipients.models import Recipient
+from apps.recipients.models import Device, Recipient
 from apps.tenants.models import Tenant
 
 
@@ -10,3 +10,22 @@ def recipient_upsert(*, tenant: Tenant, external_id: str, fields: dict[str, Any]
     """Create the recipient, or update only the given fields of the existing one."""
     with transaction.atomic():
         return Recipient.objects.update_or_create(tenant=tenant, external_id=external_id, defaults=fields)
+
+
+def device_register(
+    *, tenant: Tenant, recipient: Recipient, token: str, platform: str, app: str
+) -> tuple[Device, bool]:
+    """Register a device, or update the one with this token: re-registering reactivates it
+    and moves it to this recipient if it changed hands."""
+    with transaction.atomic():
+        return Device.objects.update_or_create(
+            tenant=tenant,
+            token=token,
+            defaults={
+                "recipient": recipient,
+                "platform": platform,
+                "app": app,
+                "active": True,
+                "deactivated_reason": "",
+            },
+        )

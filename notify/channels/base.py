@@ -58,6 +58,10 @@ class Channel(ABC):
     def address_for(self, *, recipient: Recipient) -> str:
         """Where this recipient is reached on this channel, or "" when they cannot be."""
 
+    def addresses_for(self, *, recipients: list[Recipient]) -> dict[UUID, str]:
+        """address_for() for many recipients at once (a channel that must query overrides it)."""
+        return {recipient.id: self.address_for(recipient=recipient) for recipient in recipients}
+
     @abstractmethod
     def send_batch(self, *, messages: list[OutboundMessage]) -> list[SendOutcome]:
         """Send each message once; return one outcome per message, never raise for one."""

@@ -61,13 +61,10 @@ def notifications_plan(
     due_at = max(send_at, now) if send_at else now
     tenant_locale = event.tenant.default_locale
 
+    addresses = {name: channel_get(name=name).addresses_for(recipients=recipients) for name in channels}
     suppressed = {
-        channel_name: suppressed_addresses(
-            tenant_id=event.tenant_id,
-            channel=channel_name,
-            addresses=[channel_get(name=channel_name).address_for(recipient=r) for r in recipients],
-        )
-        for channel_name in channels
+        name: suppressed_addresses(tenant_id=event.tenant_id, channel=name, addresses=addresses[name].values())
+        for name in channels
     }
     plan = Plan(notifications=[], deliveries=[], history=[])
     for recipient in recipients:
@@ -86,7 +83,7 @@ def notifications_plan(
             delivery = Delivery(
                 notification=notification, channel=channel_name, priority=priority, next_attempt_at=due_at
             )
-            address = channel_get(name=channel_name).address_for(recipient=recipient)
+            address = addresses[channel_name][recipient.id]
             if not address or address in suppressed[channel_name]:
                 delivery.status = DeliveryStatus.SUPPRESSED
                 delivery.status_reason = (

@@ -5,6 +5,10 @@ of the way of what it measures. Tests, the demo and the benchmark all talk to it
 
   POST /postmark/email          Postmark's send API, as anymail's Postmark backend calls it
   POST /postmark/email/batch    Postmark's batch API: up to 500 different messages
+  POST /google/token            Google's OAuth token endpoint (service-account JWT assertions)
+  POST /fcm/v1/projects/{project}/messages:send
+                                FCM HTTP v1; faults by token: 404 UNREGISTERED, 403 SENDER_ID_MISMATCH,
+                                400 invalid token, 413 payload too big, 429 quota, 503
   POST /twilio/2010-04-01/Accounts/{sid}/Messages.json
                                 Twilio's Messages API, then its signed status callbacks
   GET  /_sandbox/requests       the log (?provider=postmark&after=<seq>)
@@ -41,7 +45,18 @@ from urllib.parse import parse_qs, urlparse
 import requests
 
 Scope = dict[str, Any]
-PROVIDERS = ("postmark", "twilio")
+PROVIDERS = ("postmark", "twilio", "fcm")
+FCM_SEND = re.compile(r"^/fcm/v1/projects/(?P<project>[^/]+)/messages:send$")
+# FCM's error statuses and the FcmError code it names for each injected HTTP status.
+FCM_ERRORS = {
+    400: ("INVALID_ARGUMENT", "INVALID_ARGUMENT", "The registration token is not a valid FCM registration token"),
+    403: ("PERMISSION_DENIED", "SENDER_ID_MISMATCH", "SenderId mismatch"),
+    404: ("NOT_FOUND", "UNREGISTERED", "Requested entity was not found."),
+    413: ("INVALID_ARGUMENT", "INVALID_ARGUMENT", "Message is too big"),
+    429: ("RESOURCE_EXHAUSTED", "QUOTA_EXCEEDED", "Quota exceeded for sending messages."),
+    500: ("INTERNAL", "INTERNAL", "Internal error encountered."),
+    503: ("UNAVAILABLE", "UNAVAILABLE", "The service is currently unavailable."),
+}
 TWILIO_MESSAGES = re.compile(r"^/twilio/2010-04-01/Accounts/(?P<account>[^/]+)/Messages\.json$")
 TWILIO_CALLBACK_DELAY_SECONDS = 0.2
 WEBHOOK_DELAY_SECONDS = 0.5
@@ -113,6 +128,10 @@ class Sandbox:
             status, payload = await self.postmark_email(headers=headers, body=body)
         elif method == "POST" and path.rstrip("/") == "/postmark/email/batch":
             status, payload = await self.postmark_batch(headers=headers, body=body)
+        elif method == "POST" and path == "/google/token":
+            status, payload = self.google_token(body=body)
+        elif method == "POST" and (match := FCM_SEND.match(path)):
+            status, payload = await self.fcm_send(project=match["project"], headers=headers, body=body)
         elif method == "POST" and (match := TWILIO_MESSAGES.match(path)):
             status, payload = await self.twilio_message(account=match["account"], headers=headers, body=body)
         elif method == "GET" and path == "/_sandbox/requests":
@@ -227,6 +246,55 @@ class Sandbox:
     async def webhooks_send_in_order(self, *, url: str, events: list[dict[str, Any]]) -> None:
         for event in events:
             await self.webhook_send(url=url, json_body=event)
+
+    def google_token(self, *, body: bytes) -> tuple[int, Any]:
+        """Google's OAuth token endpoint for a service account's signed JWT assertion."""
+        form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
+        if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:jwt-bearer" or not form.get("assertion"):
+            return 400, {"error": "invalid_grant", "error_description": "Expected a JWT bearer assertion."}
+        return 200, {"access_token": "sandbox-" + uuid.uuid4().hex, "expires_in": 3600, "token_type": "Bearer"}
+
+    async def fcm_send(self, *, project: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
+        """FCM HTTP v1: POST /v1/projects/{project}/messages:send with a bearer token."""
+        faults = self.state.faults["fcm"]
+        if faults.latency_ms:
+            await asyncio.sleep(faults.latency_ms / 1000)
+        if not headers.get("authorization", "").startswith("Bearer sandbox-"):
+            return 401, {
+                "error": {
+                    "code": 401,
+                    "message": "Request had invalid authentication credentials.",
+                    "status": "UNAUTHENTICATED",
+                }
+            }
+        try:
+            message = json.loads(body)["message"]
+        except (ValueError, KeyError, TypeError):
+            return 400, {
+                "error": {"code": 400, "message": "Invalid JSON payload received.", "status": "INVALID_ARGUMENT"}
+            }
+        token = str(message.get("token", ""))
+        notification = message.get("notification", {})
+        entry = {
+            "provider": "fcm",
+            "to": token,
+            "subject": notification.get("title", ""),
+            "text": notification.get("body", "")[:500],
+            "idempotency_key": None,
+            "metadata": message.get("data", {}),
+        }
+        injected = faults.request_status() or faults.address_rule(address=token)
+        if injected is None and len(json.dumps({k: message.get(k) for k in ("notification", "data")}).encode()) > 4096:
+            injected = 413
+        if injected is not None:
+            self.state.record(**entry, status=injected, outcome="error")
+            status, error_code, text = FCM_ERRORS.get(injected, FCM_ERRORS[500])
+            detail = {"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": error_code}
+            http_status = 400 if injected == 413 else injected
+            return http_status, {"error": {"code": http_status, "message": text, "status": status, "details": [detail]}}
+        name = f"projects/{project}/messages/{uuid.uuid4().int % 10**16}"
+        self.state.record(**entry, status=200, outcome="accepted", message_id=name)
+        return 200, {"name": name}
 
     async def twilio_message(self, *, account: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
         """POST /2010-04-01/Accounts/{sid}/Messages.json, form-encoded, with basic auth."""

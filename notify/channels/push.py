@@ -1,0 +1,202 @@
+"""Mobile push through firebase-admin (FCM HTTP v1; iOS through FCM's APNs block): the only
+module that touches firebase-admin.
+
+A delivery goes to every active device of its recipient. Tokens that FCM proves dead are
+deactivated; a payload error never deactivates a device."""
+
+import json
+import time
+import warnings
+from collections import defaultdict
+from typing import Any
+from uuid import UUID
+
+import firebase_admin
+import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from django.conf import settings
+from firebase_admin import credentials, exceptions, messaging
+
+from apps.recipients.models import Device, Recipient
+from notify.channels.base import Channel, OutboundMessage, SendOutcome
+from notify.resilience.failures import FailureKind
+
+FCM_HOST = "https://fcm.googleapis.com"
+GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
+# FCM refuses messages over 4 KB; the body is shortened, with an ellipsis, to fit.
+PAYLOAD_LIMIT_BYTES = 4096
+# firebase-admin's send_each starts one thread per message: send in slices.
+SEND_SLICE = 50
+# Errors that prove a token dead: only these deactivate a device.
+DEAD_TOKEN_ERRORS = (messaging.UnregisteredError, messaging.SenderIdMismatchError)
+TRANSIENT_CODES = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE", "INTERNAL", "DEADLINE_EXCEEDED", "UNKNOWN"})
+
+
+def push_payload_fit(*, title: str, body: str, data: dict[str, str]) -> str:
+    """The body, shortened with an ellipsis until the notification fits FCM's limit. The
+    payload is always built as JSON from parts, so shortening never breaks it."""
+
+    def size(text: str) -> int:
+        return len(json.dumps({"notification": {"title": title, "body": text}, "data": data}).encode())
+
+    if size(body) <= PAYLOAD_LIMIT_BYTES:
+        return body
+    low, high = 0, len(body)
+    while low < high:  # the longest prefix that fits with its ellipsis
+        middle = (low + high + 1) // 2
+        if size(body[:middle] + "…") <= PAYLOAD_LIMIT_BYTES:
+            low = middle
+        else:
+            high = middle - 1
+    return body[:low] + "…"
+
+
+class _ConfiguredHostAdapter(requests.adapters.HTTPAdapter):
+    """Sends FCM's requests to FCM_API_BASE instead of fcm.googleapis.com, so the real SDK
+    code path runs against the sandbox in tests and the demo."""
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
+        if request.url and request.url.startswith(FCM_HOST):
+            request.url = settings.FCM_API_BASE.rstrip("/") + request.url[len(FCM_HOST) :]
+        return super().send(request, *args, **kwargs)
+
+
+def _credentials() -> credentials.Certificate:
+    if settings.FCM_CREDENTIALS_FILE:
+        return credentials.Certificate(settings.FCM_CREDENTIALS_FILE)
+    if settings.FCM_TOKEN_URI == GOOGLE_TOKEN_URI:
+        raise RuntimeError("Set FCM_CREDENTIALS_FILE to a Firebase service account key to send mobile push.")
+    # A throwaway key for a sandbox token endpoint: the OAuth exchange still really runs.
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return credentials.Certificate(
+        {
+            "type": "service_account",
+            "project_id": settings.FCM_PROJECT_ID or "notify-sandbox",
+            "private_key_id": "sandbox",
+            "private_key": pem.decode(),
+            "client_email": "notify@sandbox.iam.gserviceaccount.com",
+            "client_id": "0",
+            "token_uri": settings.FCM_TOKEN_URI,
+        }
+    )
+
+
+class PushChannel(Channel):
+    name = "push"
+
+    def __init__(self) -> None:
+        self._app: firebase_admin.App | None = None
+
+    def address_for(self, *, recipient: Recipient) -> str:
+        # A recipient is reached through their devices, looked up per batch when sending.
+        return str(recipient.id)
+
+    def addresses_for(self, *, recipients: list[Recipient]) -> dict[UUID, str]:
+        with_devices = set(
+            Device.objects.filter(recipient__in=recipients, active=True).values_list("recipient_id", flat=True)
+        )
+        return {r.id: str(r.id) if r.id in with_devices else "" for r in recipients}
+
+    def reset(self) -> None:
+        if self._app is not None:
+            firebase_admin.delete_app(self._app)
+        self._app = None
+
+    def _app_get(self) -> firebase_admin.App:
+        if self._app is None:
+            cert = _credentials()
+            options = {
+                "projectId": settings.FCM_PROJECT_ID or cert.project_id,
+                "httpTimeout": settings.NOTIFY_PUSH_TIMEOUT_SECONDS,
+            }
+            self._app = firebase_admin.initialize_app(cert, options=options, name=f"notify-{id(self)}")
+            # firebase-admin has no setting for its FCM host; its session is where it sends.
+            service = messaging._get_messaging_service(self._app)
+            service._client.session.mount(FCM_HOST, _ConfiguredHostAdapter())
+        return self._app
+
+    def send_batch(self, *, messages: list[OutboundMessage]) -> list[SendOutcome]:
+        started = time.perf_counter()
+        devices: dict[str, list[Device]] = defaultdict(list)
+        for device in Device.objects.filter(recipient_id__in=[m.address for m in messages], active=True):
+            devices[str(device.recipient_id)].append(device)
+        sends: list[tuple[OutboundMessage, Device, messaging.Message]] = []
+        for message in messages:
+            for device in devices[message.address]:
+                sends.append((message, device, _fcm_message(message=message, device=device)))
+        results: dict[UUID, list[tuple[Device, Any]]] = defaultdict(list)
+        for start in range(0, len(sends), SEND_SLICE):
+            batch = sends[start : start + SEND_SLICE]
+            response = messaging.send_each([fcm for _, _, fcm in batch], app=self._app_get())
+            for (message, device, _), answer in zip(batch, response.responses, strict=True):
+                results[message.delivery_id].append((device, answer))
+        dead = [device for answers in results.values() for device, answer in answers if _is_dead_token(answer)]
+        for device in dead:
+            Device.objects.filter(pk=device.pk).update(
+                active=False, deactivated_reason=_error_text(device, answer=None, dead=True)
+            )
+        return [_delivery_outcome(message=m, answers=results[m.delivery_id], started=started) for m in messages]
+
+
+def _fcm_message(*, message: OutboundMessage, device: Device) -> messaging.Message:
+    content = message.content
+    data = {str(k): str(v) for k, v in (content.data or {}).items()}
+    data["delivery_id"] = str(message.delivery_id)
+    if content.link:
+        data["link"] = content.link
+    body = push_payload_fit(title=content.title, body=content.body, data=data)
+    with warnings.catch_warnings():
+        # firebase-admin 7 prefers installation ids (fid); apps still register FCM
+        # registration tokens, which FCM v1 takes as "token".
+        warnings.filterwarnings("ignore", message="Message.token is deprecated", category=DeprecationWarning)
+        return messaging.Message(
+            token=device.token,
+            notification=messaging.Notification(title=content.title, body=body),
+            data=data,
+            android=messaging.AndroidConfig(priority="high"),
+            apns=messaging.APNSConfig(headers={"apns-priority": "10"}),
+        )
+
+
+def _is_dead_token(answer: Any) -> bool:
+    error = answer.exception
+    if isinstance(error, DEAD_TOKEN_ERRORS):
+        return True
+    # FCM reports a malformed token as INVALID_ARGUMENT about the registration token; any
+    # other INVALID_ARGUMENT is about our payload and must not cost the device.
+    return isinstance(error, exceptions.InvalidArgumentError) and "registration token" in str(error).lower()
+
+
+def _error_text(device: Device, *, answer: Any, dead: bool) -> str:
+    if dead:
+        return "FCM reported the token dead"
+    return f"{device.platform} device: {type(answer.exception).__name__}: {answer.exception}"[:300]
+
+
+def _delivery_outcome(*, message: OutboundMessage, answers: list[tuple[Device, Any]], started: float) -> SendOutcome:
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    if not answers:
+        return SendOutcome(
+            delivery_id=message.delivery_id,
+            failure=FailureKind.PERMANENT,
+            reason="the recipient has no active push device",
+            elapsed_ms=elapsed_ms,
+        )
+    accepted = [answer.message_id for _, answer in answers if answer.success]
+    if accepted:  # one device that got it is a delivery; the rest are in the device list
+        return SendOutcome(
+            delivery_id=message.delivery_id,
+            provider_message_id=accepted[0],
+            provider_status=f"fcm:accepted {len(accepted)}/{len(answers)} devices",
+            elapsed_ms=elapsed_ms,
+        )
+    transient = [answer for _, answer in answers if getattr(answer.exception, "code", "") in TRANSIENT_CODES]
+    reason = "; ".join(_error_text(device, answer=answer, dead=_is_dead_token(answer)) for device, answer in answers)
+    return SendOutcome(
+        delivery_id=message.delivery_id,
+        failure=FailureKind.TRANSIENT if transient else FailureKind.PERMANENT,
+        reason=reason[:400],
+        elapsed_ms=elapsed_ms,
+    )
