@@ -76,6 +76,9 @@ curl -sf "http://127.0.0.1:$WEB_PORT/api/schema/" -o /dev/null || die "the web s
 CURL="curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/events \\
   -H 'Authorization: Bearer $NOTIFY_DEMO_API_KEY' -H 'Content-Type: application/json' \\
   -d '{\"category\": \"welcome\", \"recipient\": {\"external_id\": \"grace\", \"email\": \"grace@example.com\"}, \"data\": {\"name\": \"Grace\"}}'"
+PUSH_CURL="curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/events \\
+  -H 'Authorization: Bearer $NOTIFY_DEMO_API_KEY' -H 'Content-Type: application/json' \\
+  -d '{\"category\": \"alert\", \"recipient\": \"ada\", \"data\": {\"text\": \"Your build finished.\"}}'"
 SMS_CURL="curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/events \\
   -H 'Authorization: Bearer $NOTIFY_DEMO_API_KEY' -H 'Content-Type: application/json' \\
   -d '{\"category\": \"otp\", \"recipient\": {\"external_id\": \"grace\", \"phone\": \"+14155550123\"}, \"data\": {\"code\": \"482913\"}}'"
@@ -97,29 +100,35 @@ cat <<INFO
 
   $SMS_CURL
 
+  Send a mobile push to the demo recipient's device:
+
+  $PUSH_CURL
+
   Then open Notifications in the admin, or the sandbox log. Ctrl-C stops everything.
 
 INFO
 
-# Send one request, then wait until its notification is delivered; print the outcome.
-delivered() {
-    local response notification_id status=""
+# Send one request, then wait until its notification reaches the status; print the outcome.
+reaches() {
+    local want="$2" response notification_id status=""
     response="$(eval "$1")"
     echo "$response"
     notification_id="$(echo "$response" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["notification_ids"][0])')"
     for _ in $(seq 150); do
         status="$(curl -s "http://127.0.0.1:$WEB_PORT/api/v1/notifications/$notification_id" \
             -H "Authorization: Bearer $NOTIFY_DEMO_API_KEY" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["status"])')"
-        [ "$status" = "delivered" ] && break
+        [ "$status" = "$want" ] && break
         sleep 0.2
     done
     echo "notification $notification_id: $status"
-    [ "$status" = "delivered" ]
+    [ "$status" = "$want" ]
 }
 
 if [ "$SMOKE" = 1 ]; then
-    delivered "$CURL" || die "the demo email was not delivered; see var/log/"
-    delivered "$SMS_CURL" || die "the demo SMS was not delivered; see var/log/"
+    reaches "$CURL" delivered || die "the demo email was not delivered; see var/log/"
+    reaches "$SMS_CURL" delivered || die "the demo SMS was not delivered; see var/log/"
+    # FCM reports nothing after accepting a message, so "sent" is as far as push goes.
+    reaches "$PUSH_CURL" sent || die "the demo push was not sent; see var/log/"
     curl -s "http://127.0.0.1:$SANDBOX_PORT/_sandbox/stats"; echo
     exit 0
 fi

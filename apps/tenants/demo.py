@@ -4,7 +4,7 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 
 from apps.catalog.models import Category, CategoryKind, Priority, Template, TemplateVariant, TemplateVersion
-from apps.recipients.models import Recipient
+from apps.recipients.models import Device, Recipient
 from apps.tenants.models import ApiKey, Tenant
 
 WELCOME_VARIANTS = [
@@ -36,6 +36,15 @@ OTP_VARIANTS = [
         "body": "Your code is {{ data.code }}. It expires in 10 minutes.",
     },
 ]
+ALERT_VARIANTS = [
+    {
+        "channel": "push",
+        "locale": "",
+        "title": "{{ data.title|default:'Heads up' }}",
+        "body": "{{ data.text }}",
+        "data": {"screen": "alerts"},
+    },
+]
 DIGEST_VARIANTS = [
     {
         "channel": "email",
@@ -56,6 +65,7 @@ def demo_workspace_ensure(*, api_key: str, admin_username: str = "", admin_passw
         ("welcome", CategoryKind.TRANSACTIONAL, Priority.NORMAL, ["email"], WELCOME_VARIANTS),
         ("otp", CategoryKind.CRITICAL, Priority.CRITICAL, ["sms"], OTP_VARIANTS),
         ("weekly-digest", CategoryKind.MARKETING, Priority.BULK, ["email"], DIGEST_VARIANTS),
+        ("alert", CategoryKind.TRANSACTIONAL, Priority.NORMAL, ["push"], ALERT_VARIANTS),
     ):
         template, created = Template.objects.get_or_create(tenant=tenant, key=key, defaults={"name": key})
         if created:
@@ -73,10 +83,13 @@ def demo_workspace_ensure(*, api_key: str, admin_username: str = "", admin_passw
                 "description": f"Demo {kind} category",
             },
         )
-    Recipient.objects.get_or_create(
+    ada, _ = Recipient.objects.get_or_create(
         tenant=tenant,
         external_id="ada",
         defaults={"email": "ada@example.com", "locale": "en", "timezone": "Europe/London"},
+    )
+    Device.objects.get_or_create(
+        tenant=tenant, token="demo-device-token", defaults={"recipient": ada, "platform": "android", "app": "demo"}
     )
     if api_key:
         demo_key = ApiKey(tenant=tenant, name="demo")

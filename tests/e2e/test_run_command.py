@@ -38,3 +38,4 @@ def test_the_run_command_delivers_the_demo_notification(tmp_path):
     assert output.count(": delivered") == 2  # the email and the SMS
     assert '"postmark.accepted": 1' in output
     assert '"twilio.accepted": 1' in output
+    assert '"fcm.accepted": 1' in output
