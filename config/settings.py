@@ -165,7 +165,7 @@ NOTIFY_RETRY_POLICY = {
         "base_seconds": env.float(f"NOTIFY_{channel.upper()}_RETRY_BASE_SECONDS", default=10.0),
         "cap_seconds": env.float(f"NOTIFY_{channel.upper()}_RETRY_CAP_SECONDS", default=3600.0),
     }
-    for channel in ("email", "sms", "push")
+    for channel in ("email", "sms", "push", "webpush")
 }
 NOTIFY_DEFAULT_LOCALE = env("NOTIFY_DEFAULT_LOCALE", default="en")
 
@@ -198,6 +198,14 @@ FCM_CREDENTIALS_FILE = env("FCM_CREDENTIALS_FILE", default="")
 FCM_API_BASE = env("FCM_API_BASE", default="https://fcm.googleapis.com")
 FCM_TOKEN_URI = env("FCM_TOKEN_URI", default="https://oauth2.googleapis.com/token")
 NOTIFY_PUSH_TIMEOUT_SECONDS = env.float("NOTIFY_PUSH_TIMEOUT_SECONDS", default=10.0)
+
+# --- Web push (VAPID) ---------------------------------------------------------------------
+# `manage.py vapid_keys` makes a key pair: the private key (base64url DER) goes here, the
+# public key to the browsers that subscribe.
+WEBPUSH_VAPID_PRIVATE_KEY = env("WEBPUSH_VAPID_PRIVATE_KEY", default="")
+WEBPUSH_VAPID_SUBJECT = env("WEBPUSH_VAPID_SUBJECT", default="mailto:notifications@example.com")
+WEBPUSH_TTL_SECONDS = env.int("WEBPUSH_TTL_SECONDS", default=86400)
+NOTIFY_WEBPUSH_TIMEOUT_SECONDS = env.float("NOTIFY_WEBPUSH_TIMEOUT_SECONDS", default=10.0)
 
 # --- Demo and sandbox -------------------------------------------------------------------
 NOTIFY_DEMO_API_KEY = env("NOTIFY_DEMO_API_KEY", default="")

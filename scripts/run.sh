@@ -42,6 +42,11 @@ for port in "$WEB_PORT" "$SANDBOX_PORT"; do
     fi
 done
 
+if [ -z "${WEBPUSH_VAPID_PRIVATE_KEY:-}" ]; then
+    # Kept across runs, so that browsers that subscribed stay subscribed.
+    [ -s var/vapid.env ] || "$PY" manage.py vapid_keys >var/vapid.env
+    export WEBPUSH_VAPID_PRIVATE_KEY="$(sed -n 's/^WEBPUSH_VAPID_PRIVATE_KEY=//p' var/vapid.env)"
+fi
 "$PY" manage.py migrate --no-input -v 0
 "$PY" manage.py demo_setup -v 0
 

@@ -12,7 +12,7 @@ export TWILIO_AUTH_TOKEN="sandbox-twilio-auth-token"
 export TWILIO_FROM_NUMBER="+15005550006"
 export FCM_PROJECT_ID="notify-sandbox"
 # Short clocks so that retries, leases and the sweeper act within a test's patience.
-for channel in EMAIL SMS PUSH; do
+for channel in EMAIL SMS PUSH WEBPUSH; do
     export "NOTIFY_${channel}_MAX_ATTEMPTS=3" "NOTIFY_${channel}_RETRY_BASE_SECONDS=0.2" "NOTIFY_${channel}_RETRY_CAP_SECONDS=1"
 done
 export NOTIFY_LEASE_SECONDS=4
@@ -24,5 +24,7 @@ venv_ensure
 postgres_ensure
 redis_ensure
 database_create
+# A VAPID key for this run, made by the project's own command.
+export WEBPUSH_VAPID_PRIVATE_KEY="$("$PY" manage.py vapid_keys | sed -n 's/^WEBPUSH_VAPID_PRIVATE_KEY=//p')"
 
 exec "$PY" -m pytest "$@"

@@ -26,6 +26,28 @@ class DeviceSerializer(serializers.ModelSerializer):
         read_only_fields = ["active", "deactivated_reason", "last_seen_at", "created_at"]
 
 
+class WebPushSubscriptionSerializer(serializers.Serializer):
+    """A browser's PushSubscription (as its toJSON() gives it), for a recipient."""
+
+    id = serializers.IntegerField(read_only=True)
+    recipient = serializers.CharField(help_text="The recipient's external id.")
+    endpoint = serializers.URLField(max_length=1024)
+    keys = inline_serializer(
+        name="WebPushKeys",
+        fields={"p256dh": serializers.CharField(max_length=200), "auth": serializers.CharField(max_length=100)},
+    )
+    active = serializers.BooleanField(read_only=True)
+
+    def to_representation(self, instance: Any) -> dict[str, Any]:
+        return {
+            "id": instance.id,
+            "recipient": instance.recipient.external_id,
+            "endpoint": instance.endpoint,
+            "keys": {"p256dh": instance.p256dh, "auth": instance.auth},
+            "active": instance.active,
+        }
+
+
 class RecipientSerializer(serializers.ModelSerializer):
     """A recipient as producers create, read and update it."""
 

@@ -1,12 +1,20 @@
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from apps.api.views import DeviceViewSet, EventBatchView, EventView, NotificationViewSet, RecipientViewSet
+from apps.api.views import (
+    DeviceViewSet,
+    EventBatchView,
+    EventView,
+    NotificationViewSet,
+    RecipientViewSet,
+    WebPushSubscriptionViewSet,
+)
 
 router = SimpleRouter(trailing_slash=False)
 router.register("notifications", NotificationViewSet, basename="notification")
 router.register("recipients", RecipientViewSet, basename="recipient")
 router.register("devices", DeviceViewSet, basename="device")
+router.register("webpush-subscriptions", WebPushSubscriptionViewSet, basename="webpush-subscription")
 
 urlpatterns = [
     path("events", EventView.as_view(), name="events"),

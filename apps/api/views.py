@@ -23,12 +23,13 @@ from apps.api.serializers import (
     NotificationDetailSerializer,
     NotificationSerializer,
     RecipientSerializer,
+    WebPushSubscriptionSerializer,
     event_request_from,
 )
 from apps.deliveries.models import DeliveryStatus, Notification
 from apps.deliveries.selectors import notification_get, notifications_list
-from apps.recipients.models import Device, Recipient
-from apps.recipients.services import device_register, recipient_upsert
+from apps.recipients.models import Device, Recipient, WebPushSubscription
+from apps.recipients.services import device_register, recipient_upsert, webpush_subscribe
 from apps.tenants.models import ApiKey
 from notify.pipeline.control import NotCancellable, notification_cancel
 from notify.pipeline.ingest import EventRequest, IdempotencyConflict, IngestError, events_ingest
@@ -266,4 +267,40 @@ class DeviceViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins.Destr
         )
         return Response(
             DeviceSerializer(device).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
+        )
+
+
+class WebPushSubscriptionViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins.DestroyModelMixin):
+    """Web push subscriptions. POST saves (or refreshes) one by its endpoint."""
+
+    serializer_class = WebPushSubscriptionSerializer
+    pagination_class = CreatedCursorPagination
+    queryset = WebPushSubscription.objects.none()
+
+    def get_queryset(self):  # type: ignore[no-untyped-def]
+        subscriptions = WebPushSubscription.objects.filter(tenant=api_key_of(self.request).tenant).select_related(
+            "recipient"
+        )
+        recipient = self.request.query_params.get("recipient")
+        return subscriptions.filter(recipient__external_id=recipient) if recipient else subscriptions
+
+    @extend_schema(summary="Save a browser's push subscription (upsert by endpoint)")
+    def create(self, request: Request) -> Response:
+        serializer = WebPushSubscriptionSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        tenant = api_key_of(request).tenant
+        recipient = Recipient.objects.filter(tenant=tenant, external_id=data["recipient"]).first()
+        if recipient is None:
+            return field_error(field="recipient", message=f"Unknown recipient '{data['recipient']}'. Create it first.")
+        subscription, created = webpush_subscribe(
+            tenant=tenant,
+            recipient=recipient,
+            endpoint=data["endpoint"],
+            p256dh=data["keys"]["p256dh"],
+            auth=data["keys"]["auth"],
+        )
+        return Response(
+            WebPushSubscriptionSerializer(subscription).data,
+            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
         )

@@ -8,6 +8,7 @@ class Channel(models.TextChoices):
     EMAIL = "email", "Email"
     SMS = "sms", "SMS"
     PUSH = "push", "Mobile push"
+    WEBPUSH = "webpush", "Web push"
 
 
 class Priority(models.TextChoices):

@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.http import HttpRequest
 
-from apps.recipients.models import Device, Recipient, Suppression
+from apps.recipients.models import Device, Recipient, Suppression, WebPushSubscription
 from notify.policy.suppression import address_canonical
 
 
@@ -33,3 +33,11 @@ class DeviceAdmin(admin.ModelAdmin):
     list_filter = ("tenant", "platform", "active")
     search_fields = ("recipient__external_id", "token")
     readonly_fields = ("created_at", "last_seen_at")
+
+
+@admin.register(WebPushSubscription)
+class WebPushSubscriptionAdmin(admin.ModelAdmin):
+    list_display = ("recipient", "endpoint", "active", "deactivated_reason", "updated_at")
+    list_filter = ("tenant", "active")
+    search_fields = ("recipient__external_id", "endpoint")
+    readonly_fields = ("created_at", "updated_at")

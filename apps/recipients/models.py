@@ -82,3 +82,23 @@ class Device(models.Model):
 
     def __str__(self) -> str:
         return f"{self.platform} {self.token[:12]}…"
+
+
+class WebPushSubscription(models.Model):
+    """A browser's push subscription (its PushSubscription JSON), for web push with VAPID."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="webpush_subscriptions", db_index=False)
+    recipient = models.ForeignKey(Recipient, on_delete=models.CASCADE, related_name="webpush_subscriptions")
+    endpoint = models.URLField(max_length=1024)
+    p256dh = models.CharField(max_length=200, help_text="keys.p256dh from the subscription")
+    auth = models.CharField(max_length=100, help_text="keys.auth from the subscription")
+    active = models.BooleanField(default=True)
+    deactivated_reason = models.CharField(max_length=300, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["tenant", "endpoint"], name="webpush_endpoint_unique")]
+
+    def __str__(self) -> str:
+        return self.endpoint[:60]

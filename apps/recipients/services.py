@@ -2,7 +2,7 @@ from typing import Any
 
 from django.db import transaction
 
-from apps.recipients.models import Device, Recipient
+from apps.recipients.models import Device, Recipient, WebPushSubscription
 from apps.tenants.models import Tenant
 
 
@@ -28,4 +28,16 @@ def device_register(
                 "active": True,
                 "deactivated_reason": "",
             },
+        )
+
+
+def webpush_subscribe(
+    *, tenant: Tenant, recipient: Recipient, endpoint: str, p256dh: str, auth: str
+) -> tuple[WebPushSubscription, bool]:
+    """Save a browser's subscription, or refresh the one with this endpoint."""
+    with transaction.atomic():
+        return WebPushSubscription.objects.update_or_create(
+            tenant=tenant,
+            endpoint=endpoint,
+            defaults={"recipient": recipient, "p256dh": p256dh, "auth": auth, "active": True, "deactivated_reason": ""},
         )

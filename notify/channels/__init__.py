@@ -9,8 +9,11 @@ from notify.channels.base import Channel
 from notify.channels.email import EmailChannel
 from notify.channels.push import PushChannel
 from notify.channels.sms import SmsChannel
+from notify.channels.webpush import WebPushChannel
 
-_CHANNELS: dict[str, Channel] = {channel.name: channel for channel in (EmailChannel(), SmsChannel(), PushChannel())}
+_CHANNELS: dict[str, Channel] = {
+    channel.name: channel for channel in (EmailChannel(), SmsChannel(), PushChannel(), WebPushChannel())
+}
 
 
 def channel_get(*, name: str) -> Channel:
@@ -20,6 +23,6 @@ def channel_get(*, name: str) -> Channel:
 @receiver(setting_changed, dispatch_uid="notify.channels.settings")
 def provider_settings_changed(setting: str, **kwargs: Any) -> None:
     """A changed provider setting (in tests) must not keep using the old connection."""
-    if setting in ("EMAIL_BACKEND", "ANYMAIL") or setting.startswith(("TWILIO_", "FCM_")):
+    if setting in ("EMAIL_BACKEND", "ANYMAIL") or setting.startswith(("TWILIO_", "FCM_", "WEBPUSH_")):
         for channel in _CHANNELS.values():
             channel.reset()

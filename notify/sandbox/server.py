@@ -5,6 +5,7 @@ of the way of what it measures. Tests, the demo and the benchmark all talk to it
 
   POST /postmark/email          Postmark's send API, as anymail's Postmark backend calls it
   POST /postmark/email/batch    Postmark's batch API: up to 500 different messages
+  POST /webpush/{subscription}  a web push service (RFC 8030, VAPID); faults by subscription id
   POST /google/token            Google's OAuth token endpoint (service-account JWT assertions)
   POST /fcm/v1/projects/{project}/messages:send
                                 FCM HTTP v1; faults by token: 404 UNREGISTERED, 403 SENDER_ID_MISMATCH,
@@ -45,7 +46,7 @@ from urllib.parse import parse_qs, urlparse
 import requests
 
 Scope = dict[str, Any]
-PROVIDERS = ("postmark", "twilio", "fcm")
+PROVIDERS = ("postmark", "twilio", "fcm", "webpush")
 FCM_SEND = re.compile(r"^/fcm/v1/projects/(?P<project>[^/]+)/messages:send$")
 # FCM's error statuses and the FcmError code it names for each injected HTTP status.
 FCM_ERRORS = {
@@ -128,6 +129,10 @@ class Sandbox:
             status, payload = await self.postmark_email(headers=headers, body=body)
         elif method == "POST" and path.rstrip("/") == "/postmark/email/batch":
             status, payload = await self.postmark_batch(headers=headers, body=body)
+        elif method == "POST" and path.startswith("/webpush/"):
+            status, payload = await self.webpush_receive(
+                subscription=path.removeprefix("/webpush/"), headers=headers, body=body
+            )
         elif method == "POST" and path == "/google/token":
             status, payload = self.google_token(body=body)
         elif method == "POST" and (match := FCM_SEND.match(path)):
@@ -246,6 +251,36 @@ class Sandbox:
     async def webhooks_send_in_order(self, *, url: str, events: list[dict[str, Any]]) -> None:
         for event in events:
             await self.webhook_send(url=url, json_body=event)
+
+    async def webpush_receive(self, *, subscription: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
+        """A browser vendor's push service (RFC 8030): an encrypted message for one subscription,
+        with a VAPID Authorization header; 201 Created, or 404/410 for a dropped subscription."""
+        faults = self.state.faults["webpush"]
+        if faults.latency_ms:
+            await asyncio.sleep(faults.latency_ms / 1000)
+        entry = {
+            "provider": "webpush",
+            "to": subscription,
+            "subject": "",
+            "text": f"{len(body)} encrypted bytes",
+            "idempotency_key": None,
+            "metadata": {
+                "ttl": headers.get("ttl", ""),
+                "content_encoding": headers.get("content-encoding", ""),
+                "vapid": headers.get("authorization", "").split(" ", 1)[0],
+                "plaintext_visible": b"delivery_id" in body,
+            },
+        }
+        if not headers.get("authorization", "").startswith("vapid t=") or "ttl" not in headers:
+            self.state.record(**entry, status=401, outcome="error")
+            return 401, {"error": "a VAPID Authorization header and a TTL header are required"}
+        injected = faults.request_status() or faults.address_rule(address=subscription)
+        if injected is not None:
+            self.state.record(**entry, status=injected, outcome="error")
+            return injected, {"error": "Injected sandbox failure."}
+        message_id = uuid.uuid4().hex
+        self.state.record(**entry, status=201, outcome="accepted", message_id=message_id)
+        return 201, {"id": message_id}
 
     def google_token(self, *, body: bytes) -> tuple[int, Any]:
         """Google's OAuth token endpoint for a service account's signed JWT assertion."""

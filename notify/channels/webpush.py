@@ -1,0 +1,103 @@
+"""Web push through pywebpush with VAPID: the only module that touches pywebpush.
+
+A delivery goes to every active subscription of its recipient. A 404 or 410 from the push
+service means the browser dropped the subscription, which is then deactivated."""
+
+import json
+import time
+from collections import defaultdict
+from typing import Any
+from uuid import UUID
+
+import requests
+from django.conf import settings
+from pywebpush import WebPushException, webpush
+
+from apps.recipients.models import Recipient, WebPushSubscription
+from notify.channels.base import Channel, OutboundMessage, SendOutcome
+from notify.resilience.failures import FailureKind, failure_from_status
+
+GONE_STATUSES = frozenset({404, 410})
+
+
+class WebPushChannel(Channel):
+    name = "webpush"
+
+    def __init__(self) -> None:
+        self._session: requests.Session | None = None
+
+    def address_for(self, *, recipient: Recipient) -> str:
+        # A recipient is reached through their subscriptions, looked up per batch when sending.
+        return str(recipient.id)
+
+    def addresses_for(self, *, recipients: list[Recipient]) -> dict[UUID, str]:
+        subscribed = set(
+            WebPushSubscription.objects.filter(recipient__in=recipients, active=True).values_list(
+                "recipient_id", flat=True
+            )
+        )
+        return {r.id: str(r.id) if r.id in subscribed else "" for r in recipients}
+
+    def reset(self) -> None:
+        self._session = None
+
+    def send_batch(self, *, messages: list[OutboundMessage]) -> list[SendOutcome]:
+        if self._session is None:
+            self._session = requests.Session()  # keep-alive to the push services
+        subscriptions: dict[str, list[WebPushSubscription]] = defaultdict(list)
+        for subscription in WebPushSubscription.objects.filter(
+            recipient_id__in=[m.address for m in messages], active=True
+        ):
+            subscriptions[str(subscription.recipient_id)].append(subscription)
+        return [self._send_one(message=m, subscriptions=subscriptions[m.address]) for m in messages]
+
+    def _send_one(self, *, message: OutboundMessage, subscriptions: list[WebPushSubscription]) -> SendOutcome:
+        started = time.perf_counter()
+        if not subscriptions:
+            return _outcome(message, started, failure=FailureKind.PERMANENT, reason="no active web push subscription")
+        content = message.content
+        payload = json.dumps(
+            {
+                "title": content.title,
+                "body": content.body,
+                "link": content.link,
+                "delivery_id": str(message.delivery_id),
+            }
+        )
+        accepted, failures = 0, []
+        for subscription in subscriptions:
+            try:
+                webpush(
+                    subscription_info={
+                        "endpoint": subscription.endpoint,
+                        "keys": {"p256dh": subscription.p256dh, "auth": subscription.auth},
+                    },
+                    data=payload,
+                    vapid_private_key=settings.WEBPUSH_VAPID_PRIVATE_KEY,
+                    vapid_claims={"sub": settings.WEBPUSH_VAPID_SUBJECT},
+                    ttl=settings.WEBPUSH_TTL_SECONDS,
+                    timeout=settings.NOTIFY_WEBPUSH_TIMEOUT_SECONDS,
+                    requests_session=self._session,
+                )
+                accepted += 1
+            except WebPushException as error:
+                status = error.response.status_code if error.response is not None else None
+                if status in GONE_STATUSES:
+                    WebPushSubscription.objects.filter(pk=subscription.pk).update(
+                        active=False, deactivated_reason=f"the push service answered {status}"
+                    )
+                failures.append((failure_from_status(status), f"HTTP {status}: {error.message}"[:200]))
+            except requests.RequestException as error:
+                self.reset()
+                failures.append((FailureKind.TRANSIENT, f"{type(error).__name__}: {error}"[:200]))
+        if accepted:
+            return _outcome(message, started, provider_status=f"webpush:accepted {accepted}/{len(subscriptions)}")
+        transient = any(kind is FailureKind.TRANSIENT for kind, _ in failures)
+        reason = "; ".join(text for _, text in failures)
+        return _outcome(
+            message, started, failure=FailureKind.TRANSIENT if transient else FailureKind.PERMANENT, reason=reason
+        )
+
+
+def _outcome(message: OutboundMessage, started: float, **fields: Any) -> SendOutcome:
+    return SendOutcome(delivery_id=message.delivery_id, elapsed_ms=(time.perf_counter() - started) * 1000, **fields)
