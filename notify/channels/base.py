@@ -1,8 +1,9 @@
 """The one small interface every channel implements, and the values that cross it."""
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 from uuid import UUID
 
 from apps.recipients.models import Recipient
@@ -49,6 +50,11 @@ class SendOutcome:
     @property
     def ok(self) -> bool:
         return self.failure is None and not self.suppressed
+
+
+def timed_outcome(message: OutboundMessage, started: float, **fields: Any) -> SendOutcome:
+    """An outcome for the message, timed from `started` (a time.perf_counter() reading)."""
+    return SendOutcome(delivery_id=message.delivery_id, elapsed_ms=(time.perf_counter() - started) * 1000, **fields)
 
 
 class Channel(ABC):

@@ -22,7 +22,7 @@ from django.core.mail import EmailMultiAlternatives, get_connection
 from django.dispatch import receiver
 
 from apps.recipients.models import Recipient
-from notify.channels.base import Channel, OutboundMessage, SendOutcome
+from notify.channels.base import Channel, OutboundMessage, SendOutcome, timed_outcome
 from notify.pipeline.record import Feedback, feedback_record
 from notify.resilience.failures import FailureKind, failure_from_status
 
@@ -91,14 +91,14 @@ def _send_one(*, connection: Any, message: OutboundMessage) -> SendOutcome:
     try:
         email.send()
     except (AnymailRecipientsRefused, AnymailInvalidAddress) as error:
-        return _outcome(message, started, failure=FailureKind.PERMANENT, reason=_reason(error))
+        return timed_outcome(message, started, failure=FailureKind.PERMANENT, reason=_reason(error))
     except AnymailRequestsAPIError as error:
-        return _outcome(message, started, failure=failure_from_status(error.status_code), reason=_reason(error))
+        return timed_outcome(message, started, failure=failure_from_status(error.status_code), reason=_reason(error))
     except (AnymailError, OSError) as error:
         # No HTTP status: the request never completed (connection refused, timeout).
-        return _outcome(message, started, failure=failure_from_status(None), reason=_reason(error))
+        return timed_outcome(message, started, failure=failure_from_status(None), reason=_reason(error))
     else:
-        return _outcome(message, started, provider_message_id=_provider_id(email))
+        return timed_outcome(message, started, provider_message_id=_provider_id(email))
 
 
 def _provider_id(email: EmailMultiAlternatives) -> str:
@@ -116,7 +116,7 @@ def _postmark_batch_send(*, connection: PostmarkBackend, messages: list[Outbound
             email = _email(message=message, connection=connection)
             payloads.append(connection.build_message_payload(email, connection.send_defaults).data)
         except AnymailError as error:  # an address or content anymail cannot encode
-            refused[index] = _outcome(message, started, failure=FailureKind.PERMANENT, reason=_reason(error))
+            refused[index] = timed_outcome(message, started, failure=FailureKind.PERMANENT, reason=_reason(error))
     sendable = [m for index, m in enumerate(messages) if index not in refused]
     outcomes = iter(_postmark_batch_post(connection=connection, messages=sendable, payloads=payloads, started=started))
     return [refused[index] if index in refused else next(outcomes) for index in range(len(messages))]
@@ -139,10 +139,10 @@ def _postmark_batch_post(
             timeout=connection.timeout,
         )
     except requests.RequestException as error:
-        return [_outcome(m, started, failure=failure_from_status(None), reason=_reason(error)) for m in messages]
+        return [timed_outcome(m, started, failure=failure_from_status(None), reason=_reason(error)) for m in messages]
     if response.status_code != 200:
         failure, reason = failure_from_status(response.status_code), _reason_from_response(response)
-        return [_outcome(m, started, failure=failure, reason=reason) for m in messages]
+        return [timed_outcome(m, started, failure=failure, reason=reason) for m in messages]
     try:
         results = response.json()
         if not isinstance(results, list) or len(results) != len(messages):
@@ -151,21 +151,17 @@ def _postmark_batch_post(
         # The provider's answer is unreadable: we cannot know what it took, so retry all;
         # the idempotency key makes a repeat harmless where the provider honours it.
         reason = f"unreadable batch response: {error}"
-        return [_outcome(m, started, failure=FailureKind.TRANSIENT, reason=reason) for m in messages]
+        return [timed_outcome(m, started, failure=FailureKind.TRANSIENT, reason=reason) for m in messages]
     outcomes = []
     for message, result in zip(messages, results, strict=True):
         if result.get("ErrorCode", 0) == 0:
-            outcomes.append(_outcome(message, started, provider_message_id=result.get("MessageID", "")))
+            outcomes.append(timed_outcome(message, started, provider_message_id=result.get("MessageID", "")))
         else:
             # Per-message errors in a batch are about the message itself (bad or inactive
             # address, rejected content), so they are permanent.
             reason = f"Postmark error {result.get('ErrorCode')}: {result.get('Message', '')}"
-            outcomes.append(_outcome(message, started, failure=FailureKind.PERMANENT, reason=reason))
+            outcomes.append(timed_outcome(message, started, failure=FailureKind.PERMANENT, reason=reason))
     return outcomes
-
-
-def _outcome(message: OutboundMessage, started: float, **fields: Any) -> SendOutcome:
-    return SendOutcome(delivery_id=message.delivery_id, elapsed_ms=(time.perf_counter() - started) * 1000, **fields)
 
 
 def _reason_from_response(response: requests.Response) -> str:

@@ -19,7 +19,7 @@ from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
 from apps.recipients.models import Recipient
-from notify.channels.base import Channel, OutboundMessage, SendOutcome
+from notify.channels.base import Channel, OutboundMessage, SendOutcome, timed_outcome
 from notify.pipeline.record import Feedback, feedback_record
 from notify.resilience.failures import FailureKind, failure_from_status
 
@@ -92,7 +92,7 @@ class SmsChannel(Channel):
         started = time.perf_counter()
         number = e164(number=message.address)
         if number is None:
-            return _outcome(
+            return timed_outcome(
                 message,
                 started,
                 failure=FailureKind.PERMANENT,
@@ -101,7 +101,7 @@ class SmsChannel(Channel):
         segments = sms_segments(text=message.content.body)
         if segments > settings.NOTIFY_SMS_MAX_SEGMENTS:
             reason = f"{segments} segments is over the limit of {settings.NOTIFY_SMS_MAX_SEGMENTS}"
-            return _outcome(message, started, failure=FailureKind.PERMANENT, reason=reason, segments=segments)
+            return timed_outcome(message, started, failure=FailureKind.PERMANENT, reason=reason, segments=segments)
         callback = (
             f"{settings.NOTIFY_PUBLIC_URL}/webhooks/twilio/status"
             f"?delivery={message.delivery_id}&round={message.resend_round}"
@@ -116,7 +116,7 @@ class SmsChannel(Channel):
             )
             reason = f"HTTP {error.status}: Twilio error {error.code}: {error.msg}"
             opted_out = number if error.code == OPTED_OUT_TWILIO_CODE else ""
-            return _outcome(
+            return timed_outcome(
                 message,
                 started,
                 failure=failure,
@@ -128,19 +128,17 @@ class SmsChannel(Channel):
         except (TwilioException, OSError) as error:
             # No answer from Twilio (connection refused, timeout).
             self.reset()
-            return _outcome(message, started, failure=FailureKind.TRANSIENT, reason=f"{type(error).__name__}: {error}")
+            return timed_outcome(
+                message, started, failure=FailureKind.TRANSIENT, reason=f"{type(error).__name__}: {error}"
+            )
         # Twilio sends no callback for the first status, so it is kept with the send.
-        return _outcome(
+        return timed_outcome(
             message,
             started,
             provider_message_id=sent.sid or "",
             provider_status=f"twilio:{sent.status}",
             segments=segments,
         )
-
-
-def _outcome(message: OutboundMessage, started: float, **fields: Any) -> SendOutcome:
-    return SendOutcome(delivery_id=message.delivery_id, elapsed_ms=(time.perf_counter() - started) * 1000, **fields)
 
 
 # Twilio's final message statuses -> the feedback vocabulary shared by every channel, refined

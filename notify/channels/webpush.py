@@ -6,7 +6,6 @@ service means the browser dropped the subscription, which is then deactivated.""
 import json
 import time
 from collections import defaultdict
-from typing import Any
 from uuid import UUID
 
 import requests
@@ -14,7 +13,7 @@ from django.conf import settings
 from pywebpush import WebPushException, webpush
 
 from apps.recipients.models import Recipient, WebPushSubscription
-from notify.channels.base import Channel, OutboundMessage, SendOutcome
+from notify.channels.base import Channel, OutboundMessage, SendOutcome, timed_outcome
 from notify.resilience.failures import FailureKind, failure_from_status
 
 GONE_STATUSES = frozenset({404, 410})
@@ -54,7 +53,9 @@ class WebPushChannel(Channel):
     def _send_one(self, *, message: OutboundMessage, subscriptions: list[WebPushSubscription]) -> SendOutcome:
         started = time.perf_counter()
         if not subscriptions:
-            return _outcome(message, started, failure=FailureKind.PERMANENT, reason="no active web push subscription")
+            return timed_outcome(
+                message, started, failure=FailureKind.PERMANENT, reason="no active web push subscription"
+            )
         content = message.content
         payload = json.dumps(
             {
@@ -91,13 +92,9 @@ class WebPushChannel(Channel):
                 self.reset()
                 failures.append((FailureKind.TRANSIENT, f"{type(error).__name__}: {error}"[:200]))
         if accepted:
-            return _outcome(message, started, provider_status=f"webpush:accepted {accepted}/{len(subscriptions)}")
+            return timed_outcome(message, started, provider_status=f"webpush:accepted {accepted}/{len(subscriptions)}")
         transient = any(kind is FailureKind.TRANSIENT for kind, _ in failures)
         reason = "; ".join(text for _, text in failures)
-        return _outcome(
+        return timed_outcome(
             message, started, failure=FailureKind.TRANSIENT if transient else FailureKind.PERMANENT, reason=reason
         )
-
-
-def _outcome(message: OutboundMessage, started: float, **fields: Any) -> SendOutcome:
-    return SendOutcome(delivery_id=message.delivery_id, elapsed_ms=(time.perf_counter() - started) * 1000, **fields)

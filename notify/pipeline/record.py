@@ -285,6 +285,9 @@ def _feedback_payload(feedback: Feedback) -> dict[str, Any]:
 
 def early_feedback_apply(*, delivery_ids: list[UUID]) -> None:
     """Apply feedback that arrived while these deliveries were being sent."""
+    # Parked feedback is rare: a parameterless check first keeps the common chunk cheap.
+    if not EarlyFeedback.objects.exists():
+        return
     parked = list(EarlyFeedback.objects.filter(delivery_id__in=delivery_ids).order_by("id"))
     for row in parked:
         payload = dict(row.payload)

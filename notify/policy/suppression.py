@@ -29,12 +29,12 @@ def suppression_add(*, tenant_id: UUID, channel: str, address: str, reason: str,
 
 def suppressed_addresses(*, tenant_id: UUID, channel: str, addresses: Iterable[str]) -> dict[str, str]:
     """The suppressed ones among the addresses (keyed as given), each with its reason."""
+    suppressions = Suppression.objects.filter(tenant_id=tenant_id, channel=channel)
+    # Most tenants suppress few addresses on a channel, often none: check that cheaply first.
+    if not suppressions.exists():
+        return {}
     canonical = {address: address_canonical(channel=channel, address=address) for address in addresses if address}
     if not canonical:
         return {}
-    reasons = dict(
-        Suppression.objects.filter(
-            tenant_id=tenant_id, channel=channel, address__in=set(canonical.values())
-        ).values_list("address", "reason")
-    )
+    reasons = dict(suppressions.filter(address__in=set(canonical.values())).values_list("address", "reason"))
     return {given: reasons[form] for given, form in canonical.items() if form in reasons}
