@@ -8,6 +8,7 @@ notifications (API call -> provider accepted and recorded) sent while a bulk bac
 Run it through `make bench`, which prepares the database, Redis and the virtualenv."""
 
 import argparse
+import base64
 import os
 import signal
 import subprocess
@@ -18,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -33,6 +36,7 @@ from django.db.models import Max, Min  # noqa: E402
 
 from apps.catalog.models import Category, Priority, Template, TemplateVariant, TemplateVersion  # noqa: E402
 from apps.deliveries.models import Delivery, DeliveryStatus  # noqa: E402
+from apps.recipients.models import Device, Recipient, WebPushSubscription  # noqa: E402
 from apps.tenants.demo import demo_workspace_ensure  # noqa: E402
 from notify.sandbox.client import SandboxClient  # noqa: E402
 
@@ -67,6 +71,8 @@ class Processes:
         # status callbacks come back to this benchmark's web server.
         self.env["TWILIO_API_BASE"] = f"http://127.0.0.1:{SANDBOX_PORT}/twilio"
         self.env["NOTIFY_PUBLIC_URL"] = f"http://127.0.0.1:{WEB_PORT}"
+        self.env["FCM_API_BASE"] = f"http://127.0.0.1:{SANDBOX_PORT}/fcm"
+        self.env["FCM_TOKEN_URI"] = f"http://127.0.0.1:{SANDBOX_PORT}/google/token"
         self.bulk_concurrency = bulk_concurrency
 
     def spawn(self, *command: str) -> None:
@@ -117,7 +123,15 @@ class Processes:
             "-l",
             "warning",
         ]
-        self.spawn(*celery, "--pool", "solo", "-Q", "email.critical,sms.critical", "-n", "critical@%h")
+        self.spawn(
+            *celery,
+            "--pool",
+            "solo",
+            "-Q",
+            "email.critical,sms.critical,push.critical,webpush.critical",
+            "-n",
+            "critical@%h",
+        )
         # Bulk workers run at a lower CPU priority, as deployments should run them, so
         # that critical work and the API are scheduled first when the cores are busy.
         self.spawn(
@@ -130,7 +144,7 @@ class Processes:
             "--concurrency",
             str(self.bulk_concurrency),
             "-Q",
-            "email.bulk,sms.bulk",
+            "email.bulk,sms.bulk,push.bulk,webpush.bulk",
             "-n",
             "bulk@%h",
         )
@@ -147,7 +161,7 @@ class Processes:
 
 def bench_categories_ensure(*, tenant_id: object) -> None:
     """bench-<channel>-<priority> categories, one channel each, so every figure is one channel's."""
-    for channel in ("email", "sms"):
+    for channel in ("email", "sms", "push", "webpush"):
         template, created = Template.objects.get_or_create(
             tenant_id=tenant_id, key=f"bench-{channel}", defaults={"name": channel}
         )
@@ -157,6 +171,7 @@ def bench_categories_ensure(*, tenant_id: object) -> None:
                 version=version,
                 channel=channel,
                 subject="News: {{ data.headline }}",
+                title="News",
                 body="{{ data.headline }}",
                 html="<h1>{{ data.headline }}</h1>" if channel == "email" else "",
             )
@@ -174,6 +189,46 @@ def reset_database() -> None:
             "TRUNCATE deliveries_deliveryevent, deliveries_deadletter, deliveries_delivery, "
             "deliveries_notification, deliveries_event, recipients_recipient CASCADE"
         )
+
+
+def endpoints_register(*, tenant_id: object, channel: str, count: int, prefix: str) -> None:
+    """Push and web push reach recipients through registered devices or subscriptions, which
+    must exist before the events are planned: make the recipients and one of each for them."""
+    if channel not in ("push", "webpush"):
+        return
+    recipients = Recipient.objects.bulk_create(
+        [Recipient(tenant_id=tenant_id, external_id=f"{prefix}{i}") for i in range(count)], batch_size=5000
+    )
+    if channel == "push":
+        Device.objects.bulk_create(
+            [
+                Device(tenant_id=tenant_id, recipient=r, platform="android", token=f"bench-{r.external_id}")
+                for r in recipients
+            ],
+            batch_size=5000,
+        )
+        return
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    p256dh = (
+        base64.urlsafe_b64encode(
+            key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+        )
+        .rstrip(b"=")
+        .decode()
+    )
+    WebPushSubscription.objects.bulk_create(
+        [
+            WebPushSubscription(
+                tenant_id=tenant_id,
+                recipient=r,
+                endpoint=f"http://127.0.0.1:{SANDBOX_PORT}/webpush/{r.external_id}",
+                p256dh=p256dh,
+                auth="MDEyMzQ1Njc4OWFiY2RlZg",
+            )
+            for r in recipients
+        ],
+        batch_size=5000,
+    )
 
 
 def ingest_bulk(
@@ -275,7 +330,12 @@ def main() -> None:
     parser.add_argument("--critical", type=int, default=200, help="critical notifications sent during the backlog")
     parser.add_argument("--critical-rate", type=float, default=20.0, help="critical sends per second (default 20)")
     parser.add_argument("--sink", choices=["sandbox", "memory"], default="sandbox")
-    parser.add_argument("--channel", choices=["email", "sms"], default="email", help="the bulk channel (default email)")
+    parser.add_argument(
+        "--channel",
+        choices=["email", "sms", "push", "webpush"],
+        default="email",
+        help="the bulk channel (default email)",
+    )
     parser.add_argument("--bulk-concurrency", type=int, default=3, help="bulk worker processes (default 3)")
     parser.add_argument("--web-workers", type=int, default=3, help="uvicorn worker processes (default 3)")
     parser.add_argument("--web-interface", choices=["asgi", "wsgi"], default="asgi")
@@ -304,6 +364,7 @@ def main() -> None:
 
         # 1. Ingest alone; then the workers drain that backlog while critical notifications
         #    are sent through it.
+        endpoints_register(tenant_id=tenant.id, channel=args.channel, count=args.bulk, prefix="a")
         ingest_seconds = ingest_bulk(
             session=session,
             headers=headers,
@@ -332,6 +393,7 @@ def main() -> None:
         # 2. Sustained end to end: ingest and delivery at once, first request to last status,
         #    with critical notifications sent through it as well.
         reset_database()
+        endpoints_register(tenant_id=tenant.id, channel=args.channel, count=args.bulk, prefix="b")
         started = time.perf_counter()
         backlog = threading.Thread(
             target=ingest_bulk,

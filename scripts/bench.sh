@@ -11,11 +11,13 @@ export POSTMARK_SERVER_TOKEN="sandbox-token"
 export TWILIO_ACCOUNT_SID="ACsandbox00000000000000000000000000"
 export TWILIO_AUTH_TOKEN="sandbox-twilio-auth-token"
 export TWILIO_FROM_NUMBER="+15005550006"
+export FCM_PROJECT_ID="notify-sandbox"
 
 venv_ensure
 postgres_ensure
 redis_ensure
 database_create
 "$PY" manage.py migrate --no-input -v 0
+export WEBPUSH_VAPID_PRIVATE_KEY="$("$PY" manage.py vapid_keys | sed -n 's/^WEBPUSH_VAPID_PRIVATE_KEY=//p')"
 "$PY" -c "import redis; redis.Redis.from_url('$CELERY_BROKER_URL').flushdb()"
 exec "$PY" -u scripts/bench.py "$@"
