@@ -3,12 +3,16 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from apps.deliveries.views import twilio_status_callback
+from apps.recipients import demo_views
 
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include("apps.api.urls")),
     path("anymail/", include("anymail.urls")),
     path("webhooks/twilio/status", twilio_status_callback, name="twilio-status"),
+    path("demo/webpush/", demo_views.webpush_page, name="demo-webpush"),
+    path("demo/webpush/sw.js", demo_views.webpush_service_worker, name="demo-webpush-sw"),
+    path("demo/webpush/subscribe", demo_views.webpush_subscribe_demo, name="demo-webpush-subscribe"),
     path("api/schema/", SpectacularAPIView.as_view(authentication_classes=[], permission_classes=[]), name="schema"),
     path(
         "api/docs/",

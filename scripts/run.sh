@@ -95,6 +95,7 @@ cat <<INFO
   Admin        http://127.0.0.1:$WEB_PORT/admin/        login: admin / admin
   API docs     http://127.0.0.1:$WEB_PORT/api/docs/
   Sandbox log  http://127.0.0.1:$SANDBOX_PORT/         every request the fake providers received
+  Web push     http://127.0.0.1:$WEB_PORT/demo/webpush/  subscribe a browser (needs its vendor's push service)
   API key      $NOTIFY_DEMO_API_KEY
 
   Send a notification by email:

@@ -45,6 +45,9 @@ ALERT_VARIANTS = [
         "data": {"screen": "alerts"},
     },
 ]
+BROWSER_ALERT_VARIANTS = [
+    {"channel": "webpush", "locale": "", "title": "Notify demo", "body": "{{ data.text }}", "link": "/demo/webpush/"},
+]
 DIGEST_VARIANTS = [
     {
         "channel": "email",
@@ -66,6 +69,7 @@ def demo_workspace_ensure(*, api_key: str, admin_username: str = "", admin_passw
         ("otp", CategoryKind.CRITICAL, Priority.CRITICAL, ["sms"], OTP_VARIANTS),
         ("weekly-digest", CategoryKind.MARKETING, Priority.BULK, ["email"], DIGEST_VARIANTS),
         ("alert", CategoryKind.TRANSACTIONAL, Priority.NORMAL, ["push"], ALERT_VARIANTS),
+        ("browser-alert", CategoryKind.TRANSACTIONAL, Priority.NORMAL, ["webpush"], BROWSER_ALERT_VARIANTS),
     ):
         template, created = Template.objects.get_or_create(tenant=tenant, key=key, defaults={"name": key})
         if created:

@@ -9,7 +9,10 @@ from collections import defaultdict
 from uuid import UUID
 
 import requests
+from cryptography.hazmat.primitives import serialization
 from django.conf import settings
+from py_vapid import Vapid
+from py_vapid.utils import b64urlencode
 from pywebpush import WebPushException, webpush
 
 from apps.recipients.models import Recipient, WebPushSubscription
@@ -17,6 +20,13 @@ from notify.channels.base import Channel, OutboundMessage, SendOutcome, timed_ou
 from notify.resilience.failures import FailureKind, failure_from_status
 
 GONE_STATUSES = frozenset({404, 410})
+
+
+def vapid_application_server_key() -> str:
+    """The public half of WEBPUSH_VAPID_PRIVATE_KEY, as browsers take it in subscribe()."""
+    vapid = Vapid.from_string(settings.WEBPUSH_VAPID_PRIVATE_KEY)
+    public = vapid.public_key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    return b64urlencode(public)
 
 
 class WebPushChannel(Channel):

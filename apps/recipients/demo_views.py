@@ -1,0 +1,57 @@
+"""The web push demo page, its service worker, and a demo-only subscribe endpoint. They exist
+only with DJANGO_DEBUG on (the run command's demo): the real API takes subscriptions with an
+API key, which a browser must never hold."""
+
+import json
+
+from django.conf import settings
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_POST
+
+from apps.recipients.models import Recipient
+from apps.recipients.services import webpush_subscribe
+from notify.channels.webpush import vapid_application_server_key
+
+DEMO_RECIPIENT = "ada"
+
+
+def _demo_recipient() -> Recipient:
+    if not settings.DEBUG:
+        raise Http404
+    recipient = (
+        Recipient.objects.filter(tenant__slug="demo", external_id=DEMO_RECIPIENT).select_related("tenant").first()
+    )
+    if recipient is None:
+        raise Http404("Run manage.py demo_setup first.")
+    return recipient
+
+
+def webpush_page(request: HttpRequest) -> HttpResponse:
+    recipient = _demo_recipient()
+    return render(
+        request,
+        "demo/webpush.html",
+        {"recipient": recipient.external_id, "application_server_key": vapid_application_server_key()},
+    )
+
+
+def webpush_service_worker(request: HttpRequest) -> HttpResponse:
+    _demo_recipient()
+    return render(request, "demo/webpush-sw.js", content_type="application/javascript")
+
+
+@csrf_exempt
+@require_POST
+def webpush_subscribe_demo(request: HttpRequest) -> HttpResponse:
+    recipient = _demo_recipient()
+    try:
+        subscription = json.loads(request.body)
+        endpoint, keys = subscription["endpoint"], subscription["keys"]
+        saved, created = webpush_subscribe(
+            tenant=recipient.tenant, recipient=recipient, endpoint=endpoint, p256dh=keys["p256dh"], auth=keys["auth"]
+        )
+    except (ValueError, KeyError, TypeError):
+        return JsonResponse({"error": "Send the browser's PushSubscription JSON."}, status=400)
+    return JsonResponse({"id": saved.id, "created": created}, status=201 if created else 200)

@@ -1,0 +1,16 @@
+// The demo's service worker: shows each web push message, and opens its link on a click.
+self.addEventListener("push", (event) => {
+  const message = event.data ? event.data.json() : { title: "Notification", body: "" };
+  event.waitUntil(
+    self.registration.showNotification(message.title || "Notification", {
+      body: message.body,
+      data: { link: message.link || "/" },
+      tag: message.delivery_id,
+    }),
+  );
+});
+
+self.addEventListener("notificationclick", (event) => {
+  event.notification.close();
+  event.waitUntil(clients.openWindow(event.notification.data.link));
+});
