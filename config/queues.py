@@ -8,7 +8,7 @@ work; Redis message priorities are approximate, so we do not rely on them.
 
 import sys
 
-CHANNELS: tuple[str, ...] = ("email", "sms", "push", "webpush")
+CHANNELS: tuple[str, ...] = ("email", "sms", "push", "webpush", "inapp")
 PRIORITIES: tuple[str, ...] = ("critical", "normal", "bulk")
 MAINTENANCE_QUEUE = "maintenance"
 

@@ -30,6 +30,7 @@ INSTALLED_APPS = [
     "apps.recipients",
     "apps.catalog",
     "apps.deliveries",
+    "apps.inbox",
     "apps.api",
 ]
 
@@ -165,7 +166,7 @@ NOTIFY_RETRY_POLICY = {
         "base_seconds": env.float(f"NOTIFY_{channel.upper()}_RETRY_BASE_SECONDS", default=10.0),
         "cap_seconds": env.float(f"NOTIFY_{channel.upper()}_RETRY_CAP_SECONDS", default=3600.0),
     }
-    for channel in ("email", "sms", "push", "webpush")
+    for channel in ("email", "sms", "push", "webpush", "inapp")
 }
 NOTIFY_DEFAULT_LOCALE = env("NOTIFY_DEFAULT_LOCALE", default="en")
 

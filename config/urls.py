@@ -8,6 +8,7 @@ from apps.recipients import demo_views
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include("apps.api.urls")),
+    path("inbox/v1/", include("apps.inbox.urls")),
     path("anymail/", include("anymail.urls")),
     path("webhooks/twilio/status", twilio_status_callback, name="twilio-status"),
     path("demo/webpush/", demo_views.webpush_page, name="demo-webpush"),

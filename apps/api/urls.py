@@ -5,6 +5,7 @@ from apps.api.views import (
     DeviceViewSet,
     EventBatchView,
     EventView,
+    InboxTokenView,
     NotificationViewSet,
     RecipientViewSet,
     WebPushSubscriptionViewSet,
@@ -19,5 +20,6 @@ router.register("webpush-subscriptions", WebPushSubscriptionViewSet, basename="w
 urlpatterns = [
     path("events", EventView.as_view(), name="events"),
     path("events/batch", EventBatchView.as_view(), name="events-batch"),
+    path("inbox-tokens", InboxTokenView.as_view(), name="inbox-tokens"),
     *router.urls,
 ]

@@ -4,7 +4,7 @@ from typing import Any, cast
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import mixins, pagination, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
@@ -28,6 +28,8 @@ from apps.api.serializers import (
 )
 from apps.deliveries.models import DeliveryStatus, Notification
 from apps.deliveries.selectors import notification_get, notifications_list
+from apps.inbox.tokens import LIFETIME as INBOX_TOKEN_LIFETIME
+from apps.inbox.tokens import inbox_token_issue
 from apps.recipients.models import Device, Recipient, WebPushSubscription
 from apps.recipients.services import device_register, recipient_upsert, webpush_subscribe
 from apps.tenants.models import ApiKey
@@ -303,4 +305,31 @@ class WebPushSubscriptionViewSet(viewsets.GenericViewSet, mixins.ListModelMixin,
         return Response(
             WebPushSubscriptionSerializer(subscription).data,
             status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
+        )
+
+
+class InboxTokenRequestSerializer(serializers.Serializer):
+    recipient = serializers.CharField(help_text="The recipient's external id.")
+
+
+class InboxTokenView(APIView):
+    @extend_schema(
+        request=InboxTokenRequestSerializer,
+        responses={
+            201: inline_serializer(
+                name="InboxToken", fields={"token": serializers.CharField(), "expires_in": serializers.IntegerField()}
+            )
+        },
+        summary="Issue a short-lived token for a recipient's browser to read its inbox",
+    )
+    def post(self, request: Request) -> Response:
+        serializer = InboxTokenRequestSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        external_id = serializer.validated_data["recipient"]
+        recipient = Recipient.objects.filter(tenant=api_key_of(request).tenant, external_id=external_id).first()
+        if recipient is None:
+            return field_error(field="recipient", message=f"Unknown recipient '{external_id}'.")
+        token = inbox_token_issue(recipient_id=recipient.id)
+        return Response(
+            {"token": token, "expires_in": int(INBOX_TOKEN_LIFETIME.total_seconds())}, status=status.HTTP_201_CREATED
         )

@@ -9,6 +9,7 @@ class Channel(models.TextChoices):
     SMS = "sms", "SMS"
     PUSH = "push", "Mobile push"
     WEBPUSH = "webpush", "Web push"
+    INAPP = "inapp", "In-app inbox"
 
 
 class Priority(models.TextChoices):

@@ -7,12 +7,13 @@ from django.dispatch import receiver
 
 from notify.channels.base import Channel
 from notify.channels.email import EmailChannel
+from notify.channels.inapp import InAppChannel
 from notify.channels.push import PushChannel
 from notify.channels.sms import SmsChannel
 from notify.channels.webpush import WebPushChannel
 
 _CHANNELS: dict[str, Channel] = {
-    channel.name: channel for channel in (EmailChannel(), SmsChannel(), PushChannel(), WebPushChannel())
+    channel.name: channel for channel in (EmailChannel(), SmsChannel(), PushChannel(), WebPushChannel(), InAppChannel())
 }
 
 

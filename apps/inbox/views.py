@@ -1,0 +1,134 @@
+"""The recipient-facing inbox API, authenticated by a signed recipient token (never an API key)."""
+
+from typing import Any, cast
+from uuid import UUID
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import Http404
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import authentication, exceptions, pagination, permissions, serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from apps.inbox.models import InboxItem
+from apps.inbox.services import MARKS, inbox_counts, inbox_item_mark, inbox_items, inbox_mark_all_read
+from apps.inbox.tokens import InboxTokenInvalid, inbox_token_read
+
+
+class InboxTokenAuthentication(authentication.BaseAuthentication):
+    """`Authorization: Bearer <inbox token>`; request.auth becomes the recipient's id."""
+
+    def authenticate(self, request: Request) -> tuple[None, UUID] | None:
+        scheme, _, token = authentication.get_authorization_header(request).decode(errors="replace").partition(" ")
+        if not token:
+            return None
+        if scheme != "Bearer":
+            raise exceptions.AuthenticationFailed("Use the header 'Authorization: Bearer <inbox token>'.")
+        try:
+            return None, inbox_token_read(token=token.strip())
+        except InboxTokenInvalid as error:
+            raise exceptions.AuthenticationFailed(f"{error}; ask the application for a new one.")
+
+    def authenticate_header(self, request: Request) -> str:
+        return "Bearer"
+
+
+class InboxTokenScheme(OpenApiAuthenticationExtension):
+    target_class = InboxTokenAuthentication
+    name = "inboxToken"
+
+    def get_security_definition(self, auto_schema):  # type: ignore[no-untyped-def]
+        return {"type": "http", "scheme": "bearer", "description": "A recipient token from POST /api/v1/inbox-tokens."}
+
+
+COUNTS = inline_serializer(
+    name="InboxCounts", fields={"unread": serializers.IntegerField(), "unseen": serializers.IntegerField()}
+)
+
+
+class HasInboxToken(permissions.BasePermission):
+    def has_permission(self, request: Request, view: object) -> bool:
+        return isinstance(request.auth, UUID)
+
+
+class InboxItemSerializer(serializers.ModelSerializer):
+    seen = serializers.SerializerMethodField()
+    read = serializers.SerializerMethodField()
+    archived = serializers.SerializerMethodField()
+
+    class Meta:
+        model = InboxItem
+        fields = ["id", "title", "body", "link", "data", "created_at", "seen", "read", "archived"]
+
+    def get_seen(self, item: InboxItem) -> bool:
+        return item.seen_at is not None
+
+    def get_read(self, item: InboxItem) -> bool:
+        return item.read_at is not None
+
+    def get_archived(self, item: InboxItem) -> bool:
+        return item.archived_at is not None
+
+
+class InboxView(APIView):
+    authentication_classes = [InboxTokenAuthentication]
+    permission_classes = [HasInboxToken]
+
+    def recipient_id(self) -> UUID:
+        return cast(UUID, self.request.auth)
+
+
+class NewestFirst(pagination.CursorPagination):
+    ordering = ("-created_at", "-id")
+    page_size = 20
+
+
+class InboxItemsView(InboxView):
+    @extend_schema(
+        responses=InboxItemSerializer(many=True),
+        parameters=[OpenApiParameter("archived", bool, description="The archived items instead.")],
+        summary="The inbox, newest first (cursor pages)",
+    )
+    def get(self, request: Request) -> Response:
+        paginator = NewestFirst()
+        archived = request.query_params.get("archived") == "true"
+        page = paginator.paginate_queryset(inbox_items(recipient_id=self.recipient_id(), archived=archived), request)
+        return paginator.get_paginated_response(InboxItemSerializer(page, many=True).data)
+
+
+class InboxCountsView(InboxView):
+    @extend_schema(responses=COUNTS, summary="Unread and unseen counts")
+    def get(self, request: Request) -> Response:
+        return Response(inbox_counts(recipient_id=self.recipient_id()))
+
+
+class InboxItemMarkView(InboxView):
+    @extend_schema(
+        request=None,
+        responses=InboxItemSerializer,
+        parameters=[
+            OpenApiParameter("item_id", str, OpenApiParameter.PATH),
+            OpenApiParameter("mark", str, OpenApiParameter.PATH, enum=list(MARKS)),
+        ],
+        summary="Mark one item read, seen or archived",
+    )
+    def post(self, request: Request, item_id: str, mark: str) -> Response:
+        if mark not in MARKS:
+            raise Http404
+        try:
+            item = inbox_item_mark(recipient_id=self.recipient_id(), item_id=UUID(item_id), mark=mark)
+        except (InboxItem.DoesNotExist, ValueError, DjangoValidationError):
+            raise Http404
+        return Response(InboxItemSerializer(item).data)
+
+
+class InboxReadAllView(InboxView):
+    @extend_schema(
+        request=None,
+        responses=inline_serializer(name="InboxReadAll", fields={"updated": serializers.IntegerField()}),
+        summary="Mark every item read",
+    )
+    def post(self, request: Request, **kwargs: Any) -> Response:
+        return Response({"updated": inbox_mark_all_read(recipient_id=self.recipient_id())})
