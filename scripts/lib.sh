@@ -78,3 +78,27 @@ except psycopg.OperationalError as error:
     sys.exit(f"error: cannot connect to PostgreSQL at {url.hostname}:{url.port}: {error}".strip())
 PYEOF
 }
+
+sandbox_credentials() {
+    # The sandbox's stand-in provider credentials, unless real ones are set.
+    export POSTMARK_SERVER_TOKEN="${POSTMARK_SERVER_TOKEN:-sandbox-token}"
+    export ANYMAIL_WEBHOOK_SECRET="${ANYMAIL_WEBHOOK_SECRET:-sandbox:sandbox-webhook-secret}"
+    export TWILIO_ACCOUNT_SID="${TWILIO_ACCOUNT_SID:-ACsandbox00000000000000000000000000}"
+    export TWILIO_AUTH_TOKEN="${TWILIO_AUTH_TOKEN:-sandbox-twilio-auth-token}"
+    export TWILIO_FROM_NUMBER="${TWILIO_FROM_NUMBER:-+15005550006}"
+    export FCM_PROJECT_ID="${FCM_PROJECT_ID:-notify-sandbox}"
+}
+
+vapid_key_ensure() {
+    # A VAPID key for web push, made by the project's own command; kept in $1 when given,
+    # so that browsers that subscribed stay subscribed across runs.
+    [ -n "${WEBPUSH_VAPID_PRIVATE_KEY:-}" ] && return
+    local keys
+    if [ -n "${1:-}" ]; then
+        [ -s "$1" ] || "$PY" manage.py vapid_keys >"$1"
+        keys="$(cat "$1")"
+    else
+        keys="$("$PY" manage.py vapid_keys)"
+    fi
+    export WEBPUSH_VAPID_PRIVATE_KEY="$(echo "$keys" | sed -n 's/^WEBPUSH_VAPID_PRIVATE_KEY=//p')"
+}

@@ -13,14 +13,9 @@ export DJANGO_SECRET_KEY="${DJANGO_SECRET_KEY:-demo-only-insecure-secret-key}"
 export DJANGO_DEBUG="${DJANGO_DEBUG:-1}"
 export NOTIFY_DEMO_API_KEY="${NOTIFY_DEMO_API_KEY:-ntf_demo_0123456789abcdefDEMO}"
 export CELERY_BROKER_URL="${CELERY_BROKER_URL:-redis://127.0.0.1:6379/0}"
-export POSTMARK_SERVER_TOKEN="${POSTMARK_SERVER_TOKEN:-sandbox-token}"
+sandbox_credentials
 export POSTMARK_API_URL="${POSTMARK_API_URL:-http://127.0.0.1:$SANDBOX_PORT/postmark/}"
-export ANYMAIL_WEBHOOK_SECRET="${ANYMAIL_WEBHOOK_SECRET:-sandbox:sandbox-webhook-secret}"
-export TWILIO_ACCOUNT_SID="${TWILIO_ACCOUNT_SID:-ACsandbox00000000000000000000000000}"
-export TWILIO_AUTH_TOKEN="${TWILIO_AUTH_TOKEN:-sandbox-twilio-auth-token}"
-export TWILIO_FROM_NUMBER="${TWILIO_FROM_NUMBER:-+15005550006}"
 export TWILIO_API_BASE="${TWILIO_API_BASE:-http://127.0.0.1:$SANDBOX_PORT/twilio}"
-export FCM_PROJECT_ID="${FCM_PROJECT_ID:-notify-sandbox}"
 export FCM_API_BASE="${FCM_API_BASE:-http://127.0.0.1:$SANDBOX_PORT/fcm}"
 export FCM_TOKEN_URI="${FCM_TOKEN_URI:-http://127.0.0.1:$SANDBOX_PORT/google/token}"
 export NOTIFY_PUBLIC_URL="${NOTIFY_PUBLIC_URL:-http://127.0.0.1:$WEB_PORT}"
@@ -33,7 +28,6 @@ if [ -n "${DATABASE_URL:-}" ]; then
     case "$DATABASE_URL" in postgres*) postgres_ensure; database_create ;; esac
     say "database: $DATABASE_URL"
 else
-    mkdir -p var
     say "database: embedded SQLite (var/demo.sqlite3); set DATABASE_URL for PostgreSQL"
 fi
 for port in "$WEB_PORT" "$SANDBOX_PORT"; do
@@ -42,15 +36,11 @@ for port in "$WEB_PORT" "$SANDBOX_PORT"; do
     fi
 done
 
-if [ -z "${WEBPUSH_VAPID_PRIVATE_KEY:-}" ]; then
-    # Kept across runs, so that browsers that subscribed stay subscribed.
-    [ -s var/vapid.env ] || "$PY" manage.py vapid_keys >var/vapid.env
-    export WEBPUSH_VAPID_PRIVATE_KEY="$(sed -n 's/^WEBPUSH_VAPID_PRIVATE_KEY=//p' var/vapid.env)"
-fi
+mkdir -p var/log
+vapid_key_ensure var/vapid.env
 "$PY" manage.py migrate --no-input -v 0
 "$PY" manage.py demo_setup -v 0
 
-mkdir -p var/log
 PIDS=()
 stop_all() {
     trap - EXIT INT TERM

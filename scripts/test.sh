@@ -5,12 +5,7 @@ source "$(dirname "$0")/lib.sh"
 export DJANGO_SECRET_KEY="${DJANGO_SECRET_KEY:-test-only-secret-key}"
 export DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/notify}"
 export CELERY_BROKER_URL="${TEST_BROKER_URL:-redis://127.0.0.1:6379/15}"
-export POSTMARK_SERVER_TOKEN="sandbox-token"
-export ANYMAIL_WEBHOOK_SECRET="sandbox:sandbox-webhook-secret"
-export TWILIO_ACCOUNT_SID="ACsandbox00000000000000000000000000"
-export TWILIO_AUTH_TOKEN="sandbox-twilio-auth-token"
-export TWILIO_FROM_NUMBER="+15005550006"
-export FCM_PROJECT_ID="notify-sandbox"
+sandbox_credentials
 # Short clocks so that retries, leases and the sweeper act within a test's patience.
 for channel in EMAIL SMS PUSH WEBPUSH; do
     export "NOTIFY_${channel}_MAX_ATTEMPTS=3" "NOTIFY_${channel}_RETRY_BASE_SECONDS=0.2" "NOTIFY_${channel}_RETRY_CAP_SECONDS=1"
@@ -24,7 +19,6 @@ venv_ensure
 postgres_ensure
 redis_ensure
 database_create
-# A VAPID key for this run, made by the project's own command.
-export WEBPUSH_VAPID_PRIVATE_KEY="$("$PY" manage.py vapid_keys | sed -n 's/^WEBPUSH_VAPID_PRIVATE_KEY=//p')"
+vapid_key_ensure
 
 exec "$PY" -m pytest "$@"

@@ -1,6 +1,5 @@
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,15 +16,9 @@ from apps.catalog.models import Category, Priority
 from apps.tenants.models import ApiKey, Tenant
 from notify.sandbox.client import SandboxClient
 from tests.factories import ApiKeyFactory, CategoryFactory
-from tests.helpers import wait_for
+from tests.helpers import free_port, provider_settings, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -63,7 +56,7 @@ def api(workspace: Workspace) -> APIClient:
 
 @pytest.fixture(scope="session")
 def sandbox_url() -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "notify.sandbox", "--port", str(port)], cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     SandboxClient(base_url=url).wait_until_up()
@@ -77,10 +70,10 @@ def sandbox(sandbox_url: str, settings) -> SandboxClient:  # type: ignore[no-unt
     """The provider sandbox, emptied, with this process's email pointed at it."""
     # Django's test set-up swaps in the in-memory email backend; the real one is wanted here.
     settings.EMAIL_BACKEND = "anymail.backends.postmark.EmailBackend"
-    settings.ANYMAIL = {**django_settings.ANYMAIL, "POSTMARK_API_URL": f"{sandbox_url}/postmark/"}
-    settings.TWILIO_API_BASE = f"{sandbox_url}/twilio"
-    settings.FCM_API_BASE = f"{sandbox_url}/fcm"
-    settings.FCM_TOKEN_URI = f"{sandbox_url}/google/token"
+    urls = provider_settings(sandbox_url=sandbox_url)
+    settings.ANYMAIL = {**django_settings.ANYMAIL, "POSTMARK_API_URL": urls.pop("POSTMARK_API_URL")}
+    for name, url in urls.items():
+        setattr(settings, name, url)
     client = SandboxClient(base_url=sandbox_url)
     client.reset()
     return client
@@ -156,10 +149,7 @@ class WorkerPool:
             env={
                 **os.environ,
                 "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
-                "POSTMARK_API_URL": f"{self.sandbox_url}/postmark/",
-                "TWILIO_API_BASE": f"{self.sandbox_url}/twilio",
-                "FCM_API_BASE": f"{self.sandbox_url}/fcm",
-                "FCM_TOKEN_URI": f"{self.sandbox_url}/google/token",
+                **provider_settings(sandbox_url=self.sandbox_url),
                 **(env or {}),
             },
             stdout=log_path.open("w"),

@@ -1,3 +1,4 @@
+import socket
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -17,3 +18,19 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def provider_settings(*, sandbox_url: str) -> dict[str, str]:
+    """Every provider's API address pointed at the sandbox."""
+    return {
+        "POSTMARK_API_URL": f"{sandbox_url}/postmark/",
+        "TWILIO_API_BASE": f"{sandbox_url}/twilio",
+        "FCM_API_BASE": f"{sandbox_url}/fcm",
+        "FCM_TOKEN_URI": f"{sandbox_url}/google/token",
+    }

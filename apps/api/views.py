@@ -32,7 +32,7 @@ from apps.inbox.tokens import LIFETIME as INBOX_TOKEN_LIFETIME
 from apps.inbox.tokens import inbox_token_issue
 from apps.recipients.models import Device, Recipient, WebPushSubscription
 from apps.recipients.services import device_register, recipient_upsert, webpush_subscribe
-from apps.tenants.models import ApiKey
+from apps.tenants.models import ApiKey, Tenant
 from notify.pipeline.control import NotCancellable, notification_cancel
 from notify.pipeline.ingest import EventRequest, IdempotencyConflict, IngestError, events_ingest
 
@@ -60,6 +60,14 @@ def api_key_of(request: Request) -> ApiKey:
 def body_of(request: Request) -> dict[str, Any]:
     """The parsed JSON body, which the serializer has already checked is an object."""
     return cast(dict[str, Any], request.data)
+
+
+def recipient_named(*, tenant: Tenant, external_id: str) -> Recipient | Response:
+    """The tenant's recipient with that external id, or the 400 that names the field."""
+    recipient = Recipient.objects.filter(tenant=tenant, external_id=external_id).first()
+    if recipient is None:
+        return field_error(field="recipient", message=f"Unknown recipient '{external_id}'. Create it first.")
+    return recipient
 
 
 def _ingest(request: Request, events: list[EventRequest]) -> tuple[list[dict[str, Any]], bool] | Response:
@@ -256,10 +264,9 @@ class DeviceViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins.Destr
         serializer = DeviceSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         tenant = api_key_of(request).tenant
-        external_id = serializer.validated_data["recipient"]["external_id"]
-        recipient = Recipient.objects.filter(tenant=tenant, external_id=external_id).first()
-        if recipient is None:
-            return field_error(field="recipient", message=f"Unknown recipient '{external_id}'. Create it first.")
+        recipient = recipient_named(tenant=tenant, external_id=serializer.validated_data["recipient"]["external_id"])
+        if isinstance(recipient, Response):
+            return recipient
         device, created = device_register(
             tenant=tenant,
             recipient=recipient,
@@ -292,9 +299,9 @@ class WebPushSubscriptionViewSet(viewsets.GenericViewSet, mixins.ListModelMixin,
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         tenant = api_key_of(request).tenant
-        recipient = Recipient.objects.filter(tenant=tenant, external_id=data["recipient"]).first()
-        if recipient is None:
-            return field_error(field="recipient", message=f"Unknown recipient '{data['recipient']}'. Create it first.")
+        recipient = recipient_named(tenant=tenant, external_id=data["recipient"])
+        if isinstance(recipient, Response):
+            return recipient
         subscription, created = webpush_subscribe(
             tenant=tenant,
             recipient=recipient,
@@ -325,10 +332,11 @@ class InboxTokenView(APIView):
     def post(self, request: Request) -> Response:
         serializer = InboxTokenRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        external_id = serializer.validated_data["recipient"]
-        recipient = Recipient.objects.filter(tenant=api_key_of(request).tenant, external_id=external_id).first()
-        if recipient is None:
-            return field_error(field="recipient", message=f"Unknown recipient '{external_id}'.")
+        recipient = recipient_named(
+            tenant=api_key_of(request).tenant, external_id=serializer.validated_data["recipient"]
+        )
+        if isinstance(recipient, Response):
+            return recipient
         token = inbox_token_issue(recipient_id=recipient.id)
         return Response(
             {"token": token, "expires_in": int(INBOX_TOKEN_LIFETIME.total_seconds())}, status=status.HTTP_201_CREATED

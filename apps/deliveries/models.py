@@ -77,8 +77,8 @@ class DeliveryStatus(models.TextChoices):
     CANCELLED = "cancelled", "Cancelled"
 
 
+# Not yet being sent: what a sender may claim, and what a cancel may still stop.
 CLAIMABLE_STATUSES = (DeliveryStatus.QUEUED, DeliveryStatus.RETRYING)
-UNSENT_STATUSES = (DeliveryStatus.QUEUED, DeliveryStatus.RETRYING)
 
 
 class Delivery(models.Model):

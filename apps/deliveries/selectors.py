@@ -5,10 +5,10 @@ from uuid import UUID
 
 from django.db.models import Prefetch, QuerySet
 
-from apps.deliveries.models import Delivery, DeliveryStatus, Notification
+from apps.deliveries.models import CLAIMABLE_STATUSES, Delivery, DeliveryStatus, Notification
 from apps.tenants.models import Tenant
 
-PENDING_STATUSES = {DeliveryStatus.QUEUED, DeliveryStatus.SENDING, DeliveryStatus.RETRYING}
+PENDING_STATUSES = {*CLAIMABLE_STATUSES, DeliveryStatus.SENDING}
 NOTIFICATION_STATUSES = ["pending", *DeliveryStatus.values, "mixed"]
 
 

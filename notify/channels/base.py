@@ -2,11 +2,12 @@
 
 import time
 from abc import ABC, abstractmethod
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from uuid import UUID
 
-from apps.recipients.models import Recipient
+from apps.recipients.models import Device, Recipient, WebPushSubscription
 from notify.resilience.failures import FailureKind
 
 
@@ -74,3 +75,31 @@ class Channel(ABC):
 
     def reset(self) -> None:
         """Drop any provider connection kept open between batches."""
+
+
+class RegistryChannel(Channel):
+    """A channel that reaches a recipient through registered endpoints (devices, browser
+    subscriptions) rather than one address: the "address" is the recipient's id, and only
+    active endpoints count."""
+
+    registry: ClassVar[type[Device] | type[WebPushSubscription]]
+
+    def address_for(self, *, recipient: Recipient) -> str:
+        return str(recipient.id)
+
+    def addresses_for(self, *, recipients: list[Recipient]) -> dict[UUID, str]:
+        registered = set(
+            self.registry._default_manager.filter(recipient__in=recipients, active=True).values_list(
+                "recipient_id", flat=True
+            )
+        )
+        return {r.id: str(r.id) if r.id in registered else "" for r in recipients}
+
+    def endpoints_for(self, *, messages: list[OutboundMessage]) -> dict[str, list[Any]]:
+        """Each message's recipient's active endpoints, in one query, keyed by address."""
+        endpoints: dict[str, list[Any]] = defaultdict(list)
+        for endpoint in self.registry._default_manager.filter(
+            recipient_id__in=[m.address for m in messages], active=True
+        ):
+            endpoints[str(endpoint.recipient_id)].append(endpoint)
+        return endpoints

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from django.conf import settings
 from firebase_admin import credentials, exceptions, messaging
 
-from apps.recipients.models import Device, Recipient
-from notify.channels.base import Channel, OutboundMessage, SendOutcome
+from apps.recipients.models import Device
+from notify.channels.base import OutboundMessage, RegistryChannel, SendOutcome
 from notify.resilience.failures import FailureKind
 
 FCM_HOST = "https://fcm.googleapis.com"
@@ -83,21 +83,12 @@ def _credentials() -> credentials.Certificate:
     )
 
 
-class PushChannel(Channel):
+class PushChannel(RegistryChannel):
     name = "push"
+    registry = Device
 
     def __init__(self) -> None:
         self._app: firebase_admin.App | None = None
-
-    def address_for(self, *, recipient: Recipient) -> str:
-        # A recipient is reached through their devices, looked up per batch when sending.
-        return str(recipient.id)
-
-    def addresses_for(self, *, recipients: list[Recipient]) -> dict[UUID, str]:
-        with_devices = set(
-            Device.objects.filter(recipient__in=recipients, active=True).values_list("recipient_id", flat=True)
-        )
-        return {r.id: str(r.id) if r.id in with_devices else "" for r in recipients}
 
     def reset(self) -> None:
         if self._app is not None:
@@ -119,9 +110,7 @@ class PushChannel(Channel):
 
     def send_batch(self, *, messages: list[OutboundMessage]) -> list[SendOutcome]:
         started = time.perf_counter()
-        devices: dict[str, list[Device]] = defaultdict(list)
-        for device in Device.objects.filter(recipient_id__in=[m.address for m in messages], active=True):
-            devices[str(device.recipient_id)].append(device)
+        devices = self.endpoints_for(messages=messages)
         sends: list[tuple[OutboundMessage, Device, messaging.Message]] = []
         for message in messages:
             for device in devices[message.address]:

@@ -5,8 +5,6 @@ service means the browser dropped the subscription, which is then deactivated.""
 
 import json
 import time
-from collections import defaultdict
-from uuid import UUID
 
 import requests
 from cryptography.hazmat.primitives import serialization
@@ -15,8 +13,8 @@ from py_vapid import Vapid
 from py_vapid.utils import b64urlencode
 from pywebpush import WebPushException, webpush
 
-from apps.recipients.models import Recipient, WebPushSubscription
-from notify.channels.base import Channel, OutboundMessage, SendOutcome, timed_outcome
+from apps.recipients.models import WebPushSubscription
+from notify.channels.base import OutboundMessage, RegistryChannel, SendOutcome, timed_outcome
 from notify.resilience.failures import FailureKind, failure_from_status
 
 GONE_STATUSES = frozenset({404, 410})
@@ -29,23 +27,12 @@ def vapid_application_server_key() -> str:
     return b64urlencode(public)
 
 
-class WebPushChannel(Channel):
+class WebPushChannel(RegistryChannel):
     name = "webpush"
+    registry = WebPushSubscription
 
     def __init__(self) -> None:
         self._session: requests.Session | None = None
-
-    def address_for(self, *, recipient: Recipient) -> str:
-        # A recipient is reached through their subscriptions, looked up per batch when sending.
-        return str(recipient.id)
-
-    def addresses_for(self, *, recipients: list[Recipient]) -> dict[UUID, str]:
-        subscribed = set(
-            WebPushSubscription.objects.filter(recipient__in=recipients, active=True).values_list(
-                "recipient_id", flat=True
-            )
-        )
-        return {r.id: str(r.id) if r.id in subscribed else "" for r in recipients}
 
     def reset(self) -> None:
         self._session = None
@@ -53,11 +40,7 @@ class WebPushChannel(Channel):
     def send_batch(self, *, messages: list[OutboundMessage]) -> list[SendOutcome]:
         if self._session is None:
             self._session = requests.Session()  # keep-alive to the push services
-        subscriptions: dict[str, list[WebPushSubscription]] = defaultdict(list)
-        for subscription in WebPushSubscription.objects.filter(
-            recipient_id__in=[m.address for m in messages], active=True
-        ):
-            subscriptions[str(subscription.recipient_id)].append(subscription)
+        subscriptions = self.endpoints_for(messages=messages)
         return [self._send_one(message=m, subscriptions=subscriptions[m.address]) for m in messages]
 
     def _send_one(self, *, message: OutboundMessage, subscriptions: list[WebPushSubscription]) -> SendOutcome:

@@ -3,7 +3,7 @@
 from django.db import transaction
 from django.utils import timezone
 
-from apps.deliveries.models import UNSENT_STATUSES, DeadLetter, Delivery, DeliveryEvent, DeliveryStatus, Notification
+from apps.deliveries.models import CLAIMABLE_STATUSES, DeadLetter, Delivery, DeliveryEvent, DeliveryStatus, Notification
 from notify.pipeline.dispatch import deliveries_publish_on_commit
 from notify.pipeline.record import history_event
 
@@ -17,7 +17,7 @@ def notification_cancel(*, notification: Notification, reason: str = "cancelled 
     now = timezone.now()
     with transaction.atomic():
         deliveries = list(
-            Delivery.objects.select_for_update().filter(notification=notification, status__in=UNSENT_STATUSES)
+            Delivery.objects.select_for_update().filter(notification=notification, status__in=CLAIMABLE_STATUSES)
         )
         if not deliveries:
             raise NotCancellable("Nothing left to cancel: every delivery has been sent or has finished.")

@@ -148,23 +148,20 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
     channel = channel_get(name=deliveries[0].channel)
     messages: list[OutboundMessage] = []
     outcomes: list[SendOutcome] = []
+    addresses = {d.id: channel.address_for(recipient=d.notification.recipient) for d in deliveries}
     # Checked again here: an address can bounce after its notification was planned.
     suppressed = {
         tenant_id: suppressed_addresses(
             tenant_id=tenant_id,
             channel=channel.name,
-            addresses=[
-                channel.address_for(recipient=d.notification.recipient)
-                for d in deliveries
-                if d.notification.tenant_id == tenant_id
-            ],
+            addresses=[addresses[d.id] for d in deliveries if d.notification.tenant_id == tenant_id],
         )
         for tenant_id in {d.notification.tenant_id for d in deliveries}
     }
     for delivery in deliveries:
         notification = delivery.notification
         recipient = notification.recipient
-        address = channel.address_for(recipient=recipient)
+        address = addresses[delivery.id]
         if address and address in suppressed[notification.tenant_id]:
             reason = f"address is suppressed: {suppressed[notification.tenant_id][address]}"
             outcomes.append(

@@ -75,6 +75,11 @@ class Faults:
     # The final status the provider reports back for an accepted message (Twilio callbacks).
     final_status: str = "delivered"
 
+    async def delay(self) -> None:
+        """The injected latency, before the provider answers."""
+        if self.latency_ms:
+            await asyncio.sleep(self.latency_ms / 1000)
+
     def request_status(self) -> int | None:
         """An injected HTTP status for the whole request, or None to behave normally."""
         if self.fail_next:
@@ -168,8 +173,7 @@ class Sandbox:
 
     async def _postmark(self, *, headers: dict[str, str], body: bytes, batch: bool) -> tuple[int, Any]:
         faults = self.state.faults["postmark"]
-        if faults.latency_ms:
-            await asyncio.sleep(faults.latency_ms / 1000)
+        await faults.delay()
         if not headers.get("x-postmark-server-token"):
             return 401, {
                 "ErrorCode": 10,
@@ -256,8 +260,7 @@ class Sandbox:
         """A browser vendor's push service (RFC 8030): an encrypted message for one subscription,
         with a VAPID Authorization header; 201 Created, or 404/410 for a dropped subscription."""
         faults = self.state.faults["webpush"]
-        if faults.latency_ms:
-            await asyncio.sleep(faults.latency_ms / 1000)
+        await faults.delay()
         entry = {
             "provider": "webpush",
             "to": subscription,
@@ -292,8 +295,7 @@ class Sandbox:
     async def fcm_send(self, *, project: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
         """FCM HTTP v1: POST /v1/projects/{project}/messages:send with a bearer token."""
         faults = self.state.faults["fcm"]
-        if faults.latency_ms:
-            await asyncio.sleep(faults.latency_ms / 1000)
+        await faults.delay()
         if not headers.get("authorization", "").startswith("Bearer sandbox-"):
             return 401, {
                 "error": {
@@ -334,8 +336,7 @@ class Sandbox:
     async def twilio_message(self, *, account: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
         """POST /2010-04-01/Accounts/{sid}/Messages.json, form-encoded, with basic auth."""
         faults = self.state.faults["twilio"]
-        if faults.latency_ms:
-            await asyncio.sleep(faults.latency_ms / 1000)
+        await faults.delay()
         username, _, auth_token = _basic_auth(headers.get("authorization", ""))
         if username != account or not auth_token:
             return 401, _twilio_error(20003, "Authenticate", 401)

@@ -2,19 +2,14 @@
 sends a notification, and it is delivered."""
 
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port
+
 ROOT = Path(__file__).resolve().parent.parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.worker
@@ -23,8 +18,8 @@ def test_the_run_command_delivers_the_demo_notification(tmp_path):
         **os.environ,
         "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}",  # the demo's embedded database
         "CELERY_BROKER_URL": "redis://127.0.0.1:6379/14",
-        "NOTIFY_WEB_PORT": str(_free_port()),
-        "NOTIFY_SANDBOX_PORT": str(_free_port()),
+        "NOTIFY_WEB_PORT": str(free_port()),
+        "NOTIFY_SANDBOX_PORT": str(free_port()),
     }
     for name in ("POSTMARK_API_URL", "DJANGO_SECRET_KEY"):
         env.pop(name, None)
