@@ -1,8 +1,23 @@
-"""ASGI entry point. HTTP today; the WebSocket inbox joins here through Channels."""
+"""ASGI entry point: Django's HTTP application, and the inbox WebSocket through Channels."""
 
 import os
 
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
-application = get_asgi_application()
+# Django is set up here, before the imports below touch models.
+http_application = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.urls import path  # noqa: E402
+
+from apps.inbox.consumers import InboxConsumer  # noqa: E402
+
+# No Origin check on the WebSocket: the inbox widget is embedded in other sites by design, and
+# the connection is authorised by its signed recipient token, never by a cookie.
+application = ProtocolTypeRouter(
+    {
+        "http": http_application,
+        "websocket": URLRouter([path("inbox/v1/ws", InboxConsumer.as_asgi())]),
+    }
+)

@@ -21,6 +21,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "corsheaders",
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -37,6 +38,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "apps.api.middleware.RequestBodyLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "corsheaders.middleware.CorsMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -169,6 +171,22 @@ NOTIFY_RETRY_POLICY = {
     for channel in ("email", "sms", "push", "webpush", "inapp")
 }
 NOTIFY_DEFAULT_LOCALE = env("NOTIFY_DEFAULT_LOCALE", default="en")
+
+# --- In-app inbox -----------------------------------------------------------------------
+# Live updates go through a Redis channel layer (the broker's Redis unless told otherwise).
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [env("CHANNEL_LAYER_URL", default=CELERY_BROKER_URL)], "prefix": "notify-inbox"},
+    }
+}
+# How long a recipient token from POST /api/v1/inbox-tokens stays valid.
+NOTIFY_INBOX_TOKEN_SECONDS = env.int("NOTIFY_INBOX_TOKEN_SECONDS", default=3600)
+NOTIFY_INBOX_PING_SECONDS = env.float("NOTIFY_INBOX_PING_SECONDS", default=25.0)
+# The recipient-facing inbox API is called from the pages that embed the widget, on any origin.
+# It is authorised by a bearer token, never a cookie, so allowing every origin exposes nothing.
+CORS_URLS_REGEX = r"^/inbox/v1/.*$"
+CORS_ALLOW_ALL_ORIGINS = True
 
 # --- Email ------------------------------------------------------------------------------
 EMAIL_BACKEND = env("EMAIL_BACKEND", default="anymail.backends.postmark.EmailBackend")

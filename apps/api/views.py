@@ -28,8 +28,7 @@ from apps.api.serializers import (
 )
 from apps.deliveries.models import DeliveryStatus, Notification
 from apps.deliveries.selectors import notification_get, notifications_list
-from apps.inbox.tokens import LIFETIME as INBOX_TOKEN_LIFETIME
-from apps.inbox.tokens import inbox_token_issue
+from apps.inbox.tokens import inbox_token_issue, inbox_token_lifetime
 from apps.recipients.models import Device, Recipient, WebPushSubscription
 from apps.recipients.services import device_register, recipient_upsert, webpush_subscribe
 from apps.tenants.models import ApiKey, Tenant
@@ -339,5 +338,5 @@ class InboxTokenView(APIView):
             return recipient
         token = inbox_token_issue(recipient_id=recipient.id)
         return Response(
-            {"token": token, "expires_in": int(INBOX_TOKEN_LIFETIME.total_seconds())}, status=status.HTTP_201_CREATED
+            {"token": token, "expires_in": int(inbox_token_lifetime().total_seconds())}, status=status.HTTP_201_CREATED
         )

@@ -12,7 +12,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from apps.inbox.live import inbox_counts_changed, inbox_item_changed
 from apps.inbox.models import InboxItem
+from apps.inbox.serializers import InboxItemSerializer
 from apps.inbox.services import MARKS, inbox_counts, inbox_item_mark, inbox_items, inbox_mark_all_read
 from apps.inbox.tokens import InboxTokenInvalid, inbox_token_read
 
@@ -51,25 +53,6 @@ COUNTS = inline_serializer(
 class HasInboxToken(permissions.BasePermission):
     def has_permission(self, request: Request, view: object) -> bool:
         return isinstance(request.auth, UUID)
-
-
-class InboxItemSerializer(serializers.ModelSerializer):
-    seen = serializers.SerializerMethodField()
-    read = serializers.SerializerMethodField()
-    archived = serializers.SerializerMethodField()
-
-    class Meta:
-        model = InboxItem
-        fields = ["id", "title", "body", "link", "data", "created_at", "seen", "read", "archived"]
-
-    def get_seen(self, item: InboxItem) -> bool:
-        return item.seen_at is not None
-
-    def get_read(self, item: InboxItem) -> bool:
-        return item.read_at is not None
-
-    def get_archived(self, item: InboxItem) -> bool:
-        return item.archived_at is not None
 
 
 class InboxView(APIView):
@@ -121,6 +104,7 @@ class InboxItemMarkView(InboxView):
             item = inbox_item_mark(recipient_id=self.recipient_id(), item_id=UUID(item_id), mark=mark)
         except (InboxItem.DoesNotExist, ValueError, DjangoValidationError):
             raise Http404
+        inbox_item_changed(item=item)
         return Response(InboxItemSerializer(item).data)
 
 
@@ -131,4 +115,6 @@ class InboxReadAllView(InboxView):
         summary="Mark every item read",
     )
     def post(self, request: Request, **kwargs: Any) -> Response:
-        return Response({"updated": inbox_mark_all_read(recipient_id=self.recipient_id())})
+        updated = inbox_mark_all_read(recipient_id=self.recipient_id())
+        inbox_counts_changed(recipient_id=self.recipient_id())
+        return Response({"updated": updated})

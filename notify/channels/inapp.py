@@ -1,8 +1,10 @@
 """The in-app inbox: a delivery becomes an item in the recipient's inbox, stored in the
-database, which is the truth that the inbox API (and live updates) read."""
+database, which is the truth that the inbox API reads. Open connections get the item and
+the new counts pushed to them as soon as it is stored."""
 
 import time
 
+from apps.inbox.live import inbox_items_added
 from apps.inbox.models import InboxItem
 from apps.recipients.models import Recipient
 from notify.channels.base import Channel, OutboundMessage, SendOutcome, timed_outcome
@@ -31,4 +33,7 @@ class InAppChannel(Channel):
             ],
             ignore_conflicts=True,
         )
-        return [timed_outcome(m, started, provider_status="inapp:stored") for m in messages]
+        outcomes = [timed_outcome(m, started, provider_status="inapp:stored") for m in messages]
+        # Read back: with ignore_conflicts the objects above lack the ids of items stored before.
+        inbox_items_added(items=InboxItem.objects.filter(delivery_id__in=[m.delivery_id for m in messages]))
+        return outcomes

@@ -1,28 +1,15 @@
 """The in-app inbox: the channel stores items; the recipient's browser reads and marks them
 with a signed, short-lived token from the producer API."""
 
-from datetime import timedelta
-
 import pytest
 from rest_framework.test import APIClient
 
-from apps.catalog.models import TemplateVariant, TemplateVersion
 from apps.deliveries.models import Delivery, DeliveryStatus
 from apps.inbox.models import InboxItem
 from apps.inbox.tokens import InboxTokenInvalid, inbox_token_issue, inbox_token_read
 from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
 from notify.pipeline.send import deliveries_send
-from tests.factories import CategoryFactory, RecipientFactory, TemplateFactory
-
-
-@pytest.fixture
-def inbox_category(workspace):  # type: ignore[no-untyped-def]
-    template = TemplateFactory(tenant=workspace.tenant, key="mention")
-    version = TemplateVersion.objects.create(template=template, number=1)
-    TemplateVariant.objects.create(
-        version=version, channel="inapp", title="{{ data.who }} mentioned you", body="{{ data.text }}", link="/c/1"
-    )
-    return CategoryFactory(tenant=workspace.tenant, key="mention", template=template, default_channels=["inapp"])
+from tests.factories import RecipientFactory
 
 
 def notify(workspace, external_id: str = "ada", text: str = "hello") -> Delivery:  # type: ignore[no-untyped-def]
@@ -102,13 +89,17 @@ def test_another_recipients_items_are_out_of_reach(workspace, browser):
     assert browser.post(f"/inbox/v1/items/{bobs.id}/explode").status_code == 404
 
 
-def test_tampered_expired_and_missing_tokens_are_refused(workspace, inbox_category):
+def test_tampered_expired_and_missing_tokens_are_refused(workspace, inbox_category, settings):
     recipient = RecipientFactory(tenant=workspace.tenant, external_id="ada")
     token = inbox_token_issue(recipient_id=recipient.id)
     assert inbox_token_read(token=token) == recipient.id
+    settings.NOTIFY_INBOX_TOKEN_SECONDS = -1
     with pytest.raises(InboxTokenInvalid) as expired:
-        inbox_token_read(token=token, max_age=timedelta(seconds=-1))
+        inbox_token_read(token=token)
     assert expired.value.expired
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert "expired" in client.get("/inbox/v1/items").json()["error"]["message"]
     client = APIClient()
     assert client.get("/inbox/v1/items").status_code == 401
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {token[:-2]}xx")
