@@ -11,6 +11,7 @@ urlpatterns = [
     path("inbox/v1/", include("apps.inbox.urls")),
     path("anymail/", include("anymail.urls")),
     path("webhooks/twilio/status", twilio_status_callback, name="twilio-status"),
+    path("demo/inbox/", demo_views.inbox_page, name="demo-inbox"),
     path("demo/webpush/", demo_views.webpush_page, name="demo-webpush"),
     path("demo/webpush/sw.js", demo_views.webpush_service_worker, name="demo-webpush-sw"),
     path("demo/webpush/subscribe", demo_views.webpush_subscribe_demo, name="demo-webpush-subscribe"),

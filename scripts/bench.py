@@ -159,9 +159,12 @@ class Processes:
             child.wait(timeout=30)
 
 
+BENCH_CHANNELS = ("email", "sms", "push", "webpush", "inapp")
+
+
 def bench_categories_ensure(*, tenant_id: object) -> None:
     """bench-<channel>-<priority> categories, one channel each, so every figure is one channel's."""
-    for channel in ("email", "sms", "push", "webpush"):
+    for channel in BENCH_CHANNELS:
         template, created = Template.objects.get_or_create(
             tenant_id=tenant_id, key=f"bench-{channel}", defaults={"name": channel}
         )
@@ -332,7 +335,7 @@ def main() -> None:
     parser.add_argument("--sink", choices=["sandbox", "memory"], default="sandbox")
     parser.add_argument(
         "--channel",
-        choices=["email", "sms", "push", "webpush"],
+        choices=BENCH_CHANNELS,
         default="email",
         help="the bulk channel (default email)",
     )

@@ -102,3 +102,19 @@ vapid_key_ensure() {
     fi
     export WEBPUSH_VAPID_PRIVATE_KEY="$(echo "$keys" | sed -n 's/^WEBPUSH_VAPID_PRIVATE_KEY=//p')"
 }
+
+chromium_ensure() {
+    # The browser tests drive Debian's Chromium through Playwright (which cannot download a
+    # browser here). As root on Debian it is installed; otherwise say how, and go on: only
+    # the browser tests need it, and they fail with the same advice.
+    [ -x /usr/bin/chromium ] && return
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        say "installing Chromium for the browser tests (apt-get install chromium)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q chromium >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
+            || die "apt-get could not install chromium; install it by hand (apt-get install chromium)."
+        return
+    fi
+    printf '\033[33mwarning:\033[0m the browser tests need Chromium at /usr/bin/chromium. Install it: sudo apt-get install chromium\n' >&2
+}

@@ -77,6 +77,9 @@ PUSH_CURL="curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/events \\
 SMS_CURL="curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/events \\
   -H 'Authorization: Bearer $NOTIFY_DEMO_API_KEY' -H 'Content-Type: application/json' \\
   -d '{\"category\": \"otp\", \"recipient\": {\"external_id\": \"grace\", \"phone\": \"+14155550123\"}, \"data\": {\"code\": \"482913\"}}'"
+INBOX_CURL="curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/events \\
+  -H 'Authorization: Bearer $NOTIFY_DEMO_API_KEY' -H 'Content-Type: application/json' \\
+  -d '{\"category\": \"mention\", \"recipient\": \"ada\", \"data\": {\"who\": \"Grace\", \"text\": \"Can you review the launch plan?\"}}'"
 
 cat <<INFO
 
@@ -85,6 +88,7 @@ cat <<INFO
   Admin        http://127.0.0.1:$WEB_PORT/admin/        login: admin / admin
   API docs     http://127.0.0.1:$WEB_PORT/api/docs/
   Sandbox log  http://127.0.0.1:$SANDBOX_PORT/         every request the fake providers received
+  Inbox        http://127.0.0.1:$WEB_PORT/demo/inbox/    the in-app inbox widget, updated live
   Web push     http://127.0.0.1:$WEB_PORT/demo/webpush/  subscribe a browser (needs its vendor's push service)
   API key      $NOTIFY_DEMO_API_KEY
 
@@ -99,6 +103,10 @@ cat <<INFO
   Send a mobile push to the demo recipient's device:
 
   $PUSH_CURL
+
+  Send an in-app notification to the inbox page (open it first):
+
+  $INBOX_CURL
 
   Then open Notifications in the admin, or the sandbox log. Ctrl-C stops everything.
 
@@ -125,6 +133,7 @@ if [ "$SMOKE" = 1 ]; then
     reaches "$SMS_CURL" delivered || die "the demo SMS was not delivered; see var/log/"
     # FCM reports nothing after accepting a message, so "sent" is as far as push goes.
     reaches "$PUSH_CURL" sent || die "the demo push was not sent; see var/log/"
+    reaches "$INBOX_CURL" sent || die "the demo in-app notification was not stored; see var/log/"
     curl -s "http://127.0.0.1:$SANDBOX_PORT/_sandbox/stats"; echo
     exit 0
 fi

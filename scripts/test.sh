@@ -20,5 +20,6 @@ postgres_ensure
 redis_ensure
 database_create
 vapid_key_ensure
+chromium_ensure
 
 exec "$PY" -m pytest "$@"

@@ -12,10 +12,10 @@ from django.conf import settings as django_settings
 from django.db import connection
 from rest_framework.test import APIClient
 
-from apps.catalog.models import Category, Priority
+from apps.catalog.models import Category, Priority, TemplateVariant, TemplateVersion
 from apps.tenants.models import ApiKey, Tenant
 from notify.sandbox.client import SandboxClient
-from tests.factories import ApiKeyFactory, CategoryFactory
+from tests.factories import ApiKeyFactory, CategoryFactory, TemplateFactory
 from tests.helpers import free_port, provider_settings, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +77,16 @@ def sandbox(sandbox_url: str, settings) -> SandboxClient:  # type: ignore[no-unt
     client = SandboxClient(base_url=sandbox_url)
     client.reset()
     return client
+
+
+def process_env(*, sandbox_url: str) -> dict[str, str]:
+    """The environment for a process of ours: this test's database, the sandbox's providers."""
+    db = connection.settings_dict
+    return {
+        **os.environ,
+        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        **provider_settings(sandbox_url=sandbox_url),
+    }
 
 
 @dataclass
@@ -141,17 +151,11 @@ class WorkerPool:
     def _spawn(
         self, name: str, arguments: list[str], *, ready: str, env: dict[str, str] | None = None
     ) -> WorkerProcess:
-        db = connection.settings_dict
         log_path = self.log_dir / f"{name}.log"
         process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "config", *arguments, "-l", "info"],
             cwd=ROOT,
-            env={
-                **os.environ,
-                "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
-                **provider_settings(sandbox_url=self.sandbox_url),
-                **(env or {}),
-            },
+            env={**process_env(sandbox_url=self.sandbox_url), **(env or {})},
             stdout=log_path.open("w"),
             stderr=subprocess.STDOUT,
         )
@@ -182,3 +186,40 @@ def workers(
     pool = WorkerPool(sandbox_url=sandbox.base_url, log_dir=tmp_path)
     yield pool
     pool.stop_all()
+
+
+@pytest.fixture
+def web_server(transactional_db: None, sandbox: SandboxClient, tmp_path: Path) -> Iterator[str]:
+    """The ASGI application served by uvicorn, as the run command serves it (HTTP and
+    WebSocket), on this test's database, with the demo pages on; yields its base URL."""
+    port = free_port()
+    log_path = tmp_path / "web.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env={**process_env(sandbox_url=sandbox.base_url), "DJANGO_DEBUG": "1"},
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for(
+        lambda: "Uvicorn running" in log_path.read_text() or process.poll() is not None,
+        timeout=30,
+        what="the web server to start",
+    )
+    if process.poll() is not None:
+        raise AssertionError(f"the web server exited:\n{log_path.read_text()}")
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture
+def inbox_category(workspace: Workspace) -> Category:
+    """`mention`: an in-app category whose items have a title, a body and a link."""
+    template = TemplateFactory(tenant=workspace.tenant, key="mention")
+    version = TemplateVersion.objects.create(template=template, number=1)
+    TemplateVariant.objects.create(
+        version=version, channel="inapp", title="{{ data.who }} mentioned you", body="{{ data.text }}", link="/c/1"
+    )
+    return CategoryFactory(tenant=workspace.tenant, key="mention", template=template, default_channels=["inapp"])

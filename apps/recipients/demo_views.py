@@ -1,5 +1,6 @@
-"""The web push demo page, its service worker, and a demo-only subscribe endpoint. They exist
-only with DJANGO_DEBUG on (the run command's demo): the real API takes subscriptions with an
+"""The demo pages: the in-app inbox widget, and web push with its service worker and a
+demo-only subscribe endpoint. They exist only with DJANGO_DEBUG on (the run command's demo):
+in a real application its own server asks for inbox tokens and saves subscriptions with an
 API key, which a browser must never hold."""
 
 import json
@@ -10,6 +11,7 @@ from django.shortcuts import render
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
+from apps.inbox.tokens import inbox_token_issue
 from apps.recipients.models import Recipient
 from apps.recipients.services import webpush_subscribe
 from notify.channels.webpush import vapid_application_server_key
@@ -26,6 +28,15 @@ def _demo_recipient() -> Recipient:
     if recipient is None:
         raise Http404("Run manage.py demo_setup first.")
     return recipient
+
+
+def inbox_page(request: HttpRequest) -> HttpResponse:
+    recipient = _demo_recipient()
+    return render(
+        request,
+        "demo/inbox.html",
+        {"recipient": recipient.external_id, "token": inbox_token_issue(recipient_id=recipient.id)},
+    )
 
 
 def webpush_page(request: HttpRequest) -> HttpResponse:

@@ -48,6 +48,15 @@ ALERT_VARIANTS = [
 BROWSER_ALERT_VARIANTS = [
     {"channel": "webpush", "locale": "", "title": "Notify demo", "body": "{{ data.text }}", "link": "/demo/webpush/"},
 ]
+MENTION_VARIANTS = [
+    {
+        "channel": "inapp",
+        "locale": "",
+        "title": "{{ data.who|default:'Someone' }} mentioned you",
+        "body": "{{ data.text }}",
+        "link": "/demo/inbox/",
+    },
+]
 DIGEST_VARIANTS = [
     {
         "channel": "email",
@@ -70,6 +79,7 @@ def demo_workspace_ensure(*, api_key: str, admin_username: str = "", admin_passw
         ("weekly-digest", CategoryKind.MARKETING, Priority.BULK, ["email"], DIGEST_VARIANTS),
         ("alert", CategoryKind.TRANSACTIONAL, Priority.NORMAL, ["push"], ALERT_VARIANTS),
         ("browser-alert", CategoryKind.TRANSACTIONAL, Priority.NORMAL, ["webpush"], BROWSER_ALERT_VARIANTS),
+        ("mention", CategoryKind.TRANSACTIONAL, Priority.NORMAL, ["inapp"], MENTION_VARIANTS),
     ):
         template, created = Template.objects.get_or_create(tenant=tenant, key=key, defaults={"name": key})
         if created:
