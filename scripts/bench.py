@@ -8,7 +8,6 @@ notifications (API call -> provider accepted and recorded) sent while a bulk bac
 Run it through `make bench`, which prepares the database, Redis and the virtualenv."""
 
 import argparse
-import base64
 import os
 import signal
 import subprocess
@@ -19,8 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -38,7 +35,7 @@ from apps.catalog.models import Category, Priority, Template, TemplateVariant, T
 from apps.deliveries.models import Delivery, DeliveryStatus  # noqa: E402
 from apps.recipients.models import Device, Recipient, WebPushSubscription  # noqa: E402
 from apps.tenants.demo import demo_workspace_ensure  # noqa: E402
-from notify.sandbox.client import SandboxClient  # noqa: E402
+from notify.sandbox.client import SandboxClient, browser_subscription_keys  # noqa: E402
 
 WEB_PORT = int(os.environ.get("BENCH_WEB_PORT", "8100"))
 SANDBOX_PORT = int(os.environ.get("BENCH_SANDBOX_PORT", "8125"))
@@ -211,22 +208,14 @@ def endpoints_register(*, tenant_id: object, channel: str, count: int, prefix: s
             batch_size=5000,
         )
         return
-    key = ec.generate_private_key(ec.SECP256R1()).public_key()
-    p256dh = (
-        base64.urlsafe_b64encode(
-            key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
-        )
-        .rstrip(b"=")
-        .decode()
-    )
+    keys = browser_subscription_keys()
     WebPushSubscription.objects.bulk_create(
         [
             WebPushSubscription(
                 tenant_id=tenant_id,
                 recipient=r,
                 endpoint=f"http://127.0.0.1:{SANDBOX_PORT}/webpush/{r.external_id}",
-                p256dh=p256dh,
-                auth="MDEyMzQ1Njc4OWFiY2RlZg",
+                **keys,
             )
             for r in recipients
         ],

@@ -39,7 +39,8 @@ done
 mkdir -p var/log
 vapid_key_ensure var/vapid.env
 "$PY" manage.py migrate --no-input -v 0
-"$PY" manage.py demo_setup -v 0
+# The demo recipient's browser subscription points at the sandbox's push service.
+"$PY" manage.py demo_setup -v 0 --webpush-endpoint "http://127.0.0.1:$SANDBOX_PORT/webpush/demo-browser"
 
 PIDS=()
 stop_all() {
@@ -77,6 +78,9 @@ PUSH_CURL="curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/events \\
 SMS_CURL="curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/events \\
   -H 'Authorization: Bearer $NOTIFY_DEMO_API_KEY' -H 'Content-Type: application/json' \\
   -d '{\"category\": \"otp\", \"recipient\": {\"external_id\": \"grace\", \"phone\": \"+14155550123\"}, \"data\": {\"code\": \"482913\"}}'"
+WEBPUSH_CURL="curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/events \\
+  -H 'Authorization: Bearer $NOTIFY_DEMO_API_KEY' -H 'Content-Type: application/json' \\
+  -d '{\"category\": \"browser-alert\", \"recipient\": \"ada\", \"data\": {\"text\": \"Your export is ready.\"}}'"
 INBOX_CURL="curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/events \\
   -H 'Authorization: Bearer $NOTIFY_DEMO_API_KEY' -H 'Content-Type: application/json' \\
   -d '{\"category\": \"mention\", \"recipient\": \"ada\", \"data\": {\"who\": \"Grace\", \"text\": \"Can you review the launch plan?\"}}'"
@@ -103,6 +107,10 @@ cat <<INFO
   Send a mobile push to the demo recipient's device:
 
   $PUSH_CURL
+
+  Send a web push to the demo recipient's browser subscriptions (the sandbox's, and yours):
+
+  $WEBPUSH_CURL
 
   Send an in-app notification to the inbox page (open it first):
 
@@ -133,6 +141,7 @@ if [ "$SMOKE" = 1 ]; then
     reaches "$SMS_CURL" delivered || die "the demo SMS was not delivered; see var/log/"
     # FCM reports nothing after accepting a message, so "sent" is as far as push goes.
     reaches "$PUSH_CURL" sent || die "the demo push was not sent; see var/log/"
+    reaches "$WEBPUSH_CURL" sent || die "the demo web push was not sent; see var/log/"
     reaches "$INBOX_CURL" sent || die "the demo in-app notification was not stored; see var/log/"
     curl -s "http://127.0.0.1:$SANDBOX_PORT/_sandbox/stats"; echo
     exit 0

@@ -4,8 +4,9 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 
 from apps.catalog.models import Category, CategoryKind, Priority, Template, TemplateVariant, TemplateVersion
-from apps.recipients.models import Device, Recipient
+from apps.recipients.models import Device, Recipient, WebPushSubscription
 from apps.tenants.models import ApiKey, Tenant
+from notify.sandbox.client import browser_subscription_keys
 
 WELCOME_VARIANTS = [
     {
@@ -69,9 +70,12 @@ DIGEST_VARIANTS = [
 
 
 @transaction.atomic
-def demo_workspace_ensure(*, api_key: str, admin_username: str = "", admin_password: str = "") -> Tenant:
-    """Create the demo tenant, its categories, templates, a recipient, the demo API key and
-    an admin login, each only if missing."""
+def demo_workspace_ensure(
+    *, api_key: str, admin_username: str = "", admin_password: str = "", webpush_endpoint: str = ""
+) -> Tenant:
+    """Create the demo tenant, its categories, templates, a recipient with a device, the demo
+    API key and an admin login, each only if missing; with `webpush_endpoint` (the sandbox's
+    push service), a browser subscription for the recipient too."""
     tenant, _ = Tenant.objects.get_or_create(slug="demo", defaults={"name": "Demo workspace"})
     for key, kind, priority, channels, variants in (
         ("welcome", CategoryKind.TRANSACTIONAL, Priority.NORMAL, ["email"], WELCOME_VARIANTS),
@@ -105,6 +109,10 @@ def demo_workspace_ensure(*, api_key: str, admin_username: str = "", admin_passw
     Device.objects.get_or_create(
         tenant=tenant, token="demo-device-token", defaults={"recipient": ada, "platform": "android", "app": "demo"}
     )
+    if webpush_endpoint:
+        WebPushSubscription.objects.get_or_create(
+            tenant=tenant, endpoint=webpush_endpoint, defaults={"recipient": ada, **browser_subscription_keys()}
+        )
     if api_key:
         demo_key = ApiKey(tenant=tenant, name="demo")
         demo_key.assign_secret(raw_key=api_key)

@@ -1,9 +1,27 @@
 """A small client for the sandbox's control API, used by tests, the demo and the benchmark."""
 
+import base64
 import time
 from typing import Any
 
 import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+
+def browser_subscription_keys() -> dict[str, str]:
+    """What a browser's PushSubscription carries, its ECDH public key and auth secret, for a
+    subscription whose endpoint is the sandbox's push service."""
+    public = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    )
+    return {"p256dh": _b64url(public), "auth": _b64url(b"0123456789abcdef")}
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
 class SandboxClient:

@@ -3,8 +3,6 @@
 import base64
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from django.core.management import call_command
 
 from apps.catalog.models import Category, TemplateVariant, TemplateVersion
@@ -12,18 +10,8 @@ from apps.deliveries.models import Delivery, DeliveryStatus
 from apps.recipients.models import WebPushSubscription
 from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
 from notify.pipeline.send import deliveries_send
+from notify.sandbox.client import browser_subscription_keys
 from tests.factories import CategoryFactory, RecipientFactory, TemplateFactory
-
-
-def b64url(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def browser_keys() -> dict[str, str]:
-    """What a browser's PushSubscription carries: its ECDH public key and an auth secret."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    public = key.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
-    return {"p256dh": b64url(public), "auth": b64url(b"0123456789abcdef")}
 
 
 @pytest.fixture
@@ -42,7 +30,7 @@ def ada(workspace):  # type: ignore[no-untyped-def]
 
 
 def subscribe(workspace, recipient, sandbox, name: str) -> WebPushSubscription:  # type: ignore[no-untyped-def]
-    keys = browser_keys()
+    keys = browser_subscription_keys()
     return WebPushSubscription.objects.create(
         tenant=workspace.tenant, recipient=recipient, endpoint=f"{sandbox.base_url}/webpush/{name}", **keys
     )
@@ -98,7 +86,7 @@ def test_a_busy_push_service_is_retried(workspace, alert, ada, sandbox):
 
 
 def test_subscriptions_through_the_api(api, workspace, ada, sandbox):
-    body = {"recipient": "ada", "endpoint": f"{sandbox.base_url}/webpush/sub-1", "keys": browser_keys()}
+    body = {"recipient": "ada", "endpoint": f"{sandbox.base_url}/webpush/sub-1", "keys": browser_subscription_keys()}
     created = api.post("/api/v1/webpush-subscriptions", body, format="json")
     assert created.status_code == 201
     assert api.post("/api/v1/webpush-subscriptions", body, format="json").status_code == 200

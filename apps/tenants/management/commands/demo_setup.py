@@ -10,6 +10,7 @@ class Command(BaseCommand):
     def add_arguments(self, parser):  # type: ignore[no-untyped-def]
         parser.add_argument("--admin-username", default="admin")
         parser.add_argument("--admin-password", default="admin")
+        parser.add_argument("--webpush-endpoint", default="", help="subscribe the demo recipient at this push service")
 
     def handle(self, *args, **options):  # type: ignore[no-untyped-def]
         if not settings.NOTIFY_DEMO_API_KEY:
@@ -18,5 +19,6 @@ class Command(BaseCommand):
             api_key=settings.NOTIFY_DEMO_API_KEY,
             admin_username=options["admin_username"],
             admin_password=options["admin_password"],
+            webpush_endpoint=options["webpush_endpoint"],
         )
         self.stdout.write("demo workspace ready")
