@@ -172,6 +172,17 @@ NOTIFY_RETRY_POLICY = {
 }
 NOTIFY_DEFAULT_LOCALE = env("NOTIFY_DEFAULT_LOCALE", default="en")
 
+# --- Preferences --------------------------------------------------------------------------
+# Redis for the preference cache and the frequency-cap windows (the broker's unless told otherwise).
+NOTIFY_REDIS_URL = env("NOTIFY_REDIS_URL", default=CELERY_BROKER_URL)
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": NOTIFY_REDIS_URL,
+        "KEY_PREFIX": "notify",
+    }
+}
+
 # --- In-app inbox -----------------------------------------------------------------------
 # Live updates go through a Redis channel layer (the broker's Redis unless told otherwise).
 CHANNEL_LAYERS = {

@@ -35,6 +35,7 @@ from apps.catalog.models import Category, Priority, Template, TemplateVariant, T
 from apps.deliveries.models import Delivery, DeliveryStatus  # noqa: E402
 from apps.recipients.models import Device, Recipient, WebPushSubscription  # noqa: E402
 from apps.tenants.demo import demo_workspace_ensure  # noqa: E402
+from config.queues import CHANNELS, WORKER_GROUPS  # noqa: E402
 from notify.sandbox.client import SandboxClient, browser_subscription_keys  # noqa: E402
 
 WEB_PORT = int(os.environ.get("BENCH_WEB_PORT", "8100"))
@@ -125,7 +126,7 @@ class Processes:
             "--pool",
             "solo",
             "-Q",
-            "email.critical,sms.critical,push.critical,webpush.critical",
+            ",".join(WORKER_GROUPS["critical"]),
             "-n",
             "critical@%h",
         )
@@ -141,7 +142,7 @@ class Processes:
             "--concurrency",
             str(self.bulk_concurrency),
             "-Q",
-            "email.bulk,sms.bulk,push.bulk,webpush.bulk",
+            ",".join(WORKER_GROUPS["bulk"]),
             "-n",
             "bulk@%h",
         )
@@ -156,12 +157,9 @@ class Processes:
             child.wait(timeout=30)
 
 
-BENCH_CHANNELS = ("email", "sms", "push", "webpush", "inapp")
-
-
 def bench_categories_ensure(*, tenant_id: object) -> None:
     """bench-<channel>-<priority> categories, one channel each, so every figure is one channel's."""
-    for channel in BENCH_CHANNELS:
+    for channel in CHANNELS:
         template, created = Template.objects.get_or_create(
             tenant_id=tenant_id, key=f"bench-{channel}", defaults={"name": channel}
         )
@@ -324,7 +322,7 @@ def main() -> None:
     parser.add_argument("--sink", choices=["sandbox", "memory"], default="sandbox")
     parser.add_argument(
         "--channel",
-        choices=BENCH_CHANNELS,
+        choices=CHANNELS,
         default="email",
         help="the bulk channel (default email)",
     )

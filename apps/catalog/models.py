@@ -2,6 +2,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 
 from apps.tenants.models import Tenant
+from notify.policy.rules import validate_channel_switches, validate_frequency_cap
 
 
 class Channel(models.TextChoices):
@@ -105,6 +106,11 @@ class TemplateVariant(ImmutableModel):
             raise ValidationError(errors)
 
 
+class OverCap(models.TextChoices):
+    SUPPRESS = "suppress", "Suppress it"
+    DEFER = "defer", "Defer it until the window has room"
+
+
 class Category(models.Model):
     """What kind of thing happened; it sets the channels, the priority and the template."""
 
@@ -115,6 +121,24 @@ class Category(models.Model):
     default_channels = models.JSONField(default=list, validators=[validate_channel_list])
     default_priority = models.CharField(max_length=16, choices=Priority.choices, default=Priority.NORMAL)
     template = models.ForeignKey(Template, on_delete=models.PROTECT, related_name="categories")
+    # What recipients get unless they say otherwise; critical categories ignore all of these.
+    channel_defaults = models.JSONField(
+        default=dict,
+        blank=True,
+        validators=[validate_channel_switches],
+        help_text='Channels off unless a recipient turns them on, e.g. {"email": false}.',
+    )
+    frequency_cap = models.CharField(
+        max_length=50,
+        blank=True,
+        default="",
+        validators=[validate_frequency_cap],
+        help_text="Most notifications of this category one recipient gets, e.g. '3 per day'.",
+    )
+    over_cap = models.CharField(max_length=16, choices=OverCap.choices, default=OverCap.SUPPRESS)
+    expire_after = models.DurationField(
+        null=True, blank=True, help_text="Give up on a deferred notification not sent within this long of its event."
+    )
 
     class Meta:
         verbose_name_plural = "categories"

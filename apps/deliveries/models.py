@@ -74,11 +74,13 @@ class DeliveryStatus(models.TextChoices):
     FAILED = "failed", "Failed (permanent, not retried)"
     DEAD = "dead", "Dead (retries exhausted, in the dead-letter queue)"
     SUPPRESSED = "suppressed", "Suppressed"
+    DEFERRED = "deferred", "Deferred (quiet hours or a frequency cap; sent when they allow)"
+    EXPIRED = "expired", "Expired (not sent within the category's expiry)"
     CANCELLED = "cancelled", "Cancelled"
 
 
 # Not yet being sent: what a sender may claim, and what a cancel may still stop.
-CLAIMABLE_STATUSES = (DeliveryStatus.QUEUED, DeliveryStatus.RETRYING)
+CLAIMABLE_STATUSES = (DeliveryStatus.QUEUED, DeliveryStatus.RETRYING, DeliveryStatus.DEFERRED)
 
 
 class Delivery(models.Model):

@@ -79,9 +79,11 @@ class InboxConsumer(AsyncJsonWebsocketConsumer):
     # Channel-layer messages from apps.inbox.live, one handler per message type.
     async def inbox_item(self, message: dict[str, Any]) -> None:
         await self.send_json({"type": "item", "item": message["item"]})
+        await self.inbox_counts(message)
 
     async def inbox_item_updated(self, message: dict[str, Any]) -> None:
         await self.send_json({"type": "item_updated", "item": message["item"]})
+        await self.inbox_counts(message)
 
     async def inbox_counts(self, message: dict[str, Any]) -> None:
         await self.send_json({"type": "counts", "counts": message["counts"]})

@@ -5,8 +5,8 @@ The channel layer delivers at most once, so a push is a courtesy and never the r
 database is. A push that fails is logged and dropped; a client that missed it catches up from
 the database when it reconnects (see InboxConsumer)."""
 
+import asyncio
 import logging
-from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 from uuid import UUID
@@ -19,6 +19,7 @@ from apps.inbox.serializers import InboxItemSerializer
 from apps.inbox.services import inbox_counts_many
 
 logger = logging.getLogger(__name__)
+BROADCAST_CONCURRENCY = 16
 
 
 def inbox_group(*, recipient_id: UUID) -> str:
@@ -30,31 +31,31 @@ def inbox_item_json(*, item: InboxItem) -> dict[str, Any]:
 
 
 def inbox_items_added(*, items: Iterable[InboxItem]) -> None:
-    """Push each new item, then each recipient's counts once."""
-    by_recipient: dict[UUID, list[InboxItem]] = defaultdict(list)
-    for item in items:
-        by_recipient[item.recipient_id].append(item)
-    messages = [
-        (recipient_id, {"type": "inbox.item", "item": inbox_item_json(item=item)})
-        for recipient_id, recipient_items in by_recipient.items()
-        for item in recipient_items
-    ]
-    _broadcast(messages + _counts_messages(recipient_ids=by_recipient))
+    """Push each new item with its recipient's counts after the whole batch."""
+    items = list(items)
+    counts = inbox_counts_many(recipient_ids={item.recipient_id for item in items})
+    _broadcast(
+        [
+            (
+                item.recipient_id,
+                {"type": "inbox.item", "item": inbox_item_json(item=item), "counts": counts[item.recipient_id]},
+            )
+            for item in items
+        ]
+    )
 
 
 def inbox_item_changed(*, item: InboxItem) -> None:
     """Another tab marked an item read, seen or archived: show it everywhere."""
-    update = (item.recipient_id, {"type": "inbox.item_updated", "item": inbox_item_json(item=item)})
-    _broadcast([update, *_counts_messages(recipient_ids=[item.recipient_id])])
+    counts = inbox_counts_many(recipient_ids=[item.recipient_id])[item.recipient_id]
+    _broadcast(
+        [(item.recipient_id, {"type": "inbox.item_updated", "item": inbox_item_json(item=item), "counts": counts})]
+    )
 
 
 def inbox_counts_changed(*, recipient_id: UUID) -> None:
-    _broadcast(_counts_messages(recipient_ids=[recipient_id]))
-
-
-def _counts_messages(*, recipient_ids: Iterable[UUID]) -> list[tuple[UUID, dict[str, Any]]]:
-    counts = inbox_counts_many(recipient_ids=recipient_ids)
-    return [(recipient_id, {"type": "inbox.counts", "counts": c}) for recipient_id, c in counts.items()]
+    counts = inbox_counts_many(recipient_ids=[recipient_id])[recipient_id]
+    _broadcast([(recipient_id, {"type": "inbox.counts", "counts": counts})])
 
 
 def _broadcast(messages: list[tuple[UUID, dict[str, Any]]]) -> None:
@@ -63,8 +64,15 @@ def _broadcast(messages: list[tuple[UUID, dict[str, Any]]]) -> None:
         return
 
     async def send_all() -> None:
-        for recipient_id, message in messages:
-            await layer.group_send(inbox_group(recipient_id=recipient_id), message)
+        # Several at once, as each is a Redis round trip and a bulk batch holds hundreds; but
+        # bounded, as each concurrent send may open its own connection.
+        for start in range(0, len(messages), BROADCAST_CONCURRENCY):
+            await asyncio.gather(
+                *(
+                    layer.group_send(inbox_group(recipient_id=recipient_id), message)
+                    for recipient_id, message in messages[start : start + BROADCAST_CONCURRENCY]
+                )
+            )
 
     try:
         async_to_sync(send_all)()

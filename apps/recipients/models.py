@@ -4,6 +4,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 
 from apps.tenants.models import Tenant
+from notify.policy.rules import validate_category_switches, validate_channel_switches, validate_quiet_hours
 
 
 def validate_timezone(value: str) -> None:
@@ -35,6 +36,55 @@ class Recipient(models.Model):
 
     def __str__(self) -> str:
         return self.external_id
+
+
+class PreferenceSet(models.Model):
+    """What a recipient asked for. A setting left out falls back to the category's or the
+    tenant's default; the order of precedence is in notify/policy/rules.py."""
+
+    recipient = models.OneToOneField(Recipient, on_delete=models.CASCADE, primary_key=True, related_name="preferences")
+    paused = models.BooleanField(default=False, help_text="Nothing but critical notifications until paused_until.")
+    paused_until = models.DateTimeField(null=True, blank=True, help_text="Empty while paused: indefinitely.")
+    channels = models.JSONField(
+        default=dict, blank=True, validators=[validate_channel_switches], help_text='e.g. {"sms": false}'
+    )
+    categories = models.JSONField(
+        default=dict,
+        blank=True,
+        validators=[validate_category_switches],
+        help_text='Per category and channel, e.g. {"weekly-digest": {"email": false}}',
+    )
+    channel_order = models.JSONField(
+        default=list, blank=True, help_text='The order to try channels in, e.g. ["push", "sms", "email"].'
+    )
+    quiet_hours = models.JSONField(
+        default=dict,
+        blank=True,
+        validators=[validate_quiet_hours],
+        help_text='In the recipient\'s timezone, e.g. {"start": "22:00", "end": "07:00", "days": [0, 1, 2, 3, 4]}',
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"preferences of {self.recipient_id}"
+
+
+class Consent(models.Model):
+    """One grant or withdrawal of consent to marketing on a channel. Append-only: the newest
+    row for a channel is the recipient's answer, and the rows before it are the record."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="consents", db_index=False)
+    recipient = models.ForeignKey(Recipient, on_delete=models.CASCADE, related_name="consents", db_index=False)
+    channel = models.CharField(max_length=16)
+    granted = models.BooleanField()
+    source = models.CharField(max_length=200, help_text="Where it was given: a sign-up form, the preference center…")
+    recorded_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["recipient", "channel", "-recorded_at"], name="consent_latest")]
+
+    def __str__(self) -> str:
+        return f"{'granted' if self.granted else 'withdrawn'} {self.channel} for {self.recipient_id}"
 
 
 class Suppression(models.Model):

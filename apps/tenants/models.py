@@ -4,6 +4,8 @@ import uuid
 
 from django.db import models
 
+from notify.policy.rules import validate_channel_switches, validate_frequency_cap, validate_quiet_hours
+
 
 class Tenant(models.Model):
     """A producer's workspace: it owns API keys, categories, templates and recipients."""
@@ -12,6 +14,20 @@ class Tenant(models.Model):
     slug = models.SlugField(unique=True)
     name = models.CharField(max_length=200)
     default_locale = models.CharField(max_length=35, default="en")
+    # Defaults for every recipient who has not said otherwise (docs/preferences.md).
+    channel_defaults = models.JSONField(
+        default=dict, blank=True, validators=[validate_channel_switches], help_text='e.g. {"sms": false}'
+    )
+    quiet_hours = models.JSONField(
+        default=dict, blank=True, validators=[validate_quiet_hours], help_text='e.g. {"start": "22:00", "end": "07:00"}'
+    )
+    frequency_cap = models.CharField(
+        max_length=50,
+        blank=True,
+        default="",
+        validators=[validate_frequency_cap],
+        help_text="Most non-critical notifications one recipient gets across all categories, e.g. '20 per day'.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:

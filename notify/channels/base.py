@@ -4,6 +4,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, ClassVar
 from uuid import UUID
 
@@ -42,15 +43,17 @@ class SendOutcome:
     # The provider's own word for the outcome, kept next to ours ("twilio:queued").
     provider_status: str = ""
     segments: int | None = None
-    # Not sent because the address is on the suppression list (failure is PERMANENT).
-    suppressed: bool = False
+    # Not sent, by our own decision rather than a failure: the status the delivery takes
+    # instead (suppressed, deferred or expired), with `until` for a deferral.
+    withheld: str = ""
+    until: datetime | None = None
     # The provider says this address must not be sent to again (an opted-out number).
     suppress_address: str = ""
     elapsed_ms: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return self.failure is None and not self.suppressed
+        return self.failure is None and not self.withheld
 
 
 def timed_outcome(message: OutboundMessage, started: float, **fields: Any) -> SendOutcome:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from django.db import connection, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from apps.deliveries.models import DeadLetter, Delivery, DeliveryEvent, DeliveryStatus, EarlyFeedback
@@ -144,6 +145,7 @@ def _failures_record(
     history: list[DeliveryEvent] = []
     dead_letters: list[DeadLetter] = []
     retries: dict[tuple[str, str], list[Delivery]] = defaultdict(list)
+    deferrals: dict[tuple[str, str, datetime], list[Delivery]] = defaultdict(list)
     # One backoff draw per attempt number in a chunk: what failed together retries together.
     delays: dict[int, timedelta] = {}
     for outcome in outcomes:
@@ -160,8 +162,11 @@ def _failures_record(
                 reason=f"opted out ({outcome.provider_status or outcome.reason[:80]})",
                 source=outcome.provider_status or delivery.channel,
             )
-        if outcome.suppressed:
-            delivery.status, delivery.status_reason = DeliveryStatus.SUPPRESSED, outcome.reason[:500]
+        if outcome.withheld:
+            delivery.status, delivery.status_reason = outcome.withheld, outcome.reason[:500]
+            if outcome.until is not None:
+                delivery.next_attempt_at = outcome.until
+                deferrals[(delivery.channel, delivery.priority, outcome.until)].append(delivery)
         else:
             dead_letter = failure_apply(
                 delivery=delivery, failure=outcome.failure, reason=outcome.reason, now=now, delays=delays
@@ -177,7 +182,7 @@ def _failures_record(
             )
         )
 
-    for group in retries.values():
+    for group in [*retries.values(), *deferrals.values()]:
         dispatch.retries_schedule(deliveries=group, now=now)
     # Rows that failed alike (an outage fails a whole chunk alike) share one UPDATE.
     changes: dict[tuple, list[UUID]] = defaultdict(list)
@@ -187,6 +192,8 @@ def _failures_record(
             delivery_id
         )
     for (status, status_reason, next_attempt_at, published_at), ids in changes.items():
+        # A deferral was no attempt: give back the one its claim counted.
+        attempts = {"attempt_count": F("attempt_count") - 1} if status == DeliveryStatus.DEFERRED else {}
         Delivery.objects.filter(id__in=ids).update(
             status=status,
             status_reason=status_reason,
@@ -195,6 +202,7 @@ def _failures_record(
             lease_token=None,
             lease_expires_at=None,
             updated_at=now,
+            **attempts,
         )
     if dead_letters:
         DeadLetter.objects.bulk_create(dead_letters)

@@ -21,6 +21,9 @@ from notify.channels import channel_get
 from notify.channels.base import OutboundMessage, SendOutcome
 from notify.pipeline.plan import content_render, variant_resolve
 from notify.pipeline.record import outcomes_record
+from notify.policy.caps import cap_verdict
+from notify.policy.preferences import category_rules, recipient_rules_many, tenant_rules
+from notify.policy.rules import Verdict, verdict
 from notify.policy.suppression import suppressed_addresses
 from notify.resilience.failures import FailureKind
 
@@ -42,6 +45,7 @@ SEND_FIELDS = (
     "next_attempt_at",
     "published_at",
     "notification__id",
+    "notification__created_at",
     "notification__tenant_id",
     "notification__event_id",
     "notification__category_id",
@@ -95,12 +99,8 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
     notifications = [d.notification for d in deliveries]
     context = BatchContext(
         event_data=dict(Event.objects.filter(id__in={n.event_id for n in notifications}).values_list("id", "data")),
-        category_keys=dict(
-            Category.objects.filter(id__in={n.category_id for n in notifications}).values_list("id", "key")
-        ),
-        tenant_locales=dict(
-            Tenant.objects.filter(id__in={n.tenant_id for n in notifications}).values_list("id", "default_locale")
-        ),
+        categories=Category.objects.in_bulk({n.category_id for n in notifications}),
+        tenants=Tenant.objects.in_bulk({n.tenant_id for n in notifications}),
     )
     by_id = {d.id: d for d in deliveries}
     lease = timedelta(seconds=settings.NOTIFY_LEASE_SECONDS)
@@ -140,8 +140,12 @@ def _lease_renew(*, lease_token: UUID, deliveries: list[Delivery]) -> list[Deliv
 @dataclass(frozen=True)
 class BatchContext:
     event_data: dict[UUID, dict]
-    category_keys: dict[int, str]
-    tenant_locales: dict[UUID, str]
+    categories: dict[int, Category]
+    tenants: dict[UUID, Tenant]
+
+
+def withheld_outcome(*, delivery: Delivery, decision: Verdict) -> SendOutcome:
+    return SendOutcome(delivery_id=delivery.id, withheld=decision.status, reason=decision.reason, until=decision.until)
 
 
 def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[SendOutcome]:
@@ -158,15 +162,15 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
         )
         for tenant_id in {d.notification.tenant_id for d in deliveries}
     }
+    recipients_rules = recipient_rules_many(recipients=[d.notification.recipient for d in deliveries])
+    now = timezone.now()
     for delivery in deliveries:
         notification = delivery.notification
         recipient = notification.recipient
         address = addresses[delivery.id]
         if address and address in suppressed[notification.tenant_id]:
             reason = f"address is suppressed: {suppressed[notification.tenant_id][address]}"
-            outcomes.append(
-                SendOutcome(delivery_id=delivery.id, failure=FailureKind.PERMANENT, reason=reason, suppressed=True)
-            )
+            outcomes.append(SendOutcome(delivery_id=delivery.id, withheld=DeliveryStatus.SUPPRESSED, reason=reason))
             continue
         if not address:
             outcomes.append(
@@ -177,11 +181,24 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
                 )
             )
             continue
+        category, tenant = context.categories[notification.category_id], context.tenants[notification.tenant_id]
+        # What the person asked for, read now: a change made after the event still applies.
+        decision = verdict(
+            recipient=recipients_rules[recipient.id],
+            category=category_rules(category=category),
+            tenant=tenant_rules(tenant=tenant),
+            channel=channel.name,
+            created_at=notification.created_at,
+            now=now,
+        )
+        if not decision.send:
+            outcomes.append(withheld_outcome(delivery=delivery, decision=decision))
+            continue
         variant = variant_resolve(
             version_id=notification.template_version_id,
             channel=channel.name,
             locale=notification.locale,
-            default_locale=context.tenant_locales[notification.tenant_id],
+            default_locale=context.tenants[notification.tenant_id].default_locale,
         )
         try:
             content = content_render(
@@ -194,6 +211,11 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
                 SendOutcome(delivery_id=delivery.id, failure=FailureKind.PERMANENT, reason=f"template error: {error}")
             )
             continue
+        # Caps last: only a send that is really going out may take a place in the window.
+        decision = cap_verdict(delivery=delivery, category=category, tenant=tenant, created_at=notification.created_at)
+        if not decision.send:
+            outcomes.append(withheld_outcome(delivery=delivery, decision=decision))
+            continue
         messages.append(
             OutboundMessage(
                 delivery_id=delivery.id,
@@ -201,7 +223,7 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
                 resend_round=delivery.resend_round,
                 address=address,
                 content=content,
-                category_key=context.category_keys[notification.category_id],
+                category_key=category.key,
             )
         )
     if messages:
