@@ -1,14 +1,16 @@
 from typing import Any
 
+from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.utils import extend_schema_field, inline_serializer
 from rest_framework import serializers
 
 from apps.catalog.models import Channel, Priority
 from apps.deliveries.models import Delivery, DeliveryEvent, Notification
 from apps.deliveries.selectors import NOTIFICATION_STATUSES, notification_status
-from apps.recipients.models import Device, Recipient, validate_timezone
+from apps.recipients.models import Consent, Device, PreferenceSet, Recipient, validate_timezone
 from notify.channels.sms import e164
 from notify.pipeline.ingest import EventRequest, RecipientRef
+from notify.policy.rules import validate_category_switches, validate_channel_switches
 
 MAX_RECIPIENTS_PER_EVENT = 1000
 MAX_EVENTS_PER_BATCH = 100
@@ -243,3 +245,57 @@ class ErrorSerializer(serializers.Serializer):
             "fields": serializers.DictField(child=serializers.ListField(child=serializers.CharField()), required=False),
         },
     )
+
+
+class PreferencesSerializer(serializers.ModelSerializer):
+    """A recipient's preferences. PATCH merges `channels` and `categories` key by key, where a
+    null puts a key back to its default; every other field is replaced."""
+
+    channels = serializers.JSONField(required=False, help_text='Channels on or off, e.g. {"sms": false}.')
+    categories = serializers.JSONField(
+        required=False, help_text='Per category key and channel, e.g. {"weekly-digest": {"email": false}}.'
+    )
+
+    class Meta:
+        model = PreferenceSet
+        fields = ["paused", "paused_until", "channels", "categories", "channel_order", "quiet_hours", "updated_at"]
+        read_only_fields = ["updated_at"]
+
+    def validate_channels(self, value: Any) -> Any:
+        # A partial update may null a key, putting it back to its default: check the rest.
+        _check(validate_channel_switches, _without_nulls(value) if self.partial else value)
+        return value
+
+    def validate_categories(self, value: Any) -> Any:
+        checked = value
+        if self.partial and isinstance(value, dict):
+            checked = {key: _without_nulls(switches) for key, switches in value.items() if switches is not None}
+        _check(validate_category_switches, checked)
+        known = set(self.context["tenant"].categories.values_list("key", flat=True))
+        if unknown := sorted(set(value) - known):
+            raise serializers.ValidationError(
+                f"Unknown category: {', '.join(unknown)}. Known: {', '.join(sorted(known))}."
+            )
+        return value
+
+
+def _without_nulls(value: Any) -> Any:
+    return {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value
+
+
+def _check(validator: Any, value: Any) -> None:
+    try:
+        validator(value)
+    except DjangoValidationError as error:
+        raise serializers.ValidationError(error.messages)
+
+
+class ConsentSerializer(serializers.ModelSerializer):
+    """One grant or withdrawal of marketing consent on a channel."""
+
+    channel = serializers.ChoiceField(choices=Channel.choices)
+
+    class Meta:
+        model = Consent
+        fields = ["channel", "granted", "source", "recorded_at"]
+        read_only_fields = ["recorded_at"]

@@ -7,6 +7,8 @@ from apps.api.views import (
     EventView,
     InboxTokenView,
     NotificationViewSet,
+    RecipientConsentsView,
+    RecipientPreferencesView,
     RecipientViewSet,
     WebPushSubscriptionViewSet,
 )
@@ -21,5 +23,8 @@ urlpatterns = [
     path("events", EventView.as_view(), name="events"),
     path("events/batch", EventBatchView.as_view(), name="events-batch"),
     path("inbox-tokens", InboxTokenView.as_view(), name="inbox-tokens"),
+    # Before the router: its recipient route takes any external id, slashes included.
+    path("recipients/<path:external_id>/preferences", RecipientPreferencesView.as_view(), name="preferences"),
+    path("recipients/<path:external_id>/consents", RecipientConsentsView.as_view(), name="consents"),
     *router.urls,
 ]

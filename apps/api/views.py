@@ -14,6 +14,7 @@ from rest_framework.views import APIView
 from apps.api.errors import error_response, field_error
 from apps.api.serializers import (
     CancelResultSerializer,
+    ConsentSerializer,
     DeviceSerializer,
     ErrorSerializer,
     EventAcceptedSerializer,
@@ -22,6 +23,7 @@ from apps.api.serializers import (
     EventSerializer,
     NotificationDetailSerializer,
     NotificationSerializer,
+    PreferencesSerializer,
     RecipientSerializer,
     WebPushSubscriptionSerializer,
     event_request_from,
@@ -30,7 +32,15 @@ from apps.deliveries.models import DeliveryStatus, Notification
 from apps.deliveries.selectors import notification_get, notifications_list
 from apps.inbox.tokens import inbox_token_issue, inbox_token_lifetime
 from apps.recipients.models import Device, Recipient, WebPushSubscription
-from apps.recipients.services import device_register, recipient_upsert, webpush_subscribe
+from apps.recipients.services import (
+    consent_record,
+    consents_current,
+    device_register,
+    preferences_get,
+    preferences_update,
+    recipient_upsert,
+    webpush_subscribe,
+)
 from apps.tenants.models import ApiKey, Tenant
 from notify.pipeline.control import NotCancellable, notification_cancel
 from notify.pipeline.ingest import EventRequest, IdempotencyConflict, IngestError, events_ingest
@@ -233,6 +243,62 @@ class RecipientViewSet(viewsets.ModelViewSet):
         if partial and not self.get_queryset().filter(external_id=kwargs["external_id"]).exists():
             raise Http404
         return self._upsert(external_id=kwargs["external_id"], data=request.data, partial=partial)
+
+
+class RecipientScopedView(APIView):
+    def recipient(self, external_id: str) -> Recipient:
+        recipient = Recipient.objects.filter(tenant=api_key_of(self.request).tenant, external_id=external_id).first()
+        if recipient is None:
+            raise Http404(f"No recipient '{external_id}'.")
+        return recipient
+
+
+class RecipientPreferencesView(RecipientScopedView):
+    """A recipient's preferences: GET reads them (defaults when never set), PUT replaces them,
+    PATCH merges `channels` and `categories` key by key."""
+
+    @extend_schema(responses={200: PreferencesSerializer, **ERRORS}, summary="Read a recipient's preferences")
+    def get(self, request: Request, external_id: str) -> Response:
+        return Response(PreferencesSerializer(preferences_get(recipient=self.recipient(external_id))).data)
+
+    @extend_schema(
+        request=PreferencesSerializer, responses={200: PreferencesSerializer, **ERRORS}, summary="Replace preferences"
+    )
+    def put(self, request: Request, external_id: str) -> Response:
+        return self._save(request, external_id=external_id, partial=False)
+
+    @extend_schema(
+        request=PreferencesSerializer, responses={200: PreferencesSerializer, **ERRORS}, summary="Change preferences"
+    )
+    def patch(self, request: Request, external_id: str) -> Response:
+        return self._save(request, external_id=external_id, partial=True)
+
+    def _save(self, request: Request, *, external_id: str, partial: bool) -> Response:
+        recipient = self.recipient(external_id)
+        serializer = PreferencesSerializer(data=body_of(request), partial=partial, context={"tenant": recipient.tenant})
+        serializer.is_valid(raise_exception=True)
+        preferences = preferences_update(recipient=recipient, fields=serializer.validated_data, merge=partial)
+        return Response(PreferencesSerializer(preferences).data)
+
+
+class RecipientConsentsView(RecipientScopedView):
+    """Marketing consent per channel: GET lists the standing answers, POST records a grant or
+    a withdrawal (the history is kept)."""
+
+    @extend_schema(responses={200: ConsentSerializer(many=True)}, summary="A recipient's consents, one per channel")
+    def get(self, request: Request, external_id: str) -> Response:
+        consents = consents_current(recipient=self.recipient(external_id)).values()
+        return Response(ConsentSerializer(consents, many=True).data)
+
+    @extend_schema(
+        request=ConsentSerializer, responses={201: ConsentSerializer, **ERRORS}, summary="Grant or withdraw consent"
+    )
+    def post(self, request: Request, external_id: str) -> Response:
+        recipient = self.recipient(external_id)
+        serializer = ConsentSerializer(data=body_of(request))
+        serializer.is_valid(raise_exception=True)
+        consent = consent_record(recipient=recipient, **serializer.validated_data)
+        return Response(ConsentSerializer(consent).data, status=status.HTTP_201_CREATED)
 
 
 class DeviceViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins.DestroyModelMixin):

@@ -1,8 +1,29 @@
 from django.contrib import admin
 from django.http import HttpRequest
 
-from apps.recipients.models import Device, Recipient, Suppression, WebPushSubscription
+from apps.recipients.models import Consent, Device, PreferenceSet, Recipient, Suppression, WebPushSubscription
 from notify.policy.suppression import address_canonical
+
+
+class PreferenceSetInline(admin.StackedInline):
+    model = PreferenceSet
+    can_delete = False
+    readonly_fields = ("updated_at",)
+
+
+class ConsentInline(admin.TabularInline):
+    """The consent record is evidence: shown, never edited (the API and the preference
+    center add to it)."""
+
+    model = Consent
+    fields = ("channel", "granted", "source", "recorded_at")
+    readonly_fields = fields
+    ordering = ("-recorded_at",)
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
 
 
 @admin.register(Recipient)
@@ -11,6 +32,7 @@ class RecipientAdmin(admin.ModelAdmin):
     list_filter = ("tenant", "locale")
     search_fields = ("external_id", "email", "phone")
     readonly_fields = ("created_at", "updated_at")
+    inlines = [PreferenceSetInline, ConsentInline]
 
 
 @admin.register(Suppression)

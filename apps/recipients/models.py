@@ -4,7 +4,12 @@ from django.core.exceptions import ValidationError
 from django.db import models
 
 from apps.tenants.models import Tenant
-from notify.policy.rules import validate_category_switches, validate_channel_switches, validate_quiet_hours
+from notify.policy.rules import (
+    validate_category_switches,
+    validate_channel_order,
+    validate_channel_switches,
+    validate_quiet_hours,
+)
 
 
 def validate_timezone(value: str) -> None:
@@ -55,7 +60,10 @@ class PreferenceSet(models.Model):
         help_text='Per category and channel, e.g. {"weekly-digest": {"email": false}}',
     )
     channel_order = models.JSONField(
-        default=list, blank=True, help_text='The order to try channels in, e.g. ["push", "sms", "email"].'
+        default=list,
+        blank=True,
+        validators=[validate_channel_order],
+        help_text='The order to try channels in, e.g. ["push", "sms", "email"].',
     )
     quiet_hours = models.JSONField(
         default=dict,

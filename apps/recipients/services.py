@@ -2,7 +2,7 @@ from typing import Any
 
 from django.db import transaction
 
-from apps.recipients.models import Device, Recipient, WebPushSubscription
+from apps.recipients.models import Consent, Device, PreferenceSet, Recipient, WebPushSubscription
 from apps.tenants.models import Tenant
 
 
@@ -41,3 +41,58 @@ def webpush_subscribe(
             endpoint=endpoint,
             defaults={"recipient": recipient, "p256dh": p256dh, "auth": auth, "active": True, "deactivated_reason": ""},
         )
+
+
+PREFERENCE_FIELDS = ("paused", "paused_until", "channels", "categories", "channel_order", "quiet_hours")
+# Settings that a partial update merges key by key instead of replacing whole.
+MERGED_PREFERENCES = ("channels", "categories")
+
+
+def preferences_get(*, recipient: Recipient) -> PreferenceSet:
+    """The recipient's preferences; an unsaved, empty set (all defaults) when there are none."""
+    return PreferenceSet.objects.filter(recipient=recipient).first() or PreferenceSet(recipient=recipient)
+
+
+def preferences_update(*, recipient: Recipient, fields: dict[str, Any], merge: bool) -> PreferenceSet:
+    """Save validated preference fields. With `merge`, `channels` and `categories` change only
+    the keys given, a null removing a key (back to the default), and other fields given are
+    replaced; without it, whatever is left out goes back to its default. The preference cache
+    is invalidated when this commits (notify.policy.preferences)."""
+    if not merge:
+        defaults = PreferenceSet(recipient=recipient)
+        fields = {name: fields.get(name, getattr(defaults, name)) for name in PREFERENCE_FIELDS}
+    with transaction.atomic():
+        preferences, _ = PreferenceSet.objects.select_for_update().get_or_create(recipient=recipient)
+        for name, value in fields.items():
+            if merge and name in MERGED_PREFERENCES:
+                value = _merged(getattr(preferences, name), value, nested=name == "categories")
+            setattr(preferences, name, value)
+        preferences.save()
+    return preferences
+
+
+def _merged(current: dict[str, Any], changes: dict[str, Any], *, nested: bool) -> dict[str, Any]:
+    merged = dict(current)
+    for key, value in changes.items():
+        if value is None:
+            merged.pop(key, None)
+        elif nested:
+            merged[key] = _merged(merged.get(key, {}), value, nested=False)
+        else:
+            merged[key] = value
+    return merged
+
+
+def consent_record(*, recipient: Recipient, channel: str, granted: bool, source: str) -> Consent:
+    """Record a grant or a withdrawal; the newest one for the channel is the answer."""
+    return Consent.objects.create(
+        tenant_id=recipient.tenant_id, recipient=recipient, channel=channel, granted=granted, source=source
+    )
+
+
+def consents_current(*, recipient: Recipient) -> dict[str, Consent]:
+    """The standing answer per channel."""
+    current: dict[str, Consent] = {}
+    for consent in Consent.objects.filter(recipient=recipient).order_by("recorded_at", "id"):
+        current[consent.channel] = consent
+    return current

@@ -157,6 +157,17 @@ def validate_channel_switches(value: Any) -> None:
             raise ValidationError(f"'{channel}' must be true or false.")
 
 
+def validate_channel_order(value: Any) -> None:
+    """["push", "sms", "email"]: known channels, each once."""
+    if not isinstance(value, list) or not all(isinstance(channel, str) for channel in value):
+        raise ValidationError('Give a list of channels, for example ["push", "sms", "email"].')
+    for channel in value:
+        if channel not in CHANNELS:
+            raise ValidationError(f"'{channel}' is not a channel; use one of {', '.join(CHANNELS)}.")
+    if len(set(value)) != len(value):
+        raise ValidationError("Name each channel once.")
+
+
 def validate_category_switches(value: Any) -> None:
     """{"<category key>": {"email": false}, ...}."""
     if not isinstance(value, dict):
