@@ -183,6 +183,11 @@ CACHES = {
     }
 }
 
+# How long links in emails stay valid: the preference center's, and one-click unsubscribe's
+# (mail clients may follow that one weeks after the email arrived).
+NOTIFY_PREFERENCE_LINK_SECONDS = env.int("NOTIFY_PREFERENCE_LINK_SECONDS", default=60 * 86400)
+NOTIFY_UNSUBSCRIBE_LINK_SECONDS = env.int("NOTIFY_UNSUBSCRIBE_LINK_SECONDS", default=365 * 86400)
+
 # --- In-app inbox -----------------------------------------------------------------------
 # Live updates go through a Redis channel layer (the broker's Redis unless told otherwise).
 CHANNEL_LAYERS = {

@@ -4,12 +4,15 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, Spec
 
 from apps.deliveries.views import twilio_status_callback
 from apps.recipients import demo_views
+from apps.recipients.preference_center import preference_center, unsubscribe_page
 
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include("apps.api.urls")),
     path("inbox/v1/", include("apps.inbox.urls")),
     path("anymail/", include("anymail.urls")),
+    path("preferences/<str:token>", preference_center, name="preference-center"),
+    path("unsubscribe/<str:token>", unsubscribe_page, name="unsubscribe"),
     path("webhooks/twilio/status", twilio_status_callback, name="twilio-status"),
     path("demo/inbox/", demo_views.inbox_page, name="demo-inbox"),
     path("demo/webpush/", demo_views.webpush_page, name="demo-webpush"),

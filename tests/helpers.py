@@ -1,7 +1,10 @@
+import shutil
 import socket
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import pytest
 
 T = TypeVar("T")
 
@@ -34,3 +37,16 @@ def provider_settings(*, sandbox_url: str) -> dict[str, str]:
         "FCM_API_BASE": f"{sandbox_url}/fcm",
         "FCM_TOKEN_URI": f"{sandbox_url}/google/token",
     }
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def chromium_launch(playwright: Any) -> Any:
+    """Debian's Chromium under Playwright (which cannot download a browser of its own here)."""
+    if not shutil.which(CHROMIUM):
+        pytest.fail(
+            f"{CHROMIUM} is missing: install Debian's Chromium (apt-get install chromium); make test does it as root"
+        )
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)

@@ -8,6 +8,7 @@ from apps.api.views import (
     InboxTokenView,
     NotificationViewSet,
     RecipientConsentsView,
+    RecipientPreferenceLinkView,
     RecipientPreferencesView,
     RecipientViewSet,
     WebPushSubscriptionViewSet,
@@ -26,5 +27,10 @@ urlpatterns = [
     # Before the router: its recipient route takes any external id, slashes included.
     path("recipients/<path:external_id>/preferences", RecipientPreferencesView.as_view(), name="preferences"),
     path("recipients/<path:external_id>/consents", RecipientConsentsView.as_view(), name="consents"),
+    path(
+        "recipients/<path:external_id>/preference-link",
+        RecipientPreferenceLinkView.as_view(),
+        name="preference-link",
+    ),
     *router.urls,
 ]

@@ -30,7 +30,6 @@ from apps.api.serializers import (
 )
 from apps.deliveries.models import DeliveryStatus, Notification
 from apps.deliveries.selectors import notification_get, notifications_list
-from apps.inbox.tokens import inbox_token_issue, inbox_token_lifetime
 from apps.recipients.models import Device, Recipient, WebPushSubscription
 from apps.recipients.services import (
     consent_record,
@@ -41,6 +40,7 @@ from apps.recipients.services import (
     recipient_upsert,
     webpush_subscribe,
 )
+from apps.recipients.tokens import INBOX, PREFERENCES, recipient_link, recipient_token_issue, recipient_token_lifetime
 from apps.tenants.models import ApiKey, Tenant
 from notify.pipeline.control import NotCancellable, notification_cancel
 from notify.pipeline.ingest import EventRequest, IdempotencyConflict, IngestError, events_ingest
@@ -301,6 +301,22 @@ class RecipientConsentsView(RecipientScopedView):
         return Response(ConsentSerializer(consent).data, status=status.HTTP_201_CREATED)
 
 
+class RecipientPreferenceLinkView(RecipientScopedView):
+    @extend_schema(
+        request=None,
+        responses={
+            201: inline_serializer(
+                name="PreferenceLink", fields={"url": serializers.URLField(), "expires_in": serializers.IntegerField()}
+            )
+        },
+        summary="A signed link to the recipient's hosted preference center (no login needed)",
+    )
+    def post(self, request: Request, external_id: str) -> Response:
+        url = recipient_link(purpose=PREFERENCES, recipient_id=self.recipient(external_id).id)
+        expires_in = int(recipient_token_lifetime(purpose=PREFERENCES).total_seconds())
+        return Response({"url": url, "expires_in": expires_in}, status=status.HTTP_201_CREATED)
+
+
 class DeviceViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins.DestroyModelMixin):
     """Mobile push devices. POST registers (or updates) one by its token."""
 
@@ -402,7 +418,8 @@ class InboxTokenView(APIView):
         )
         if isinstance(recipient, Response):
             return recipient
-        token = inbox_token_issue(recipient_id=recipient.id)
+        token = recipient_token_issue(purpose=INBOX, recipient_id=recipient.id)
         return Response(
-            {"token": token, "expires_in": int(inbox_token_lifetime().total_seconds())}, status=status.HTTP_201_CREATED
+            {"token": token, "expires_in": int(recipient_token_lifetime(purpose=INBOX).total_seconds())},
+            status=status.HTTP_201_CREATED,
         )

@@ -19,7 +19,7 @@ from django.conf import settings
 from apps.inbox.live import inbox_group, inbox_item_json
 from apps.inbox.models import InboxItem
 from apps.inbox.services import inbox_counts, inbox_items_after
-from apps.inbox.tokens import InboxTokenInvalid, inbox_token_read
+from apps.recipients.tokens import INBOX, RecipientTokenInvalid, recipient_token_read
 
 # Close codes (4000-4999 are the application's): each tells the client what to do next.
 CLOSE_TOKEN_INVALID = 4001  # missing or tampered: do not retry with this token
@@ -39,8 +39,8 @@ class InboxConsumer(AsyncJsonWebsocketConsumer):
         # Accept first: a close code can only be sent on an accepted connection.
         await self.accept()
         try:
-            self.recipient_id = inbox_token_read(token=query.get("token", [""])[0])
-        except InboxTokenInvalid as error:
+            self.recipient_id = recipient_token_read(purpose=INBOX, token=query.get("token", [""])[0]).recipient_id
+        except RecipientTokenInvalid as error:
             await self.close(code=CLOSE_TOKEN_EXPIRED if error.expired else CLOSE_TOKEN_INVALID, reason=str(error))
             return
         # Join before reading the database: whatever is stored from now on is pushed, and

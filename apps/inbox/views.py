@@ -16,7 +16,7 @@ from apps.inbox.live import inbox_counts_changed, inbox_item_changed
 from apps.inbox.models import InboxItem
 from apps.inbox.serializers import InboxItemSerializer
 from apps.inbox.services import MARKS, inbox_counts, inbox_item_mark, inbox_items, inbox_mark_all_read
-from apps.inbox.tokens import InboxTokenInvalid, inbox_token_read
+from apps.recipients.tokens import INBOX, RecipientTokenInvalid, recipient_token_read
 
 
 class InboxTokenAuthentication(authentication.BaseAuthentication):
@@ -29,8 +29,8 @@ class InboxTokenAuthentication(authentication.BaseAuthentication):
         if scheme != "Bearer":
             raise exceptions.AuthenticationFailed("Use the header 'Authorization: Bearer <inbox token>'.")
         try:
-            return None, inbox_token_read(token=token.strip())
-        except InboxTokenInvalid as error:
+            return None, recipient_token_read(purpose=INBOX, token=token.strip()).recipient_id
+        except RecipientTokenInvalid as error:
             raise exceptions.AuthenticationFailed(f"{error}; ask the application for a new one.")
 
     def authenticate_header(self, request: Request) -> str:

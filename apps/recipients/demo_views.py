@@ -11,9 +11,9 @@ from django.shortcuts import render
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from apps.inbox.tokens import inbox_token_issue
 from apps.recipients.models import Recipient
 from apps.recipients.services import webpush_subscribe
+from apps.recipients.tokens import INBOX, recipient_token_issue
 from notify.channels.webpush import vapid_application_server_key
 
 DEMO_RECIPIENT = "ada"
@@ -35,7 +35,7 @@ def inbox_page(request: HttpRequest) -> HttpResponse:
     return render(
         request,
         "demo/inbox.html",
-        {"recipient": recipient.external_id, "token": inbox_token_issue(recipient_id=recipient.id)},
+        {"recipient": recipient.external_id, "token": recipient_token_issue(purpose=INBOX, recipient_id=recipient.id)},
     )
 
 

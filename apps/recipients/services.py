@@ -2,6 +2,7 @@ from typing import Any
 
 from django.db import transaction
 
+from apps.catalog.models import CategoryKind
 from apps.recipients.models import Consent, Device, PreferenceSet, Recipient, WebPushSubscription
 from apps.tenants.models import Tenant
 
@@ -81,6 +82,16 @@ def _merged(current: dict[str, Any], changes: dict[str, Any], *, nested: bool) -
         else:
             merged[key] = value
     return merged
+
+
+@transaction.atomic
+def unsubscribe(*, recipient: Recipient, category_key: str, channel: str) -> None:
+    """Turn the category off on the channel for the recipient (and for a marketing category,
+    withdraw their consent on the channel too). Takes effect with the next notification."""
+    preferences_update(recipient=recipient, fields={"categories": {category_key: {channel: False}}}, merge=True)
+    category = recipient.tenant.categories.filter(key=category_key).first()
+    if category is not None and category.kind == CategoryKind.MARKETING:
+        consent_record(recipient=recipient, channel=channel, granted=False, source="unsubscribe link")
 
 
 def consent_record(*, recipient: Recipient, channel: str, granted: bool, source: str) -> Consent:

@@ -32,6 +32,9 @@ class OutboundMessage:
     category_key: str
     # Which send of the delivery this is; providers echo it back with their feedback.
     resend_round: int = 0
+    # For a channel that carries them (Channel.wants_links), on non-critical messages.
+    unsubscribe_url: str = ""
+    preferences_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ def timed_outcome(message: OutboundMessage, started: float, **fields: Any) -> Se
 
 class Channel(ABC):
     name: ClassVar[str]
+    # Whether its messages carry unsubscribe and preference links (made per message, so
+    # only where they are shown).
+    wants_links: ClassVar[bool] = False
 
     @abstractmethod
     def address_for(self, *, recipient: Recipient) -> str:

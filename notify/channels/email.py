@@ -20,6 +20,7 @@ from anymail.signals import AnymailTrackingEvent, tracking
 from django.conf import settings
 from django.core.mail import EmailMultiAlternatives, get_connection
 from django.dispatch import receiver
+from django.utils.html import format_html
 
 from apps.recipients.models import Recipient
 from notify.channels.base import Channel, OutboundMessage, SendOutcome, timed_outcome
@@ -34,6 +35,7 @@ POSTMARK_BATCH_LIMIT = 500
 
 class EmailChannel(Channel):
     name = "email"
+    wants_links = True
 
     def address_for(self, *, recipient: Recipient) -> str:
         return recipient.email
@@ -70,19 +72,40 @@ class EmailChannel(Channel):
 
 def _email(*, message: OutboundMessage, connection: Any) -> EmailMultiAlternatives:
     content = message.content
+    headers = {IDEMPOTENCY_HEADER: message.idempotency_key}
+    body, html = content.body, content.html
+    if message.unsubscribe_url:
+        # RFC 8058 one-click: the mail client POSTs "List-Unsubscribe=One-Click" to the URL.
+        headers["List-Unsubscribe"] = f"<{message.unsubscribe_url}>"
+        headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        body, html = _with_footer(message=message, body=body, html=html)
     email = EmailMultiAlternatives(
         subject=content.subject,
-        body=content.body,
+        body=body,
         from_email=settings.DEFAULT_FROM_EMAIL,
         to=[message.address],
-        headers={IDEMPOTENCY_HEADER: message.idempotency_key},
+        headers=headers,
         connection=connection,
     )
-    if content.html:
-        email.attach_alternative(content.html, "text/html")
+    if html:
+        email.attach_alternative(html, "text/html")
     email.metadata = {"delivery_id": str(message.delivery_id), "round": str(message.resend_round)}  # type: ignore[attr-defined]
     email.tags = [message.category_key]  # type: ignore[attr-defined]
     return email
+
+
+def _with_footer(*, message: OutboundMessage, body: str, html: str) -> tuple[str, str]:
+    """The unsubscribe and preference links, after the content in each part."""
+    body = f"{body}\n\n--\nUnsubscribe: {message.unsubscribe_url}\nYour preferences: {message.preferences_url}"
+    if html:
+        footer = format_html(
+            '<p style="font-size:12px;color:#666"><a href="{}">Unsubscribe</a> · <a href="{}">Your preferences</a></p>',
+            message.unsubscribe_url,
+            message.preferences_url,
+        )
+        head, closing, tail = html.rpartition("</body>")
+        html = f"{head}{footer}{closing}{tail}" if closing else f"{html}{footer}"
+    return body, html
 
 
 def _send_one(*, connection: Any, message: OutboundMessage) -> SendOutcome:

@@ -14,8 +14,9 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from apps.catalog.models import Category
+from apps.catalog.models import Category, CategoryKind
 from apps.deliveries.models import CLAIMABLE_STATUSES, Delivery, DeliveryStatus, Event
+from apps.recipients.tokens import PREFERENCES, UNSUBSCRIBE, recipient_link
 from apps.tenants.models import Tenant
 from notify.channels import channel_get
 from notify.channels.base import OutboundMessage, SendOutcome
@@ -216,6 +217,14 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
         if not decision.send:
             outcomes.append(withheld_outcome(delivery=delivery, decision=decision))
             continue
+        links = {}
+        if channel.wants_links and category.kind != CategoryKind.CRITICAL:
+            links = {
+                "unsubscribe_url": recipient_link(
+                    purpose=UNSUBSCRIBE, recipient_id=recipient.id, c=category.key, ch=channel.name
+                ),
+                "preferences_url": recipient_link(purpose=PREFERENCES, recipient_id=recipient.id),
+            }
         messages.append(
             OutboundMessage(
                 delivery_id=delivery.id,
@@ -224,6 +233,7 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
                 address=address,
                 content=content,
                 category_key=category.key,
+                **links,
             )
         )
     if messages:

@@ -205,15 +205,15 @@ class Sandbox:
 
     @staticmethod
     def _entry(message: dict[str, Any]) -> dict[str, Any]:
-        key = next(
-            (h.get("Value") for h in message.get("Headers", []) if h.get("Name", "").lower() == "x-idempotency-key"),
-            None,
-        )
+        headers = {h.get("Name", ""): h.get("Value", "") for h in message.get("Headers", [])}
+        key = next((value for name, value in headers.items() if name.lower() == "x-idempotency-key"), None)
         return {
             "provider": "postmark",
             "to": str(message.get("To", "")),
             "subject": message.get("Subject", ""),
             "text": (message.get("TextBody") or "")[:500],
+            "html": (message.get("HtmlBody") or "")[:2000],
+            "headers": {name: value for name, value in headers.items() if name.lower().startswith("list-")},
             "idempotency_key": key,
             "metadata": message.get("Metadata", {}),
         }

@@ -6,7 +6,13 @@ from rest_framework.test import APIClient
 
 from apps.deliveries.models import Delivery, DeliveryStatus
 from apps.inbox.models import InboxItem
-from apps.inbox.tokens import InboxTokenInvalid, inbox_token_issue, inbox_token_read
+from apps.recipients.tokens import (
+    INBOX,
+    PREFERENCES,
+    RecipientTokenInvalid,
+    recipient_token_issue,
+    recipient_token_read,
+)
 from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
 from notify.pipeline.send import deliveries_send
 from tests.factories import RecipientFactory
@@ -91,11 +97,14 @@ def test_another_recipients_items_are_out_of_reach(workspace, browser):
 
 def test_tampered_expired_and_missing_tokens_are_refused(workspace, inbox_category, settings):
     recipient = RecipientFactory(tenant=workspace.tenant, external_id="ada")
-    token = inbox_token_issue(recipient_id=recipient.id)
-    assert inbox_token_read(token=token) == recipient.id
+    token = recipient_token_issue(purpose=INBOX, recipient_id=recipient.id)
+    assert recipient_token_read(purpose=INBOX, token=token).recipient_id == recipient.id
+    # Made for the inbox, it is no preferences link.
+    with pytest.raises(RecipientTokenInvalid):
+        recipient_token_read(purpose=PREFERENCES, token=token)
     settings.NOTIFY_INBOX_TOKEN_SECONDS = -1
-    with pytest.raises(InboxTokenInvalid) as expired:
-        inbox_token_read(token=token)
+    with pytest.raises(RecipientTokenInvalid) as expired:
+        recipient_token_read(purpose=INBOX, token=token)
     assert expired.value.expired
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")

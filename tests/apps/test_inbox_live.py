@@ -13,7 +13,7 @@ from django.db import connections
 from rest_framework.test import APIClient
 
 from apps.inbox.consumers import CLOSE_KEEP_ALIVE, CLOSE_TOKEN_EXPIRED, CLOSE_TOKEN_INVALID
-from apps.inbox.tokens import inbox_token_issue
+from apps.recipients.tokens import INBOX, recipient_token_issue
 from config.asgi import application
 from tests.apps.test_inbox import notify
 from tests.factories import RecipientFactory
@@ -58,7 +58,7 @@ async def closed_with(tab: WebsocketCommunicator) -> int:
 
 
 def test_a_missing_tampered_or_expired_token_is_closed_with_a_code_that_says_which(ada, settings):
-    token = inbox_token_issue(recipient_id=ada.id)
+    token = recipient_token_issue(purpose=INBOX, recipient_id=ada.id)
 
     async def scenario() -> None:
         assert await closed_with(await connect("")) == CLOSE_TOKEN_INVALID
@@ -70,12 +70,12 @@ def test_a_missing_tampered_or_expired_token_is_closed_with_a_code_that_says_whi
 
 
 def test_a_new_item_and_the_new_counts_reach_every_open_tab(workspace, ada):
-    token = inbox_token_issue(recipient_id=ada.id)
+    token = recipient_token_issue(purpose=INBOX, recipient_id=ada.id)
     other = RecipientFactory(tenant=workspace.tenant, external_id="bob")
 
     async def scenario() -> None:
         tabs = [await connect(token), await connect(token)]
-        bobs_tab = await connect(inbox_token_issue(recipient_id=other.id))
+        bobs_tab = await connect(recipient_token_issue(purpose=INBOX, recipient_id=other.id))
         for tab in [*tabs, bobs_tab]:
             assert await receive(tab) == {"type": "hello", "counts": {"unread": 0, "unseen": 0}}
         item_id = await sync_to_async(lambda: notify(workspace, text="ping me").inbox_item.id)()
@@ -93,7 +93,7 @@ def test_a_new_item_and_the_new_counts_reach_every_open_tab(workspace, ada):
 
 
 def test_marking_an_item_read_in_one_tab_updates_the_others(workspace, ada):
-    token = inbox_token_issue(recipient_id=ada.id)
+    token = recipient_token_issue(purpose=INBOX, recipient_id=ada.id)
     item_id = notify(workspace).inbox_item.id
     browser = APIClient()
     browser.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
@@ -117,7 +117,7 @@ def test_marking_an_item_read_in_one_tab_updates_the_others(workspace, ada):
 
 
 def test_a_reconnecting_client_catches_up_on_what_it_missed(workspace, ada):
-    token = inbox_token_issue(recipient_id=ada.id)
+    token = recipient_token_issue(purpose=INBOX, recipient_id=ada.id)
     held = notify(workspace, text="seen live").inbox_item
     missed = [notify(workspace, text=f"missed {n}").inbox_item for n in range(3)]
 
@@ -141,7 +141,7 @@ def test_a_reconnecting_client_catches_up_on_what_it_missed(workspace, ada):
 
 def test_a_silent_client_is_closed_and_one_that_answers_stays(ada, settings):
     settings.NOTIFY_INBOX_PING_SECONDS = 0.2
-    token = inbox_token_issue(recipient_id=ada.id)
+    token = recipient_token_issue(purpose=INBOX, recipient_id=ada.id)
 
     async def scenario() -> None:
         answering, silent = await connect(token), await connect(token)

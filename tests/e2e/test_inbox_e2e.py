@@ -4,7 +4,6 @@ WebSocket client, and one sent while it was away arrives on reconnect. Then the 
 the embeddable widget in headless Chromium."""
 
 import json
-import shutil
 from typing import Any
 
 import pytest
@@ -12,11 +11,9 @@ import requests
 from websockets.sync.client import ClientConnection, connect
 
 from apps.tenants.demo import demo_workspace_ensure
-from tests.helpers import wait_for
+from tests.helpers import chromium_launch, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 
 class Producer:
@@ -77,10 +74,6 @@ def test_an_event_reaches_a_connected_client_and_a_missed_one_arrives_on_reconne
 
 
 def test_the_widget_shows_a_new_notification_without_a_reload_and_marks_it_read(web_server, workers):
-    if not shutil.which(CHROMIUM):
-        pytest.fail(
-            f"{CHROMIUM} is missing: install Debian's Chromium (apt-get install chromium); make test does it as root"
-        )
     from playwright.sync_api import expect, sync_playwright
 
     demo_api_key = "ntf_demo_0123456789abcdefTEST"
@@ -89,7 +82,7 @@ def test_the_widget_shows_a_new_notification_without_a_reload_and_marks_it_read(
     producer = Producer(base_url=web_server, api_key=demo_api_key)
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        browser = chromium_launch(playwright)
         try:
             tabs = [browser.new_page(), browser.new_page()]
             for tab in tabs:
