@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from apps.deliveries.views import twilio_status_callback
+from apps.deliveries.views import twilio_inbound, twilio_status_callback
 from apps.recipients import demo_views
 from apps.recipients.preference_center import preference_center, unsubscribe_page
 
@@ -14,6 +14,7 @@ urlpatterns = [
     path("preferences/<str:token>", preference_center, name="preference-center"),
     path("unsubscribe/<str:token>", unsubscribe_page, name="unsubscribe"),
     path("webhooks/twilio/status", twilio_status_callback, name="twilio-status"),
+    path("webhooks/twilio/inbound", twilio_inbound, name="twilio-inbound"),
     path("demo/inbox/", demo_views.inbox_page, name="demo-inbox"),
     path("demo/webpush/", demo_views.webpush_page, name="demo-webpush"),
     path("demo/webpush/sw.js", demo_views.webpush_service_worker, name="demo-webpush-sw"),

@@ -18,7 +18,8 @@ from twilio.http.response import Response
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
-from apps.recipients.models import Recipient
+from apps.recipients.models import Recipient, Suppression
+from apps.tenants.models import Tenant
 from notify.channels.base import Channel, OutboundMessage, SendOutcome, timed_outcome
 from notify.pipeline.record import Feedback, feedback_record
 from notify.resilience.failures import FailureKind, failure_from_status
@@ -153,6 +154,53 @@ class BadSignature(Exception):
     pass
 
 
+def _signature_verify(*, path: str, params: Mapping[str, str], signature: str) -> str:
+    """The URL Twilio signed; raises BadSignature unless the request is Twilio's."""
+    url = settings.NOTIFY_PUBLIC_URL + path
+    token = settings.TWILIO_AUTH_TOKEN
+    if not token or not RequestValidator(token).validate(url, dict(params), signature):
+        raise BadSignature("X-Twilio-Signature does not match")
+    return url
+
+
+# The keywords carriers and Twilio treat as opting out of, or back into, a sender's texts;
+# the whole message must be the keyword.
+OPT_OUT_KEYWORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"})
+OPT_IN_KEYWORDS = frozenset({"START", "YES", "UNSTOP"})
+OPTED_OUT_REASON = "opted out"
+
+
+def sms_inbound(*, path: str, params: Mapping[str, str], signature: str) -> str:
+    """Verify an incoming text (Twilio's messaging webhook) and act on an opt-out or opt-in
+    keyword; return "opted-out", "opted-in" or "ignored". Raises BadSignature.
+
+    Every tenant sends from the same number, so a STOP stops them all: the number is
+    suppressed for SMS in every tenant, and START lifts those opt-outs again (and only them:
+    a number suppressed for another reason stays suppressed)."""
+    _signature_verify(path=path, params=params, signature=signature)
+    number = e164(number=params.get("From", ""))
+    keyword = params.get("Body", "").strip().upper()
+    if number is None or keyword not in OPT_OUT_KEYWORDS | OPT_IN_KEYWORDS:
+        return "ignored"
+    if keyword in OPT_OUT_KEYWORDS:
+        Suppression.objects.bulk_create(
+            [
+                Suppression(
+                    tenant_id=tenant_id,
+                    channel="sms",
+                    address=number,
+                    reason=f"{OPTED_OUT_REASON} (replied {keyword})",
+                    source="twilio:inbound",
+                )
+                for tenant_id in Tenant.objects.values_list("id", flat=True)
+            ],
+            ignore_conflicts=True,
+        )
+        return "opted-out"
+    Suppression.objects.filter(channel="sms", address=number, reason__startswith=OPTED_OUT_REASON).delete()
+    return "opted-in"
+
+
 def sms_status_callback(*, path: str, params: Mapping[str, str], signature: str) -> bool:
     """Verify a Twilio status callback and apply it; return False when it changes nothing.
 
@@ -160,10 +208,7 @@ def sms_status_callback(*, path: str, params: Mapping[str, str], signature: str)
     NOTIFY_PUBLIC_URL, the base the callback URL was made from, so a TLS-terminating proxy in
     front of us does not break the signature. Raises BadSignature for an unsigned or forged
     request, and for every request while no auth token is configured."""
-    url = settings.NOTIFY_PUBLIC_URL + path
-    token = settings.TWILIO_AUTH_TOKEN
-    if not token or not RequestValidator(token).validate(url, dict(params), signature):
-        raise BadSignature("X-Twilio-Signature does not match")
+    url = _signature_verify(path=path, params=params, signature=signature)
     query = dict(parse_qsl(urlsplit(url).query))
     status = params.get("MessageStatus", "")
     normalized = TWILIO_FEEDBACK.get(status)

@@ -3,7 +3,9 @@
 import json
 
 import pytest
+from django.conf import settings as django_settings
 from django.test import Client
+from twilio.request_validator import RequestValidator
 
 from apps.catalog.models import Category, TemplateVariant, TemplateVersion
 from apps.deliveries.models import Delivery, DeliveryStatus
@@ -11,6 +13,7 @@ from apps.recipients.models import Suppression
 from notify.channels.sms import e164, sms_segments
 from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
 from notify.pipeline.send import deliveries_send
+from notify.policy.suppression import suppression_add
 from tests.factories import CategoryFactory, TemplateFactory
 from tests.helpers import wait_for
 
@@ -172,3 +175,43 @@ def test_callbacks_are_refused_without_an_auth_token(workspace, sms_category, sa
     settings.TWILIO_AUTH_TOKEN = ""
     response = Client().post("/webhooks/twilio/status?delivery=x&round=0", {"MessageStatus": "delivered"})
     assert response.status_code == 403
+
+
+def text_us(body: str, *, number: str = "+14155550123", signature: str | None = None):  # type: ignore[no-untyped-def]
+    """A text someone sends to our number, as Twilio's messaging webhook delivers it, signed
+    by twilio's own RequestValidator with the account's auth token."""
+    params = {"From": number, "To": "+15005550006", "Body": body, "MessageSid": "SMinbound"}
+    if signature is None:
+        url = f"{django_settings.NOTIFY_PUBLIC_URL}/webhooks/twilio/inbound"
+        signature = RequestValidator(django_settings.TWILIO_AUTH_TOKEN).compute_signature(url, params)
+    return Client().post("/webhooks/twilio/inbound", params, HTTP_X_TWILIO_SIGNATURE=signature)
+
+
+def test_replying_stop_opts_the_number_out_and_start_back_in(workspace, sms_category, sandbox):
+    assert send_sms(workspace, phone="+14155550123").status == DeliveryStatus.SENT
+    response = text_us(" stop ")
+    assert (response.status_code, response["Content-Type"]) == (200, "text/xml")
+    suppression = Suppression.objects.get(tenant=workspace.tenant, channel="sms")
+    assert (suppression.address, suppression.reason) == ("+14155550123", "opted out (replied STOP)")
+    stopped = send_sms(workspace, phone="+14155550123")
+    assert stopped.status == DeliveryStatus.SUPPRESSED
+    assert "replied STOP" in stopped.status_reason
+
+    text_us("START")
+    assert not Suppression.objects.filter(channel="sms").exists()
+    assert send_sms(workspace, phone="+14155550123").status == DeliveryStatus.SENT
+    assert len(sandbox.requests_log(provider="twilio")) == 2
+
+
+def test_start_does_not_lift_a_suppression_made_for_another_reason(workspace, sms_category):
+    suppression_add(
+        tenant_id=workspace.tenant.id, channel="sms", address="+14155550123", reason="dead number", source="ops"
+    )
+    text_us("START")
+    assert Suppression.objects.filter(channel="sms", address="+14155550123").exists()
+
+
+def test_other_texts_change_nothing_and_forged_ones_get_403(workspace, sms_category):
+    assert text_us("stop it please").status_code == 200
+    assert text_us("STOP", signature="forged").status_code == 403
+    assert not Suppression.objects.exists()
