@@ -94,12 +94,14 @@ class TemplateVariant(ImmutableModel):
 
     def clean(self) -> None:
         """Refuse content that does not compile, naming the field, before it is saved."""
-        from django.template import Engine, TemplateSyntaxError
+        from django.template import TemplateSyntaxError
+
+        from notify.pipeline.templating import ENGINE
 
         errors = {}
         for name in ("subject", "title", "body", "html", "link"):
             try:
-                Engine().from_string(getattr(self, name))
+                ENGINE.from_string(getattr(self, name))
             except TemplateSyntaxError as error:
                 errors[name] = f"Template syntax error: {error}"
         if errors:

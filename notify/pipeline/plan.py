@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 
-from django.template import Context, Engine
+from django.template import Context
 from django.template import Template as DjangoTemplate
 
 from apps.catalog.models import Category, TemplateVariant
@@ -16,6 +16,7 @@ from apps.recipients.models import Recipient
 from notify.channels import channel_get
 from notify.channels.base import RenderedContent
 from notify.pipeline.record import history_event
+from notify.pipeline.templating import ENGINE, formatting_for
 from notify.policy.suppression import suppressed_addresses
 
 
@@ -132,12 +133,11 @@ def variant_resolve(*, version_id: int, channel: str, locale: str, default_local
     return next(v for (c, _), v in sorted(variants.items()) if c == channel)
 
 
-_ENGINE = Engine()
 
 
 @lru_cache(maxsize=4096)
 def _compiled(source: str) -> DjangoTemplate:
-    return _ENGINE.from_string(source)
+    return ENGINE.from_string(source)
 
 
 def _render(source: str, context: dict, *, html: bool = False) -> str:
@@ -147,8 +147,9 @@ def _render(source: str, context: dict, *, html: bool = False) -> str:
     return _compiled(source).render(Context(context, autoescape=html))
 
 
-def content_render(*, variant: TemplateVariant, data: dict, recipient: Recipient) -> RenderedContent:
-    """Render one variant with the event data and the recipient's public fields."""
+def content_render(*, variant: TemplateVariant, data: dict, recipient: Recipient, locale: str) -> RenderedContent:
+    """Render one variant with the event data and the recipient's public fields; money, numbers
+    and dates are formatted for `locale` and the recipient's timezone."""
     context = {
         "data": data,
         "recipient": {
@@ -160,11 +161,12 @@ def content_render(*, variant: TemplateVariant, data: dict, recipient: Recipient
             **({"attributes": recipient.attributes} if recipient.attributes else {}),
         },
     }
-    return RenderedContent(
-        subject=_render(variant.subject, context),
-        title=_render(variant.title, context),
-        body=_render(variant.body, context),
-        html=_render(variant.html, context, html=True),
-        link=_render(variant.link, context),
-        data=variant.data,
-    )
+    with formatting_for(locale=locale, timezone=recipient.timezone):
+        return RenderedContent(
+            subject=_render(variant.subject, context),
+            title=_render(variant.title, context),
+            body=_render(variant.body, context),
+            html=_render(variant.html, context, html=True),
+            link=_render(variant.link, context),
+            data=variant.data,
+        )

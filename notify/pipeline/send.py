@@ -203,7 +203,10 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
         )
         try:
             content = content_render(
-                variant=variant, data=context.event_data[notification.event_id], recipient=recipient
+                variant=variant,
+                data=context.event_data[notification.event_id],
+                recipient=recipient,
+                locale=notification.locale or tenant.default_locale,
             )
         except Exception as error:  # noqa: BLE001 - any rendering error, including a template's
             # The pinned version renders the same way on every attempt: retrying cannot help.
