@@ -10,6 +10,7 @@ from apps.deliveries.selectors import NOTIFICATION_STATUSES, notification_status
 from apps.recipients.models import Consent, Device, PreferenceSet, Recipient, validate_timezone
 from notify.channels.sms import e164
 from notify.pipeline.ingest import EventRequest, RecipientRef
+from notify.pipeline.plan import LocalSendTime
 from notify.policy.rules import validate_category_switches, validate_channel_switches
 
 MAX_RECIPIENTS_PER_EVENT = 1000
@@ -123,7 +124,18 @@ class EventSerializer(serializers.Serializer):
         child=serializers.ChoiceField(choices=Channel.choices), required=False, min_length=1
     )
     idempotency_key = serializers.CharField(max_length=255, required=False)
-    send_at = serializers.DateTimeField(required=False)
+    send_at = serializers.DateTimeField(required=False, help_text="Send at this instant.")
+    send_at_local = serializers.CharField(
+        required=False,
+        help_text="Send at this wall-clock time in each recipient's timezone: '09:00' (the next one) "
+        "or '2026-12-01T09:00' (no offset).",
+    )
+
+    def validate_send_at_local(self, value: str) -> LocalSendTime:
+        try:
+            return LocalSendTime.parse(value)
+        except ValueError as error:
+            raise serializers.ValidationError(f"Give 'HH:MM' or 'YYYY-MM-DDTHH:MM' without an offset ({error}).")
 
     def validate_channels(self, value: list[str]) -> list[str]:
         if len(set(value)) != len(value):
@@ -133,6 +145,10 @@ class EventSerializer(serializers.Serializer):
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if ("recipient" in attrs) == ("recipients" in attrs):
             raise serializers.ValidationError({"recipients": ["Give either 'recipient' or 'recipients', not both."]})
+        if "send_at" in attrs and "send_at_local" in attrs:
+            raise serializers.ValidationError(
+                {"send_at_local": ["Give either 'send_at' or 'send_at_local', not both."]}
+            )
         return attrs
 
 
@@ -149,6 +165,7 @@ def event_request_from(
         channels=attrs.get("channels"),
         idempotency_key=attrs.get("idempotency_key") or idempotency_key,
         send_at=attrs.get("send_at"),
+        send_at_local=attrs.get("send_at_local"),
         body=body,
     )
 

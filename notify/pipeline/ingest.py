@@ -19,7 +19,7 @@ from apps.recipients.models import Recipient
 from apps.tenants.models import ApiKey, Tenant
 from notify.pipeline.bulk import rows_insert
 from notify.pipeline.dispatch import deliveries_publish_on_commit
-from notify.pipeline.plan import PlanError, notifications_plan
+from notify.pipeline.plan import LocalSendTime, PlanError, notifications_plan
 
 RECIPIENT_FIELDS = ("email", "phone", "locale", "timezone", "attributes")
 # What planning reads of a recipient (the send stage loads the rest itself).
@@ -61,6 +61,7 @@ class EventRequest:
     channels: list[str] | None = None
     idempotency_key: str | None = None
     send_at: datetime | None = None
+    send_at_local: LocalSendTime | None = None
     # The request body as the producer sent it, to recognise a reused idempotency key.
     body: dict[str, Any] = field(default_factory=dict)
 
@@ -123,6 +124,7 @@ def events_ingest(*, api_key: ApiKey, events: list[EventRequest]) -> list[Ingest
                     priority_override=request.priority,
                     channels_override=request.channels,
                     send_at=request.send_at,
+                    send_at_local=request.send_at_local,
                     now=now,
                 )
             except PlanError as error:

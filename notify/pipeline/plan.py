@@ -4,8 +4,9 @@ Planning pins the template version on the notification. Rendering that version i
 deterministic, so the send stage renders it then instead of storing the rendered text."""
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
+from zoneinfo import ZoneInfo
 
 from django.template import Context
 from django.template import Template as DjangoTemplate
@@ -29,6 +30,33 @@ class PlanError(Exception):
         self.message = message
 
 
+@dataclass(frozen=True)
+class LocalSendTime:
+    """A wall-clock time in each recipient's own timezone: the next 09:00 there, or 09:00 on
+    a given day there."""
+
+    clock: time
+    day: date | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "LocalSendTime":
+        """ "09:00", or "2026-12-01T09:00" with no offset; raises ValueError."""
+        if "T" in text:
+            moment = datetime.fromisoformat(text)
+            if moment.tzinfo is not None:
+                raise ValueError("a local time has no offset: give 2026-12-01T09:00, or use send_at")
+            return cls(clock=moment.time(), day=moment.date())
+        return cls(clock=time.fromisoformat(text))
+
+    def due_at(self, *, timezone_name: str, now: datetime) -> datetime:
+        zone = ZoneInfo(timezone_name or "UTC")
+        day = self.day or now.astimezone(zone).date()
+        due = datetime.combine(day, self.clock, tzinfo=zone).astimezone(UTC)
+        if self.day is None and due <= now:  # today's has passed there: tomorrow's
+            due = datetime.combine(day + timedelta(days=1), self.clock, tzinfo=zone).astimezone(UTC)
+        return max(due, now)
+
+
 @dataclass
 class Plan:
     notifications: list[Notification]
@@ -45,6 +73,7 @@ def notifications_plan(
     channels_override: list[str] | None,
     send_at: datetime | None,
     now: datetime,
+    send_at_local: LocalSendTime | None = None,
 ) -> Plan:
     """Build (unsaved) notifications, deliveries and their first history rows."""
     version = category.template.current_version()
@@ -69,6 +98,8 @@ def notifications_plan(
     }
     plan = Plan(notifications=[], deliveries=[], history=[])
     for recipient in recipients:
+        if send_at_local is not None:
+            due_at = send_at_local.due_at(timezone_name=recipient.timezone, now=now)
         notification = Notification(
             tenant_id=event.tenant_id,
             event=event,
@@ -77,7 +108,7 @@ def notifications_plan(
             template_version=version,
             locale=recipient.locale or tenant_locale,
             priority=priority,
-            send_at=send_at,
+            send_at=send_at if send_at_local is None else due_at,
         )
         plan.notifications.append(notification)
         for channel_name in channels:
@@ -131,8 +162,6 @@ def variant_resolve(*, version_id: int, channel: str, locale: str, default_local
             return variant
     # Planning checked that the channel has content, so take any locale rather than fail.
     return next(v for (c, _), v in sorted(variants.items()) if c == channel)
-
-
 
 
 @lru_cache(maxsize=4096)

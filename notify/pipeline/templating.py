@@ -18,6 +18,7 @@ from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from babel import Locale, UnknownLocaleError
 from babel.dates import format_date, format_datetime
@@ -77,7 +78,7 @@ def number(value: Any) -> Any:
 def datetime_(value: Any, length: str = "medium") -> Any:
     try:
         moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
-        return format_datetime(moment, length, tzinfo=_rendering_for.get()[1], locale=_locale())
+        return format_datetime(moment, length, tzinfo=ZoneInfo(_rendering_for.get()[1]), locale=_locale())
     except (ValueError, LookupError):
         return value
 

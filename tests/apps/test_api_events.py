@@ -1,6 +1,7 @@
 import json
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 from django.db import connection
@@ -80,6 +81,57 @@ def test_overrides_priority_channels_and_send_at(api, workspace):
     # Two hours is past the broker-countdown limit: it waits in the database for the sweeper.
     assert delivery.published_at is None
     assert delivery.events.get().reason.startswith("scheduled for")
+
+
+WORLD = {"tokyo": "Asia/Tokyo", "new-york": "America/New_York", "london": "Europe/London"}
+
+
+def local_send(api, workspace, send_at_local: str) -> dict[str, datetime]:  # type: ignore[no-untyped-def]
+    recipients = [{"external_id": name, "email": f"{name}@example.com", "timezone": tz} for name, tz in WORLD.items()]
+    response = post(api, {"category": "welcome", "recipients": recipients, "send_at_local": send_at_local})
+    assert response.status_code == 202, response.content
+    deliveries = Delivery.objects.filter(notification_id__in=response.json()["notification_ids"])
+    return {
+        d.notification.recipient.external_id: d.next_attempt_at
+        for d in deliveries.select_related("notification__recipient")
+    }
+
+
+def test_send_at_local_reaches_each_recipient_at_nine_in_their_own_timezone(api, workspace):
+    before = timezone.now()
+    due = local_send(api, workspace, "09:00")
+    for name, zone in WORLD.items():
+        local = due[name].astimezone(ZoneInfo(zone))
+        assert (local.hour, local.minute) == (9, 0)
+        assert timedelta(0) < due[name] - before <= timedelta(hours=24)  # the next 09:00 there
+
+
+def test_send_at_local_on_a_given_day_follows_each_zones_offset_that_day(api, workspace):
+    winter = local_send(api, workspace, "2027-01-15T09:00")
+    assert winter == {
+        "tokyo": datetime(2027, 1, 15, 0, 0, tzinfo=UTC),
+        "new-york": datetime(2027, 1, 15, 14, 0, tzinfo=UTC),
+        "london": datetime(2027, 1, 15, 9, 0, tzinfo=UTC),
+    }
+    summer = local_send(api, workspace, "2027-07-15T09:00")
+    assert (summer["new-york"], summer["london"]) == (
+        datetime(2027, 7, 15, 13, 0, tzinfo=UTC),  # EDT
+        datetime(2027, 7, 15, 8, 0, tzinfo=UTC),  # BST
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"send_at_local": "9 in the morning"},
+        {"send_at_local": "2027-01-15T09:00+01:00"},
+        {"send_at_local": "09:00", "send_at": "2027-01-15T09:00:00Z"},
+    ],
+)
+def test_a_bad_send_at_local_is_refused_by_name(api, workspace, body):
+    response = post(api, {"category": "welcome", "recipient": "ada", **body})
+    assert response.status_code == 400
+    assert "send_at_local" in response.json()["error"]["fields"]
 
 
 def test_a_recipient_without_an_address_is_suppressed_with_a_reason(api, workspace):
