@@ -4,8 +4,9 @@ import logging
 
 import sentry_sdk
 from celery import shared_task
+from django.utils import timezone
 
-from notify.pipeline import dispatch, send
+from notify.pipeline import digest, dispatch, send
 
 logger = logging.getLogger(__name__)
 
@@ -17,8 +18,10 @@ def send_deliveries(delivery_ids: list[str]) -> int:
 
 @shared_task(name="notify.sweep")
 def sweep() -> dict[str, int]:
+    """Send the digests whose window has passed, then sweep up the deliveries."""
+    digests_sent = digest.digests_flush_due(now=timezone.now())
     report = dispatch.sweep()
-    return {"leases_expired": report.leases_expired, "republished": report.republished}
+    return {"digests_sent": digests_sent, "leases_expired": report.leases_expired, "republished": report.republished}
 
 
 @shared_task(name=dispatch.DEAD_LETTER_TASK)

@@ -178,6 +178,9 @@ class EventAcceptedSerializer(serializers.Serializer):
     event_id = serializers.UUIDField()
     idempotency_key = serializers.CharField(allow_null=True)
     notification_ids = serializers.ListField(child=serializers.UUIDField())
+    digest_ids = serializers.ListField(
+        child=serializers.UUIDField(), required=False, help_text="For a digest category: the digests it joined."
+    )
 
 
 EventBatchAcceptedSerializer = inline_serializer(

@@ -141,6 +141,15 @@ class Category(models.Model):
     expire_after = models.DurationField(
         null=True, blank=True, help_text="Give up on a deferred notification not sent within this long of its event."
     )
+    # A digest category collects each recipient's events and sends them as one notification.
+    digest_window = models.DurationField(
+        null=True,
+        blank=True,
+        help_text="Collect events for this long after a recipient's first one, then send them as one digest.",
+    )
+    digest_max = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Send the digest as soon as it holds this many events."
+    )
 
     class Meta:
         verbose_name_plural = "categories"

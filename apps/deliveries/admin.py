@@ -3,7 +3,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 
-from apps.deliveries.models import DeadLetter, Delivery, DeliveryEvent, Event, Notification
+from apps.deliveries.models import DeadLetter, Delivery, DeliveryEvent, Digest, Event, Notification
 from notify.pipeline.control import NotCancellable, dead_letters_replay, notification_cancel
 
 
@@ -39,6 +39,18 @@ def history_table(deliveries: QuerySet[Delivery] | list[Delivery]) -> str:
         "</tr></thead><tbody>{}</tbody></table>",
         body,
     )
+
+
+@admin.register(Digest)
+class DigestAdmin(ReadOnlyAdmin):
+    list_display = ("recipient", "category", "opened_at", "due_at", "flushed_at", "size")
+    list_filter = ("category", ("flushed_at", admin.EmptyFieldListFilter))
+    search_fields = ("recipient__external_id",)
+    list_select_related = ("recipient", "category")
+
+    @admin.display(description="events")
+    def size(self, digest: Digest) -> int:
+        return digest.entries.count()
 
 
 @admin.register(Event)

@@ -33,6 +33,39 @@ class Event(models.Model):
         return f"{self.category.key} {self.id}"
 
 
+class Digest(models.Model):
+    """A recipient's collection of one digest category's events, open until it is flushed as
+    one notification (notify/pipeline/digest.py). At most one is open per recipient and
+    category."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+", db_index=False)
+    recipient = models.ForeignKey(Recipient, on_delete=models.CASCADE, related_name="digests", db_index=False)
+    category = models.ForeignKey(Category, on_delete=models.PROTECT, related_name="digests", db_index=False)
+    opened_at = models.DateTimeField(auto_now_add=True)
+    due_at = models.DateTimeField()
+    flushed_at = models.DateTimeField(null=True, blank=True)
+    # The event the flush made, whose notification carries the digest.
+    event = models.OneToOneField("Event", on_delete=models.SET_NULL, null=True, blank=True, related_name="digest")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["recipient", "category"], condition=models.Q(flushed_at__isnull=True), name="digest_one_open"
+            )
+        ]
+        indexes = [models.Index(fields=["due_at"], condition=models.Q(flushed_at__isnull=True), name="digest_open_due")]
+
+    def __str__(self) -> str:
+        return f"{self.category.key} digest for {self.recipient.external_id}"
+
+
+class DigestEntry(models.Model):
+    digest = models.ForeignKey(Digest, on_delete=models.CASCADE, related_name="entries")
+    event = models.ForeignKey("Event", on_delete=models.CASCADE, related_name="+", db_index=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+
 class Notification(models.Model):
     """One event for one recipient."""
 

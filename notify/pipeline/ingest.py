@@ -17,9 +17,8 @@ from apps.catalog.models import Category
 from apps.deliveries.models import Event
 from apps.recipients.models import Recipient
 from apps.tenants.models import ApiKey, Tenant
-from notify.pipeline.bulk import rows_insert
-from notify.pipeline.dispatch import deliveries_publish_on_commit
-from notify.pipeline.plan import LocalSendTime, PlanError, notifications_plan
+from notify.pipeline.digest import digest_collect
+from notify.pipeline.plan import LocalSendTime, PlanError, notifications_plan, plan_save
 
 RECIPIENT_FIELDS = ("email", "phone", "locale", "timezone", "attributes")
 # What planning reads of a recipient (the send stage loads the rest itself).
@@ -116,27 +115,34 @@ def events_ingest(*, api_key: ApiKey, events: list[EventRequest]) -> list[Ingest
                 results.append(IngestResult(response=existing.response, replayed=True))
                 continue
             recipients = _recipients_upsert(tenant=tenant, refs=request.recipients, field_prefix=prefix)
+            category = categories[request.category_key]
+            digest_ids: list[str] = []
             try:
-                plan = notifications_plan(
-                    event=event,
-                    category=categories[request.category_key],
-                    recipients=recipients,
-                    priority_override=request.priority,
-                    channels_override=request.channels,
-                    send_at=request.send_at,
-                    send_at_local=request.send_at_local,
-                    now=now,
-                )
+                if category.digest_window is not None:
+                    # Collected into each recipient's digest; a digest that fills up is sent now.
+                    collected = digest_collect(event=event, category=category, recipients=recipients, now=now)
+                    digest_ids = [str(digest_id) for digest_id in collected.digest_ids]
+                    notifications = collected.notifications
+                else:
+                    plan = notifications_plan(
+                        event=event,
+                        category=category,
+                        recipients=recipients,
+                        priority_override=request.priority,
+                        channels_override=request.channels,
+                        send_at=request.send_at,
+                        send_at_local=request.send_at_local,
+                        now=now,
+                    )
+                    plan_save(plan=plan, now=now)
+                    notifications = plan.notifications
             except PlanError as error:
                 raise IngestError(field=prefix + error.field, message=error.message) from error
-            deliveries_publish_on_commit(deliveries=plan.deliveries, now=now)
-            rows_insert(objects=plan.notifications)
-            rows_insert(objects=plan.deliveries)
-            rows_insert(objects=plan.history)
             event.response = {
                 "event_id": str(event.id),
                 "idempotency_key": request.idempotency_key,
-                "notification_ids": [str(n.id) for n in plan.notifications],
+                "notification_ids": [str(n.id) for n in notifications],
+                **({"digest_ids": digest_ids} if digest_ids else {}),
             }
             event.save(update_fields=["response"])
             results.append(IngestResult(response=event.response, replayed=False))

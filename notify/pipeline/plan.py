@@ -16,6 +16,8 @@ from apps.deliveries.models import Delivery, DeliveryEvent, DeliveryStatus, Even
 from apps.recipients.models import Recipient
 from notify.channels import channel_get
 from notify.channels.base import RenderedContent
+from notify.pipeline.bulk import rows_insert
+from notify.pipeline.dispatch import deliveries_publish_on_commit
 from notify.pipeline.record import history_event
 from notify.pipeline.templating import ENGINE, formatting_for
 from notify.policy.suppression import suppressed_addresses
@@ -129,6 +131,14 @@ def notifications_plan(
             plan.deliveries.append(delivery)
             plan.history.append(history_event(delivery=delivery, status=delivery.status, reason=reason, at=now))
     return plan
+
+
+def plan_save(*, plan: Plan, now: datetime) -> None:
+    """Write a plan's rows and publish its deliveries once the transaction commits."""
+    deliveries_publish_on_commit(deliveries=plan.deliveries, now=now)
+    rows_insert(objects=plan.notifications)
+    rows_insert(objects=plan.deliveries)
+    rows_insert(objects=plan.history)
 
 
 @lru_cache(maxsize=512)
