@@ -85,6 +85,9 @@ INBOX_CURL="curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/events \\
   -H 'Authorization: Bearer $NOTIFY_DEMO_API_KEY' -H 'Content-Type: application/json' \\
   -d '{\"category\": \"mention\", \"recipient\": \"ada\", \"data\": {\"who\": \"Grace\", \"text\": \"Can you review the launch plan?\"}}'"
 
+PREFERENCES_URL="$(curl -s -X POST "http://127.0.0.1:$WEB_PORT/api/v1/recipients/ada/preference-link" \
+    -H "Authorization: Bearer $NOTIFY_DEMO_API_KEY" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["url"])')"
+
 cat <<INFO
 
   Notify is running (logs in var/log/).
@@ -93,6 +96,8 @@ cat <<INFO
   API docs     http://127.0.0.1:$WEB_PORT/api/docs/
   Sandbox log  http://127.0.0.1:$SANDBOX_PORT/         every request the fake providers received
   Inbox        http://127.0.0.1:$WEB_PORT/demo/inbox/    the in-app inbox widget, updated live
+  Preferences  $PREFERENCES_URL
+               the demo recipient's preference center (a signed link, as an email carries it)
   Web push     http://127.0.0.1:$WEB_PORT/demo/webpush/  subscribe a browser (needs its vendor's push service)
   API key      $NOTIFY_DEMO_API_KEY
 
@@ -142,6 +147,7 @@ if [ "$SMOKE" = 1 ]; then
     # FCM reports nothing after accepting a message, so "sent" is as far as push goes.
     reaches "$PUSH_CURL" sent || die "the demo push was not sent; see var/log/"
     reaches "$WEBPUSH_CURL" sent || die "the demo web push was not sent; see var/log/"
+    curl -sf "$PREFERENCES_URL" | grep -q "Notification preferences" || die "the preference center did not open"
     reaches "$INBOX_CURL" sent || die "the demo in-app notification was not stored; see var/log/"
     curl -s "http://127.0.0.1:$SANDBOX_PORT/_sandbox/stats"; echo
     exit 0

@@ -77,13 +77,20 @@ def demo_workspace_ensure(
     API key and an admin login, each only if missing; with `webpush_endpoint` (the sandbox's
     push service), a browser subscription for the recipient too."""
     tenant, _ = Tenant.objects.get_or_create(slug="demo", defaults={"name": "Demo workspace"})
-    for key, kind, priority, channels, variants in (
-        ("welcome", CategoryKind.TRANSACTIONAL, Priority.NORMAL, ["email"], WELCOME_VARIANTS),
-        ("otp", CategoryKind.CRITICAL, Priority.CRITICAL, ["sms"], OTP_VARIANTS),
-        ("weekly-digest", CategoryKind.MARKETING, Priority.BULK, ["email"], DIGEST_VARIANTS),
-        ("alert", CategoryKind.TRANSACTIONAL, Priority.NORMAL, ["push"], ALERT_VARIANTS),
-        ("browser-alert", CategoryKind.TRANSACTIONAL, Priority.NORMAL, ["webpush"], BROWSER_ALERT_VARIANTS),
-        ("mention", CategoryKind.TRANSACTIONAL, Priority.NORMAL, ["inapp"], MENTION_VARIANTS),
+    for key, description, kind, priority, channels, variants in (
+        ("welcome", "Account emails", CategoryKind.TRANSACTIONAL, Priority.NORMAL, ["email"], WELCOME_VARIANTS),
+        ("otp", "Sign-in codes", CategoryKind.CRITICAL, Priority.CRITICAL, ["sms"], OTP_VARIANTS),
+        ("weekly-digest", "News and offers", CategoryKind.MARKETING, Priority.BULK, ["email"], DIGEST_VARIANTS),
+        ("alert", "Alerts on your phone", CategoryKind.TRANSACTIONAL, Priority.NORMAL, ["push"], ALERT_VARIANTS),
+        (
+            "browser-alert",
+            "Alerts in your browser",
+            CategoryKind.TRANSACTIONAL,
+            Priority.NORMAL,
+            ["webpush"],
+            BROWSER_ALERT_VARIANTS,
+        ),
+        ("mention", "Mentions", CategoryKind.TRANSACTIONAL, Priority.NORMAL, ["inapp"], MENTION_VARIANTS),
     ):
         template, created = Template.objects.get_or_create(tenant=tenant, key=key, defaults={"name": key})
         if created:
@@ -98,7 +105,7 @@ def demo_workspace_ensure(
                 "default_priority": priority,
                 "default_channels": channels,
                 "template": template,
-                "description": f"Demo {kind} category",
+                "description": description,
             },
         )
     ada, _ = Recipient.objects.get_or_create(

@@ -30,6 +30,7 @@ def test_the_run_command_delivers_the_demo_notification(tmp_path):
     assert result.returncode == 0, output
     assert "login: admin / admin" in output
     assert "curl -s -X POST" in output
+    assert "/preferences/" in output
     assert output.count(": delivered") == 2  # the email and the SMS
     assert output.count(": sent") == 3  # the push, the web push and the in-app notification
     assert '"postmark.accepted": 1' in output
