@@ -6,7 +6,7 @@ import sentry_sdk
 from celery import shared_task
 from django.utils import timezone
 
-from notify.pipeline import digest, dispatch, send
+from notify.pipeline import digest, dispatch, recurring, send
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +22,11 @@ def sweep() -> dict[str, int]:
     digests_sent = digest.digests_flush_due(now=timezone.now())
     report = dispatch.sweep()
     return {"digests_sent": digests_sent, "leases_expired": report.leases_expired, "republished": report.republished}
+
+
+@shared_task(name=recurring.TASK)
+def recurring_send(recurring_send_id: int) -> None:
+    recurring.recurring_send_run(recurring_send_id=recurring_send_id, now=timezone.now())
 
 
 @shared_task(name=dispatch.DEAD_LETTER_TASK)

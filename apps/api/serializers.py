@@ -4,8 +4,8 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.utils import extend_schema_field, inline_serializer
 from rest_framework import serializers
 
-from apps.catalog.models import Channel, Priority
-from apps.deliveries.models import Delivery, DeliveryEvent, Notification
+from apps.catalog.models import Category, Channel, Priority
+from apps.deliveries.models import Delivery, DeliveryEvent, Notification, RecurringSend
 from apps.deliveries.selectors import NOTIFICATION_STATUSES, notification_status
 from apps.recipients.models import Consent, Device, PreferenceSet, Recipient, validate_timezone
 from notify.channels.sms import e164
@@ -319,3 +319,27 @@ class ConsentSerializer(serializers.ModelSerializer):
         model = Consent
         fields = ["channel", "granted", "source", "recorded_at"]
         read_only_fields = ["recorded_at"]
+
+
+class RecurringSendSerializer(serializers.ModelSerializer):
+    """An event the service triggers on a cron schedule, in a timezone."""
+
+    category = serializers.SlugRelatedField(slug_field="key", queryset=Category.objects.none())
+    recipients = serializers.ListField(
+        child=serializers.CharField(max_length=255), min_length=1, max_length=MAX_RECIPIENTS_PER_EVENT
+    )
+    data = serializers.DictField(required=False)  # type: ignore[assignment]  # a field, not Serializer.data
+    timezone = serializers.CharField(max_length=64, required=False)
+
+    class Meta:
+        model = RecurringSend
+        fields = ["id", "name", "category", "recipients", "data", "cron", "timezone", "enabled", "created_at"]
+        read_only_fields = ["id", "created_at"]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["category"].queryset = Category.objects.filter(tenant=self.context["tenant"])  # type: ignore[attr-defined]
+
+    def validate_timezone(self, value: str) -> str:
+        _check(validate_timezone, value)
+        return value

@@ -11,6 +11,7 @@ from apps.api.views import (
     RecipientPreferenceLinkView,
     RecipientPreferencesView,
     RecipientViewSet,
+    RecurringSendViewSet,
     WebPushSubscriptionViewSet,
 )
 
@@ -19,6 +20,7 @@ router.register("notifications", NotificationViewSet, basename="notification")
 router.register("recipients", RecipientViewSet, basename="recipient")
 router.register("devices", DeviceViewSet, basename="device")
 router.register("webpush-subscriptions", WebPushSubscriptionViewSet, basename="webpush-subscription")
+router.register("recurring-sends", RecurringSendViewSet, basename="recurring-send")
 
 urlpatterns = [
     path("events", EventView.as_view(), name="events"),

@@ -4,7 +4,13 @@ from typing import Any, cast
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+    inline_serializer,
+)
 from rest_framework import mixins, pagination, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
@@ -25,10 +31,11 @@ from apps.api.serializers import (
     NotificationSerializer,
     PreferencesSerializer,
     RecipientSerializer,
+    RecurringSendSerializer,
     WebPushSubscriptionSerializer,
     event_request_from,
 )
-from apps.deliveries.models import DeliveryStatus, Notification
+from apps.deliveries.models import DeliveryStatus, Notification, RecurringSend
 from apps.deliveries.selectors import notification_get, notifications_list
 from apps.recipients.models import Device, Recipient, WebPushSubscription
 from apps.recipients.services import (
@@ -44,6 +51,7 @@ from apps.recipients.tokens import INBOX, PREFERENCES, recipient_link, recipient
 from apps.tenants.models import ApiKey, Tenant
 from notify.pipeline.control import NotCancellable, notification_cancel
 from notify.pipeline.ingest import EventRequest, IdempotencyConflict, IngestError, events_ingest
+from notify.pipeline.recurring import recurring_send_delete, recurring_send_save
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 ERRORS = {
@@ -394,6 +402,44 @@ class WebPushSubscriptionViewSet(viewsets.GenericViewSet, mixins.ListModelMixin,
             WebPushSubscriptionSerializer(subscription).data,
             status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
         )
+
+
+@extend_schema_view(
+    list=extend_schema(summary="List recurring sends"),
+    create=extend_schema(summary="Schedule an event on a cron schedule"),
+    retrieve=extend_schema(summary="Read a recurring send"),
+    partial_update=extend_schema(summary="Change a recurring send (pause it with enabled: false)"),
+    destroy=extend_schema(summary="Stop and delete a recurring send"),
+)
+class RecurringSendViewSet(viewsets.ModelViewSet):
+    """Events the service triggers itself on a cron schedule, through django-celery-beat."""
+
+    serializer_class = RecurringSendSerializer
+    pagination_class = CreatedCursorPagination
+    queryset = RecurringSend.objects.none()
+    http_method_names = ["get", "post", "patch", "delete"]
+
+    def get_queryset(self):  # type: ignore[no-untyped-def]
+        return RecurringSend.objects.filter(tenant=api_key_of(self.request).tenant).select_related("category")
+
+    def get_serializer_context(self) -> dict[str, Any]:
+        return {**super().get_serializer_context(), "tenant": api_key_of(self.request).tenant}
+
+    def perform_create(self, serializer: RecurringSendSerializer) -> None:  # type: ignore[override]
+        tenant = api_key_of(self.request).tenant
+        name = serializer.validated_data["name"]
+        if RecurringSend.objects.filter(tenant=tenant, name=name).exists():
+            raise serializers.ValidationError({"name": [f"A recurring send named '{name}' exists already."]})
+        serializer.instance = recurring_send_save(recurring=RecurringSend(tenant=tenant, **serializer.validated_data))
+
+    def perform_update(self, serializer: RecurringSendSerializer) -> None:  # type: ignore[override]
+        recurring = cast(RecurringSend, serializer.instance)
+        for name, value in serializer.validated_data.items():
+            setattr(recurring, name, value)
+        recurring_send_save(recurring=recurring)
+
+    def perform_destroy(self, instance: RecurringSend) -> None:
+        recurring_send_delete(recurring=instance)
 
 
 class InboxTokenRequestSerializer(serializers.Serializer):

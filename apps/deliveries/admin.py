@@ -3,8 +3,9 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 
-from apps.deliveries.models import DeadLetter, Delivery, DeliveryEvent, Digest, Event, Notification
+from apps.deliveries.models import DeadLetter, Delivery, DeliveryEvent, Digest, Event, Notification, RecurringSend
 from notify.pipeline.control import NotCancellable, dead_letters_replay, notification_cancel
+from notify.pipeline.recurring import recurring_send_delete, recurring_send_save
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -39,6 +40,25 @@ def history_table(deliveries: QuerySet[Delivery] | list[Delivery]) -> str:
         "</tr></thead><tbody>{}</tbody></table>",
         body,
     )
+
+
+@admin.register(RecurringSend)
+class RecurringSendAdmin(admin.ModelAdmin):
+    """Saving or deleting here keeps the beat schedule in step (notify.pipeline.recurring)."""
+
+    list_display = ("name", "tenant", "category", "cron", "timezone", "enabled")
+    list_filter = ("tenant", "enabled")
+    search_fields = ("name",)
+
+    def save_model(self, request: HttpRequest, obj: RecurringSend, form: object, change: bool) -> None:
+        recurring_send_save(recurring=obj)
+
+    def delete_model(self, request: HttpRequest, obj: RecurringSend) -> None:
+        recurring_send_delete(recurring=obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[RecurringSend]) -> None:
+        for recurring in queryset:
+            recurring_send_delete(recurring=recurring)
 
 
 @admin.register(Digest)

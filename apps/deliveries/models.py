@@ -1,9 +1,10 @@
 import uuid
 
+from django.core.exceptions import ValidationError
 from django.db import models
 
 from apps.catalog.models import Category, Channel, Priority, TemplateVersion
-from apps.recipients.models import Recipient
+from apps.recipients.models import Recipient, validate_timezone
 from apps.tenants.models import ApiKey, Tenant
 
 
@@ -31,6 +32,47 @@ class Event(models.Model):
 
     def __str__(self) -> str:
         return f"{self.category.key} {self.id}"
+
+
+def validate_cron(value: str) -> None:
+    """Five fields, as cron writes them: minute hour day-of-month month day-of-week."""
+    from celery.schedules import crontab
+
+    fields = value.split()
+    if len(fields) != 5:
+        raise ValidationError("Give five fields: minute hour day-of-month month day-of-week, e.g. '0 9 * * 1'.")
+    minute, hour, day_of_month, month_of_year, day_of_week = fields
+    try:
+        crontab(
+            minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month_of_year, day_of_week=day_of_week
+        )
+    except (ValueError, KeyError) as error:
+        raise ValidationError(f"'{value}' is not a cron schedule: {error}")
+
+
+class RecurringSend(models.Model):
+    """An event the service triggers itself on a cron schedule (django-celery-beat runs it),
+    such as a summary every Monday at 09:00."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="recurring_sends", db_index=False)
+    name = models.SlugField(max_length=100)
+    category = models.ForeignKey(Category, on_delete=models.PROTECT, related_name="recurring_sends")
+    recipients = models.JSONField(help_text="External ids of the recipients.")
+    data = models.JSONField(default=dict, blank=True)
+    cron = models.CharField(max_length=100, validators=[validate_cron], help_text="e.g. '0 9 * * 1': Mondays at 09:00")
+    timezone = models.CharField(max_length=64, default="UTC", validators=[validate_timezone])
+    enabled = models.BooleanField(default=True)
+    # Kept in step by notify.pipeline.recurring; beat reads its schedule from there.
+    periodic_task = models.OneToOneField(
+        "django_celery_beat.PeriodicTask", on_delete=models.SET_NULL, null=True, blank=True, editable=False
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["tenant", "name"], name="recurring_send_name_unique")]
+
+    def __str__(self) -> str:
+        return self.name
 
 
 class Digest(models.Model):

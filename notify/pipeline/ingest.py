@@ -83,10 +83,15 @@ def _is_lock_conflict(error: BaseException) -> bool:
 
 # Concurrent upserts of overlapping recipients can deadlock; PostgreSQL aborts one of them.
 @retry(retry=retry_if_exception(_is_lock_conflict), stop=stop_after_attempt(3), wait=wait_random(0, 0.05), reraise=True)
-def events_ingest(*, api_key: ApiKey, events: list[EventRequest]) -> list[IngestResult]:
+def events_ingest(
+    *, events: list[EventRequest], api_key: ApiKey | None = None, tenant: Tenant | None = None
+) -> list[IngestResult]:
     """Ingest a list of events atomically; an event whose idempotency key was seen before
-    returns its original response instead of being ingested again."""
-    tenant = api_key.tenant
+    returns its original response instead of being ingested again. The tenant is the API
+    key's, or given when the service itself triggers the events (a recurring send)."""
+    if tenant is None:
+        assert api_key is not None, "give the producer's API key, or the tenant"
+        tenant = api_key.tenant
     categories = _categories_resolve(tenant=tenant, events=events)
     results: list[IngestResult] = []
     now = timezone.now()
