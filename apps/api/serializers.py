@@ -338,7 +338,8 @@ class RecurringSendSerializer(serializers.ModelSerializer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["category"].queryset = Category.objects.filter(tenant=self.context["tenant"])  # type: ignore[attr-defined]
+        if "tenant" in self.context:  # not while the OpenAPI schema is generated
+            self.fields["category"].queryset = Category.objects.filter(tenant=self.context["tenant"])  # type: ignore[attr-defined]
 
     def validate_timezone(self, value: str) -> str:
         _check(validate_timezone, value)

@@ -1,4 +1,5 @@
 import json
+from datetime import timedelta
 
 import pytest
 from django.contrib import admin
@@ -25,6 +26,14 @@ def test_every_admin_list_and_add_page_renders(ops, workspace, api):
         data=json.dumps({"category": "welcome", "recipient": {"external_id": "ada", "email": "a@example.com"}}),
         content_type="application/json",
     )
+    # A row for every model, so that each change page renders too.
+    api.put("/api/v1/recipients/ada/preferences", {"channels": {"sms": False}}, format="json")
+    api.post("/api/v1/recipients/ada/consents", {"channel": "email", "granted": True, "source": "t"}, format="json")
+    recurring = {"name": "weekly", "category": "digest", "recipients": ["ada"], "cron": "0 9 * * 1"}
+    assert api.post("/api/v1/recurring-sends", recurring, format="json").status_code == 201
+    workspace.bulk.digest_window = timedelta(hours=1)
+    workspace.bulk.save()
+    api.post("/api/v1/events", {"category": "digest", "recipient": "ada"}, format="json")
     for model in admin.site._registry:
         meta = model._meta
         changelist = ops.get(reverse(f"admin:{meta.app_label}_{meta.model_name}_changelist"))

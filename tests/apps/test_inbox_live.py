@@ -12,6 +12,7 @@ from channels.testing import WebsocketCommunicator
 from django.db import connections
 from rest_framework.test import APIClient
 
+from apps.deliveries.models import DeliveryStatus
 from apps.inbox.consumers import CLOSE_KEEP_ALIVE, CLOSE_TOKEN_EXPIRED, CLOSE_TOKEN_INVALID
 from apps.recipients.tokens import INBOX, recipient_token_issue
 from config.asgi import application
@@ -156,3 +157,20 @@ def test_a_silent_client_is_closed_and_one_that_answers_stays(ada, settings):
         await answering.disconnect()
 
     run(scenario)
+
+
+def test_with_the_channel_layer_down_the_item_is_still_stored_and_caught_up_later(workspace, ada, settings, caplog):
+    """The live push is a courtesy: Redis for the channel layer unreachable fails no delivery."""
+    from channels.layers import channel_layers
+
+    settings.CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": ["redis://127.0.0.1:1/0"]}}
+    }
+    channel_layers.backends.clear()  # built again from the settings above
+    try:
+        delivery = notify(workspace, text="while Redis was away")
+    finally:
+        channel_layers.backends.clear()
+    assert delivery.status == DeliveryStatus.SENT
+    assert delivery.inbox_item.body == "while Redis was away"
+    assert "live inbox update not pushed" in caplog.text
