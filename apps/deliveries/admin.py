@@ -3,8 +3,26 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 
-from apps.deliveries.models import DeadLetter, Delivery, DeliveryEvent, Digest, Event, Notification, RecurringSend
-from notify.pipeline.control import NotCancellable, dead_letters_replay, notification_cancel
+from apps.catalog.models import Channel
+from apps.deliveries.models import (
+    ChannelSwitch,
+    DeadLetter,
+    Delivery,
+    DeliveryEvent,
+    Digest,
+    Event,
+    Notification,
+    RecurringSend,
+)
+from config.queues import PRIORITIES
+from notify.pipeline.control import (
+    NotCancellable,
+    channel_pause,
+    channel_resume,
+    dead_letters_replay,
+    notification_cancel,
+)
+from notify.pipeline.dispatch import queue_depths
 from notify.pipeline.recurring import recurring_send_delete, recurring_send_save
 
 
@@ -40,6 +58,50 @@ def history_table(deliveries: QuerySet[Delivery] | list[Delivery]) -> str:
         "</tr></thead><tbody>{}</tbody></table>",
         body,
     )
+
+
+@admin.register(ChannelSwitch)
+class ChannelSwitchAdmin(admin.ModelAdmin):
+    """Every channel with its kill switch and what waits on the broker for it."""
+
+    list_display = ("channel", "paused", "reason", "broker_backlog", "updated_at")
+    fields = ("channel", "paused", "reason")
+    readonly_fields = ("channel",)
+    actions = ["pause", "resume"]
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict | None = None):  # type: ignore[no-untyped-def]
+        for channel in Channel.values:  # one row per channel, so that each can be switched
+            ChannelSwitch.objects.get_or_create(channel=channel)
+        self._depths = queue_depths()
+        return super().changelist_view(request, extra_context)
+
+    @admin.display(description="task messages waiting (critical / normal / bulk)")
+    def broker_backlog(self, switch: ChannelSwitch) -> str:
+        depths = getattr(self, "_depths", {})
+        return " / ".join(str(depths.get((switch.channel, priority), "?")) for priority in PRIORITIES)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def save_model(self, request: HttpRequest, obj: ChannelSwitch, form: object, change: bool) -> None:
+        if obj.paused:
+            channel_pause(channel=obj.channel, reason=obj.reason or f"paused by {request.user}")
+        else:
+            channel_resume(channel=obj.channel)
+
+    @admin.action(description="Pause: hold every delivery of these channels")
+    def pause(self, request: HttpRequest, queryset: QuerySet[ChannelSwitch]) -> None:
+        for switch in queryset:
+            channel_pause(channel=switch.channel, reason=f"paused by {request.user}")
+        self.message_user(request, f"Paused {queryset.count()} channel(s); their deliveries wait.")
+
+    @admin.action(description="Resume: send everything they held back")
+    def resume(self, request: HttpRequest, queryset: QuerySet[ChannelSwitch]) -> None:
+        published = sum(channel_resume(channel=switch.channel) for switch in queryset)
+        self.message_user(request, f"Resumed; {published} waiting deliveries published.")
 
 
 @admin.register(RecurringSend)

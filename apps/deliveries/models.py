@@ -34,6 +34,19 @@ class Event(models.Model):
         return f"{self.category.key} {self.id}"
 
 
+class ChannelSwitch(models.Model):
+    """Ops' kill switch for a channel. While it is paused, the channel's deliveries wait in the
+    database, unclaimed and unchanged; resuming publishes them all again."""
+
+    channel = models.CharField(max_length=16, choices=Channel.choices, primary_key=True)
+    paused = models.BooleanField(default=False)
+    reason = models.CharField(max_length=300, blank=True, default="")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.channel} ({'paused' if self.paused else 'running'})"
+
+
 def validate_cron(value: str) -> None:
     """Five fields, as cron writes them: minute hour day-of-month month day-of-week."""
     from celery.schedules import crontab

@@ -1,9 +1,19 @@
-"""Operator controls: cancel what has not been sent, replay what died."""
+"""Operator controls: cancel what has not been sent, replay what died, pause and resume a channel."""
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from apps.deliveries.models import CLAIMABLE_STATUSES, DeadLetter, Delivery, DeliveryEvent, DeliveryStatus, Notification
+from apps.deliveries.models import (
+    CLAIMABLE_STATUSES,
+    ChannelSwitch,
+    DeadLetter,
+    Delivery,
+    DeliveryEvent,
+    DeliveryStatus,
+    Notification,
+)
+from notify.pipeline import dispatch
 from notify.pipeline.dispatch import deliveries_publish_on_commit
 from notify.pipeline.record import history_event
 
@@ -60,3 +70,22 @@ def dead_letters_replay(*, dead_letter_ids: list[int], actor: str) -> int:
         )
         DeadLetter.objects.filter(id__in=[dl.id for dl in dead_letters]).update(replayed_at=now, replayed_by=actor)
     return len(dead_letters)
+
+
+def channel_pause(*, channel: str, reason: str) -> None:
+    """Stop claiming the channel's deliveries: they wait, unchanged, until it resumes. A batch
+    already claimed finishes."""
+    ChannelSwitch.objects.update_or_create(channel=channel, defaults={"paused": True, "reason": reason[:300]})
+
+
+def channel_resume(*, channel: str) -> int:
+    """Claim the channel's deliveries again, and publish everything it held back at once;
+    return how many deliveries were published."""
+    ChannelSwitch.objects.update_or_create(channel=channel, defaults={"paused": False, "reason": ""})
+    now = timezone.now()
+    published = 0
+    while count := dispatch.due_publish(now=now, channel=channel):
+        published += count
+        if count < settings.NOTIFY_SWEEP_CHUNK:
+            break
+    return published

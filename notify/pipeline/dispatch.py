@@ -20,7 +20,14 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from apps.deliveries.models import CLAIMABLE_STATUSES, DeadLetter, Delivery, DeliveryEvent, DeliveryStatus
+from apps.deliveries.models import (
+    CLAIMABLE_STATUSES,
+    ChannelSwitch,
+    DeadLetter,
+    Delivery,
+    DeliveryEvent,
+    DeliveryStatus,
+)
 from config.queues import CHANNELS, PRIORITIES, dead_letter_queue, delivery_queue
 from notify.pipeline.record import history_event
 from notify.resilience.failures import attempts_exhausted
@@ -115,7 +122,7 @@ def sweep(*, now: datetime | None = None) -> SweepReport:
     while count := _leases_expire(now=now):
         expired += count
     republished = 0
-    while count := _stale_publish(now=now):
+    while count := due_publish(now=now):
         republished += count
         if count < settings.NOTIFY_SWEEP_CHUNK:
             break
@@ -174,7 +181,13 @@ def _leases_expire(*, now: datetime) -> int:
 
 def queues_with_backlog() -> set[tuple[str, str]]:
     """The (channel, priority) pairs whose broker queue still holds messages."""
-    backlogged: set[tuple[str, str]] = set()
+    return {queue for queue, depth in queue_depths().items() if depth}
+
+
+def queue_depths() -> dict[tuple[str, str], int]:
+    """How many task messages wait in each (channel, priority) queue on the broker; each
+    carries up to a batch of deliveries. Empty when the broker cannot be read."""
+    depths: dict[tuple[str, str], int] = {}
     try:
         with current_app.connection_for_read() as connection:
             broker: Any = connection.default_channel  # kombu's virtual channel for the transport
@@ -185,35 +198,45 @@ def queues_with_backlog() -> set[tuple[str, str]]:
                             queue=delivery_queue(channel=channel, priority=priority), passive=True
                         )
                     except Exception:  # noqa: BLE001 - a queue that does not exist is empty
-                        continue
-                    if queue.message_count:
-                        backlogged.add((channel, priority))
+                        queue = None
+                    depths[(channel, priority)] = queue.message_count if queue else 0
     except Exception:  # noqa: BLE001 - with the broker down, publishing fails anyway
         logger.warning("could not read the broker's queue lengths", exc_info=True)
-    return backlogged
+    return depths
 
 
-def _stale_publish(*, now: datetime) -> int:
-    stale_before = now - timedelta(seconds=settings.NOTIFY_REPUBLISH_AFTER_SECONDS)
-    # Work published long ago but waiting behind a backlog is still on the broker: publish
-    # it again only once its queue has drained, or a long backlog would feed on itself.
-    stale = Q(published_at__lt=stale_before)
-    for channel, priority in queues_with_backlog():
-        stale &= ~Q(channel=channel, priority=priority)
+def paused_channels() -> set[str]:
+    """Channels ops have paused: their deliveries are neither claimed nor published."""
+    return set(ChannelSwitch.objects.filter(paused=True).values_list("channel", flat=True))
+
+
+def due_publish(*, now: datetime, channel: str | None = None) -> int:
+    """Publish due work the broker may not hold. With `channel`, all of that channel's due
+    work, published or not: what a paused channel held back when it resumes."""
+    if channel is None:
+        stale_before = now - timedelta(seconds=settings.NOTIFY_REPUBLISH_AFTER_SECONDS)
+        # Work published long ago but waiting behind a backlog is still on the broker: publish
+        # it again only once its queue has drained, or a long backlog would feed on itself.
+        stale = Q(published_at__lt=stale_before)
+        for backlogged_channel, priority in queues_with_backlog():
+            stale &= ~Q(channel=backlogged_channel, priority=priority)
+        which = (Q(published_at__isnull=True) | stale) & ~Q(channel__in=paused_channels())
+    else:
+        which = Q(channel=channel)
     with transaction.atomic():
         rows = list(
             Delivery.objects.select_for_update(skip_locked=True)
             .filter(status__in=CLAIMABLE_STATUSES, next_attempt_at__lte=now)
-            .filter(Q(published_at__isnull=True) | stale)
+            .filter(which)
             .values_list("id", "channel", "priority")[: settings.NOTIFY_SWEEP_CHUNK]
         )
         groups: dict[tuple[str, str], list[UUID]] = defaultdict(list)
-        for delivery_id, channel, priority in rows:
-            groups[(channel, priority)].append(delivery_id)
-        for (channel, priority), ids in groups.items():
+        for delivery_id, delivery_channel, priority in rows:
+            groups[(delivery_channel, priority)].append(delivery_id)
+        for (delivery_channel, priority), ids in groups.items():
             Delivery.objects.filter(id__in=ids).update(published_at=now)
             size = batch_size(priority=priority)
             for start in range(0, len(ids), size):
                 chunk = [str(i) for i in ids[start : start + size]]
-                transaction.on_commit(partial(publish, channel=channel, priority=priority, delivery_ids=chunk))
+                transaction.on_commit(partial(publish, channel=delivery_channel, priority=priority, delivery_ids=chunk))
     return len(rows)

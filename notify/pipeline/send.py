@@ -20,6 +20,7 @@ from apps.recipients.tokens import PREFERENCES, UNSUBSCRIBE, recipient_link
 from apps.tenants.models import Tenant
 from notify.channels import channel_get
 from notify.channels.base import OutboundMessage, SendOutcome
+from notify.pipeline.dispatch import paused_channels
 from notify.pipeline.plan import content_render, variant_resolve
 from notify.pipeline.record import outcomes_record
 from notify.policy.caps import cap_verdict
@@ -70,6 +71,8 @@ def deliveries_claim(*, delivery_ids: list[str]) -> tuple[UUID, list[Delivery]]:
         claimable = list(
             Delivery.objects.select_for_update(skip_locked=True)
             .filter(id__in=delivery_ids, status__in=CLAIMABLE_STATUSES, next_attempt_at__lte=now)
+            # A paused channel's deliveries stay queued, untouched, until it resumes.
+            .exclude(channel__in=paused_channels())
             .values_list("id", flat=True)
         )
         if claimable:
