@@ -5,6 +5,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
@@ -170,6 +171,14 @@ NOTIFY_RETRY_POLICY = {
     }
     for channel in ("email", "sms", "push", "webpush", "inapp")
 }
+# Backpressure: past this many task messages waiting in a channel's bulk queue (each holds up
+# to a bulk batch of deliveries), new bulk events are refused with a Retry-After ("reject")
+# or accepted to be sent that much later ("defer"). Critical and normal events always pass.
+NOTIFY_BULK_BACKLOG_LIMIT = env.int("NOTIFY_BULK_BACKLOG_LIMIT", default=1000)
+NOTIFY_BACKPRESSURE = env.str("NOTIFY_BACKPRESSURE", default="reject")
+if NOTIFY_BACKPRESSURE not in ("reject", "defer"):
+    raise ImproperlyConfigured(f"NOTIFY_BACKPRESSURE is 'reject' or 'defer', not '{NOTIFY_BACKPRESSURE}'.")
+NOTIFY_BACKPRESSURE_RETRY_SECONDS = env.int("NOTIFY_BACKPRESSURE_RETRY_SECONDS", default=30)
 NOTIFY_DEFAULT_LOCALE = env("NOTIFY_DEFAULT_LOCALE", default="en")
 
 # --- Preferences --------------------------------------------------------------------------

@@ -52,12 +52,16 @@ from apps.tenants.models import ApiKey, Tenant
 from notify.pipeline.control import NotCancellable, notification_cancel
 from notify.pipeline.ingest import EventRequest, IdempotencyConflict, IngestError, events_ingest
 from notify.pipeline.recurring import recurring_send_delete, recurring_send_save
+from notify.resilience.backpressure import Overloaded
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 ERRORS = {
     400: OpenApiResponse(ErrorSerializer, description="Bad input; `fields` names each bad field."),
     401: OpenApiResponse(ErrorSerializer, description="Missing or unknown API key."),
     409: OpenApiResponse(ErrorSerializer, description="Idempotency key reused with a different body."),
+    429: OpenApiResponse(
+        ErrorSerializer, description="Over a limit, or bulk shed under backpressure; see Retry-After."
+    ),
     413: OpenApiResponse(ErrorSerializer, description="Request body over the size limit."),
 }
 
@@ -92,6 +96,10 @@ def _ingest(request: Request, events: list[EventRequest]) -> tuple[list[dict[str
         results = events_ingest(api_key=api_key_of(request), events=events)
     except IngestError as error:
         return field_error(field=error.field, message=error.message)
+    except Overloaded as error:
+        response = error_response(status_code=status.HTTP_429_TOO_MANY_REQUESTS, code="overloaded", message=str(error))
+        response["Retry-After"] = str(error.retry_after)
+        return response
     except IdempotencyConflict as error:
         return error_response(
             status_code=status.HTTP_409_CONFLICT,

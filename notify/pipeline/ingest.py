@@ -13,12 +13,13 @@ from django.db import IntegrityError, OperationalError, transaction
 from django.utils import timezone
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random
 
-from apps.catalog.models import Category
+from apps.catalog.models import Category, Priority
 from apps.deliveries.models import Event
 from apps.recipients.models import Recipient
 from apps.tenants.models import ApiKey, Tenant
 from notify.pipeline.digest import digest_collect
 from notify.pipeline.plan import LocalSendTime, PlanError, notifications_plan, plan_save
+from notify.resilience.backpressure import bulk_admission
 
 RECIPIENT_FIELDS = ("email", "phone", "locale", "timezone", "attributes")
 # What planning reads of a recipient (the send stage loads the rest itself).
@@ -95,6 +96,8 @@ def events_ingest(
     categories = _categories_resolve(tenant=tenant, events=events)
     results: list[IngestResult] = []
     now = timezone.now()
+    for request in events:
+        _admit(request=request, category=categories[request.category_key], now=now)
     with transaction.atomic():
         for index, request in enumerate(events):
             prefix = f"events[{index}]." if len(events) > 1 else ""
@@ -152,6 +155,16 @@ def events_ingest(
             event.save(update_fields=["response"])
             results.append(IngestResult(response=event.response, replayed=False))
     return results
+
+
+def _admit(*, request: EventRequest, category: Category, now: datetime) -> None:
+    """Backpressure for bulk events: raises Overloaded, or moves the send later."""
+    if (request.priority or category.default_priority) != Priority.BULK:
+        return
+    admission = bulk_admission(channels=request.channels or list(category.default_channels), now=now)
+    later = admission.send_after
+    if later is not None and request.send_at_local is None and (request.send_at is None or request.send_at < later):
+        request.send_at = later
 
 
 def _categories_resolve(*, tenant: Tenant, events: list[EventRequest]) -> dict[str, Category]:
