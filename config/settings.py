@@ -103,11 +103,14 @@ LOGGING = {
 # --- Producer API -----------------------------------------------------------------------
 NOTIFY_MAX_REQUEST_BYTES = env.int("NOTIFY_MAX_REQUEST_BYTES", default=256 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = NOTIFY_MAX_REQUEST_BYTES
+# Requests per API key unless the key sets its own, e.g. "200 per second"; empty: no limit.
+NOTIFY_API_RATE_LIMIT = env("NOTIFY_API_RATE_LIMIT", default="")
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["apps.tenants.authentication.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["apps.tenants.authentication.HasApiKey"],
     "DEFAULT_PARSER_CLASSES": ["apps.api.parsers.JSONParser"],
+    "DEFAULT_THROTTLE_CLASSES": ["apps.api.throttling.ApiKeyRateThrottle"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "apps.api.errors.api_exception_handler",

@@ -9,7 +9,7 @@ from apps.tenants.models import ApiKey, Tenant
 class ApiKeyInline(admin.TabularInline):
     model = ApiKey
     extra = 0
-    fields = ("name", "lookup", "created_at", "last_used_at", "revoked_at")
+    fields = ("name", "lookup", "rate_limit", "created_at", "last_used_at", "revoked_at")
     readonly_fields = ("lookup", "created_at", "last_used_at", "revoked_at")
     can_delete = False
     show_change_link = True

@@ -6,6 +6,9 @@ from django.db import models
 
 from notify.policy.rules import validate_channel_switches, validate_frequency_cap, validate_quiet_hours
 
+# A rate is written like a cap: N per window.
+validate_rate = validate_frequency_cap
+
 
 class Tenant(models.Model):
     """A producer's workspace: it owns API keys, categories, templates and recipients."""
@@ -58,6 +61,13 @@ class ApiKey(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    rate_limit = models.CharField(
+        max_length=50,
+        blank=True,
+        default="",
+        validators=[validate_rate],
+        help_text="Most requests this key may make, e.g. '100 per second'; empty: NOTIFY_API_RATE_LIMIT.",
+    )
 
     objects = ApiKeyQuerySet.as_manager()
 

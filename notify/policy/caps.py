@@ -36,7 +36,7 @@ def cap_take(
     """Count one send against the category's cap and then the tenant's; None when both had
     room. A send refused by the tenant's cap keeps the category's count it took: the caps
     are never exceeded, at the price of counting that one send that did not happen."""
-    limiter = _limiter()
+    limiter = sliding_window()
     for cap, scope, key in (
         (category_cap, f"category '{category_key}'", category_key),
         (tenant_cap, "all categories", "*"),
@@ -80,6 +80,7 @@ def _parse(cap: str) -> limits.RateLimitItem:
 
 
 @lru_cache(maxsize=1)
-def _limiter() -> MovingWindowRateLimiter:
-    # Made on first use, in the worker process itself (never before a fork).
+def sliding_window() -> MovingWindowRateLimiter:
+    """The limits library's moving-window limiter on Redis, shared by caps and API limits.
+    Made on first use, in the process itself (never before a fork)."""
     return MovingWindowRateLimiter(storage_from_string(settings.NOTIFY_REDIS_URL))

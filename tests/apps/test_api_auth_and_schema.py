@@ -2,6 +2,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from apps.tenants.models import ApiKey
+from tests.factories import ApiKeyFactory
 
 
 def test_requests_without_a_valid_key_get_401(workspace):
@@ -44,3 +45,19 @@ def test_the_schema_generates_without_warnings(tmp_path):
 
     call_command("spectacular", "--fail-on-warn", "--file", str(tmp_path / "schema.yml"))
     assert "/api/v1/events" in (tmp_path / "schema.yml").read_text()
+
+
+def test_a_key_over_its_rate_limit_gets_429_with_retry_after(api, workspace, broker, settings):
+    workspace.api_key.rate_limit = "3 per minute"
+    workspace.api_key.save()
+    assert [api.get("/api/v1/notifications").status_code for _ in range(3)] == [200, 200, 200]
+    refused = api.get("/api/v1/notifications")
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "throttled"
+    assert 50 <= int(refused["Retry-After"]) <= 60
+    # Another key of the same tenant has its own window; the default applies to it.
+    settings.NOTIFY_API_RATE_LIMIT = "1 per minute"
+    other = ApiKeyFactory(tenant=workspace.tenant)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {other.raw_key}")
+    assert [client.get("/api/v1/notifications").status_code for _ in range(2)] == [200, 429]
