@@ -6,7 +6,7 @@ import sentry_sdk
 from celery import shared_task
 from django.utils import timezone
 
-from notify.pipeline import digest, dispatch, recurring, send
+from notify.pipeline import digest, dispatch, recurring, routing, send
 
 logger = logging.getLogger(__name__)
 
@@ -18,10 +18,18 @@ def send_deliveries(delivery_ids: list[str]) -> int:
 
 @shared_task(name="notify.sweep")
 def sweep() -> dict[str, int]:
-    """Send the digests whose window has passed, then sweep up the deliveries."""
-    digests_sent = digest.digests_flush_due(now=timezone.now())
+    """Send the digests whose window has passed, start routing steps that came due, then sweep
+    up the deliveries."""
+    now = timezone.now()
+    digests_sent = digest.digests_flush_due(now=now)
+    steps_started = routing.routing_sweep(now=now)
     report = dispatch.sweep()
-    return {"digests_sent": digests_sent, "leases_expired": report.leases_expired, "republished": report.republished}
+    return {
+        "digests_sent": digests_sent,
+        "routing_steps_started": steps_started,
+        "leases_expired": report.leases_expired,
+        "republished": report.republished,
+    }
 
 
 @shared_task(name=recurring.TASK)

@@ -108,6 +108,11 @@ class TemplateVariant(ImmutableModel):
             raise ValidationError(errors)
 
 
+class Routing(models.TextChoices):
+    ALL = "all", "Every allowed channel"
+    FALLBACK = "fallback", "One channel at a time, in the recipient's order, until one reaches them"
+
+
 class OverCap(models.TextChoices):
     SUPPRESS = "suppress", "Suppress it"
     DEFER = "defer", "Defer it until the window has room"
@@ -140,6 +145,19 @@ class Category(models.Model):
     over_cap = models.CharField(max_length=16, choices=OverCap.choices, default=OverCap.SUPPRESS)
     expire_after = models.DurationField(
         null=True, blank=True, help_text="Give up on a deferred notification not sent within this long of its event."
+    )
+    routing = models.CharField(max_length=16, choices=Routing.choices, default=Routing.ALL)
+    fallback_timeout = models.DurationField(
+        null=True,
+        blank=True,
+        help_text="Fallback: move on when a sent step is not confirmed delivered within this long "
+        "(email and SMS report delivery; push, web push and in-app count as reached once sent).",
+    )
+    escalate_after = models.DurationField(
+        null=True, blank=True, help_text="Send on the escalation channels too if the in-app item is unread this long."
+    )
+    escalate_to = models.JSONField(
+        default=list, blank=True, validators=[validate_channel_list], help_text='e.g. ["email"]'
     )
     # A digest category collects each recipient's events and sends them as one notification.
     digest_window = models.DurationField(

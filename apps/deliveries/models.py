@@ -163,6 +163,7 @@ class DeliveryStatus(models.TextChoices):
     DEAD = "dead", "Dead (retries exhausted, in the dead-letter queue)"
     SUPPRESSED = "suppressed", "Suppressed"
     DEFERRED = "deferred", "Deferred (quiet hours or a frequency cap; sent when they allow)"
+    STANDBY = "standby", "Standby (a later fallback step or an escalation; sent only if needed)"
     EXPIRED = "expired", "Expired (not sent within the category's expiry)"
     CANCELLED = "cancelled", "Cancelled"
 
@@ -196,6 +197,10 @@ class Delivery(models.Model):
     segments = models.PositiveSmallIntegerField(null=True, blank=True)
     sent_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
+    # Fallback routing: this delivery's place in the notification's chain (None: not chained).
+    step = models.PositiveSmallIntegerField(null=True, blank=True)
+    # Sent only if the notification is not read in time (notify/pipeline/routing.py).
+    escalation = models.BooleanField(default=False)
 
     class Meta:
         verbose_name_plural = "deliveries"
@@ -204,8 +209,10 @@ class Delivery(models.Model):
             models.Index(
                 fields=["next_attempt_at"],
                 name="delivery_claimable_due",
-                condition=models.Q(status__in=["queued", "retrying"]),
+                condition=models.Q(status__in=["queued", "retrying", "deferred"]),
             ),
+            # The routing sweep's scan: standby steps and escalations coming due.
+            models.Index(fields=["next_attempt_at"], name="delivery_standby", condition=models.Q(status="standby")),
             models.Index(
                 fields=["lease_expires_at"],
                 name="delivery_leased",

@@ -8,7 +8,7 @@ from django.db.models import Prefetch, QuerySet
 from apps.deliveries.models import CLAIMABLE_STATUSES, Delivery, DeliveryStatus, Notification
 from apps.tenants.models import Tenant
 
-PENDING_STATUSES = {*CLAIMABLE_STATUSES, DeliveryStatus.SENDING}
+PENDING_STATUSES = {*CLAIMABLE_STATUSES, DeliveryStatus.SENDING, DeliveryStatus.STANDBY}
 NOTIFICATION_STATUSES = ["pending", *DeliveryStatus.values, "mixed"]
 
 

@@ -8,6 +8,7 @@ from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
 from apps.inbox.models import InboxItem
+from notify.pipeline.routing import escalations_cancel
 
 MARKS = {"read": "read_at", "seen": "seen_at", "archive": "archived_at"}
 # Longer than any one batch takes to store: see inbox_items_after.
@@ -61,18 +62,23 @@ def inbox_items_after(*, recipient_id: UUID, item_id: UUID, limit: int) -> tuple
 def inbox_item_mark(*, recipient_id: UUID, item_id: UUID, mark: str) -> InboxItem:
     """Mark one item read, seen or archived (reading also sees it); idempotent.
     Raises InboxItem.DoesNotExist for another recipient's item."""
-    item = InboxItem.objects.get(recipient_id=recipient_id, id=item_id)
+    item = InboxItem.objects.select_related("delivery").get(recipient_id=recipient_id, id=item_id)
     now = timezone.now()
     fields = [MARKS[mark]] + (["seen_at"] if mark == "read" else [])
     for field in fields:
         if getattr(item, field) is None:
             setattr(item, field, now)
     item.save(update_fields=fields)
+    if mark == "read":  # read: its escalations to other channels are not needed
+        escalations_cancel(notification_ids=[item.delivery.notification_id])
     return item
 
 
 def inbox_mark_all_read(*, recipient_id: UUID) -> int:
     now = timezone.now()
     unread = InboxItem.objects.filter(recipient_id=recipient_id, read_at__isnull=True)
+    notification_ids = list(unread.values_list("delivery__notification_id", flat=True))
     unread.filter(seen_at__isnull=True).update(seen_at=now)
-    return unread.update(read_at=now)
+    updated = unread.update(read_at=now)
+    escalations_cancel(notification_ids=notification_ids)
+    return updated

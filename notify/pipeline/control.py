@@ -27,7 +27,9 @@ def notification_cancel(*, notification: Notification, reason: str = "cancelled 
     now = timezone.now()
     with transaction.atomic():
         deliveries = list(
-            Delivery.objects.select_for_update().filter(notification=notification, status__in=CLAIMABLE_STATUSES)
+            Delivery.objects.select_for_update().filter(
+                notification=notification, status__in=[*CLAIMABLE_STATUSES, DeliveryStatus.STANDBY]
+            )
         )
         if not deliveries:
             raise NotCancellable("Nothing left to cancel: every delivery has been sent or has finished.")

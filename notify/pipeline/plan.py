@@ -6,14 +6,15 @@ deterministic, so the send stage renders it then instead of storing the rendered
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
+from uuid import UUID
 from zoneinfo import ZoneInfo
 
 from django.template import Context
 from django.template import Template as DjangoTemplate
 
-from apps.catalog.models import Category, TemplateVariant
+from apps.catalog.models import Category, Routing, TemplateVariant
 from apps.deliveries.models import Delivery, DeliveryEvent, DeliveryStatus, Event, Notification
-from apps.recipients.models import Recipient
+from apps.recipients.models import PreferenceSet, Recipient
 from notify.channels import channel_get
 from notify.channels.base import RenderedContent
 from notify.pipeline.bulk import rows_insert
@@ -82,8 +83,10 @@ def notifications_plan(
     if version is None:
         raise PlanError(field="category", message=f"Category '{category.key}' has a template with no versions yet.")
     channels = channels_override or list(category.default_channels)
+    escalate_after = category.escalate_after
+    escalations = [c for c in category.escalate_to if c not in channels] if escalate_after else []
     variants = version_variants(version_id=version.pk)
-    missing = [c for c in channels if not any(channel == c for channel, _ in variants)]
+    missing = [c for c in channels + escalations if not any(channel == c for channel, _ in variants)]
     if missing:
         raise PlanError(
             field="channels",
@@ -93,11 +96,13 @@ def notifications_plan(
     due_at = max(send_at, now) if send_at else now
     tenant_locale = event.tenant.default_locale
 
-    addresses = {name: channel_get(name=name).addresses_for(recipients=recipients) for name in channels}
+    addresses = {name: channel_get(name=name).addresses_for(recipients=recipients) for name in channels + escalations}
     suppressed = {
         name: suppressed_addresses(tenant_id=event.tenant_id, channel=name, addresses=addresses[name].values())
-        for name in channels
+        for name in channels + escalations
     }
+    fallback = category.routing == Routing.FALLBACK
+    orders = _channel_orders(recipients=recipients) if fallback else {}
     plan = Plan(notifications=[], deliveries=[], history=[])
     for recipient in recipients:
         if send_at_local is not None:
@@ -113,24 +118,74 @@ def notifications_plan(
             send_at=send_at if send_at_local is None else due_at,
         )
         plan.notifications.append(notification)
-        for channel_name in channels:
+        ordered = chain_order(preferred=orders.get(recipient.id, []), channels=channels) if fallback else channels
+        first_step_planned = False
+        for step, channel_name in enumerate(ordered):
             delivery = Delivery(
-                notification=notification, channel=channel_name, priority=priority, next_attempt_at=due_at
+                notification=notification,
+                channel=channel_name,
+                priority=priority,
+                next_attempt_at=due_at,
+                step=step if fallback else None,
             )
-            address = addresses[channel_name][recipient.id]
-            if not address or address in suppressed[channel_name]:
-                delivery.status = DeliveryStatus.SUPPRESSED
-                delivery.status_reason = (
-                    f"address is suppressed: {suppressed[channel_name][address]}"
-                    if address
-                    else f"recipient has no {channel_name} address"
-                )
-                reason = delivery.status_reason
+            unavailable = _unavailable(
+                address=addresses[channel_name][recipient.id], suppressed=suppressed[channel_name], channel=channel_name
+            )
+            if unavailable:
+                delivery.status, delivery.status_reason = DeliveryStatus.SUPPRESSED, unavailable
+                reason = unavailable
+            elif fallback and first_step_planned:
+                # Later steps wait: they are sent only if the ones before do not reach the person.
+                delivery.status = DeliveryStatus.STANDBY
+                reason = delivery.status_reason = f"fallback step {step + 1}: sent if the steps before it fail"
             else:
+                first_step_planned = True
                 reason = f"scheduled for {due_at.isoformat()}" if due_at > now else "planned"
             plan.deliveries.append(delivery)
             plan.history.append(history_event(delivery=delivery, status=delivery.status, reason=reason, at=now))
+        for channel_name in escalations:
+            escalate_at = due_at + (escalate_after or timedelta(0))
+            delivery = Delivery(
+                notification=notification,
+                channel=channel_name,
+                priority=priority,
+                next_attempt_at=escalate_at,
+                escalation=True,
+                status=DeliveryStatus.STANDBY,
+                status_reason=f"escalation: sent at {escalate_at.isoformat()} unless the notification is read",
+            )
+            unavailable = _unavailable(
+                address=addresses[channel_name][recipient.id], suppressed=suppressed[channel_name], channel=channel_name
+            )
+            if unavailable:
+                delivery.status, delivery.status_reason = DeliveryStatus.SUPPRESSED, unavailable
+            plan.deliveries.append(delivery)
+            plan.history.append(
+                history_event(delivery=delivery, status=delivery.status, reason=delivery.status_reason, at=now)
+            )
     return plan
+
+
+def chain_order(*, preferred: list[str], channels: list[str]) -> list[str]:
+    """A fallback chain: the recipient's own channel order first, then the category's."""
+    return [c for c in preferred if c in channels] + [c for c in channels if c not in preferred]
+
+
+def _channel_orders(*, recipients: list[Recipient]) -> dict[UUID, list[str]]:
+    return dict(
+        PreferenceSet.objects.filter(recipient__in=recipients)
+        .exclude(channel_order=[])
+        .values_list("recipient_id", "channel_order")
+    )
+
+
+def _unavailable(*, address: str, suppressed: dict[str, str], channel: str) -> str:
+    """Why the recipient cannot be reached on the channel, or "" when they can."""
+    if not address:
+        return f"recipient has no {channel} address"
+    if address in suppressed:
+        return f"address is suppressed: {suppressed[address]}"
+    return ""
 
 
 def plan_save(*, plan: Plan, now: datetime) -> None:

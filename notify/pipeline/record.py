@@ -282,7 +282,12 @@ def feedback_record(*, feedback: Feedback) -> bool:
         if delivery.status == DeliveryStatus.SENDING:
             EarlyFeedback.objects.create(delivery=delivery, payload=_feedback_payload(feedback))
             return True
-        return _feedback_apply(delivery=delivery, feedback=feedback)
+        applied = _feedback_apply(delivery=delivery, feedback=feedback)
+    if applied and delivery.step is not None:
+        from notify.pipeline.routing import chains_advance  # routing records through this module
+
+        chains_advance(notification_ids=[delivery.notification_id])
+    return applied
 
 
 def _feedback_payload(feedback: Feedback) -> dict[str, Any]:

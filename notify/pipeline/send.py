@@ -23,6 +23,7 @@ from notify.channels.base import OutboundMessage, SendOutcome
 from notify.pipeline.dispatch import paused_channels
 from notify.pipeline.plan import content_render, variant_resolve
 from notify.pipeline.record import outcomes_record
+from notify.pipeline.routing import chains_advance
 from notify.policy.caps import cap_verdict
 from notify.policy.preferences import category_rules, recipient_rules_many, tenant_rules
 from notify.policy.rules import Verdict, verdict
@@ -48,6 +49,7 @@ SEND_FIELDS = (
     "published_at",
     "notification__id",
     "notification__created_at",
+    "step",
     "notification__tenant_id",
     "notification__event_id",
     "notification__category_id",
@@ -118,6 +120,8 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
         if chunk:
             outcomes = _send_chunk(deliveries=chunk, context=context)
             outcomes_record(lease_token=token, deliveries=by_id, outcomes=outcomes)
+            # A fallback chain moves on (or stops) with its step's outcome.
+            chains_advance(notification_ids=[d.notification_id for d in chunk if d.step is not None])
     return len(deliveries)
 
 
