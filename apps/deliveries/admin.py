@@ -12,6 +12,7 @@ from apps.deliveries.models import (
     Digest,
     Event,
     Notification,
+    Provider,
     RecurringSend,
 )
 from config.queues import PRIORITIES
@@ -24,6 +25,7 @@ from notify.pipeline.control import (
 )
 from notify.pipeline.dispatch import queue_depths
 from notify.pipeline.recurring import recurring_send_delete, recurring_send_save
+from notify.resilience.providers import breaker_reset, breaker_state
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -102,6 +104,34 @@ class ChannelSwitchAdmin(admin.ModelAdmin):
     def resume(self, request: HttpRequest, queryset: QuerySet[ChannelSwitch]) -> None:
         published = sum(channel_resume(channel=switch.channel) for switch in queryset)
         self.message_user(request, f"Resumed; {published} waiting deliveries published.")
+
+
+@admin.register(Provider)
+class ProviderAdmin(admin.ModelAdmin):
+    """Provider accounts with their circuit as every worker sees it; pause one (its work goes to
+    the others, or waits) or close its circuit by hand."""
+
+    list_display = ("name", "channel", "position", "weight", "enabled", "circuit", "rate_per_second", "burst")
+    list_filter = ("channel", "enabled")
+    actions = ["reset_circuit", "pause", "resume"]
+
+    @admin.display(description="circuit")
+    def circuit(self, provider: Provider) -> str:
+        return breaker_state(provider)
+
+    @admin.action(description="Close the circuit (send to it again now)")
+    def reset_circuit(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
+        for provider in queryset:
+            breaker_reset(provider)
+        self.message_user(request, f"Closed the circuit of {queryset.count()} provider(s).")
+
+    @admin.action(description="Pause: send through the other providers, or hold")
+    def pause(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
+        queryset.update(enabled=False)
+
+    @admin.action(description="Resume")
+    def resume(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
+        queryset.update(enabled=True)
 
 
 @admin.register(RecurringSend)

@@ -47,6 +47,41 @@ class ChannelSwitch(models.Model):
         return f"{self.channel} ({'paused' if self.paused else 'running'})"
 
 
+class Provider(models.Model):
+    """One account at a provider for a channel (email and SMS). A channel with several tries
+    them in `position` order (sharing traffic by `weight` within a position), fails over when
+    one errors or its circuit is open, and keeps each within its rate. Without any, a channel
+    uses the provider its settings configure."""
+
+    name = models.SlugField(max_length=50, unique=True)
+    channel = models.CharField(max_length=16, choices=[("email", "Email"), ("sms", "SMS")])
+    position = models.PositiveSmallIntegerField(default=0, help_text="Lower is tried first.")
+    weight = models.PositiveSmallIntegerField(default=1, help_text="Share of traffic among providers at one position.")
+    enabled = models.BooleanField(default=True, help_text="Off: its work goes to the others, or waits.")
+    config = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text='Email (Postmark): {"api_url": ..., "server_token": ...}. SMS (Twilio): '
+        '{"api_base": ..., "account_sid": ..., "auth_token": ..., "from_number": ...}. Unset keys come from settings.',
+    )
+    rate_per_second = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Messages a second; empty: no limit."
+    )
+    burst = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Messages allowed at once; in any second at most rate + burst go out."
+    )
+    failure_threshold = models.PositiveSmallIntegerField(
+        default=5, help_text="Failed sends in a row that open the circuit."
+    )
+    cooldown_seconds = models.PositiveIntegerField(default=30, help_text="How long an open circuit waits to try again.")
+
+    class Meta:
+        ordering = ["channel", "position", "name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.channel})"
+
+
 def validate_cron(value: str) -> None:
     """Five fields, as cron writes them: minute hour day-of-month month day-of-week."""
     from celery.schedules import crontab

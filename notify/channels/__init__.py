@@ -1,5 +1,6 @@
 """The channel registry: channel name -> its implementation."""
 
+import json
 from typing import Any
 
 from django.core.signals import setting_changed
@@ -17,8 +18,21 @@ _CHANNELS: dict[str, Channel] = {
 }
 
 
+# One channel instance (and so one open connection) per provider account and its settings.
+_PROVIDER_CHANNELS: dict[tuple[str, str], Channel] = {}
+_PROVIDER_KINDS: dict[str, type[EmailChannel] | type[SmsChannel]] = {"email": EmailChannel, "sms": SmsChannel}
+
+
 def channel_get(*, name: str) -> Channel:
     return _CHANNELS[name]
+
+
+def channel_for_provider(provider: Any) -> Channel:
+    """The channel sending through one Provider account (apps.deliveries.models.Provider)."""
+    key = (provider.name, json.dumps(provider.config, sort_keys=True))
+    if key not in _PROVIDER_CHANNELS:
+        _PROVIDER_CHANNELS[key] = _PROVIDER_KINDS[provider.channel](overrides=provider.config)
+    return _PROVIDER_CHANNELS[key]
 
 
 @receiver(setting_changed, dispatch_uid="notify.channels.settings")
@@ -27,3 +41,4 @@ def provider_settings_changed(setting: str, **kwargs: Any) -> None:
     if setting in ("EMAIL_BACKEND", "ANYMAIL") or setting.startswith(("TWILIO_", "FCM_", "WEBPUSH_")):
         for channel in _CHANNELS.values():
             channel.reset()
+        _PROVIDER_CHANNELS.clear()

@@ -8,6 +8,8 @@ from datetime import datetime
 from typing import Any, ClassVar
 from uuid import UUID
 
+import requests
+
 from apps.recipients.models import Device, Recipient, WebPushSubscription
 from notify.resilience.failures import FailureKind
 
@@ -52,11 +54,27 @@ class SendOutcome:
     until: datetime | None = None
     # The provider says this address must not be sent to again (an opted-out number).
     suppress_address: str = ""
+    # The provider certainly did not take the message (no connection, or an error answer),
+    # so another provider may send it without risking a duplicate. A timeout is not this.
+    unsent: bool = False
     elapsed_ms: float = 0.0
 
     @property
     def ok(self) -> bool:
         return self.failure is None and not self.withheld
+
+
+def request_never_reached(error: BaseException) -> bool:
+    """Whether the error proves the request never reached the provider (refused, or no
+    connection made), as opposed to a timeout after it may have been taken."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, requests.ReadTimeout):
+            return False
+        if isinstance(seen, (requests.ConnectionError, ConnectionRefusedError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def timed_outcome(message: OutboundMessage, started: float, **fields: Any) -> SendOutcome:

@@ -23,7 +23,7 @@ from django.dispatch import receiver
 from django.utils.html import format_html
 
 from apps.recipients.models import Recipient
-from notify.channels.base import Channel, OutboundMessage, SendOutcome, timed_outcome
+from notify.channels.base import Channel, OutboundMessage, SendOutcome, request_never_reached, timed_outcome
 from notify.pipeline.record import Feedback, feedback_record
 from notify.resilience.failures import FailureKind, failure_from_status
 
@@ -40,7 +40,9 @@ class EmailChannel(Channel):
     def address_for(self, *, recipient: Recipient) -> str:
         return recipient.email
 
-    def __init__(self) -> None:
+    def __init__(self, *, overrides: dict[str, Any] | None = None) -> None:
+        # A provider account's own settings (api_url, server_token), over the configured ones.
+        self._overrides = overrides or {}
         self._connection: Any = None
 
     def send_batch(self, *, messages: list[OutboundMessage]) -> list[SendOutcome]:
@@ -60,7 +62,7 @@ class EmailChannel(Channel):
         """One open backend per worker process, so its HTTP keep-alive connection to the
         provider outlives a batch. Worker processes send from one thread at a time."""
         if self._connection is None:
-            self._connection = get_connection(fail_silently=False)
+            self._connection = get_connection(fail_silently=False, **self._overrides)
             self._connection.open()
         return self._connection
 
@@ -116,10 +118,14 @@ def _send_one(*, connection: Any, message: OutboundMessage) -> SendOutcome:
     except (AnymailRecipientsRefused, AnymailInvalidAddress) as error:
         return timed_outcome(message, started, failure=FailureKind.PERMANENT, reason=_reason(error))
     except AnymailRequestsAPIError as error:
-        return timed_outcome(message, started, failure=failure_from_status(error.status_code), reason=_reason(error))
+        failure, reason = failure_from_status(error.status_code), _reason(error)
+        # An error answer, or (anymail's error is also the requests one) no connection at all.
+        unsent = error.status_code is not None or request_never_reached(error)
+        return timed_outcome(message, started, failure=failure, reason=reason, unsent=unsent)
     except (AnymailError, OSError) as error:
         # No HTTP status: the request never completed (connection refused, timeout).
-        return timed_outcome(message, started, failure=failure_from_status(None), reason=_reason(error))
+        failure, reason = failure_from_status(None), _reason(error)
+        return timed_outcome(message, started, failure=failure, reason=reason, unsent=request_never_reached(error))
     else:
         return timed_outcome(message, started, provider_message_id=_provider_id(email))
 
@@ -162,10 +168,12 @@ def _postmark_batch_post(
             timeout=connection.timeout,
         )
     except requests.RequestException as error:
-        return [timed_outcome(m, started, failure=failure_from_status(None), reason=_reason(error)) for m in messages]
+        unsent = request_never_reached(error)
+        failure, reason = failure_from_status(None), _reason(error)
+        return [timed_outcome(m, started, failure=failure, reason=reason, unsent=unsent) for m in messages]
     if response.status_code != 200:
         failure, reason = failure_from_status(response.status_code), _reason_from_response(response)
-        return [timed_outcome(m, started, failure=failure, reason=reason) for m in messages]
+        return [timed_outcome(m, started, failure=failure, reason=reason, unsent=True) for m in messages]
     try:
         results = response.json()
         if not isinstance(results, list) or len(results) != len(messages):

@@ -20,7 +20,7 @@ from twilio.rest import Client
 
 from apps.recipients.models import Recipient, Suppression
 from apps.tenants.models import Tenant
-from notify.channels.base import Channel, OutboundMessage, SendOutcome, timed_outcome
+from notify.channels.base import Channel, OutboundMessage, SendOutcome, request_never_reached, timed_outcome
 from notify.pipeline.record import Feedback, feedback_record
 from notify.resilience.failures import FailureKind, failure_from_status
 
@@ -55,20 +55,29 @@ def e164(*, number: str) -> str | None:
 
 
 class _ConfiguredHostHttpClient(TwilioHttpClient):
-    """Twilio's own HTTP client, sending to TWILIO_API_BASE instead of api.twilio.com, so
-    the real SDK code path runs against the sandbox in tests and the demo."""
+    """Twilio's own HTTP client, sending to the configured API base instead of api.twilio.com,
+    so the real SDK code path runs against the sandbox in tests and the demo."""
+
+    def __init__(self, *, api_base: str, timeout: float) -> None:
+        super().__init__(timeout=timeout)
+        self.api_base = api_base.rstrip("/")
 
     def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Response:
         if url.startswith(TWILIO_HOST):
-            url = settings.TWILIO_API_BASE.rstrip("/") + url[len(TWILIO_HOST) :]
+            url = self.api_base + url[len(TWILIO_HOST) :]
         return super().request(method, url, *args, **kwargs)
 
 
 class SmsChannel(Channel):
     name = "sms"
 
-    def __init__(self) -> None:
+    def __init__(self, *, overrides: dict[str, Any] | None = None) -> None:
+        # A provider account's own settings (api_base, account_sid, auth_token, from_number).
+        self._overrides = overrides or {}
         self._client: Client | None = None
+
+    def _setting(self, name: str) -> Any:
+        return self._overrides.get(name) or getattr(settings, f"TWILIO_{name.upper()}")
 
     def address_for(self, *, recipient: Recipient) -> str:
         return recipient.phone
@@ -83,9 +92,11 @@ class SmsChannel(Channel):
     def _client_get(self) -> Client:
         if self._client is None:
             self._client = Client(
-                settings.TWILIO_ACCOUNT_SID,
-                settings.TWILIO_AUTH_TOKEN,
-                http_client=_ConfiguredHostHttpClient(timeout=settings.NOTIFY_SMS_TIMEOUT_SECONDS),
+                self._setting("account_sid"),
+                self._setting("auth_token"),
+                http_client=_ConfiguredHostHttpClient(
+                    api_base=self._setting("api_base"), timeout=settings.NOTIFY_SMS_TIMEOUT_SECONDS
+                ),
             )
         return self._client
 
@@ -109,7 +120,7 @@ class SmsChannel(Channel):
         )
         try:
             sent = self._client_get().messages.create(
-                to=number, from_=settings.TWILIO_FROM_NUMBER, body=message.content.body, status_callback=callback
+                to=number, from_=self._setting("from_number"), body=message.content.body, status_callback=callback
             )
         except TwilioRestException as error:
             failure = (
@@ -125,12 +136,17 @@ class SmsChannel(Channel):
                 segments=segments,
                 provider_status=f"twilio:error-{error.code}",
                 suppress_address=opted_out,
+                unsent=True,  # Twilio answered with an error: it did not take the message
             )
         except (TwilioException, OSError) as error:
             # No answer from Twilio (connection refused, timeout).
             self.reset()
             return timed_outcome(
-                message, started, failure=FailureKind.TRANSIENT, reason=f"{type(error).__name__}: {error}"
+                message,
+                started,
+                failure=FailureKind.TRANSIENT,
+                reason=f"{type(error).__name__}: {error}",
+                unsent=request_never_reached(error),
             )
         # Twilio sends no callback for the first status, so it is kept with the send.
         return timed_outcome(

@@ -18,7 +18,7 @@ from apps.catalog.models import Category, CategoryKind
 from apps.deliveries.models import CLAIMABLE_STATUSES, Delivery, DeliveryStatus, Event
 from apps.recipients.tokens import PREFERENCES, UNSUBSCRIBE, recipient_link
 from apps.tenants.models import Tenant
-from notify.channels import channel_get
+from notify.channels import channel_for_provider, channel_get
 from notify.channels.base import OutboundMessage, SendOutcome
 from notify.pipeline.dispatch import paused_channels
 from notify.pipeline.plan import content_render, variant_resolve
@@ -29,6 +29,7 @@ from notify.policy.preferences import category_rules, recipient_rules_many, tena
 from notify.policy.rules import Verdict, verdict
 from notify.policy.suppression import suppressed_addresses
 from notify.resilience.failures import FailureKind
+from notify.resilience.providers import providers_send
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +249,7 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
         )
     if messages:
         try:
-            outcomes.extend(channel.send_batch(messages=messages))
+            outcomes.extend(providers_send(channel=channel, messages=messages, channel_for=channel_for_provider))
         except Exception as error:  # noqa: BLE001 - a channel must not strand a leased chunk
             logger.exception("the %s channel raised while sending %d messages", channel.name, len(messages))
             channel.reset()
