@@ -105,6 +105,8 @@ NOTIFY_MAX_REQUEST_BYTES = env.int("NOTIFY_MAX_REQUEST_BYTES", default=256 * 102
 DATA_UPLOAD_MAX_MEMORY_SIZE = NOTIFY_MAX_REQUEST_BYTES
 # Requests per API key unless the key sets its own, e.g. "200 per second"; empty: no limit.
 NOTIFY_API_RATE_LIMIT = env("NOTIFY_API_RATE_LIMIT", default="")
+# Events for one recipient, e.g. "30 per minute"; empty: no limit.
+NOTIFY_RECIPIENT_RATE_LIMIT = env("NOTIFY_RECIPIENT_RATE_LIMIT", default="")
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["apps.tenants.authentication.ApiKeyAuthentication"],
@@ -233,6 +235,8 @@ TWILIO_FROM_NUMBER = env("TWILIO_FROM_NUMBER", default="")
 # Twilio's API host; point it at the sandbox to test.
 TWILIO_API_BASE = env("TWILIO_API_BASE", default="https://api.twilio.com")
 NOTIFY_SMS_MAX_SEGMENTS = env.int("NOTIFY_SMS_MAX_SEGMENTS", default=10)
+# What one SMS segment costs, in the currency of the tenants' daily SMS budgets.
+NOTIFY_SMS_SEGMENT_PRICE = env.str("NOTIFY_SMS_SEGMENT_PRICE", default="0.0079")
 NOTIFY_SMS_TIMEOUT_SECONDS = env.float("NOTIFY_SMS_TIMEOUT_SECONDS", default=10.0)
 # Where providers reach this service for status callbacks (no trailing slash).
 NOTIFY_PUBLIC_URL = env("NOTIFY_PUBLIC_URL", default="http://127.0.0.1:8000")

@@ -52,7 +52,7 @@ from apps.tenants.models import ApiKey, Tenant
 from notify.pipeline.control import NotCancellable, notification_cancel
 from notify.pipeline.ingest import EventRequest, IdempotencyConflict, IngestError, events_ingest
 from notify.pipeline.recurring import recurring_send_delete, recurring_send_save
-from notify.resilience.backpressure import Overloaded
+from notify.resilience.backpressure import Refused
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 ERRORS = {
@@ -96,8 +96,11 @@ def _ingest(request: Request, events: list[EventRequest]) -> tuple[list[dict[str
         results = events_ingest(api_key=api_key_of(request), events=events)
     except IngestError as error:
         return field_error(field=error.field, message=error.message)
-    except Overloaded as error:
-        response = error_response(status_code=status.HTTP_429_TOO_MANY_REQUESTS, code="overloaded", message=str(error))
+    except Refused as error:
+        fields = {error.field: [str(error)]} if error.field else None
+        response = error_response(
+            status_code=status.HTTP_429_TOO_MANY_REQUESTS, code=error.code, message=str(error), fields=fields
+        )
         response["Retry-After"] = str(error.retry_after)
         return response
     except IdempotencyConflict as error:

@@ -113,6 +113,11 @@ class Routing(models.TextChoices):
     FALLBACK = "fallback", "One channel at a time, in the recipient's order, until one reaches them"
 
 
+class OverBudget(models.TextChoices):
+    HOLD = "hold", "Hold it until the next day's budget"
+    FALLBACK = "fallback", "Skip the channel (a fallback chain moves on to the next one)"
+
+
 class OverCap(models.TextChoices):
     SUPPRESS = "suppress", "Suppress it"
     DEFER = "defer", "Defer it until the window has room"
@@ -147,6 +152,12 @@ class Category(models.Model):
         null=True, blank=True, help_text="Give up on a deferred notification not sent within this long of its event."
     )
     routing = models.CharField(max_length=16, choices=Routing.choices, default=Routing.ALL)
+    over_budget = models.CharField(
+        max_length=16,
+        choices=OverBudget.choices,
+        default=OverBudget.HOLD,
+        help_text="When the tenant's daily SMS budget is spent.",
+    )
     fallback_timeout = models.DurationField(
         null=True,
         blank=True,

@@ -31,6 +31,13 @@ class Tenant(models.Model):
         validators=[validate_frequency_cap],
         help_text="Most non-critical notifications one recipient gets across all categories, e.g. '20 per day'.",
     )
+    sms_daily_budget = models.DecimalField(
+        max_digits=10,
+        decimal_places=2,
+        null=True,
+        blank=True,
+        help_text="Most to spend on SMS in a day (UTC), priced at NOTIFY_SMS_SEGMENT_PRICE a segment; empty: no cap.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:

@@ -5,6 +5,7 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, ClassVar
 from uuid import UUID
 
@@ -91,6 +92,10 @@ class Channel(ABC):
     @abstractmethod
     def address_for(self, *, recipient: Recipient) -> str:
         """Where this recipient is reached on this channel, or "" when they cannot be."""
+
+    def cost_of(self, *, content: RenderedContent) -> Decimal | None:
+        """What sending this content costs, for channels billed per message (None: not priced)."""
+        return None
 
     def addresses_for(self, *, recipients: list[Recipient]) -> dict[UUID, str]:
         """address_for() for many recipients at once (a channel that must query overrides it)."""

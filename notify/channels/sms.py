@@ -6,6 +6,7 @@ capped, and Twilio's signed status callbacks are verified and turned into feedba
 import math
 import time
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -20,7 +21,14 @@ from twilio.rest import Client
 
 from apps.recipients.models import Recipient, Suppression
 from apps.tenants.models import Tenant
-from notify.channels.base import Channel, OutboundMessage, SendOutcome, request_never_reached, timed_outcome
+from notify.channels.base import (
+    Channel,
+    OutboundMessage,
+    RenderedContent,
+    SendOutcome,
+    request_never_reached,
+    timed_outcome,
+)
 from notify.pipeline.record import Feedback, feedback_record
 from notify.resilience.failures import FailureKind, failure_from_status
 
@@ -81,6 +89,9 @@ class SmsChannel(Channel):
 
     def address_for(self, *, recipient: Recipient) -> str:
         return recipient.phone
+
+    def cost_of(self, *, content: RenderedContent) -> Decimal | None:
+        return sms_segments(text=content.body) * Decimal(settings.NOTIFY_SMS_SEGMENT_PRICE)
 
     def send_batch(self, *, messages: list[OutboundMessage]) -> list[SendOutcome]:
         # Twilio has no batch send: one request per message, on one keep-alive session.

@@ -19,7 +19,7 @@ from apps.recipients.models import Recipient
 from apps.tenants.models import ApiKey, Tenant
 from notify.pipeline.digest import digest_collect
 from notify.pipeline.plan import LocalSendTime, PlanError, notifications_plan, plan_save
-from notify.resilience.backpressure import bulk_admission
+from notify.resilience.backpressure import bulk_admission, recipients_admission
 
 RECIPIENT_FIELDS = ("email", "phone", "locale", "timezone", "attributes")
 # What planning reads of a recipient (the send stage loads the rest itself).
@@ -98,6 +98,7 @@ def events_ingest(
     now = timezone.now()
     for request in events:
         _admit(request=request, category=categories[request.category_key], now=now)
+        recipients_admission(tenant_id=tenant.id, external_ids=[ref.external_id for ref in request.recipients])
     with transaction.atomic():
         for index, request in enumerate(events):
             prefix = f"events[{index}]." if len(events) > 1 else ""

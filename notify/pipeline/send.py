@@ -24,7 +24,7 @@ from notify.pipeline.dispatch import paused_channels
 from notify.pipeline.plan import content_render, variant_resolve
 from notify.pipeline.record import outcomes_record
 from notify.pipeline.routing import chains_advance
-from notify.policy.caps import cap_verdict
+from notify.policy.caps import budget_verdict, cap_verdict
 from notify.policy.preferences import category_rules, recipient_rules_many, tenant_rules
 from notify.policy.rules import Verdict, verdict
 from notify.policy.suppression import suppressed_addresses
@@ -223,8 +223,11 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
                 SendOutcome(delivery_id=delivery.id, failure=FailureKind.PERMANENT, reason=f"template error: {error}")
             )
             continue
-        # Caps last: only a send that is really going out may take a place in the window.
+        # Caps and budgets last: only a send that is really going out may count against them.
         decision = cap_verdict(delivery=delivery, category=category, tenant=tenant, created_at=notification.created_at)
+        if decision.send:
+            cost = channel.cost_of(content=content)
+            decision = budget_verdict(tenant=tenant, category=category, channel=channel.name, cost=cost)
         if not decision.send:
             outcomes.append(withheld_outcome(delivery=delivery, decision=decision))
             continue

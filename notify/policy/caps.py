@@ -1,4 +1,6 @@
-"""Frequency caps: at most N notifications per recipient in a true sliding window, counted in
+"""Frequency caps and spend budgets.
+
+Frequency caps: at most N notifications per recipient in a true sliding window, counted in
 Redis by the `limits` library's moving-window strategy (one atomic Lua script per check), so
 the count holds with any number of workers.
 
@@ -7,16 +9,19 @@ category by email, three by SMS, and so on. The tenant's cap counts every non-cr
 category together, per channel too."""
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time, timedelta
+from decimal import Decimal
 from functools import lru_cache
 from uuid import UUID
 
 import limits
+import redis
 from django.conf import settings
+from django.utils import timezone
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
-from apps.catalog.models import Category, OverCap
+from apps.catalog.models import Category, OverBudget, OverCap
 from apps.deliveries.models import Delivery
 from apps.tenants.models import Tenant
 from notify.policy.preferences import category_rules
@@ -72,6 +77,43 @@ def cap_verdict(*, delivery: Delivery, category: Category, tenant: Tenant, creat
     if expiry_verdict(category=category_rules(category=category), created_at=created_at, at=reached.room_at):
         return Verdict(EXPIRED, f"{reason}; the category's expiry comes before the window has room")
     return Verdict(DEFERRED, f"{reason}; deferred until {reached.room_at.isoformat()}", until=reached.room_at)
+
+
+# KEYS[1]: the tenant's spend today. ARGV: the cost, the budget. Adds the cost unless that
+# would pass the budget; returns 1 when added. Atomic, so concurrent sends cannot overspend.
+_SPEND = """
+local spent = tonumber(redis.call('GET', KEYS[1]) or '0')
+if spent + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return 0 end
+redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], 172800)
+return 1
+"""
+
+
+def budget_verdict(*, tenant: Tenant, category: Category, channel: str, cost: Decimal | None) -> Verdict:
+    """Count the send against the tenant's daily budget for the channel (SMS), or say what
+    happens to it past the budget: held until the next day, or skipped so that a fallback
+    chain moves on to a cheaper channel, as the category chooses. The cost counts once
+    reserved, whatever the send's outcome: the budget is never overspent."""
+    if cost is None or tenant.sms_daily_budget is None or category.kind == CRITICAL:
+        return SEND
+    today = timezone.now().astimezone(UTC).date()
+    key = f"notify:spend:{channel}:{tenant.id}:{today.isoformat()}"
+    spend = redis_client().register_script(_SPEND)
+    if int(spend(keys=[key], args=[str(cost), str(tenant.sms_daily_budget)])):
+        return SEND
+    reason = f"the daily {channel} budget of {tenant.sms_daily_budget} is spent"
+    if category.over_budget == OverBudget.FALLBACK:
+        return Verdict(SUPPRESSED, reason)
+    tomorrow = datetime.combine(today + timedelta(days=1), time(), tzinfo=UTC)
+    return Verdict(DEFERRED, f"{reason}; held until {tomorrow.isoformat()}", until=tomorrow)
+
+
+@lru_cache(maxsize=1)
+def redis_client() -> redis.Redis:
+    """NOTIFY_REDIS_URL's Redis, for the counters that scripts keep (budgets, rate buckets,
+    circuit states)."""
+    return redis.Redis.from_url(settings.NOTIFY_REDIS_URL)
 
 
 @lru_cache(maxsize=256)

@@ -24,12 +24,11 @@ from functools import lru_cache
 from typing import Any
 
 import pybreaker
-import redis
-from django.conf import settings
 from django.utils import timezone
 
 from apps.deliveries.models import DeliveryStatus, Provider
 from notify.channels.base import Channel, OutboundMessage, SendOutcome
+from notify.policy.caps import redis_client
 from notify.resilience.failures import FailureKind
 
 logger = logging.getLogger(__name__)
@@ -153,7 +152,7 @@ def breaker_for(provider: Provider) -> pybreaker.CircuitBreaker:
 
 @lru_cache(maxsize=64)
 def _breaker(name: str, failure_threshold: int, cooldown_seconds: int) -> pybreaker.CircuitBreaker:
-    storage = pybreaker.CircuitRedisStorage(pybreaker.STATE_CLOSED, _redis(), namespace=f"notify:provider:{name}")
+    storage = pybreaker.CircuitRedisStorage(pybreaker.STATE_CLOSED, redis_client(), namespace=f"notify:provider:{name}")
     return pybreaker.CircuitBreaker(
         name=name,
         listeners=[_StateLog()],
@@ -204,15 +203,10 @@ def _tokens_take(*, provider: Provider, count: int) -> bool:
     if not provider.rate_per_second:
         return True
     deadline = time.monotonic() + RATE_WAIT_MAX_SECONDS
-    take = _redis().register_script(_TAKE)
+    take = redis_client().register_script(_TAKE)
     args = [provider.rate_per_second, _capacity(provider), count]
     while wait := float(take(keys=[f"notify:rate:{provider.name}"], args=[*args, time.time()])):
         if time.monotonic() + wait > deadline:
             return False
         time.sleep(wait)
     return True
-
-
-@lru_cache(maxsize=1)
-def _redis() -> redis.Redis:
-    return redis.Redis.from_url(settings.NOTIFY_REDIS_URL)

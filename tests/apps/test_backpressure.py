@@ -53,3 +53,15 @@ def test_bulk_can_be_accepted_for_later_instead(api, backlog, settings):
     assert accepted.status_code == 202
     delivery = Delivery.objects.get(notification_id=accepted.json()["notification_ids"][0])
     assert 25 < (delivery.next_attempt_at - timezone.now()).total_seconds() <= 30
+
+
+def test_a_recipient_over_its_limit_gets_429_naming_them(api, workspace, broker, settings):
+    settings.NOTIFY_RECIPIENT_RATE_LIMIT = "2 per minute"
+    assert [event(api, "otp").status_code for _ in range(2)] == [202, 202]
+    refused = event(api, "otp")
+    assert refused.status_code == 429
+    assert refused.json()["error"]["fields"]["recipients"] == [
+        "Recipient 'ada' has had 2 per minute events; retry later."
+    ]
+    assert 50 <= int(refused["Retry-After"]) <= 61
+    assert event(api, "otp", "bo").status_code == 202  # someone else is not held back

@@ -3,11 +3,12 @@ cannot be used or goes unconfirmed, and stop at the first step that reaches the 
 escalations that a read cancels. Real SDKs to the sandbox, the real database."""
 
 from datetime import timedelta
+from decimal import Decimal
 
 import pytest
 from django.utils import timezone
 
-from apps.catalog.models import Category, Routing, TemplateVariant, TemplateVersion
+from apps.catalog.models import Category, OverBudget, Routing, TemplateVariant, TemplateVersion
 from apps.deliveries.models import Delivery, DeliveryStatus
 from apps.inbox.services import inbox_item_mark
 from apps.recipients.models import Device, PreferenceSet, Recipient
@@ -127,3 +128,25 @@ def test_an_escalation_is_sent_when_unread_and_cancelled_by_a_read(workspace, sa
     assert routing_sweep(now=timezone.now()) == 1
     assert states(send_queued(unread)) == [("email", "sent"), ("inapp", "sent")]
     assert len(sandbox.requests_log(provider="postmark")) == 1
+
+
+def test_past_the_daily_sms_budget_a_chain_falls_back_to_email_or_the_text_is_held(
+    workspace, sandbox, ada, broker, settings
+):
+    settings.NOTIFY_SMS_SEGMENT_PRICE = "0.01"
+    workspace.tenant.sms_daily_budget = Decimal("0.02")  # two one-segment texts
+    workspace.tenant.save()
+    reach = category(workspace, channels=["sms", "email"], routing=Routing.FALLBACK, over_budget=OverBudget.FALLBACK)
+    for _ in range(2):
+        assert states(send_queued(notify(workspace))) == [("sms", "sent"), ("email", "cancelled")]
+    over = send_queued(notify(workspace))
+    assert states(over) == [("sms", "suppressed"), ("email", "queued")]
+    assert over[0].status_reason == "the daily sms budget of 0.02 is spent"
+    assert states(send_queued(over)) == [("sms", "suppressed"), ("email", "sent")]
+
+    reach.over_budget = OverBudget.HOLD
+    reach.save()
+    held = send_queued(notify(workspace))[0]
+    assert held.status == DeliveryStatus.DEFERRED
+    assert held.next_attempt_at.date() == (timezone.now() + timedelta(days=1)).date()
+    assert len(sandbox.requests_log(provider="twilio")) == 2
