@@ -159,8 +159,19 @@ class PreferenceCenterForm(forms.Form):
             fields={
                 "paused": data["paused"],
                 "paused_until": datetime.combine(until, time.max, tzinfo=zone) if data["paused"] and until else None,
-                "channels": {s.channel: data[s.name] for s in self.channel_switches},
-                "categories": {row.category.key: {s.channel: data[s.name] for s in row.switches} for row in self.rows},
+                # Only what differs from the default is the person's own choice; the rest follows
+                # the defaults (None clears a setting), so a later change of default reaches them.
+                "channels": {
+                    s.channel: _own(data[s.name], default=recipient.tenant.channel_defaults.get(s.channel, True))
+                    for s in self.channel_switches
+                },
+                "categories": {
+                    row.category.key: {
+                        s.channel: _own(data[s.name], default=row.category.channel_defaults.get(s.channel, True))
+                        for s in row.switches
+                    }
+                    for row in self.rows
+                },
                 "quiet_hours": quiet_hours,
             },
         )
@@ -172,6 +183,10 @@ class PreferenceCenterForm(forms.Form):
             granted = data[switch.name]
             if (switch.channel in consents and consents[switch.channel].granted) != granted:
                 consent_record(recipient=recipient, channel=switch.channel, granted=granted, source="preference center")
+
+
+def _own(value: bool, *, default: bool) -> bool | None:
+    return None if value == default else value
 
 
 def _link_read(

@@ -79,6 +79,8 @@ def _merged(current: dict[str, Any], changes: dict[str, Any], *, nested: bool) -
             merged.pop(key, None)
         elif nested:
             merged[key] = _merged(merged.get(key, {}), value, nested=False)
+            if not merged[key]:  # nothing of its own left: the category follows the defaults
+                del merged[key]
         else:
             merged[key] = value
     return merged

@@ -3,8 +3,8 @@ inbox, change preferences, unsubscribe) without an API key or a login. Each purp
 own salt, so a token made for one cannot be used for another, and its own lifetime."""
 
 from dataclasses import dataclass
-from functools import lru_cache
 from datetime import timedelta
+from functools import lru_cache
 from typing import Any
 from uuid import UUID
 

@@ -182,10 +182,16 @@ class BadSignature(Exception):
 
 
 def _signature_verify(*, path: str, params: Mapping[str, str], signature: str) -> str:
-    """The URL Twilio signed; raises BadSignature unless the request is Twilio's."""
+    """The URL Twilio signed; raises BadSignature unless the request is Twilio's, signed with
+    the auth token of the configured account or of one of the SMS Provider accounts."""
+    from apps.deliveries.models import Provider  # a model the channel registry must not import early
+
     url = settings.NOTIFY_PUBLIC_URL + path
-    token = settings.TWILIO_AUTH_TOKEN
-    if not token or not RequestValidator(token).validate(url, dict(params), signature):
+    tokens = [settings.TWILIO_AUTH_TOKEN] + [
+        config.get("auth_token", "")
+        for config in Provider.objects.filter(channel="sms").values_list("config", flat=True)
+    ]
+    if not any(token and RequestValidator(token).validate(url, dict(params), signature) for token in tokens):
         raise BadSignature("X-Twilio-Signature does not match")
     return url
 
@@ -201,9 +207,9 @@ def sms_inbound(*, path: str, params: Mapping[str, str], signature: str) -> str:
     """Verify an incoming text (Twilio's messaging webhook) and act on an opt-out or opt-in
     keyword; return "opted-out", "opted-in" or "ignored". Raises BadSignature.
 
-    Every tenant sends from the same number, so a STOP stops them all: the number is
-    suppressed for SMS in every tenant, and START lifts those opt-outs again (and only them:
-    a number suppressed for another reason stays suppressed)."""
+    Tenants share the sending numbers, so a STOP to any of them stops them all: the number
+    is suppressed for SMS in every tenant, and START lifts those opt-outs again (and only
+    them: a number suppressed for another reason stays suppressed)."""
     _signature_verify(path=path, params=params, signature=signature)
     number = e164(number=params.get("From", ""))
     keyword = params.get("Body", "").strip().upper()

@@ -26,6 +26,8 @@ def notification_cancel(*, notification: Notification, reason: str = "cancelled 
     """Cancel every delivery of the notification that has not started sending."""
     now = timezone.now()
     with transaction.atomic():
+        # The notification first, then its deliveries: the order routing takes them in.
+        Notification.objects.select_for_update().filter(pk=notification.pk).first()
         deliveries = list(
             Delivery.objects.select_for_update().filter(
                 notification=notification, status__in=[*CLAIMABLE_STATUSES, DeliveryStatus.STANDBY]

@@ -206,7 +206,8 @@ def queue_depths() -> dict[tuple[str, str], int]:
 
 
 def paused_channels() -> set[str]:
-    """Channels ops have paused: their deliveries are neither claimed nor published."""
+    """Channels ops have paused: their deliveries are not claimed, nor republished by the
+    sweeper (a task published for one finds nothing to claim)."""
     return set(ChannelSwitch.objects.filter(paused=True).values_list("channel", flat=True))
 
 
@@ -221,8 +222,8 @@ def due_publish(*, now: datetime, channel: str | None = None) -> int:
         for backlogged_channel, priority in queues_with_backlog():
             stale &= ~Q(channel=backlogged_channel, priority=priority)
         which = (Q(published_at__isnull=True) | stale) & ~Q(channel__in=paused_channels())
-    else:
-        which = Q(channel=channel)
+    else:  # everything not published in this very pass
+        which = Q(channel=channel) & (Q(published_at__isnull=True) | Q(published_at__lt=now))
     with transaction.atomic():
         rows = list(
             Delivery.objects.select_for_update(skip_locked=True)

@@ -23,7 +23,7 @@ from notify.resilience.backpressure import bulk_admission, recipients_admission
 
 RECIPIENT_FIELDS = ("email", "phone", "locale", "timezone", "attributes")
 # What planning reads of a recipient (the send stage loads the rest itself).
-PLANNED_RECIPIENT_FIELDS = ("id", "tenant_id", "external_id", "email", "phone", "locale")
+PLANNED_RECIPIENT_FIELDS = ("id", "tenant_id", "external_id", "email", "phone", "locale", "timezone")
 
 
 class IngestError(Exception):
@@ -96,7 +96,15 @@ def events_ingest(
     categories = _categories_resolve(tenant=tenant, events=events)
     results: list[IngestResult] = []
     now = timezone.now()
+    # Limits count new events only: a retry of an accepted one gets its stored answer.
+    seen_keys = set(
+        Event.objects.filter(
+            tenant=tenant, idempotency_key__in=[r.idempotency_key for r in events if r.idempotency_key]
+        ).values_list("idempotency_key", flat=True)
+    )
     for request in events:
+        if request.idempotency_key in seen_keys:
+            continue
         _admit(request=request, category=categories[request.category_key], now=now)
         recipients_admission(tenant_id=tenant.id, external_ids=[ref.external_id for ref in request.recipients])
     with transaction.atomic():

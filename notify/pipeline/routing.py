@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from uuid import UUID
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
@@ -105,6 +106,33 @@ def chains_timed_out(*, now: datetime) -> list[UUID]:
     )
 
 
+# What a chain step ends in when it did not reach the person.
+ENDED_UNREACHED = frozenset(
+    {
+        DeliveryStatus.FAILED,
+        DeliveryStatus.DEAD,
+        DeliveryStatus.SUPPRESSED,
+        DeliveryStatus.EXPIRED,
+        DeliveryStatus.BOUNCED,
+        DeliveryStatus.COMPLAINED,
+    }
+)
+
+
+def chains_stalled() -> list[UUID]:
+    """Chains with a step in standby, nothing under way, and a step that ended unreached: a
+    worker died between recording a step and moving on, or a lease expired into a dead letter."""
+    under_way = [*IN_FLIGHT, DeliveryStatus.SENT, *REACHED]
+    return list(
+        Delivery.objects.filter(
+            step__isnull=False, status__in=ENDED_UNREACHED, notification__deliveries__status=DeliveryStatus.STANDBY
+        )
+        .exclude(notification__deliveries__status__in=under_way)
+        .values_list("notification_id", flat=True)
+        .distinct()[: settings.NOTIFY_SWEEP_CHUNK]
+    )
+
+
 def escalations_due(*, now: datetime) -> int:
     """Send the escalations whose time has come, unless their notification was read by
     then; return how many were sent."""
@@ -117,8 +145,9 @@ def escalations_due(*, now: datetime) -> int:
     for notification_id in sorted(notification_ids):
         with transaction.atomic():
             Notification.objects.select_for_update().filter(id=notification_id).first()
+            # Locked, and still in standby once locked: a read's cancel cannot be overwritten.
             due = list(
-                Delivery.objects.filter(
+                Delivery.objects.select_for_update().filter(
                     notification_id=notification_id,
                     status=DeliveryStatus.STANDBY,
                     escalation=True,
@@ -171,5 +200,7 @@ def _standby_cancel(*, deliveries: list[Delivery], reason: str, now: datetime) -
 
 
 def routing_sweep(*, now: datetime) -> int:
-    """The timed parts: chains whose step went unconfirmed too long, and escalations due."""
-    return chains_advance(notification_ids=chains_timed_out(now=now), now=now) + escalations_due(now=now)
+    """The timed parts: chains whose step went unconfirmed too long, chains left stalled, and
+    escalations due."""
+    chains = {*chains_timed_out(now=now), *chains_stalled()}
+    return chains_advance(notification_ids=chains, now=now) + escalations_due(now=now)

@@ -207,7 +207,7 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
             version_id=notification.template_version_id,
             channel=channel.name,
             locale=notification.locale,
-            default_locale=context.tenants[notification.tenant_id].default_locale,
+            default_locale=tenant.default_locale,
         )
         try:
             content = content_render(
@@ -227,7 +227,9 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
         decision = cap_verdict(delivery=delivery, category=category, tenant=tenant, created_at=notification.created_at)
         if decision.send:
             cost = channel.cost_of(content=content)
-            decision = budget_verdict(tenant=tenant, category=category, channel=channel.name, cost=cost)
+            decision = budget_verdict(
+                tenant=tenant, category=category, channel=channel.name, cost=cost, delivery_id=delivery.id
+            )
         if not decision.send:
             outcomes.append(withheld_outcome(delivery=delivery, decision=decision))
             continue

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 from functools import lru_cache
+from typing import Any
 from uuid import UUID
 
 import limits
@@ -61,16 +62,22 @@ def cap_verdict(*, delivery: Delivery, category: Category, tenant: Tenant, creat
     deferred until the window has room (expired if the category's expiry comes first)."""
     if category.kind == CRITICAL or not (category.frequency_cap or tenant.frequency_cap):
         return SEND
-    reached = cap_take(
-        tenant_id=tenant.id,
-        recipient_id=delivery.notification.recipient_id,
-        channel=delivery.channel,
-        category_key=category.key,
-        category_cap=category.frequency_cap,
-        tenant_cap=tenant.frequency_cap,
-    )
-    if reached is None:
-        return SEND
+    try:
+        if _counted(what="cap", delivery_id=delivery.id):
+            return SEND  # its place was taken on an earlier claim (before a deferral or a retry)
+        reached = cap_take(
+            tenant_id=tenant.id,
+            recipient_id=delivery.notification.recipient_id,
+            channel=delivery.channel,
+            category_key=category.key,
+            category_cap=category.frequency_cap,
+            tenant_cap=tenant.frequency_cap,
+        )
+        if reached is None:
+            _count(what="cap", delivery_id=delivery.id)
+            return SEND
+    except redis.RedisError:
+        return _store_unreachable(what="frequency caps")
     reason = f"frequency cap of {reached.cap} for {reached.scope} on {delivery.channel} reached"
     if category.over_cap != OverCap.DEFER:
         return Verdict(SUPPRESSED, reason)
@@ -90,7 +97,9 @@ return 1
 """
 
 
-def budget_verdict(*, tenant: Tenant, category: Category, channel: str, cost: Decimal | None) -> Verdict:
+def budget_verdict(
+    *, tenant: Tenant, category: Category, channel: str, cost: Decimal | None, delivery_id: object
+) -> Verdict:
     """Count the send against the tenant's daily budget for the channel (SMS), or say what
     happens to it past the budget: held until the next day, or skipped so that a fallback
     chain moves on to a cheaper channel, as the category chooses. The cost counts once
@@ -99,14 +108,40 @@ def budget_verdict(*, tenant: Tenant, category: Category, channel: str, cost: De
         return SEND
     today = timezone.now().astimezone(UTC).date()
     key = f"notify:spend:{channel}:{tenant.id}:{today.isoformat()}"
-    spend = redis_client().register_script(_SPEND)
-    if int(spend(keys=[key], args=[str(cost), str(tenant.sms_daily_budget)])):
-        return SEND
+    try:
+        if _counted(what="spend", delivery_id=delivery_id):
+            return SEND
+        if int(_spend_script()(keys=[key], args=[str(cost), str(tenant.sms_daily_budget)])):
+            _count(what="spend", delivery_id=delivery_id)
+            return SEND
+    except redis.RedisError:
+        return _store_unreachable(what="the spend budget")
     reason = f"the daily {channel} budget of {tenant.sms_daily_budget} is spent"
     if category.over_budget == OverBudget.FALLBACK:
         return Verdict(SUPPRESSED, reason)
     tomorrow = datetime.combine(today + timedelta(days=1), time(), tzinfo=UTC)
     return Verdict(DEFERRED, f"{reason}; held until {tomorrow.isoformat()}", until=tomorrow)
+
+
+def _counted(*, what: str, delivery_id: object) -> bool:
+    """Whether the delivery was counted already: a re-claimed one (after a deferral or a
+    transient failure) keeps its place instead of taking a second."""
+    return bool(redis_client().exists(f"notify:counted:{what}:{delivery_id}"))
+
+
+def _count(*, what: str, delivery_id: object) -> None:
+    redis_client().set(f"notify:counted:{what}:{delivery_id}", 1, ex=7 * 86400)
+
+
+def _store_unreachable(*, what: str) -> Verdict:
+    # Without its counters, a limit cannot be honoured: wait rather than overspend.
+    until = timezone.now() + timedelta(seconds=30)
+    return Verdict(DEFERRED, f"{what} cannot be checked (Redis unreachable); trying again shortly", until=until)
+
+
+@lru_cache(maxsize=1)
+def _spend_script() -> Any:
+    return redis_client().register_script(_SPEND)
 
 
 @lru_cache(maxsize=1)

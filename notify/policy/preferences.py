@@ -6,10 +6,12 @@ very next read misses and loads from the database. A reader that loaded the old 
 just before the change can only write them under the old generation, which nobody reads
 again: no race can put stale settings back."""
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 from uuid import UUID
 
+import redis
 from django.core.cache import cache
 from django.db import transaction
 from django.db.models.signals import post_delete, post_save
@@ -20,20 +22,29 @@ from apps.recipients.models import Consent, PreferenceSet, Recipient
 from apps.tenants.models import Tenant
 from notify.policy.rules import CategoryRules, RecipientRules, TenantRules
 
+logger = logging.getLogger(__name__)
 CACHE_SECONDS = 3600
 
 
 def recipient_rules_many(*, recipients: Iterable[Recipient]) -> dict[UUID, RecipientRules]:
     """Each recipient's settings and consents, from the cache where it has them."""
     by_id = {recipient.id: recipient for recipient in recipients}
-    generations = cache.get_many([_generation_key(rid) for rid in by_id])
-    keys = {rid: _settings_key(rid, generations.get(_generation_key(rid), 0)) for rid in by_id}
-    found = cache.get_many(list(keys.values()))
+    try:
+        generations = cache.get_many([_generation_key(rid) for rid in by_id])
+        keys = {rid: _settings_key(rid, generations.get(_generation_key(rid), 0)) for rid in by_id}
+        found = cache.get_many(list(keys.values()))
+    except redis.RedisError:  # the cache is a shortcut: without it, read the database
+        logger.warning("preference cache unreadable; reading preferences from the database", exc_info=True)
+        loaded = _settings_load(recipient_ids=list(by_id))
+        return {rid: RecipientRules(**loaded[rid], timezone=by_id[rid].timezone) for rid in by_id}
     missing = [rid for rid, key in keys.items() if key not in found]
     if missing:
         loaded = _settings_load(recipient_ids=missing)
-        cache.set_many({keys[rid]: loaded[rid] for rid in missing}, CACHE_SECONDS)
         found.update({keys[rid]: loaded[rid] for rid in missing})
+        try:
+            cache.set_many({keys[rid]: loaded[rid] for rid in missing}, CACHE_SECONDS)
+        except redis.RedisError:
+            logger.warning("preference cache not written", exc_info=True)
     return {rid: RecipientRules(**found[keys[rid]], timezone=by_id[rid].timezone) for rid in by_id}
 
 
@@ -56,10 +67,14 @@ def preferences_changed(*, recipient_id: UUID) -> None:
 
     def bump() -> None:
         try:
-            cache.incr(key)
-        except ValueError:  # no generation yet
-            if not cache.add(key, 1, timeout=None):
+            try:
                 cache.incr(key)
+            except ValueError:  # no generation yet
+                if not cache.add(key, 1, timeout=None):
+                    cache.incr(key)
+        except redis.RedisError:
+            # The change is saved; only the cache may be stale, for up to CACHE_SECONDS.
+            logger.error("preference cache not invalidated for %s", recipient_id, exc_info=True)
 
     transaction.on_commit(bump)
 

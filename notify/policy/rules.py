@@ -5,14 +5,15 @@ Pure functions over plain data (no database, no cache), so that planning and sen
 exactly the same rules. The order of precedence is documented in docs/preferences.md:
 
 1. A critical category is always sent: no pause, opt-out, quiet hours or cap applies.
-2. A paused recipient gets nothing until the pause ends.
-3. A marketing category needs the recipient's consent on that channel.
-4. Channel switches: the recipient's own setting, else the tenant's default, else on.
-5. Category switches per channel: the recipient's own setting, else the category's default,
-   else on. Both 4 and 5 must be on.
-6. Quiet hours (the recipient's own, else the tenant's default) defer until they end, unless
+2. A notification older than its category's expiry is expired.
+3. A paused recipient gets nothing until the pause ends.
+4. A marketing category needs the recipient's consent on that channel.
+5. Channel switches: the recipient's own setting, else the tenant's default, else on.
+6. Category switches per channel: the recipient's own setting, else the category's default,
+   else on. Both 5 and 6 must be on.
+7. Quiet hours (the recipient's own, else the tenant's default) defer until they end, unless
    the category's expiry comes first.
-7. Frequency caps (checked when sending, notify.policy.caps) suppress or defer."""
+8. Frequency caps (checked last, when sending: notify.policy.caps) suppress or defer."""
 
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
@@ -81,7 +82,7 @@ def verdict(
     created_at: datetime,
     now: datetime,
 ) -> Verdict:
-    """Apply rules 1-6 of the module docstring to one delivery."""
+    """Apply rules 1-7 of the module docstring to one delivery."""
     if category.kind == CRITICAL:
         return SEND
     if expired := expiry_verdict(category=category, created_at=created_at, at=now):

@@ -24,6 +24,7 @@ from functools import lru_cache
 from typing import Any
 
 import pybreaker
+import redis
 from django.utils import timezone
 
 from apps.deliveries.models import DeliveryStatus, Provider
@@ -91,7 +92,12 @@ def _attempt(provider: Provider, messages: list[OutboundMessage], channel: Chann
     outcomes: list[SendOutcome] = []
     for start in range(0, len(messages), size):
         part = messages[start : start + size]
-        if not _tokens_take(provider=provider, count=len(part)):
+        try:
+            tokens = _tokens_take(provider=provider, count=len(part))
+        except redis.RedisError:
+            logger.warning("rate limit of %s unreadable; holding its sends", provider.name, exc_info=True)
+            tokens = False
+        if not tokens:
             until = timezone.now() + timedelta(seconds=1)
             reason = f"{provider.name} is at its rate limit"
             outcomes.extend(
@@ -99,9 +105,16 @@ def _attempt(provider: Provider, messages: list[OutboundMessage], channel: Chann
                 for m in messages[start:]
             )
             break
+        try:
+            sent = channel.send_batch(messages=part)
+        except Exception as error:  # noqa: BLE001 - keep what earlier parts sent; this part is unknown
+            logger.exception("provider %s raised while sending %d messages", provider.name, len(part))
+            channel.reset()
+            reason = f"channel error: {type(error).__name__}: {error}"[:400]
+            sent = [SendOutcome(delivery_id=m.delivery_id, failure=FailureKind.TRANSIENT, reason=reason) for m in part]
         outcomes.extend(
             replace(outcome, provider_status=f"{provider.name}/{outcome.provider_status or 'accepted'}")
-            for outcome in channel.send_batch(messages=part)
+            for outcome in sent
         )
     if outcomes and all(o.failure is FailureKind.TRANSIENT for o in outcomes):
         raise ProviderDown(outcomes)  # counted by the breaker, and handled as failover
@@ -191,6 +204,11 @@ return tostring(wait)
 """
 
 
+@lru_cache(maxsize=1)
+def _take_script() -> Any:
+    return redis_client().register_script(_TAKE)
+
+
 def _capacity(provider: Provider) -> int:
     """How many messages the bucket holds when full: the burst, or a second's worth without
     one (0: no limit). So in any second at most rate + burst go out."""
@@ -203,7 +221,7 @@ def _tokens_take(*, provider: Provider, count: int) -> bool:
     if not provider.rate_per_second:
         return True
     deadline = time.monotonic() + RATE_WAIT_MAX_SECONDS
-    take = redis_client().register_script(_TAKE)
+    take = _take_script()
     args = [provider.rate_per_second, _capacity(provider), count]
     while wait := float(take(keys=[f"notify:rate:{provider.name}"], args=[*args, time.time()])):
         if time.monotonic() + wait > deadline:

@@ -1,8 +1,10 @@
 from datetime import timedelta
 
+import pytest
 from django.utils import timezone
 
 from apps.deliveries.models import DeadLetter, Delivery, DeliveryStatus
+from notify.pipeline.control import channel_pause, channel_resume
 from notify.pipeline.dispatch import publish, sweep
 from notify.pipeline.send import deliveries_claim
 from tests.notify.test_send import ingest_one
@@ -70,3 +72,18 @@ def test_scheduled_work_is_published_only_when_due(workspace, django_capture_on_
     with django_capture_on_commit_callbacks(execute=False) as published:
         assert sweep(now=due).republished == 1
     assert len(published) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_resuming_a_paused_channel_publishes_each_held_delivery_once(api, workspace, settings, broker):
+    settings.NOTIFY_SWEEP_CHUNK = 2  # several passes
+    channel_pause(channel="email", reason="test")
+    for n in range(5):
+        api.post(
+            "/api/v1/events",
+            {"category": "welcome", "recipient": {"external_id": f"r{n}", "email": f"r{n}@example.com"}},
+            format="json",
+        )
+    broker.flushdb()  # what planning published; the switch held them all the same
+    assert channel_resume(channel="email") == 5
+    assert broker.llen("email.normal") == 3  # 2 + 2 + 1, one task each pass

@@ -153,3 +153,13 @@ def test_a_cap_holds_under_concurrency(broker):
         thread.join()
     assert results.count(True) == 5
     assert len(results) == 36
+
+
+def test_a_retried_delivery_keeps_its_place_in_the_cap(workspace, sandbox, ada):
+    workspace.normal.frequency_cap = "1 per hour"
+    workspace.normal.save()
+    sandbox.faults_set(fail_next=[503])
+    delivery = notify_ada(workspace)
+    assert delivery.status == DeliveryStatus.RETRYING  # counted against the cap, then failed
+    assert send_now(delivery).status == DeliveryStatus.SENT  # the retry is not a second send
+    assert notify_ada(workspace).status == DeliveryStatus.SUPPRESSED  # the cap holds for others

@@ -150,3 +150,13 @@ def test_past_the_daily_sms_budget_a_chain_falls_back_to_email_or_the_text_is_he
     assert held.status == DeliveryStatus.DEFERRED
     assert held.next_attempt_at.date() == (timezone.now() + timedelta(days=1)).date()
     assert len(sandbox.requests_log(provider="twilio")) == 2
+
+
+def test_a_chain_left_stalled_by_a_lost_worker_is_moved_on_by_the_sweeper(workspace, sandbox, ada):
+    category(workspace, channels=["sms", "email"], routing=Routing.FALLBACK)
+    deliveries = notify(workspace)
+    # As if a worker recorded the failure, then died before moving the chain on.
+    Delivery.objects.filter(pk=deliveries[0].pk).update(status=DeliveryStatus.DEAD, status_reason="worker lost")
+    assert routing_sweep(now=timezone.now()) == 1
+    assert states(chain(str(deliveries[0].notification_id))) == [("sms", "dead"), ("email", "queued")]
+    assert routing_sweep(now=timezone.now()) == 0

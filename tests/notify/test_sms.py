@@ -8,7 +8,7 @@ from django.test import Client
 from twilio.request_validator import RequestValidator
 
 from apps.catalog.models import Category, TemplateVariant, TemplateVersion
-from apps.deliveries.models import Delivery, DeliveryStatus
+from apps.deliveries.models import Delivery, DeliveryStatus, Provider
 from apps.recipients.models import Suppression
 from notify.channels.sms import e164, sms_segments
 from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
@@ -215,3 +215,13 @@ def test_other_texts_change_nothing_and_forged_ones_get_403(workspace, sms_categ
     assert text_us("stop it please").status_code == 200
     assert text_us("STOP", signature="forged").status_code == 403
     assert not Suppression.objects.exists()
+
+
+def test_webhooks_signed_by_another_providers_account_are_accepted(workspace, sms_category):
+    Provider.objects.create(name="twilio-b", channel="sms", config={"account_sid": "ACb", "auth_token": "token-b"})
+    params = {"From": "+14155550123", "To": "+15005550006", "Body": "STOP", "MessageSid": "SMb"}
+    url = f"{django_settings.NOTIFY_PUBLIC_URL}/webhooks/twilio/inbound"
+    signature = RequestValidator("token-b").compute_signature(url, params)
+    response = Client().post("/webhooks/twilio/inbound", params, HTTP_X_TWILIO_SIGNATURE=signature)
+    assert response.status_code == 200
+    assert Suppression.objects.filter(channel="sms", address="+14155550123").exists()

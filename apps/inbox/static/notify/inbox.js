@@ -163,7 +163,7 @@
         return;
       }
       // Back off, up to 30 s, so that a restarting server is not stormed by its clients.
-      setTimeout(() => this.connect(), this.retryDelay);
+      this.reconnectTimer = setTimeout(() => this.connect(), this.retryDelay);
       this.retryDelay = Math.min(this.retryDelay * 2, 30000);
     }
 
@@ -257,6 +257,7 @@
 
     stop() {
       this.stopped = true;
+      clearTimeout(this.reconnectTimer);
       if (this.socket) this.socket.close();
     }
   }
