@@ -29,6 +29,7 @@ from apps.recipients.tokens import (
     recipient_link,
     recipient_token_read,
 )
+from notify.policy.rules import switch_on
 
 CHANNEL_LABELS = dict(Channel.choices)
 WEEKDAYS = [(0, "Mon"), (1, "Tue"), (2, "Wed"), (3, "Thu"), (4, "Fri"), (5, "Sat"), (6, "Sun")]
@@ -94,14 +95,14 @@ class PreferenceCenterForm(forms.Form):
         preferences = preferences_get(recipient=recipient)
         tenant = recipient.tenant
         for switch in self.channel_switches:
-            self.initial[switch.name] = preferences.channels.get(
-                switch.channel, tenant.channel_defaults.get(switch.channel, True)
+            self.initial[switch.name] = switch_on(
+                own=preferences.channels, defaults=tenant.channel_defaults, channel=switch.channel
             )
         for row in self.rows:
             own = preferences.categories.get(row.category.key, {})
             for switch in row.switches:
-                self.initial[switch.name] = own.get(
-                    switch.channel, row.category.channel_defaults.get(switch.channel, True)
+                self.initial[switch.name] = switch_on(
+                    own=own, defaults=row.category.channel_defaults, channel=switch.channel
                 )
         consents = consents_current(recipient=recipient)
         for switch in self.consent_switches:

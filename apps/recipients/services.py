@@ -1,4 +1,5 @@
 from typing import Any
+from uuid import UUID
 
 from django.db import transaction
 
@@ -105,7 +106,13 @@ def consent_record(*, recipient: Recipient, channel: str, granted: bool, source:
 
 def consents_current(*, recipient: Recipient) -> dict[str, Consent]:
     """The standing answer per channel."""
-    current: dict[str, Consent] = {}
-    for consent in Consent.objects.filter(recipient=recipient).order_by("recorded_at", "id"):
-        current[consent.channel] = consent
-    return current
+    return consents_standing(recipient_ids=[recipient.id]).get(recipient.id, {})
+
+
+def consents_standing(*, recipient_ids: list[UUID]) -> dict[UUID, dict[str, Consent]]:
+    """Each recipient's standing answer per channel: the newest record for it."""
+    standing: dict[UUID, dict[str, Consent]] = {}
+    # Oldest first, so that the newest answer per channel is the one left standing.
+    for consent in Consent.objects.filter(recipient_id__in=recipient_ids).order_by("recorded_at", "id"):
+        standing.setdefault(consent.recipient_id, {})[consent.channel] = consent
+    return standing

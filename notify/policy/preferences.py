@@ -19,6 +19,7 @@ from django.dispatch import receiver
 
 from apps.catalog.models import Category
 from apps.recipients.models import Consent, PreferenceSet, Recipient
+from apps.recipients.services import consents_standing
 from apps.tenants.models import Tenant
 from notify.policy.rules import CategoryRules, RecipientRules, TenantRules
 
@@ -104,8 +105,6 @@ def _settings_load(*, recipient_ids: list[UUID]) -> dict[UUID, dict[str, Any]]:
             categories=preferences.categories,
             quiet_hours=preferences.quiet_hours,
         )
-    # Oldest first, so that the newest answer per channel is the one left standing.
-    consents = Consent.objects.filter(recipient_id__in=recipient_ids).order_by("recorded_at", "id")
-    for recipient_id, channel, granted in consents.values_list("recipient_id", "channel", "granted"):
-        settings[recipient_id]["consents"][channel] = granted
+    for recipient_id, consents in consents_standing(recipient_ids=recipient_ids).items():
+        settings[recipient_id]["consents"] = {channel: c.granted for channel, c in consents.items()}
     return settings

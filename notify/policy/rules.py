@@ -92,11 +92,11 @@ def verdict(
         return Verdict(SUPPRESSED, f"the recipient paused all notifications{until}")
     if category.kind == MARKETING and not recipient.consents.get(channel, False):
         return Verdict(SUPPRESSED, f"no marketing consent on {channel}")
-    if not recipient.channels.get(channel, tenant.channel_defaults.get(channel, True)):
+    if not switch_on(own=recipient.channels, defaults=tenant.channel_defaults, channel=channel):
         source = "the recipient" if channel in recipient.channels else "the tenant's default"
         return Verdict(SUPPRESSED, f"{channel} is turned off by {source}")
     own = recipient.categories.get(category.key, {})
-    if not own.get(channel, category.channel_defaults.get(channel, True)):
+    if not switch_on(own=own, defaults=category.channel_defaults, channel=channel):
         source = "the recipient" if channel in own else "the category's default"
         return Verdict(SUPPRESSED, f"'{category.key}' on {channel} is turned off by {source}")
     window = recipient.quiet_hours or tenant.quiet_hours
@@ -105,6 +105,11 @@ def verdict(
             return Verdict(EXPIRED, f"quiet hours until {end.isoformat()} outlast the category's expiry")
         return Verdict(DEFERRED, f"quiet hours until {end.isoformat()} ({recipient.timezone})", until=end)
     return SEND
+
+
+def switch_on(*, own: dict[str, bool], defaults: dict[str, bool], channel: str) -> bool:
+    """A switch as it stands: the recipient's own setting, else the default, else on."""
+    return own.get(channel, defaults.get(channel, True))
 
 
 def expiry_verdict(*, category: CategoryRules, created_at: datetime, at: datetime) -> Verdict | None:
