@@ -95,6 +95,8 @@ def test_the_widget_shows_a_new_notification_without_a_reload_and_marks_it_read(
                 expect(tab.locator(".ntf-bell")).to_have_attribute("aria-label", "Notifications, 1 unread")
 
             reader, other = tabs
+            # The widget styles itself: its list drops down over the page.
+            assert reader.evaluate("getComputedStyle(document.querySelector('.ntf-panel')).position") == "absolute"
             reader.get_by_role("button", name="Notifications, 1 unread").click()
             item = reader.locator(".ntf-item", has_text="Can you review the launch plan?")
             expect(item).to_have_class("ntf-item ntf-unread")

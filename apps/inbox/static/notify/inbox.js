@@ -23,8 +23,8 @@
   const CLOSE_TOKEN_EXPIRED = 4002;
   const STYLE = `
     .ntf-inbox { position: relative; display: inline-block; font: 15px/1.4 system-ui, sans-serif; }
-    .ntf-bell { position: relative; background: none; border: 1px solid #ccc; border-radius: 6px;
-      padding: .35rem .6rem; cursor: pointer; font-size: 1.2rem; }
+    .ntf-bell { position: relative; display: inline-flex; background: none; border: 1px solid #ccc;
+      border-radius: 6px; padding: .35rem .5rem; cursor: pointer; color: #333; }
     .ntf-bell:focus-visible, .ntf-item:focus-visible, .ntf-read-all:focus-visible { outline: 2px solid #2563eb; }
     .ntf-badge { position: absolute; top: -.45rem; right: -.55rem; min-width: 1.2rem; padding: 0 .3rem;
       border-radius: 999px; background: #dc2626; color: #fff; font-size: .75rem; line-height: 1.2rem; }
@@ -46,6 +46,31 @@
     .ntf-time { color: #888; font-size: .8rem; }
     .ntf-empty, .ntf-status { padding: .75rem; color: #666; }
   `;
+
+  function styleOnce() {
+    if (document.getElementById("ntf-inbox-style")) return;
+    const style = document.createElement("style");
+    style.id = "ntf-inbox-style";
+    style.textContent = STYLE;
+    document.head.append(style);
+  }
+
+  function bellIcon() {
+    // Drawn, not an emoji: every platform has the same bell, with or without emoji fonts.
+    const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+    svg.setAttribute("viewBox", "0 0 24 24");
+    svg.setAttribute("width", "22");
+    svg.setAttribute("height", "22");
+    svg.setAttribute("aria-hidden", "true");
+    const path = document.createElementNS("http://www.w3.org/2000/svg", "path");
+    path.setAttribute("fill", "currentColor");
+    path.setAttribute(
+      "d",
+      "M12 22a2.5 2.5 0 0 0 2.45-2h-4.9A2.5 2.5 0 0 0 12 22Zm7-6V11a7 7 0 0 0-5.5-6.84V3.5a1.5 1.5 0 0 0-3 0v.66A7 7 0 0 0 5 11v5l-2 2v1h18v-1l-2-2Z",
+    );
+    svg.append(path);
+    return svg;
+  }
 
   function element(tag, className, text) {
     const node = document.createElement(tag);
@@ -188,8 +213,10 @@
 
     // --- rendering -----------------------------------------------------------------------
     render() {
+      styleOnce();
       this.root.classList.add("ntf-inbox");
-      this.bell = element("button", "ntf-bell", "\u{1F514}");
+      this.bell = element("button", "ntf-bell");
+      this.bell.append(bellIcon());
       this.bell.type = "button";
       this.bell.setAttribute("aria-haspopup", "true");
       this.bell.setAttribute("aria-expanded", "false");
