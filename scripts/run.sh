@@ -69,21 +69,17 @@ for _ in $(seq 100); do
 done
 curl -sf "http://127.0.0.1:$WEB_PORT/api/schema/" -o /dev/null || die "the web server did not start; see var/log/web.log"
 
-CURL="curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/events \\
+# One demo event as a curl line: printed for people to run, and run by --smoke.
+event_curl() {
+    printf '%s' "curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/events \\
   -H 'Authorization: Bearer $NOTIFY_DEMO_API_KEY' -H 'Content-Type: application/json' \\
-  -d '{\"category\": \"welcome\", \"recipient\": {\"external_id\": \"grace\", \"email\": \"grace@example.com\"}, \"data\": {\"name\": \"Grace\"}}'"
-PUSH_CURL="curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/events \\
-  -H 'Authorization: Bearer $NOTIFY_DEMO_API_KEY' -H 'Content-Type: application/json' \\
-  -d '{\"category\": \"alert\", \"recipient\": \"ada\", \"data\": {\"text\": \"Your build finished.\"}}'"
-SMS_CURL="curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/events \\
-  -H 'Authorization: Bearer $NOTIFY_DEMO_API_KEY' -H 'Content-Type: application/json' \\
-  -d '{\"category\": \"otp\", \"recipient\": {\"external_id\": \"grace\", \"phone\": \"+14155550123\"}, \"data\": {\"code\": \"482913\"}}'"
-WEBPUSH_CURL="curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/events \\
-  -H 'Authorization: Bearer $NOTIFY_DEMO_API_KEY' -H 'Content-Type: application/json' \\
-  -d '{\"category\": \"browser-alert\", \"recipient\": \"ada\", \"data\": {\"text\": \"Your export is ready.\"}}'"
-INBOX_CURL="curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/events \\
-  -H 'Authorization: Bearer $NOTIFY_DEMO_API_KEY' -H 'Content-Type: application/json' \\
-  -d '{\"category\": \"mention\", \"recipient\": \"ada\", \"data\": {\"who\": \"Grace\", \"text\": \"Can you review the launch plan?\"}}'"
+  -d '$1'"
+}
+CURL="$(event_curl '{"category": "welcome", "recipient": {"external_id": "grace", "email": "grace@example.com"}, "data": {"name": "Grace"}}')"
+PUSH_CURL="$(event_curl '{"category": "alert", "recipient": "ada", "data": {"text": "Your build finished."}}')"
+SMS_CURL="$(event_curl '{"category": "otp", "recipient": {"external_id": "grace", "phone": "+14155550123"}, "data": {"code": "482913"}}')"
+WEBPUSH_CURL="$(event_curl '{"category": "browser-alert", "recipient": "ada", "data": {"text": "Your export is ready."}}')"
+INBOX_CURL="$(event_curl '{"category": "mention", "recipient": "ada", "data": {"who": "Grace", "text": "Can you review the launch plan?"}}')"
 
 PREFERENCES_URL="$(curl -s -X POST "http://127.0.0.1:$WEB_PORT/api/v1/recipients/ada/preference-link" \
     -H "Authorization: Bearer $NOTIFY_DEMO_API_KEY" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["url"])')"

@@ -73,12 +73,8 @@ def _chain_advance(*, notification: Notification, steps: list[Delivery], now: da
         if last is not None and last.status == DeliveryStatus.SENT
         else (last.status_reason or last.status if last is not None else "")
     )
-    step = standby[0]
-    step.status, step.status_reason, step.next_attempt_at, step.updated_at = DeliveryStatus.QUEUED, "", now, now
     reason = f"fallback from step {(last.step or 0) + 1} ({last.channel}): {why}" if last is not None else "fallback"
-    deliveries_publish_on_commit(deliveries=[step], now=now)
-    step.save(update_fields=["status", "status_reason", "next_attempt_at", "published_at", "updated_at"])
-    history_event(delivery=step, status=DeliveryStatus.QUEUED, reason=reason, at=now).save()
+    _standby_activate(deliveries=standby[:1], reason=reason, now=now)
     return 1
 
 
@@ -157,18 +153,7 @@ def escalations_due(*, now: datetime) -> int:
             if _read(notification_id=notification_id):
                 _standby_cancel(deliveries=due, reason="read in the in-app inbox in time", now=now)
                 continue
-            for delivery in due:
-                delivery.status, delivery.status_reason, delivery.updated_at = DeliveryStatus.QUEUED, "", now
-            deliveries_publish_on_commit(deliveries=due, now=now)
-            Delivery.objects.bulk_update(due, fields=["status", "status_reason", "published_at", "updated_at"])
-            DeliveryEvent.objects.bulk_create(
-                [
-                    history_event(
-                        delivery=d, status=DeliveryStatus.QUEUED, reason="escalation: not read in time", at=now
-                    )
-                    for d in due
-                ]
-            )
+            _standby_activate(deliveries=due, reason="escalation: not read in time", now=now)
             sent += len(due)
     return sent
 
@@ -188,6 +173,20 @@ def escalations_cancel(*, notification_ids: Iterable[UUID]) -> int:
 
 def _read(*, notification_id: UUID) -> bool:
     return InboxItem.objects.filter(delivery__notification_id=notification_id, read_at__isnull=False).exists()
+
+
+def _standby_activate(*, deliveries: list[Delivery], reason: str, now: datetime) -> None:
+    """Queue standby deliveries now, and publish them when the transaction commits."""
+    for delivery in deliveries:
+        delivery.status, delivery.status_reason = DeliveryStatus.QUEUED, ""
+        delivery.next_attempt_at = delivery.updated_at = now
+    deliveries_publish_on_commit(deliveries=deliveries, now=now)
+    Delivery.objects.bulk_update(
+        deliveries, fields=["status", "status_reason", "next_attempt_at", "published_at", "updated_at"]
+    )
+    DeliveryEvent.objects.bulk_create(
+        [history_event(delivery=d, status=DeliveryStatus.QUEUED, reason=reason, at=now) for d in deliveries]
+    )
 
 
 def _standby_cancel(*, deliveries: list[Delivery], reason: str, now: datetime) -> None:

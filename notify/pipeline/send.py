@@ -7,6 +7,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import cached_property
 from uuid import UUID
 
 from django.conf import settings
@@ -15,7 +16,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from apps.catalog.models import Category, CategoryKind
-from apps.deliveries.models import CLAIMABLE_STATUSES, Delivery, DeliveryStatus, Event
+from apps.deliveries.models import CLAIMABLE_STATUSES, Delivery, DeliveryStatus, Event, Provider
 from apps.recipients.tokens import PREFERENCES, UNSUBSCRIBE, recipient_link
 from apps.tenants.models import Tenant
 from notify.channels import channel_for_provider, channel_get
@@ -26,10 +27,10 @@ from notify.pipeline.record import outcomes_record
 from notify.pipeline.routing import chains_advance
 from notify.policy.caps import budget_verdict, cap_verdict
 from notify.policy.preferences import category_rules, recipient_rules_many, tenant_rules
-from notify.policy.rules import Verdict, verdict
+from notify.policy.rules import CategoryRules, TenantRules, Verdict, verdict
 from notify.policy.suppression import suppressed_addresses
 from notify.resilience.failures import FailureKind
-from notify.resilience.providers import providers_send
+from notify.resilience.providers import providers_of, providers_send
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
         event_data=dict(Event.objects.filter(id__in={n.event_id for n in notifications}).values_list("id", "data")),
         categories=Category.objects.in_bulk({n.category_id for n in notifications}),
         tenants=Tenant.objects.in_bulk({n.tenant_id for n in notifications}),
+        providers=providers_of(channel=deliveries[0].channel),
     )
     by_id = {d.id: d for d in deliveries}
     lease = timedelta(seconds=settings.NOTIFY_LEASE_SECONDS)
@@ -151,6 +153,16 @@ class BatchContext:
     event_data: dict[UUID, dict]
     categories: dict[int, Category]
     tenants: dict[UUID, Tenant]
+    providers: list[Provider]
+
+    # The policy's view of each category and tenant, built once per batch, not per delivery.
+    @cached_property
+    def category_rules(self) -> dict[int, CategoryRules]:
+        return {pk: category_rules(category=category) for pk, category in self.categories.items()}
+
+    @cached_property
+    def tenant_rules(self) -> dict[UUID, TenantRules]:
+        return {pk: tenant_rules(tenant=tenant) for pk, tenant in self.tenants.items()}
 
 
 def withheld_outcome(*, delivery: Delivery, decision: Verdict) -> SendOutcome:
@@ -194,8 +206,8 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
         # What the person asked for, read now: a change made after the event still applies.
         decision = verdict(
             recipient=recipients_rules[recipient.id],
-            category=category_rules(category=category),
-            tenant=tenant_rules(tenant=tenant),
+            category=context.category_rules[category.id],
+            tenant=context.tenant_rules[tenant.id],
             channel=channel.name,
             created_at=notification.created_at,
             now=now,
@@ -254,7 +266,11 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
         )
     if messages:
         try:
-            outcomes.extend(providers_send(channel=channel, messages=messages, channel_for=channel_for_provider))
+            outcomes.extend(
+                providers_send(
+                    channel=channel, messages=messages, providers=context.providers, channel_for=channel_for_provider
+                )
+            )
         except Exception as error:  # noqa: BLE001 - a channel must not strand a leased chunk
             logger.exception("the %s channel raised while sending %d messages", channel.name, len(messages))
             channel.reset()

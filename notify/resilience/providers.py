@@ -46,12 +46,21 @@ class ProviderDown(Exception):
         self.outcomes = outcomes
 
 
+def providers_of(*, channel: str) -> list[Provider]:
+    """The channel's provider accounts; read once per batch."""
+    return list(Provider.objects.filter(channel=channel))
+
+
 def providers_send(
-    *, channel: Channel, messages: list[OutboundMessage], channel_for: Callable[[Provider], Channel]
+    *,
+    channel: Channel,
+    messages: list[OutboundMessage],
+    providers: list[Provider],
+    channel_for: Callable[[Provider], Channel],
 ) -> list[SendOutcome]:
     """Send through the channel's providers with failover; the configured default provider
     when the channel has none."""
-    providers = _ordered(list(Provider.objects.filter(channel=channel.name)))
+    providers = _ordered(providers)
     if not providers:
         return channel.send_batch(messages=messages)
     final: dict[Any, SendOutcome] = {}
