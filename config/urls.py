@@ -4,7 +4,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, Spec
 
 from apps.deliveries.views import twilio_inbound, twilio_status_callback
 from apps.recipients import demo_views
-from apps.recipients.preference_center import preference_center, unsubscribe_page
+from apps.recipients.preference_center import preference_center, preferences_from_email, unsubscribe_page
 
 urlpatterns = [
     path("admin/", admin.site.urls),
@@ -13,6 +13,8 @@ urlpatterns = [
     path("anymail/", include("anymail.urls")),
     path("preferences/<str:token>", preference_center, name="preference-center"),
     path("unsubscribe/<str:token>", unsubscribe_page, name="unsubscribe"),
+    # A message's preferences link: its unsubscribe link plus /preferences (tokens.email_links).
+    path("unsubscribe/<str:token>/preferences", preferences_from_email, name="preferences-from-email"),
     path("webhooks/twilio/status", twilio_status_callback, name="twilio-status"),
     path("webhooks/twilio/inbound", twilio_inbound, name="twilio-inbound"),
     path("demo/inbox/", demo_views.inbox_page, name="demo-inbox"),

@@ -8,3 +8,4 @@ class DeliveriesConfig(AppConfig):
     def ready(self) -> None:
         # Connects the email channel's provider-feedback receiver.
         import notify.channels.email  # noqa: F401
+        import notify.pipeline.bulk  # noqa: F401 - registers the any_of lookup

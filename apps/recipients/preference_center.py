@@ -241,3 +241,13 @@ def unsubscribe_page(request: HttpRequest, token: str) -> HttpResponse:
     if request.method == "POST":
         unsubscribe(recipient=recipient, category_key=extra["c"], channel=extra["ch"])
     return render(request, "preferences/unsubscribe.html", context)
+
+
+def preferences_from_email(request: HttpRequest, token: str) -> HttpResponse:
+    """A message's preferences link: its unsubscribe token, exchanged for a preference-center
+    link (apps.recipients.tokens.email_links)."""
+    link = _link_read(request, purpose=UNSUBSCRIBE, token=token)
+    if isinstance(link, HttpResponse):
+        return link
+    recipient, _ = link
+    return redirect(recipient_link(purpose=PREFERENCES, recipient_id=recipient.id))

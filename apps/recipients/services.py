@@ -58,8 +58,8 @@ def preferences_get(*, recipient: Recipient) -> PreferenceSet:
 def preferences_update(*, recipient: Recipient, fields: dict[str, Any], merge: bool) -> PreferenceSet:
     """Save validated preference fields. With `merge`, `channels` and `categories` change only
     the keys given, a null removing a key (back to the default), and other fields given are
-    replaced; without it, whatever is left out goes back to its default. The preference cache
-    is invalidated when this commits (notify.policy.preferences)."""
+    replaced; without it, whatever is left out goes back to its default. The next send reads
+    them from the database (notify.policy.preferences)."""
     if not merge:
         defaults = PreferenceSet(recipient=recipient)
         fields = {name: fields.get(name, getattr(defaults, name)) for name in PREFERENCE_FIELDS}

@@ -1,9 +1,38 @@
-"""Bulk inserts for the hot path: the thousands of rows one ingest or one batch writes."""
+"""Bulk statements for the hot path: the thousands of rows one ingest or one batch reads and
+writes."""
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
+from uuid import UUID
 
+from django.core.exceptions import EmptyResultSet
 from django.db import connection, models
+from django.db.models.lookups import In
 from psycopg.types.json import Jsonb
+
+
+@models.UUIDField.register_lookup
+class AnyOf(In):
+    """`id__any_of=[...]` on a uuid field: IN, written on PostgreSQL as `= ANY(%s)` with the values as one
+    array. The statement's text is then the same for 1 or 500 values, so the driver converts
+    it once and PostgreSQL parses a short statement, instead of one with 500 placeholders
+    each time; that conversion cost more than the claim's work did."""
+
+    lookup_name = "any_of"
+
+    def as_postgresql(self, compiler: Any, connection: Any) -> tuple[str, list[Any]]:
+        if not self.rhs:
+            raise EmptyResultSet
+        lhs, lhs_params = self.process_lhs(compiler, connection)
+        return f"{lhs} = ANY(%s::uuid[])", [*lhs_params, uuid_array(self.rhs)]
+
+
+def uuid_array(values: Iterable[UUID | str]) -> str:
+    """A uuid[] parameter, as PostgreSQL's array text. The driver would adapt a list element
+    by element and quote each one; joining them is several times cheaper, and a uuid needs
+    no quoting inside an array."""
+    return "{" + ",".join(map(str, values)) + "}"
+
 
 # Below this many rows a plain multi-row INSERT is as cheap as COPY and needs fewer round trips.
 COPY_FROM_ROWS = 50

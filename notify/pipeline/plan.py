@@ -229,6 +229,15 @@ def variant_resolve(*, version_id: int, channel: str, locale: str, default_local
     return next(v for (c, _), v in sorted(variants.items()) if c == channel)
 
 
+def variant_mentions_recipient(*, variant: TemplateVariant) -> bool:
+    """Whether the content can differ between recipients of one event (beyond their locale and
+    timezone). A plain text search: it may say yes when the word is in a literal, never no
+    when it is used."""
+    return any(
+        "recipient" in part for part in (variant.subject, variant.title, variant.body, variant.html, variant.link)
+    )
+
+
 @lru_cache(maxsize=4096)
 def _compiled(source: str) -> DjangoTemplate:
     return ENGINE.from_string(source)

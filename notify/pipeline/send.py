@@ -5,7 +5,7 @@ delivery is never sent by two workers at once."""
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
 from uuid import UUID
@@ -17,12 +17,12 @@ from django.utils import timezone
 
 from apps.catalog.models import Category, CategoryKind
 from apps.deliveries.models import CLAIMABLE_STATUSES, Delivery, DeliveryStatus, Event, Provider
-from apps.recipients.tokens import PREFERENCES, UNSUBSCRIBE, recipient_link
+from apps.recipients.tokens import email_links
 from apps.tenants.models import Tenant
 from notify.channels import channel_for_provider, channel_get
-from notify.channels.base import OutboundMessage, SendOutcome
+from notify.channels.base import OutboundMessage, RenderedContent, SendOutcome
 from notify.pipeline.dispatch import paused_channels
-from notify.pipeline.plan import content_render, variant_resolve
+from notify.pipeline.plan import content_render, variant_mentions_recipient, variant_resolve
 from notify.pipeline.record import outcomes_record
 from notify.pipeline.routing import chains_advance
 from notify.policy.caps import budget_verdict, cap_verdict
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 # killed mid-batch leaves at most one chunk to be sent again (which a provider that honours
 # idempotency keys accepts once). The lease is renewed between chunks once half of it has
 # passed, so it must only outlast two chunks' sending.
-RECORD_CHUNK = 100
+RECORD_CHUNK = 250
 
 
 SEND_FIELDS = (
@@ -64,6 +64,11 @@ SEND_FIELDS = (
     "notification__recipient__locale",
     "notification__recipient__timezone",
     "notification__recipient__attributes",
+    # The recipient's own settings, read with its deliveries: what the database holds now.
+    *(
+        f"notification__recipient__preferences__{name}"
+        for name in ("paused", "paused_until", "channels", "categories", "quiet_hours")
+    ),
 )
 
 
@@ -71,28 +76,28 @@ def deliveries_claim(*, delivery_ids: list[str]) -> tuple[UUID, list[Delivery]]:
     """Lease every due, claimable delivery among the ids; return the lease token and them."""
     now = timezone.now()
     token = uuid.uuid4()
+    # One statement: rows another worker holds are skipped, not waited for.
+    claimable = (
+        Delivery.objects.select_for_update(skip_locked=True)
+        .filter(id__any_of=delivery_ids, status__in=CLAIMABLE_STATUSES, next_attempt_at__lte=now)
+        # A paused channel's deliveries stay queued, untouched, until it resumes.
+        .exclude(channel__in=paused_channels())
+        .values("id")
+    )
     with transaction.atomic():
-        claimable = list(
-            Delivery.objects.select_for_update(skip_locked=True)
-            .filter(id__in=delivery_ids, status__in=CLAIMABLE_STATUSES, next_attempt_at__lte=now)
-            # A paused channel's deliveries stay queued, untouched, until it resumes.
-            .exclude(channel__in=paused_channels())
-            .values_list("id", flat=True)
+        claimed = Delivery.objects.filter(id__in=claimable).update(
+            status=DeliveryStatus.SENDING,
+            attempt_count=F("attempt_count") + 1,
+            lease_token=token,
+            lease_expires_at=now + timedelta(seconds=settings.NOTIFY_LEASE_SECONDS),
+            updated_at=now,
         )
-        if claimable:
-            Delivery.objects.filter(id__in=claimable).update(
-                status=DeliveryStatus.SENDING,
-                attempt_count=F("attempt_count") + 1,
-                lease_token=token,
-                lease_expires_at=now + timedelta(seconds=settings.NOTIFY_LEASE_SECONDS),
-                updated_at=now,
-            )
-    if not claimable:
+    if not claimed:
         return token, []
     # Only what sending needs: fewer columns to fetch and timestamps to parse for each row.
     deliveries = list(
-        Delivery.objects.filter(id__in=claimable, lease_token=token)
-        .select_related("notification__recipient")
+        Delivery.objects.filter(id__any_of=delivery_ids, lease_token=token)
+        .select_related("notification__recipient__preferences")
         .only(*SEND_FIELDS)
     )
     return token, deliveries
@@ -138,7 +143,7 @@ def _lease_renew(*, lease_token: UUID, deliveries: list[Delivery]) -> list[Deliv
     expired were re-queued by the sweeper and are another worker's now: not sent here."""
     now = timezone.now()
     held = Delivery.objects.filter(
-        id__in=[d.id for d in deliveries], lease_token=lease_token, status=DeliveryStatus.SENDING
+        id__any_of=[d.id for d in deliveries], lease_token=lease_token, status=DeliveryStatus.SENDING
     )
     renewed = held.update(lease_expires_at=now + timedelta(seconds=settings.NOTIFY_LEASE_SECONDS), updated_at=now)
     if renewed == len(deliveries):
@@ -154,6 +159,7 @@ class BatchContext:
     categories: dict[int, Category]
     tenants: dict[UUID, Tenant]
     providers: list[Provider]
+    shared_content: dict[tuple, RenderedContent] = field(default_factory=dict)
 
     # The policy's view of each category and tenant, built once per batch, not per delivery.
     @cached_property
@@ -163,6 +169,31 @@ class BatchContext:
     @cached_property
     def tenant_rules(self) -> dict[UUID, TenantRules]:
         return {pk: tenant_rules(tenant=tenant) for pk, tenant in self.tenants.items()}
+
+    def content_for(self, *, delivery: Delivery, channel: str) -> RenderedContent:
+        """The delivery's content. A bulk event goes to many people with the same data: a
+        template that does not mention the recipient renders the same for everyone with the
+        same locale and timezone, so it is rendered once per batch for each of those."""
+        notification, recipient = delivery.notification, delivery.notification.recipient
+        tenant = self.tenants[notification.tenant_id]
+        variant = variant_resolve(
+            version_id=notification.template_version_id,
+            channel=channel,
+            locale=notification.locale,
+            default_locale=tenant.default_locale,
+        )
+        locale = notification.locale or tenant.default_locale
+        shared_key = None
+        if not variant_mentions_recipient(variant=variant):
+            shared_key = (variant.pk, notification.event_id, locale, recipient.timezone)
+            if shared_key in self.shared_content:
+                return self.shared_content[shared_key]
+        content = content_render(
+            variant=variant, data=self.event_data[notification.event_id], recipient=recipient, locale=locale
+        )
+        if shared_key is not None:
+            self.shared_content[shared_key] = content
+        return content
 
 
 def withheld_outcome(*, delivery: Delivery, decision: Verdict) -> SendOutcome:
@@ -183,7 +214,14 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
         )
         for tenant_id in {d.notification.tenant_id for d in deliveries}
     }
-    recipients_rules = recipient_rules_many(recipients=[d.notification.recipient for d in deliveries])
+    recipients_rules = recipient_rules_many(
+        recipients=[d.notification.recipient for d in deliveries],
+        with_consents={
+            d.notification.recipient_id
+            for d in deliveries
+            if context.categories[d.notification.category_id].kind == CategoryKind.MARKETING
+        },
+    )
     now = timezone.now()
     for delivery in deliveries:
         notification = delivery.notification
@@ -215,19 +253,8 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
         if not decision.send:
             outcomes.append(withheld_outcome(delivery=delivery, decision=decision))
             continue
-        variant = variant_resolve(
-            version_id=notification.template_version_id,
-            channel=channel.name,
-            locale=notification.locale,
-            default_locale=tenant.default_locale,
-        )
         try:
-            content = content_render(
-                variant=variant,
-                data=context.event_data[notification.event_id],
-                recipient=recipient,
-                locale=notification.locale or tenant.default_locale,
-            )
+            content = context.content_for(delivery=delivery, channel=channel.name)
         except Exception as error:  # noqa: BLE001 - any rendering error, including a template's
             # The pinned version renders the same way on every attempt: retrying cannot help.
             logger.exception("rendering delivery %s failed", delivery.id)
@@ -247,12 +274,7 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
             continue
         links = {}
         if channel.wants_links and category.kind != CategoryKind.CRITICAL:
-            links = {
-                "unsubscribe_url": recipient_link(
-                    purpose=UNSUBSCRIBE, recipient_id=recipient.id, c=category.key, ch=channel.name
-                ),
-                "preferences_url": recipient_link(purpose=PREFERENCES, recipient_id=recipient.id),
-            }
+            links = email_links(recipient_id=recipient.id, category_key=category.key, channel=channel.name)
         messages.append(
             OutboundMessage(
                 delivery_id=delivery.id,

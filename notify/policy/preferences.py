@@ -1,52 +1,53 @@
-"""Recipients' preferences and consents, read through a Redis cache for planning and sending.
+"""Recipients' preferences and consents, as the send stage applies them.
 
-Each recipient has a generation number in the cache, and their cached settings live under a
-key that includes it. A change bumps the generation once its transaction commits, so the
-very next read misses and loads from the database. A reader that loaded the old settings
-just before the change can only write them under the old generation, which nobody reads
-again: no race can put stale settings back."""
+The send stage loads each recipient's preferences in the same query that loads its claimed
+deliveries (a join on the one-to-one row), so what it applies is what the database holds at
+that moment: there is no cache to invalidate, and nothing can serve a stale opt-out. Consents
+decide marketing categories only, so only their recipients' consents are read."""
 
-import logging
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Collection, Iterable
+from typing import cast
 from uuid import UUID
 
-import redis
-from django.core.cache import cache
-from django.db import transaction
-from django.db.models.signals import post_delete, post_save
-from django.dispatch import receiver
-
 from apps.catalog.models import Category
-from apps.recipients.models import Consent, PreferenceSet, Recipient
+from apps.recipients.models import PreferenceSet, Recipient
 from apps.recipients.services import consents_standing
 from apps.tenants.models import Tenant
 from notify.policy.rules import CategoryRules, RecipientRules, TenantRules
 
-logger = logging.getLogger(__name__)
-CACHE_SECONDS = 3600
+# Loaded with the recipient by select_related("...recipient__preferences"), or not yet.
+_PREFERENCES = Recipient.preferences.related  # type: ignore[attr-defined]
 
 
-def recipient_rules_many(*, recipients: Iterable[Recipient]) -> dict[UUID, RecipientRules]:
-    """Each recipient's settings and consents, from the cache where it has them."""
-    by_id = {recipient.id: recipient for recipient in recipients}
-    try:
-        generations = cache.get_many([_generation_key(rid) for rid in by_id])
-        keys = {rid: _settings_key(rid, generations.get(_generation_key(rid), 0)) for rid in by_id}
-        found = cache.get_many(list(keys.values()))
-    except redis.RedisError:  # the cache is a shortcut: without it, read the database
-        logger.warning("preference cache unreadable; reading preferences from the database", exc_info=True)
-        loaded = _settings_load(recipient_ids=list(by_id))
-        return {rid: RecipientRules(**loaded[rid], timezone=by_id[rid].timezone) for rid in by_id}
-    missing = [rid for rid, key in keys.items() if key not in found]
-    if missing:
-        loaded = _settings_load(recipient_ids=missing)
-        found.update({keys[rid]: loaded[rid] for rid in missing})
-        try:
-            cache.set_many({keys[rid]: loaded[rid] for rid in missing}, CACHE_SECONDS)
-        except redis.RedisError:
-            logger.warning("preference cache not written", exc_info=True)
-    return {rid: RecipientRules(**found[keys[rid]], timezone=by_id[rid].timezone) for rid in by_id}
+def recipient_rules_many(
+    *, recipients: Iterable[Recipient], with_consents: Collection[UUID] = ()
+) -> dict[UUID, RecipientRules]:
+    """Each recipient's settings; the consents of those in `with_consents` (the recipients of
+    marketing categories) too. Preferences not loaded with the recipients are read now."""
+    recipients = list(recipients)
+    unloaded = {r.id for r in recipients if not _PREFERENCES.is_cached(r)}
+    read_now: dict[UUID, PreferenceSet] = PreferenceSet.objects.in_bulk(list(unloaded)) if unloaded else {}
+    consents = consents_standing(recipient_ids=list(with_consents)) if with_consents else {}
+    rules: dict[UUID, RecipientRules] = {}
+    for recipient in recipients:
+        preferences = cast(
+            PreferenceSet | None,
+            read_now.get(recipient.id) if recipient.id in unloaded else _PREFERENCES.get_cached_value(recipient),
+        )
+        standing = {channel: consent.granted for channel, consent in consents.get(recipient.id, {}).items()}
+        if preferences is None:
+            rules[recipient.id] = RecipientRules(consents=standing, timezone=recipient.timezone)
+            continue
+        rules[recipient.id] = RecipientRules(
+            paused=preferences.paused,
+            paused_until=preferences.paused_until,
+            channels=preferences.channels,
+            categories=preferences.categories,
+            quiet_hours=preferences.quiet_hours,
+            consents=standing,
+            timezone=recipient.timezone,
+        )
+    return rules
 
 
 def category_rules(*, category: Category) -> CategoryRules:
@@ -60,51 +61,3 @@ def category_rules(*, category: Category) -> CategoryRules:
 
 def tenant_rules(*, tenant: Tenant) -> TenantRules:
     return TenantRules(channel_defaults=tenant.channel_defaults, quiet_hours=tenant.quiet_hours)
-
-
-def preferences_changed(*, recipient_id: UUID) -> None:
-    """Make the next read of this recipient's settings come from the database."""
-    key = _generation_key(recipient_id)
-
-    def bump() -> None:
-        try:
-            try:
-                cache.incr(key)
-            except ValueError:  # no generation yet
-                if not cache.add(key, 1, timeout=None):
-                    cache.incr(key)
-        except redis.RedisError:
-            # The change is saved; only the cache may be stale, for up to CACHE_SECONDS.
-            logger.error("preference cache not invalidated for %s", recipient_id, exc_info=True)
-
-    transaction.on_commit(bump)
-
-
-@receiver([post_save, post_delete], sender=PreferenceSet)
-@receiver([post_save, post_delete], sender=Consent)
-def _invalidate_on_change(sender: type, instance: PreferenceSet | Consent, **kwargs: Any) -> None:
-    # Every write path (the API, the preference center, the admin) goes through here.
-    preferences_changed(recipient_id=instance.recipient_id)
-
-
-def _generation_key(recipient_id: UUID) -> str:
-    return f"prefs-generation:{recipient_id}"
-
-
-def _settings_key(recipient_id: UUID, generation: int) -> str:
-    return f"prefs:{recipient_id}:{generation}"
-
-
-def _settings_load(*, recipient_ids: list[UUID]) -> dict[UUID, dict[str, Any]]:
-    settings: dict[UUID, dict[str, Any]] = {rid: {"consents": {}} for rid in recipient_ids}
-    for preferences in PreferenceSet.objects.filter(recipient_id__in=recipient_ids):
-        settings[preferences.recipient_id].update(
-            paused=preferences.paused,
-            paused_until=preferences.paused_until,
-            channels=preferences.channels,
-            categories=preferences.categories,
-            quiet_hours=preferences.quiet_hours,
-        )
-    for recipient_id, consents in consents_standing(recipient_ids=recipient_ids).items():
-        settings[recipient_id]["consents"] = {channel: c.granted for channel, c in consents.items()}
-    return settings

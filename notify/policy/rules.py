@@ -31,7 +31,7 @@ SUPPRESSED, DEFERRED, EXPIRED = "suppressed", "deferred", "expired"
 
 @dataclass(frozen=True)
 class RecipientRules:
-    """A recipient's own settings and consents, as cached (notify.policy.preferences)."""
+    """A recipient's own settings and consents, as read when sending (notify.policy.preferences)."""
 
     paused: bool = False
     paused_until: datetime | None = None

@@ -198,10 +198,14 @@ def breaker_reset(provider: Provider) -> None:
 
 # --- Rate limits ------------------------------------------------------------------------
 
-# KEYS[1]: the bucket. ARGV: rate per second, capacity, tokens wanted, now.
+# KEYS[1]: the bucket. ARGV: rate per second, capacity, tokens wanted.
 # Returns 0 when the tokens were taken, else the seconds to wait until they would be there.
+# The time is Redis's own: with each worker's clock, a call that read its clock first but ran
+# second would move the bucket's time back, and the interval between would refill twice.
 _TAKE = """
-local rate, capacity, wanted, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local rate, capacity, wanted = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'at')
 local tokens, at = tonumber(bucket[1]) or capacity, tonumber(bucket[2]) or now
 tokens = math.min(capacity, tokens + math.max(0, now - at) * rate)
@@ -232,7 +236,7 @@ def _tokens_take(*, provider: Provider, count: int) -> bool:
     deadline = time.monotonic() + RATE_WAIT_MAX_SECONDS
     take = _take_script()
     args = [provider.rate_per_second, _capacity(provider), count]
-    while wait := float(take(keys=[f"notify:rate:{provider.name}"], args=[*args, time.time()])):
+    while wait := float(take(keys=[f"notify:rate:{provider.name}"], args=args)):
         if time.monotonic() + wait > deadline:
             return False
         time.sleep(wait)

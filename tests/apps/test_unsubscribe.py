@@ -54,6 +54,18 @@ def test_one_click_unsubscribes_from_that_category_before_the_next_email(workspa
     assert send_now(ingest_one(workspace, category="digest")).status == DeliveryStatus.SENT
 
 
+def test_the_preferences_link_in_the_email_opens_the_recipients_preference_center(workspace, sandbox, ada):
+    text = sent_email(workspace, sandbox)["text"]
+    url = path_of(text.split("Your preferences: ")[1].split()[0])
+    response = Client().get(url)
+    assert response.status_code == 302
+    assert path_of(response["Location"]).startswith("/preferences/")
+    page = Client().get(path_of(response["Location"]))
+    assert page.status_code == 200
+    assert b"For ada@example.com." in page.content
+    assert Client().get(url.replace("/preferences", "xyz/preferences")).status_code == 403
+
+
 def test_the_link_in_the_email_asks_first_because_scanners_follow_links(workspace, sandbox, ada):
     text = sent_email(workspace, sandbox)["text"]
     url = path_of(text.split("Unsubscribe: ")[1].split()[0])

@@ -13,6 +13,7 @@ from django.test import Client
 from rest_framework.test import APIClient
 
 from apps.deliveries.models import DeadLetter, Delivery, DeliveryEvent, DeliveryStatus
+from notify.pipeline.send import RECORD_CHUNK
 from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
@@ -110,16 +111,17 @@ def test_exhausted_retries_become_a_dead_letter_and_an_admin_replay_delivers(api
 
 
 def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(api, workers, sandbox, settings):
-    settings.NOTIFY_BATCH_SIZE = {**settings.NOTIFY_BATCH_SIZE, "bulk": 200}  # two provider requests a batch
+    # Two chunks, so two provider requests, a batch.
+    settings.NOTIFY_BATCH_SIZE = {**settings.NOTIFY_BATCH_SIZE, "bulk": 2 * RECORD_CHUNK}
     sandbox.faults_set(latency_ms=400)
     doomed = workers.start("bulk")
-    notification_ids = trigger(api, category="digest", count=400)
+    notification_ids = trigger(api, category="digest", count=4 * RECORD_CHUNK)
     # Kill it while the second chunk of the first batch is at the provider: the first chunk
     # is recorded as sent, the second reaches the provider but is never recorded.
-    wait_for(lambda: sandbox.stats()["total"] >= 100, what="the first chunk to be accepted")
+    wait_for(lambda: sandbox.stats()["total"] >= RECORD_CHUNK, what="the first chunk to be accepted")
     time.sleep(0.15)
     doomed.kill()
-    assert statuses(notification_ids)[DeliveryStatus.SENDING] == 100
+    assert statuses(notification_ids)[DeliveryStatus.SENDING] == RECORD_CHUNK
 
     workers.start("bulk")
     workers.start("maintenance")
