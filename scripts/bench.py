@@ -296,6 +296,8 @@ class CriticalProbe:
         self.backlog_at_end = Delivery.objects.filter(priority="bulk").exclude(status__in=FINAL).count()
 
     def report(self, *, label: str) -> None:
+        if not self.totals_ms:
+            return
         totals, api = self.totals_ms, self.api_ms
         worker = [total - call for total, call in zip(totals, api, strict=True)]
         print(f"{label}: {len(totals)} sent, bulk backlog still unsent at the end: {self.backlog_at_end}")
@@ -307,6 +309,30 @@ class CriticalProbe:
             f"  of which the API call P50 {percentile(api, 0.5):.0f} ms, P99 {percentile(api, 0.99):.0f} ms; "
             f"queue, worker and provider P50 {percentile(worker, 0.5):.0f} ms, P99 {percentile(worker, 0.99):.0f} ms"
         )
+
+
+class CpuMeter:
+    """The machine's busy CPU time (all processes) between start() and the given moment, from
+    /proc/stat: what each notification cost in CPU, which a shared machine's noise moves less
+    than it moves wall-clock rates."""
+
+    def __init__(self) -> None:
+        self.busy_at_start = 0.0
+
+    @staticmethod
+    def busy_seconds() -> float:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+        idle = fields[3] + fields[4]  # idle and iowait
+        steal = fields[7] if len(fields) > 7 else 0
+        return (sum(fields[:8]) - idle - steal) / os.sysconf("SC_CLK_TCK")
+
+    def start(self) -> None:
+        self.busy_at_start = self.busy_seconds()
+
+    def report(self, *, count: int, seconds: float) -> str:
+        busy = self.busy_seconds() - self.busy_at_start
+        return f"CPU: {busy / seconds:.2f} of {os.cpu_count()} cores busy, {busy / count * 1e6:,.0f} µs of CPU a notification"
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -367,16 +393,20 @@ def main() -> None:
             f"ingest: {args.bulk} notifications accepted in {ingest_seconds:.1f} s = {args.bulk / ingest_seconds:,.0f}/s"
         )
         processes.start_workers()
+        cpu = CpuMeter()
         while final_count() == 0:
             time.sleep(0.01)
+        cpu.start()
+        drain_started = time.perf_counter()
         probe = CriticalProbe(headers=headers, count=args.critical, rate=args.critical_rate, prefix="p1-")
         probe.run()
-        wait_until_final(total=args.bulk + args.critical, timeout=1800)
+        drained_at = wait_until_final(total=args.bulk + args.critical, timeout=1800)
+        cpu_report = cpu.report(count=args.bulk, seconds=drained_at - drain_started)
         span = Delivery.objects.filter(priority="bulk").aggregate(first=Min("sent_at"), last=Max("sent_at"))
         drain_seconds = (span["last"] - span["first"]).total_seconds()
         print(
             f"drain: {args.bulk} queued notifications sent and recorded in {drain_seconds:.1f} s = "
-            f"{args.bulk / drain_seconds:,.0f}/s"
+            f"{args.bulk / drain_seconds:,.0f}/s; {cpu_report}"
         )
         probe.report(label="critical while that backlog drained")
 
@@ -385,6 +415,7 @@ def main() -> None:
         reset_database()
         endpoints_register(tenant_id=tenant.id, channel=args.channel, count=args.bulk, prefix="b")
         started = time.perf_counter()
+        cpu.start()
         backlog = threading.Thread(
             target=ingest_bulk,
             kwargs={
@@ -403,10 +434,11 @@ def main() -> None:
         probe.run()
         backlog.join()
         elapsed = wait_until_final(total=args.bulk + args.critical, timeout=1800) - started
+        cpu_report = cpu.report(count=args.bulk, seconds=elapsed)
         sent = Delivery.objects.filter(status=DeliveryStatus.SENT).count()
         print(
             f"end to end: {args.bulk} bulk notifications ingested and delivered in {elapsed:.1f} s = "
-            f"{args.bulk / elapsed:,.0f}/s sustained ({sent} sent in all)"
+            f"{args.bulk / elapsed:,.0f}/s sustained ({sent} sent in all); {cpu_report}"
         )
         probe.report(label="critical while bulk was ingested and drained at once")
     finally:

@@ -6,6 +6,7 @@ from django.db import models
 from apps.catalog.models import Category, Channel, Priority, TemplateVersion
 from apps.recipients.models import Recipient, validate_timezone
 from apps.tenants.models import ApiKey, Tenant
+from notify.pipeline.bulk import LeanLoading
 
 
 class Event(models.Model):
@@ -156,7 +157,7 @@ class DigestEntry(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
 
-class Notification(models.Model):
+class Notification(LeanLoading, models.Model):
     """One event for one recipient."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -207,7 +208,7 @@ class DeliveryStatus(models.TextChoices):
 CLAIMABLE_STATUSES = (DeliveryStatus.QUEUED, DeliveryStatus.RETRYING, DeliveryStatus.DEFERRED)
 
 
-class Delivery(models.Model):
+class Delivery(LeanLoading, models.Model):
     """One notification on one channel, with its own state and retry bookkeeping."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)

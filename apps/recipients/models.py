@@ -4,6 +4,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 
 from apps.tenants.models import Tenant
+from notify.pipeline.bulk import LeanLoading
 from notify.policy.rules import (
     validate_category_switches,
     validate_channel_order,
@@ -21,7 +22,7 @@ def validate_timezone(value: str) -> None:
         raise ValidationError(f"'{value}' is not an IANA timezone (for example Europe/Paris).")
 
 
-class Recipient(models.Model):
+class Recipient(LeanLoading, models.Model):
     """A person a tenant notifies, known by the tenant's own external id."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -43,7 +44,7 @@ class Recipient(models.Model):
         return self.external_id
 
 
-class PreferenceSet(models.Model):
+class PreferenceSet(LeanLoading, models.Model):
     """What a recipient asked for. A setting left out falls back to the category's or the
     tenant's default; the order of precedence is in notify/policy/rules.py."""
 

@@ -20,7 +20,7 @@ from anymail.signals import AnymailTrackingEvent, tracking
 from django.conf import settings
 from django.core.mail import EmailMultiAlternatives, get_connection
 from django.dispatch import receiver
-from django.utils.html import format_html
+from django.utils.html import escape
 
 from apps.recipients.models import Recipient
 from notify.channels.base import Channel, OutboundMessage, SendOutcome, request_never_reached, timed_outcome
@@ -100,10 +100,9 @@ def _with_footer(*, message: OutboundMessage, body: str, html: str) -> tuple[str
     """The unsubscribe and preference links, after the content in each part."""
     body = f"{body}\n\n--\nUnsubscribe: {message.unsubscribe_url}\nYour preferences: {message.preferences_url}"
     if html:
-        footer = format_html(
-            '<p style="font-size:12px;color:#666"><a href="{}">Unsubscribe</a> · <a href="{}">Your preferences</a></p>',
-            message.unsubscribe_url,
-            message.preferences_url,
+        footer = (
+            f'<p style="font-size:12px;color:#666"><a href="{escape(message.unsubscribe_url)}">Unsubscribe</a> · '
+            f'<a href="{escape(message.preferences_url)}">Your preferences</a></p>'
         )
         head, closing, tail = html.rpartition("</body>")
         html = f"{head}{footer}{closing}{tail}" if closing else f"{html}{footer}"

@@ -233,9 +233,12 @@ def variant_mentions_recipient(*, variant: TemplateVariant) -> bool:
     """Whether the content can differ between recipients of one event (beyond their locale and
     timezone). A plain text search: it may say yes when the word is in a literal, never no
     when it is used."""
-    return any(
-        "recipient" in part for part in (variant.subject, variant.title, variant.body, variant.html, variant.link)
-    )
+    return _mention_in(variant.subject, variant.title, variant.body, variant.html, variant.link)
+
+
+@lru_cache(maxsize=4096)
+def _mention_in(*parts: str) -> bool:
+    return any("recipient" in part for part in parts)
 
 
 @lru_cache(maxsize=4096)
