@@ -81,17 +81,25 @@ def rows_insert(*, objects: Sequence[models.Model]) -> None:
         model._default_manager.bulk_create(objects)
         return
     fields = [f for f in model._meta.concrete_fields if not isinstance(f, models.AutoField)]
+    # pre_save fills auto_now(_add) fields, as save() would.
+    rows_copy(model=model, fields=fields, rows=([f.pre_save(obj, add=True) for f in fields] for obj in objects))
+    for obj in objects:
+        obj._state.adding = False
+        obj._state.db = connection.alias
+
+
+def rows_copy(*, model: type[models.Model], fields: Sequence[Any], rows: Iterable[Sequence[Any]]) -> None:
+    """COPY rows of values, in the order of `fields`, into the model's table (PostgreSQL)."""
     columns = ", ".join(connection.ops.quote_name(str(f.column)) for f in fields)
-    json_fields = {f.attname for f in fields if isinstance(f, models.JSONField)}
+    json_positions = [i for i, f in enumerate(fields) if isinstance(f, models.JSONField)]
     connection.ensure_connection()
     with connection.cursor() as cursor:
         with cursor.cursor.copy(
             f"COPY {connection.ops.quote_name(str(model._meta.db_table))} ({columns}) FROM STDIN"
         ) as copy:
-            for obj in objects:
-                # pre_save fills auto_now(_add) fields, as save() would.
-                row = [f.pre_save(obj, add=True) for f in fields]
-                copy.write_row([Jsonb(v) if f.attname in json_fields else v for f, v in zip(fields, row, strict=True)])
-    for obj in objects:
-        obj._state.adding = False
-        obj._state.db = connection.alias
+            for row in rows:
+                if json_positions:
+                    row = list(row)
+                    for i in json_positions:
+                        row[i] = Jsonb(row[i])
+                copy.write_row(row)

@@ -9,13 +9,12 @@ from apps.deliveries.models import (
     ChannelSwitch,
     DeadLetter,
     Delivery,
-    DeliveryEvent,
     DeliveryStatus,
     Notification,
 )
 from notify.pipeline import dispatch
 from notify.pipeline.dispatch import deliveries_publish_on_commit
-from notify.pipeline.record import history_event
+from notify.pipeline.record import history_event, history_insert
 
 
 class NotCancellable(Exception):
@@ -40,8 +39,8 @@ def notification_cancel(*, notification: Notification, reason: str = "cancelled 
             delivery.status_reason = reason
             delivery.updated_at = now
         Delivery.objects.bulk_update(deliveries, fields=["status", "status_reason", "updated_at"])
-        DeliveryEvent.objects.bulk_create(
-            [history_event(delivery=d, status=DeliveryStatus.CANCELLED, reason=reason, at=now) for d in deliveries]
+        history_insert(
+            rows=[history_event(delivery=d, status=DeliveryStatus.CANCELLED, reason=reason, at=now) for d in deliveries]
         )
         Notification.objects.filter(pk=notification.pk).update(cancelled_at=now)
     return len(deliveries)
@@ -69,8 +68,8 @@ def dead_letters_replay(*, dead_letter_ids: list[int], actor: str) -> int:
             deliveries,
             fields=["status", "status_reason", "attempt_count", "next_attempt_at", "published_at", "updated_at"],
         )
-        DeliveryEvent.objects.bulk_create(
-            [history_event(delivery=d, status=DeliveryStatus.QUEUED, reason=reason, at=now) for d in deliveries]
+        history_insert(
+            rows=[history_event(delivery=d, status=DeliveryStatus.QUEUED, reason=reason, at=now) for d in deliveries]
         )
         DeadLetter.objects.filter(id__in=[dl.id for dl in dead_letters]).update(replayed_at=now, replayed_by=actor)
     return len(dead_letters)

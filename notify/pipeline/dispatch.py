@@ -25,11 +25,10 @@ from apps.deliveries.models import (
     ChannelSwitch,
     DeadLetter,
     Delivery,
-    DeliveryEvent,
     DeliveryStatus,
 )
 from config.queues import CHANNELS, PRIORITIES, dead_letter_queue, delivery_queue
-from notify.pipeline.record import history_event
+from notify.pipeline.record import history_event, history_insert
 from notify.resilience.failures import attempts_exhausted
 
 logger = logging.getLogger(__name__)
@@ -172,7 +171,7 @@ def _leases_expire(*, now: datetime) -> int:
                 "updated_at",
             ],
         )
-        DeliveryEvent.objects.bulk_create(history)
+        history_insert(rows=history)
         if dead_letters:
             DeadLetter.objects.bulk_create(dead_letters)
             dead_letters_announce(dead_letters=dead_letters)

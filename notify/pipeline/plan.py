@@ -13,13 +13,13 @@ from django.template import Context
 from django.template import Template as DjangoTemplate
 
 from apps.catalog.models import Category, Routing, TemplateVariant
-from apps.deliveries.models import Delivery, DeliveryEvent, DeliveryStatus, Event, Notification
+from apps.deliveries.models import Delivery, DeliveryStatus, Event, Notification
 from apps.recipients.models import PreferenceSet, Recipient
 from notify.channels import channel_get
 from notify.channels.base import RenderedContent
 from notify.pipeline.bulk import rows_insert
 from notify.pipeline.dispatch import deliveries_publish_on_commit
-from notify.pipeline.record import history_event
+from notify.pipeline.record import HistoryRow, history_event, history_insert
 from notify.pipeline.templating import ENGINE, formatting_for
 from notify.policy.suppression import suppressed_addresses
 
@@ -64,7 +64,7 @@ class LocalSendTime:
 class Plan:
     notifications: list[Notification]
     deliveries: list[Delivery]
-    history: list[DeliveryEvent]
+    history: list[HistoryRow]
 
 
 def notifications_plan(
@@ -193,7 +193,7 @@ def plan_save(*, plan: Plan, now: datetime) -> None:
     deliveries_publish_on_commit(deliveries=plan.deliveries, now=now)
     rows_insert(objects=plan.notifications)
     rows_insert(objects=plan.deliveries)
-    rows_insert(objects=plan.history)
+    history_insert(rows=plan.history)
 
 
 @lru_cache(maxsize=512)

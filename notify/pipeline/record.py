@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from uuid import UUID
 
 from django.db import connection, transaction
@@ -17,7 +18,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from apps.deliveries.models import DeadLetter, Delivery, DeliveryEvent, DeliveryStatus, EarlyFeedback
-from notify.pipeline.bulk import rows_insert, uuid_array
+from notify.pipeline.bulk import COPY_FROM_ROWS, rows_copy, uuid_array
 from notify.resilience.failures import FailureKind, attempts_exhausted, retry_delay
 
 if TYPE_CHECKING:  # the channels import this module for feedback
@@ -26,18 +27,34 @@ if TYPE_CHECKING:  # the channels import this module for feedback
 logger = logging.getLogger(__name__)
 
 
+class HistoryRow(NamedTuple):
+    """One state change of a delivery, for history_insert(): a plain tuple, because a batch
+    writes thousands and a model instance for each cost more than the writing."""
+
+    delivery_id: UUID
+    status: str
+    reason: str
+    attempt: int
+    detail: dict[str, Any]
+    created_at: datetime
+
+
+_HISTORY_FIELDS = [DeliveryEvent._meta.get_field(name) for name in ("delivery", *HistoryRow._fields[1:])]
+
+
 def history_event(
     *, delivery: Delivery, status: str, reason: str = "", at: datetime, detail: dict | None = None
-) -> DeliveryEvent:
-    """An unsaved history row for one state change of a delivery."""
-    return DeliveryEvent(
-        delivery_id=delivery.id,  # by id: cheaper than setting the relation, for thousands of rows
-        status=status,
-        reason=reason[:500],
-        attempt=delivery.attempt_count,
-        detail=detail or {},
-        created_at=at,
-    )
+) -> HistoryRow:
+    """A history row for one state change of a delivery, to insert with history_insert()."""
+    return HistoryRow(delivery.id, status, reason[:500], delivery.attempt_count, detail or {}, at)
+
+
+def history_insert(*, rows: Sequence[HistoryRow]) -> None:
+    """Append history rows: through COPY on PostgreSQL when there are many, else bulk_create()."""
+    if connection.vendor == "postgresql" and len(rows) >= COPY_FROM_ROWS:
+        rows_copy(model=DeliveryEvent, fields=_HISTORY_FIELDS, rows=rows)
+    elif rows:
+        DeliveryEvent.objects.bulk_create([DeliveryEvent(**row._asdict()) for row in rows])
 
 
 def outcomes_record(*, lease_token: UUID, deliveries: dict[UUID, Delivery], outcomes: list[SendOutcome]) -> None:
@@ -45,7 +62,7 @@ def outcomes_record(*, lease_token: UUID, deliveries: dict[UUID, Delivery], outc
     now = timezone.now()
     sent = [o for o in outcomes if o.ok]
     failed = [o for o in outcomes if not o.ok]
-    history: list[DeliveryEvent] = []
+    history: list[HistoryRow] = []
     with transaction.atomic():
         if sent:
             held = _sent_mark(lease_token=lease_token, outcomes=sent, now=now)
@@ -64,7 +81,7 @@ def outcomes_record(*, lease_token: UUID, deliveries: dict[UUID, Delivery], outc
                     )
         if failed:
             history.extend(_failures_record(lease_token=lease_token, deliveries=deliveries, outcomes=failed, now=now))
-        rows_insert(objects=history)
+        history_insert(rows=history)
         early_feedback_apply(delivery_ids=[o.delivery_id for o in outcomes])
     if len(history) < len(outcomes):
         logger.warning("lease lost for %d deliveries; another worker owns them now", len(outcomes) - len(history))
@@ -152,7 +169,7 @@ def failure_apply(
 
 def _failures_record(
     *, lease_token: UUID, deliveries: dict[UUID, Delivery], outcomes: list[SendOutcome], now: datetime
-) -> list[DeliveryEvent]:
+) -> list[HistoryRow]:
     from notify.pipeline import dispatch  # dispatch publishes; record is imported by it
 
     held = set(
@@ -160,7 +177,7 @@ def _failures_record(
         .filter(id__in=[o.delivery_id for o in outcomes], lease_token=lease_token, status=DeliveryStatus.SENDING)
         .values_list("id", flat=True)
     )
-    history: list[DeliveryEvent] = []
+    history: list[HistoryRow] = []
     dead_letters: list[DeadLetter] = []
     retries: dict[tuple[str, str], list[Delivery]] = defaultdict(list)
     deferrals: dict[tuple[str, str, datetime], list[Delivery]] = defaultdict(list)
@@ -338,13 +355,14 @@ def _feedback_apply(*, delivery: Delivery, feedback: Feedback) -> bool:
 
     if feedback.normalized_status in INFORMATIONAL_FEEDBACK:
         reason = f"{INFORMATIONAL_FEEDBACK[feedback.normalized_status]}: {feedback.reason}".rstrip(": ")
-        history_event(
+        row = history_event(
             delivery=delivery,
             status=delivery.status,
             reason=reason,
             at=timezone.now(),
             detail={"provider_status": feedback.provider_status},
-        ).save()
+        )
+        history_insert(rows=[row])
         return True
     if feedback.normalized_status not in FEEDBACK_TRANSITIONS:
         return False
@@ -375,11 +393,15 @@ def _feedback_apply(*, delivery: Delivery, feedback: Feedback) -> bool:
     delivery.save(
         update_fields=["status", "status_reason", "next_attempt_at", "published_at", "resend_round", "updated_at"]
     )
-    history_event(
-        delivery=delivery,
-        status=delivery.status,
-        reason=delivery.status_reason or "provider feedback",
-        at=now,
-        detail=detail,
-    ).save()
+    history_insert(
+        rows=[
+            history_event(
+                delivery=delivery,
+                status=delivery.status,
+                reason=delivery.status_reason or "provider feedback",
+                at=now,
+                detail=detail,
+            )
+        ]
+    )
     return True

@@ -20,10 +20,10 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from apps.deliveries.models import Delivery, DeliveryEvent, DeliveryStatus, Notification
+from apps.deliveries.models import Delivery, DeliveryStatus, Notification
 from apps.inbox.models import InboxItem
 from notify.pipeline.dispatch import deliveries_publish_on_commit
-from notify.pipeline.record import history_event
+from notify.pipeline.record import history_event, history_insert
 
 # Providers of these channels confirm nothing after accepting: sent is as far as they go.
 SENT_IS_REACHED = frozenset({"push", "webpush", "inapp"})
@@ -184,8 +184,8 @@ def _standby_activate(*, deliveries: list[Delivery], reason: str, now: datetime)
     Delivery.objects.bulk_update(
         deliveries, fields=["status", "status_reason", "next_attempt_at", "published_at", "updated_at"]
     )
-    DeliveryEvent.objects.bulk_create(
-        [history_event(delivery=d, status=DeliveryStatus.QUEUED, reason=reason, at=now) for d in deliveries]
+    history_insert(
+        rows=[history_event(delivery=d, status=DeliveryStatus.QUEUED, reason=reason, at=now) for d in deliveries]
     )
 
 
@@ -193,8 +193,8 @@ def _standby_cancel(*, deliveries: list[Delivery], reason: str, now: datetime) -
     for delivery in deliveries:
         delivery.status, delivery.status_reason, delivery.updated_at = DeliveryStatus.CANCELLED, reason, now
     Delivery.objects.bulk_update(deliveries, fields=["status", "status_reason", "updated_at"])
-    DeliveryEvent.objects.bulk_create(
-        [history_event(delivery=d, status=DeliveryStatus.CANCELLED, reason=reason, at=now) for d in deliveries]
+    history_insert(
+        rows=[history_event(delivery=d, status=DeliveryStatus.CANCELLED, reason=reason, at=now) for d in deliveries]
     )
 
 
