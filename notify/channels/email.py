@@ -6,6 +6,7 @@ still built by anymail; other ESPs send a batch message by message on one connec
 
 import json
 import time
+from html import escape
 from typing import Any
 
 import requests
@@ -20,7 +21,6 @@ from anymail.signals import AnymailTrackingEvent, tracking
 from django.conf import settings
 from django.core.mail import EmailMultiAlternatives, get_connection
 from django.dispatch import receiver
-from django.utils.html import escape
 
 from apps.recipients.models import Recipient
 from notify.channels.base import Channel, OutboundMessage, SendOutcome, request_never_reached, timed_outcome

@@ -6,10 +6,23 @@ from typing import Any, Self
 from uuid import UUID
 
 from django.core.exceptions import EmptyResultSet
-from django.db import connection, models
+from django.db import OperationalError, connection, models
 from django.db.models.base import ModelState
 from django.db.models.lookups import In
 from psycopg.types.json import Jsonb
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random
+
+
+def _is_lock_conflict(error: BaseException) -> bool:
+    """A deadlock or serialization failure: the database rolled back, and a retry is safe."""
+    return isinstance(error, OperationalError) and getattr(error.__cause__, "sqlstate", None) in ("40P01", "40001")
+
+
+# For a transaction that takes many row locks at once: run it again if PostgreSQL aborted it
+# to break a deadlock with another such transaction.
+retry_lock_conflicts = retry(
+    retry=retry_if_exception(_is_lock_conflict), stop=stop_after_attempt(3), wait=wait_random(0, 0.05), reraise=True
+)
 
 
 @models.UUIDField.register_lookup

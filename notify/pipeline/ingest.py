@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from django.db import IntegrityError, OperationalError, transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
-from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random
 
 from apps.catalog.models import Category, Priority
 from apps.deliveries.models import Event
 from apps.recipients.models import Recipient
 from apps.tenants.models import ApiKey, Tenant
+from notify.pipeline.bulk import retry_lock_conflicts
 from notify.pipeline.digest import digest_collect
 from notify.pipeline.plan import LocalSendTime, PlanError, notifications_plan, plan_save
 from notify.resilience.backpressure import bulk_admission, recipients_admission
@@ -77,13 +77,8 @@ def request_digest(*, body: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _is_lock_conflict(error: BaseException) -> bool:
-    """A deadlock or serialization failure: the database rolled back, and a retry is safe."""
-    return isinstance(error, OperationalError) and getattr(error.__cause__, "sqlstate", None) in ("40P01", "40001")
-
-
 # Concurrent upserts of overlapping recipients can deadlock; PostgreSQL aborts one of them.
-@retry(retry=retry_if_exception(_is_lock_conflict), stop=stop_after_attempt(3), wait=wait_random(0, 0.05), reraise=True)
+@retry_lock_conflicts
 def events_ingest(
     *, events: list[EventRequest], api_key: ApiKey | None = None, tenant: Tenant | None = None
 ) -> list[IngestResult]:

@@ -172,11 +172,15 @@ def _failures_record(
 ) -> list[HistoryRow]:
     from notify.pipeline import dispatch  # dispatch publishes; record is imported by it
 
-    held = set(
-        Delivery.objects.select_for_update()
-        .filter(id__in=[o.delivery_id for o in outcomes], lease_token=lease_token, status=DeliveryStatus.SENDING)
-        .values_list("id", flat=True)
-    )
+    # With the two times the send stage did not load: only a failure needs them.
+    held: dict[UUID, Any] = {
+        row[0]: row[1:]
+        for row in Delivery.objects.select_for_update()
+        .filter(id__any_of=[o.delivery_id for o in outcomes], lease_token=lease_token, status=DeliveryStatus.SENDING)
+        .values_list("id", "next_attempt_at", "published_at")
+    }
+    for delivery_id, times in held.items():
+        deliveries[delivery_id].next_attempt_at, deliveries[delivery_id].published_at = times
     history: list[HistoryRow] = []
     dead_letters: list[DeadLetter] = []
     retries: dict[tuple[str, str], list[Delivery]] = defaultdict(list)

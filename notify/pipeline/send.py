@@ -11,7 +11,6 @@ from functools import cached_property
 from uuid import UUID
 
 from django.conf import settings
-from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -21,6 +20,7 @@ from apps.recipients.tokens import email_links
 from apps.tenants.models import Tenant
 from notify.channels import channel_for_provider, channel_get
 from notify.channels.base import OutboundMessage, RenderedContent, SendOutcome
+from notify.pipeline.bulk import retry_lock_conflicts
 from notify.pipeline.dispatch import paused_channels
 from notify.pipeline.plan import content_render, variant_mentions_recipient, variant_resolve
 from notify.pipeline.record import outcomes_record
@@ -47,8 +47,6 @@ SEND_FIELDS = (
     "priority",
     "attempt_count",
     "resend_round",
-    "next_attempt_at",
-    "published_at",
     "notification__id",
     "notification__created_at",
     "step",
@@ -72,26 +70,28 @@ SEND_FIELDS = (
 )
 
 
+@retry_lock_conflicts
 def deliveries_claim(*, delivery_ids: list[str]) -> tuple[UUID, list[Delivery]]:
     """Lease every due, claimable delivery among the ids; return the lease token and them."""
     now = timezone.now()
     token = uuid.uuid4()
-    # One statement: rows another worker holds are skipped, not waited for.
-    claimable = (
-        Delivery.objects.select_for_update(skip_locked=True)
-        .filter(id__any_of=delivery_ids, status__in=CLAIMABLE_STATUSES, next_attempt_at__lte=now)
+    # One statement, which re-checks each row's status once it holds the row: of two workers
+    # given the same ids (a republished batch), the second waits for the first's claim to
+    # commit, then finds the rows leased and leaves them. (Locking them first with SKIP
+    # LOCKED wrote every row twice.) Should it deadlock with another multi-row update, it
+    # is run again.
+    claimed = (
+        Delivery.objects.filter(id__any_of=delivery_ids, status__in=CLAIMABLE_STATUSES, next_attempt_at__lte=now)
         # A paused channel's deliveries stay queued, untouched, until it resumes.
         .exclude(channel__in=paused_channels())
-        .values("id")
-    )
-    with transaction.atomic():
-        claimed = Delivery.objects.filter(id__in=claimable).update(
+        .update(
             status=DeliveryStatus.SENDING,
             attempt_count=F("attempt_count") + 1,
             lease_token=token,
             lease_expires_at=now + timedelta(seconds=settings.NOTIFY_LEASE_SECONDS),
             updated_at=now,
         )
+    )
     if not claimed:
         return token, []
     # Only what sending needs: fewer columns to fetch and timestamps to parse for each row.

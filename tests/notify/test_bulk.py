@@ -1,13 +1,19 @@
 """The hot path's database building blocks, on the real PostgreSQL: the any_of lookup and
-lean loading give the same answers as Django's own IN and __init__."""
+lean loading give the same answers as Django's own IN and __init__, and concurrent claims
+lease each delivery once."""
 
+import random
+import threading
 import uuid
 
+import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from apps.deliveries.models import Delivery
 from apps.recipients.models import PreferenceSet, Recipient
+from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
+from notify.pipeline.send import deliveries_claim
 from tests.notify.test_send import ingest_one
 
 
@@ -42,3 +48,44 @@ def test_a_lean_loaded_instance_behaves_as_djangos(workspace):
     PreferenceSet.objects.create(recipient=lean.notification.recipient, channels={"sms": False})
     recipient = Recipient.objects.select_related("preferences").get(pk=lean.notification.recipient.pk)
     assert recipient.preferences.channels == {"sms": False}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_workers_claiming_overlapping_batches_at_once_claim_each_delivery_once(workspace):
+    [result] = events_ingest(
+        api_key=workspace.api_key,
+        events=[
+            EventRequest(
+                category_key="digest",
+                recipients=[
+                    RecipientRef(external_id=f"r{n}", fields={"email": f"r{n}@example.com"}) for n in range(300)
+                ],
+            )
+        ],
+    )
+    ids = result.response["notification_ids"]
+    delivery_ids = [str(i) for i in Delivery.objects.filter(notification_id__in=ids).values_list("id", flat=True)]
+    barrier = threading.Barrier(6)
+    claimed: list[uuid.UUID] = []
+    errors: list[BaseException] = []
+
+    def claim(seed: int) -> None:
+        # Overlapping batches in different orders, as republished and redelivered tasks give.
+        batch = random.Random(seed).sample(delivery_ids, 200)
+        barrier.wait()
+        try:
+            claimed.extend(d.id for d in deliveries_claim(delivery_ids=batch)[1])
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=claim, args=(seed,)) for seed in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(claimed) == len(set(claimed))  # no delivery claimed twice
+    assert set(claimed) == set(Delivery.objects.filter(status="sending").values_list("id", flat=True))
+    assert len(claimed) > 200  # the batches really overlapped and several workers won some
