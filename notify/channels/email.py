@@ -6,11 +6,13 @@ still built by anymail; other ESPs send a batch message by message on one connec
 
 import json
 import time
+from functools import lru_cache
 from html import escape
 from typing import Any
 
 import requests
 from anymail.backends.postmark import EmailBackend as PostmarkBackend
+from anymail.backends.postmark import PostmarkPayload
 from anymail.exceptions import (
     AnymailError,
     AnymailInvalidAddress,
@@ -18,6 +20,7 @@ from anymail.exceptions import (
     AnymailRequestsAPIError,
 )
 from anymail.signals import AnymailTrackingEvent, tracking
+from anymail.utils import EmailAddress, parse_address_list
 from django.conf import settings
 from django.core.mail import EmailMultiAlternatives, get_connection
 from django.dispatch import receiver
@@ -134,6 +137,22 @@ def _provider_id(email: EmailMultiAlternatives) -> str:
     return status.message_id if status is not None and isinstance(status.message_id, str) else ""
 
 
+@lru_cache(maxsize=16)
+def _from_parsed(from_email: str) -> tuple[EmailAddress, ...]:
+    return tuple(parse_address_list([from_email], field="from_email"))
+
+
+class _BatchPayload(PostmarkPayload):
+    """Anymail's Postmark payload, with the From address parsed once per process instead of
+    once per message: every message of a batch has the same one, and anymail's address
+    parsing was a quarter of a bulk worker's time. Everything else is anymail's."""
+
+    base_message_attrs = tuple(
+        (attr, combiner, (lambda value: list(_from_parsed(str(value)))) if attr == "from_email" else converter)
+        for attr, combiner, converter in PostmarkPayload.base_message_attrs
+    )
+
+
 def _postmark_batch_send(*, connection: PostmarkBackend, messages: list[OutboundMessage]) -> list[SendOutcome]:
     """POST /email/batch: one request, one result per message, in order."""
     started = time.perf_counter()
@@ -142,7 +161,7 @@ def _postmark_batch_send(*, connection: PostmarkBackend, messages: list[Outbound
     for index, message in enumerate(messages):
         try:
             email = _email(message=message, connection=connection)
-            payloads.append(connection.build_message_payload(email, connection.send_defaults).data)
+            payloads.append(_BatchPayload(email, connection.send_defaults, connection).data)
         except AnymailError as error:  # an address or content anymail cannot encode
             refused[index] = timed_outcome(message, started, failure=FailureKind.PERMANENT, reason=_reason(error))
     sendable = [m for index, m in enumerate(messages) if index not in refused]
