@@ -12,9 +12,8 @@ from django.test.utils import CaptureQueriesContext
 
 from apps.deliveries.models import Delivery
 from apps.recipients.models import PreferenceSet, Recipient
-from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
 from notify.pipeline.send import deliveries_claim
-from tests.notify.test_send import ingest_one
+from tests.notify.test_send import ingest_many, ingest_one
 
 
 def test_any_of_selects_exactly_the_given_ids_with_one_array_parameter(workspace):
@@ -52,19 +51,8 @@ def test_a_lean_loaded_instance_behaves_as_djangos(workspace):
 
 @pytest.mark.django_db(transaction=True)
 def test_workers_claiming_overlapping_batches_at_once_claim_each_delivery_once(workspace):
-    [result] = events_ingest(
-        api_key=workspace.api_key,
-        events=[
-            EventRequest(
-                category_key="digest",
-                recipients=[
-                    RecipientRef(external_id=f"r{n}", fields={"email": f"r{n}@example.com"}) for n in range(300)
-                ],
-            )
-        ],
-    )
-    ids = result.response["notification_ids"]
-    delivery_ids = [str(i) for i in Delivery.objects.filter(notification_id__in=ids).values_list("id", flat=True)]
+    emails = {f"r{n}": f"r{n}@example.com" for n in range(300)}
+    delivery_ids = ingest_many(workspace, category="digest", emails=emails)
     barrier = threading.Barrier(6)
     claimed: list[uuid.UUID] = []
     errors: list[BaseException] = []

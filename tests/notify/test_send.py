@@ -27,6 +27,21 @@ def ingest_one(workspace, *, email: str = "ada@example.com", category: str = "we
     return Delivery.objects.get(notification_id=result.response["notification_ids"][0])
 
 
+def ingest_many(workspace, *, category: str, emails: dict[str, str]) -> list[str]:  # type: ignore[no-untyped-def]
+    """One event to the recipients (external id -> email); the ids of their deliveries."""
+    [result] = events_ingest(
+        api_key=workspace.api_key,
+        events=[
+            EventRequest(
+                category_key=category,
+                recipients=[RecipientRef(external_id=key, fields={"email": email}) for key, email in emails.items()],
+            )
+        ],
+    )
+    notification_ids = result.response["notification_ids"]
+    return [str(d) for d in Delivery.objects.filter(notification_id__in=notification_ids).values_list("id", flat=True)]
+
+
 def send_now(delivery: Delivery) -> Delivery:
     Delivery.objects.filter(pk=delivery.pk).update(next_attempt_at=timezone.now())  # as if the backoff passed
     deliveries_send(delivery_ids=[str(delivery.pk)])
@@ -163,25 +178,8 @@ def test_template_content_is_checked_before_it_is_saved(workspace):
 
 
 def test_an_address_anymail_cannot_encode_fails_alone_in_a_batch(workspace, sandbox):
-    [result] = events_ingest(
-        api_key=workspace.api_key,
-        events=[
-            EventRequest(
-                category_key="digest",
-                recipients=[
-                    RecipientRef(external_id="ok1", fields={"email": "ok1@example.com"}),
-                    RecipientRef(external_id="bad", fields={"email": "a@\u2603.net"}),
-                    RecipientRef(external_id="ok2", fields={"email": "ok2@example.com"}),
-                ],
-            )
-        ],
-    )
-    ids = [
-        str(d)
-        for d in Delivery.objects.filter(notification_id__in=result.response["notification_ids"]).values_list(
-            "id", flat=True
-        )
-    ]
+    emails = {"ok1": "ok1@example.com", "bad": "a@\u2603.net", "ok2": "ok2@example.com"}
+    ids = ingest_many(workspace, category="digest", emails=emails)
     deliveries_send(delivery_ids=ids)
     by_recipient = dict(
         Delivery.objects.filter(id__in=ids).values_list("notification__recipient__external_id", "status")
