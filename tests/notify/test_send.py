@@ -5,12 +5,14 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from apps.catalog.models import Priority
 from apps.deliveries.models import DeadLetter, Delivery, DeliveryStatus
 from notify.channels.base import SendOutcome
 from notify.pipeline.control import dead_letters_replay
 from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
 from notify.pipeline.record import outcomes_record
 from notify.pipeline.send import deliveries_claim, deliveries_send
+from tests.factories import CategoryFactory, template_with_email
 
 
 def ingest_one(workspace, *, email: str = "ada@example.com", category: str = "welcome") -> Delivery:  # type: ignore[no-untyped-def]
@@ -27,7 +29,7 @@ def ingest_one(workspace, *, email: str = "ada@example.com", category: str = "we
     return Delivery.objects.get(notification_id=result.response["notification_ids"][0])
 
 
-def ingest_many(workspace, *, category: str, emails: dict[str, str]) -> list[str]:  # type: ignore[no-untyped-def]
+def ingest_many(workspace, *, category: str, emails: dict[str, str], data: dict | None = None) -> list[str]:  # type: ignore[no-untyped-def]
     """One event to the recipients (external id -> email); the ids of their deliveries."""
     [result] = events_ingest(
         api_key=workspace.api_key,
@@ -35,6 +37,7 @@ def ingest_many(workspace, *, category: str, emails: dict[str, str]) -> list[str
             EventRequest(
                 category_key=category,
                 recipients=[RecipientRef(external_id=key, fields={"email": email}) for key, email in emails.items()],
+                data=data or {},
             )
         ],
     )
@@ -213,3 +216,22 @@ def test_provider_feedback_wins_over_a_pending_retry(workspace, sandbox):
     delivery.refresh_from_db()
     assert delivery.status == DeliveryStatus.DELIVERED
     assert deliveries_send(delivery_ids=[str(delivery.pk)]) == 0
+
+
+def test_a_template_that_mentions_the_recipient_is_rendered_for_each_one_in_a_batch(workspace, sandbox):
+    """Content that cannot differ between recipients is rendered once per batch and shared; a
+    template that mentions the recipient must never show one person another's details."""
+    personal = template_with_email(
+        tenant=workspace.tenant,
+        key="personal",
+        variants={"": {"subject": "For {{ recipient.id }}", "body": "Hi {{ recipient.email }}, {{ data.name }}"}},
+    )
+    CategoryFactory(tenant=workspace.tenant, key="personal", template=personal, default_priority=Priority.BULK)
+    emails = {"ada": "ada@example.com", "bo": "bo@example.com", "cy": "cy@example.com"}
+    deliveries_send(delivery_ids=ingest_many(workspace, category="personal", emails=emails, data={"name": "Ada"}))
+    sent = {r["to"]: (r["subject"], r["text"].split("\n")[0]) for r in sandbox.requests_log()}
+    assert sent == {email: (f"For {key}", f"Hi {email}, Ada") for key, email in emails.items()}
+
+    deliveries_send(delivery_ids=ingest_many(workspace, category="digest", emails=emails, data={"name": "Ada"}))
+    shared = [r for r in sandbox.requests_log() if r["subject"] == "Hello Ada"]
+    assert sorted(r["to"] for r in shared) == sorted(emails.values())
