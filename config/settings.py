@@ -187,7 +187,8 @@ NOTIFY_BACKPRESSURE_RETRY_SECONDS = env.int("NOTIFY_BACKPRESSURE_RETRY_SECONDS",
 NOTIFY_DEFAULT_LOCALE = env("NOTIFY_DEFAULT_LOCALE", default="en")
 
 # --- Preferences --------------------------------------------------------------------------
-# Redis for the preference cache and the frequency-cap windows (the broker's unless told otherwise).
+# Redis for the frequency-cap windows, budgets and rate limits, and Django's cache (the
+# broker's unless told otherwise).
 NOTIFY_REDIS_URL = env("NOTIFY_REDIS_URL", default=CELERY_BROKER_URL)
 CACHES = {
     "default": {

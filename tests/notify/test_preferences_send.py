@@ -1,5 +1,5 @@
 """Preferences, consent, quiet hours and caps as the send stage applies them: real anymail to
-the sandbox, the preference cache and the cap windows in the real Redis."""
+the sandbox, and the cap windows in the real Redis."""
 
 import threading
 import uuid
@@ -15,13 +15,13 @@ from notify.policy.caps import cap_take
 from notify.policy.preferences import recipient_rules_many
 from tests.notify.test_send import history, ingest_one, send_now
 
-# Transactions really commit here: the preference cache is invalidated when a change commits.
+# Transactions really commit here, as a change and the next send do in production.
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
 def ada(workspace, broker) -> Recipient:  # type: ignore[no-untyped-def]
-    # `broker` empties the test Redis: no cached settings or cap windows from earlier tests.
+    # `broker` empties the test Redis: no cap windows from earlier tests.
     return Recipient.objects.create(tenant=workspace.tenant, external_id="ada", email="ada@example.com")
 
 
@@ -44,7 +44,7 @@ def test_an_opt_out_suppresses_with_its_reason_and_an_opt_in_restores(api, works
 
 
 def test_the_very_next_notification_after_an_opt_out_is_not_sent(api, workspace, sandbox, ada):
-    assert notify_ada(workspace).status == DeliveryStatus.SENT  # ada's settings are cached now
+    assert notify_ada(workspace).status == DeliveryStatus.SENT
     assert recipient_rules_many(recipients=[ada])[ada.id].categories == {}
     api.patch("/api/v1/recipients/ada/preferences", {"categories": {"welcome": {"email": False}}}, format="json")
     assert recipient_rules_many(recipients=[ada])[ada.id].categories == {"welcome": {"email": False}}
