@@ -44,8 +44,8 @@ class RecipientToken:
 
 class _PurposeSigner(signing.TimestampSigner):
     """Django's timestamped signer, making exactly its tokens, with the HMAC key derived
-    once instead of for every token. Every non-critical email carries two tokens, and the
-    key derivation was half of what making one cost."""
+    once instead of for every token: every non-critical email carries a token, and the key
+    derivation was half of what making one cost."""
 
     def __init__(self, *, salt: str) -> None:
         super().__init__(salt=salt)
@@ -63,6 +63,7 @@ class _PurposeSigner(signing.TimestampSigner):
 
 @lru_cache(maxsize=8)
 def _signer(purpose_name: str, secret_key: str) -> _PurposeSigner:
+    # Keyed by the secret too, so a changed SECRET_KEY (tests override it) gets a new signer.
     return _PurposeSigner(salt=f"notify.{purpose_name}")
 
 

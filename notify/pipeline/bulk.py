@@ -28,9 +28,9 @@ retry_lock_conflicts = retry(
 @models.UUIDField.register_lookup
 class AnyOf(In):
     """`id__any_of=[...]` on a uuid field: IN, written on PostgreSQL as `= ANY(%s)` with the
-    values as one array. The statement's text is then the same for 1 or 500 values, so the driver converts
-    it once and PostgreSQL parses a short statement, instead of one with 500 placeholders
-    each time; that conversion cost more than the claim's work did."""
+    values as one array. The statement's text is then the same for 1 or 500 values, so the
+    driver converts it once and PostgreSQL parses a short statement, instead of one with 500
+    placeholders each time; that conversion cost more than the claim's work did."""
 
     lookup_name = "any_of"
 
@@ -83,6 +83,12 @@ class LeanLoading:
 COPY_FROM_ROWS = 50
 
 
+def copy_pays(*, rows: int) -> bool:
+    """Whether to insert this many rows through COPY (rows_copy) rather than bulk_create():
+    on PostgreSQL, and only for enough rows (the demo's SQLite has no COPY)."""
+    return connection.vendor == "postgresql" and rows >= COPY_FROM_ROWS
+
+
 def rows_insert(*, objects: Sequence[models.Model]) -> None:
     """Insert new model instances. On PostgreSQL this streams them through COPY, which
     skips the ORM's per-value query building: several times cheaper than bulk_create()
@@ -90,7 +96,7 @@ def rows_insert(*, objects: Sequence[models.Model]) -> None:
     if not objects:
         return
     model = type(objects[0])
-    if connection.vendor != "postgresql" or len(objects) < COPY_FROM_ROWS:
+    if not copy_pays(rows=len(objects)):
         model._default_manager.bulk_create(objects)
         return
     fields = [f for f in model._meta.concrete_fields if not isinstance(f, models.AutoField)]

@@ -18,7 +18,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from apps.deliveries.models import DeadLetter, Delivery, DeliveryEvent, DeliveryStatus, EarlyFeedback
-from notify.pipeline.bulk import COPY_FROM_ROWS, rows_copy, uuid_array
+from notify.pipeline.bulk import copy_pays, rows_copy, uuid_array
 from notify.resilience.failures import FailureKind, attempts_exhausted, retry_delay
 
 if TYPE_CHECKING:  # the channels import this module for feedback
@@ -51,7 +51,7 @@ def history_event(
 
 def history_insert(*, rows: Sequence[HistoryRow]) -> None:
     """Append history rows: through COPY on PostgreSQL when there are many, else bulk_create()."""
-    if connection.vendor == "postgresql" and len(rows) >= COPY_FROM_ROWS:
+    if copy_pays(rows=len(rows)):
         rows_copy(model=DeliveryEvent, fields=_HISTORY_FIELDS, rows=rows)
     elif rows:
         DeliveryEvent.objects.bulk_create([DeliveryEvent(**row._asdict()) for row in rows])
