@@ -12,6 +12,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import path  # noqa: E402
 
 from apps.inbox.consumers import InboxConsumer  # noqa: E402
+from config.memory import garbage_collector_tune  # noqa: E402
 
 # No Origin check on the WebSocket: the inbox widget is embedded in other sites by design, and
 # the connection is authorised by its signed recipient token, never by a cookie.
@@ -21,3 +22,4 @@ application = ProtocolTypeRouter(
         "websocket": URLRouter([path("inbox/v1/ws", InboxConsumer.as_asgi())]),
     }
 )
+garbage_collector_tune()

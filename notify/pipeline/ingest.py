@@ -7,10 +7,12 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
+from operator import itemgetter
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
+from psycopg.types.json import Jsonb
 
 from apps.catalog.models import Category, Priority
 from apps.deliveries.models import Event
@@ -189,28 +191,31 @@ def _recipients_upsert(*, tenant: Tenant, refs: list[RecipientRef], field_prefix
     """Upsert inline recipients and look up the ones named by id, in the order given."""
     inline: dict[str, RecipientRef] = {ref.external_id: ref for ref in refs if ref.fields is not None}
     # Group by the set of fields given, so an upsert only overwrites what was sent.
-    # Sorted by external id so that concurrent upserts lock rows in one order.
-    groups: dict[tuple[str, ...], list[Recipient]] = {}
-    for external_id in sorted(inline):
-        given = inline[external_id].fields or {}
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for external_id, ref in inline.items():
+        given = ref.fields or {}
         field_names = tuple(sorted(name for name in RECIPIENT_FIELDS if name in given))
         groups.setdefault(field_names, []).append(
-            Recipient(tenant=tenant, external_id=external_id, **{name: given[name] for name in field_names})
+            {"external_id": external_id, **{name: given[name] for name in field_names}}
         )
+    by_external_id: dict[str, Recipient] = {}
     for field_names, rows in groups.items():
-        Recipient.objects.bulk_create(
-            rows,
-            update_conflicts=True,
-            unique_fields=["tenant", "external_id"],
-            update_fields=[*field_names, "updated_at"] if field_names else ["updated_at"],
+        if connection.vendor == "postgresql":
+            by_external_id.update(_recipients_upsert_returning(tenant=tenant, field_names=field_names, rows=rows))
+        else:  # the demo's SQLite
+            Recipient.objects.bulk_create(
+                [Recipient(tenant=tenant, **row) for row in sorted(rows, key=itemgetter("external_id"))],
+                update_conflicts=True,
+                unique_fields=["tenant", "external_id"],
+                update_fields=[*field_names, "updated_at"],
+            )
+    # Read back the rest: recipients named by id, and upserted ones that had not changed.
+    unread = {ref.external_id for ref in refs} - by_external_id.keys()
+    if unread:
+        by_external_id.update(
+            (r.external_id, r)
+            for r in Recipient.objects.filter(tenant=tenant, external_id__in=unread).only(*PLANNED_RECIPIENT_FIELDS)
         )
-    # Read back: an upserted row that already existed keeps its own primary key.
-    by_external_id = {
-        r.external_id: r
-        for r in Recipient.objects.filter(tenant=tenant, external_id__in={ref.external_id for ref in refs}).only(
-            *PLANNED_RECIPIENT_FIELDS
-        )
-    }
     missing = [ref.external_id for ref in refs if ref.external_id not in by_external_id]
     if missing:
         index = next(i for i, ref in enumerate(refs) if ref.external_id == missing[0])
@@ -221,3 +226,39 @@ def _recipients_upsert(*, tenant: Tenant, refs: list[RecipientRef], field_prefix
     # A recipient named twice in one event is notified once.
     ordered = dict.fromkeys(ref.external_id for ref in refs)
     return [by_external_id[external_id] for external_id in ordered]
+
+
+def _recipients_upsert_returning(
+    *, tenant: Tenant, field_names: tuple[str, ...], rows: list[dict[str, Any]]
+) -> dict[str, Recipient]:
+    """Insert new recipients and update the given fields of existing ones, in one statement
+    that returns what planning reads. The rows travel as one JSON parameter, which the
+    database unpacks; bulk_create() built a model instance and adapted every value in Python,
+    then a second query read the rows back. A row whose given fields are unchanged is not
+    rewritten (no new row version), and so is not returned: the caller reads it back."""
+    defaults = {f.name: f.get_default() for f in Recipient._meta.concrete_fields if f.name in RECIPIENT_FIELDS}
+    column_types = {"attributes": "jsonb"}
+    record = ", ".join(f"{name} {column_types.get(name, 'text')}" for name in ("external_id", *field_names))
+    values = [f"x.{name}" if name in field_names else "%s" for name in RECIPIENT_FIELDS]
+    default_params = [
+        Jsonb(defaults[n]) if n in column_types else defaults[n] for n in RECIPIENT_FIELDS if n not in field_names
+    ]
+    updates = ", ".join(f"{name} = EXCLUDED.{name}" for name in field_names)
+    changed = " OR ".join(f"r.{name} IS DISTINCT FROM EXCLUDED.{name}" for name in field_names)
+    sql = f"""
+        INSERT INTO recipients_recipient AS r
+            (id, tenant_id, external_id, {", ".join(RECIPIENT_FIELDS)}, created_at, updated_at)
+        SELECT gen_random_uuid(), %s, x.external_id, {", ".join(values)}, %s, %s
+        FROM jsonb_to_recordset(%s) AS x({record})
+        -- Concurrent upserts of overlapping recipients lock rows in one order.
+        ORDER BY x.external_id
+        ON CONFLICT (tenant_id, external_id) DO
+        {f"UPDATE SET {updates}, updated_at = EXCLUDED.updated_at WHERE {changed}" if field_names else "NOTHING"}
+        RETURNING {", ".join(PLANNED_RECIPIENT_FIELDS)}
+    """
+    now = timezone.now()
+    params: list[Any] = [tenant.id, *default_params, now, now, Jsonb(rows)]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        returned = cursor.fetchall()
+    return {row[2]: Recipient.from_db(connection.alias, PLANNED_RECIPIENT_FIELDS, row) for row in returned}

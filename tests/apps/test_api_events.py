@@ -62,6 +62,37 @@ def test_an_inline_upsert_changes_only_the_fields_given(api, workspace):
     assert (ada.email, ada.phone) == ("new@example.com", "+14155550100")
 
 
+def _row_version(external_id: str) -> tuple[int, datetime]:
+    """The row's xmin (the transaction that wrote its current version) and updated_at."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT xmin::text::bigint, updated_at FROM recipients_recipient WHERE external_id = %s", [external_id]
+        )
+        return cursor.fetchone()
+
+
+def test_an_inline_upsert_rewrites_only_recipients_whose_fields_changed(api, workspace):
+    first = {"external_id": "ada", "email": "ada@example.com", "attributes": {"plan": "pro"}}
+    other = {"external_id": "bob", "email": "bob@example.com"}
+    assert post(api, {"category": "digest", "recipients": [first, other]}).status_code == 202
+    ada = Recipient.objects.get(external_id="ada")
+    # Fields not given take the model's defaults.
+    assert (ada.timezone, ada.phone, ada.attributes) == ("UTC", "", {"plan": "pro"})
+    ada_before, bob_before = _row_version("ada"), _row_version("bob")
+
+    response = post(api, {"category": "digest", "recipients": [first, {**other, "email": "robert@example.com"}]})
+
+    assert response.status_code == 202
+    # Unchanged: the same row version, not rewritten; changed: a new version and updated_at.
+    assert _row_version("ada") == ada_before
+    bob_after = _row_version("bob")
+    assert bob_after[0] != bob_before[0] and bob_after[1] > bob_before[1]
+    assert Recipient.objects.get(external_id="bob").email == "robert@example.com"
+    # Both are notified either way, each through its one row.
+    notified = Notification.objects.filter(id__in=response.json()["notification_ids"])
+    assert sorted(n.recipient_id for n in notified) == sorted(Recipient.objects.values_list("id", flat=True))
+
+
 def test_overrides_priority_channels_and_send_at(api, workspace):
     send_at = timezone.now() + timedelta(hours=2)
     response = post(
