@@ -1,8 +1,10 @@
 """Bulk statements for the hot path: the thousands of rows one ingest or one batch reads and
 writes."""
 
-from collections.abc import Collection, Iterable, Sequence
-from typing import Any, Self
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, Self, cast
 from uuid import UUID
 
 from django.core.exceptions import EmptyResultSet
@@ -54,13 +56,37 @@ def uuid_array(values: Iterable[UUID | str]) -> str:
 
 
 class LeanLoading:
-    """For models the send stage loads by the thousand. Django builds an instance loaded from
-    the database through __init__, which sets every field through its descriptor and sends
-    two signals; this fills the instance's fields directly, through Django's documented hook
-    for customising loading (Model.from_db). The result is the same: fields not loaded stay
-    deferred. Nothing listens to pre_init or post_init for these models."""
+    """For models the pipeline builds or loads by the thousand. Django builds an instance
+    through __init__, which sets every field through its descriptor and sends two signals;
+    this fills the instance's fields directly. Loading goes through Django's documented hook
+    for customising it (Model.from_db), with the same result: fields not loaded stay deferred.
+    Nothing listens to pre_init or post_init for these models."""
 
     _state: ModelState
+    _meta: Any
+
+    @classmethod
+    def new(cls, **values: Any) -> Self:
+        """An unsaved instance, as Model(**values) makes it: each field's default, then the
+        values, given by field name (a related object) or attribute name (its id)."""
+        blueprint = _blueprint(cast(Any, cls))  # a model class is hashable; the stubs do not say so
+        instance = cls.__new__(cls)
+        fields = instance.__dict__
+        fields.update(blueprint.constants)
+        for attname, make in blueprint.factories:
+            if attname not in values:
+                fields[attname] = make()
+        instance._state = ModelState()
+        for name, value in values.items():
+            related_attname = blueprint.relations.get(name)
+            if related_attname is not None:
+                fields[related_attname] = value.pk
+                instance._state.fields_cache[name] = value
+            elif name in blueprint.attnames:
+                fields[name] = value
+            else:
+                raise TypeError(f"{cls.__name__} has no field '{name}'")
+        return instance
 
     @classmethod
     def from_db(
@@ -77,6 +103,25 @@ class LeanLoading:
         instance._state.adding = False
         instance._state.db = db
         return instance
+
+
+@dataclass(frozen=True)
+class _Blueprint:
+    constants: dict[str, Any]  # attname -> default
+    factories: list[tuple[str, Callable[[], Any]]]  # attname -> a callable default (uuid4, dict)
+    relations: dict[str, str]  # a foreign key's name -> its attname
+    attnames: frozenset[str]
+
+
+@cache
+def _blueprint(model: Any) -> _Blueprint:
+    fields = model._meta.concrete_fields
+    return _Blueprint(
+        constants={f.attname: f.get_default() for f in fields if not (f.has_default() and callable(f.default))},
+        factories=[(f.attname, f.default) for f in fields if f.has_default() and callable(f.default)],
+        relations={f.name: f.attname for f in fields if f.is_relation},
+        attnames=frozenset(f.attname for f in fields),
+    )
 
 
 # Below this many rows a plain multi-row INSERT is as cheap as COPY and needs fewer round trips.

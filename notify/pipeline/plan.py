@@ -107,7 +107,7 @@ def notifications_plan(
     for recipient in recipients:
         if send_at_local is not None:
             due_at = send_at_local.due_at(timezone_name=recipient.timezone, now=now)
-        notification = Notification(
+        notification = Notification.new(
             tenant_id=event.tenant_id,
             event=event,
             recipient=recipient,
@@ -121,7 +121,7 @@ def notifications_plan(
         ordered = chain_order(preferred=orders.get(recipient.id, []), channels=channels) if fallback else channels
         first_step_planned = False
         for step, channel_name in enumerate(ordered):
-            delivery = Delivery(
+            delivery = Delivery.new(
                 notification=notification,
                 channel=channel_name,
                 priority=priority,
@@ -145,7 +145,7 @@ def notifications_plan(
             plan.history.append(history_event(delivery=delivery, status=delivery.status, reason=reason, at=now))
         for channel_name in escalations:
             escalate_at = due_at + (escalate_after or timedelta(0))
-            delivery = Delivery(
+            delivery = Delivery.new(
                 notification=notification,
                 channel=channel_name,
                 priority=priority,

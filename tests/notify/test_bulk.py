@@ -1,6 +1,6 @@
 """The hot path's database building blocks, on the real PostgreSQL: the any_of lookup and
 lean loading give the same answers as Django's own IN and __init__, and concurrent claims
-lease each delivery once."""
+lease each delivery once; lean new instances match the model constructor's."""
 
 import random
 import threading
@@ -9,6 +9,7 @@ import uuid
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from apps.deliveries.models import Delivery
 from apps.recipients.models import PreferenceSet, Recipient
@@ -47,6 +48,29 @@ def test_a_lean_loaded_instance_behaves_as_djangos(workspace):
     PreferenceSet.objects.create(recipient=lean.notification.recipient, channels={"sms": False})
     recipient = Recipient.objects.select_related("preferences").get(pk=lean.notification.recipient.pk)
     assert recipient.preferences.channels == {"sms": False}
+
+
+def test_a_lean_new_instance_is_what_the_model_constructor_makes(workspace):
+    notification = ingest_one(workspace).notification
+    values = {"notification": notification, "channel": "sms", "priority": "bulk", "next_attempt_at": timezone.now()}
+    lean, django_made = Delivery.new(**values), Delivery(**values)
+
+    def fields(delivery: Delivery) -> dict:
+        return {f.attname: getattr(delivery, f.attname) for f in Delivery._meta.concrete_fields if f.name != "id"}
+
+    assert fields(lean) == fields(django_made)
+    assert lean.id != django_made.id and isinstance(lean.id, uuid.UUID)  # a fresh default each time
+    assert lean.notification is notification and lean.notification_id == notification.id
+    assert lean._state.adding is True
+    assert Delivery.new(notification_id=notification.id, channel="sms").notification_id == notification.id
+    with pytest.raises(TypeError, match="no field 'chanel'"):
+        Delivery.new(chanel="sms")
+    # Mutable defaults are made per instance, not shared.
+    first, second = Recipient.new(), Recipient.new()
+    assert first.attributes == {} and first.attributes is not second.attributes
+
+    lean.save(force_insert=True)
+    assert Delivery.objects.get(pk=lean.pk).channel == "sms"
 
 
 @pytest.mark.django_db(transaction=True)
