@@ -5,6 +5,8 @@ import os
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+# Requests share pooled database connections (see DATABASE_POOL in config/settings.py).
+os.environ.setdefault("DATABASE_POOL", "true")
 # Django is set up here, before the imports below touch models.
 http_application = get_asgi_application()
 

@@ -79,6 +79,13 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "timeout": 30,
     }
+elif env.bool("DATABASE_POOL", default=False):
+    # The ASGI server turns this on (config/asgi.py): it runs each request in a thread context
+    # of its own, so a persistent connection would be a new PostgreSQL connection per request,
+    # left open until garbage-collected. Its requests share a pool of connections instead.
+    DATABASES["default"]["OPTIONS"] = {
+        "pool": {"min_size": 2, "max_size": env.int("DATABASE_POOL_MAX_SIZE", default=10), "timeout": 10}
+    }
 else:
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
