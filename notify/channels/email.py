@@ -5,6 +5,7 @@ batch endpoint (up to 500 different messages in one request), with each message'
 still built by anymail; other ESPs send a batch message by message on one connection."""
 
 import json
+import re
 import time
 from functools import lru_cache
 from html import escape
@@ -147,13 +148,35 @@ def _from_list(from_email: Any) -> list[EmailAddress]:
     return list(_from_parsed(str(from_email)))
 
 
+# A dot-atom address (RFC 5322) in ASCII, as the recipient API's validation accepts most
+# addresses: it needs no quoting, so its parts are the text on either side of the "@".
+_DOT_ATOM_ADDRESS = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+)
+
+
+def _to_list(to: Any) -> list[EmailAddress]:
+    """The converter anymail applies to a message's to. A single dot-atom address (ours: one
+    address a message, validated when the recipient was stored) is split at its "@" instead
+    of going through the email package's header parser; anything else is parsed as anymail
+    parses it."""
+    if isinstance(to, list) and len(to) == 1 and isinstance(to[0], str) and _DOT_ATOM_ADDRESS.fullmatch(to[0]):
+        username, domain = to[0].split("@")
+        return [EmailAddress(username=username, domain=domain)]
+    return parse_address_list(to, field="to")
+
+
+_CHEAPER_CONVERTERS = {"from_email": _from_list, "to": _to_list}
+
+
 class _BatchPayload(PostmarkPayload):
-    """Anymail's Postmark payload, with the From address parsed once per process instead of
-    once per message: every message of a batch has the same one, and anymail's address
-    parsing was a quarter of a bulk worker's time. Everything else is anymail's."""
+    """Anymail's Postmark payload, with cheaper address handling: the From address is parsed
+    once per process instead of once per message (every message of a batch has the same
+    one), and a plain To address is not re-parsed. Anymail's address parsing was a quarter
+    of a bulk worker's time. Everything else is anymail's."""
 
     base_message_attrs = tuple(
-        (attr, combiner, _from_list if attr == "from_email" else converter)
+        (attr, combiner, _CHEAPER_CONVERTERS.get(attr, converter))
         for attr, combiner, converter in PostmarkPayload.base_message_attrs
     )
 

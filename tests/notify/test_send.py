@@ -1,13 +1,17 @@
 """The send and record stages in this process, with real anymail talking to the sandbox."""
 
+import uuid
 from datetime import timedelta
 
 import pytest
+from anymail.backends.postmark import PostmarkPayload
+from django.core.mail import get_connection
 from django.utils import timezone
 
 from apps.catalog.models import Priority
 from apps.deliveries.models import DeadLetter, Delivery, DeliveryStatus
-from notify.channels.base import SendOutcome
+from notify.channels.base import OutboundMessage, RenderedContent, SendOutcome
+from notify.channels.email import _BatchPayload, _email
 from notify.pipeline.control import dead_letters_replay
 from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
 from notify.pipeline.record import outcomes_record
@@ -235,3 +239,34 @@ def test_a_template_that_mentions_the_recipient_is_rendered_for_each_one_in_a_ba
     deliveries_send(delivery_ids=ingest_many(workspace, category="digest", emails=emails, data={"name": "Ada"}))
     shared = [r for r in sandbox.requests_log() if r["subject"] == "Hello Ada"]
     assert sorted(r["to"] for r in shared) == sorted(emails.values())
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "ada@example.com",
+        "o'brien+news@mail.example.co.uk",
+        "a.b-c_d@example-mail.io",
+        # Not dot-atoms: parsed by anymail as before.
+        "ünïcode@example.com",
+        '"quoted local"@example.com',
+        "Ada Lovelace <ada@example.com>",
+    ],
+)
+def test_a_batch_payload_is_what_anymail_builds_for_the_same_message(address):
+    connection = get_connection("anymail.backends.postmark.EmailBackend", server_token="token")
+    message = OutboundMessage(
+        delivery_id=uuid.uuid4(),
+        idempotency_key="key",
+        resend_round=0,
+        address=address,
+        content=RenderedContent(subject="Hi", title="", body="Hello", html="<p>Hello</p>", link="", data={}),
+        category_key="news",
+        unsubscribe_url="http://example.com/u/t",
+        preferences_url="http://example.com/u/t/preferences",
+    )
+    email = _email(message=message, connection=connection)
+    ours = _BatchPayload(email, connection.send_defaults, connection).data
+    anymails = PostmarkPayload(email, connection.send_defaults, connection).data
+    assert ours == anymails
+    assert address.rpartition("<")[2].rstrip(">") in ours["To"]
