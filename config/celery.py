@@ -3,7 +3,8 @@
 import os
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init
+from celery.signals import task_postrun, task_prerun, worker_init, worker_process_init
+from django.db import close_old_connections
 
 from config.memory import garbage_collector_tune
 
@@ -20,3 +21,11 @@ def _garbage_collector_tune(**_: object) -> None:
     # In the main process before the pool forks (its children share the frozen objects'
     # pages), and again in each child for what the child made as it started.
     garbage_collector_tune()
+
+
+@task_prerun.connect
+@task_postrun.connect
+def _database_connections_check(**_: object) -> None:
+    # What Django does at the start and end of a request: close a connection that has
+    # failed, or has outlived CONN_MAX_AGE; the next query opens a new one.
+    close_old_connections()

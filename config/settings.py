@@ -151,6 +151,10 @@ CELERY_TASK_DEFAULT_QUEUE = "maintenance"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+# Celery's Django fixup closes the database connection around every task unless this is set,
+# so each critical send paid for a new PostgreSQL connection. Workers keep theirs, and check
+# it around each task as Django does around a request (config/celery.py).
+CELERY_DB_REUSE_MAX = 1_000_000
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # Defined in code; django-celery-beat's DatabaseScheduler copies it into its tables.
 CELERY_BEAT_SCHEDULE = {

@@ -60,6 +60,7 @@ class Processes:
             else ["--interface", "wsgi", "config.wsgi:application"]
         )
         self.children: list[subprocess.Popen] = []
+        self.labels: dict[int, str] = {}  # process group -> what it is, for the CPU breakdown
         self.env = {**os.environ, "LOG_LEVEL": "WARNING"}
         if sink == "memory":
             self.env["EMAIL_BACKEND"] = "django.core.mail.backends.dummy.EmailBackend"
@@ -73,20 +74,22 @@ class Processes:
         self.env["FCM_TOKEN_URI"] = f"http://127.0.0.1:{SANDBOX_PORT}/google/token"
         self.bulk_concurrency = bulk_concurrency
 
-    def spawn(self, *command: str) -> None:
+    def spawn(self, label: str, *command: str) -> None:
         log = open(ROOT / "var" / "log" / f"bench-{len(self.children)}.log", "w")
-        self.children.append(
-            subprocess.Popen(
-                command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        child = subprocess.Popen(
+            command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
+        self.children.append(child)
+        # Each child leads a process group of its own, which its worker processes join.
+        self.labels[child.pid] = label
 
     def start_web(self) -> None:
         python = sys.executable
         # The sandbox stands in for a remote provider, whose CPU would not be ours: it runs
         # at a low priority so that it takes only what our processes leave.
-        self.spawn("nice", "-n", "15", python, "-m", "notify.sandbox", "--port", str(SANDBOX_PORT))
+        self.spawn("sandbox", "nice", "-n", "15", python, "-m", "notify.sandbox", "--port", str(SANDBOX_PORT))
         self.spawn(
+            "web",
             python,
             "-m",
             "uvicorn",
@@ -122,6 +125,7 @@ class Processes:
             "warning",
         ]
         self.spawn(
+            "critical worker",
             *celery,
             "--pool",
             "solo",
@@ -133,6 +137,7 @@ class Processes:
         # Bulk workers run at a lower CPU priority, as deployments should run them, so
         # that critical work and the API are scheduled first when the cores are busy.
         self.spawn(
+            "bulk workers",
             "nice",
             "-n",
             "10",
@@ -312,12 +317,15 @@ class CriticalProbe:
 
 
 class CpuMeter:
-    """The machine's busy CPU time (all processes) between start() and the given moment, from
-    /proc/stat: what each notification cost in CPU, which a shared machine's noise moves less
-    than it moves wall-clock rates."""
+    """The CPU time the machine's processes spent between start() and report(), from /proc:
+    in all (what each notification cost, which a shared machine's noise moves less than it
+    moves wall-clock rates), and by component (web, workers, sandbox, PostgreSQL, Redis,
+    this benchmark), to show where the time goes."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, labels: dict[int, str]) -> None:
+        self.labels = labels
         self.busy_at_start = 0.0
+        self.by_component_at_start: dict[str, float] = {}
 
     @staticmethod
     def busy_seconds() -> float:
@@ -327,12 +335,53 @@ class CpuMeter:
         steal = fields[7] if len(fields) > 7 else 0
         return (sum(fields[:8]) - idle - steal) / os.sysconf("SC_CLK_TCK")
 
+    def by_component(self) -> dict[str, float]:
+        """CPU seconds of the processes alive now and of the children they reaped, by component."""
+        seconds: dict[str, float] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat") as stat:
+                    text = stat.read()
+            except OSError:
+                continue
+            name = text[text.index("(") + 1 : text.rindex(")")]
+            fields = text[text.rindex(")") + 2 :].split()
+            # pgrp; utime + stime, plus cutime + cstime: the CPU of children that have exited
+            # (a PostgreSQL backend's goes to the postmaster) stays in the same component.
+            process_group, cpu = int(fields[2]), sum(int(v) for v in fields[11:15])
+            if int(entry.name) == os.getpid():
+                component = "benchmark client"
+            elif process_group in self.labels:
+                component = self.labels[process_group]
+            elif name == "postgres":
+                component = "PostgreSQL"
+            elif name.startswith("redis-server"):
+                component = "Redis"
+            else:
+                component = "other"
+            seconds[component] = seconds.get(component, 0.0) + cpu / os.sysconf("SC_CLK_TCK")
+        return seconds
+
     def start(self) -> None:
         self.busy_at_start = self.busy_seconds()
+        self.by_component_at_start = self.by_component()
 
     def report(self, *, count: int, seconds: float) -> str:
         busy = self.busy_seconds() - self.busy_at_start
-        return f"CPU: {busy / seconds:.2f} of {os.cpu_count()} cores busy, {busy / count * 1e6:,.0f} µs of CPU a notification"
+        now = self.by_component()
+        parts = {
+            component: (spent - self.by_component_at_start.get(component, 0.0)) / count * 1e6
+            for component, spent in now.items()
+        }
+        breakdown = ", ".join(
+            f"{component} {us:,.0f}" for component, us in sorted(parts.items(), key=lambda p: -p[1]) if us >= 1
+        )
+        return (
+            f"CPU: {busy / seconds:.2f} of {os.cpu_count()} cores busy, {busy / count * 1e6:,.0f} µs of CPU a notification"
+            f"\n  of which, in µs a notification: {breakdown}"
+        )
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -393,7 +442,7 @@ def main() -> None:
             f"ingest: {args.bulk} notifications accepted in {ingest_seconds:.1f} s = {args.bulk / ingest_seconds:,.0f}/s"
         )
         processes.start_workers()
-        cpu = CpuMeter()
+        cpu = CpuMeter(labels=processes.labels)
         while final_count() == 0:
             time.sleep(0.01)
         cpu.start()

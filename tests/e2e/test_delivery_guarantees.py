@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.db import connection
 from django.test import Client
 from rest_framework.test import APIClient
 
@@ -162,3 +163,25 @@ def test_critical_work_does_not_wait_behind_a_bulk_backlog(api, workers, sandbox
         f"max {max(latencies) * 1000:.0f} ms; bulk still unsent: {unsent_bulk}"
     )
     assert unsent_bulk > 0, "the bulk backlog drained first, so the test proved nothing"
+
+
+def _other_database_sessions() -> set[int]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
+        return {pid for (pid,) in cursor.fetchall()}
+
+
+def test_a_worker_keeps_its_database_connection_from_task_to_task(api, workers, sandbox):
+    workers.start("critical")
+    sessions = []
+    for i in range(3):
+        [notification_id] = trigger(api, category="otp", prefix=f"otp{i}-")
+        wait_for_status([notification_id], DeliveryStatus.SENT)
+        sessions.append(_other_database_sessions())
+    # One connection, open between tasks and the same one each time: a new connection per
+    # task would cost each critical send a PostgreSQL backend's start.
+    assert len(sessions[0]) == 1
+    assert sessions[0] == sessions[1] == sessions[2]
