@@ -48,6 +48,18 @@ class AnyOf(In):
         return f"{lhs} = ANY(%s::uuid[])", [*lhs_params, uuid_array(self.rhs)]
 
 
+class PrimaryKeyPath(models.Func):
+    """A text column's value written as an expression (`status || ''`), which no partial
+    index's predicate can match. For a statement that names its rows by primary key and
+    checks their status too: the partial indexes on status keep an entry for each row version
+    that ever matched, until VACUUM, so they span the whole backlog, and the planner, which
+    expects few rows in them, took a claim of 500 rows through one and read every queued
+    row. Compared this way, the rows can only be found by primary key."""
+
+    template = "(%(expressions)s || '')"
+    output_field = models.CharField()
+
+
 def uuid_array(values: Iterable[UUID | str]) -> str:
     """A uuid[] parameter, as PostgreSQL's array text. The driver would adapt a list element
     by element and quote each one; joining them is several times cheaper, and a uuid needs

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from uuid import UUID
 
 from django.db import connection, transaction
-from django.db.models import F
+from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from apps.deliveries.models import DeadLetter, Delivery, DeliveryEvent, DeliveryStatus, EarlyFeedback
-from notify.pipeline.bulk import copy_pays, rows_copy, uuid_array
+from notify.pipeline.bulk import PrimaryKeyPath, copy_pays, rows_copy, uuid_array
 from notify.resilience.failures import FailureKind, attempts_exhausted, retry_delay
 
 if TYPE_CHECKING:  # the channels import this module for feedback
@@ -95,6 +95,13 @@ def _detail(outcome: SendOutcome) -> dict[str, Any]:
     return detail
 
 
+def deliveries_held(*, delivery_ids: list[UUID], lease_token: UUID) -> QuerySet[Delivery]:
+    """The deliveries among the ids that this lease still holds, found by primary key."""
+    return Delivery.objects.alias(current_status=PrimaryKeyPath("status")).filter(
+        id__any_of=delivery_ids, lease_token=lease_token, current_status=DeliveryStatus.SENDING
+    )
+
+
 def _sent_mark(*, lease_token: UUID, outcomes: list[SendOutcome], now: datetime) -> set[UUID]:
     """Mark deliveries sent, each with its provider message id, in one statement; return
     the ids this lease still held.
@@ -123,19 +130,18 @@ def _sent_mark(*, lease_token: UUID, outcomes: list[SendOutcome], now: datetime)
         "updated_at = %s, lease_token = NULL, lease_expires_at = NULL, "
         "provider_message_id = v.provider_message_id, segments = v.segments "
         "FROM unnest(%s::uuid[], %s::varchar[], %s::integer[]) AS v(id, provider_message_id, segments) "
-        # The ids again, as a condition on the table's own key: without it the planner may
-        # scan the whole table, expecting few rows in 'sending'.
-        "WHERE d.id = ANY(%s::uuid[]) AND d.id = v.id AND d.lease_token = %s AND d.status = %s RETURNING d.id"
+        # The status as an expression (see PrimaryKeyPath), so that each row is found by its
+        # key from the arrays; the planner, expecting few rows in 'sending', otherwise read the
+        # partial index of leased rows (or the whole table) and matched every row to every id.
+        "WHERE d.id = v.id AND d.lease_token = %s AND (d.status || '') = %s RETURNING d.id"
     )
-    ids = uuid_array(o.delivery_id for o in outcomes)
     params: list[Any] = [
         DeliveryStatus.SENT,
         now,
         now,
-        ids,
+        uuid_array(o.delivery_id for o in outcomes),
         [o.provider_message_id[:255] for o in outcomes],
         [o.segments for o in outcomes],
-        ids,
         lease_token,
         DeliveryStatus.SENDING,
     ]
@@ -175,8 +181,8 @@ def _failures_record(
     # With the two times the send stage did not load: only a failure needs them.
     held: dict[UUID, Any] = {
         row[0]: row[1:]
-        for row in Delivery.objects.select_for_update()
-        .filter(id__any_of=[o.delivery_id for o in outcomes], lease_token=lease_token, status=DeliveryStatus.SENDING)
+        for row in deliveries_held(delivery_ids=[o.delivery_id for o in outcomes], lease_token=lease_token)
+        .select_for_update()
         .values_list("id", "next_attempt_at", "published_at")
     }
     for delivery_id, times in held.items():

@@ -20,10 +20,10 @@ from apps.recipients.tokens import email_links
 from apps.tenants.models import Tenant
 from notify.channels import channel_for_provider, channel_get
 from notify.channels.base import OutboundMessage, RenderedContent, SendOutcome
-from notify.pipeline.bulk import retry_lock_conflicts
+from notify.pipeline.bulk import PrimaryKeyPath, retry_lock_conflicts
 from notify.pipeline.dispatch import paused_channels
 from notify.pipeline.plan import content_render, variant_mentions_recipient, variant_resolve
-from notify.pipeline.record import outcomes_record
+from notify.pipeline.record import deliveries_held, outcomes_record
 from notify.pipeline.routing import chains_advance
 from notify.policy.caps import budget_verdict, cap_verdict
 from notify.policy.preferences import category_rules, recipient_rules_many, tenant_rules
@@ -81,7 +81,8 @@ def deliveries_claim(*, delivery_ids: list[str]) -> tuple[UUID, list[Delivery]]:
     # LOCKED wrote every row twice.) Should it deadlock with another multi-row update, it
     # is run again.
     claimed = (
-        Delivery.objects.filter(id__any_of=delivery_ids, status__in=CLAIMABLE_STATUSES, next_attempt_at__lte=now)
+        Delivery.objects.alias(current_status=PrimaryKeyPath("status"))
+        .filter(id__any_of=delivery_ids, current_status__in=CLAIMABLE_STATUSES, next_attempt_at__lte=now)
         # A paused channel's deliveries stay queued, untouched, until it resumes.
         .exclude(channel__in=paused_channels())
         .update(
@@ -142,9 +143,7 @@ def _lease_renew(*, lease_token: UUID, deliveries: list[Delivery]) -> list[Deliv
     """Extend the lease on the deliveries still held and return them. Any whose lease
     expired were re-queued by the sweeper and are another worker's now: not sent here."""
     now = timezone.now()
-    held = Delivery.objects.filter(
-        id__any_of=[d.id for d in deliveries], lease_token=lease_token, status=DeliveryStatus.SENDING
-    )
+    held = deliveries_held(delivery_ids=[d.id for d in deliveries], lease_token=lease_token)
     renewed = held.update(lease_expires_at=now + timedelta(seconds=settings.NOTIFY_LEASE_SECONDS), updated_at=now)
     if renewed == len(deliveries):
         return deliveries
