@@ -62,6 +62,7 @@ def test_a_lean_new_instance_is_what_the_model_constructor_makes(workspace):
 
     assert fields(lean) == fields(django_made)
     assert lean.id != django_made.id and isinstance(lean.id, uuid.UUID)  # a fresh default each time
+    assert lean.id.version == 7 and django_made.id > lean.id  # time-ordered: made later, sorts later
     assert lean.notification is notification and lean.notification_id == notification.id
     assert lean._state.adding is True
     assert Delivery.new(notification_id=notification.id, channel="sms").notification_id == notification.id
