@@ -13,6 +13,7 @@ from typing import Any
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from psycopg.types.json import Jsonb
+from uuid6 import uuid7
 
 from apps.catalog.models import Category, Priority
 from apps.deliveries.models import Event
@@ -196,7 +197,8 @@ def _recipients_upsert(*, tenant: Tenant, refs: list[RecipientRef], field_prefix
         given = ref.fields or {}
         field_names = tuple(sorted(name for name in RECIPIENT_FIELDS if name in given))
         groups.setdefault(field_names, []).append(
-            {"external_id": external_id, **{name: given[name] for name in field_names}}
+            # A time-ordered id (see Notification.id), used only if the row is new.
+            {"id": str(uuid7()), "external_id": external_id, **{name: given[name] for name in field_names}}
         )
     by_external_id: dict[str, Recipient] = {}
     for field_names, rows in groups.items():
@@ -239,6 +241,7 @@ def _recipients_upsert_returning(
     defaults = {f.name: f.get_default() for f in Recipient._meta.concrete_fields if f.name in RECIPIENT_FIELDS}
     column_types = {"attributes": "jsonb"}
     record = ", ".join(f"{name} {column_types.get(name, 'text')}" for name in ("external_id", *field_names))
+    record = f"id uuid, {record}"
     values = [f"x.{name}" if name in field_names else "%s" for name in RECIPIENT_FIELDS]
     default_params = [
         Jsonb(defaults[n]) if n in column_types else defaults[n] for n in RECIPIENT_FIELDS if n not in field_names
@@ -248,7 +251,7 @@ def _recipients_upsert_returning(
     sql = f"""
         INSERT INTO recipients_recipient AS r
             (id, tenant_id, external_id, {", ".join(RECIPIENT_FIELDS)}, created_at, updated_at)
-        SELECT gen_random_uuid(), %s, x.external_id, {", ".join(values)}, %s, %s
+        SELECT x.id, %s, x.external_id, {", ".join(values)}, %s, %s
         FROM jsonb_to_recordset(%s) AS x({record})
         -- Concurrent upserts of overlapping recipients lock rows in one order.
         ORDER BY x.external_id
