@@ -5,10 +5,15 @@ import os
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
-# Requests share pooled database connections (see DATABASE_POOL in config/settings.py).
+# Requests share pooled database connections (see DATABASE_POOL in config/settings.py). The
+# settings read it as Django is set up, here; it is not left in the environment, where the
+# processes this one starts (a test's workers) would inherit it.
+pool_default = "DATABASE_POOL" not in os.environ
 os.environ.setdefault("DATABASE_POOL", "true")
 # Django is set up here, before the imports below touch models.
 http_application = get_asgi_application()
+if pool_default:
+    del os.environ["DATABASE_POOL"]
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import path  # noqa: E402
