@@ -7,7 +7,7 @@ import gc
 # hundreds of times per batch, and each older-generation pass walks every object Django and
 # the libraries made at import. Those are moved out of the collector's sight (gc.freeze), and
 # the young generation is collected every 50,000 allocations: in the benchmark this took
-# about a tenth off the CPU a notification costs. Memory grows by the few megabytes that
+# about 13% off the CPU a notification costs. Memory grows by the few megabytes that
 # 50,000 young objects hold at most.
 YOUNG_GENERATION_THRESHOLD = 50_000
 

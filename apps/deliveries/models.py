@@ -162,8 +162,9 @@ class Notification(LeanLoading, models.Model):
     """One event for one recipient."""
 
     # Notifications and deliveries are written by the thousand: ids that grow with time
-    # (UUIDv7) go in at the end of the primary key's index, where random ones dirtied a
-    # different index page, and wrote a full copy of it to the WAL, for nearly every row.
+    # (UUIDv7) go in at the end of the primary key's index, where random ones land on a
+    # different page for nearly every row (and, after each checkpoint, the first change to a
+    # page writes the whole page to the WAL).
     id = models.UUIDField(primary_key=True, default=uuid7, editable=False)
     # tenant and recipient are indexed through the composite indexes below.
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="notifications", db_index=False)

@@ -239,12 +239,13 @@ def _recipients_upsert_returning(
     then a second query read the rows back. A row whose given fields are unchanged is not
     rewritten (no new row version), and so is not returned: the caller reads it back."""
     defaults = {f.name: f.get_default() for f in Recipient._meta.concrete_fields if f.name in RECIPIENT_FIELDS}
-    column_types = {"attributes": "jsonb"}
-    record = ", ".join(f"{name} {column_types.get(name, 'text')}" for name in ("external_id", *field_names))
-    record = f"id uuid, {record}"
+    column_types = {"id": "uuid", "attributes": "jsonb"}
+    record = ", ".join(f"{name} {column_types.get(name, 'text')}" for name in ("id", "external_id", *field_names))
     values = [f"x.{name}" if name in field_names else "%s" for name in RECIPIENT_FIELDS]
     default_params = [
-        Jsonb(defaults[n]) if n in column_types else defaults[n] for n in RECIPIENT_FIELDS if n not in field_names
+        Jsonb(defaults[n]) if column_types.get(n) == "jsonb" else defaults[n]
+        for n in RECIPIENT_FIELDS
+        if n not in field_names
     ]
     updates = ", ".join(f"{name} = EXCLUDED.{name}" for name in field_names)
     changed = " OR ".join(f"r.{name} IS DISTINCT FROM EXCLUDED.{name}" for name in field_names)
