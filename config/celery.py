@@ -1,6 +1,7 @@
 """The Celery application: configured from Django settings (CELERY_* names)."""
 
 import os
+from typing import Any
 
 from celery import Celery
 from celery.signals import task_postrun, task_prerun, worker_init, worker_process_init
@@ -25,7 +26,10 @@ def _garbage_collector_tune(**_: object) -> None:
 
 @task_prerun.connect
 @task_postrun.connect
-def _database_connections_check(**_: object) -> None:
+def _database_connections_check(*, task: Any = None, **_: object) -> None:
     # What Django does at the start and end of a request: close a connection that has
-    # failed, or has outlived CONN_MAX_AGE; the next query opens a new one.
+    # failed, or has outlived CONN_MAX_AGE; the next query opens a new one. Not for a task
+    # run eagerly in the caller's process, which may be inside a transaction.
+    if task is not None and getattr(task.request, "is_eager", False):
+        return
     close_old_connections()

@@ -83,9 +83,15 @@ elif env.bool("DATABASE_POOL", default=False):
     # The ASGI server turns this on (config/asgi.py): it runs each request in a thread context
     # of its own, so a persistent connection would be a new PostgreSQL connection per request,
     # left open until garbage-collected. Its requests share a pool of connections instead.
-    DATABASES["default"]["OPTIONS"] = {
-        "pool": {"min_size": 2, "max_size": env.int("DATABASE_POOL_MAX_SIZE", default=10), "timeout": 10}
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 2,
+        "max_size": env.int("DATABASE_POOL_MAX_SIZE", default=20),
+        "timeout": 30,
     }
+    DATABASES["default"]["CONN_MAX_AGE"] = 0  # a pool and persistent connections do not mix
+    # The pool checks a connection before handing it out: one the server dropped (a restart,
+    # an idle timeout) is replaced instead of failing the request.
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 else:
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True

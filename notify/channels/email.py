@@ -149,9 +149,11 @@ def _from_list(from_email: Any) -> list[EmailAddress]:
 
 
 # A dot-atom address (RFC 5322) in ASCII, as the recipient API's validation accepts most
-# addresses: it needs no quoting, so its parts are the text on either side of the "@".
+# addresses: it needs no quoting, so its parts are the text on either side of the "@". The
+# "=" and "?" that dot-atoms may hold are left out: "=?" opens an encoded word, which the
+# header parser treats differently (anymail refuses such an address).
 _DOT_ATOM_ADDRESS = re.compile(
-    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+    r"[A-Za-z0-9!#$%&'*+/^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/^_`{|}~-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
 )
 
 

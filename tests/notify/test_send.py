@@ -5,13 +5,15 @@ from datetime import timedelta
 
 import pytest
 from anymail.backends.postmark import PostmarkPayload
+from anymail.exceptions import AnymailInvalidAddress
+from anymail.utils import parse_address_list
 from django.core.mail import get_connection
 from django.utils import timezone
 
 from apps.catalog.models import Priority
 from apps.deliveries.models import DeadLetter, Delivery, DeliveryStatus
 from notify.channels.base import OutboundMessage, RenderedContent, SendOutcome
-from notify.channels.email import _BatchPayload, _email
+from notify.channels.email import _BatchPayload, _email, _to_list
 from notify.pipeline.control import dead_letters_replay
 from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
 from notify.pipeline.record import outcomes_record
@@ -270,3 +272,11 @@ def test_a_batch_payload_is_what_anymail_builds_for_the_same_message(address):
     anymails = PostmarkPayload(email, connection.send_defaults, connection).data
     assert ours == anymails
     assert address.rpartition("<")[2].rstrip(">") in ours["To"]
+
+
+def test_an_address_starting_with_an_encoded_word_is_refused_as_anymail_refuses_it():
+    address = "=?utf-8?q?abc?=@example.com"  # a valid dot-atom, but the header parser decodes it
+    with pytest.raises(AnymailInvalidAddress):
+        parse_address_list([address], field="to")
+    with pytest.raises(AnymailInvalidAddress):
+        _to_list([address])
