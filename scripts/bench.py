@@ -316,6 +316,9 @@ class CriticalProbe:
         )
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of /proc's CPU times
+
+
 class CpuMeter:
     """The CPU time the machine's processes spent between start() and report(), from /proc:
     in all (what each notification cost, which a shared machine's noise moves less than it
@@ -333,7 +336,7 @@ class CpuMeter:
             fields = [int(v) for v in stat.readline().split()[1:]]
         idle = fields[3] + fields[4]  # idle and iowait
         steal = fields[7] if len(fields) > 7 else 0
-        return (sum(fields[:8]) - idle - steal) / os.sysconf("SC_CLK_TCK")
+        return (sum(fields[:8]) - idle - steal) / CLOCK_TICKS
 
     def by_component(self) -> dict[str, float]:
         """CPU seconds of the processes alive now and of the children they reaped, by component."""
@@ -361,7 +364,7 @@ class CpuMeter:
                 component = "Redis"
             else:
                 component = "other"
-            seconds[component] = seconds.get(component, 0.0) + cpu / os.sysconf("SC_CLK_TCK")
+            seconds[component] = seconds.get(component, 0.0) + cpu / CLOCK_TICKS
         return seconds
 
     def start(self) -> None:

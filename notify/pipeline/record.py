@@ -110,11 +110,10 @@ def _sent_mark(*, lease_token: UUID, outcomes: list[SendOutcome], now: datetime)
     sizes costs more than the send itself. The values go in as three arrays, so the
     statement's text is the same for every chunk."""
     if connection.vendor != "postgresql":  # the demo's SQLite: a statement a row is plenty
-        held = Delivery.objects.filter(lease_token=lease_token, status=DeliveryStatus.SENDING)
         return {
             o.delivery_id
             for o in outcomes
-            if held.filter(id=o.delivery_id).update(
+            if deliveries_held(delivery_ids=[o.delivery_id], lease_token=lease_token).update(
                 status=DeliveryStatus.SENT,
                 status_reason="",
                 sent_at=now,
