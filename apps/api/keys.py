@@ -81,9 +81,9 @@ class ApiKeyRotateView(APIView):
             400: OpenApiResponse(ErrorSerializer, description="A grace period out of range."),
         },
         summary="Rotate the calling key's secret",
-        description="Answers the new key once. The secret used for this request keeps working for "
-        "`grace_period_seconds` (default a day, at most 7 days); a secret from an earlier "
-        "rotation stops now. The key keeps its scopes, categories, expiry and rate limit.",
+        description="Answers the new key once. The current secret keeps working for "
+        "`grace_period_seconds` (default a day, at most 7 days); a secret from an earlier rotation "
+        "stops now. The key keeps its lookup, scopes, categories, expiry and rate limit.",
     )
     def post(self, request: Request) -> Response:
         serializer = RotationRequestSerializer(data=request.data)
@@ -92,4 +92,8 @@ class ApiKeyRotateView(APIView):
         raw_key = api_key_rotate(
             api_key=key, grace=timedelta(seconds=serializer.validated_data["grace_period_seconds"])
         )
-        return Response(RotatedApiKeySerializer(key, context={"raw_key": raw_key}).data, status=status.HTTP_201_CREATED)
+        response = Response(
+            RotatedApiKeySerializer(key, context={"raw_key": raw_key}).data, status=status.HTTP_201_CREATED
+        )
+        response["Cache-Control"] = "no-store"  # the only copy of the new key
+        return response

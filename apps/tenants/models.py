@@ -6,8 +6,8 @@ from datetime import datetime
 from typing import Any
 
 from django.core.exceptions import ValidationError
+from django.core.validators import slug_re
 from django.db import models
-from django.utils.text import slugify
 
 from notify.policy.rules import validate_channel_switches, validate_frequency_cap, validate_quiet_hours
 
@@ -89,7 +89,7 @@ def validate_scopes(value: Any) -> None:
 def validate_category_keys(value: Any) -> None:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise ValidationError("Give the categories as a list of category keys.")
-    malformed = [item for item in value if not item or slugify(item) != item]
+    malformed = [item for item in value if not slug_re.fullmatch(item)]
     if malformed:
         raise ValidationError(f"'{malformed[0]}' is not a category key.")
 

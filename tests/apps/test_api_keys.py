@@ -260,6 +260,7 @@ def test_rotation_answers_a_new_key_and_the_old_one_works_until_its_grace_ends(w
     old = client_for(key.raw_key)
     rotated = old.post(f"{API}/api-keys/self/rotate", {"grace_period_seconds": 3600}, format="json")
     assert rotated.status_code == 201, rotated.content
+    assert rotated["Cache-Control"] == "no-store"
     body = rotated.json()
     assert body["key"] != key.raw_key and body["key"].startswith(f"ntf_{key.lookup}_")
     assert (body["scopes"], body["categories"]) == (["notifications:read"], ["welcome"])
