@@ -16,6 +16,7 @@ from rest_framework.views import APIView
 
 from apps.api.scopes import ANY_KEY, scope_required
 from apps.deliveries.models import Event, Notification, RecurringSend
+from apps.tenants.demo import demo_workspace_ensure
 from apps.tenants.models import ALL_SCOPES, ApiKey
 from tests.factories import ApiKeyFactory, RecipientFactory
 
@@ -419,3 +420,13 @@ def test_keys_made_before_scopes_existed_keep_every_scope(transactional_db):
     legacy = ApiKey.objects.get(lookup="abc")
     assert (legacy.scopes, legacy.categories, legacy.expires_at) == (ALL_SCOPES, [], None)
     assert ApiKey(tenant_id=legacy.tenant_id, name="new").scopes == ["events:send"]
+
+
+def test_the_demo_key_does_everything_the_demo_shows(db, broker):
+    demo = client_for("ntf_demo_0123456789abcdefTEST")
+    demo_workspace_ensure(api_key="ntf_demo_0123456789abcdefTEST")
+    assert demo.post(f"{API}/events", {"category": "mention", "recipient": "ada"}, format="json").status_code == 202
+    assert demo.post(f"{API}/inbox-tokens", {"recipient": "ada"}, format="json").status_code == 201
+    assert demo.post(f"{API}/recipients/ada/preference-link").status_code == 201
+    weekly = {"name": "weekly", "category": "weekly-digest", "recipients": ["ada"], "cron": "0 9 * * 1"}
+    assert demo.post(f"{API}/recurring-sends", weekly, format="json").status_code == 201
