@@ -2,7 +2,7 @@ import factory
 
 from apps.catalog.models import Category, CategoryKind, Priority, Template, TemplateVariant, TemplateVersion
 from apps.recipients.models import Recipient
-from apps.tenants.models import ApiKey, Tenant
+from apps.tenants.models import ALL_SCOPES, ApiKey, Tenant
 
 
 class TenantFactory(factory.django.DjangoModelFactory):
@@ -21,6 +21,7 @@ class ApiKeyFactory(factory.django.DjangoModelFactory):
 
     tenant = factory.SubFactory(TenantFactory)
     name = "test key"
+    scopes = factory.LazyFunction(lambda: list(ALL_SCOPES))  # tests of one scope pass their own
 
     @classmethod
     def _create(cls, model_class, *args, **kwargs):  # type: ignore[no-untyped-def]

@@ -61,5 +61,10 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         return error_response(status_code=400, code="malformed_json", message=str(exc.detail))
     detail = exc.detail if isinstance(exc, exceptions.APIException) else str(exc)
     code = exc.default_code if isinstance(exc, exceptions.APIException) else "error"
-    response.data = {"error": {"code": code, "message": str(detail)}}
+    body: dict[str, Any] = {"code": code, "message": str(detail)}
+    # An exception may name the request fields at fault, or add a detail such as a missing scope.
+    if getattr(exc, "fields", None):
+        body["fields"] = exc.fields  # type: ignore[attr-defined]
+    body.update(getattr(exc, "error_extra", {}))
+    response.data = {"error": body}
     return response

@@ -1,6 +1,7 @@
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
+from apps.api.keys import ApiKeyRotateView, ApiKeySelfView
 from apps.api.views import (
     DeviceViewSet,
     EventBatchView,
@@ -26,6 +27,8 @@ urlpatterns = [
     path("events", EventView.as_view(), name="events"),
     path("events/batch", EventBatchView.as_view(), name="events-batch"),
     path("inbox-tokens", InboxTokenView.as_view(), name="inbox-tokens"),
+    path("api-keys/self", ApiKeySelfView.as_view(), name="api-key-self"),
+    path("api-keys/self/rotate", ApiKeyRotateView.as_view(), name="api-key-rotate"),
     # Before the router: its recipient route takes any external id, slashes included.
     path("recipients/<path:external_id>/preferences", RecipientPreferencesView.as_view(), name="preferences"),
     path("recipients/<path:external_id>/consents", RecipientConsentsView.as_view(), name="consents"),

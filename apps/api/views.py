@@ -18,6 +18,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.api.errors import error_response, field_error
+from apps.api.scopes import category_check, read_write
 from apps.api.serializers import (
     CancelResultSerializer,
     ConsentSerializer,
@@ -36,7 +37,7 @@ from apps.api.serializers import (
     event_request_from,
 )
 from apps.deliveries.models import DeliveryStatus, Notification, RecurringSend
-from apps.deliveries.selectors import notification_get, notifications_list
+from apps.deliveries.selectors import notification_get, notifications_list, recurring_sends_list
 from apps.recipients.models import Device, Recipient, WebPushSubscription
 from apps.recipients.services import (
     consent_record,
@@ -48,9 +49,15 @@ from apps.recipients.services import (
     webpush_subscribe,
 )
 from apps.recipients.tokens import INBOX, PREFERENCES, recipient_link, recipient_token_issue, recipient_token_lifetime
-from apps.tenants.models import ApiKey, Tenant
+from apps.tenants.models import ApiKey, Scope, Tenant
 from notify.pipeline.control import NotCancellable, notification_cancel
-from notify.pipeline.ingest import EventRequest, IdempotencyConflict, IngestError, events_ingest
+from notify.pipeline.ingest import (
+    CategoryNotAllowed,
+    EventRequest,
+    IdempotencyConflict,
+    IngestError,
+    events_ingest,
+)
 from notify.pipeline.recurring import recurring_send_delete, recurring_send_save
 from notify.resilience.backpressure import Refused
 
@@ -74,7 +81,7 @@ class CreatedCursorPagination(pagination.CursorPagination):
 
 
 def api_key_of(request: Request) -> ApiKey:
-    """The authenticated producer key; every view here requires one (HasApiKey)."""
+    """The authenticated producer key; every view here requires one (HasRequiredScope)."""
     return cast(ApiKey, request.auth)
 
 
@@ -94,6 +101,13 @@ def recipient_named(*, tenant: Tenant, external_id: str) -> Recipient | Response
 def _ingest(request: Request, events: list[EventRequest]) -> tuple[list[dict[str, Any]], bool] | Response:
     try:
         results = events_ingest(api_key=api_key_of(request), events=events)
+    except CategoryNotAllowed as error:
+        return error_response(
+            status_code=status.HTTP_403_FORBIDDEN,
+            code="category_not_allowed",
+            message=error.message,
+            fields={error.field: [error.message]},
+        )
     except IngestError as error:
         return field_error(field=error.field, message=error.message)
     except Refused as error:
@@ -121,6 +135,8 @@ def _accepted(body: dict[str, Any], *, replayed: bool) -> Response:
 
 
 class EventView(APIView):
+    required_scopes = {"POST": Scope.EVENTS_SEND}
+
     @extend_schema(
         request=EventSerializer,
         responses={202: EventAcceptedSerializer, **ERRORS},
@@ -147,6 +163,8 @@ class EventView(APIView):
 
 
 class EventBatchView(APIView):
+    required_scopes = {"POST": Scope.EVENTS_SEND}
+
     @extend_schema(
         request=EventBatchSerializer,
         responses={202: EventBatchAcceptedSerializer, **ERRORS},
@@ -181,6 +199,8 @@ class NotificationFilterSerializer(serializers.Serializer):
 
 
 class NotificationViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins.RetrieveModelMixin):
+    # Cancelling takes back what the producer sent, so it goes with sending.
+    required_scopes = {"GET": Scope.NOTIFICATIONS_READ, "POST": Scope.EVENTS_SEND}
     serializer_class = NotificationSerializer
     pagination_class = CreatedCursorPagination
     queryset = Notification.objects.none()
@@ -188,13 +208,16 @@ class NotificationViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins
     def get_queryset(self):  # type: ignore[no-untyped-def]
         filters = NotificationFilterSerializer(data=self.request.query_params)
         filters.is_valid(raise_exception=True)
-        return notifications_list(tenant=api_key_of(self.request).tenant, **filters.validated_data)
+        key = api_key_of(self.request)
+        return notifications_list(tenant=key.tenant, categories=key.categories, **filters.validated_data)
 
     def get_object(self) -> Notification:
         try:
-            return notification_get(tenant=api_key_of(self.request).tenant, notification_id=self.kwargs["pk"])
+            notification = notification_get(tenant=api_key_of(self.request).tenant, notification_id=self.kwargs["pk"])
         except (Notification.DoesNotExist, DjangoValidationError):
             raise Http404
+        self.check_object_permissions(self.request, notification)
+        return notification
 
     @extend_schema(parameters=[NotificationFilterSerializer], summary="List notifications")
     def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
@@ -219,6 +242,7 @@ class NotificationViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins
 
 
 class RecipientViewSet(viewsets.ModelViewSet):
+    required_scopes = read_write(read=Scope.RECIPIENTS_READ, write=Scope.RECIPIENTS_WRITE)
     serializer_class = RecipientSerializer
     pagination_class = CreatedCursorPagination
     lookup_field = "external_id"
@@ -265,6 +289,8 @@ class RecipientViewSet(viewsets.ModelViewSet):
 
 
 class RecipientScopedView(APIView):
+    required_scopes = read_write(read=Scope.RECIPIENTS_READ, write=Scope.RECIPIENTS_WRITE)
+
     def recipient(self, external_id: str) -> Recipient:
         recipient = Recipient.objects.filter(tenant=api_key_of(self.request).tenant, external_id=external_id).first()
         if recipient is None:
@@ -296,6 +322,8 @@ class RecipientPreferencesView(RecipientScopedView):
         recipient = self.recipient(external_id)
         serializer = PreferencesSerializer(data=body_of(request), partial=partial, context={"tenant": recipient.tenant})
         serializer.is_valid(raise_exception=True)
+        for category_key in serializer.validated_data.get("categories") or {}:
+            category_check(api_key=api_key_of(request), category_key=category_key, field=f"categories.{category_key}")
         preferences = preferences_update(recipient=recipient, fields=serializer.validated_data, merge=partial)
         return Response(PreferencesSerializer(preferences).data)
 
@@ -338,6 +366,8 @@ class RecipientPreferenceLinkView(RecipientScopedView):
 
 class DeviceViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins.DestroyModelMixin):
     """Mobile push devices. POST registers (or updates) one by its token."""
+
+    required_scopes = read_write(read=Scope.RECIPIENTS_READ, write=Scope.RECIPIENTS_WRITE)
 
     serializer_class = DeviceSerializer
     pagination_class = CreatedCursorPagination
@@ -382,6 +412,8 @@ class DeviceViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins.Destr
 class WebPushSubscriptionViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins.DestroyModelMixin):
     """Web push subscriptions. POST saves (or refreshes) one by its endpoint."""
 
+    required_scopes = read_write(read=Scope.RECIPIENTS_READ, write=Scope.RECIPIENTS_WRITE)
+
     serializer_class = WebPushSubscriptionSerializer
     pagination_class = CreatedCursorPagination
     queryset = WebPushSubscription.objects.none()
@@ -425,19 +457,23 @@ class WebPushSubscriptionViewSet(viewsets.GenericViewSet, mixins.ListModelMixin,
 class RecurringSendViewSet(viewsets.ModelViewSet):
     """Events the service triggers itself on a cron schedule, through django-celery-beat."""
 
+    required_scopes = read_write(read=Scope.ADMIN, write=Scope.ADMIN)
+
     serializer_class = RecurringSendSerializer
     pagination_class = CreatedCursorPagination
     queryset = RecurringSend.objects.none()
     http_method_names = ["get", "post", "patch", "delete"]
 
     def get_queryset(self):  # type: ignore[no-untyped-def]
-        return RecurringSend.objects.filter(tenant=api_key_of(self.request).tenant).select_related("category")
+        key = api_key_of(self.request)
+        return recurring_sends_list(tenant=key.tenant, categories=key.categories)
 
     def get_serializer_context(self) -> dict[str, Any]:
         return {**super().get_serializer_context(), "tenant": api_key_of(self.request).tenant}
 
     def perform_create(self, serializer: RecurringSendSerializer) -> None:  # type: ignore[override]
         tenant = api_key_of(self.request).tenant
+        category_check(api_key=api_key_of(self.request), category_key=serializer.validated_data["category"].key)
         name = serializer.validated_data["name"]
         if RecurringSend.objects.filter(tenant=tenant, name=name).exists():
             raise serializers.ValidationError({"name": [f"A recurring send named '{name}' exists already."]})
@@ -445,6 +481,8 @@ class RecurringSendViewSet(viewsets.ModelViewSet):
 
     def perform_update(self, serializer: RecurringSendSerializer) -> None:  # type: ignore[override]
         recurring = cast(RecurringSend, serializer.instance)
+        if "category" in serializer.validated_data:
+            category_check(api_key=api_key_of(self.request), category_key=serializer.validated_data["category"].key)
         for name, value in serializer.validated_data.items():
             setattr(recurring, name, value)
         recurring_send_save(recurring=recurring)
@@ -458,6 +496,8 @@ class InboxTokenRequestSerializer(serializers.Serializer):
 
 
 class InboxTokenView(APIView):
+    required_scopes = {"POST": Scope.INBOX_TOKENS}
+
     @extend_schema(
         request=InboxTokenRequestSerializer,
         responses={

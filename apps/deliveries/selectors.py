@@ -5,7 +5,7 @@ from uuid import UUID
 
 from django.db.models import Prefetch, QuerySet
 
-from apps.deliveries.models import CLAIMABLE_STATUSES, Delivery, DeliveryStatus, Notification
+from apps.deliveries.models import CLAIMABLE_STATUSES, Delivery, DeliveryStatus, Notification, RecurringSend
 from apps.tenants.models import Tenant
 
 PENDING_STATUSES = {*CLAIMABLE_STATUSES, DeliveryStatus.SENDING, DeliveryStatus.STANDBY}
@@ -28,6 +28,7 @@ def notifications_list(
     tenant: Tenant,
     recipient: str | None = None,
     category: str | None = None,
+    categories: list[str] | None = None,
     status: str | None = None,
     created_after: datetime | None = None,
     created_before: datetime | None = None,
@@ -42,6 +43,8 @@ def notifications_list(
         notifications = notifications.filter(recipient__external_id=recipient)
     if category:
         notifications = notifications.filter(category__key=category)
+    if categories:  # the categories a limited API key may read
+        notifications = notifications.filter(category__key__in=categories)
     if status:
         notifications = notifications.filter(deliveries__status=status).distinct()
     if created_after:
@@ -49,6 +52,12 @@ def notifications_list(
     if created_before:
         notifications = notifications.filter(created_at__lt=created_before)
     return notifications
+
+
+def recurring_sends_list(*, tenant: Tenant, categories: list[str] | None = None) -> QuerySet[RecurringSend]:
+    """The tenant's recurring sends; with `categories` (a limited API key's), only theirs."""
+    recurring = RecurringSend.objects.filter(tenant=tenant).select_related("category")
+    return recurring.filter(category__key__in=categories) if categories else recurring
 
 
 def notification_get(*, tenant: Tenant, notification_id: UUID) -> Notification:

@@ -1,16 +1,21 @@
+from datetime import timedelta
+
+from django import forms
 from django.contrib import admin, messages
+from django.contrib.postgres.forms import SimpleArrayField
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
-from apps.tenants.models import ApiKey, Tenant
+from apps.tenants.models import ApiKey, Scope, Tenant, default_scopes
+from apps.tenants.services import ROTATION_GRACE_DEFAULT, api_key_rotate
 
 
 class ApiKeyInline(admin.TabularInline):
     model = ApiKey
     extra = 0
-    fields = ("name", "lookup", "rate_limit", "created_at", "last_used_at", "revoked_at")
-    readonly_fields = ("lookup", "created_at", "last_used_at", "revoked_at")
+    fields = ("name", "lookup", "scopes", "categories", "expires_at", "created_at", "last_used_at", "revoked_at")
+    readonly_fields = fields
     can_delete = False
     show_change_link = True
 
@@ -26,19 +31,50 @@ class TenantAdmin(admin.ModelAdmin):
     inlines = [ApiKeyInline]
 
 
+class ApiKeyForm(forms.ModelForm):
+    """Scopes as checkboxes, categories as comma-separated keys: what `apikey_create` takes."""
+
+    scopes = forms.MultipleChoiceField(
+        choices=Scope.choices, widget=forms.CheckboxSelectMultiple, initial=default_scopes
+    )
+    categories = SimpleArrayField(
+        forms.SlugField(),
+        required=False,
+        help_text="Comma-separated category keys the key is limited to; empty: every category.",
+    )
+
+    class Meta:
+        model = ApiKey
+        fields = ("tenant", "name", "scopes", "categories", "expires_at", "rate_limit")
+
+
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
-    list_display = ("name", "tenant", "lookup", "created_at", "last_used_at", "revoked_at")
+    form = ApiKeyForm
+    list_display = ("name", "tenant", "lookup", "scopes", "expires_at", "created_at", "last_used_at", "revoked_at")
     list_filter = ("tenant", ("revoked_at", admin.EmptyFieldListFilter))
     search_fields = ("name", "lookup", "tenant__name")
-    readonly_fields = ("lookup", "created_at", "last_used_at", "revoked_at")
-    actions = ["revoke"]
+    readonly_fields = ("lookup", "created_at", "last_used_at", "previous_expires_at", "revoked_at")
+    actions = ["rotate", "rotate_without_grace", "revoke"]
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: object, change: bool) -> None:
         if not change:
             raw_key = obj.assign_secret()
             messages.warning(request, f"Copy this API key now; it is not stored and will not be shown again: {raw_key}")
         super().save_model(request, obj, form, change)
+
+    @admin.action(description=f"Rotate selected API keys (old secrets work {ROTATION_GRACE_DEFAULT.days} more day)")
+    def rotate(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        self._rotate(request, queryset, grace=ROTATION_GRACE_DEFAULT)
+
+    @admin.action(description="Rotate selected API keys (old secrets stop now)")
+    def rotate_without_grace(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        self._rotate(request, queryset, grace=timedelta(0))
+
+    def _rotate(self, request: HttpRequest, queryset: QuerySet[ApiKey], *, grace: timedelta) -> None:
+        for key in queryset.filter(revoked_at__isnull=True):
+            raw_key = api_key_rotate(api_key=key, grace=grace)
+            messages.warning(request, f"Copy the new key for '{key.name}' now; it will not be shown again: {raw_key}")
 
     @admin.action(description="Revoke selected API keys")
     def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:

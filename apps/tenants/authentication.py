@@ -1,12 +1,11 @@
-import hmac
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
-from rest_framework import authentication, exceptions, permissions
+from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
-from apps.tenants.models import ApiKey, api_key_digest
+from apps.tenants.models import ApiKey
 
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
@@ -27,10 +26,21 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         if parts is None:
             raise exceptions.AuthenticationFailed("Unknown or revoked API key.")
         lookup, secret = parts
-        key = ApiKey.objects.active().select_related("tenant").filter(lookup=lookup).first()
-        if key is None or not hmac.compare_digest(key.digest, api_key_digest(secret=secret)):
+        key = ApiKey.objects.select_related("tenant").filter(lookup=lookup).first()
+        matched = None if key is None else key.secret_matches(secret=secret)
+        if key is None or matched is None:
             raise exceptions.AuthenticationFailed("Unknown or revoked API key.")
         now = timezone.now()
+        # Only a caller holding a secret learns why its key no longer works.
+        if key.revoked_at is not None:
+            raise exceptions.AuthenticationFailed(f"This API key was revoked on {_moment(key.revoked_at)}.")
+        if key.is_expired(now=now):
+            raise exceptions.AuthenticationFailed(f"This API key expired on {_moment(key.expires_at)}.")
+        if not matched and (key.previous_expires_at is None or key.previous_expires_at <= now):
+            raise exceptions.AuthenticationFailed(
+                f"This API key was rotated; its previous secret stopped working on {_moment(key.previous_expires_at)}. "
+                "Use the new key."
+            )
         # Record use at a coarse resolution so that every request does not write a row.
         if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
             ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
@@ -40,16 +50,13 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         return self.keyword
 
 
+def _moment(at: datetime | None) -> str:
+    return at.isoformat(timespec="seconds").replace("+00:00", "Z") if at else "an earlier date"
+
+
 class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
     target_class = ApiKeyAuthentication
     name = "apiKey"
 
     def get_security_definition(self, auto_schema):  # type: ignore[no-untyped-def]
         return {"type": "http", "scheme": "bearer", "description": "A tenant API key."}
-
-
-class HasApiKey(permissions.BasePermission):
-    """Producer endpoints require a tenant API key."""
-
-    def has_permission(self, request: Request, view: object) -> bool:
-        return isinstance(request.auth, ApiKey)

@@ -5,7 +5,7 @@ from django.db import transaction
 
 from apps.catalog.models import Category, CategoryKind, Priority, Template, TemplateVariant, TemplateVersion
 from apps.recipients.models import Device, Recipient, WebPushSubscription
-from apps.tenants.models import ApiKey, Tenant
+from apps.tenants.models import ALL_SCOPES, ApiKey, Tenant
 from notify.sandbox.client import browser_subscription_keys
 
 WELCOME_VARIANTS = [
@@ -121,7 +121,8 @@ def demo_workspace_ensure(
             tenant=tenant, endpoint=webpush_endpoint, defaults={"recipient": ada, **browser_subscription_keys()}
         )
     if api_key:
-        demo_key = ApiKey(tenant=tenant, name="demo")
+        # The demo shows everything the API does, recurring sends included.
+        demo_key = ApiKey(tenant=tenant, name="demo", scopes=list(ALL_SCOPES))
         demo_key.assign_secret(raw_key=api_key)
         if not ApiKey.objects.filter(lookup=demo_key.lookup).exists():
             demo_key.save()

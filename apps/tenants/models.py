@@ -1,7 +1,12 @@
 import hashlib
+import hmac
 import secrets
 import uuid
+from datetime import datetime
+from typing import Any
 
+from django.core.exceptions import ValidationError
+from django.core.validators import slug_re
 from django.db import models
 
 from notify.policy.rules import validate_channel_switches, validate_frequency_cap, validate_quiet_hours
@@ -52,6 +57,43 @@ def api_key_digest(*, secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+class Scope(models.TextChoices):
+    """What an API key may do; each API operation requires one (apps/api/scopes.py)."""
+
+    EVENTS_SEND = "events:send", "Send events (and cancel their notifications)"
+    NOTIFICATIONS_READ = "notifications:read", "Read notifications and their deliveries"
+    RECIPIENTS_READ = "recipients:read", "Read recipients, preferences, consents, devices, subscriptions"
+    RECIPIENTS_WRITE = "recipients:write", "Change recipients, preferences, consents, devices, subscriptions"
+    INBOX_TOKENS = "inbox:tokens", "Issue inbox tokens for recipients' browsers"
+    ADMIN = "admin", "Change configuration: recurring sends"
+
+
+ALL_SCOPES = [scope.value for scope in Scope]
+
+
+def default_scopes() -> list[str]:
+    """A key created without scopes may only send events: what most producers need, and nothing more."""
+    return [Scope.EVENTS_SEND.value]
+
+
+def validate_scopes(value: Any) -> None:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValidationError("Give the scopes as a list of names.")
+    unknown = [item for item in value if item not in ALL_SCOPES]
+    if unknown:
+        raise ValidationError(f"Unknown scope '{unknown[0]}'. Valid scopes: {', '.join(ALL_SCOPES)}.")
+    if not value:
+        raise ValidationError("Give the key at least one scope.")
+
+
+def validate_category_keys(value: Any) -> None:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValidationError("Give the categories as a list of category keys.")
+    malformed = [item for item in value if not slug_re.fullmatch(item)]
+    if malformed:
+        raise ValidationError(f"'{malformed[0]}' is not a category key.")
+
+
 class ApiKeyQuerySet(models.QuerySet["ApiKey"]):
     def active(self) -> "ApiKeyQuerySet":
         return self.filter(revoked_at__isnull=True)
@@ -75,6 +117,17 @@ class ApiKey(models.Model):
         validators=[validate_rate],
         help_text="Most requests this key may make, e.g. '100 per second'; empty: NOTIFY_API_RATE_LIMIT.",
     )
+    scopes = models.JSONField(default=default_scopes, validators=[validate_scopes], help_text="What the key may do.")
+    categories = models.JSONField(
+        default=list,
+        blank=True,
+        validators=[validate_category_keys],
+        help_text="The only categories the key may send, cancel and read; empty: all.",
+    )
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="Empty: never.")
+    # The secret before the last rotation, accepted until previous_expires_at (grace period).
+    previous_digest = models.CharField(max_length=64, blank=True, default="", editable=False)
+    previous_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     objects = ApiKeyQuerySet.as_manager()
 
@@ -91,6 +144,37 @@ class ApiKey(models.Model):
         if len(parts) != 3 or parts[0] != KEY_PREFIX or not parts[1] or not parts[2]:
             return None
         return parts[1], parts[2]
+
+    def clean(self) -> None:
+        """Every category the key is limited to must be one of its tenant's."""
+        if self.tenant_id is None or not isinstance(self.categories, list):
+            return
+        known = set(self.tenant.categories.filter(key__in=self.categories).values_list("key", flat=True))
+        unknown = [key for key in self.categories if key not in known]
+        if unknown:
+            valid = sorted(self.tenant.categories.values_list("key", flat=True))
+            raise ValidationError(
+                {"categories": f"Unknown category '{unknown[0]}'. Valid keys: {', '.join(valid) or '(none yet)'}."}
+            )
+
+    def secret_matches(self, *, secret: str) -> bool | None:
+        """True for the current secret, False for the previous one (whether or not its grace
+        period is over), None for neither; both comparisons take constant time."""
+        digest = api_key_digest(secret=secret)
+        if hmac.compare_digest(self.digest, digest):
+            return True
+        if self.previous_digest and hmac.compare_digest(self.previous_digest, digest):
+            return False
+        return None
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes
+
+    def allows_category(self, category_key: str) -> bool:
+        return not self.categories or category_key in self.categories
+
+    def is_expired(self, *, now: datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
 
     def assign_secret(self, *, raw_key: str | None = None) -> str:
         """Give the key a fresh (or the given) secret and return the raw key to show once."""

@@ -38,6 +38,13 @@ class IngestError(Exception):
         self.message = message
 
 
+class CategoryNotAllowed(IngestError):
+    """The producer's key is limited to other categories."""
+
+    def __init__(self, *, field: str, category_key: str) -> None:
+        super().__init__(field=field, message=f"This API key may not use the category '{category_key}'.")
+
+
 class IdempotencyConflict(Exception):
     def __init__(self, *, key: str) -> None:
         super().__init__(
@@ -91,7 +98,7 @@ def events_ingest(
     if tenant is None:
         assert api_key is not None, "give the producer's API key, or the tenant"
         tenant = api_key.tenant
-    categories = _categories_resolve(tenant=tenant, events=events)
+    categories = _categories_resolve(tenant=tenant, events=events, api_key=api_key)
     results: list[IngestResult] = []
     now = timezone.now()
     # Limits count new events only: a retry of an accepted one gets its stored answer.
@@ -174,13 +181,23 @@ def _admit(*, request: EventRequest, category: Category, now: datetime) -> None:
         request.send_at = later
 
 
-def _categories_resolve(*, tenant: Tenant, events: list[EventRequest]) -> dict[str, Category]:
+def _categories_resolve(*, tenant: Tenant, events: list[EventRequest], api_key: ApiKey | None) -> dict[str, Category]:
+    """The events' categories by key. A key limited to categories gets the whole request
+    refused for the first other one, before anything reveals which categories exist."""
+    prefixes = [f"events[{index}]." if len(events) > 1 else "" for index in range(len(events))]
+    if api_key is not None:
+        for prefix, request in zip(prefixes, events, strict=True):
+            if not api_key.allows_category(request.category_key):
+                raise CategoryNotAllowed(field=f"{prefix}category", category_key=request.category_key)
     keys = {request.category_key for request in events}
     categories = {c.key: c for c in Category.objects.filter(tenant=tenant, key__in=keys).select_related("template")}
-    for index, request in enumerate(events):
+    for prefix, request in zip(prefixes, events, strict=True):
         if request.category_key not in categories:
-            valid = sorted(Category.objects.filter(tenant=tenant).values_list("key", flat=True))
-            prefix = f"events[{index}]." if len(events) > 1 else ""
+            valid = [
+                key
+                for key in sorted(Category.objects.filter(tenant=tenant).values_list("key", flat=True))
+                if api_key is None or api_key.allows_category(key)
+            ]
             raise IngestError(
                 field=f"{prefix}category",
                 message=f"Unknown category '{request.category_key}'. Valid keys: {', '.join(valid) or '(none yet)'}.",

@@ -45,7 +45,8 @@ def test_every_admin_list_and_add_page_renders(ops, workspace, api):
 
 def test_an_api_key_made_in_the_admin_is_shown_once_and_works(ops, db):
     tenant = TenantFactory()
-    response = ops.post(reverse("admin:tenants_apikey_add"), {"tenant": tenant.pk, "name": "billing"}, follow=True)
+    form = {"tenant": tenant.pk, "name": "billing", "scopes": ["notifications:read"]}
+    response = ops.post(reverse("admin:tenants_apikey_add"), form, follow=True)
     [message] = [str(m) for m in response.context["messages"] if "Copy this API key now" in str(m)]
     raw_key = message.rsplit(" ", 1)[1]
     key = ApiKey.objects.get(name="billing")
