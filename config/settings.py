@@ -11,6 +11,10 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
 
 SECRET_KEY = env("DJANGO_SECRET_KEY")
+# Rotating the key: put the old one here (comma-separated, newest first) and a new one in
+# DJANGO_SECRET_KEY. Everything is signed with the new key; signed links and sessions made
+# under an old one keep working until it is removed from this list.
+SECRET_KEY_FALLBACKS = [key for key in env.list("DJANGO_SECRET_KEY_FALLBACKS", default=[]) if key]
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
