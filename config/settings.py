@@ -235,6 +235,11 @@ CHANNEL_LAYERS = {
 # How long a recipient token from POST /api/v1/inbox-tokens stays valid.
 NOTIFY_INBOX_TOKEN_SECONDS = env.int("NOTIFY_INBOX_TOKEN_SECONDS", default=3600)
 NOTIFY_INBOX_PING_SECONDS = env.float("NOTIFY_INBOX_PING_SECONDS", default=25.0)
+# A WebSocket that has not sent its token (first message) by then is closed.
+NOTIFY_INBOX_AUTH_SECONDS = env.float("NOTIFY_INBOX_AUTH_SECONDS", default=5.0)
+# Open WebSockets per recipient across all web processes (counted in NOTIFY_REDIS_URL's Redis);
+# one more is refused with close code 4029. 0: no cap.
+NOTIFY_INBOX_MAX_SOCKETS_PER_RECIPIENT = env.int("NOTIFY_INBOX_MAX_SOCKETS_PER_RECIPIENT", default=10)
 # The recipient-facing inbox API is called from the pages that embed the widget, on any origin.
 # It is authorised by a bearer token, never a cookie, so allowing every origin exposes nothing.
 CORS_URLS_REGEX = r"^/inbox/v1/.*$"

@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import json
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 from uuid import UUID
@@ -40,6 +40,7 @@ class RecipientTokenInvalid(Exception):
 class RecipientToken:
     recipient_id: UUID
     extra: dict[str, Any]
+    expires_at: datetime
 
 
 class _PurposeSigner(signing.TimestampSigner):
@@ -114,13 +115,14 @@ def recipient_token_lifetime(*, purpose: Purpose) -> timedelta:
 def recipient_token_read(*, purpose: Purpose, token: str) -> RecipientToken:
     """What the token was issued for; raises RecipientTokenInvalid when it was tampered with,
     made for another purpose, or is older than its lifetime."""
+    lifetime = recipient_token_lifetime(purpose=purpose)
     try:
-        payload = _signer(purpose.name).unsign_object(
-            token, max_age=recipient_token_lifetime(purpose=purpose)
-        )
+        payload = _signer(purpose.name).unsign_object(token, max_age=lifetime)
     except signing.SignatureExpired as error:
         raise RecipientTokenInvalid(purpose=purpose, expired=True) from error
     except signing.BadSignature as error:
         raise RecipientTokenInvalid(purpose=purpose, expired=False) from error
+    # The signed timestamp, verified above, is the token's middle part (value:timestamp:signature).
+    issued_at = datetime.fromtimestamp(signing.b62_decode(token.rsplit(":", 2)[1]), tz=UTC)
     recipient_id = payload.pop("r")
-    return RecipientToken(recipient_id=UUID(recipient_id), extra=payload)
+    return RecipientToken(recipient_id=UUID(recipient_id), extra=payload, expires_at=issued_at + lifetime)

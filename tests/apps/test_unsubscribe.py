@@ -110,7 +110,9 @@ def test_links_made_under_a_rotated_key_work_until_it_leaves_the_fallbacks(works
     assert b"For ada@example.com." in Client().get(preferences).content
     new_preferences = path_of(recipient_link(purpose=PREFERENCES, recipient_id=ada.id))
     assert new_preferences != preferences
-    response = Client().post(unsubscribe, "List-Unsubscribe=One-Click", content_type="application/x-www-form-urlencoded")
+    response = Client().post(
+        unsubscribe, "List-Unsubscribe=One-Click", content_type="application/x-www-form-urlencoded"
+    )
     assert response.status_code == 200
     assert send_now(ingest_one(workspace)).status == DeliveryStatus.SUPPRESSED
 
