@@ -252,3 +252,28 @@ def test_the_socket_cap_holds_across_processes_and_a_killed_process_frees_its_so
         server.process.wait(timeout=10)
         assert in_process(refused_here)  # their slots outlive the process for a lease (3 pings)...
         wait_for(lambda: not in_process(refused_here), timeout=10, interval=0.5, what="the slots to lapse")
+
+
+def test_the_widget_gets_a_fresh_token_when_its_socket_closes_at_expiry(serve, workers):
+    """The demo page gives the widget a getToken that asks the page's server for a new token,
+    as an application's page does: live updates go on past the token's lifetime."""
+    from playwright.sync_api import expect, sync_playwright
+
+    demo_api_key = "ntf_demo_0123456789abcdefTEST"
+    demo_workspace_ensure(api_key=demo_api_key)
+    server = serve(DJANGO_DEBUG="1", NOTIFY_INBOX_TOKEN_SECONDS="2")
+    workers.start("normal")
+
+    with sync_playwright() as playwright:
+        browser = chromium_launch(playwright)
+        try:
+            tab = browser.new_page()
+            tab.goto(f"{server.url}/demo/inbox/")
+            expect(tab.locator("#inbox[data-connected=true]")).to_be_attached()
+            # Closed at expiry (4002), the widget reconnects with a fresh token, more than once.
+            wait_for(lambda: server.log().count("GET /demo/inbox/token") >= 2, what="two fresh tokens")
+            Producer(base_url=server.url, api_key=demo_api_key).mention(text="after the first token")
+            expect(tab.locator(".ntf-badge")).to_have_text("1")
+            expect(tab.locator(".ntf-status")).to_be_hidden()
+        finally:
+            browser.close()
