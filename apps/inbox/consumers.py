@@ -36,6 +36,8 @@ CLOSE_TOO_MANY_SOCKETS = 4029  # the recipient has the most sockets allowed open
 CATCH_UP_LIMIT = 100
 SUBPROTOCOL = "notify-inbox"
 SUBPROTOCOL_TOKEN_PREFIX = "token."
+TOKEN_IN_URL = "the token belongs in the first message or the subprotocol, not in the URL, which logs record"
+FIRST_MESSAGE = 'the first message must be {"type": "auth", "token": "<inbox token>"}'
 
 
 class InboxConsumer(AsyncJsonWebsocketConsumer):
@@ -152,10 +154,6 @@ class InboxConsumer(AsyncJsonWebsocketConsumer):
 
     async def inbox_counts(self, message: dict[str, Any]) -> None:
         await self.send_json({"type": "counts", "counts": message["counts"]})
-
-
-TOKEN_IN_URL = "the token belongs in the first message or the subprotocol, not in the URL, which logs record"
-FIRST_MESSAGE = 'the first message must be {"type": "auth", "token": "<inbox token>"}'
 
 
 def _catch_up(*, recipient_id: UUID, after: str) -> tuple[list[dict[str, Any]], bool]:
