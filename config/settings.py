@@ -11,6 +11,10 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
 
 SECRET_KEY = env("DJANGO_SECRET_KEY")
+# Rotating the key: put the old one here (comma-separated, newest first) and a new one in
+# DJANGO_SECRET_KEY. Everything is signed with the new key; signed links and sessions made
+# under an old one keep working until it is removed from this list.
+SECRET_KEY_FALLBACKS = [key for key in env.list("DJANGO_SECRET_KEY_FALLBACKS", default=[]) if key]
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
@@ -231,6 +235,11 @@ CHANNEL_LAYERS = {
 # How long a recipient token from POST /api/v1/inbox-tokens stays valid.
 NOTIFY_INBOX_TOKEN_SECONDS = env.int("NOTIFY_INBOX_TOKEN_SECONDS", default=3600)
 NOTIFY_INBOX_PING_SECONDS = env.float("NOTIFY_INBOX_PING_SECONDS", default=25.0)
+# A WebSocket that has not sent its token (first message) by then is closed.
+NOTIFY_INBOX_AUTH_SECONDS = env.float("NOTIFY_INBOX_AUTH_SECONDS", default=5.0)
+# Open WebSockets per recipient across all web processes (counted in NOTIFY_REDIS_URL's Redis);
+# one more is refused with close code 4029. 0: no cap.
+NOTIFY_INBOX_MAX_SOCKETS_PER_RECIPIENT = env.int("NOTIFY_INBOX_MAX_SOCKETS_PER_RECIPIENT", default=10)
 # The recipient-facing inbox API is called from the pages that embed the widget, on any origin.
 # It is authorised by a bearer token, never a cookie, so allowing every origin exposes nothing.
 CORS_URLS_REGEX = r"^/inbox/v1/.*$"

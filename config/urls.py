@@ -18,6 +18,7 @@ urlpatterns = [
     path("webhooks/twilio/status", twilio_status_callback, name="twilio-status"),
     path("webhooks/twilio/inbound", twilio_inbound, name="twilio-inbound"),
     path("demo/inbox/", demo_views.inbox_page, name="demo-inbox"),
+    path("demo/inbox/token", demo_views.inbox_token, name="demo-inbox-token"),
     path("demo/webpush/", demo_views.webpush_page, name="demo-webpush"),
     path("demo/webpush/sw.js", demo_views.webpush_service_worker, name="demo-webpush-sw"),
     path("demo/webpush/subscribe", demo_views.webpush_subscribe_demo, name="demo-webpush-subscribe"),

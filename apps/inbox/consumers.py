@@ -1,10 +1,16 @@
-"""The inbox WebSocket: `/inbox/v1/ws?token=<inbox token>[&after=<newest item id held>]`.
+"""The inbox WebSocket: `/inbox/v1/ws[?after=<newest item id held>]`.
+
+The token never travels in the URL, which access logs record. The client sends it either as
+its first message, `{"type": "auth", "token": "..."}`, within NOTIFY_INBOX_AUTH_SECONDS, or
+in the handshake as the subprotocols `notify-inbox` and `token.<token with its colons made
+dots>`, and the server then answers with `notify-inbox`. A token in the query string is
+refused.
 
 The protocol (docs/inbox.md): the server sends `hello` with the counts, then, when `after` is
 given, `catch_up` with what was missed; after that `item`, `item_updated` and `counts` as they
 happen, and `ping` every NOTIFY_INBOX_PING_SECONDS, which the client answers with `pong`.
-A client silent for two ping intervals is closed as dead. The token is checked once, when
-connecting; a bad one gets a close code that tells the client what to do."""
+A client silent for two ping intervals is closed as dead, and a socket is closed when its
+token expires; each close code tells the client what to do."""
 
 import asyncio
 import time
@@ -19,29 +25,90 @@ from django.conf import settings
 from apps.inbox.live import inbox_group, inbox_item_json
 from apps.inbox.models import InboxItem
 from apps.inbox.services import inbox_counts, inbox_items_after
+from apps.inbox.sockets import socket_slot_release, socket_slot_renew, socket_slot_take
 from apps.recipients.tokens import INBOX, RecipientTokenInvalid, recipient_token_read
 
 # Close codes (4000-4999 are the application's): each tells the client what to do next.
-CLOSE_TOKEN_INVALID = 4001  # missing or tampered: do not retry with this token
+CLOSE_TOKEN_INVALID = 4001  # missing, late, in the URL or tampered: do not retry with this token
 CLOSE_TOKEN_EXPIRED = 4002  # ask the application for a new token, then reconnect
 CLOSE_KEEP_ALIVE = 4008  # nothing heard for two ping intervals: reconnect
+CLOSE_TOO_MANY_SOCKETS = 4029  # the recipient has the most sockets allowed open: retry later
 CATCH_UP_LIMIT = 100
+SUBPROTOCOL = "notify-inbox"
+SUBPROTOCOL_TOKEN_PREFIX = "token."
+TOKEN_IN_URL = "the token belongs in the first message or the subprotocol, not in the URL, which logs record"
+FIRST_MESSAGE = 'the first message must be {"type": "auth", "token": "<inbox token>"}'
 
 
 class InboxConsumer(AsyncJsonWebsocketConsumer):
-    recipient_id: UUID
+    recipient_id: UUID | None = None
+    token_received: bool = False
+    token_expires_at: float = 0.0  # a Unix time
+    after: str = ""
     group: str = ""
+    holds_slot: bool = False
     last_heard: float = 0.0
-    keep_alive: asyncio.Task[None] | None = None
+    watch: asyncio.Task[None] | None = None  # the token's deadline, then the keep-alive
 
     async def connect(self) -> None:
         query = parse_qs(self.scope["query_string"].decode(errors="replace"))
+        offered: list[str] = self.scope.get("subprotocols") or []
         # Accept first: a close code can only be sent on an accepted connection.
-        await self.accept()
+        await self.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+        if "token" in query:
+            # Refused, not deprecated: the point is that no client keeps putting it in logs.
+            await self.close(code=CLOSE_TOKEN_INVALID, reason=TOKEN_IN_URL)
+            return
+        self.after = query.get("after", [""])[0]
+        for protocol in offered:
+            if protocol.startswith(SUBPROTOCOL_TOKEN_PREFIX):
+                # A subprotocol is an HTTP token, which has no colons: the client made them dots.
+                await self._authenticate(token=protocol.removeprefix(SUBPROTOCOL_TOKEN_PREFIX).replace(".", ":"))
+                return
+        self.watch = asyncio.create_task(self._close_without_token())
+
+    async def disconnect(self, code: int) -> None:
+        if self.watch:
+            self.watch.cancel()
+        if self.group:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+        if self.holds_slot and self.recipient_id:
+            await socket_slot_release(recipient_id=self.recipient_id, socket_id=self.channel_name)
+
+    @classmethod
+    async def decode_json(cls, text_data: str) -> Any:
         try:
-            self.recipient_id = recipient_token_read(purpose=INBOX, token=query.get("token", [""])[0]).recipient_id
+            return await super().decode_json(text_data)
+        except ValueError:
+            return None  # not JSON: refused in place of the token, ignored after it
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        message = content if isinstance(content, dict) else {}
+        if not self.token_received:
+            token = message.get("token")
+            if message.get("type") != "auth" or not isinstance(token, str):
+                await self.close(code=CLOSE_TOKEN_INVALID, reason=FIRST_MESSAGE)
+                return
+            await self._authenticate(token=token)
+            return
+        self.last_heard = time.monotonic()
+        if message.get("type") == "ping":
+            await self.send_json({"type": "pong"})
+
+    async def _authenticate(self, *, token: str) -> None:
+        self.token_received = True
+        if self.watch:
+            self.watch.cancel()
+        try:
+            read = recipient_token_read(purpose=INBOX, token=token)
         except RecipientTokenInvalid as error:
             await self.close(code=CLOSE_TOKEN_EXPIRED if error.expired else CLOSE_TOKEN_INVALID, reason=str(error))
+            return
+        self.recipient_id, self.token_expires_at = read.recipient_id, read.expires_at.timestamp()
+        self.holds_slot = await socket_slot_take(recipient_id=self.recipient_id, socket_id=self.channel_name)
+        if not self.holds_slot:
+            cap = settings.NOTIFY_INBOX_MAX_SOCKETS_PER_RECIPIENT
+            await self.close(code=CLOSE_TOO_MANY_SOCKETS, reason=f"too many open connections for this inbox ({cap})")
             return
         # Join before reading the database: whatever is stored from now on is pushed, and
         # anything stored before is in the reads below (a repeat is dropped by id).
@@ -50,31 +117,31 @@ class InboxConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json(
             {"type": "hello", "counts": await database_sync_to_async(inbox_counts)(recipient_id=self.recipient_id)}
         )
-        if after := query.get("after", [""])[0]:
-            items, more = await database_sync_to_async(_catch_up)(recipient_id=self.recipient_id, after=after)
+        if self.after:
+            items, more = await database_sync_to_async(_catch_up)(recipient_id=self.recipient_id, after=self.after)
             await self.send_json({"type": "catch_up", "items": items, "more": more})
         self.last_heard = time.monotonic()
-        self.keep_alive = asyncio.create_task(self._keep_alive())
+        self.watch = asyncio.create_task(self._keep_alive(recipient_id=self.recipient_id))
 
-    async def disconnect(self, code: int) -> None:
-        if self.keep_alive:
-            self.keep_alive.cancel()
-        if self.group:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+    async def _close_without_token(self) -> None:
+        # An unauthenticated socket holds a connection and counts against no recipient's cap.
+        deadline = settings.NOTIFY_INBOX_AUTH_SECONDS
+        await asyncio.sleep(deadline)
+        await self.close(code=CLOSE_TOKEN_INVALID, reason=f"no token within {deadline:g} seconds")
 
-    async def receive_json(self, content: Any, **kwargs: Any) -> None:
-        self.last_heard = time.monotonic()
-        if isinstance(content, dict) and content.get("type") == "ping":
-            await self.send_json({"type": "pong"})
-
-    async def _keep_alive(self) -> None:
+    async def _keep_alive(self, *, recipient_id: UUID) -> None:
+        """Ping, renew the socket's slot, and close a silent socket, or one whose token expired."""
         interval = settings.NOTIFY_INBOX_PING_SECONDS
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(max(0.0, min(interval, self.token_expires_at - time.time())))
+            if time.time() >= self.token_expires_at:
+                await self.close(code=CLOSE_TOKEN_EXPIRED, reason="the inbox token has expired")
+                return
             if time.monotonic() - self.last_heard > 2 * interval:
                 await self.close(code=CLOSE_KEEP_ALIVE, reason="no pong: the connection looks dead")
                 return
             await self.send_json({"type": "ping"})
+            await socket_slot_renew(recipient_id=recipient_id, socket_id=self.channel_name)
 
     # Channel-layer messages from apps.inbox.live, one handler per message type.
     async def inbox_item(self, message: dict[str, Any]) -> None:

@@ -39,6 +39,13 @@ def inbox_page(request: HttpRequest) -> HttpResponse:
     )
 
 
+def inbox_token(request: HttpRequest) -> HttpResponse:
+    """A fresh inbox token for the widget's getToken, as an application's own server makes one
+    for the signed-in person when the last one expires."""
+    recipient = _demo_recipient()
+    return HttpResponse(recipient_token_issue(purpose=INBOX, recipient_id=recipient.id), content_type="text/plain")
+
+
 def webpush_page(request: HttpRequest) -> HttpResponse:
     recipient = _demo_recipient()
     return render(

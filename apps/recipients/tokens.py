@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import json
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 from uuid import UUID
@@ -40,6 +40,7 @@ class RecipientTokenInvalid(Exception):
 class RecipientToken:
     recipient_id: UUID
     extra: dict[str, Any]
+    expires_at: datetime
 
 
 class _PurposeSigner(signing.TimestampSigner):
@@ -47,8 +48,10 @@ class _PurposeSigner(signing.TimestampSigner):
     once instead of for every token: every non-critical email carries a token, and the key
     derivation was half of what making one cost."""
 
-    def __init__(self, *, salt: str) -> None:
-        super().__init__(salt=salt)
+    def __init__(self, *, salt: str, key: str, fallback_keys: tuple[str, ...]) -> None:
+        # Signs with the current key; reads with it and then each fallback (Signer.unsign),
+        # so that links already sent outlive a key rotation.
+        super().__init__(salt=salt, key=key, fallback_keys=list(fallback_keys))
         self._derived_keys: dict[Any, bytes] = {}
 
     def signature(self, value: Any, key: Any = None) -> str:
@@ -61,10 +64,14 @@ class _PurposeSigner(signing.TimestampSigner):
         return signing.b64_encode(hmac.digest(derived, force_bytes(value), "sha256")).decode()
 
 
+def _signer(purpose_name: str) -> _PurposeSigner:
+    return _signer_for_keys(purpose_name, settings.SECRET_KEY, tuple(settings.SECRET_KEY_FALLBACKS))
+
+
 @lru_cache(maxsize=8)
-def _signer(purpose_name: str, secret_key: str) -> _PurposeSigner:
-    # Keyed by the secret too, so a changed SECRET_KEY (tests override it) gets a new signer.
-    return _PurposeSigner(salt=f"notify.{purpose_name}")
+def _signer_for_keys(purpose_name: str, secret_key: str, fallback_keys: tuple[str, ...]) -> _PurposeSigner:
+    # Keyed by the keys too, so changed keys (tests override them) get a new signer.
+    return _PurposeSigner(salt=f"notify.{purpose_name}", key=secret_key, fallback_keys=fallback_keys)
 
 
 def recipient_token_issue(*, purpose: Purpose, recipient_id: UUID, **extra: str) -> str:
@@ -72,7 +79,7 @@ def recipient_token_issue(*, purpose: Purpose, recipient_id: UUID, **extra: str)
     timestamp and the signature. The JSON is put together here because the extras (a category
     and a channel) are the same for a whole batch, so their JSON is made once."""
     payload = f'{{"r":"{recipient_id}"{_extra_json(tuple(extra.items()))}}}'
-    return _signer(purpose.name, settings.SECRET_KEY).sign(signing.b64_encode(payload.encode()).decode())
+    return _signer(purpose.name).sign(signing.b64_encode(payload.encode()).decode())
 
 
 @lru_cache(maxsize=1024)
@@ -108,13 +115,14 @@ def recipient_token_lifetime(*, purpose: Purpose) -> timedelta:
 def recipient_token_read(*, purpose: Purpose, token: str) -> RecipientToken:
     """What the token was issued for; raises RecipientTokenInvalid when it was tampered with,
     made for another purpose, or is older than its lifetime."""
+    lifetime = recipient_token_lifetime(purpose=purpose)
     try:
-        payload = _signer(purpose.name, settings.SECRET_KEY).unsign_object(
-            token, max_age=recipient_token_lifetime(purpose=purpose)
-        )
+        payload = _signer(purpose.name).unsign_object(token, max_age=lifetime)
     except signing.SignatureExpired as error:
         raise RecipientTokenInvalid(purpose=purpose, expired=True) from error
     except signing.BadSignature as error:
         raise RecipientTokenInvalid(purpose=purpose, expired=False) from error
+    # The signed timestamp, verified above, is the token's middle part (value:timestamp:signature).
+    issued_at = datetime.fromtimestamp(signing.b62_decode(token.rsplit(":", 2)[1]), tz=UTC)
     recipient_id = payload.pop("r")
-    return RecipientToken(recipient_id=UUID(recipient_id), extra=payload)
+    return RecipientToken(recipient_id=UUID(recipient_id), extra=payload, expires_at=issued_at + lifetime)

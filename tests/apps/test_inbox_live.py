@@ -3,8 +3,11 @@ token checks and close codes, live items and counts in every tab, catch-up on re
 and the keep-alive that closes a silent connection."""
 
 import asyncio
+import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -13,7 +16,13 @@ from django.db import connections
 from rest_framework.test import APIClient
 
 from apps.deliveries.models import DeliveryStatus
-from apps.inbox.consumers import CLOSE_KEEP_ALIVE, CLOSE_TOKEN_EXPIRED, CLOSE_TOKEN_INVALID
+from apps.inbox.consumers import (
+    CLOSE_KEEP_ALIVE,
+    CLOSE_TOKEN_EXPIRED,
+    CLOSE_TOKEN_INVALID,
+    CLOSE_TOO_MANY_SOCKETS,
+    SUBPROTOCOL,
+)
 from apps.recipients.tokens import INBOX, recipient_token_issue
 from config.asgi import application
 from tests.apps.test_inbox import notify
@@ -39,11 +48,20 @@ def run(scenario: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(and_close_connections())
 
 
-async def connect(token: str, **query: str) -> WebsocketCommunicator:
-    params = "&".join(f"{name}={value}" for name, value in {"token": token, **query}.items())
-    tab = WebsocketCommunicator(application, f"/inbox/v1/ws?{params}")
+async def opened(*, subprotocols: list[str] | None = None, **query: str) -> WebsocketCommunicator:
+    """A connection, accepted, that has sent nothing yet."""
+    tab = WebsocketCommunicator(
+        application, f"/inbox/v1/ws?{urlencode(query)}" if query else "/inbox/v1/ws", subprotocols=subprotocols
+    )
     connected, _ = await tab.connect(timeout=TIMEOUT)
     assert connected
+    return tab
+
+
+async def connect(token: str, **query: str) -> WebsocketCommunicator:
+    """A tab that sends its token in the first message, as the widget does."""
+    tab = await opened(**query)
+    await tab.send_json_to({"type": "auth", "token": token})
     return tab
 
 
@@ -51,11 +69,22 @@ async def receive(tab: WebsocketCommunicator) -> dict[str, Any]:
     return await tab.receive_json_from(timeout=TIMEOUT)
 
 
-async def closed_with(tab: WebsocketCommunicator) -> int:
+async def closed_with(tab: WebsocketCommunicator, timeout: float = TIMEOUT) -> int:
     """The close code, once the server closes; only keep-alive pings may come before it."""
-    while (message := await tab.receive_output(timeout=TIMEOUT))["type"] != "websocket.close":
+    while (message := await tab.receive_output(timeout=timeout))["type"] != "websocket.close":
         assert message == {"type": "websocket.send", "text": '{"type": "ping"}'}
     return message["code"]
+
+
+async def closed_with_reason(tab: WebsocketCommunicator) -> tuple[int, str]:
+    message = await tab.receive_output(timeout=TIMEOUT)
+    assert message["type"] == "websocket.close", message
+    return message["code"], message["reason"]
+
+
+def as_subprotocol(token: str) -> str:
+    """A subprotocol is an HTTP token, which cannot hold the token's colons: they become dots."""
+    return "token." + token.replace(":", ".")
 
 
 def test_a_missing_tampered_or_expired_token_is_closed_with_a_code_that_says_which(ada, settings):
@@ -174,3 +203,126 @@ def test_with_the_channel_layer_down_the_item_is_still_stored_and_caught_up_late
     assert delivery.status == DeliveryStatus.SENT
     assert delivery.inbox_item.body == "while Redis was away"
     assert "live inbox update not pushed" in caplog.text
+
+
+def test_a_token_in_the_query_string_is_refused_because_access_logs_record_urls(ada):
+    token = recipient_token_issue(purpose=INBOX, recipient_id=ada.id)
+
+    async def scenario() -> None:
+        tab = await opened(token=token)
+        code, reason = await closed_with_reason(tab)
+        assert code == CLOSE_TOKEN_INVALID
+        assert "not in the URL" in reason
+
+    run(scenario)
+
+
+def test_the_token_as_a_subprotocol_opens_the_inbox_and_the_server_answers_with_its_own(workspace, ada):
+    token = recipient_token_issue(purpose=INBOX, recipient_id=ada.id)
+    held = notify(workspace, text="held").inbox_item
+    missed = notify(workspace, text="missed").inbox_item
+
+    async def scenario() -> None:
+        tab = WebsocketCommunicator(
+            application, f"/inbox/v1/ws?after={held.id}", subprotocols=[SUBPROTOCOL, as_subprotocol(token)]
+        )
+        assert await tab.connect(timeout=TIMEOUT) == (True, SUBPROTOCOL)  # browsers insist on one
+        assert await receive(tab) == {"type": "hello", "counts": {"unread": 2, "unseen": 2}}
+        catch_up = await receive(tab)
+        assert [item["id"] for item in catch_up["items"]] == [str(missed.id)]
+        await tab.disconnect()
+
+        tampered = await opened(subprotocols=[SUBPROTOCOL, as_subprotocol(token[:-2] + "xx")])
+        assert await closed_with(tampered) == CLOSE_TOKEN_INVALID
+
+    run(scenario)
+
+
+def test_a_connection_without_a_token_in_time_or_with_another_first_message_is_closed(ada, settings):
+    settings.NOTIFY_INBOX_AUTH_SECONDS = 0.3
+    token = recipient_token_issue(purpose=INBOX, recipient_id=ada.id)
+
+    async def scenario() -> None:
+        started = time.monotonic()
+        code, reason = await closed_with_reason(await opened())
+        assert (code, reason) == (CLOSE_TOKEN_INVALID, "no token within 0.3 seconds")
+        assert time.monotonic() - started >= 0.3
+
+        wrong_first = await opened()
+        await wrong_first.send_json_to({"type": "ping"})
+        assert (await closed_with_reason(wrong_first))[0] == CLOSE_TOKEN_INVALID
+        not_json = await opened()
+        await not_json.send_to(text_data="token=" + token)
+        assert (await closed_with_reason(not_json))[0] == CLOSE_TOKEN_INVALID
+
+        in_time = await connect(token)
+        assert (await receive(in_time))["type"] == "hello"
+        assert await in_time.receive_nothing(timeout=0.5)  # the deadline is for the token alone
+        await in_time.disconnect()
+
+    run(scenario)
+
+
+def test_an_open_socket_is_closed_when_its_token_expires(ada, settings):
+    settings.NOTIFY_INBOX_TOKEN_SECONDS = 2
+    token = recipient_token_issue(purpose=INBOX, recipient_id=ada.id)
+
+    async def scenario() -> None:
+        tab = await connect(token)
+        assert (await receive(tab))["type"] == "hello"
+        assert await tab.receive_nothing(timeout=0.5)
+        code, reason = await closed_with_reason(tab)
+        assert (code, reason) == (CLOSE_TOKEN_EXPIRED, "the inbox token has expired")
+
+    run(scenario)
+
+
+def test_sockets_past_the_cap_for_one_recipient_are_refused_until_one_closes(workspace, ada, settings):
+    settings.NOTIFY_INBOX_MAX_SOCKETS_PER_RECIPIENT = 2
+    token = recipient_token_issue(purpose=INBOX, recipient_id=ada.id)
+    bob = RecipientFactory(tenant=workspace.tenant, external_id="bob")
+
+    async def scenario() -> None:
+        tabs = [await connect(token), await connect(token)]
+        for tab in tabs:
+            assert (await receive(tab))["type"] == "hello"
+        for _ in range(2):
+            code, reason = await closed_with_reason(await connect(token))
+            assert (code, reason) == (CLOSE_TOO_MANY_SOCKETS, "too many open connections for this inbox (2)")
+        bobs = await connect(recipient_token_issue(purpose=INBOX, recipient_id=bob.id))
+        assert (await receive(bobs))["type"] == "hello"  # the cap is per recipient
+
+        await tabs.pop().disconnect()
+        tabs.append(await connect(token))
+        assert (await receive(tabs[-1]))["type"] == "hello"
+        for tab in [*tabs, bobs]:
+            await tab.disconnect()
+
+    run(scenario)
+
+
+def test_with_redis_for_the_cap_down_or_silent_sockets_are_still_accepted(ada, settings, caplog):
+    """The cap protects resources, not data: without Redis it is not enforced (fails open),
+    and a Redis that does not answer delays a connection by a bounded time only."""
+    settings.NOTIFY_INBOX_MAX_SOCKETS_PER_RECIPIENT = 1
+    token = recipient_token_issue(purpose=INBOX, recipient_id=ada.id)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes connections; nothing ever answers them
+
+    async def scenario() -> None:
+        for url in ("redis://127.0.0.1:1/0", f"redis://127.0.0.1:{silent.getsockname()[1]}/0"):
+            settings.NOTIFY_REDIS_URL = url
+            started = time.monotonic()
+            tabs = [await connect(token), await connect(token)]
+            for tab in tabs:
+                assert (await receive(tab))["type"] == "hello"
+            assert time.monotonic() - started < 3
+            for tab in tabs:
+                await tab.disconnect()
+
+    try:
+        run(scenario)
+    finally:
+        silent.close()
+    assert "open inbox sockets not counted" in caplog.text

@@ -1,6 +1,9 @@
 """Email unsubscribe: List-Unsubscribe with one-click POST (RFC 8058) and a link in the email,
 both taking effect with the very next notification."""
 
+import os
+import subprocess
+import sys
 from urllib.parse import urlparse
 
 import pytest
@@ -9,6 +12,7 @@ from django.test import Client
 from apps.catalog.models import CategoryKind
 from apps.deliveries.models import DeliveryStatus
 from apps.recipients.models import Recipient
+from apps.recipients.tokens import PREFERENCES, recipient_link
 from tests.notify.test_send import ingest_one, send_now
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -92,3 +96,51 @@ def test_a_tampered_unsubscribe_link_is_refused(workspace, sandbox, ada):
     response = Client().post(url[:-3] + "xyz")
     assert response.status_code == 403
     assert b"This unsubscribe link is not valid" in response.content
+
+
+def test_links_made_under_a_rotated_key_work_until_it_leaves_the_fallbacks(workspace, sandbox, ada, settings):
+    """Rotating the secret key: the old key moves to SECRET_KEY_FALLBACKS, so links already
+    sent keep working, new ones are signed with the new key, and removing the old key from
+    the fallbacks retires every link made under it."""
+    unsubscribe = path_of(sent_email(workspace, sandbox)["headers"]["List-Unsubscribe"].strip("<>"))
+    preferences = path_of(recipient_link(purpose=PREFERENCES, recipient_id=ada.id))
+    old_key = settings.SECRET_KEY
+
+    settings.SECRET_KEY, settings.SECRET_KEY_FALLBACKS = "the-new-secret-key", [old_key]
+    assert b"For ada@example.com." in Client().get(preferences).content
+    new_preferences = path_of(recipient_link(purpose=PREFERENCES, recipient_id=ada.id))
+    assert new_preferences != preferences
+    response = Client().post(
+        unsubscribe, "List-Unsubscribe=One-Click", content_type="application/x-www-form-urlencoded"
+    )
+    assert response.status_code == 200
+    assert send_now(ingest_one(workspace)).status == DeliveryStatus.SUPPRESSED
+
+    settings.SECRET_KEY_FALLBACKS = []
+    for retired in (unsubscribe, preferences):
+        response = Client().get(retired)
+        assert response.status_code == 403
+        assert b"not valid" in response.content
+    assert Client().get(new_preferences).status_code == 200  # signed with the current key
+
+    # A link signed with a key the service never had is refused, fallbacks or not.
+    settings.SECRET_KEY = "a-key-an-attacker-chose"
+    forged = path_of(recipient_link(purpose=PREFERENCES, recipient_id=ada.id))
+    settings.SECRET_KEY, settings.SECRET_KEY_FALLBACKS = "the-new-secret-key", [old_key]
+    assert Client().get(forged).status_code == 403
+
+
+def test_the_key_fallbacks_are_read_from_the_environment():
+    script = "import django; django.setup(); from django.conf import settings; print(settings.SECRET_KEY_FALLBACKS)"
+    environment = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings"}
+    read = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**environment, "DJANGO_SECRET_KEY_FALLBACKS": "the-old-key,the-older-key"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert read.stdout.strip() == "['the-old-key', 'the-older-key']"
+    environment.pop("DJANGO_SECRET_KEY_FALLBACKS", None)
+    unset = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, check=True)
+    assert unset.stdout.strip() == "[]"

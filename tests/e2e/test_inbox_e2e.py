@@ -1,17 +1,35 @@
 """The in-app inbox end to end: the ASGI server as the run command serves it, a real Celery
 worker, Redis and PostgreSQL. An event triggered through the API reaches a connected
 WebSocket client, and one sent while it was away arrives on reconnect. Then the same through
-the embeddable widget in headless Chromium."""
+the embeddable widget in headless Chromium. The token never reaches the server's logs, and
+the cap on one recipient's sockets holds across server processes, one of them killed."""
 
+import asyncio
 import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from asgiref.sync import sync_to_async
+from django.db import connections
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from apps.inbox.consumers import CLOSE_TOO_MANY_SOCKETS, SUBPROTOCOL
+from apps.recipients.tokens import INBOX, recipient_token_issue
 from apps.tenants.demo import demo_workspace_ensure
-from tests.helpers import chromium_launch, wait_for
+from tests.apps.test_inbox_live import as_subprotocol
+from tests.apps.test_inbox_live import connect as connect_in_process
+from tests.conftest import ROOT, process_env
+from tests.factories import RecipientFactory
+from tests.helpers import chromium_launch, free_port, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
 
@@ -40,6 +58,53 @@ class Producer:
         return response.json()["status"]
 
 
+@dataclass
+class WebServer:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def serve(transactional_db, sandbox, tmp_path) -> Iterator[Any]:  # type: ignore[no-untyped-def]
+    """Start uvicorn as the run command does, with its access log on and extra environment;
+    every one started is stopped afterwards."""
+    started: list[WebServer] = []
+
+    def start(**environment: str) -> WebServer:
+        port = free_port()
+        log_path = tmp_path / f"web-{len(started)}.log"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(port)]
+            + ["--access-log", "--log-level", "info"],
+            cwd=ROOT,
+            env={**process_env(sandbox_url=sandbox.base_url), **environment},
+            stdout=log_path.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        server = WebServer(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+        started.append(server)
+        wait_for(lambda: "Uvicorn running" in server.log() or process.poll() is not None, what="uvicorn to start")
+        if process.poll() is not None:
+            raise AssertionError(f"the web server exited:\n{server.log()}")
+        return server
+
+    yield start
+    for server in started:
+        if server.process.poll() is None:
+            server.process.terminate()
+            server.process.wait(timeout=10)
+
+
+def authenticated(socket: ClientConnection, token: str) -> ClientConnection:
+    """The socket, having sent its token as the first message, as the widget does."""
+    socket.send(json.dumps({"type": "auth", "token": token}))
+    return socket
+
+
 def next_message(socket: ClientConnection) -> dict[str, Any]:
     """The next message that is not a keep-alive ping."""
     while (message := json.loads(socket.recv(timeout=20)))["type"] == "ping":
@@ -54,9 +119,10 @@ def test_an_event_reaches_a_connected_client_and_a_missed_one_arrives_on_reconne
     producer = Producer(base_url=web_server, api_key=workspace.api_key.raw_key)
     producer.post("recipients", {"external_id": "ada", "email": "ada@example.com"})
     token = producer.post("inbox-tokens", {"recipient": "ada"})["token"]
-    socket_url = f"{web_server.replace('http', 'ws')}/inbox/v1/ws?token={token}"
+    socket_url = f"{web_server.replace('http', 'ws')}/inbox/v1/ws"
 
     with connect(socket_url) as socket:
+        authenticated(socket, token)
         assert next_message(socket) == {"type": "hello", "counts": {"unread": 0, "unseen": 0}}
         producer.mention(text="live")
         item = next_message(socket)
@@ -66,7 +132,8 @@ def test_an_event_reaches_a_connected_client_and_a_missed_one_arrives_on_reconne
 
     missed = producer.mention(text="while away")
     wait_for(lambda: producer.status(missed) == "sent", timeout=30, what="the missed item to be stored")
-    with connect(f"{socket_url}&after={held}") as socket:
+    with connect(f"{socket_url}?after={held}") as socket:
+        authenticated(socket, token)
         assert next_message(socket)["counts"] == {"unread": 2, "unseen": 2}
         catch_up = next_message(socket)
         assert catch_up["type"] == "catch_up"
@@ -114,3 +181,99 @@ def test_the_widget_shows_a_new_notification_without_a_reload_and_marks_it_read(
         timeout=10,
     ).json()["results"]
     assert [(i["body"], i["read"]) for i in inbox] == [("Can you review the launch plan?", True)]
+
+
+def test_the_token_reaches_no_log_of_the_server(workspace, serve):
+    """Uvicorn logs each request's URL (the access log) and each WebSocket's (its own log):
+    the token travels in the first message, the handshake's subprotocol or the API's
+    Authorization header, none of which it writes down."""
+    server = serve()
+    ada = RecipientFactory(tenant=workspace.tenant, external_id="ada")
+    token = recipient_token_issue(purpose=INBOX, recipient_id=ada.id)
+    socket_url = f"{server.url.replace('http', 'ws')}/inbox/v1/ws"
+
+    with connect(socket_url) as socket:
+        assert next_message(authenticated(socket, token))["type"] == "hello"
+    with connect(socket_url, subprotocols=[SUBPROTOCOL, as_subprotocol(token)]) as socket:  # type: ignore[list-item]
+        assert socket.subprotocol == SUBPROTOCOL
+        assert next_message(socket)["type"] == "hello"
+    answer = requests.get(f"{server.url}/inbox/v1/items", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert answer.status_code == 200
+    with connect(f"{socket_url}?token={token}") as socket:  # the old way in: refused
+        with pytest.raises(ConnectionClosed) as refused:
+            next_message(socket)
+    assert refused.value.rcvd is not None and refused.value.rcvd.code == 4001
+
+    log = wait_for(lambda: (log := server.log()).count('"WebSocket /inbox/v1/ws') >= 2 and log, what="the log")
+    assert '"GET /inbox/v1/items HTTP/1.1" 200' in log
+    signature = token.rsplit(":", 1)[1]
+    leaked = [line for line in log.splitlines() if signature in line]
+    # Only the refused attempt above, whose client put it in the URL, shows it.
+    assert leaked and all("?token=" in line for line in leaked), leaked
+
+
+def test_the_socket_cap_holds_across_processes_and_a_killed_process_frees_its_sockets(workspace, serve, settings):
+    settings.NOTIFY_INBOX_MAX_SOCKETS_PER_RECIPIENT = 2
+    server = serve(NOTIFY_INBOX_MAX_SOCKETS_PER_RECIPIENT="2", NOTIFY_INBOX_PING_SECONDS="1")
+    ada = RecipientFactory(tenant=workspace.tenant, external_id="ada")
+    token = recipient_token_issue(purpose=INBOX, recipient_id=ada.id)
+    socket_url = f"{server.url.replace('http', 'ws')}/inbox/v1/ws"
+
+    async def refused_here() -> bool:
+        """Whether a socket to this process (not the server's) is refused for the cap."""
+        tab = await connect_in_process(token)
+        message = await tab.receive_output(timeout=5)
+        if message["type"] == "websocket.close":
+            assert message["code"] == CLOSE_TOO_MANY_SOCKETS
+            return True
+        await tab.disconnect()
+        return False
+
+    def in_process(check: Any) -> Any:
+        async def and_close_connections() -> Any:
+            try:
+                return await check()
+            finally:
+                await sync_to_async(connections.close_all)()
+
+        return asyncio.run(and_close_connections())
+
+    with ExitStack() as held:
+        for _ in range(2):
+            socket = held.enter_context(connect(socket_url))
+            assert next_message(authenticated(socket, token))["type"] == "hello"
+        with connect(socket_url) as third:  # one past the cap at the server
+            with pytest.raises(ConnectionClosed) as refused:
+                next_message(authenticated(third, token))
+            assert refused.value.rcvd is not None and refused.value.rcvd.code == CLOSE_TOO_MANY_SOCKETS
+        assert in_process(refused_here)  # and one more here, in another process
+
+        server.process.send_signal(signal.SIGKILL)  # its sockets never say goodbye
+        server.process.wait(timeout=10)
+        assert in_process(refused_here)  # their slots outlive the process for a lease (3 pings)...
+        wait_for(lambda: not in_process(refused_here), timeout=10, interval=0.5, what="the slots to lapse")
+
+
+def test_the_widget_gets_a_fresh_token_when_its_socket_closes_at_expiry(serve, workers):
+    """The demo page gives the widget a getToken that asks the page's server for a new token,
+    as an application's page does: live updates go on past the token's lifetime."""
+    from playwright.sync_api import expect, sync_playwright
+
+    demo_api_key = "ntf_demo_0123456789abcdefTEST"
+    demo_workspace_ensure(api_key=demo_api_key)
+    server = serve(DJANGO_DEBUG="1", NOTIFY_INBOX_TOKEN_SECONDS="2")
+    workers.start("normal")
+
+    with sync_playwright() as playwright:
+        browser = chromium_launch(playwright)
+        try:
+            tab = browser.new_page()
+            tab.goto(f"{server.url}/demo/inbox/")
+            expect(tab.locator("#inbox[data-connected=true]")).to_be_attached()
+            # Closed at expiry (4002), the widget reconnects with a fresh token, more than once.
+            wait_for(lambda: server.log().count("GET /demo/inbox/token") >= 2, what="two fresh tokens")
+            Producer(base_url=server.url, api_key=demo_api_key).mention(text="after the first token")
+            expect(tab.locator(".ntf-badge")).to_have_text("1")
+            expect(tab.locator(".ntf-status")).to_be_hidden()
+        finally:
+            browser.close()

@@ -8,19 +8,24 @@
  *     NotifyInbox.mount(document.getElementById("inbox"), {
  *       apiUrl: "https://notify.example.com",
  *       token: "<recipient token from POST /api/v1/inbox-tokens, made by your server>",
- *       getToken: async () => "<a fresh token>",   // optional: used when the token expires
+ *       getToken: async () => "<a fresh token>",   // used when the token expires
  *     });
  *   </script>
  *
- * The WebSocket connects first; the list is then read from the inbox API, and the socket adds
- * what arrives. On reconnect the widget sends the newest item it holds and the server sends
- * what it missed. Items are kept by id, so an item that arrives twice is shown once.
+ * The WebSocket connects first and sends the token as its first message (never in the URL,
+ * which servers and proxies log); the list is then read from the inbox API, and the socket
+ * adds what arrives. On reconnect the widget sends the newest item it holds and the server
+ * sends what it missed. Items are kept by id, so an item that arrives twice is shown once.
+ * The server closes the socket when the token expires; the widget then asks getToken for a
+ * fresh one and reconnects. Without getToken, live updates stop when the token expires.
  */
 (function () {
   "use strict";
 
   const CLOSE_TOKEN_INVALID = 4001;
   const CLOSE_TOKEN_EXPIRED = 4002;
+  const CLOSE_TOO_MANY_SOCKETS = 4029;
+  const MAX_RETRY_DELAY = 30000;
   const STYLE = `
     .ntf-inbox { position: relative; display: inline-block; font: 15px/1.4 system-ui, sans-serif; }
     .ntf-bell { position: relative; display: inline-flex; background: none; border: 1px solid #ccc;
@@ -140,13 +145,13 @@
 
     connect() {
       const url = new URL(`${this.apiUrl.replace(/^http/, "ws")}/inbox/v1/ws`);
-      url.searchParams.set("token", this.token);
       // With a cursor the server sends what was missed; without one the list is read once
       // the connection is up, so nothing stored in between can fall through.
       const after = this.newestId();
       if (after) url.searchParams.set("after", after);
       const socket = new WebSocket(url);
       this.socket = socket;
+      socket.onopen = () => socket.send(JSON.stringify({ type: "auth", token: this.token }));
       socket.onmessage = (event) => this.receive(socket, JSON.parse(event.data), !after);
       socket.onclose = (event) => this.closed(event.code);
     }
@@ -187,9 +192,16 @@
         this.showStatus("Sign in again to see new notifications.");
         return;
       }
+      if (code === CLOSE_TOO_MANY_SOCKETS) {
+        // This inbox is open in as many tabs and devices as the server allows: show the list
+        // from the API, and try again at the longest interval, as one of them may close.
+        this.showStatus("Live updates are paused: this inbox is open in too many windows.");
+        if (!this.items.size) this.reload().catch(() => {});
+        this.retryDelay = MAX_RETRY_DELAY;
+      }
       // Back off, up to 30 s, so that a restarting server is not stormed by its clients.
       this.reconnectTimer = setTimeout(() => this.connect(), this.retryDelay);
-      this.retryDelay = Math.min(this.retryDelay * 2, 30000);
+      this.retryDelay = Math.min(this.retryDelay * 2, MAX_RETRY_DELAY);
     }
 
     // --- actions -------------------------------------------------------------------------
