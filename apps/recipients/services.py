@@ -1,11 +1,14 @@
 from typing import Any
 from uuid import UUID
 
+from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from apps.catalog.models import CategoryKind
 from apps.recipients.models import Consent, Device, PreferenceSet, Recipient, WebPushSubscription
 from apps.tenants.models import Tenant
+from notify.resilience.outbound import OutboundRefused, outbound_url_check
 
 
 def recipient_upsert(*, tenant: Tenant, external_id: str, fields: dict[str, Any]) -> tuple[Recipient, bool]:
@@ -33,16 +36,39 @@ def device_register(
         )
 
 
+def webpush_endpoint_validate(*, endpoint: str) -> None:
+    """Raise ValidationError (on `endpoint`) unless the server may send to the endpoint: https
+    on public addresses, or a host on NOTIFY_WEBPUSH_ALLOWED_HOSTS."""
+    try:
+        outbound_url_check(url=endpoint, allowed_hosts=settings.NOTIFY_WEBPUSH_ALLOWED_HOSTS)
+    except OutboundRefused as refused:
+        raise ValidationError({"endpoint": [f"This endpoint is refused: {refused.reason}."]})
+
+
 def webpush_subscribe(
     *, tenant: Tenant, recipient: Recipient, endpoint: str, p256dh: str, auth: str
 ) -> tuple[WebPushSubscription, bool]:
-    """Save a browser's subscription, or refresh the one with this endpoint."""
+    """Save a browser's subscription, or refresh the one with this endpoint. Raises
+    ValidationError for an endpoint the server must not send to. A recipient keeps at most
+    NOTIFY_WEBPUSH_MAX_SUBSCRIPTIONS_PER_RECIPIENT active ones: past it, the one refreshed
+    longest ago is deactivated, as browsers drop old subscriptions without telling anyone."""
+    webpush_endpoint_validate(endpoint=endpoint)
     with transaction.atomic():
-        return WebPushSubscription.objects.update_or_create(
+        # One subscriber at a time per recipient, so that the cap holds under concurrent saves.
+        Recipient.objects.select_for_update().filter(pk=recipient.pk).values_list("pk").get()
+        subscription, created = WebPushSubscription.objects.update_or_create(
             tenant=tenant,
             endpoint=endpoint,
             defaults={"recipient": recipient, "p256dh": p256dh, "auth": auth, "active": True, "deactivated_reason": ""},
         )
+        limit = settings.NOTIFY_WEBPUSH_MAX_SUBSCRIPTIONS_PER_RECIPIENT
+        over = WebPushSubscription.objects.filter(recipient=recipient, active=True).order_by("-updated_at", "-id")[
+            limit:
+        ]
+        WebPushSubscription.objects.filter(pk__in=list(over.values_list("pk", flat=True))).update(
+            active=False, deactivated_reason=f"replaced by a newer subscription (at most {limit} per recipient)"
+        )
+    return subscription, created
 
 
 PREFERENCE_FIELDS = ("paused", "paused_until", "channels", "categories", "channel_order", "quiet_hours")
