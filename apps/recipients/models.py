@@ -1,9 +1,11 @@
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 from uuid6 import uuid7
 
 from apps.tenants.models import Tenant
 from notify.pipeline.bulk import LeanLoading
+from notify.resilience.outbound import OutboundRefused, outbound_url_check
 from notify.policy.rules import (
     validate_category_switches,
     validate_channel_order,
@@ -161,3 +163,10 @@ class WebPushSubscription(models.Model):
 
     def __str__(self) -> str:
         return self.endpoint[:60]
+
+    def clean(self) -> None:
+        """The outbound guard's check, for a subscription edited in the admin."""
+        try:
+            outbound_url_check(url=self.endpoint, allowed_hosts=settings.NOTIFY_WEBPUSH_ALLOWED_HOSTS)
+        except OutboundRefused as refused:
+            raise ValidationError({"endpoint": f"This endpoint is refused: {refused.reason}."})

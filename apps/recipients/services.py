@@ -2,13 +2,11 @@ from typing import Any
 from uuid import UUID
 
 from django.conf import settings
-from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from apps.catalog.models import CategoryKind
 from apps.recipients.models import Consent, Device, PreferenceSet, Recipient, WebPushSubscription
 from apps.tenants.models import Tenant
-from notify.resilience.outbound import OutboundRefused, outbound_url_check
 
 
 def recipient_upsert(*, tenant: Tenant, external_id: str, fields: dict[str, Any]) -> tuple[Recipient, bool]:
@@ -36,15 +34,6 @@ def device_register(
         )
 
 
-def webpush_endpoint_validate(*, endpoint: str) -> None:
-    """Raise ValidationError (on `endpoint`) unless the server may send to the endpoint: https
-    on public addresses, or a host on NOTIFY_WEBPUSH_ALLOWED_HOSTS."""
-    try:
-        outbound_url_check(url=endpoint, allowed_hosts=settings.NOTIFY_WEBPUSH_ALLOWED_HOSTS)
-    except OutboundRefused as refused:
-        raise ValidationError({"endpoint": [f"This endpoint is refused: {refused.reason}."]})
-
-
 def webpush_subscribe(
     *, tenant: Tenant, recipient: Recipient, endpoint: str, p256dh: str, auth: str
 ) -> tuple[WebPushSubscription, bool]:
@@ -52,7 +41,9 @@ def webpush_subscribe(
     ValidationError for an endpoint the server must not send to. A recipient keeps at most
     NOTIFY_WEBPUSH_MAX_SUBSCRIPTIONS_PER_RECIPIENT active ones: past it, the one refreshed
     longest ago is deactivated, as browsers drop old subscriptions without telling anyone."""
-    webpush_endpoint_validate(endpoint=endpoint)
+    # The outbound guard's check (https on public addresses, or a host on
+    # NOTIFY_WEBPUSH_ALLOWED_HOSTS): a ValidationError on `endpoint`.
+    WebPushSubscription(endpoint=endpoint).clean()
     with transaction.atomic():
         # One subscriber at a time per recipient, so that the cap holds under concurrent saves.
         Recipient.objects.select_for_update().filter(pk=recipient.pk).values_list("pk").get()

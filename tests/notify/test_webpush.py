@@ -4,6 +4,8 @@ import base64
 
 import pytest
 from django.core.management import call_command
+from django.test import Client
+from django.urls import reverse
 
 from apps.catalog.models import Category, TemplateVariant, TemplateVersion
 from apps.deliveries.models import Delivery, DeliveryStatus
@@ -205,3 +207,23 @@ def test_a_recipients_subscriptions_are_capped_and_the_oldest_makes_room(api, ad
     # The browser subscribing again brings it back, and the one refreshed longest ago goes.
     assert api_subscribe(api, f"{sandbox.base_url}/webpush/sub-1").status_code == 200
     assert active() == ["sub-1", "sub-3"]
+
+
+def test_an_endpoint_edited_in_the_admin_is_checked_too(admin_user, workspace, ada, sandbox):
+    subscription = subscribe(workspace, ada, sandbox, "sub-edit")
+    ops = Client()
+    ops.force_login(admin_user)
+    form = {
+        "tenant": workspace.tenant.pk,
+        "recipient": ada.pk,
+        "endpoint": "https://169.254.169.254/latest/meta-data/",
+        "p256dh": subscription.p256dh,
+        "auth": subscription.auth,
+        "active": "on",
+        "deactivated_reason": "",
+    }
+    response = ops.post(reverse("admin:recipients_webpushsubscription_change", args=[subscription.pk]), form)
+    assert response.status_code == 200  # the form again, with the error
+    assert "This endpoint is refused: 169.254.169.254 is a link-local address." in response.content.decode()
+    subscription.refresh_from_db()
+    assert subscription.endpoint.endswith("/webpush/sub-edit")
