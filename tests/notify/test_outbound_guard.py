@@ -6,6 +6,7 @@ Every refusal here happens before any connection is attempted, and only IP liter
 
 import ipaddress
 import socket
+from dataclasses import dataclass
 
 import pytest
 import requests
@@ -79,6 +80,12 @@ def test_an_embedded_public_address_is_judged_by_what_it_reaches():
     assert address_refusal(ipaddress.ip_address("8.8.8.8")) == ""
 
 
+@dataclass
+class Recorded:
+    connections: list[tuple[str, int]]
+    timeouts: list[float | None]
+
+
 @pytest.fixture
 def rebinding_resolver(monkeypatch):  # type: ignore[no-untyped-def]
     """`rebind.example` answers a public address once, then loopback (a DNS rebinding attack
@@ -88,6 +95,7 @@ def rebinding_resolver(monkeypatch):  # type: ignore[no-untyped-def]
     real_getaddrinfo = socket.getaddrinfo
     answers = ["93.184.215.14", "127.0.0.1"]
     connections: list[tuple[str, int]] = []
+    timeouts: list[float | None] = []
 
     def getaddrinfo(host, port, *args, **kwargs):  # type: ignore[no-untyped-def]
         if host == "rebind.example":
@@ -95,13 +103,14 @@ def rebinding_resolver(monkeypatch):  # type: ignore[no-untyped-def]
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
         return real_getaddrinfo(host, port, *args, **kwargs)
 
-    def create_connection(address, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def create_connection(address, timeout=None, *args, **kwargs):  # type: ignore[no-untyped-def]
         connections.append(address)
+        timeouts.append(timeout)
         raise ConnectionRefusedError("recorded, not connected")
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     monkeypatch.setattr(urllib3.util.connection, "create_connection", create_connection)
-    return connections
+    return Recorded(connections=connections, timeouts=timeouts)
 
 
 def test_a_request_connects_to_the_address_that_was_checked(rebinding_resolver):
@@ -110,7 +119,7 @@ def test_a_request_connects_to_the_address_that_was_checked(rebinding_resolver):
         session.post("https://rebind.example/push/1", data=b"x", timeout=1)
     # Resolved once, checked, and connected to that address: not to the loopback address a
     # second look-up would have answered.
-    assert rebinding_resolver == [("93.184.215.14", 443)]
+    assert rebinding_resolver.connections == [("93.184.215.14", 443)]
 
 
 def test_a_rebound_name_is_refused_at_the_next_request(rebinding_resolver):
@@ -119,7 +128,14 @@ def test_a_rebound_name_is_refused_at_the_next_request(rebinding_resolver):
         session.post("https://rebind.example/push/1", data=b"x", timeout=1)
     with pytest.raises(OutboundRefused, match="rebind.example resolves to 127.0.0.1, which is a loopback address"):
         session.post("https://rebind.example/push/1", data=b"x", timeout=1)
-    assert len(rebinding_resolver) == 1
+    assert len(rebinding_resolver.connections) == 1
+
+
+def test_the_connection_gets_the_short_connect_timeout_and_the_answer_the_callers(rebinding_resolver):
+    session = OutboundSession(allowed_hosts=[], connect_timeout=3.0)
+    with pytest.raises(requests.ConnectionError):
+        session.post("https://rebind.example/push/1", data=b"x", timeout=10.0)
+    assert rebinding_resolver.timeouts == [3.0]
 
 
 def test_a_name_with_any_internal_address_is_refused(monkeypatch):
