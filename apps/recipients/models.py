@@ -5,13 +5,13 @@ from uuid6 import uuid7
 
 from apps.tenants.models import Tenant
 from notify.pipeline.bulk import LeanLoading
-from notify.resilience.outbound import OutboundRefused, outbound_url_check
 from notify.policy.rules import (
     validate_category_switches,
     validate_channel_order,
     validate_channel_switches,
     validate_quiet_hours,
 )
+from notify.resilience.outbound import OutboundRefused, outbound_url_check
 
 
 def validate_timezone(value: str) -> None:
