@@ -284,6 +284,18 @@ WEBPUSH_VAPID_PRIVATE_KEY = env("WEBPUSH_VAPID_PRIVATE_KEY", default="")
 WEBPUSH_VAPID_SUBJECT = env("WEBPUSH_VAPID_SUBJECT", default="mailto:notifications@example.com")
 WEBPUSH_TTL_SECONDS = env.int("WEBPUSH_TTL_SECONDS", default=86400)
 NOTIFY_WEBPUSH_TIMEOUT_SECONDS = env.float("NOTIFY_WEBPUSH_TIMEOUT_SECONDS", default=10.0)
+# How long a push service may take to accept the connection, so that a recipient's
+# black-holed endpoints cannot hold a batch past its lease.
+NOTIFY_WEBPUSH_CONNECT_TIMEOUT_SECONDS = env.float("NOTIFY_WEBPUSH_CONNECT_TIMEOUT_SECONDS", default=3.0)
+# Active subscriptions a recipient may have; a new one past it replaces their oldest.
+NOTIFY_WEBPUSH_MAX_SUBSCRIPTIONS_PER_RECIPIENT = env.int("NOTIFY_WEBPUSH_MAX_SUBSCRIPTIONS_PER_RECIPIENT", default=20)
+
+# --- Outbound requests to tenant-chosen URLs (notify/resilience/outbound.py) -------------
+# Such URLs must be https on public addresses, unless their host is named here ("host" or
+# "host:port"): then http, private and loopback addresses are allowed too (the sandbox).
+NOTIFY_WEBPUSH_ALLOWED_HOSTS = env.list("NOTIFY_WEBPUSH_ALLOWED_HOSTS", default=[])
+# For the API URLs set on tenants' Provider accounts (Postmark's api_url, Twilio's api_base).
+NOTIFY_PROVIDER_ALLOWED_HOSTS = env.list("NOTIFY_PROVIDER_ALLOWED_HOSTS", default=[])
 
 # --- Demo and sandbox -------------------------------------------------------------------
 NOTIFY_DEMO_API_KEY = env("NOTIFY_DEMO_API_KEY", default="")

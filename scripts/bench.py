@@ -72,6 +72,8 @@ class Processes:
         self.env["NOTIFY_PUBLIC_URL"] = f"http://127.0.0.1:{WEB_PORT}"
         self.env["FCM_API_BASE"] = f"http://127.0.0.1:{SANDBOX_PORT}/fcm"
         self.env["FCM_TOKEN_URI"] = f"http://127.0.0.1:{SANDBOX_PORT}/google/token"
+        # The web push subscriptions point at the sandbox, on loopback over http.
+        self.env["NOTIFY_WEBPUSH_ALLOWED_HOSTS"] = f"127.0.0.1:{SANDBOX_PORT}"
         self.bulk_concurrency = bulk_concurrency
 
     def spawn(self, label: str, *command: str) -> None:

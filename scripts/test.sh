@@ -14,6 +14,9 @@ export NOTIFY_LEASE_SECONDS=4
 export NOTIFY_REPUBLISH_AFTER_SECONDS=2
 export NOTIFY_BULK_BATCH_SIZE=50
 export LOG_LEVEL=WARNING
+# Empty, whatever the caller's environment says: the tests put the sandbox, on its random
+# port, on the outbound guard's allow lists themselves (tests/helpers.py provider_settings).
+export NOTIFY_WEBPUSH_ALLOWED_HOSTS="" NOTIFY_PROVIDER_ALLOWED_HOSTS=""
 
 venv_ensure
 postgres_ensure

@@ -16,7 +16,7 @@ from apps.catalog.models import Category, Priority, TemplateVariant, TemplateVer
 from apps.tenants.models import ApiKey, Tenant
 from notify.sandbox.client import SandboxClient
 from tests.factories import ApiKeyFactory, CategoryFactory, TemplateFactory
-from tests.helpers import free_port, provider_settings, wait_for
+from tests.helpers import SANDBOX_ALLOW_LISTS, free_port, provider_settings, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,6 +72,8 @@ def sandbox(sandbox_url: str, settings) -> SandboxClient:  # type: ignore[no-unt
     settings.EMAIL_BACKEND = "anymail.backends.postmark.EmailBackend"
     urls = provider_settings(sandbox_url=sandbox_url)
     settings.ANYMAIL = {**django_settings.ANYMAIL, "POSTMARK_API_URL": urls.pop("POSTMARK_API_URL")}
+    for name in SANDBOX_ALLOW_LISTS:
+        setattr(settings, name, urls.pop(name).split(","))
     for name, url in urls.items():
         setattr(settings, name, url)
     client = SandboxClient(base_url=sandbox_url)

@@ -3,6 +3,7 @@ import socket
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -29,13 +30,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# The outbound guard's allow lists that name the sandbox (comma-separated, as in the environment).
+SANDBOX_ALLOW_LISTS = ("NOTIFY_WEBPUSH_ALLOWED_HOSTS", "NOTIFY_PROVIDER_ALLOWED_HOSTS")
+
+
 def provider_settings(*, sandbox_url: str) -> dict[str, str]:
-    """Every provider's API address pointed at the sandbox."""
+    """Every provider's API address pointed at the sandbox, and the sandbox (its host and
+    port only) on the outbound guard's allow lists."""
+    sandbox_host = urlsplit(sandbox_url).netloc
     return {
         "POSTMARK_API_URL": f"{sandbox_url}/postmark/",
         "TWILIO_API_BASE": f"{sandbox_url}/twilio",
         "FCM_API_BASE": f"{sandbox_url}/fcm",
         "FCM_TOKEN_URI": f"{sandbox_url}/google/token",
+        **{name: sandbox_host for name in SANDBOX_ALLOW_LISTS},
     }
 
 

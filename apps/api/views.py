@@ -434,13 +434,16 @@ class WebPushSubscriptionViewSet(viewsets.GenericViewSet, mixins.ListModelMixin,
         recipient = recipient_named(tenant=tenant, external_id=data["recipient"])
         if isinstance(recipient, Response):
             return recipient
-        subscription, created = webpush_subscribe(
-            tenant=tenant,
-            recipient=recipient,
-            endpoint=data["endpoint"],
-            p256dh=data["keys"]["p256dh"],
-            auth=data["keys"]["auth"],
-        )
+        try:
+            subscription, created = webpush_subscribe(
+                tenant=tenant,
+                recipient=recipient,
+                endpoint=data["endpoint"],
+                p256dh=data["keys"]["p256dh"],
+                auth=data["keys"]["auth"],
+            )
+        except DjangoValidationError as error:
+            return field_error(field="endpoint", message=error.message_dict["endpoint"][0])
         return Response(
             WebPushSubscriptionSerializer(subscription).data,
             status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,

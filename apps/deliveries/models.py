@@ -1,5 +1,6 @@
 import uuid
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 from uuid6 import uuid7
@@ -8,6 +9,7 @@ from apps.catalog.models import Category, Channel, Priority, TemplateVersion
 from apps.recipients.models import Recipient, validate_timezone
 from apps.tenants.models import ApiKey, Tenant
 from notify.pipeline.bulk import LeanLoading
+from notify.resilience.outbound import OutboundRefused, outbound_url_check
 
 
 class Event(models.Model):
@@ -77,11 +79,29 @@ class Provider(models.Model):
     )
     cooldown_seconds = models.PositiveIntegerField(default=30, help_text="How long an open circuit waits to try again.")
 
+    # The config key that names the provider's API address, per channel: its channel sends
+    # there through the outbound guard (NOTIFY_PROVIDER_ALLOWED_HOSTS), and it is checked here.
+    URL_KEYS = {"email": "api_url", "sms": "api_base"}
+
     class Meta:
         ordering = ["channel", "position", "name"]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.channel})"
+
+    def clean(self) -> None:
+        if not isinstance(self.config, dict):
+            raise ValidationError({"config": "Give a JSON object of settings."})
+        key = self.URL_KEYS.get(self.channel, "")
+        url = self.config.get(key)
+        if url is None:
+            return
+        try:
+            outbound_url_check(url=str(url), allowed_hosts=settings.NOTIFY_PROVIDER_ALLOWED_HOSTS)
+        except OutboundRefused as refused:
+            raise ValidationError(
+                {"config": f"{key} is refused: {refused.reason}. Give the provider's public https address."}
+            )
 
 
 def validate_cron(value: str) -> None:

@@ -6,6 +6,7 @@ API key, which a browser must never hold."""
 import json
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.csrf import csrf_exempt
@@ -72,4 +73,6 @@ def webpush_subscribe_demo(request: HttpRequest) -> HttpResponse:
         )
     except (ValueError, KeyError, TypeError):
         return JsonResponse({"error": "Send the browser's PushSubscription JSON."}, status=400)
+    except ValidationError as error:
+        return JsonResponse({"error": " ".join(error.messages)}, status=400)
     return JsonResponse({"id": saved.id, "created": created}, status=201 if created else 200)

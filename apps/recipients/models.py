@@ -1,3 +1,4 @@
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 from uuid6 import uuid7
@@ -10,6 +11,7 @@ from notify.policy.rules import (
     validate_channel_switches,
     validate_quiet_hours,
 )
+from notify.resilience.outbound import OutboundRefused, outbound_url_check
 
 
 def validate_timezone(value: str) -> None:
@@ -161,3 +163,10 @@ class WebPushSubscription(models.Model):
 
     def __str__(self) -> str:
         return self.endpoint[:60]
+
+    def clean(self) -> None:
+        """The outbound guard's check, for a subscription edited in the admin."""
+        try:
+            outbound_url_check(url=self.endpoint, allowed_hosts=settings.NOTIFY_WEBPUSH_ALLOWED_HOSTS)
+        except OutboundRefused as refused:
+            raise ValidationError({"endpoint": f"This endpoint is refused: {refused.reason}."})

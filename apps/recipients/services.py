@@ -1,6 +1,7 @@
 from typing import Any
 from uuid import UUID
 
+from django.conf import settings
 from django.db import transaction
 
 from apps.catalog.models import CategoryKind
@@ -36,13 +37,29 @@ def device_register(
 def webpush_subscribe(
     *, tenant: Tenant, recipient: Recipient, endpoint: str, p256dh: str, auth: str
 ) -> tuple[WebPushSubscription, bool]:
-    """Save a browser's subscription, or refresh the one with this endpoint."""
+    """Save a browser's subscription, or refresh the one with this endpoint. Raises
+    ValidationError for an endpoint the server must not send to. A recipient keeps at most
+    NOTIFY_WEBPUSH_MAX_SUBSCRIPTIONS_PER_RECIPIENT active ones: past it, the one refreshed
+    longest ago is deactivated, as browsers drop old subscriptions without telling anyone."""
+    # The outbound guard's check (https on public addresses, or a host on
+    # NOTIFY_WEBPUSH_ALLOWED_HOSTS): a ValidationError on `endpoint`.
+    WebPushSubscription(endpoint=endpoint).clean()
     with transaction.atomic():
-        return WebPushSubscription.objects.update_or_create(
+        # One subscriber at a time per recipient, so that the cap holds under concurrent saves.
+        Recipient.objects.select_for_update().filter(pk=recipient.pk).values_list("pk").get()
+        subscription, created = WebPushSubscription.objects.update_or_create(
             tenant=tenant,
             endpoint=endpoint,
             defaults={"recipient": recipient, "p256dh": p256dh, "auth": auth, "active": True, "deactivated_reason": ""},
         )
+        limit = settings.NOTIFY_WEBPUSH_MAX_SUBSCRIPTIONS_PER_RECIPIENT
+        over = WebPushSubscription.objects.filter(recipient=recipient, active=True).order_by("-updated_at", "-id")[
+            limit:
+        ]
+        WebPushSubscription.objects.filter(pk__in=list(over.values_list("pk", flat=True))).update(
+            active=False, deactivated_reason=f"replaced by a newer subscription (at most {limit} per recipient)"
+        )
+    return subscription, created
 
 
 PREFERENCE_FIELDS = ("paused", "paused_until", "channels", "categories", "channel_order", "quiet_hours")

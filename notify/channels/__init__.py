@@ -38,7 +38,9 @@ def channel_for_provider(provider: Any) -> Channel:
 @receiver(setting_changed, dispatch_uid="notify.channels.settings")
 def provider_settings_changed(setting: str, **kwargs: Any) -> None:
     """A changed provider setting (in tests) must not keep using the old connection."""
-    if setting in ("EMAIL_BACKEND", "ANYMAIL") or setting.startswith(("TWILIO_", "FCM_", "WEBPUSH_")):
+    if setting in ("EMAIL_BACKEND", "ANYMAIL") or setting.startswith(
+        ("TWILIO_", "FCM_", "WEBPUSH_", "NOTIFY_WEBPUSH_", "NOTIFY_PROVIDER_")
+    ):
         for channel in _CHANNELS.values():
             channel.reset()
         _PROVIDER_CHANNELS.clear()

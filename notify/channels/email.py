@@ -12,6 +12,7 @@ from html import escape
 from typing import Any
 
 import requests
+from anymail.backends.base_requests import AnymailRequestsBackend
 from anymail.backends.postmark import EmailBackend as PostmarkBackend
 from anymail.backends.postmark import PostmarkPayload
 from anymail.exceptions import (
@@ -30,6 +31,7 @@ from apps.recipients.models import Recipient
 from notify.channels.base import Channel, OutboundMessage, SendOutcome, request_never_reached, timed_outcome
 from notify.pipeline.record import Feedback, feedback_record
 from notify.resilience.failures import FailureKind, failure_from_status
+from notify.resilience.outbound import OutboundRefused, OutboundSession
 
 # Providers that honour it replay the first response for a repeated key, which turns our
 # at-least-once sends into exactly-once deliveries. The delivery id is the key.
@@ -66,8 +68,15 @@ class EmailChannel(Channel):
         """One open backend per worker process, so its HTTP keep-alive connection to the
         provider outlives a batch. Worker processes send from one thread at a time."""
         if self._connection is None:
-            self._connection = get_connection(fail_silently=False, **self._overrides)
-            self._connection.open()
+            connection = get_connection(fail_silently=False, **self._overrides)
+            if self._overrides.get("api_url") and isinstance(connection, AnymailRequestsBackend):
+                # A provider account's own address is set by the tenant's staff: through the
+                # guard. The configured one is the operator's and needs none.
+                session = OutboundSession(allowed_hosts=settings.NOTIFY_PROVIDER_ALLOWED_HOSTS)
+                session.headers.update(connection.create_session().headers)  # anymail's User-Agent
+                connection.session = session  # open() keeps a session already there
+            connection.open()
+            self._connection = connection
         return self._connection
 
     def reset(self) -> None:
@@ -248,7 +257,11 @@ def _reason_from_response(response: requests.Response) -> str:
         provider_message = response.json().get("Message")
     except (ValueError, AttributeError):
         provider_message = None
-    return f"HTTP {response.status_code}: {provider_message or response.reason}"[:400]
+    # The provider's one-line message from its JSON answer, else the status line's phrase:
+    # never the body itself.
+    if not isinstance(provider_message, str):
+        provider_message = None
+    return f"HTTP {response.status_code}: {(provider_message or response.reason or '')[:200]}"
 
 
 def _reason(error: Exception) -> str:
@@ -256,6 +269,10 @@ def _reason(error: Exception) -> str:
     response = getattr(error, "response", None)
     if response is not None:
         return _reason_from_response(response)
+    # anymail raises its own error from the guard's refusal (the refusal is its cause).
+    refused = error.__cause__ if isinstance(error.__cause__, OutboundRefused) else error
+    if isinstance(refused, OutboundRefused):
+        return f"the provider's address is refused: {refused}"[:400]
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:400]
 
 

@@ -161,7 +161,10 @@ def _is_dead_token(answer: Any) -> bool:
 def _error_text(device: Device, *, answer: Any, dead: bool) -> str:
     if dead:
         return "FCM reported the token dead"
-    return f"{device.platform} device: {type(answer.exception).__name__}: {answer.exception}"[:300]
+    # FCM's own error message when its answer parsed; firebase-admin appends the raw body of
+    # an answer that did not, which the history never keeps.
+    message = str(answer.exception).partition("; body:")[0]
+    return f"{device.platform} device: {type(answer.exception).__name__}: {message}"[:300]
 
 
 def _delivery_outcome(*, message: OutboundMessage, answers: list[tuple[Device, Any]], started: float) -> SendOutcome:

@@ -31,6 +31,7 @@ from notify.channels.base import (
 )
 from notify.pipeline.record import Feedback, feedback_record
 from notify.resilience.failures import FailureKind, failure_from_status
+from notify.resilience.outbound import OutboundSession
 
 TWILIO_HOST = "https://api.twilio.com"
 # Twilio error codes that mean the number itself cannot receive: retrying cannot help.
@@ -66,9 +67,13 @@ class _ConfiguredHostHttpClient(TwilioHttpClient):
     """Twilio's own HTTP client, sending to the configured API base instead of api.twilio.com,
     so the real SDK code path runs against the sandbox in tests and the demo."""
 
-    def __init__(self, *, api_base: str, timeout: float) -> None:
+    def __init__(self, *, api_base: str, timeout: float, guarded: bool) -> None:
         super().__init__(timeout=timeout)
         self.api_base = api_base.rstrip("/")
+        if guarded:
+            # A provider account's own address is set by the tenant's staff: through the
+            # guard. The configured one is the operator's and needs none.
+            self.session = OutboundSession(allowed_hosts=settings.NOTIFY_PROVIDER_ALLOWED_HOSTS)
 
     def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Response:
         if url.startswith(TWILIO_HOST):
@@ -106,7 +111,9 @@ class SmsChannel(Channel):
                 self._setting("account_sid"),
                 self._setting("auth_token"),
                 http_client=_ConfiguredHostHttpClient(
-                    api_base=self._setting("api_base"), timeout=settings.NOTIFY_SMS_TIMEOUT_SECONDS
+                    api_base=self._setting("api_base"),
+                    timeout=settings.NOTIFY_SMS_TIMEOUT_SECONDS,
+                    guarded=bool(self._overrides.get("api_base")),
                 ),
             )
         return self._client

@@ -1,7 +1,12 @@
 """Web push through pywebpush with VAPID: the only module that touches pywebpush.
 
 A delivery goes to every active subscription of its recipient. A 404 or 410 from the push
-service means the browser dropped the subscription, which is then deactivated."""
+service means the browser dropped the subscription, which is then deactivated.
+
+Endpoints are the tenant's choice, so every request goes through the SSRF guard
+(notify/resilience/outbound.py), checked again at each send: an endpoint it refuses, or one
+that answers with a redirect (never followed), is deactivated. A push service's answer is kept
+as its status and reason phrase only, never its body."""
 
 import json
 import time
@@ -9,15 +14,17 @@ import time
 import requests
 from cryptography.hazmat.primitives import serialization
 from django.conf import settings
-from py_vapid import Vapid
+from py_vapid import Vapid, VapidException
 from py_vapid.utils import b64urlencode
 from pywebpush import WebPushException, webpush
 
 from apps.recipients.models import WebPushSubscription
 from notify.channels.base import OutboundMessage, RegistryChannel, SendOutcome, timed_outcome
 from notify.resilience.failures import FailureKind, failure_from_status
+from notify.resilience.outbound import HostUnresolved, OutboundRefused, OutboundSession
 
 GONE_STATUSES = frozenset({404, 410})
+REASON_LIMIT = 200
 
 
 def vapid_application_server_key() -> str:
@@ -39,7 +46,11 @@ class WebPushChannel(RegistryChannel):
 
     def send_batch(self, *, messages: list[OutboundMessage]) -> list[SendOutcome]:
         if self._session is None:
-            self._session = requests.Session()  # keep-alive to the push services
+            # Keep-alive to the push services, through the guard.
+            self._session = OutboundSession(
+                allowed_hosts=settings.NOTIFY_WEBPUSH_ALLOWED_HOSTS,
+                connect_timeout=settings.NOTIFY_WEBPUSH_CONNECT_TIMEOUT_SECONDS,
+            )
         subscriptions = self.endpoints_for(messages=messages)
         return [self._send_one(message=m, subscriptions=subscriptions[m.address]) for m in messages]
 
@@ -76,14 +87,32 @@ class WebPushChannel(RegistryChannel):
                 accepted += 1
             except WebPushException as error:
                 status = error.response.status_code if error.response is not None else None
+                # pywebpush's message carries the response body: only the status line is kept.
+                phrase = (error.response.reason or "") if error.response is not None else error.message
+                reason = f"HTTP {status} {phrase}".strip()[:REASON_LIMIT]
                 if status in GONE_STATUSES:
-                    WebPushSubscription.objects.filter(pk=subscription.pk).update(
-                        active=False, deactivated_reason=f"the push service answered {status}"
-                    )
-                failures.append((failure_from_status(status), f"HTTP {status}: {error.message}"[:200]))
+                    _deactivate(subscription, reason=f"the push service answered {status}")
+                    failures.append((FailureKind.PERMANENT, reason))
+                elif status is not None and 300 <= status < 400:
+                    _deactivate(subscription, reason=f"the endpoint redirects ({status}); redirects are not followed")
+                    failures.append((FailureKind.PERMANENT, f"{reason}: redirects are not followed"))
+                else:
+                    failures.append((failure_from_status(status), reason))
+            except VapidException as error:
+                if "'aud'" not in str(error):
+                    raise  # our key is at fault, not this subscription
+                # py_vapid cannot sign for the endpoint's origin (an IPv6 literal, say): no
+                # push service has one, and no send to it can ever work.
+                _deactivate(subscription, reason="endpoint refused: VAPID cannot sign for its origin")
+                failures.append((FailureKind.PERMANENT, "endpoint refused: VAPID cannot sign for its origin"))
+            except HostUnresolved as error:
+                failures.append((FailureKind.TRANSIENT, error.reason[:REASON_LIMIT]))
+            except OutboundRefused as error:
+                _deactivate(subscription, reason=f"endpoint refused: {error.reason}")
+                failures.append((FailureKind.PERMANENT, f"endpoint refused: {error.reason}"[:REASON_LIMIT]))
             except requests.RequestException as error:
                 self.reset()
-                failures.append((FailureKind.TRANSIENT, f"{type(error).__name__}: {error}"[:200]))
+                failures.append((FailureKind.TRANSIENT, _request_error_reason(error)))
         if accepted:
             return timed_outcome(message, started, provider_status=f"webpush:accepted {accepted}/{len(subscriptions)}")
         transient = any(kind is FailureKind.TRANSIENT for kind, _ in failures)
@@ -91,3 +120,20 @@ class WebPushChannel(RegistryChannel):
         return timed_outcome(
             message, started, failure=FailureKind.TRANSIENT if transient else FailureKind.PERMANENT, reason=reason
         )
+
+
+def _deactivate(subscription: WebPushSubscription, *, reason: str) -> None:
+    WebPushSubscription.objects.filter(pk=subscription.pk).update(
+        active=False, deactivated_reason=reason[:REASON_LIMIT]
+    )
+
+
+def _request_error_reason(error: requests.RequestException) -> str:
+    """What went wrong, without the URL (which holds the subscription's secret path)."""
+    if isinstance(error, requests.ConnectTimeout):
+        return "the push service did not accept a connection in time"
+    if isinstance(error, requests.Timeout):
+        return "the push service did not answer in time"
+    if isinstance(error, requests.ConnectionError):
+        return "no connection to the push service"
+    return f"the request failed ({type(error).__name__})"

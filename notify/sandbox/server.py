@@ -16,7 +16,11 @@ of the way of what it measures. Tests, the demo and the benchmark all talk to it
   GET  /_sandbox/stats          counts per provider and outcome
   POST /_sandbox/faults         {"provider": "postmark", "latency_ms": 50, "error_rate": 0.1,
                                  "error_status": 503, "fail_next": [503, 503],
-                                 "address_status": {"x@example.com": 422}}
+                                 "address_status": {"x@example.com": 422},
+                                 "redirect_to": "http://169.254.169.254/", "error_body": "<html>…"}
+                                an injected 3xx carries redirect_to as its Location (the same
+                                path's /redirected twin by default); error_body, when set, is the
+                                raw body of every error answer (an HTML error page, say)
   POST /_sandbox/webhooks       {"postmark": "http://127.0.0.1:8000/anymail/postmark/tracking/"}
   POST /_sandbox/reset          forget the log, every fault and webhooks set since start
   GET  /                        the log as a page, newest first
@@ -74,6 +78,9 @@ class Faults:
     address_status: dict[str, int] = field(default_factory=dict)
     # The final status the provider reports back for an accepted message (Twilio callbacks).
     final_status: str = "delivered"
+    # The Location of an injected redirect, and a raw body for every error answer.
+    redirect_to: str = ""
+    error_body: str = ""
 
     async def delay(self) -> None:
         """The injected latency, before the provider answers."""
@@ -161,7 +168,14 @@ class Sandbox:
             return
         else:
             status, payload = 404, {"error": f"no sandbox route for {method} {path}"}
-        await _respond(send, status, json.dumps(payload).encode())
+        faults = self.state.faults.get("fcm" if path.startswith("/google/") else path.split("/")[1])
+        extra_headers: list[tuple[bytes, bytes]] = []
+        if faults is not None and 300 <= status < 400:
+            extra_headers.append((b"location", (faults.redirect_to or f"{path}/redirected").encode()))
+        if faults is not None and status >= 300 and faults.error_body:
+            await _respond(send, status, faults.error_body.encode(), b"text/html; charset=utf-8", extra_headers)
+            return
+        await _respond(send, status, json.dumps(payload).encode(), extra_headers=extra_headers)
 
     async def postmark_email(self, *, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
         """POST /email: one message."""
@@ -555,12 +569,13 @@ def is_loopback_url(url: str) -> bool:
     return host.startswith("127.") or host in ("localhost", "::1")
 
 
-async def _respond(send: Any, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())],
-        }
-    )
+async def _respond(
+    send: Any,
+    status: int,
+    body: bytes,
+    content_type: bytes = b"application/json",
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers + (extra_headers or [])})
     await send({"type": "http.response.body", "body": body})

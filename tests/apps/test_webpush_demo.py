@@ -28,13 +28,23 @@ def test_the_page_carries_the_vapid_public_key_and_its_service_worker(demo, clie
     assert b"showNotification" in worker.content and b"notificationclick" in worker.content
 
 
-def test_a_browser_subscription_is_saved_for_the_demo_recipient(demo, client: Client):
+def test_a_browser_subscription_is_saved_for_the_demo_recipient(demo, client: Client, settings):
+    # On the allow list, so that the guard does not look the made-up host up in the DNS.
+    settings.NOTIFY_WEBPUSH_ALLOWED_HOSTS = ["push.example.test"]
     subscription = {"endpoint": "https://push.example.test/abc", "keys": {"p256dh": "BP" + "A" * 85, "auth": "x" * 22}}
     response = client.post("/demo/webpush/subscribe", json.dumps(subscription), content_type="application/json")
     assert response.status_code == 201
     assert WebPushSubscription.objects.get().recipient.external_id == "ada"
     bad = client.post("/demo/webpush/subscribe", json.dumps({"endpoint": "x"}), content_type="application/json")
     assert bad.status_code == 400
+
+
+def test_the_demo_refuses_an_endpoint_on_an_internal_address(demo, client: Client):
+    subscription = {"endpoint": "https://127.0.0.1:9200/_search", "keys": {"p256dh": "BP" + "A" * 85, "auth": "x"}}
+    response = client.post("/demo/webpush/subscribe", json.dumps(subscription), content_type="application/json")
+    assert response.status_code == 400
+    assert "127.0.0.1 is a loopback address" in response.json()["error"]
+    assert not WebPushSubscription.objects.exists()
 
 
 def test_the_demo_pages_do_not_exist_outside_debug(demo, client: Client, settings):

@@ -20,6 +20,14 @@ from tests.notify.test_send import ingest_one, send_now
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@pytest.fixture(autouse=True)
+def loopback_providers_allowed(sandbox, settings) -> None:  # type: ignore[no-untyped-def]
+    """These providers' accounts point at sandboxes on random loopback ports (and one port
+    where nothing listens): the outbound guard must let every loopback port through (after
+    the sandbox fixture has put its own port there)."""
+    settings.NOTIFY_PROVIDER_ALLOWED_HOSTS = ["127.0.0.1"]
+
+
 def postmark(name: str, *, base_url: str, position: int, **fields) -> Provider:  # type: ignore[no-untyped-def]
     return Provider.objects.create(
         name=name,
