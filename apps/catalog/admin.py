@@ -15,7 +15,9 @@ class CategoryAdmin(admin.ModelAdmin):
     search_fields = ("key", "description")
     list_select_related = ("tenant", "template")
 
-    def get_form(self, request: HttpRequest, obj: Category | None = None, change: bool = False, **kwargs: Any) -> type[ModelForm]:
+    def get_form(
+        self, request: HttpRequest, obj: Category | None = None, change: bool = False, **kwargs: Any
+    ) -> type[ModelForm]:
         """Only the category's own tenant's templates to choose from (Category.clean refuses
         another tenant's on a new category too)."""
         form = super().get_form(request, obj, change=change, **kwargs)

@@ -96,7 +96,9 @@ class ChannelSwitchAdmin(admin.ModelAdmin):
 
     def save_model(self, request: HttpRequest, obj: ChannelSwitch, form: object, change: bool) -> None:
         if obj.paused:
-            saved = channel_pause(channel=obj.channel, tenant=obj.tenant, reason=obj.reason or f"paused by {request.user}")
+            saved = channel_pause(
+                channel=obj.channel, tenant=obj.tenant, reason=obj.reason or f"paused by {request.user}"
+            )
         else:
             channel_resume(channel=obj.channel, tenant=obj.tenant)
             saved = ChannelSwitch.objects.get(tenant=obj.tenant, channel=obj.channel)

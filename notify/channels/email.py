@@ -61,9 +61,7 @@ class EmailChannel(Channel):
             outcomes = []
             for start in range(0, len(messages), POSTMARK_BATCH_LIMIT):
                 chunk = messages[start : start + POSTMARK_BATCH_LIMIT]
-                outcomes.extend(
-                    _postmark_batch_send(connection=connection, messages=chunk, from_email=self.from_email)
-                )
+                outcomes.extend(_postmark_batch_send(connection=connection, messages=chunk, from_email=self.from_email))
         else:
             outcomes = [
                 _send_one(connection=connection, message=message, from_email=self.from_email) for message in messages

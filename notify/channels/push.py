@@ -69,7 +69,7 @@ def _credentials(*, overrides: dict[str, Any]) -> credentials.Certificate:
         return credentials.Certificate(settings.FCM_CREDENTIALS_FILE)
     if settings.FCM_TOKEN_URI == GOOGLE_TOKEN_URI:
         raise RuntimeError(
-            "Set FCM_CREDENTIALS_FILE (or a push provider's \"credentials\") to a Firebase service account key "
+            'Set FCM_CREDENTIALS_FILE (or a push provider\'s "credentials") to a Firebase service account key '
             "to send mobile push."
         )
     # A throwaway key for a sandbox token endpoint: the OAuth exchange still really runs.

@@ -256,7 +256,9 @@ def holds_read() -> Holds:
     runaway = Tenant.objects.filter(runaway_paused_at__isnull=False).values_list(
         "id", Value("", output_field=CharField())
     )
-    channels, tenant_channels, runaway_tenants = set(), set(), set()
+    channels: set[str] = set()
+    tenant_channels: set[tuple[UUID, str]] = set()
+    runaway_tenants: set[UUID] = set()
     for tenant_id, channel in switches.union(runaway, all=True):
         if not channel:
             runaway_tenants.add(tenant_id)

@@ -48,7 +48,9 @@ def test_each_tenant_sends_through_its_own_account_or_the_installations(api, oth
     assert accounts == {"a": "tenant-a-token", "b": "installation-token"}
 
 
-def test_a_tenants_kill_switch_holds_only_its_work_and_resuming_delivers_it(api, other_api, workspace, workers, sandbox, ops):
+def test_a_tenants_kill_switch_holds_only_its_work_and_resuming_delivers_it(
+    api, other_api, workspace, workers, sandbox, ops
+):
     worker = workers.start("normal")
     response = ops.post(
         reverse("admin:deliveries_channelswitch_add"),

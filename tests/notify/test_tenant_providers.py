@@ -75,7 +75,11 @@ def test_a_tenants_texts_go_from_its_own_number(workspace, sandbox):
     TemplateVariant.objects.create(version=version, channel="sms", body="Your code is 1")
     CategoryFactory(tenant=workspace.tenant, key="code", template=template, default_channels=["sms"])
     other = workspace_of_another_tenant()
-    for tenant, position, account, number in ((None, 0, "ACinstall", "+15005550006"), (other.tenant, 0, "ACother", "+15005550007"), (workspace.tenant, 1, "ACtenant", "+15005550099")):
+    for tenant, position, account, number in (
+        (None, 0, "ACinstall", "+15005550006"),
+        (other.tenant, 0, "ACother", "+15005550007"),
+        (workspace.tenant, 1, "ACtenant", "+15005550099"),
+    ):
         Provider.objects.create(
             tenant=tenant,
             name="twilio",
@@ -85,7 +89,11 @@ def test_a_tenants_texts_go_from_its_own_number(workspace, sandbox):
         )
     [result] = events_ingest(
         api_key=workspace.api_key,
-        events=[EventRequest(category_key="code", recipients=[RecipientRef(external_id="ada", fields={"phone": "+14155550123"})])],
+        events=[
+            EventRequest(
+                category_key="code", recipients=[RecipientRef(external_id="ada", fields={"phone": "+14155550123"})]
+            )
+        ],
     )
     delivery = Delivery.objects.get(notification_id=result.response["notification_ids"][0])
     deliveries_send(delivery_ids=due_now(delivery))

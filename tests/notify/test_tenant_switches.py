@@ -4,8 +4,8 @@ deliveries on the channel (unclaimed and unchanged), and resuming publishes only
 from datetime import timedelta
 
 import pytest
-from django.test.utils import CaptureQueriesContext
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from apps.deliveries.models import ChannelSwitch, Delivery, DeliveryStatus
