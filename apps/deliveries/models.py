@@ -1,5 +1,7 @@
 import uuid
+from email.utils import parseaddr
 
+import phonenumbers
 from django.core.exceptions import ValidationError
 from django.db import models
 from uuid6 import uuid7
@@ -120,6 +122,37 @@ class Provider(models.Model):
     def __str__(self) -> str:
         scope = f"{self.tenant}: " if self.tenant_id else ""
         return f"{scope}{self.name} ({self.channel})"
+
+    def clean(self) -> None:
+        """Refuse a sender identity that every send would fail on, naming the key."""
+        super().clean()
+        if not isinstance(self.config, dict):
+            raise ValidationError({"config": 'Give a JSON object, e.g. {"server_token": "..."}.'})
+        if error := _sender_error(channel=self.channel, config=self.config):
+            raise ValidationError({"config": error})
+
+
+def _sender_error(*, channel: str, config: dict) -> str:
+    if channel == "email" and "from_email" in config:
+        _, address = parseaddr(str(config["from_email"]))
+        if "@" not in address:
+            return f"from_email '{config['from_email']}' is not an address; give e.g. \"Acme <hello@acme.example>\"."
+    if channel == "sms" and "from_number" in config:
+        try:
+            valid = phonenumbers.is_valid_number(phonenumbers.parse(str(config["from_number"]), None))
+        except phonenumbers.NumberParseException:
+            valid = False
+        if not valid:
+            return f"from_number '{config['from_number']}' is not an E.164 number; give e.g. \"+14155550123\"."
+    if channel == "push":
+        if "project_id" in config and not (isinstance(config["project_id"], str) and config["project_id"]):
+            return 'project_id is the Firebase project\'s id, e.g. "acme-app".'
+        credentials = config.get("credentials")
+        if credentials is not None and not (
+            isinstance(credentials, dict) and credentials.get("type") == "service_account"
+        ):
+            return 'credentials is a Firebase service account key: the JSON object with "type": "service_account".'
+    return ""
 
 
 def validate_cron(value: str) -> None:

@@ -3,6 +3,7 @@ identity) for a channel if it has any, else the installation's, else the configu
 The real anymail, twilio and firebase-admin SDKs talk to the sandbox."""
 
 import pytest
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -148,3 +149,19 @@ def test_each_tenants_provider_has_its_own_circuit_even_with_the_same_name(works
     theirs = ingest_one(other)
     deliveries_send(delivery_ids=due_now(theirs))
     assert Delivery.objects.get(pk=theirs.pk).status == DeliveryStatus.SENT
+
+
+@pytest.mark.parametrize(
+    ("channel", "config", "named"),
+    [
+        ("email", {"from_email": "not an address"}, "from_email"),
+        ("sms", {"from_number": "4155550123"}, "from_number"),
+        ("push", {"credentials": {"type": "user"}}, "credentials"),
+        ("push", {"project_id": ""}, "project_id"),
+    ],
+)
+def test_a_sender_identity_every_send_would_fail_on_is_refused_naming_the_key(db, channel, config, named):
+    provider = Provider(name="p", channel=channel, config=config)
+    with pytest.raises(ValidationError) as refused:
+        provider.full_clean()
+    assert named in refused.value.message_dict["config"][0]

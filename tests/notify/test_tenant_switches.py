@@ -76,3 +76,11 @@ def test_resuming_the_installation_does_not_publish_what_a_tenants_switch_still_
     assert str(theirs.pk).encode() in broker.lrange("email.normal", 0, -1)[0]
     mine.refresh_from_db()
     assert mine.status == DeliveryStatus.QUEUED
+
+
+def test_nothing_is_added_to_the_claim_while_nothing_is_held(workspace):
+    delivery = ingest_one(workspace)
+    with CaptureQueriesContext(connection) as queries:
+        deliveries_claim(delivery_ids=[str(delivery.pk)])
+    [update] = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("UPDATE")]
+    assert "EXISTS" not in update
