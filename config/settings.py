@@ -205,6 +205,19 @@ NOTIFY_BACKPRESSURE = env.str("NOTIFY_BACKPRESSURE", default="reject")
 if NOTIFY_BACKPRESSURE not in ("reject", "defer"):
     raise ImproperlyConfigured(f"NOTIFY_BACKPRESSURE is 'reject' or 'defer', not '{NOTIFY_BACKPRESSURE}'.")
 NOTIFY_BACKPRESSURE_RETRY_SECONDS = env.int("NOTIFY_BACKPRESSURE_RETRY_SECONDS", default=30)
+# Runaway-send guard (notify/resilience/runaway.py): a tenant that accepts more than this many
+# times max(its recipients, the floor) notifications within the window is paused for normal
+# and bulk work (critical still flows) until a person resumes it in the admin. 0: off.
+NOTIFY_RUNAWAY_MULTIPLE = env.int("NOTIFY_RUNAWAY_MULTIPLE", default=20)
+NOTIFY_RUNAWAY_WINDOW_SECONDS = env.int("NOTIFY_RUNAWAY_WINDOW_SECONDS", default=900)
+NOTIFY_RUNAWAY_RECIPIENT_FLOOR = env.int("NOTIFY_RUNAWAY_RECIPIENT_FLOOR", default=1000)
+if NOTIFY_RUNAWAY_MULTIPLE < 0 or NOTIFY_RUNAWAY_WINDOW_SECONDS < 60 or NOTIFY_RUNAWAY_RECIPIENT_FLOOR < 1:
+    raise ImproperlyConfigured(
+        "NOTIFY_RUNAWAY_MULTIPLE is 0 (off) or more, NOTIFY_RUNAWAY_WINDOW_SECONDS at least 60 and "
+        "NOTIFY_RUNAWAY_RECIPIENT_FLOOR at least 1."
+    )
+# Operators alerted by email (a comma-separated list) when the guard pauses a tenant.
+NOTIFY_OPS_EMAILS = env.list("NOTIFY_OPS_EMAILS", default=[])
 NOTIFY_DEFAULT_LOCALE = env("NOTIFY_DEFAULT_LOCALE", default="en")
 
 # --- Preferences --------------------------------------------------------------------------

@@ -1,5 +1,8 @@
+from typing import Any
+
 from django.contrib import admin
 from django.db.models import Max
+from django.forms import ModelForm
 from django.http import HttpRequest, HttpResponse
 
 from apps.catalog.models import Category, Template, TemplateVariant, TemplateVersion
@@ -11,6 +14,16 @@ class CategoryAdmin(admin.ModelAdmin):
     list_filter = ("tenant", "kind", "default_priority")
     search_fields = ("key", "description")
     list_select_related = ("tenant", "template")
+
+    def get_form(
+        self, request: HttpRequest, obj: Category | None = None, change: bool = False, **kwargs: Any
+    ) -> type[ModelForm]:
+        """Only the category's own tenant's templates to choose from (Category.clean refuses
+        another tenant's on a new category too)."""
+        form = super().get_form(request, obj, change=change, **kwargs)
+        if obj is not None and "template" in form.base_fields:
+            form.base_fields["template"].queryset = Template.objects.filter(tenant_id=obj.tenant_id)  # type: ignore[attr-defined]
+        return form
 
 
 class TemplateVersionInline(admin.TabularInline):

@@ -39,10 +39,24 @@ class Template(models.Model):
     name = models.CharField(max_length=200)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["tenant", "key"], name="template_key_unique")]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "key"], name="template_key_unique"),
+            # What the categories' (template, tenant) foreign key refers to (see Category).
+            models.UniqueConstraint(fields=["id", "tenant"], name="template_id_tenant_unique"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.key})"
+
+    def clean(self) -> None:
+        """A template used by categories stays in their tenant."""
+        super().clean()
+        if self.pk is not None and self.tenant_id is not None:
+            used_elsewhere = self.categories.exclude(tenant_id=self.tenant_id).values_list("key", flat=True)
+            if keys := list(used_elsewhere[:5]):
+                raise ValidationError(
+                    {"tenant": f"Categories of its tenant use this template ({', '.join(keys)}); it cannot move."}
+                )
 
     def current_version(self) -> "TemplateVersion | None":
         return self.versions.order_by("-number").first()
@@ -186,3 +200,24 @@ class Category(models.Model):
 
     def __str__(self) -> str:
         return self.key
+
+    def clean(self) -> None:
+        """A category can only use its own tenant's templates."""
+        super().clean()
+        if error := self._template_tenant_error():
+            raise ValidationError({"template": error})
+
+    def save(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        # Also refused where no form validates (code, the shell). On PostgreSQL a foreign key
+        # on (template, tenant) enforces the same in the database (catalog migration 0010).
+        if error := self._template_tenant_error():
+            raise ValidationError({"template": error})
+        super().save(*args, **kwargs)
+
+    def _template_tenant_error(self) -> str:
+        if self.template_id is None or self.tenant_id is None or self.template.tenant_id == self.tenant_id:
+            return ""
+        return (
+            f"Template '{self.template.key}' belongs to another tenant; choose one of this tenant's templates "
+            "(or create the template in this tenant first)."
+        )

@@ -64,56 +64,84 @@ def history_table(deliveries: QuerySet[Delivery] | list[Delivery]) -> str:
 
 @admin.register(ChannelSwitch)
 class ChannelSwitchAdmin(admin.ModelAdmin):
-    """Every channel with its kill switch and what waits on the broker for it."""
+    """Every channel's kill switch for the installation (one row each, always listed) and any
+    tenant's own (add one to pause a channel for one tenant), with what waits on the broker."""
 
-    list_display = ("channel", "paused", "reason", "broker_backlog", "updated_at")
-    fields = ("channel", "paused", "reason")
-    readonly_fields = ("channel",)
+    list_display = ("channel", "scope", "paused", "reason", "broker_backlog", "updated_at")
+    list_filter = ("paused", "channel", ("tenant", admin.EmptyFieldListFilter))
+    list_select_related = ("tenant",)
+    fields = ("tenant", "channel", "paused", "reason")
     actions = ["pause", "resume"]
 
     def changelist_view(self, request: HttpRequest, extra_context: dict | None = None):  # type: ignore[no-untyped-def]
-        for channel in Channel.values:  # one row per channel, so that each can be switched
-            ChannelSwitch.objects.get_or_create(channel=channel)
+        for channel in Channel.values:  # one installation row per channel, so that each can be switched
+            ChannelSwitch.objects.get_or_create(tenant=None, channel=channel)
         self._depths = queue_depths()
         return super().changelist_view(request, extra_context)
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ChannelSwitch | None = None) -> tuple[str, ...]:
+        return ("tenant", "channel") if obj is not None else ()
+
+    @admin.display(description="for")
+    def scope(self, switch: ChannelSwitch) -> str:
+        return str(switch.tenant) if switch.tenant_id else "the installation"
 
     @admin.display(description="task messages waiting (critical / normal / bulk)")
     def broker_backlog(self, switch: ChannelSwitch) -> str:
         depths = getattr(self, "_depths", {})
         return " / ".join(str(depths.get((switch.channel, priority), "?")) for priority in PRIORITIES)
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
     def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
 
     def save_model(self, request: HttpRequest, obj: ChannelSwitch, form: object, change: bool) -> None:
         if obj.paused:
-            channel_pause(channel=obj.channel, reason=obj.reason or f"paused by {request.user}")
+            saved = channel_pause(
+                channel=obj.channel, tenant=obj.tenant, reason=obj.reason or f"paused by {request.user}"
+            )
         else:
-            channel_resume(channel=obj.channel)
+            channel_resume(channel=obj.channel, tenant=obj.tenant)
+            saved = ChannelSwitch.objects.get(tenant=obj.tenant, channel=obj.channel)
+        obj.pk = saved.pk  # for the admin's log and redirect
 
-    @admin.action(description="Pause: hold every delivery of these channels")
+    @admin.action(description="Pause: hold every delivery these switches cover")
     def pause(self, request: HttpRequest, queryset: QuerySet[ChannelSwitch]) -> None:
-        for switch in queryset:
-            channel_pause(channel=switch.channel, reason=f"paused by {request.user}")
-        self.message_user(request, f"Paused {queryset.count()} channel(s); their deliveries wait.")
+        for switch in queryset.select_related("tenant"):
+            channel_pause(channel=switch.channel, tenant=switch.tenant, reason=f"paused by {request.user}")
+        self.message_user(request, f"Paused {queryset.count()} switch(es); their deliveries wait.")
 
     @admin.action(description="Resume: send everything they held back")
     def resume(self, request: HttpRequest, queryset: QuerySet[ChannelSwitch]) -> None:
-        published = sum(channel_resume(channel=switch.channel) for switch in queryset)
+        published = sum(
+            channel_resume(channel=switch.channel, tenant=switch.tenant) for switch in queryset.select_related("tenant")
+        )
         self.message_user(request, f"Resumed; {published} waiting deliveries published.")
 
 
 @admin.register(Provider)
 class ProviderAdmin(admin.ModelAdmin):
-    """Provider accounts with their circuit as every worker sees it; pause one (its work goes to
-    the others, or waits) or close its circuit by hand."""
+    """Provider accounts, the installation's and each tenant's, with their circuit as every
+    worker sees it; pause one (its work goes to the others, or waits) or close its circuit by
+    hand."""
 
-    list_display = ("name", "channel", "position", "weight", "enabled", "circuit", "rate_per_second", "burst")
-    list_filter = ("channel", "enabled")
+    list_display = (
+        "name",
+        "scope",
+        "channel",
+        "position",
+        "weight",
+        "enabled",
+        "circuit",
+        "rate_per_second",
+        "burst",
+    )
+    list_filter = ("channel", "enabled", ("tenant", admin.EmptyFieldListFilter), "tenant")
+    list_select_related = ("tenant",)
     actions = ["reset_circuit", "pause", "resume"]
+
+    @admin.display(description="for")
+    def scope(self, provider: Provider) -> str:
+        return str(provider.tenant) if provider.tenant_id else "the installation (default)"
 
     @admin.display(description="circuit")
     def circuit(self, provider: Provider) -> str:

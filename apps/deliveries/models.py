@@ -1,5 +1,7 @@
 import uuid
+from email.utils import parseaddr
 
+import phonenumbers
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
@@ -39,34 +41,65 @@ class Event(models.Model):
 
 
 class ChannelSwitch(models.Model):
-    """Ops' kill switch for a channel. While it is paused, the channel's deliveries wait in the
-    database, unclaimed and unchanged; resuming publishes them all again."""
+    """Ops' kill switch for a channel, for the whole installation (no tenant) or for one
+    tenant. While it is paused, the deliveries it covers wait in the database, unclaimed and
+    unchanged; resuming publishes them all again."""
 
-    channel = models.CharField(max_length=16, choices=Channel.choices, primary_key=True)
+    tenant = models.ForeignKey(
+        Tenant,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="channel_switches",
+        db_index=False,  # indexed through the (tenant, channel) constraint
+        help_text="Empty: the whole installation.",
+    )
+    channel = models.CharField(max_length=16, choices=Channel.choices)
     paused = models.BooleanField(default=False)
     reason = models.CharField(max_length=300, blank=True, default="")
     updated_at = models.DateTimeField(auto_now=True)
 
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "channel"], name="channel_switch_tenant_unique"),
+            models.UniqueConstraint(
+                fields=["channel"], condition=models.Q(tenant__isnull=True), name="channel_switch_installation_unique"
+            ),
+        ]
+
     def __str__(self) -> str:
-        return f"{self.channel} ({'paused' if self.paused else 'running'})"
+        scope = f"{self.tenant} " if self.tenant_id else ""
+        return f"{scope}{self.channel} ({'paused' if self.paused else 'running'})"
 
 
 class Provider(models.Model):
-    """One account at a provider for a channel (email and SMS). A channel with several tries
-    them in `position` order (sharing traffic by `weight` within a position), fails over when
-    one errors or its circuit is open, and keeps each within its rate. Without any, a channel
-    uses the provider its settings configure."""
+    """One account at a provider for a channel (email, SMS and mobile push), belonging to a
+    tenant or, without one, to the installation. A tenant's deliveries use the tenant's own
+    providers for the channel if it has any, else the installation's, else the provider the
+    settings configure. A channel with several tries them in `position` order (sharing
+    traffic by `weight` within a position), fails over when one errors or its circuit is
+    open, and keeps each within its rate."""
 
-    name = models.SlugField(max_length=50, unique=True)
-    channel = models.CharField(max_length=16, choices=[("email", "Email"), ("sms", "SMS")])
+    tenant = models.ForeignKey(
+        Tenant,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="providers",
+        db_index=False,  # indexed through the (tenant, name) constraint
+        help_text="Empty: the installation's default for tenants without providers of their own.",
+    )
+    name = models.SlugField(max_length=50, help_text="Unique within its tenant (or the installation).")
+    channel = models.CharField(max_length=16, choices=[("email", "Email"), ("sms", "SMS"), ("push", "Mobile push")])
     position = models.PositiveSmallIntegerField(default=0, help_text="Lower is tried first.")
     weight = models.PositiveSmallIntegerField(default=1, help_text="Share of traffic among providers at one position.")
     enabled = models.BooleanField(default=True, help_text="Off: its work goes to the others, or waits.")
     config = models.JSONField(
         default=dict,
         blank=True,
-        help_text='Email (Postmark): {"api_url": ..., "server_token": ...}. SMS (Twilio): '
-        '{"api_base": ..., "account_sid": ..., "auth_token": ..., "from_number": ...}. Unset keys come from settings.',
+        help_text='Email (Postmark): {"api_url": ..., "server_token": ..., "from_email": ...}. SMS (Twilio): '
+        '{"api_base": ..., "account_sid": ..., "auth_token": ..., "from_number": ...}. Push (FCM): '
+        '{"project_id": ..., "credentials": {service account key}}. Unset keys come from settings.',
     )
     rate_per_second = models.PositiveIntegerField(
         null=True, blank=True, help_text="Messages a second; empty: no limit."
@@ -85,13 +118,25 @@ class Provider(models.Model):
 
     class Meta:
         ordering = ["channel", "position", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "name"], name="provider_name_unique_in_tenant"),
+            models.UniqueConstraint(
+                fields=["name"], condition=models.Q(tenant__isnull=True), name="provider_name_unique_in_installation"
+            ),
+        ]
 
     def __str__(self) -> str:
-        return f"{self.name} ({self.channel})"
+        scope = f"{self.tenant}: " if self.tenant_id else ""
+        return f"{scope}{self.name} ({self.channel})"
 
     def clean(self) -> None:
+        """Refuse a sender identity that every send would fail on, or an API address the
+        outbound guard refuses, naming the key."""
+        super().clean()
         if not isinstance(self.config, dict):
-            raise ValidationError({"config": "Give a JSON object of settings."})
+            raise ValidationError({"config": 'Give a JSON object, e.g. {"server_token": "..."}.'})
+        if error := _sender_error(channel=self.channel, config=self.config):
+            raise ValidationError({"config": error})
         key = self.URL_KEYS.get(self.channel, "")
         url = self.config.get(key)
         if url is None:
@@ -102,6 +147,29 @@ class Provider(models.Model):
             raise ValidationError(
                 {"config": f"{key} is refused: {refused.reason}. Give the provider's public https address."}
             )
+
+
+def _sender_error(*, channel: str, config: dict) -> str:
+    if channel == "email" and "from_email" in config:
+        _, address = parseaddr(str(config["from_email"]))
+        if "@" not in address:
+            return f"from_email '{config['from_email']}' is not an address; give e.g. \"Acme <hello@acme.example>\"."
+    if channel == "sms" and "from_number" in config:
+        try:
+            valid = phonenumbers.is_valid_number(phonenumbers.parse(str(config["from_number"]), None))
+        except phonenumbers.NumberParseException:
+            valid = False
+        if not valid:
+            return f"from_number '{config['from_number']}' is not an E.164 number; give e.g. \"+14155550123\"."
+    if channel == "push":
+        if "project_id" in config and not (isinstance(config["project_id"], str) and config["project_id"]):
+            return 'project_id is the Firebase project\'s id, e.g. "acme-app".'
+        credentials = config.get("credentials")
+        if credentials is not None and not (
+            isinstance(credentials, dict) and credentials.get("type") == "service_account"
+        ):
+            return 'credentials is a Firebase service account key: the JSON object with "type": "service_account".'
+    return ""
 
 
 def validate_cron(value: str) -> None:

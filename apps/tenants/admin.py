@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from apps.tenants.models import ApiKey, Scope, Tenant, default_scopes
 from apps.tenants.services import ROTATION_GRACE_DEFAULT, api_key_rotate
+from notify.resilience.runaway import runaway_resume
 
 
 class ApiKeyInline(admin.TabularInline):
@@ -25,10 +26,34 @@ class ApiKeyInline(admin.TabularInline):
 
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
-    list_display = ("name", "slug", "default_locale", "created_at")
+    list_display = ("name", "slug", "default_locale", "sending", "created_at")
+    list_filter = (("runaway_paused_at", admin.EmptyFieldListFilter),)
     search_fields = ("name", "slug")
     prepopulated_fields = {"slug": ("name",)}
+    readonly_fields = ("runaway_paused_at", "runaway_reason")
     inlines = [ApiKeyInline]
+    actions = ["resume_runaway"]
+
+    @admin.display(description="sending")
+    def sending(self, tenant: Tenant) -> str:
+        if tenant.runaway_paused_at is None:
+            return "yes"
+        return (
+            f"normal and bulk paused by the runaway-send guard at {tenant.runaway_paused_at:%Y-%m-%d %H:%M} UTC: "
+            f"{tenant.runaway_reason}"
+        )
+
+    def has_resume_runaway_tenant_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("tenants.resume_runaway_tenant")
+
+    @admin.action(
+        description="Resume tenants paused by the runaway-send guard (sends what they held)",
+        permissions=["resume_runaway_tenant"],
+    )
+    def resume_runaway(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
+        paused = list(queryset.filter(runaway_paused_at__isnull=False).values_list("pk", flat=True))
+        published = sum(runaway_resume(tenant_id=pk, actor=str(request.user)) for pk in paused)
+        self.message_user(request, f"Resumed {len(paused)} tenant(s); {published} held deliveries published.")
 
 
 class ApiKeyForm(forms.ModelForm):

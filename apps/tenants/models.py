@@ -44,6 +44,13 @@ class Tenant(models.Model):
         help_text="Most to spend on SMS in a day (UTC), priced at NOTIFY_SMS_SEGMENT_PRICE a segment; empty: no cap.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
+    # Set by the runaway-send guard (notify/resilience/runaway.py): while set, the tenant's
+    # normal and bulk deliveries wait unclaimed; critical ones still go. A person clears it.
+    runaway_paused_at = models.DateTimeField(null=True, blank=True, editable=False)
+    runaway_reason = models.CharField(max_length=500, blank=True, default="", editable=False)
+
+    class Meta:
+        permissions = [("resume_runaway_tenant", "Can resume a tenant paused by the runaway-send guard")]
 
     def __str__(self) -> str:
         return self.name

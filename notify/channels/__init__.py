@@ -19,8 +19,12 @@ _CHANNELS: dict[str, Channel] = {
 
 
 # One channel instance (and so one open connection) per provider account and its settings.
-_PROVIDER_CHANNELS: dict[tuple[str, str], Channel] = {}
-_PROVIDER_KINDS: dict[str, type[EmailChannel] | type[SmsChannel]] = {"email": EmailChannel, "sms": SmsChannel}
+_PROVIDER_CHANNELS: dict[tuple[int, str], Channel] = {}
+_PROVIDER_KINDS: dict[str, type[EmailChannel] | type[SmsChannel] | type[PushChannel]] = {
+    "email": EmailChannel,
+    "sms": SmsChannel,
+    "push": PushChannel,
+}
 
 
 def channel_get(*, name: str) -> Channel:
@@ -29,7 +33,7 @@ def channel_get(*, name: str) -> Channel:
 
 def channel_for_provider(provider: Any) -> Channel:
     """The channel sending through one Provider account (apps.deliveries.models.Provider)."""
-    key = (provider.name, json.dumps(provider.config, sort_keys=True))
+    key = (provider.pk, json.dumps(provider.config, sort_keys=True))
     if key not in _PROVIDER_CHANNELS:
         _PROVIDER_CHANNELS[key] = _PROVIDER_KINDS[provider.channel](overrides=provider.config)
     return _PROVIDER_CHANNELS[key]

@@ -47,9 +47,15 @@ class EmailChannel(Channel):
         return recipient.email
 
     def __init__(self, *, overrides: dict[str, Any] | None = None) -> None:
-        # A provider account's own settings (api_url, server_token), over the configured ones.
-        self._overrides = overrides or {}
+        # A provider account's own settings (api_url, server_token), over the configured ones,
+        # and the address it sends as (from_email, else DEFAULT_FROM_EMAIL).
+        self._overrides = {name: value for name, value in (overrides or {}).items() if name != "from_email"}
+        self._from_email: str = (overrides or {}).get("from_email") or ""
         self._connection: Any = None
+
+    @property
+    def from_email(self) -> str:
+        return self._from_email or settings.DEFAULT_FROM_EMAIL
 
     def send_batch(self, *, messages: list[OutboundMessage]) -> list[SendOutcome]:
         connection = self._open_connection()
@@ -57,9 +63,11 @@ class EmailChannel(Channel):
             outcomes = []
             for start in range(0, len(messages), POSTMARK_BATCH_LIMIT):
                 chunk = messages[start : start + POSTMARK_BATCH_LIMIT]
-                outcomes.extend(_postmark_batch_send(connection=connection, messages=chunk))
+                outcomes.extend(_postmark_batch_send(connection=connection, messages=chunk, from_email=self.from_email))
         else:
-            outcomes = [_send_one(connection=connection, message=message) for message in messages]
+            outcomes = [
+                _send_one(connection=connection, message=message, from_email=self.from_email) for message in messages
+            ]
         if any(o.failure is FailureKind.TRANSIENT for o in outcomes):
             self.reset()  # a fresh connection next time, in case this one is broken
         return outcomes
@@ -85,7 +93,7 @@ class EmailChannel(Channel):
         self._connection = None
 
 
-def _email(*, message: OutboundMessage, connection: Any) -> EmailMultiAlternatives:
+def _email(*, message: OutboundMessage, connection: Any, from_email: str) -> EmailMultiAlternatives:
     content = message.content
     headers = {IDEMPOTENCY_HEADER: message.idempotency_key}
     body, html = content.body, content.html
@@ -97,7 +105,7 @@ def _email(*, message: OutboundMessage, connection: Any) -> EmailMultiAlternativ
     email = EmailMultiAlternatives(
         subject=content.subject,
         body=body,
-        from_email=settings.DEFAULT_FROM_EMAIL,
+        from_email=from_email,
         to=[message.address],
         headers=headers,
         connection=connection,
@@ -122,9 +130,9 @@ def _with_footer(*, message: OutboundMessage, body: str, html: str) -> tuple[str
     return body, html
 
 
-def _send_one(*, connection: Any, message: OutboundMessage) -> SendOutcome:
+def _send_one(*, connection: Any, message: OutboundMessage, from_email: str) -> SendOutcome:
     started = time.perf_counter()
-    email = _email(message=message, connection=connection)
+    email = _email(message=message, connection=connection, from_email=from_email)
     try:
         email.send()
     except (AnymailRecipientsRefused, AnymailInvalidAddress) as error:
@@ -192,14 +200,16 @@ class _BatchPayload(PostmarkPayload):
     )
 
 
-def _postmark_batch_send(*, connection: PostmarkBackend, messages: list[OutboundMessage]) -> list[SendOutcome]:
+def _postmark_batch_send(
+    *, connection: PostmarkBackend, messages: list[OutboundMessage], from_email: str
+) -> list[SendOutcome]:
     """POST /email/batch: one request, one result per message, in order."""
     started = time.perf_counter()
     refused: dict[int, SendOutcome] = {}
     payloads = []
     for index, message in enumerate(messages):
         try:
-            email = _email(message=message, connection=connection)
+            email = _email(message=message, connection=connection, from_email=from_email)
             payloads.append(_BatchPayload(email, connection.send_defaults, connection).data)
         except AnymailError as error:  # an address or content anymail cannot encode
             refused[index] = timed_outcome(message, started, failure=FailureKind.PERMANENT, reason=_reason(error))

@@ -62,18 +62,23 @@ class _ConfiguredHostAdapter(requests.adapters.HTTPAdapter):
         return super().send(request, *args, **kwargs)
 
 
-def _credentials() -> credentials.Certificate:
+def _credentials(*, overrides: dict[str, Any]) -> credentials.Certificate:
+    if overrides.get("credentials"):  # a push Provider's own service account key (its JSON)
+        return credentials.Certificate(overrides["credentials"])
     if settings.FCM_CREDENTIALS_FILE:
         return credentials.Certificate(settings.FCM_CREDENTIALS_FILE)
     if settings.FCM_TOKEN_URI == GOOGLE_TOKEN_URI:
-        raise RuntimeError("Set FCM_CREDENTIALS_FILE to a Firebase service account key to send mobile push.")
+        raise RuntimeError(
+            'Set FCM_CREDENTIALS_FILE (or a push provider\'s "credentials") to a Firebase service account key '
+            "to send mobile push."
+        )
     # A throwaway key for a sandbox token endpoint: the OAuth exchange still really runs.
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     return credentials.Certificate(
         {
             "type": "service_account",
-            "project_id": settings.FCM_PROJECT_ID or "notify-sandbox",
+            "project_id": overrides.get("project_id") or settings.FCM_PROJECT_ID or "notify-sandbox",
             "private_key_id": "sandbox",
             "private_key": pem.decode(),
             "client_email": "notify@sandbox.iam.gserviceaccount.com",
@@ -87,7 +92,9 @@ class PushChannel(RegistryChannel):
     name = "push"
     registry = Device
 
-    def __init__(self) -> None:
+    def __init__(self, *, overrides: dict[str, Any] | None = None) -> None:
+        # A push Provider's own Firebase app: {"project_id": ..., "credentials": {key JSON}}.
+        self._overrides = overrides or {}
         self._app: firebase_admin.App | None = None
 
     def reset(self) -> None:
@@ -97,9 +104,9 @@ class PushChannel(RegistryChannel):
 
     def _app_get(self) -> firebase_admin.App:
         if self._app is None:
-            cert = _credentials()
+            cert = _credentials(overrides=self._overrides)
             options = {
-                "projectId": settings.FCM_PROJECT_ID or cert.project_id,
+                "projectId": self._overrides.get("project_id") or settings.FCM_PROJECT_ID or cert.project_id,
                 "httpTimeout": settings.NOTIFY_PUSH_TIMEOUT_SECONDS,
             }
             self._app = firebase_admin.initialize_app(cert, options=options, name=f"notify-{id(self)}")

@@ -1,4 +1,5 @@
-"""Operator controls: cancel what has not been sent, replay what died, pause and resume a channel."""
+"""Operator controls: cancel what has not been sent, replay what died, pause and resume a channel
+(for the installation or for one tenant)."""
 
 from django.conf import settings
 from django.db import transaction
@@ -12,6 +13,7 @@ from apps.deliveries.models import (
     DeliveryStatus,
     Notification,
 )
+from apps.tenants.models import Tenant
 from notify.pipeline import dispatch
 from notify.pipeline.dispatch import deliveries_publish_on_commit
 from notify.pipeline.record import history_event, history_insert
@@ -75,19 +77,24 @@ def dead_letters_replay(*, dead_letter_ids: list[int], actor: str) -> int:
     return len(dead_letters)
 
 
-def channel_pause(*, channel: str, reason: str) -> None:
-    """Stop claiming the channel's deliveries: they wait, unchanged, until it resumes. A batch
-    already claimed finishes."""
-    ChannelSwitch.objects.update_or_create(channel=channel, defaults={"paused": True, "reason": reason[:300]})
+def channel_pause(*, channel: str, reason: str, tenant: Tenant | None = None) -> ChannelSwitch:
+    """Stop claiming the channel's deliveries, the whole installation's or one tenant's: they
+    wait, unchanged, until it resumes. A batch already claimed finishes."""
+    switch, _ = ChannelSwitch.objects.update_or_create(
+        tenant=tenant, channel=channel, defaults={"paused": True, "reason": reason[:300]}
+    )
+    return switch
 
 
-def channel_resume(*, channel: str) -> int:
-    """Claim the channel's deliveries again, and publish everything it held back at once;
-    return how many deliveries were published."""
-    ChannelSwitch.objects.update_or_create(channel=channel, defaults={"paused": False, "reason": ""})
+def channel_resume(*, channel: str, tenant: Tenant | None = None) -> int:
+    """Claim the channel's deliveries (the installation's, or one tenant's) again, and publish
+    everything it held back at once; return how many deliveries were published. Work another
+    switch still holds stays held."""
+    ChannelSwitch.objects.update_or_create(tenant=tenant, channel=channel, defaults={"paused": False, "reason": ""})
     now = timezone.now()
     published = 0
-    while count := dispatch.due_publish(now=now, channel=channel):
+    tenant_id = tenant.pk if tenant is not None else None
+    while count := dispatch.due_publish(now=now, channel=channel, tenant_id=tenant_id):
         published += count
         if count < settings.NOTIFY_SWEEP_CHUNK:
             break

@@ -10,23 +10,27 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import partial
+from functools import partial, reduce
+from operator import or_
 from typing import Any
 from uuid import UUID
 
 from celery import current_app
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import CharField, Exists, OuterRef, Q, QuerySet, Value
 from django.utils import timezone
 
+from apps.catalog.models import Priority
 from apps.deliveries.models import (
     CLAIMABLE_STATUSES,
     ChannelSwitch,
     DeadLetter,
     Delivery,
     DeliveryStatus,
+    Notification,
 )
+from apps.tenants.models import Tenant
 from config.queues import CHANNELS, PRIORITIES, dead_letter_queue, delivery_queue
 from notify.pipeline.record import history_event, history_insert
 from notify.resilience.failures import attempts_exhausted
@@ -204,30 +208,104 @@ def queue_depths() -> dict[tuple[str, str], int]:
     return depths
 
 
-def paused_channels() -> set[str]:
-    """Channels ops have paused: their deliveries are not claimed, nor republished by the
-    sweeper (a task published for one finds nothing to claim)."""
-    return set(ChannelSwitch.objects.filter(paused=True).values_list("channel", flat=True))
+# The priorities the runaway-send guard holds back; critical work always flows.
+RUNAWAY_HELD_PRIORITIES = (Priority.NORMAL, Priority.BULK)
 
 
-def due_publish(*, now: datetime, channel: str | None = None) -> int:
-    """Publish due work the broker may not hold. With `channel`, all of that channel's due
-    work, published or not: what a paused channel held back when it resumes."""
-    if channel is None:
+def of_tenants(tenant_ids: Iterable[UUID]) -> Exists:
+    """A filter on deliveries: those of these tenants. A correlated subquery rather than a
+    join, so that an UPDATE or a SELECT ... FOR UPDATE touches the deliveries' rows only."""
+    return Exists(Notification.objects.filter(pk=OuterRef("notification_id"), tenant_id__in=list(tenant_ids)))
+
+
+@dataclass(frozen=True)
+class Holds:
+    """What is held back now: channels ops paused for the whole installation, (tenant,
+    channel) pairs paused for one tenant, and tenants the runaway-send guard paused (their
+    normal and bulk work). Held deliveries are not claimed, nor republished by the sweeper
+    (a task published for one finds nothing to claim)."""
+
+    channels: frozenset[str] = frozenset()
+    tenant_channels: frozenset[tuple[UUID, str]] = frozenset()
+    runaway_tenants: frozenset[UUID] = frozenset()
+
+    def held(self) -> Q | None:
+        """A filter matching the held deliveries (None: nothing is held)."""
+        parts: list[Q] = []
+        if self.channels:
+            parts.append(Q(channel__in=sorted(self.channels)))
+        tenants_by_channel: dict[str, set[UUID]] = defaultdict(set)
+        for tenant_id, channel in self.tenant_channels:
+            tenants_by_channel[channel].add(tenant_id)
+        for channel, tenant_ids in sorted(tenants_by_channel.items()):
+            if channel not in self.channels:
+                parts.append(Q(of_tenants(tenant_ids), channel=channel))
+        if self.runaway_tenants:
+            parts.append(Q(of_tenants(self.runaway_tenants), priority__in=RUNAWAY_HELD_PRIORITIES))
+        return reduce(or_, parts) if parts else None
+
+    def exclude_from(self, deliveries: QuerySet[Delivery]) -> QuerySet[Delivery]:
+        held = self.held()
+        return deliveries if held is None else deliveries.exclude(held)
+
+
+def holds_read() -> Holds:
+    """Every paused switch and runaway-paused tenant, in one query (read per claim and per
+    sweep pass; nearly always empty)."""
+    switches = ChannelSwitch.objects.filter(paused=True).values_list("tenant_id", "channel")
+    runaway = Tenant.objects.filter(runaway_paused_at__isnull=False).values_list(
+        "id", Value("", output_field=CharField())
+    )
+    channels: set[str] = set()
+    tenant_channels: set[tuple[UUID, str]] = set()
+    runaway_tenants: set[UUID] = set()
+    for tenant_id, channel in switches.union(runaway, all=True):
+        if not channel:
+            runaway_tenants.add(tenant_id)
+        elif tenant_id is None:
+            channels.add(channel)
+        else:
+            tenant_channels.add((tenant_id, channel))
+    return Holds(
+        channels=frozenset(channels),
+        tenant_channels=frozenset(tenant_channels),
+        runaway_tenants=frozenset(runaway_tenants),
+    )
+
+
+def due_publish(
+    *,
+    now: datetime,
+    channel: str | None = None,
+    tenant_id: UUID | None = None,
+    priorities: Iterable[str] | None = None,
+) -> int:
+    """Publish due work the broker may not hold. With `channel`, `tenant_id` or `priorities`,
+    all of that due work, published or not: what a switch or the runaway guard held back,
+    when it resumes. Work still held by another switch is left where it is."""
+    if channel is None and tenant_id is None and priorities is None:
         stale_before = now - timedelta(seconds=settings.NOTIFY_REPUBLISH_AFTER_SECONDS)
         # Work published long ago but waiting behind a backlog is still on the broker: publish
         # it again only once its queue has drained, or a long backlog would feed on itself.
         stale = Q(published_at__lt=stale_before)
         for backlogged_channel, priority in queues_with_backlog():
             stale &= ~Q(channel=backlogged_channel, priority=priority)
-        which = (Q(published_at__isnull=True) | stale) & ~Q(channel__in=paused_channels())
+        which = Q(published_at__isnull=True) | stale
     else:  # everything not published in this very pass
-        which = Q(channel=channel) & (Q(published_at__isnull=True) | Q(published_at__lt=now))
+        which = Q(published_at__isnull=True) | Q(published_at__lt=now)
+        if channel is not None:
+            which &= Q(channel=channel)
+        if tenant_id is not None:
+            which &= Q(of_tenants([tenant_id]))
+        if priorities is not None:
+            which &= Q(priority__in=list(priorities))
     with transaction.atomic():
+        due = Delivery.objects.select_for_update(skip_locked=True).filter(
+            status__in=CLAIMABLE_STATUSES, next_attempt_at__lte=now
+        )
         rows = list(
-            Delivery.objects.select_for_update(skip_locked=True)
-            .filter(status__in=CLAIMABLE_STATUSES, next_attempt_at__lte=now)
-            .filter(which)
+            holds_read()
+            .exclude_from(due.filter(which))
             .values_list("id", "channel", "priority")[: settings.NOTIFY_SWEEP_CHUNK]
         )
         groups: dict[tuple[str, str], list[UUID]] = defaultdict(list)

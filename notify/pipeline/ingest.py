@@ -23,6 +23,7 @@ from notify.pipeline.bulk import retry_lock_conflicts
 from notify.pipeline.digest import digest_collect
 from notify.pipeline.plan import LocalSendTime, PlanError, notifications_plan, plan_save
 from notify.resilience.backpressure import bulk_admission, recipients_admission
+from notify.resilience.runaway import runaway_count
 
 RECIPIENT_FIELDS = ("email", "phone", "locale", "timezone", "attributes")
 # What planning reads of a recipient (the send stage loads the rest itself).
@@ -168,6 +169,13 @@ def events_ingest(
             }
             event.save(update_fields=["response"])
             results.append(IngestResult(response=event.response, replayed=False))
+    # Once the work is committed: what this call accepted counts towards the runaway guard.
+    accepted = sum(
+        len(r.response.get("notification_ids", [])) + len(r.response.get("digest_ids", []))
+        for r in results
+        if not r.replayed
+    )
+    runaway_count(tenant=tenant, accepted=accepted)
     return results
 
 

@@ -5,6 +5,7 @@ delivery is never sent by two workers at once."""
 
 import logging
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
@@ -21,7 +22,7 @@ from apps.tenants.models import Tenant
 from notify.channels import channel_for_provider, channel_get
 from notify.channels.base import OutboundMessage, RenderedContent, SendOutcome
 from notify.pipeline.bulk import PrimaryKeyPath, retry_lock_conflicts
-from notify.pipeline.dispatch import paused_channels
+from notify.pipeline.dispatch import holds_read
 from notify.pipeline.plan import content_render, variant_mentions_recipient, variant_resolve
 from notify.pipeline.record import deliveries_held, outcomes_record
 from notify.pipeline.routing import chains_advance
@@ -30,7 +31,7 @@ from notify.policy.preferences import category_rules, recipient_rules_many, tena
 from notify.policy.rules import CategoryRules, TenantRules, Verdict, verdict
 from notify.policy.suppression import suppressed_addresses
 from notify.resilience.failures import FailureKind
-from notify.resilience.providers import providers_of, providers_send
+from notify.resilience.providers import providers_for_tenants, providers_send
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +81,14 @@ def deliveries_claim(*, delivery_ids: list[str]) -> tuple[UUID, list[Delivery]]:
     # commit, then finds the rows leased and leaves them. (Locking them first with SKIP
     # LOCKED wrote every row twice.) Should it deadlock with another multi-row update, it
     # is run again.
+    claimable = Delivery.objects.alias(current_status=PrimaryKeyPath("status")).filter(
+        id__any_of=delivery_ids, current_status__in=CLAIMABLE_STATUSES, next_attempt_at__lte=now
+    )
     claimed = (
-        Delivery.objects.alias(current_status=PrimaryKeyPath("status"))
-        .filter(id__any_of=delivery_ids, current_status__in=CLAIMABLE_STATUSES, next_attempt_at__lte=now)
-        # A paused channel's deliveries stay queued, untouched, until it resumes.
-        .exclude(channel__in=paused_channels())
+        # What a kill switch (the installation's or a tenant's) or the runaway-send guard
+        # holds stays queued, untouched, until it resumes.
+        holds_read()
+        .exclude_from(claimable)
         .update(
             status=DeliveryStatus.SENDING,
             attempt_count=F("attempt_count") + 1,
@@ -111,11 +115,14 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
         return 0
     # A batch shares a few events, categories and tenants: read each once, not per row.
     notifications = [d.notification for d in deliveries]
+    tenant_ids = {n.tenant_id for n in notifications}
     context = BatchContext(
         event_data=dict(Event.objects.filter(id__in={n.event_id for n in notifications}).values_list("id", "data")),
         categories=Category.objects.in_bulk({n.category_id for n in notifications}),
-        tenants=Tenant.objects.in_bulk({n.tenant_id for n in notifications}),
-        providers=providers_of(channel=deliveries[0].channel),
+        tenants=Tenant.objects.in_bulk(tenant_ids),
+        # A batch can hold several tenants' deliveries (the sweeper's, a resume's): each
+        # tenant sends through its own providers, all read in one query.
+        providers=providers_for_tenants(channel=deliveries[0].channel, tenant_ids=tenant_ids),
     )
     by_id = {d.id: d for d in deliveries}
     lease = timedelta(seconds=settings.NOTIFY_LEASE_SECONDS)
@@ -157,7 +164,7 @@ class BatchContext:
     event_data: dict[UUID, dict]
     categories: dict[int, Category]
     tenants: dict[UUID, Tenant]
-    providers: list[Provider]
+    providers: dict[UUID, list[Provider]]
     shared_content: dict[tuple, RenderedContent] = field(default_factory=dict)
 
     # The policy's view of each category and tenant, built once per batch, not per delivery.
@@ -201,7 +208,10 @@ def withheld_outcome(*, delivery: Delivery, decision: Verdict) -> SendOutcome:
 
 def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[SendOutcome]:
     channel = channel_get(name=deliveries[0].channel)
-    messages: list[OutboundMessage] = []
+    # Messages by the provider accounts they go through: tenants that use the installation's
+    # providers share one send (and so one provider batch request).
+    messages_by_providers: dict[tuple[int, ...], list[OutboundMessage]] = defaultdict(list)
+    providers_by_key: dict[tuple[int, ...], list[Provider]] = {}
     outcomes: list[SendOutcome] = []
     addresses = {d.id: channel.address_for(recipient=d.notification.recipient) for d in deliveries}
     # Checked again here: an address can bounce after its notification was planned.
@@ -274,7 +284,10 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
         links = {}
         if channel.wants_links and category.kind != CategoryKind.CRITICAL:
             links = email_links(recipient_id=recipient.id, category_key=category.key, channel=channel.name)
-        messages.append(
+        providers = context.providers[notification.tenant_id]
+        providers_key = tuple(p.pk for p in providers)
+        providers_by_key[providers_key] = providers
+        messages_by_providers[providers_key].append(
             OutboundMessage(
                 delivery_id=delivery.id,
                 idempotency_key=delivery_idempotency_key(delivery=delivery),
@@ -285,11 +298,14 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
                 **links,
             )
         )
-    if messages:
+    for providers_key, messages in messages_by_providers.items():
         try:
             outcomes.extend(
                 providers_send(
-                    channel=channel, messages=messages, providers=context.providers, channel_for=channel_for_provider
+                    channel=channel,
+                    messages=messages,
+                    providers=providers_by_key[providers_key],
+                    channel_for=channel_for_provider,
                 )
             )
         except Exception as error:  # noqa: BLE001 - a channel must not strand a leased chunk

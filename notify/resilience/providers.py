@@ -1,6 +1,8 @@
 """Several providers for a channel: failover, circuit breakers and rate limits.
 
-A channel with Provider rows sends through them in `position` order (by `weight` within a
+Providers belong to a tenant or to the installation: a tenant's deliveries use the tenant's
+own providers for the channel if it has any, else the installation's, else the provider the
+settings configure. A channel with Provider rows sends through them in `position` order (by `weight` within a
 position). Each provider is behind a circuit breaker whose state every worker shares through
 Redis (pybreaker's CircuitRedisStorage): `failure_threshold` failed sends in a row open it,
 and after `cooldown_seconds` one trial send half-opens it, closing it on success. A send that
@@ -17,14 +19,17 @@ round trip per take."""
 import logging
 import random
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from functools import lru_cache
 from typing import Any
+from uuid import UUID
 
 import pybreaker
 import redis
+from django.db.models import Q
 from django.utils import timezone
 
 from apps.deliveries.models import DeliveryStatus, Provider
@@ -46,9 +51,17 @@ class ProviderDown(Exception):
         self.outcomes = outcomes
 
 
-def providers_of(*, channel: str) -> list[Provider]:
-    """The channel's provider accounts; read once per batch."""
-    return list(Provider.objects.filter(channel=channel))
+def providers_for_tenants(*, channel: str, tenant_ids: set[UUID]) -> dict[UUID, list[Provider]]:
+    """Each tenant's provider accounts for the channel: its own if it has any, else the
+    installation's (none: the configured default). One query for a whole batch."""
+    own: dict[UUID, list[Provider]] = defaultdict(list)
+    installation: list[Provider] = []
+    for provider in Provider.objects.filter(Q(tenant_id__in=tenant_ids) | Q(tenant__isnull=True), channel=channel):
+        if provider.tenant_id is None:
+            installation.append(provider)
+        else:
+            own[provider.tenant_id].append(provider)
+    return {tenant_id: own.get(tenant_id) or installation for tenant_id in tenant_ids}
 
 
 def providers_send(
@@ -104,7 +117,7 @@ def _attempt(provider: Provider, messages: list[OutboundMessage], channel: Chann
         try:
             tokens = _tokens_take(provider=provider, count=len(part))
         except redis.RedisError:
-            logger.warning("rate limit of %s unreadable; holding its sends", provider.name, exc_info=True)
+            logger.warning("rate limit of %s unreadable; holding its sends", provider_label(provider), exc_info=True)
             tokens = False
         if not tokens:
             until = timezone.now() + timedelta(seconds=1)
@@ -117,7 +130,7 @@ def _attempt(provider: Provider, messages: list[OutboundMessage], channel: Chann
         try:
             sent = channel.send_batch(messages=part)
         except Exception as error:  # noqa: BLE001 - keep what earlier parts sent; this part is unknown
-            logger.exception("provider %s raised while sending %d messages", provider.name, len(part))
+            logger.exception("provider %s raised while sending %d messages", provider_label(provider), len(part))
             channel.reset()
             reason = f"channel error: {type(error).__name__}: {error}"[:400]
             sent = [SendOutcome(delivery_id=m.delivery_id, failure=FailureKind.TRANSIENT, reason=reason) for m in part]
@@ -168,15 +181,23 @@ class _StateLog(pybreaker.CircuitBreakerListener):
         logger.log(level, "circuit of provider %s: %s -> %s", cb.name, before, new_state.name)
 
 
+def provider_label(provider: Provider) -> str:
+    """The provider's name in logs: names are unique only within a tenant."""
+    return provider.name if provider.tenant_id is None else f"{provider.name} (tenant {provider.tenant_id})"
+
+
 def breaker_for(provider: Provider) -> pybreaker.CircuitBreaker:
-    return _breaker(provider.name, provider.failure_threshold, provider.cooldown_seconds)
+    return _breaker(provider.pk, provider_label(provider), provider.failure_threshold, provider.cooldown_seconds)
 
 
-@lru_cache(maxsize=64)
-def _breaker(name: str, failure_threshold: int, cooldown_seconds: int) -> pybreaker.CircuitBreaker:
-    storage = pybreaker.CircuitRedisStorage(pybreaker.STATE_CLOSED, redis_client(), namespace=f"notify:provider:{name}")
+@lru_cache(maxsize=256)
+def _breaker(provider_id: int, label: str, failure_threshold: int, cooldown_seconds: int) -> pybreaker.CircuitBreaker:
+    # Keyed by the provider's id: two tenants may each have a provider of the same name.
+    storage = pybreaker.CircuitRedisStorage(
+        pybreaker.STATE_CLOSED, redis_client(), namespace=f"notify:provider:{provider_id}"
+    )
     return pybreaker.CircuitBreaker(
-        name=name,
+        name=label,
         listeners=[_StateLog()],
         fail_max=failure_threshold,
         reset_timeout=cooldown_seconds,
@@ -236,7 +257,7 @@ def _tokens_take(*, provider: Provider, count: int) -> bool:
     deadline = time.monotonic() + RATE_WAIT_MAX_SECONDS
     take = _take_script()
     args = [provider.rate_per_second, _capacity(provider), count]
-    while wait := float(take(keys=[f"notify:rate:{provider.name}"], args=args)):
+    while wait := float(take(keys=[f"notify:rate:{provider.pk}"], args=args)):
         if time.monotonic() + wait > deadline:
             return False
         time.sleep(wait)

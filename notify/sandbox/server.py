@@ -28,6 +28,9 @@ of the way of what it measures. Tests, the demo and the benchmark all talk to it
 With a webhook URL for a provider, each accepted message is followed, after a short
 delay, by the provider's "delivered" webhook, retried like a real provider retries it.
 
+Each logged request names the account that sent it ("account": Postmark's server token,
+Twilio's account sid, FCM's project) and, for email and SMS, the sender ("from").
+
 Like providers that support idempotency keys, a repeated X-Idempotency-Key is answered
 with the first response and logged as a duplicate, not accepted again."""
 
@@ -201,7 +204,8 @@ class Sandbox:
             messages = [messages]
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages) or len(messages) > 500:
             return 422, {"ErrorCode": 402, "Message": "Send a JSON array of at most 500 messages."}
-        entries = [self._entry(message) for message in messages]
+        token = headers["x-postmark-server-token"]
+        entries = [self._entry(message, server_token=token) for message in messages]
         # A server-side failure fails the whole request, as a real provider's outage does.
         rules = [faults.address_rule(address=e["to"]) for e in entries]
         injected = faults.request_status() or next((r for r in rules if r and (r >= 500 or r == 429)), None)
@@ -218,11 +222,14 @@ class Sandbox:
         return (200 if result["ErrorCode"] == 0 else 422), result
 
     @staticmethod
-    def _entry(message: dict[str, Any]) -> dict[str, Any]:
+    def _entry(message: dict[str, Any], *, server_token: str) -> dict[str, Any]:
         headers = {h.get("Name", ""): h.get("Value", "") for h in message.get("Headers", [])}
         key = next((value for name, value in headers.items() if name.lower() == "x-idempotency-key"), None)
         return {
             "provider": "postmark",
+            # Which account sent it (the server token), and as whom.
+            "account": server_token,
+            "from": str(message.get("From", "")),
             "to": str(message.get("To", "")),
             "subject": message.get("Subject", ""),
             "text": (message.get("TextBody") or "")[:500],
@@ -328,6 +335,7 @@ class Sandbox:
         notification = message.get("notification", {})
         entry = {
             "provider": "fcm",
+            "account": project,
             "to": token,
             "subject": notification.get("title", ""),
             "text": notification.get("body", "")[:500],
@@ -358,6 +366,8 @@ class Sandbox:
         to, text = form.get("To", ""), form.get("Body", "")
         entry: dict[str, Any] = {
             "provider": "twilio",
+            "account": account,
+            "from": form.get("From", ""),
             "to": to,
             "subject": "",
             "text": text[:500],

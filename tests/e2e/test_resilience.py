@@ -24,8 +24,9 @@ def ops(admin_user) -> Client:  # type: ignore[no-untyped-def]
 
 def switch(ops: Client, action: str, channel: str) -> None:
     changelist = reverse("admin:deliveries_channelswitch_changelist")
-    ops.get(changelist)  # lists (and so creates) a switch for every channel
-    response = ops.post(changelist, {"action": action, "_selected_action": [channel]})
+    ops.get(changelist)  # lists (and so creates) an installation switch for every channel
+    selected = ChannelSwitch.objects.get(tenant=None, channel=channel).pk
+    response = ops.post(changelist, {"action": action, "_selected_action": [selected]})
     assert response.status_code == 302
 
 

@@ -7,6 +7,7 @@ import pytest
 from anymail.backends.postmark import PostmarkPayload
 from anymail.exceptions import AnymailInvalidAddress
 from anymail.utils import parse_address_list
+from django.conf import settings as django_settings
 from django.core.mail import get_connection
 from django.utils import timezone
 
@@ -267,7 +268,7 @@ def test_a_batch_payload_is_what_anymail_builds_for_the_same_message(address):
         unsubscribe_url="http://example.com/u/t",
         preferences_url="http://example.com/u/t/preferences",
     )
-    email = _email(message=message, connection=connection)
+    email = _email(message=message, connection=connection, from_email=django_settings.DEFAULT_FROM_EMAIL)
     ours = _BatchPayload(email, connection.send_defaults, connection).data
     anymails = PostmarkPayload(email, connection.send_defaults, connection).data
     assert ours == anymails
