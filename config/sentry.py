@@ -2,17 +2,20 @@
 no request bodies, cookies or users, and email addresses, phone numbers, API keys and signed
 tokens masked wherever they appear in an event or a breadcrumb.
 
-Sentry's own server-side scrubbing is configured per project and does not know our key and
-token formats, so the events are cleaned before they leave the process."""
+The SDK's EventScrubber masks values by their key (Authorization, Cookie, ...); it cannot
+recognise an address or one of our tokens inside a message, a URL or an SQL statement, so
+before_send and before_breadcrumb mask those by their form."""
 
 import re
 from typing import Any
+from urllib.parse import unquote
 
 import sentry_sdk
+from sentry_sdk.scrubber import DEFAULT_DENYLIST, EventScrubber
 
 MASK = "[Filtered]"
-# Headers that carry credentials; the rest of a request's headers are kept.
-SECRET_HEADERS = frozenset({"authorization", "cookie", "set-cookie", "x-twilio-signature", "x-postmark-server-token"})
+# Keys whose values are credentials, on top of the SDK's list (which has authorization, cookie).
+SECRET_KEYS = ["x-twilio-signature", "x_twilio_signature", "x-postmark-server-token", "server_token", "auth_token"]
 SECRET_PATTERNS = [
     # API keys: ntf_<lookup>_<secret> (apps.tenants.models.ApiKey).
     re.compile(r"\bntf_[A-Za-z0-9]+_[A-Za-z0-9_-]+"),
@@ -27,7 +30,10 @@ SECRET_PATTERNS = [
 
 
 def text_scrub(text: str) -> str:
-    """The text with every email address, phone number, API key and signed token masked."""
+    """The text with every email address, phone number, API key and signed token masked
+    (URL-encoded ones too: the text is decoded first)."""
+    if "%" in text:
+        text = unquote(text)
     for pattern in SECRET_PATTERNS:
         text = pattern.sub(MASK, text)
     return text
@@ -37,7 +43,7 @@ def _scrub(value: Any) -> Any:
     if isinstance(value, str):
         return text_scrub(value)
     if isinstance(value, dict):
-        return {key: MASK if str(key).lower() in SECRET_HEADERS else _scrub(item) for key, item in value.items()}
+        return {key: _scrub(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_scrub(item) for item in value]
     return value
@@ -49,11 +55,6 @@ def event_scrub(event: dict[str, Any], hint: dict[str, Any] | None = None) -> di
     if isinstance(request, dict):
         for name in ("data", "cookies", "env"):
             request.pop(name, None)
-        headers = request.get("headers")
-        if isinstance(headers, dict):
-            request["headers"] = {
-                name: MASK if name.lower() in SECRET_HEADERS else value for name, value in headers.items()
-            }
     event.pop("user", None)
     return _scrub(event)
 
@@ -71,6 +72,7 @@ def sentry_init(*, dsn: str, traces_sample_rate: float, **options: Any) -> None:
         send_default_pii=False,
         max_request_body_size="never",
         include_local_variables=False,  # a frame's locals hold addresses and message bodies
+        event_scrubber=EventScrubber(recursive=True, denylist=DEFAULT_DENYLIST + SECRET_KEYS),
         before_send=event_scrub,  # type: ignore[arg-type]
         before_send_transaction=event_scrub,  # type: ignore[arg-type]
         before_breadcrumb=breadcrumb_scrub,  # type: ignore[arg-type]
