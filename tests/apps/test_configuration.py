@@ -182,7 +182,10 @@ def test_a_production_configuration_passes(production):
 
 def test_debug_allows_the_sandbox(production):
     production.DEBUG = True
-    production.ANYMAIL = {"POSTMARK_SERVER_TOKEN": "sandbox-token", "POSTMARK_API_URL": "http://127.0.0.1:8025/postmark/"}
+    production.ANYMAIL = {
+        "POSTMARK_SERVER_TOKEN": "sandbox-token",
+        "POSTMARK_API_URL": "http://127.0.0.1:8025/postmark/",
+    }
     production.NOTIFY_PUBLIC_URL = ""
     assert check_ids() == set()
 
