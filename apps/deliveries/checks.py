@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, register, run_checks
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, connections, transaction
 
 TAG = "notify_configuration"
 
@@ -204,6 +204,9 @@ def configuration_verify() -> None:
     """Exit with the checks' messages when any fails: for processes that Django's management
     commands do not start (the ASGI and WSGI servers, Celery workers and beat)."""
     errors = [message for message in run_checks(tags=[TAG]) if message.is_serious() and not message.is_silenced()]
+    # The checks' queries must not leave a connection open in a process that forks workers
+    # or hands connections out from a pool.
+    connections.close_all()
     if errors:
         lines = "\n".join(str(error) for error in errors)
         raise SystemExit(f"Refusing to start: the configuration is unsafe.\n{lines}")

@@ -330,8 +330,12 @@ def feedback_record(*, feedback: Feedback) -> bool:
         ):
             logger.warning("feedback for delivery %s signed by an account that did not send it ignored", delivery.id)
             return False
-        address = _reported_address(delivery=delivery, feedback=feedback)
-        if feedback.normalized_status in SUPPRESSING_FEEDBACK and address:
+        address = (
+            _reported_address(delivery=delivery, feedback=feedback)
+            if feedback.normalized_status in SUPPRESSING_FEEDBACK
+            else ""
+        )
+        if address:
             suppression_add(
                 tenant_id=delivery.notification.tenant_id,
                 channel=delivery.channel,
