@@ -18,8 +18,11 @@ if pool_default:
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import path  # noqa: E402
 
+from apps.deliveries.checks import configuration_verify  # noqa: E402
 from apps.inbox.consumers import InboxConsumer  # noqa: E402
 from config.memory import garbage_collector_tune  # noqa: E402
+
+configuration_verify()
 
 # No Origin check on the WebSocket: the inbox widget is embedded in other sites by design, and
 # the connection is authorised by its signed recipient token, never by a cookie.

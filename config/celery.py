@@ -4,7 +4,7 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import task_postrun, task_prerun, worker_init, worker_process_init
+from celery.signals import beat_init, task_postrun, task_prerun, worker_init, worker_process_init
 from django.db import close_old_connections
 
 from config.memory import garbage_collector_tune
@@ -14,6 +14,21 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 app = Celery("notify")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["notify"])
+
+
+@worker_init.connect
+@beat_init.connect
+def _configuration_verify(**_: object) -> None:
+    # A worker or beat refuses to start on an unsafe configuration, as the web server does
+    # (Celery's own Django fixup runs Django's checks but ignores what they find).
+    import django
+    from django.apps import apps
+
+    if not apps.ready:
+        django.setup()
+    from apps.deliveries.checks import configuration_verify
+
+    configuration_verify()
 
 
 @worker_init.connect

@@ -19,6 +19,25 @@ DEBUG = env.bool("DJANGO_DEBUG", default=False)
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 
+# Outside DEBUG the service is served over https: cookies only travel on it, and browsers
+# are told to use nothing else. Behind a TLS-terminating proxy, name the header it sets
+# (e.g. "HTTP_X_FORWARDED_PROTO,https"); unset means requests reach Django directly.
+if not DEBUG:
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", default=365 * 86400)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+    SECURE_HSTS_PRELOAD = env.bool("DJANGO_SECURE_HSTS_PRELOAD", default=False)
+    SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=False)
+    _proxy_ssl_header = env.list("DJANGO_SECURE_PROXY_SSL_HEADER", default=[])
+    if _proxy_ssl_header:
+        if len(_proxy_ssl_header) != 2 or not _proxy_ssl_header[0].startswith("HTTP_"):
+            raise ImproperlyConfigured(
+                "DJANGO_SECURE_PROXY_SSL_HEADER is the header the proxy sets and its https value, "
+                'e.g. "HTTP_X_FORWARDED_PROTO,https".'
+            )
+        SECURE_PROXY_SSL_HEADER = (_proxy_ssl_header[0], _proxy_ssl_header[1])
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
@@ -278,8 +297,9 @@ NOTIFY_SMS_MAX_SEGMENTS = env.int("NOTIFY_SMS_MAX_SEGMENTS", default=10)
 # What one SMS segment costs, in the currency of the tenants' daily SMS budgets.
 NOTIFY_SMS_SEGMENT_PRICE = env.str("NOTIFY_SMS_SEGMENT_PRICE", default="0.0079")
 NOTIFY_SMS_TIMEOUT_SECONDS = env.float("NOTIFY_SMS_TIMEOUT_SECONDS", default=10.0)
-# Where providers reach this service for status callbacks (no trailing slash).
-NOTIFY_PUBLIC_URL = env("NOTIFY_PUBLIC_URL", default="http://127.0.0.1:8000")
+# Where providers and people reach this service: status callbacks, links in messages. Outside
+# DEBUG it must be set (a system check refuses to start without it).
+NOTIFY_PUBLIC_URL = env("NOTIFY_PUBLIC_URL", default="http://127.0.0.1:8000" if DEBUG else "").rstrip("/")
 
 # --- Mobile push (Firebase Cloud Messaging, HTTP v1) -------------------------------------
 FCM_PROJECT_ID = env("FCM_PROJECT_ID", default="")
@@ -315,6 +335,6 @@ NOTIFY_DEMO_API_KEY = env("NOTIFY_DEMO_API_KEY", default="")
 
 SENTRY_DSN = env("SENTRY_DSN", default="")
 if SENTRY_DSN:
-    import sentry_sdk
+    from config.sentry import sentry_init
 
-    sentry_sdk.init(dsn=SENTRY_DSN, traces_sample_rate=env.float("SENTRY_TRACES", default=0.0))
+    sentry_init(dsn=SENTRY_DSN, traces_sample_rate=env.float("SENTRY_TRACES", default=0.0))

@@ -2,8 +2,10 @@ import os
 
 from django.core.wsgi import get_wsgi_application
 
+from apps.deliveries.checks import configuration_verify
 from config.memory import garbage_collector_tune
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 application = get_wsgi_application()
+configuration_verify()
 garbage_collector_tune()

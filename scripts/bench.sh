@@ -7,6 +7,9 @@ export DJANGO_SECRET_KEY="${DJANGO_SECRET_KEY:-bench-only-secret-key}"
 export DATABASE_URL="${BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/notify_bench}"
 export CELERY_BROKER_URL="${BENCH_BROKER_URL:-redis://127.0.0.1:6379/13}"
 export NOTIFY_DEMO_API_KEY="${NOTIFY_DEMO_API_KEY:-ntf_bench_0123456789abcdefBENCH}"
+# The sandbox's published credentials are allowed only with DEBUG on. Its cost here is
+# Django's log of the last 9000 queries per connection.
+export DJANGO_DEBUG=1
 sandbox_credentials
 
 venv_ensure

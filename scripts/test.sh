@@ -3,6 +3,9 @@
 source "$(dirname "$0")/lib.sh"
 
 export DJANGO_SECRET_KEY="${DJANGO_SECRET_KEY:-test-only-secret-key}"
+# The suite and the processes it starts run on the sandbox's published credentials, which
+# only DEBUG allows; the tests of that refusal start their processes with DEBUG off.
+export DJANGO_DEBUG=1
 export DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/notify}"
 export CELERY_BROKER_URL="${TEST_BROKER_URL:-redis://127.0.0.1:6379/15}"
 sandbox_credentials

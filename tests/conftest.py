@@ -82,10 +82,12 @@ def sandbox(sandbox_url: str, settings) -> SandboxClient:  # type: ignore[no-unt
 
 
 def process_env(*, sandbox_url: str) -> dict[str, str]:
-    """The environment for a process of ours: this test's database, the sandbox's providers."""
+    """The environment for a process of ours: this test's database, the sandbox's providers,
+    and DEBUG on, the only mode that starts on the sandbox's published credentials."""
     db = connection.settings_dict
     return {
         **os.environ,
+        "DJANGO_DEBUG": "1",
         "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
         **provider_settings(sandbox_url=sandbox_url),
     }
@@ -199,7 +201,7 @@ def web_server(transactional_db: None, sandbox: SandboxClient, tmp_path: Path) -
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
-        env={**process_env(sandbox_url=sandbox.base_url), "DJANGO_DEBUG": "1"},
+        env=process_env(sandbox_url=sandbox.base_url),
         stdout=log_path.open("w"),
         stderr=subprocess.STDOUT,
     )

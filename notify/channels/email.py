@@ -326,5 +326,6 @@ def email_tracking_received(sender: Any, event: AnymailTrackingEvent, esp_name: 
             occurred_at=event.timestamp,
             reason=(event.description or "")[:400] if normalized != "delivered" else "",
             address=event.recipient or "",
+            channel="email",
         )
     )

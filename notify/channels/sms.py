@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
+from uuid import UUID
 
 import gsm0338  # noqa: F401 - registers the "gsm03.38" codec
 import phonenumbers
@@ -188,19 +189,44 @@ class BadSignature(Exception):
     pass
 
 
-def _signature_verify(*, path: str, params: Mapping[str, str], signature: str) -> str:
-    """The URL Twilio signed; raises BadSignature unless the request is Twilio's, signed with
-    the auth token of the configured account or of one of the SMS Provider accounts."""
+def _accounts(*, tenant_id: UUID | None) -> dict[str, tuple[str, str]]:
+    """The SMS accounts a tenant's texts go out through, chosen as sending chooses them (its own
+    Providers, else the installation's; names are unique only within one of those), with the
+    configured default: name ("" for the default) -> (auth token, from number), each unset key
+    falling back to settings as sending does. Without a tenant: every account, keyed uniquely."""
     from apps.deliveries.models import Provider  # a model the channel registry must not import early
 
+    providers = Provider.objects.filter(channel="sms")
+    if tenant_id is not None:
+        rows = list(providers.filter(tenant_id=tenant_id).values_list("tenant_id", "name", "config"))
+        rows = rows or list(providers.filter(tenant__isnull=True).values_list("tenant_id", "name", "config"))
+    else:
+        rows = list(providers.values_list("tenant_id", "name", "config"))
+    accounts = {"": (settings.TWILIO_AUTH_TOKEN, settings.TWILIO_FROM_NUMBER)}
+    for owner, name, config in rows:
+        key = name if tenant_id is not None else f"{owner or ''}/{name}"
+        accounts[key] = (
+            config.get("auth_token") or settings.TWILIO_AUTH_TOKEN,
+            config.get("from_number") or settings.TWILIO_FROM_NUMBER,
+        )
+    return accounts
+
+
+def _signature_verify(
+    *, path: str, params: Mapping[str, str], signature: str, accounts: dict[str, str]
+) -> tuple[str, ...]:
+    """The names of the accounts (among name -> auth token) whose token signed the request
+    (more than one when Providers share the configured token); raises BadSignature unless
+    one did."""
     url = settings.NOTIFY_PUBLIC_URL + path
-    tokens = [settings.TWILIO_AUTH_TOKEN] + [
-        config.get("auth_token", "")
-        for config in Provider.objects.filter(channel="sms").values_list("config", flat=True)
-    ]
-    if not any(token and RequestValidator(token).validate(url, dict(params), signature) for token in tokens):
+    signers = tuple(
+        name
+        for name, token in accounts.items()
+        if token and RequestValidator(token).validate(url, dict(params), signature)
+    )
+    if not signers:
         raise BadSignature("X-Twilio-Signature does not match")
-    return url
+    return signers
 
 
 # The keywords carriers and Twilio treat as opting out of, or back into, a sender's texts;
@@ -216,8 +242,15 @@ def sms_inbound(*, path: str, params: Mapping[str, str], signature: str) -> str:
 
     Tenants share the sending numbers, so a STOP to any of them stops them all: the number
     is suppressed for SMS in every tenant, and START lifts those opt-outs again (and only
-    them: a number suppressed for another reason stays suppressed)."""
-    _signature_verify(path=path, params=params, signature=signature)
+    them: a number suppressed for another reason stays suppressed). Only the account that
+    owns the receiving number (`To`) may sign it."""
+    receiver = e164(number=params.get("To", ""))
+    owners = {
+        name: token
+        for name, (token, number) in _accounts(tenant_id=None).items()
+        if receiver and e164(number=number) == receiver
+    }
+    _signature_verify(path=path, params=params, signature=signature, accounts=owners)
     number = e164(number=params.get("From", ""))
     keyword = params.get("Body", "").strip().upper()
     if number is None or keyword not in OPT_OUT_KEYWORDS | OPT_IN_KEYWORDS:
@@ -246,10 +279,25 @@ def sms_status_callback(*, path: str, params: Mapping[str, str], signature: str)
 
     `path` is the request's path and query string: the signed URL is rebuilt from
     NOTIFY_PUBLIC_URL, the base the callback URL was made from, so a TLS-terminating proxy in
-    front of us does not break the signature. Raises BadSignature for an unsigned or forged
-    request, and for every request while no auth token is configured."""
-    url = _signature_verify(path=path, params=params, signature=signature)
-    query = dict(parse_qsl(urlsplit(url).query))
+    front of us does not break the signature. Only the account that sent the delivery may
+    sign it; while its send is not recorded yet (a callback can overtake it), any account's
+    signature parks the feedback, which counts only if that account turns out to be the
+    sender. Raises BadSignature for an unsigned or forged request, one signed by another
+    account, and every request while no auth token is configured."""
+    from notify.pipeline.record import delivery_sender, delivery_tenant_id
+
+    query = dict(parse_qsl(urlsplit(path).query))
+    delivery_id = query.get("delivery", "")
+    try:
+        delivery_uuid: UUID | None = UUID(delivery_id)
+    except ValueError:
+        delivery_uuid = None
+    sender = None if delivery_uuid is None else delivery_sender(delivery_id=delivery_uuid)
+    tenant_id = None if delivery_uuid is None else delivery_tenant_id(delivery_id=delivery_uuid)
+    accounts = {name: token for name, (token, _) in _accounts(tenant_id=tenant_id).items()}
+    if sender is not None:
+        accounts = {sender: accounts[sender]} if sender in accounts else {}
+    signers = _signature_verify(path=path, params=params, signature=signature, accounts=accounts)
     status = params.get("MessageStatus", "")
     normalized = TWILIO_FEEDBACK.get(status)
     if normalized is None:
@@ -264,11 +312,13 @@ def sms_status_callback(*, path: str, params: Mapping[str, str], signature: str)
     round_text = query.get("round", "0")
     return feedback_record(
         feedback=Feedback(
-            delivery_id=query.get("delivery", ""),
+            delivery_id=delivery_id,
             normalized_status=normalized,
             provider_status=f"twilio:{status}" + (f"/{error_code}" if error_code else ""),
             resend_round=int(round_text) if round_text.isdigit() else 0,
             reason=f"Twilio error {error_code}" if error_code else "",
             address=params.get("To", ""),
+            channel="sms",
+            signers=signers,
         )
     )

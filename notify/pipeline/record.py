@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from uuid import UUID
 
 from django.db import connection, transaction
-from django.db.models import F, QuerySet
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from apps.deliveries.models import DeadLetter, Delivery, DeliveryEvent, DeliveryStatus, EarlyFeedback
@@ -289,6 +289,11 @@ class Feedback:
     occurred_at: datetime | None = None
     reason: str = ""
     address: str = ""  # as the provider reports it; suppression stores it in canonical form
+    channel: str = ""  # the channel whose webhook reported it: feedback about another's is ignored
+    # The provider accounts whose credentials signed the report (Providers' names, "" for the
+    # configured default), when the channel verifies a signature per account: the report
+    # counts only if one of them sent the delivery (see delivery_sender).
+    signers: Sequence[str] | None = None
 
 
 def feedback_record(*, feedback: Feedback) -> bool:
@@ -306,20 +311,35 @@ def feedback_record(*, feedback: Feedback) -> bool:
     with transaction.atomic():
         delivery = (
             Delivery.objects.select_for_update(of=("self",))
-            .select_related("notification")
+            .select_related("notification__recipient")
             .filter(id=feedback.delivery_id)
             .first()
         )
         if delivery is None:
             logger.info("feedback for unknown delivery %s ignored", feedback.delivery_id)
             return False
+        if feedback.channel and feedback.channel != delivery.channel:
+            logger.warning("%s feedback for %s delivery %s ignored", feedback.channel, delivery.channel, delivery.id)
+            return False
         if feedback.resend_round < delivery.resend_round:
             return False  # about an earlier send that has since been replaced
-        if feedback.normalized_status in SUPPRESSING_FEEDBACK and feedback.address:
+        if (
+            feedback.signers is not None
+            and delivery.status != DeliveryStatus.SENDING
+            and delivery_sender(delivery_id=delivery.id) not in feedback.signers
+        ):
+            logger.warning("feedback for delivery %s signed by an account that did not send it ignored", delivery.id)
+            return False
+        address = (
+            _reported_address(delivery=delivery, feedback=feedback)
+            if feedback.normalized_status in SUPPRESSING_FEEDBACK
+            else ""
+        )
+        if address:
             suppression_add(
                 tenant_id=delivery.notification.tenant_id,
                 channel=delivery.channel,
-                address=feedback.address,
+                address=address,
                 reason=f"{SUPPRESSING_FEEDBACK[feedback.normalized_status]} ({feedback.provider_status})",
                 source=feedback.provider_status,
             )
@@ -332,6 +352,45 @@ def feedback_record(*, feedback: Feedback) -> bool:
 
         chains_advance(notification_ids=[delivery.notification_id])
     return applied
+
+
+def _reported_address(*, delivery: Delivery, feedback: Feedback) -> str:
+    """The delivery's own address when the report is about it, else "": a report names the
+    delivery it is about, and may suppress that delivery's address and no other."""
+    from notify.channels import channel_get  # the channels import this module
+    from notify.policy.suppression import address_canonical
+
+    if not feedback.address:
+        return ""
+    own = channel_get(name=delivery.channel).address_for(recipient=delivery.notification.recipient)
+    canonical = address_canonical(channel=delivery.channel, address=feedback.address)
+    if not own or address_canonical(channel=delivery.channel, address=own) != canonical:
+        logger.warning("feedback for delivery %s names another address; nothing suppressed", delivery.id)
+        return ""
+    return own
+
+
+def delivery_sender(*, delivery_id: UUID) -> str | None:
+    """The provider account of the delivery's latest recorded attempt (a send, or a failed
+    one whose outcome may still be that the provider took it): a Provider's name, "" for the
+    configured default; None when no attempt is recorded yet."""
+    from notify.resilience.providers import provider_name_of  # providers import the channels
+
+    attempted = Q(status=DeliveryStatus.SENT) | (Q(detail__has_key="failure") & ~Q(detail__failure=""))
+    detail = (
+        DeliveryEvent.objects.filter(attempted, delivery_id=delivery_id)
+        .order_by("-created_at", "-id")
+        .values_list("detail", flat=True)
+        .first()
+    )
+    if detail is None:
+        return None
+    return provider_name_of(provider_status=str(detail.get("provider_status", "")))
+
+
+def delivery_tenant_id(*, delivery_id: UUID) -> UUID | None:
+    """The tenant a delivery belongs to; None for an unknown delivery."""
+    return Delivery.objects.filter(pk=delivery_id).values_list("notification__tenant_id", flat=True).first()
 
 
 def _feedback_payload(feedback: Feedback) -> dict[str, Any]:

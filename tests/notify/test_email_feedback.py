@@ -2,6 +2,7 @@
 tracking view into delivery states and the suppression list."""
 
 import json
+import uuid
 from urllib.parse import urlparse
 
 import pytest
@@ -166,3 +167,48 @@ def test_malformed_delivery_ids_in_feedback_are_ignored(workspace):
     assert not feedback_record(
         feedback=Feedback(delivery_id="not-a-uuid", normalized_status="delivered", provider_status="x")
     )
+
+
+def post_signed_bounce(*, delivery_id: str, email: str):  # type: ignore[no-untyped-def]
+    """A hard bounce as Postmark posts it, with the webhook credentials (so anymail takes it)."""
+    import base64
+
+    from django.conf import settings
+
+    payload = {
+        "RecordType": "Bounce",
+        "Type": "HardBounce",
+        "MessageID": "00000000-0000-0000-0000-000000000000",
+        "Email": email,
+        "BouncedAt": "2026-01-01T00:00:00Z",
+        "Metadata": {"delivery_id": delivery_id},
+    }
+    credentials = base64.b64encode(settings.ANYMAIL["WEBHOOK_SECRET"].encode()).decode()
+    return Client().post(
+        "/anymail/postmark/tracking/",
+        data=json.dumps(payload),
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Basic {credentials}",
+    )
+
+
+def test_a_bounce_naming_another_address_suppresses_nothing(workspace, sandbox):
+    delivery = ingest_one(workspace, email="ada@example.com")
+    send(delivery)
+    response = post_signed_bounce(delivery_id=str(delivery.pk), email="victim@example.com")
+    assert response.status_code == 200
+    assert not Suppression.objects.exists()
+    # The delivery's own address, reported as the provider writes it, is suppressed.
+    assert post_signed_bounce(delivery_id=str(delivery.pk), email="Ada@Example.com").status_code == 200
+    assert list(Suppression.objects.values_list("address", flat=True)) == ["ada@example.com"]
+
+
+def test_a_bounce_naming_an_unknown_or_non_email_delivery_suppresses_nothing(workspace, sandbox):
+    assert post_signed_bounce(delivery_id=str(uuid.uuid4()), email="ada@example.com").status_code == 200
+    delivery = ingest_one(workspace, email="ada@example.com")
+    send(delivery)
+    # The same recipient's SMS delivery: an email webhook cannot bounce it.
+    Delivery.objects.filter(pk=delivery.pk).update(channel="sms")
+    assert post_signed_bounce(delivery_id=str(delivery.pk), email="ada@example.com").status_code == 200
+    assert Delivery.objects.get(pk=delivery.pk).status == DeliveryStatus.SENT
+    assert not Suppression.objects.exists()

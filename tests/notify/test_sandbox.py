@@ -42,3 +42,22 @@ def test_bad_fault_settings_are_refused(sandbox):
     )
     assert response.status_code == 400
     assert "bad fault settings" in response.json()["error"]
+
+
+def listening_addresses(*, port: int) -> set[str]:
+    """The local addresses (hex, as the kernel lists them) of TCP sockets listening on the port."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            for line in list(lines)[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, _, hex_port = local.partition(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    found.add(address)
+    return found
+
+
+def test_the_sandbox_listens_on_loopback_only_by_default(sandbox_url):
+    # Started as the tests and the run command start it, without --host.
+    port = int(sandbox_url.rsplit(":", 1)[1])
+    assert listening_addresses(port=port) == {"0100007F"}  # 127.0.0.1

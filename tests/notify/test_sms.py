@@ -217,11 +217,114 @@ def test_other_texts_change_nothing_and_forged_ones_get_403(workspace, sms_categ
     assert not Suppression.objects.exists()
 
 
-def test_webhooks_signed_by_another_providers_account_are_accepted(workspace, sms_category):
-    Provider.objects.create(name="twilio-b", channel="sms", config={"account_sid": "ACb", "auth_token": "token-b"})
-    params = {"From": "+14155550123", "To": "+15005550006", "Body": "STOP", "MessageSid": "SMb"}
-    url = f"{django_settings.NOTIFY_PUBLIC_URL}/webhooks/twilio/inbound"
-    signature = RequestValidator("token-b").compute_signature(url, params)
-    response = Client().post("/webhooks/twilio/inbound", params, HTTP_X_TWILIO_SIGNATURE=signature)
-    assert response.status_code == 200
+def signed_post(path: str, params: dict[str, str], *, token: str):  # type: ignore[no-untyped-def]
+    """A webhook as Twilio posts it, signed with the auth token of one account."""
+    signature = RequestValidator(token).compute_signature(f"{django_settings.NOTIFY_PUBLIC_URL}{path}", params)
+    return Client().post(path, params, HTTP_X_TWILIO_SIGNATURE=signature)
+
+
+def test_an_inbound_text_is_checked_against_the_account_that_owns_the_number(workspace, sms_category):
+    Provider.objects.create(
+        name="twilio-b",
+        channel="sms",
+        config={"account_sid": "ACb", "auth_token": "token-b", "from_number": "+15005550007"},
+    )
+    stop = {"From": "+14155550123", "Body": "STOP", "MessageSid": "SMb"}
+    # Another account's valid signature on a text to the default number, or to a number no
+    # account owns, is refused.
+    assert signed_post("/webhooks/twilio/inbound", {**stop, "To": "+15005550006"}, token="token-b").status_code == 403
+    assert signed_post("/webhooks/twilio/inbound", {**stop, "To": "+15005550009"}, token="token-b").status_code == 403
+    assert not Suppression.objects.exists()
+    # The owner's signature is taken.
+    assert signed_post("/webhooks/twilio/inbound", {**stop, "To": "+15005550007"}, token="token-b").status_code == 200
     assert Suppression.objects.filter(channel="sms", address="+14155550123").exists()
+
+
+def status_callback(delivery: Delivery, *, token: str, status: str = "undelivered", error: str = "30005"):  # type: ignore[no-untyped-def]
+    params = {"MessageSid": delivery.provider_message_id or "SMx", "MessageStatus": status, "To": "+14155550123"}
+    if error:
+        params["ErrorCode"] = error
+    return signed_post(f"/webhooks/twilio/status?delivery={delivery.pk}&round=0", params, token=token)
+
+
+def test_a_status_callback_signed_by_another_providers_account_is_refused(workspace, sms_category, sandbox):
+    delivery = send_sms(workspace, phone="+14155550123")  # by the configured default account
+    Provider.objects.create(name="twilio-b", channel="sms", config={"account_sid": "ACb", "auth_token": "token-b"})
+    assert status_callback(delivery, token="token-b").status_code == 403
+    assert Delivery.objects.get(pk=delivery.pk).status == DeliveryStatus.SENT
+    assert not Suppression.objects.exists()
+    assert status_callback(delivery, token=django_settings.TWILIO_AUTH_TOKEN).status_code == 204
+    assert Delivery.objects.get(pk=delivery.pk).status == DeliveryStatus.BOUNCED
+
+
+def test_a_callback_is_checked_against_the_senders_account_in_its_own_tenant_when_names_repeat(
+    workspace, sms_category, sandbox
+):
+    from tests.factories import TenantFactory
+
+    # Names are unique only within a tenant: another tenant's account of the same name, with
+    # its own token, must not be taken for the sender of this tenant's text.
+    tenant = workspace.api_key.tenant
+    api_base = f"{sandbox.base_url}/twilio"
+    Provider.objects.create(
+        tenant=tenant, name="twilio", channel="sms", position=0,
+        config={"api_base": api_base, "account_sid": "ACa", "auth_token": "token-a"},
+    )  # fmt: skip
+    Provider.objects.create(
+        tenant=TenantFactory(), name="twilio", channel="sms", position=1,
+        config={"api_base": api_base, "account_sid": "ACo", "auth_token": "token-other"},
+    )  # fmt: skip
+    delivery = send_sms(workspace, phone="+14155550123")
+    assert delivery.status == DeliveryStatus.SENT
+    assert status_callback(delivery, token="token-other").status_code == 403
+    assert Delivery.objects.get(pk=delivery.pk).status == DeliveryStatus.SENT
+    assert status_callback(delivery, token="token-a").status_code == 204
+    assert Delivery.objects.get(pk=delivery.pk).status == DeliveryStatus.BOUNCED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_text_sent_by_a_provider_account_takes_only_its_callbacks(
+    workspace, sms_category, sandbox, live_server, settings
+):
+    settings.NOTIFY_PUBLIC_URL = live_server.url.replace("localhost", "127.0.0.1")
+    Provider.objects.create(
+        name="twilio-b",
+        channel="sms",
+        config={"api_base": f"{sandbox.base_url}/twilio", "account_sid": "ACb", "auth_token": "token-b"},
+    )
+    delivery = send_sms(workspace, phone="+14155550123")
+    # The sandbox signs its callbacks with the token the message was sent with: token-b's.
+    wait_for(lambda: Delivery.objects.get(pk=delivery.pk).status == DeliveryStatus.DELIVERED, what="delivered")
+    delivery.refresh_from_db()
+    Delivery.objects.filter(pk=delivery.pk).update(status=DeliveryStatus.SENT)
+    assert status_callback(delivery, token=django_settings.TWILIO_AUTH_TOKEN).status_code == 403
+    assert Delivery.objects.get(pk=delivery.pk).status == DeliveryStatus.SENT
+
+
+def test_a_callback_that_overtakes_its_send_counts_only_if_its_signer_sent_it(workspace, sms_category, sandbox):
+    from notify.channels.base import SendOutcome
+    from notify.pipeline.record import outcomes_record
+    from notify.pipeline.send import deliveries_claim
+
+    Provider.objects.create(name="twilio-b", channel="sms", config={"account_sid": "ACb", "auth_token": "token-b"})
+    deliveries = []
+    for signer in ("token-b", django_settings.TWILIO_AUTH_TOKEN):
+        [result] = events_ingest(
+            api_key=workspace.api_key,
+            events=[
+                EventRequest(
+                    category_key="code",
+                    recipients=[RecipientRef(external_id="ada", fields={"phone": "+14155550123"})],
+                    data={"text": "x"},
+                )
+            ],
+        )
+        delivery = Delivery.objects.get(notification_id=result.response["notification_ids"][0])
+        token, claimed = deliveries_claim(delivery_ids=[str(delivery.pk)])
+        # Still being sent: either account's signature parks the feedback.
+        assert status_callback(delivery, token=signer, status="delivered", error="").status_code == 204
+        # The send, recorded as made by the configured default account.
+        sent = SendOutcome(delivery_id=delivery.pk, provider_message_id="SMx", provider_status="twilio:queued")
+        outcomes_record(lease_token=token, deliveries={d.pk: d for d in claimed}, outcomes=[sent])
+        deliveries.append(Delivery.objects.get(pk=delivery.pk))
+    assert [d.status for d in deliveries] == [DeliveryStatus.SENT, DeliveryStatus.DELIVERED]

@@ -13,6 +13,8 @@ class Command(BaseCommand):
         parser.add_argument("--webpush-endpoint", default="", help="subscribe the demo recipient at this push service")
 
     def handle(self, *args, **options):  # type: ignore[no-untyped-def]
+        if not settings.DEBUG:
+            raise CommandError("demo_setup makes a published admin login and API key: run it with DJANGO_DEBUG=1 only.")
         if not settings.NOTIFY_DEMO_API_KEY:
             raise CommandError("Set NOTIFY_DEMO_API_KEY (format ntf_<lookup>_<secret>) to create the demo key.")
         demo_workspace_ensure(
