@@ -15,6 +15,7 @@ from apps.deliveries.models import (
     Provider,
     RecurringSend,
 )
+from apps.tenants.admin_site import InstallationWideAdmin, TenantScopedAdmin
 from config.queues import PRIORITIES
 from notify.pipeline.control import (
     NotCancellable,
@@ -28,7 +29,7 @@ from notify.pipeline.recurring import recurring_send_delete, recurring_send_save
 from notify.resilience.providers import breaker_reset, breaker_state
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class ReadOnlyAdmin(TenantScopedAdmin):
     """Delivery records are written by the engine only; the admin reads them and acts
     through the engine's entry points."""
 
@@ -63,8 +64,9 @@ def history_table(deliveries: QuerySet[Delivery] | list[Delivery]) -> str:
 
 
 @admin.register(ChannelSwitch)
-class ChannelSwitchAdmin(admin.ModelAdmin):
-    """Every channel with its kill switch and what waits on the broker for it."""
+class ChannelSwitchAdmin(InstallationWideAdmin):
+    """Every channel with its kill switch and what waits on the broker for it. Switching one,
+    by action or on its page, takes the pause permission."""
 
     list_display = ("channel", "paused", "reason", "broker_backlog", "updated_at")
     fields = ("channel", "paused", "reason")
@@ -88,28 +90,35 @@ class ChannelSwitchAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
 
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return super().has_change_permission(request, obj) and self.has_pause_permission(request)
+
+    def has_pause_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("deliveries.pause_channelswitch")
+
     def save_model(self, request: HttpRequest, obj: ChannelSwitch, form: object, change: bool) -> None:
         if obj.paused:
             channel_pause(channel=obj.channel, reason=obj.reason or f"paused by {request.user}")
         else:
             channel_resume(channel=obj.channel)
 
-    @admin.action(description="Pause: hold every delivery of these channels")
+    @admin.action(description="Pause: hold every delivery of these channels", permissions=["pause"])
     def pause(self, request: HttpRequest, queryset: QuerySet[ChannelSwitch]) -> None:
         for switch in queryset:
             channel_pause(channel=switch.channel, reason=f"paused by {request.user}")
         self.message_user(request, f"Paused {queryset.count()} channel(s); their deliveries wait.")
 
-    @admin.action(description="Resume: send everything they held back")
+    @admin.action(description="Resume: send everything they held back", permissions=["pause"])
     def resume(self, request: HttpRequest, queryset: QuerySet[ChannelSwitch]) -> None:
         published = sum(channel_resume(channel=switch.channel) for switch in queryset)
         self.message_user(request, f"Resumed; {published} waiting deliveries published.")
 
 
 @admin.register(Provider)
-class ProviderAdmin(admin.ModelAdmin):
+class ProviderAdmin(InstallationWideAdmin):
     """Provider accounts with their circuit as every worker sees it; pause one (its work goes to
-    the others, or waits) or close its circuit by hand."""
+    the others, or waits) or close its circuit by hand. Each takes its own permission; without
+    the pause permission `enabled` is read-only on the page too."""
 
     list_display = ("name", "channel", "position", "weight", "enabled", "circuit", "rate_per_second", "burst")
     list_filter = ("channel", "enabled")
@@ -119,23 +128,33 @@ class ProviderAdmin(admin.ModelAdmin):
     def circuit(self, provider: Provider) -> str:
         return breaker_state(provider)
 
-    @admin.action(description="Close the circuit (send to it again now)")
+    def get_readonly_fields(self, request: HttpRequest, obj: Provider | None = None) -> list[str]:
+        readonly = list(super().get_readonly_fields(request, obj))
+        return readonly if self.has_pause_permission(request) else [*readonly, "enabled"]
+
+    def has_pause_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("deliveries.pause_provider")
+
+    def has_reset_circuit_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("deliveries.reset_circuit_provider")
+
+    @admin.action(description="Close the circuit (send to it again now)", permissions=["reset_circuit"])
     def reset_circuit(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
         for provider in queryset:
             breaker_reset(provider)
         self.message_user(request, f"Closed the circuit of {queryset.count()} provider(s).")
 
-    @admin.action(description="Pause: send through the other providers, or hold")
+    @admin.action(description="Pause: send through the other providers, or hold", permissions=["pause"])
     def pause(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
         queryset.update(enabled=False)
 
-    @admin.action(description="Resume")
+    @admin.action(description="Resume", permissions=["pause"])
     def resume(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
         queryset.update(enabled=True)
 
 
 @admin.register(RecurringSend)
-class RecurringSendAdmin(admin.ModelAdmin):
+class RecurringSendAdmin(TenantScopedAdmin):
     """Saving or deleting here keeps the beat schedule in step (notify.pipeline.recurring)."""
 
     list_display = ("name", "tenant", "category", "cron", "timezone", "enabled")
@@ -194,11 +213,14 @@ class NotificationAdmin(ReadOnlyAdmin):
     inlines = [DeliveryInline]
     actions = ["cancel"]
 
+    def has_cancel_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("deliveries.cancel_notification")
+
     @admin.display(description="Why: every state change of every delivery")
     def history(self, notification: Notification) -> str:
         return history_table(notification.deliveries.prefetch_related("events"))
 
-    @admin.action(description="Cancel selected notifications (unsent deliveries only)")
+    @admin.action(description="Cancel selected notifications (unsent deliveries only)", permissions=["cancel"])
     def cancel(self, request: HttpRequest, queryset: QuerySet[Notification]) -> None:
         cancelled = 0
         for notification in queryset:
@@ -219,6 +241,7 @@ class DeliveryEventInline(admin.TabularInline):
 
 @admin.register(Delivery)
 class DeliveryAdmin(ReadOnlyAdmin):
+    tenant_path = "notification__tenant"
     list_display = ("id", "channel", "priority", "status", "attempt_count", "next_attempt_at", "sent_at", "updated_at")
     list_filter = ("status", "channel", "priority", "notification__tenant")
     search_fields = ("=id", "=notification__id", "notification__recipient__external_id", "=provider_message_id")
@@ -228,6 +251,7 @@ class DeliveryAdmin(ReadOnlyAdmin):
 
 @admin.register(DeadLetter)
 class DeadLetterAdmin(ReadOnlyAdmin):
+    tenant_path = "delivery__notification__tenant"
     list_display = ("delivery_link", "channel", "attempts", "reason", "created_at", "replayed_at", "replayed_by")
     list_filter = ("channel", ("replayed_at", admin.EmptyFieldListFilter))
     search_fields = ("=delivery__id", "reason", "delivery__notification__recipient__external_id")
@@ -238,7 +262,10 @@ class DeadLetterAdmin(ReadOnlyAdmin):
     def delivery_link(self, dead_letter: DeadLetter) -> str:
         return format_html('<a href="../delivery/{}/change/">{}</a>', dead_letter.delivery_id, dead_letter.delivery_id)
 
-    @admin.action(description="Replay selected dead letters")
+    def has_replay_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("deliveries.replay_deadletter")
+
+    @admin.action(description="Replay selected dead letters", permissions=["replay"])
     def replay(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
         replayed = dead_letters_replay(
             dead_letter_ids=list(queryset.values_list("id", flat=True)), actor=str(request.user)

@@ -45,6 +45,9 @@ class ChannelSwitch(models.Model):
     reason = models.CharField(max_length=300, blank=True, default="")
     updated_at = models.DateTimeField(auto_now=True)
 
+    class Meta:
+        permissions = [("pause_channelswitch", "Can pause and resume a channel")]
+
     def __str__(self) -> str:
         return f"{self.channel} ({'paused' if self.paused else 'running'})"
 
@@ -79,6 +82,10 @@ class Provider(models.Model):
 
     class Meta:
         ordering = ["channel", "position", "name"]
+        permissions = [
+            ("pause_provider", "Can pause and resume a provider"),
+            ("reset_circuit_provider", "Can close a provider's circuit"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.channel})"
@@ -181,6 +188,7 @@ class Notification(LeanLoading, models.Model):
     cancelled_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        permissions = [("cancel_notification", "Can cancel a notification's unsent deliveries")]
         indexes = [
             models.Index(fields=["tenant", "-created_at"], name="notification_tenant_recent"),
             models.Index(fields=["recipient", "-created_at"], name="notification_recipient_recent"),
@@ -301,6 +309,9 @@ class DeadLetter(models.Model):
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     replayed_at = models.DateTimeField(null=True, blank=True)
     replayed_by = models.CharField(max_length=150, blank=True, default="")
+
+    class Meta:
+        permissions = [("replay_deadletter", "Can replay a dead letter")]
 
     def __str__(self) -> str:
         return f"{self.channel} {self.delivery_id}"
