@@ -28,6 +28,7 @@ from django_otp.forms import OTPAuthenticationFormMixin
 from apps.tenants.models import Tenant
 from apps.tenants.two_factor import (
     totp_device_confirm,
+    totp_device_confirmed,
     totp_device_pending,
     totp_qr_svg,
     totp_secret,
@@ -157,7 +158,10 @@ class StaffLoginForm(AdminAuthenticationForm, OTPAuthenticationFormMixin):
     def clean(self) -> dict[str, Any]:
         super().clean()
         user = self.get_user()
-        if user is not None and user_has_device(user, confirmed=True):
+        device = totp_device_confirmed(user=user) if user is not None else None
+        if device is not None:
+            # Staff have one TOTP device (enrolment adds no second), so the form asks for no choice.
+            self.cleaned_data["otp_device"] = device.persistent_id
             self.clean_otp(user)
         return self.cleaned_data
 

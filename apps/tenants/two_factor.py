@@ -37,6 +37,11 @@ def totp_device_pending(*, user: AbstractBaseUser) -> TOTPDevice:
     return device
 
 
+def totp_device_confirmed(*, user: AbstractBaseUser) -> TOTPDevice | None:
+    """The user's TOTP device, once enrolment confirmed it."""
+    return TOTPDevice.objects.filter(user=user, confirmed=True).order_by("id").first()
+
+
 def totp_device_confirm(*, device: TOTPDevice, token: str) -> bool:
     """Confirm a pending device with a code from the authenticator app; False if it is wrong."""
     if not device.verify_token(token.strip()):
