@@ -64,8 +64,17 @@ class TenantScopedAdmin(admin.ModelAdmin):
     def has_module_permission(self, request: HttpRequest) -> bool:
         return super().has_module_permission(request) and self._has_scope(request)
 
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return super().has_view_permission(request, obj) and self._has_scope(request)
+
     def has_add_permission(self, request: HttpRequest, *args: Any) -> bool:
         return super().has_add_permission(request, *args) and self._has_scope(request)  # type: ignore[call-arg]
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return super().has_change_permission(request, obj) and self._has_scope(request)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return super().has_delete_permission(request, obj) and self._has_scope(request)
 
     def _has_scope(self, request: HttpRequest) -> bool:
         return request.user.is_superuser or staff_tenant(user=request.user) is not None

@@ -22,8 +22,9 @@ from rest_framework.test import APIClient
 from apps.catalog.models import Category
 from apps.deliveries.models import Notification
 from apps.inbox.services import MARKS
+from apps.recipients.models import Device, Recipient, Suppression
 from apps.tenants.admin_site import InstallationWideAdmin, TenantScopedAdmin
-from tests.factories import TenantWorld, tenant_world
+from tests.factories import StaffUserFactory, TenantWorld, tenant_world
 
 # How each walked prefix is authenticated.
 WALKED = {"api/v1/": "api key", "inbox/v1/": "inbox token"}
@@ -240,3 +241,37 @@ def test_admin_pages_show_only_the_staff_tenants_rows(worlds):
     alpha, bravo = worlds
     walk_admin(me=alpha, other=bravo)
     walk_admin(me=bravo, other=alpha)
+
+
+def test_a_staff_user_without_a_tenant_sees_no_tenants_rows(worlds):
+    alpha, _ = worlds
+    nobody = StaffUserFactory(permissions=["recipients.view_recipient", "recipients.add_recipient"])
+    client = Client()
+    client.force_login(nobody)
+    assert client.get(admin_url(Recipient, "changelist")).status_code == 403
+    assert client.get(admin_url(Recipient, "change", alpha.recipient.pk)).status_code in (302, 403)
+    assert client.get(admin_url(Recipient, "add")).status_code == 403
+    assert admin_url(Recipient, "changelist") not in client.get(reverse("admin:index")).content.decode()
+
+
+def test_the_tenant_of_a_new_row_is_the_staff_users_own_whatever_the_form_says(worlds):
+    alpha, bravo = worlds
+    client = staff_with_every_permission(alpha)
+    form = {"tenant": bravo.tenant.pk, "channel": "email", "address": "forged@alpha.example", "reason": "r", "source": "admin"}
+    assert client.post(admin_url(Suppression, "add"), form).status_code == 302
+    assert Suppression.objects.get(address="forged@alpha.example").tenant == alpha.tenant
+    # And an existing row does not move to another tenant.
+    [suppression] = alpha.of_model(Suppression)
+    form = {"tenant": bravo.tenant.pk, "channel": "email", "address": "moved@alpha.example", "reason": "r", "source": "admin"}
+    assert client.post(admin_url(Suppression, "change", suppression.pk), form).status_code == 302
+    assert Suppression.objects.get(pk=suppression.pk).tenant == alpha.tenant
+
+
+def test_a_related_row_of_another_tenant_cannot_be_picked(worlds):
+    alpha, bravo = worlds
+    client = staff_with_every_permission(alpha)
+    form = {"recipient": bravo.recipient.pk, "platform": "android", "token": "alpha-new-token", "active": "on"}
+    page = client.post(admin_url(Device, "add"), form)
+    assert page.status_code == 200
+    assert "recipient" in page.context["adminform"].form.errors
+    assert not Device.objects.filter(token="alpha-new-token").exists()
