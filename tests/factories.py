@@ -148,7 +148,9 @@ def tenant_world(*, tag: str) -> TenantWorld:
     variant = TemplateVariant.objects.create(
         version=inapp_version, channel="inapp", title=f"{tag} variant title", body=f"{tag} variant body"
     )
-    category = CategoryFactory(tenant=tenant, key=f"{tag}-category", template=inapp_template, default_channels=["inapp"])
+    category = CategoryFactory(
+        tenant=tenant, key=f"{tag}-category", template=inapp_template, default_channels=["inapp"]
+    )
     email_category = CategoryFactory(tenant=tenant, key=f"{tag}-email-category")
     recipient = RecipientFactory(
         tenant=tenant, external_id=f"{tag}-person", email=f"{tag}-person@{tag}.example", phone=phone
@@ -202,7 +204,11 @@ def tenant_world(*, tag: str) -> TenantWorld:
     digest = Digest.objects.create(tenant=tenant, recipient=recipient, category=email_category, due_at=now)
     recurring = recurring_send_save(
         recurring=RecurringSend(
-            tenant=tenant, name=f"{tag}-weekly", category=email_category, recipients=[recipient.external_id], cron="0 9 * * 1"
+            tenant=tenant,
+            name=f"{tag}-weekly",
+            category=email_category,
+            recipients=[recipient.external_id],
+            cron="0 9 * * 1",
         )
     )
     objects: list[models.Model] = [

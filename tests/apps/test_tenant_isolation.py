@@ -107,7 +107,7 @@ def paths_for(route: Route, *, other: TenantWorld) -> list[str]:
     paths = []
     for values in itertools.product(*choices):
         try:
-            path = reverse(route.pattern.name, kwargs=dict(zip(names, values)))
+            path = reverse(route.pattern.name, kwargs=dict(zip(names, values, strict=True)))
         except NoReverseMatch:
             continue  # e.g. a dot in a value the route's regex refuses
         if resolve(path).url_name == route.pattern.name:
@@ -257,12 +257,24 @@ def test_a_staff_user_without_a_tenant_sees_no_tenants_rows(worlds):
 def test_the_tenant_of_a_new_row_is_the_staff_users_own_whatever_the_form_says(worlds):
     alpha, bravo = worlds
     client = staff_with_every_permission(alpha)
-    form = {"tenant": bravo.tenant.pk, "channel": "email", "address": "forged@alpha.example", "reason": "r", "source": "admin"}
+    form = {
+        "tenant": bravo.tenant.pk,
+        "channel": "email",
+        "address": "forged@alpha.example",
+        "reason": "r",
+        "source": "admin",
+    }
     assert client.post(admin_url(Suppression, "add"), form).status_code == 302
     assert Suppression.objects.get(address="forged@alpha.example").tenant == alpha.tenant
     # And an existing row does not move to another tenant.
     [suppression] = alpha.of_model(Suppression)
-    form = {"tenant": bravo.tenant.pk, "channel": "email", "address": "moved@alpha.example", "reason": "r", "source": "admin"}
+    form = {
+        "tenant": bravo.tenant.pk,
+        "channel": "email",
+        "address": "moved@alpha.example",
+        "reason": "r",
+        "source": "admin",
+    }
     assert client.post(admin_url(Suppression, "change", suppression.pk), form).status_code == 302
     assert Suppression.objects.get(pk=suppression.pk).tenant == alpha.tenant
 
