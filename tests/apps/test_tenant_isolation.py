@@ -8,7 +8,7 @@ import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import unquote
+from urllib.parse import unquote, urlencode
 
 import pytest
 from django.contrib import admin
@@ -234,6 +234,12 @@ def walk_admin(*, me: TenantWorld, other: TenantWorld) -> None:
         for obj in other.of_model(model):
             for page in ("change", "history", "delete"):
                 visit(admin_url(model, page, obj.pk), expect=(302, 403, 404))
+        # The autocomplete endpoint answers for any relation to a searchable admin's model.
+        for field in model._meta.get_fields():
+            if field.is_relation and field.concrete and field.related_model in admin.site._registry:
+                query = urlencode({"app_label": model._meta.app_label, "model_name": model._meta.model_name})
+                url = f"{reverse('admin:autocomplete')}?{query}&field_name={field.name}&term="
+                visit(url, expect=(200, 403, 404))
     assert not problems, "\n".join(problems)
 
 
