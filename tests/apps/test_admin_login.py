@@ -2,6 +2,11 @@
 failures (django-axes), and TOTP two-factor login (django-otp) with codes computed from the
 device's key."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from django.contrib.auth.models import User
 from django.test import Client
@@ -12,6 +17,7 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 from tests.factories import StaffUserFactory
 
 LOGIN = "/admin/login/"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def code_of(device: TOTPDevice) -> str:
@@ -107,6 +113,7 @@ def test_a_session_without_the_code_is_sent_back_to_log_in_when_the_user_has_a_d
 
 def test_two_factor_is_optional_by_default(db):
     client = Client()
+    assert b'name="otp_token"' in client.get(LOGIN).content
     assert login(client, StaffUserFactory()).status_code == 302
     assert client.get("/admin/").status_code == 200
 
@@ -160,3 +167,12 @@ def test_a_wrong_code_does_not_confirm_the_device(db, two_factor_required):
 def test_the_enrolment_page_needs_a_signed_in_staff_user(db):
     assert Client().get(reverse("admin:two_factor_enrol")).status_code == 302
     assert not TOTPDevice.objects.exists()
+
+
+def test_an_unknown_two_factor_policy_stops_start_up_with_how_to_fix_it():
+    env = {**os.environ, "NOTIFY_ADMIN_2FA": "sometimes"}
+    started = subprocess.run(
+        [sys.executable, "manage.py", "check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert started.returncode != 0
+    assert "NOTIFY_ADMIN_2FA is 'optional' or 'required', not 'sometimes'" in started.stderr
