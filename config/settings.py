@@ -39,7 +39,7 @@ if not DEBUG:
         SECURE_PROXY_SSL_HEADER = (_proxy_ssl_header[0], _proxy_ssl_header[1])
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "apps.tenants.apps.NotifyAdminConfig",  # Django's admin on the control panel's site
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -51,6 +51,9 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "django_celery_beat",
     "anymail",
+    "django_otp",
+    "django_otp.plugins.otp_totp",
+    "axes",
     "apps.tenants",
     "apps.recipients",
     "apps.catalog",
@@ -68,8 +71,11 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django_otp.middleware.OTPMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a locked-out login into its lockout response.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -120,7 +126,36 @@ else:
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
-AUTH_PASSWORD_VALIDATORS: list[dict[str, str]] = []
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 12}},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+# --- Admin login --------------------------------------------------------------------------
+# django-axes checks every login first and refuses one for a username from an address after
+# too many failures, even with the right password, until the cool-off has passed.
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_FAILURE_LIMIT = env.int("NOTIFY_ADMIN_LOGIN_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.float("NOTIFY_ADMIN_LOGIN_COOLOFF_MINUTES", default=15.0))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+# Behind reverse proxies the client's address is the one this many proxies from the right of
+# X-Forwarded-For; without any, the connection's own address (a client sets the header freely).
+NOTIFY_TRUSTED_PROXY_COUNT = env.int("NOTIFY_TRUSTED_PROXY_COUNT", default=0)
+if NOTIFY_TRUSTED_PROXY_COUNT:
+    AXES_IPWARE_PROXY_COUNT = NOTIFY_TRUSTED_PROXY_COUNT
+    AXES_IPWARE_PROXY_ORDER = "right-most"  # the entries our proxies appended, not the client's
+    AXES_IPWARE_META_PRECEDENCE_ORDER = ["HTTP_X_FORWARDED_FOR", "REMOTE_ADDR"]
+else:
+    AXES_IPWARE_META_PRECEDENCE_ORDER = ["REMOTE_ADDR"]
+# "required": every staff user verifies a TOTP code to use the admin, and one without a device
+# enrols on signing in; "optional": only those who enrolled one.
+NOTIFY_ADMIN_2FA = env.str("NOTIFY_ADMIN_2FA", default="optional")
+if NOTIFY_ADMIN_2FA not in ("optional", "required"):
+    raise ImproperlyConfigured(f"NOTIFY_ADMIN_2FA is 'optional' or 'required', not '{NOTIFY_ADMIN_2FA}'.")
+OTP_TOTP_ISSUER = "Notify"
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True

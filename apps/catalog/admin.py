@@ -6,10 +6,11 @@ from django.forms import ModelForm
 from django.http import HttpRequest, HttpResponse
 
 from apps.catalog.models import Category, Template, TemplateVariant, TemplateVersion
+from apps.tenants.admin_site import TenantScopedAdmin
 
 
 @admin.register(Category)
-class CategoryAdmin(admin.ModelAdmin):
+class CategoryAdmin(TenantScopedAdmin):
     list_display = ("key", "tenant", "kind", "default_priority", "default_channels", "template")
     list_filter = ("tenant", "kind", "default_priority")
     search_fields = ("key", "description")
@@ -39,7 +40,7 @@ class TemplateVersionInline(admin.TabularInline):
 
 
 @admin.register(Template)
-class TemplateAdmin(admin.ModelAdmin):
+class TemplateAdmin(TenantScopedAdmin):
     list_display = ("key", "name", "tenant")
     list_filter = ("tenant",)
     search_fields = ("key", "name")
@@ -53,10 +54,11 @@ class TemplateVariantInline(admin.StackedInline):
 
 
 @admin.register(TemplateVersion)
-class TemplateVersionAdmin(admin.ModelAdmin):
+class TemplateVersionAdmin(TenantScopedAdmin):
     """Versions are immutable. Saving an existing version saves a new version with the
     edited content, so every notification keeps the exact content it was rendered with."""
 
+    tenant_path = "template__tenant"
     list_display = ("template", "number", "note", "created_at")
     list_filter = ("template__tenant", "template")
     search_fields = ("template__key", "note")

@@ -15,6 +15,7 @@ from apps.deliveries.models import (
     Provider,
     RecurringSend,
 )
+from apps.tenants.admin_site import TenantScopedAdmin
 from config.queues import PRIORITIES
 from notify.pipeline.control import (
     NotCancellable,
@@ -28,7 +29,7 @@ from notify.pipeline.recurring import recurring_send_delete, recurring_send_save
 from notify.resilience.providers import breaker_reset, breaker_state
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class ReadOnlyAdmin(TenantScopedAdmin):
     """Delivery records are written by the engine only; the admin reads them and acts
     through the engine's entry points."""
 
@@ -63,9 +64,10 @@ def history_table(deliveries: QuerySet[Delivery] | list[Delivery]) -> str:
 
 
 @admin.register(ChannelSwitch)
-class ChannelSwitchAdmin(admin.ModelAdmin):
-    """Every channel's kill switch for the installation (one row each, always listed) and any
-    tenant's own (add one to pause a channel for one tenant), with what waits on the broker."""
+class ChannelSwitchAdmin(TenantScopedAdmin):
+    """Every channel's kill switch for the installation (one row each, always listed; superusers
+    only) and any tenant's own (add one to pause a channel for one tenant), with what waits on
+    the broker. Switching one, by action or on its page, takes the pause permission."""
 
     list_display = ("channel", "scope", "paused", "reason", "broker_backlog", "updated_at")
     list_filter = ("paused", "channel", ("tenant", admin.EmptyFieldListFilter))
@@ -94,7 +96,14 @@ class ChannelSwitchAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
 
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return super().has_change_permission(request, obj) and self.has_pause_permission(request)
+
+    def has_pause_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("deliveries.pause_channelswitch")
+
     def save_model(self, request: HttpRequest, obj: ChannelSwitch, form: object, change: bool) -> None:
+        self.tenant_enforce(request=request, obj=obj)
         if obj.paused:
             saved = channel_pause(
                 channel=obj.channel, tenant=obj.tenant, reason=obj.reason or f"paused by {request.user}"
@@ -104,13 +113,13 @@ class ChannelSwitchAdmin(admin.ModelAdmin):
             saved = ChannelSwitch.objects.get(tenant=obj.tenant, channel=obj.channel)
         obj.pk = saved.pk  # for the admin's log and redirect
 
-    @admin.action(description="Pause: hold every delivery these switches cover")
+    @admin.action(description="Pause: hold every delivery these switches cover", permissions=["pause"])
     def pause(self, request: HttpRequest, queryset: QuerySet[ChannelSwitch]) -> None:
         for switch in queryset.select_related("tenant"):
             channel_pause(channel=switch.channel, tenant=switch.tenant, reason=f"paused by {request.user}")
         self.message_user(request, f"Paused {queryset.count()} switch(es); their deliveries wait.")
 
-    @admin.action(description="Resume: send everything they held back")
+    @admin.action(description="Resume: send everything they held back", permissions=["pause"])
     def resume(self, request: HttpRequest, queryset: QuerySet[ChannelSwitch]) -> None:
         published = sum(
             channel_resume(channel=switch.channel, tenant=switch.tenant) for switch in queryset.select_related("tenant")
@@ -119,10 +128,11 @@ class ChannelSwitchAdmin(admin.ModelAdmin):
 
 
 @admin.register(Provider)
-class ProviderAdmin(admin.ModelAdmin):
-    """Provider accounts, the installation's and each tenant's, with their circuit as every
-    worker sees it; pause one (its work goes to the others, or waits) or close its circuit by
-    hand."""
+class ProviderAdmin(TenantScopedAdmin):
+    """Provider accounts, the installation's (superusers only) and each tenant's, with their
+    circuit as every worker sees it; pause one (its work goes to the others, or waits) or close
+    its circuit by hand. Each takes its own permission; without the pause permission `enabled`
+    is read-only on the page too."""
 
     list_display = (
         "name",
@@ -147,23 +157,33 @@ class ProviderAdmin(admin.ModelAdmin):
     def circuit(self, provider: Provider) -> str:
         return breaker_state(provider)
 
-    @admin.action(description="Close the circuit (send to it again now)")
+    def get_readonly_fields(self, request: HttpRequest, obj: Provider | None = None) -> list[str]:
+        readonly = list(super().get_readonly_fields(request, obj))
+        return readonly if self.has_pause_permission(request) else [*readonly, "enabled"]
+
+    def has_pause_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("deliveries.pause_provider")
+
+    def has_reset_circuit_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("deliveries.reset_circuit_provider")
+
+    @admin.action(description="Close the circuit (send to it again now)", permissions=["reset_circuit"])
     def reset_circuit(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
         for provider in queryset:
             breaker_reset(provider)
         self.message_user(request, f"Closed the circuit of {queryset.count()} provider(s).")
 
-    @admin.action(description="Pause: send through the other providers, or hold")
+    @admin.action(description="Pause: send through the other providers, or hold", permissions=["pause"])
     def pause(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
         queryset.update(enabled=False)
 
-    @admin.action(description="Resume")
+    @admin.action(description="Resume", permissions=["pause"])
     def resume(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
         queryset.update(enabled=True)
 
 
 @admin.register(RecurringSend)
-class RecurringSendAdmin(admin.ModelAdmin):
+class RecurringSendAdmin(TenantScopedAdmin):
     """Saving or deleting here keeps the beat schedule in step (notify.pipeline.recurring)."""
 
     list_display = ("name", "tenant", "category", "cron", "timezone", "enabled")
@@ -222,11 +242,14 @@ class NotificationAdmin(ReadOnlyAdmin):
     inlines = [DeliveryInline]
     actions = ["cancel"]
 
+    def has_cancel_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("deliveries.cancel_notification")
+
     @admin.display(description="Why: every state change of every delivery")
     def history(self, notification: Notification) -> str:
         return history_table(notification.deliveries.prefetch_related("events"))
 
-    @admin.action(description="Cancel selected notifications (unsent deliveries only)")
+    @admin.action(description="Cancel selected notifications (unsent deliveries only)", permissions=["cancel"])
     def cancel(self, request: HttpRequest, queryset: QuerySet[Notification]) -> None:
         cancelled = 0
         for notification in queryset:
@@ -247,6 +270,7 @@ class DeliveryEventInline(admin.TabularInline):
 
 @admin.register(Delivery)
 class DeliveryAdmin(ReadOnlyAdmin):
+    tenant_path = "notification__tenant"
     list_display = ("id", "channel", "priority", "status", "attempt_count", "next_attempt_at", "sent_at", "updated_at")
     list_filter = ("status", "channel", "priority", "notification__tenant")
     search_fields = ("=id", "=notification__id", "notification__recipient__external_id", "=provider_message_id")
@@ -256,6 +280,7 @@ class DeliveryAdmin(ReadOnlyAdmin):
 
 @admin.register(DeadLetter)
 class DeadLetterAdmin(ReadOnlyAdmin):
+    tenant_path = "delivery__notification__tenant"
     list_display = ("delivery_link", "channel", "attempts", "reason", "created_at", "replayed_at", "replayed_by")
     list_filter = ("channel", ("replayed_at", admin.EmptyFieldListFilter))
     search_fields = ("=delivery__id", "reason", "delivery__notification__recipient__external_id")
@@ -266,7 +291,10 @@ class DeadLetterAdmin(ReadOnlyAdmin):
     def delivery_link(self, dead_letter: DeadLetter) -> str:
         return format_html('<a href="../delivery/{}/change/">{}</a>', dead_letter.delivery_id, dead_letter.delivery_id)
 
-    @admin.action(description="Replay selected dead letters")
+    def has_replay_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("deliveries.replay_deadletter")
+
+    @admin.action(description="Replay selected dead letters", permissions=["replay"])
     def replay(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
         replayed = dead_letters_replay(
             dead_letter_ids=list(queryset.values_list("id", flat=True)), actor=str(request.user)

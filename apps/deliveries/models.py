@@ -66,6 +66,7 @@ class ChannelSwitch(models.Model):
                 fields=["channel"], condition=models.Q(tenant__isnull=True), name="channel_switch_installation_unique"
             ),
         ]
+        permissions = [("pause_channelswitch", "Can pause and resume a channel")]
 
     def __str__(self) -> str:
         scope = f"{self.tenant} " if self.tenant_id else ""
@@ -123,6 +124,10 @@ class Provider(models.Model):
             models.UniqueConstraint(
                 fields=["name"], condition=models.Q(tenant__isnull=True), name="provider_name_unique_in_installation"
             ),
+        ]
+        permissions = [
+            ("pause_provider", "Can pause and resume a provider"),
+            ("reset_circuit_provider", "Can close a provider's circuit"),
         ]
 
     def __str__(self) -> str:
@@ -269,6 +274,7 @@ class Notification(LeanLoading, models.Model):
     cancelled_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        permissions = [("cancel_notification", "Can cancel a notification's unsent deliveries")]
         indexes = [
             models.Index(fields=["tenant", "-created_at"], name="notification_tenant_recent"),
             models.Index(fields=["recipient", "-created_at"], name="notification_recipient_recent"),
@@ -389,6 +395,9 @@ class DeadLetter(models.Model):
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     replayed_at = models.DateTimeField(null=True, blank=True)
     replayed_by = models.CharField(max_length=150, blank=True, default="")
+
+    class Meta:
+        permissions = [("replay_deadletter", "Can replay a dead letter")]
 
     def __str__(self) -> str:
         return f"{self.channel} {self.delivery_id}"

@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.http import HttpRequest
 
 from apps.recipients.models import Consent, Device, PreferenceSet, Recipient, Suppression, WebPushSubscription
+from apps.tenants.admin_site import TenantScopedAdmin
 from notify.policy.suppression import address_canonical
 
 
@@ -27,7 +28,7 @@ class ConsentInline(admin.TabularInline):
 
 
 @admin.register(Recipient)
-class RecipientAdmin(admin.ModelAdmin):
+class RecipientAdmin(TenantScopedAdmin):
     list_display = ("external_id", "tenant", "email", "phone", "locale", "timezone", "updated_at")
     list_filter = ("tenant", "locale")
     search_fields = ("external_id", "email", "phone")
@@ -36,7 +37,7 @@ class RecipientAdmin(admin.ModelAdmin):
 
 
 @admin.register(Suppression)
-class SuppressionAdmin(admin.ModelAdmin):
+class SuppressionAdmin(TenantScopedAdmin):
     list_display = ("address", "channel", "tenant", "reason", "source", "created_at")
     list_filter = ("tenant", "channel", "source")
     search_fields = ("address", "reason")
@@ -50,7 +51,7 @@ class SuppressionAdmin(admin.ModelAdmin):
 
 
 @admin.register(Device)
-class DeviceAdmin(admin.ModelAdmin):
+class DeviceAdmin(TenantScopedAdmin):
     list_display = ("recipient", "platform", "app", "active", "deactivated_reason", "last_seen_at")
     list_filter = ("tenant", "platform", "active")
     search_fields = ("recipient__external_id", "token")
@@ -58,7 +59,7 @@ class DeviceAdmin(admin.ModelAdmin):
 
 
 @admin.register(WebPushSubscription)
-class WebPushSubscriptionAdmin(admin.ModelAdmin):
+class WebPushSubscriptionAdmin(TenantScopedAdmin):
     list_display = ("recipient", "endpoint", "active", "deactivated_reason", "updated_at")
     list_filter = ("tenant", "active")
     search_fields = ("recipient__external_id", "endpoint")

@@ -7,7 +7,8 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
-from apps.tenants.models import ApiKey, Scope, Tenant, default_scopes
+from apps.tenants.admin_site import TenantScopedAdmin
+from apps.tenants.models import ApiKey, Scope, StaffMembership, Tenant, default_scopes
 from apps.tenants.services import ROTATION_GRACE_DEFAULT, api_key_rotate
 from notify.resilience.runaway import runaway_resume
 
@@ -25,7 +26,10 @@ class ApiKeyInline(admin.TabularInline):
 
 
 @admin.register(Tenant)
-class TenantAdmin(admin.ModelAdmin):
+class TenantAdmin(TenantScopedAdmin):
+    """A tenant's staff see and edit their own tenant's settings; only superusers add or delete one."""
+
+    tenant_path = "pk"
     list_display = ("name", "slug", "default_locale", "sending", "created_at")
     list_filter = (("runaway_paused_at", admin.EmptyFieldListFilter),)
     search_fields = ("name", "slug")
@@ -55,6 +59,12 @@ class TenantAdmin(admin.ModelAdmin):
         published = sum(runaway_resume(tenant_id=pk, actor=str(request.user)) for pk in paused)
         self.message_user(request, f"Resumed {len(paused)} tenant(s); {published} held deliveries published.")
 
+    def has_add_permission(self, request: HttpRequest, *args: object) -> bool:
+        return request.user.is_superuser
+
+    def has_delete_permission(self, request: HttpRequest, obj: Tenant | None = None) -> bool:
+        return request.user.is_superuser
+
 
 class ApiKeyForm(forms.ModelForm):
     """Scopes as checkboxes, categories as comma-separated keys: what `apikey_create` takes."""
@@ -73,8 +83,18 @@ class ApiKeyForm(forms.ModelForm):
         fields = ("tenant", "name", "scopes", "categories", "expires_at", "rate_limit")
 
 
+@admin.register(StaffMembership)
+class StaffMembershipAdmin(admin.ModelAdmin):
+    """Which tenant each staff user works for (superusers only: it declares no scope)."""
+
+    list_display = ("user", "tenant", "created_at")
+    list_filter = ("tenant",)
+    search_fields = ("user__username", "user__email", "tenant__name")
+    autocomplete_fields = ("user",)
+
+
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
+class ApiKeyAdmin(TenantScopedAdmin):
     form = ApiKeyForm
     list_display = ("name", "tenant", "lookup", "scopes", "expires_at", "created_at", "last_used_at", "revoked_at")
     list_filter = ("tenant", ("revoked_at", admin.EmptyFieldListFilter))
@@ -88,11 +108,20 @@ class ApiKeyAdmin(admin.ModelAdmin):
             messages.warning(request, f"Copy this API key now; it is not stored and will not be shown again: {raw_key}")
         super().save_model(request, obj, form, change)
 
-    @admin.action(description=f"Rotate selected API keys (old secrets work {ROTATION_GRACE_DEFAULT.days} more day)")
+    def has_rotate_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("tenants.rotate_apikey")
+
+    def has_revoke_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("tenants.revoke_apikey")
+
+    @admin.action(
+        description=f"Rotate selected API keys (old secrets work {ROTATION_GRACE_DEFAULT.days} more day)",
+        permissions=["rotate"],
+    )
     def rotate(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         self._rotate(request, queryset, grace=ROTATION_GRACE_DEFAULT)
 
-    @admin.action(description="Rotate selected API keys (old secrets stop now)")
+    @admin.action(description="Rotate selected API keys (old secrets stop now)", permissions=["rotate"])
     def rotate_without_grace(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         self._rotate(request, queryset, grace=timedelta(0))
 
@@ -101,7 +130,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
             raw_key = api_key_rotate(api_key=key, grace=grace)
             messages.warning(request, f"Copy the new key for '{key.name}' now; it will not be shown again: {raw_key}")
 
-    @admin.action(description="Revoke selected API keys")
+    @admin.action(description="Revoke selected API keys", permissions=["revoke"])
     def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         revoked = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
         self.message_user(request, f"Revoked {revoked} API key(s).")

@@ -5,6 +5,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import slug_re
 from django.db import models
@@ -140,6 +141,7 @@ class ApiKey(models.Model):
 
     class Meta:
         verbose_name = "API key"
+        permissions = [("revoke_apikey", "Can revoke an API key"), ("rotate_apikey", "Can rotate an API key")]
 
     def __str__(self) -> str:
         return f"{self.name} ({KEY_PREFIX}_{self.lookup}_…)"
@@ -193,3 +195,15 @@ class ApiKey(models.Model):
         self.lookup, secret = parts
         self.digest = api_key_digest(secret=secret)
         return raw_key
+
+
+class StaffMembership(models.Model):
+    """The tenant a staff user works for: in the admin they see and change only its rows.
+    One tenant per user; superusers need none and see every tenant."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="staff_membership")
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="staff_memberships")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.user} at {self.tenant}"

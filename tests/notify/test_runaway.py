@@ -10,7 +10,7 @@ from django.test import Client
 from django.urls import reverse
 
 from apps.deliveries.models import Delivery, DeliveryStatus
-from apps.tenants.models import Tenant
+from apps.tenants.models import StaffMembership, Tenant
 from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
 from notify.pipeline.send import deliveries_claim
 from notify.policy.caps import redis_client
@@ -96,6 +96,7 @@ def test_only_a_person_with_the_permission_resumes_it_and_the_held_work_is_publi
         held = send(workspace, recipients=people)
     assert Tenant.objects.get(pk=workspace.tenant.pk).runaway_paused_at is not None
     staff = django_user_model.objects.create_user(username="staff", password="x", is_staff=True)
+    StaffMembership.objects.create(user=staff, tenant=workspace.tenant)
     staff.user_permissions.add(*Permission.objects.filter(codename__in=["view_tenant", "change_tenant"]))
     client = Client()
     client.force_login(staff)
