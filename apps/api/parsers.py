@@ -1,39 +1,80 @@
+import json
 from collections.abc import Mapping
 from typing import Any
 
 from rest_framework import exceptions, parsers
 
+# Deeper than any payload the API takes (event data, recipient attributes, preferences nest a
+# few levels), and far below Python's recursion limit (1,000 frames), so nothing downstream
+# that recurses (json.dumps, psycopg's adapters, the template engine) can overflow.
+MAX_JSON_DEPTH = 64
+TOO_DEEP = f"JSON may nest at most {MAX_JSON_DEPTH} levels of arrays and objects."
 
-def _unstorable_text_path(value: Any, path: str = "") -> str | None:
-    """The path of the first string PostgreSQL cannot store (NUL, unpaired surrogates)."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            return path
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-        return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if (found := _unstorable_text_path(key, path)) is not None:
-                return found
-            if (found := _unstorable_text_path(item, f"{path}.{key}" if path else str(key))) is not None:
-                return found
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            if (found := _unstorable_text_path(item, f"{path}[{index}]")) is not None:
-                return found
+
+class JsonTooDeep(ValueError):
+    """JSON nested past MAX_JSON_DEPTH (or past what the decoder could recurse into)."""
+
+    def __init__(self) -> None:
+        super().__init__(TOO_DEEP)
+
+
+def _unstorable(text: str) -> bool:
+    if "\x00" in text:
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def json_check(value: Any) -> str | None:
+    """The path of the first string PostgreSQL cannot store (NUL, unpaired surrogates), or None;
+    raises JsonTooDeep past MAX_JSON_DEPTH. A loop, not recursion, whatever the nesting."""
+    pending: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while pending:
+        item, path, depth = pending.pop()
+        if isinstance(item, str):
+            if _unstorable(item):
+                return path
+        elif isinstance(item, dict | list):
+            if depth == MAX_JSON_DEPTH:
+                raise JsonTooDeep()
+            children = (
+                [(child, f"{path}.{key}" if path else str(key), key) for key, child in item.items()]
+                if isinstance(item, dict)
+                else [(child, f"{path}[{index}]", None) for index, child in enumerate(item)]
+            )
+            # Reversed onto the stack, so that the first bad string in document order is named.
+            for child, child_path, key in reversed(children):
+                pending.append((child, child_path, depth + 1))
+                if key is not None:
+                    pending.append((key, path, depth + 1))
     return None
+
+
+def json_loads_bounded(text: str | bytes) -> Any:
+    """json.loads that raises JsonTooDeep, a ValueError, for nesting past MAX_JSON_DEPTH
+    instead of a RecursionError from the decoder."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise JsonTooDeep()
+    json_check(data)
+    return data
 
 
 class JSONParser(parsers.JSONParser):
     """JSON that the database can store: text with a NUL character or an unpaired surrogate
-    is refused with a 400 naming the field, instead of failing on insert."""
+    is refused with a 400 naming the field, instead of failing on insert; nesting past
+    MAX_JSON_DEPTH is refused with a 400 saying so, instead of a RecursionError's 500."""
 
     def parse(self, stream: Any, media_type: str | None = None, parser_context: Mapping[str, Any] | None = None) -> Any:
-        data = super().parse(stream, media_type, parser_context)
-        path = _unstorable_text_path(data)
+        try:
+            data = super().parse(stream, media_type, parser_context)
+            path = json_check(data)
+        except (RecursionError, JsonTooDeep):
+            raise exceptions.ParseError(TOO_DEEP)
         if path is not None:
             raise exceptions.ValidationError(
                 {path or "non_field_errors": ["Text may not contain NUL characters or unpaired surrogates."]}
