@@ -114,7 +114,10 @@ LOGGING = {
 }
 
 # --- Producer API -----------------------------------------------------------------------
+# The most bytes a request body may have, on every path (apps/api/middleware.py).
 NOTIFY_MAX_REQUEST_BYTES = env.int("NOTIFY_MAX_REQUEST_BYTES", default=256 * 1024)
+# Other limits for paths that need them, by path prefix, e.g. {"/api/v1/imports/": 50 * 2**20}.
+NOTIFY_MAX_REQUEST_BYTES_BY_PATH: dict[str, int] = {}
 DATA_UPLOAD_MAX_MEMORY_SIZE = NOTIFY_MAX_REQUEST_BYTES
 # Requests per API key unless the key sets its own, e.g. "200 per second"; empty: no limit.
 NOTIFY_API_RATE_LIMIT = env("NOTIFY_API_RATE_LIMIT", default="")
