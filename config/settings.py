@@ -38,6 +38,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "apps.api.middleware.RequestBodyLimitMiddleware",
+    "apps.api.middleware.DatabaseUnavailableMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "corsheaders.middleware.CorsMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -86,7 +87,9 @@ elif env.bool("DATABASE_POOL", default=False):
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 2,
         "max_size": env.int("DATABASE_POOL_MAX_SIZE", default=20),
-        "timeout": 30,
+        # How long a request waits for a connection (all in use, or the database unreachable)
+        # before it is answered 503 with a Retry-After: shorter than clients wait for an answer.
+        "timeout": env.float("DATABASE_POOL_TIMEOUT_SECONDS", default=10.0),
     }
     DATABASES["default"]["CONN_MAX_AGE"] = 0  # a pool and persistent connections do not mix
     # The pool checks a connection before handing it out: one the server dropped (a restart,

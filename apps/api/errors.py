@@ -1,12 +1,34 @@
 """One error shape for the whole API:
 {"error": {"code": ..., "message": ..., "fields": {"dotted.path": ["what is wrong"]}}}"""
 
+import logging
 from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
+from django.db import InterfaceError, OperationalError
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
+
+
+logger = logging.getLogger(__name__)
+
+# Django raises these when the database cannot be reached or a connection broke (a restart, a
+# failover), and when the connection pool has none to give within its timeout (a PoolTimeout
+# becomes an OperationalError). A client may retry: the answer is 503, not a 500.
+DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
+DATABASE_RETRY_AFTER_SECONDS = 5
+
+
+def database_unavailable_error(exc: Exception) -> dict[str, Any]:
+    """The error body for a request the database could not serve; logs the cause."""
+    logger.error("database unavailable: %s", exc, exc_info=exc)
+    return {
+        "error": {
+            "code": "database_unavailable",
+            "message": f"The service cannot reach its database; retry after {DATABASE_RETRY_AFTER_SECONDS} seconds.",
+        }
+    }
 
 
 def _flatten(detail: Any, prefix: str = "") -> dict[str, list[str]]:
@@ -48,6 +70,10 @@ def field_error(*, field: str, message: str, status_code: int = status.HTTP_400_
 def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, RequestDataTooBig):
         return error_response(status_code=413, code="request_too_large", message="The request body is too large.")
+    if isinstance(exc, DATABASE_UNAVAILABLE):
+        response = Response(database_unavailable_error(exc), status=status.HTTP_503_SERVICE_UNAVAILABLE)
+        response["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
+        return response
     response = exception_handler(exc, context)
     if response is None:
         return None

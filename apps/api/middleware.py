@@ -5,6 +5,8 @@ from typing import Any
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
+from apps.api.errors import DATABASE_RETRY_AFTER_SECONDS, DATABASE_UNAVAILABLE, database_unavailable_error
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -49,6 +51,24 @@ class RequestBodyLimitMiddleware:
         if length > limit:
             return JsonResponse(request_too_large_error(limit=limit, length=length), status=413)
         return self.get_response(request)
+
+
+class DatabaseUnavailableMiddleware:
+    """Views outside the API (pages, webhooks) answer 503 with a Retry-After, as the API does,
+    when the database cannot be reached, instead of a 500."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        return self.get_response(request)
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        if not isinstance(exception, DATABASE_UNAVAILABLE):
+            return None
+        response = JsonResponse(database_unavailable_error(exception), status=503)
+        response["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
+        return response
 
 
 class _BodyOverLimit(Exception):
