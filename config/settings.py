@@ -145,6 +145,7 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "apps.api.errors.errors_document"],
     "ENUM_NAME_OVERRIDES": {
         "DeliveryStatusEnum": "apps.deliveries.models.DeliveryStatus",
         "ChannelEnum": "apps.catalog.models.Channel",

@@ -33,3 +33,5 @@ urlpatterns = [
         name="api-redoc",
     ),
 ]
+
+handler404 = "apps.api.errors.page_not_found"

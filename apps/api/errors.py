@@ -6,6 +6,8 @@ from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
 from django.db import InterfaceError, OperationalError
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
@@ -29,6 +31,17 @@ def database_unavailable_error(exc: Exception) -> dict[str, Any]:
             "message": f"The service cannot reach its database; retry after {DATABASE_RETRY_AFTER_SECONDS} seconds.",
         }
     }
+
+
+# Paths whose clients read JSON, even when no view matched.
+JSON_PATH_PREFIXES = ("/api/v1/", "/inbox/v1/")
+
+
+def page_not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """Django's 404 handler: the API's error body under the API's paths, the HTML page elsewhere."""
+    if request.path.startswith(JSON_PATH_PREFIXES):
+        return JsonResponse({"error": {"code": "not_found", "message": "Not found."}}, status=404)
+    return defaults.page_not_found(request, exception)
 
 
 def _flatten(detail: Any, prefix: str = "") -> dict[str, list[str]]:
@@ -89,3 +102,47 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     code = exc.default_code if isinstance(exc, exceptions.APIException) else "error"
     response.data = {"error": {"code": code, "message": str(detail)}}
     return response
+
+
+RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait before retrying."}}
+
+
+def _error(description: str, *, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _errors_for(operation: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    security = {name for requirement in operation.get("security", []) for name in requirement}
+    producer = "apiKey" in security
+    errors = {"400": _error("Bad input, or a query parameter this operation does not take; `fields` names each.")}
+    if security:
+        errors["401"] = _error("Missing, unknown or expired credentials.")
+    if producer:
+        errors["403"] = _error("The API key may not do this (a scope or category it lacks).")
+    if any(parameter["in"] == "path" for parameter in operation.get("parameters", [])):
+        errors["404"] = _error("Nothing of that id here.")
+    if "requestBody" in operation:
+        errors["413"] = _error("Request body over the size limit.")
+        errors["415"] = _error("Send the body as application/json.")
+    if producer:
+        errors["429"] = _error("Over the API key's rate limit; see Retry-After.", headers=RETRY_AFTER)
+    errors["503"] = _error("The database is unreachable for now; see Retry-After.", headers=RETRY_AFTER)
+    return errors
+
+
+def errors_document(result: dict[str, Any], generator: Any, request: Any, public: bool) -> dict[str, Any]:
+    """A drf-spectacular postprocessing hook: every operation documents the errors any
+    request may get (bad input, authentication, size, rate limit, database), with this
+    module's error body, besides those its view documents."""
+    for path_item in result.get("paths", {}).values():
+        for operation in path_item.values():
+            for code, response in _errors_for(operation).items():
+                operation["responses"].setdefault(code, response)
+            operation["responses"] = dict(sorted(operation["responses"].items()))
+    return result

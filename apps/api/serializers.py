@@ -80,6 +80,13 @@ class RecipientSerializer(serializers.ModelSerializer):
         return number
 
 
+class RecipientFieldsSerializer(RecipientSerializer):
+    """A recipient's fields, without the external id that the URL gives."""
+
+    class Meta(RecipientSerializer.Meta):
+        fields = [name for name in RecipientSerializer.Meta.fields if name != "external_id"]
+
+
 @extend_schema_field(
     {
         "oneOf": [

@@ -11,13 +11,13 @@ from drf_spectacular.utils import (
     extend_schema_view,
     inline_serializer,
 )
-from rest_framework import mixins, pagination, serializers, status, viewsets
+from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from apps.api.errors import error_response, field_error
+from apps.api.query import CheckedCursorPagination, QueryCheckedView
 from apps.api.serializers import (
     CancelResultSerializer,
     ConsentSerializer,
@@ -30,6 +30,7 @@ from apps.api.serializers import (
     NotificationDetailSerializer,
     NotificationSerializer,
     PreferencesSerializer,
+    RecipientFieldsSerializer,
     RecipientSerializer,
     RecurringSendSerializer,
     WebPushSubscriptionSerializer,
@@ -55,18 +56,16 @@ from notify.pipeline.recurring import recurring_send_delete, recurring_send_save
 from notify.resilience.backpressure import Refused
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-ERRORS = {
-    400: OpenApiResponse(ErrorSerializer, description="Bad input; `fields` names each bad field."),
-    401: OpenApiResponse(ErrorSerializer, description="Missing or unknown API key."),
+# What an event is refused with besides the errors every operation documents (apps.api.errors).
+EVENT_ERRORS = {
     409: OpenApiResponse(ErrorSerializer, description="Idempotency key reused with a different body."),
     429: OpenApiResponse(
         ErrorSerializer, description="Over a limit, or bulk shed under backpressure; see Retry-After."
     ),
-    413: OpenApiResponse(ErrorSerializer, description="Request body over the size limit."),
 }
 
 
-class CreatedCursorPagination(pagination.CursorPagination):
+class CreatedCursorPagination(CheckedCursorPagination):
     ordering = "-created_at"
     page_size = 50
     page_size_query_param = "page_size"
@@ -120,10 +119,10 @@ def _accepted(body: dict[str, Any], *, replayed: bool) -> Response:
     return response
 
 
-class EventView(APIView):
+class EventView(QueryCheckedView):
     @extend_schema(
         request=EventSerializer,
-        responses={202: EventAcceptedSerializer, **ERRORS},
+        responses={202: EventAcceptedSerializer, **EVENT_ERRORS},
         parameters=[OpenApiParameter(IDEMPOTENCY_HEADER, str, OpenApiParameter.HEADER, required=False)],
         summary="Trigger an event",
         description="Notify one recipient or up to 1,000. The same idempotency key with the same "
@@ -146,10 +145,10 @@ class EventView(APIView):
         return _accepted(responses[0], replayed=replayed)
 
 
-class EventBatchView(APIView):
+class EventBatchView(QueryCheckedView):
     @extend_schema(
         request=EventBatchSerializer,
-        responses={202: EventBatchAcceptedSerializer, **ERRORS},
+        responses={202: EventBatchAcceptedSerializer, **EVENT_ERRORS},
         summary="Trigger a batch of events",
         description="Up to 100 events, accepted or refused together.",
     )
@@ -180,15 +179,14 @@ class NotificationFilterSerializer(serializers.Serializer):
     created_before = serializers.DateTimeField(required=False)
 
 
-class NotificationViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins.RetrieveModelMixin):
+class NotificationViewSet(QueryCheckedView, viewsets.GenericViewSet, mixins.ListModelMixin, mixins.RetrieveModelMixin):
     serializer_class = NotificationSerializer
     pagination_class = CreatedCursorPagination
+    filter_serializer_class = NotificationFilterSerializer
     queryset = Notification.objects.none()
 
     def get_queryset(self):  # type: ignore[no-untyped-def]
-        filters = NotificationFilterSerializer(data=self.request.query_params)
-        filters.is_valid(raise_exception=True)
-        return notifications_list(tenant=api_key_of(self.request).tenant, **filters.validated_data)
+        return notifications_list(tenant=api_key_of(self.request).tenant, **self.filters)
 
     def get_object(self) -> Notification:
         try:
@@ -218,7 +216,7 @@ class NotificationViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins
         return Response({"cancelled_deliveries": cancelled})
 
 
-class RecipientViewSet(viewsets.ModelViewSet):
+class RecipientViewSet(QueryCheckedView, viewsets.ModelViewSet):
     serializer_class = RecipientSerializer
     pagination_class = CreatedCursorPagination
     lookup_field = "external_id"
@@ -241,6 +239,12 @@ class RecipientViewSet(viewsets.ModelViewSet):
         )
 
     @extend_schema(
+        summary="Change a recipient", request=RecipientFieldsSerializer(partial=True), responses=RecipientSerializer
+    )
+    def partial_update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().partial_update(request, *args, **kwargs)
+
+    @extend_schema(
         summary="Create or update a recipient by external id",
         responses={200: RecipientSerializer, 201: RecipientSerializer},
     )
@@ -253,7 +257,9 @@ class RecipientViewSet(viewsets.ModelViewSet):
         return self._upsert(external_id=external_id, data=request.data, partial=True)
 
     @extend_schema(
-        summary="Create or replace a recipient", responses={200: RecipientSerializer, 201: RecipientSerializer}
+        summary="Create or replace a recipient",
+        request=RecipientFieldsSerializer,
+        responses={200: RecipientSerializer, 201: RecipientSerializer},
     )
     def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         if not isinstance(request.data, dict):
@@ -264,7 +270,7 @@ class RecipientViewSet(viewsets.ModelViewSet):
         return self._upsert(external_id=kwargs["external_id"], data=request.data, partial=partial)
 
 
-class RecipientScopedView(APIView):
+class RecipientScopedView(QueryCheckedView):
     def recipient(self, external_id: str) -> Recipient:
         recipient = Recipient.objects.filter(tenant=api_key_of(self.request).tenant, external_id=external_id).first()
         if recipient is None:
@@ -276,18 +282,18 @@ class RecipientPreferencesView(RecipientScopedView):
     """A recipient's preferences: GET reads them (defaults when never set), PUT replaces them,
     PATCH merges `channels` and `categories` key by key."""
 
-    @extend_schema(responses={200: PreferencesSerializer, **ERRORS}, summary="Read a recipient's preferences")
+    @extend_schema(responses={200: PreferencesSerializer}, summary="Read a recipient's preferences")
     def get(self, request: Request, external_id: str) -> Response:
         return Response(PreferencesSerializer(preferences_get(recipient=self.recipient(external_id))).data)
 
     @extend_schema(
-        request=PreferencesSerializer, responses={200: PreferencesSerializer, **ERRORS}, summary="Replace preferences"
+        request=PreferencesSerializer, responses={200: PreferencesSerializer}, summary="Replace preferences"
     )
     def put(self, request: Request, external_id: str) -> Response:
         return self._save(request, external_id=external_id, partial=False)
 
     @extend_schema(
-        request=PreferencesSerializer, responses={200: PreferencesSerializer, **ERRORS}, summary="Change preferences"
+        request=PreferencesSerializer, responses={200: PreferencesSerializer}, summary="Change preferences"
     )
     def patch(self, request: Request, external_id: str) -> Response:
         return self._save(request, external_id=external_id, partial=True)
@@ -310,7 +316,7 @@ class RecipientConsentsView(RecipientScopedView):
         return Response(ConsentSerializer(consents, many=True).data)
 
     @extend_schema(
-        request=ConsentSerializer, responses={201: ConsentSerializer, **ERRORS}, summary="Grant or withdraw consent"
+        request=ConsentSerializer, responses={201: ConsentSerializer}, summary="Grant or withdraw consent"
     )
     def post(self, request: Request, external_id: str) -> Response:
         recipient = self.recipient(external_id)
@@ -336,24 +342,26 @@ class RecipientPreferenceLinkView(RecipientScopedView):
         return Response({"url": url, "expires_in": expires_in}, status=status.HTTP_201_CREATED)
 
 
-class DeviceViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins.DestroyModelMixin):
+class RecipientFilterSerializer(serializers.Serializer):
+    recipient = serializers.CharField(required=False, help_text="Only this recipient's (external id).")
+
+
+class DeviceViewSet(QueryCheckedView, viewsets.GenericViewSet, mixins.ListModelMixin, mixins.DestroyModelMixin):
     """Mobile push devices. POST registers (or updates) one by its token."""
 
     serializer_class = DeviceSerializer
     pagination_class = CreatedCursorPagination
     lookup_field = "token"
     lookup_value_regex = "[^/]+"
+    filter_serializer_class = RecipientFilterSerializer
     queryset = Device.objects.none()
 
     def get_queryset(self):  # type: ignore[no-untyped-def]
         devices = Device.objects.filter(tenant=api_key_of(self.request).tenant).select_related("recipient")
-        recipient = self.request.query_params.get("recipient")
+        recipient = self.filters.get("recipient")
         return devices.filter(recipient__external_id=recipient) if recipient else devices
 
-    @extend_schema(
-        parameters=[OpenApiParameter("recipient", str, description="Only this recipient's devices.")],
-        summary="List devices",
-    )
+    @extend_schema(parameters=[RecipientFilterSerializer], summary="List devices")
     def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         return super().list(request, *args, **kwargs)
 
@@ -379,19 +387,24 @@ class DeviceViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins.Destr
         )
 
 
-class WebPushSubscriptionViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins.DestroyModelMixin):
+class WebPushSubscriptionViewSet(QueryCheckedView, viewsets.GenericViewSet, mixins.ListModelMixin, mixins.DestroyModelMixin):
     """Web push subscriptions. POST saves (or refreshes) one by its endpoint."""
 
     serializer_class = WebPushSubscriptionSerializer
     pagination_class = CreatedCursorPagination
+    filter_serializer_class = RecipientFilterSerializer
     queryset = WebPushSubscription.objects.none()
 
     def get_queryset(self):  # type: ignore[no-untyped-def]
         subscriptions = WebPushSubscription.objects.filter(tenant=api_key_of(self.request).tenant).select_related(
             "recipient"
         )
-        recipient = self.request.query_params.get("recipient")
+        recipient = self.filters.get("recipient")
         return subscriptions.filter(recipient__external_id=recipient) if recipient else subscriptions
+
+    @extend_schema(parameters=[RecipientFilterSerializer], summary="List web push subscriptions")
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().list(request, *args, **kwargs)
 
     @extend_schema(summary="Save a browser's push subscription (upsert by endpoint)")
     def create(self, request: Request) -> Response:
@@ -422,7 +435,7 @@ class WebPushSubscriptionViewSet(viewsets.GenericViewSet, mixins.ListModelMixin,
     partial_update=extend_schema(summary="Change a recurring send (pause it with enabled: false)"),
     destroy=extend_schema(summary="Stop and delete a recurring send"),
 )
-class RecurringSendViewSet(viewsets.ModelViewSet):
+class RecurringSendViewSet(QueryCheckedView, viewsets.ModelViewSet):
     """Events the service triggers itself on a cron schedule, through django-celery-beat."""
 
     serializer_class = RecurringSendSerializer
@@ -457,7 +470,7 @@ class InboxTokenRequestSerializer(serializers.Serializer):
     recipient = serializers.CharField(help_text="The recipient's external id.")
 
 
-class InboxTokenView(APIView):
+class InboxTokenView(QueryCheckedView):
     @extend_schema(
         request=InboxTokenRequestSerializer,
         responses={
