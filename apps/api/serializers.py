@@ -282,6 +282,8 @@ class PreferencesSerializer(serializers.ModelSerializer):
     categories = serializers.JSONField(
         required=False, help_text='Per category key and channel, e.g. {"weekly-digest": {"email": false}}.'
     )
+    # Preferences never set are the defaults, not yet saved.
+    updated_at = serializers.DateTimeField(read_only=True, allow_null=True, help_text="Null until first set.")
 
     class Meta:
         model = PreferenceSet
