@@ -12,7 +12,6 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
-
 logger = logging.getLogger(__name__)
 
 # Django raises these when the database cannot be reached or a connection broke (a restart, a
@@ -84,9 +83,9 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     if isinstance(exc, RequestDataTooBig):
         return error_response(status_code=413, code="request_too_large", message="The request body is too large.")
     if isinstance(exc, DATABASE_UNAVAILABLE):
-        response = Response(database_unavailable_error(exc), status=status.HTTP_503_SERVICE_UNAVAILABLE)
-        response["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
-        return response
+        unavailable = Response(database_unavailable_error(exc), status=status.HTTP_503_SERVICE_UNAVAILABLE)
+        unavailable["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
+        return unavailable
     response = exception_handler(exc, context)
     if response is None:
         return None

@@ -11,7 +11,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+AsgiApp = Callable[..., Awaitable[None]]  # Django's handler types its arguments more narrowly
 
 
 def request_body_limit(*, path: str) -> int:

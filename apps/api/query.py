@@ -15,14 +15,14 @@ class CheckedCursorPagination(pagination.CursorPagination):
     """Cursor pages whose `cursor` and page size are checked: a bad one is a 400 naming it,
     not a 404 (a bad cursor) or the default page size (a bad size)."""
 
-    def get_page_size(self, request: Request) -> int:
+    def get_page_size(self, request: Request) -> int | None:
         if self.page_size_query_param and self.page_size_query_param in request.query_params:
             size = serializers.IntegerField(min_value=1, max_value=self.max_page_size)
             try:
                 return size.run_validation(request.query_params[self.page_size_query_param])
             except exceptions.ValidationError as error:
                 raise exceptions.ValidationError({self.page_size_query_param: error.detail})
-        return self.page_size  # type: ignore[no-any-return]
+        return super().get_page_size(request)
 
     def decode_cursor(self, request: Request) -> pagination.Cursor | None:
         try:

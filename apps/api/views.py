@@ -286,15 +286,11 @@ class RecipientPreferencesView(RecipientScopedView):
     def get(self, request: Request, external_id: str) -> Response:
         return Response(PreferencesSerializer(preferences_get(recipient=self.recipient(external_id))).data)
 
-    @extend_schema(
-        request=PreferencesSerializer, responses={200: PreferencesSerializer}, summary="Replace preferences"
-    )
+    @extend_schema(request=PreferencesSerializer, responses={200: PreferencesSerializer}, summary="Replace preferences")
     def put(self, request: Request, external_id: str) -> Response:
         return self._save(request, external_id=external_id, partial=False)
 
-    @extend_schema(
-        request=PreferencesSerializer, responses={200: PreferencesSerializer}, summary="Change preferences"
-    )
+    @extend_schema(request=PreferencesSerializer, responses={200: PreferencesSerializer}, summary="Change preferences")
     def patch(self, request: Request, external_id: str) -> Response:
         return self._save(request, external_id=external_id, partial=True)
 
@@ -315,9 +311,7 @@ class RecipientConsentsView(RecipientScopedView):
         consents = consents_current(recipient=self.recipient(external_id)).values()
         return Response(ConsentSerializer(consents, many=True).data)
 
-    @extend_schema(
-        request=ConsentSerializer, responses={201: ConsentSerializer}, summary="Grant or withdraw consent"
-    )
+    @extend_schema(request=ConsentSerializer, responses={201: ConsentSerializer}, summary="Grant or withdraw consent")
     def post(self, request: Request, external_id: str) -> Response:
         recipient = self.recipient(external_id)
         serializer = ConsentSerializer(data=body_of(request))
@@ -387,7 +381,9 @@ class DeviceViewSet(QueryCheckedView, viewsets.GenericViewSet, mixins.ListModelM
         )
 
 
-class WebPushSubscriptionViewSet(QueryCheckedView, viewsets.GenericViewSet, mixins.ListModelMixin, mixins.DestroyModelMixin):
+class WebPushSubscriptionViewSet(
+    QueryCheckedView, viewsets.GenericViewSet, mixins.ListModelMixin, mixins.DestroyModelMixin
+):
     """Web push subscriptions. POST saves (or refreshes) one by its endpoint."""
 
     serializer_class = WebPushSubscriptionSerializer

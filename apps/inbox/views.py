@@ -12,7 +12,6 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from apps.api.query import CheckedCursorPagination, QueryCheckedView
-
 from apps.inbox.live import inbox_counts_changed, inbox_item_changed
 from apps.inbox.models import InboxItem
 from apps.inbox.serializers import InboxItemSerializer

@@ -45,4 +45,3 @@ def test_a_nul_deep_inside_is_still_named(api, workspace):
     assert response.status_code == 400
     assert "attributes.a[0].b" in response.json()["error"]["fields"]
     assert not Recipient.objects.exists()
-

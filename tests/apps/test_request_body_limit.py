@@ -15,7 +15,6 @@ from django.core.asgi import get_asgi_application
 from apps.api.middleware import AsgiRequestBodyLimit
 from apps.recipients.models import Recipient
 
-
 LIMIT = 256 * 1024  # NOTIFY_MAX_REQUEST_BYTES's default, which the test server runs with
 CHUNK = 64 * 1024
 
