@@ -30,26 +30,41 @@ def _unstorable(text: str) -> bool:
 
 def json_check(value: Any) -> str | None:
     """The path of the first string PostgreSQL cannot store (NUL, unpaired surrogates), or None;
-    raises JsonTooDeep past MAX_JSON_DEPTH. A loop, not recursion, whatever the nesting."""
-    pending: list[tuple[Any, str, int]] = [(value, "", 0)]
+    raises JsonTooDeep past MAX_JSON_DEPTH. Loops, not recursion, whatever the nesting."""
+    if isinstance(value, str):
+        return "" if _unstorable(value) else None
+    # A first pass without paths: building them for every node would double the time.
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    found = False
+    while pending and not found:
+        container, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise JsonTooDeep()
+        items = container.items() if isinstance(container, dict) else enumerate(container)
+        for key, item in items:
+            if isinstance(item, str):
+                found = found or _unstorable(item)
+            elif isinstance(item, dict | list):
+                pending.append((item, depth + 1))
+            if isinstance(key, str):
+                found = found or _unstorable(key)
+    return _unstorable_path(value) if found else None
+
+
+def _unstorable_path(value: Any) -> str | None:
+    """The path of the first unstorable string in document order, in JSON already checked
+    for depth."""
+    pending: list[tuple[Any, str]] = [(value, "")]
     while pending:
-        item, path, depth = pending.pop()
+        item, path = pending.pop()
         if isinstance(item, str):
             if _unstorable(item):
                 return path
-        elif isinstance(item, dict | list):
-            if depth == MAX_JSON_DEPTH:
-                raise JsonTooDeep()
-            children = (
-                [(child, f"{path}.{key}" if path else str(key), key) for key, child in item.items()]
-                if isinstance(item, dict)
-                else [(child, f"{path}[{index}]", None) for index, child in enumerate(item)]
-            )
-            # Reversed onto the stack, so that the first bad string in document order is named.
-            for child, child_path, key in reversed(children):
-                pending.append((child, child_path, depth + 1))
-                if key is not None:
-                    pending.append((key, path, depth + 1))
+        elif isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                pending += [(child, f"{path}.{key}" if path else key), (key, path)]
+        elif isinstance(item, list):
+            pending += [(child, f"{path}[{index}]") for index, child in reversed(list(enumerate(item)))]
     return None
 
 
