@@ -33,6 +33,8 @@ def json_check(value: Any) -> str | None:
     raises JsonTooDeep past MAX_JSON_DEPTH. Loops, not recursion, whatever the nesting."""
     if isinstance(value, str):
         return "" if _unstorable(value) else None
+    if not isinstance(value, dict | list):
+        return None
     # A first pass without paths: building them for every node would double the time.
     pending: list[tuple[Any, int]] = [(value, 1)]
     found = False

@@ -216,6 +216,12 @@ class NotificationViewSet(QueryCheckedView, viewsets.GenericViewSet, mixins.List
         return Response({"cancelled_deliveries": cancelled})
 
 
+# The URL gives the external id: the bodies of PUT and PATCH carry the other fields.
+@extend_schema_view(
+    partial_update=extend_schema(
+        summary="Change a recipient", request=RecipientFieldsSerializer(partial=True), responses=RecipientSerializer
+    )
+)
 class RecipientViewSet(QueryCheckedView, viewsets.ModelViewSet):
     serializer_class = RecipientSerializer
     pagination_class = CreatedCursorPagination
@@ -237,12 +243,6 @@ class RecipientViewSet(QueryCheckedView, viewsets.ModelViewSet):
         return Response(
             self.get_serializer(recipient).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
         )
-
-    @extend_schema(
-        summary="Change a recipient", request=RecipientFieldsSerializer(partial=True), responses=RecipientSerializer
-    )
-    def partial_update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        return super().partial_update(request, *args, **kwargs)
 
     @extend_schema(
         summary="Create or update a recipient by external id",

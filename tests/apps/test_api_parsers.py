@@ -45,3 +45,9 @@ def test_a_nul_deep_inside_is_still_named(api, workspace):
     assert response.status_code == 400
     assert "attributes.a[0].b" in response.json()["error"]["fields"]
     assert not Recipient.objects.exists()
+
+
+def test_a_body_of_one_json_scalar_is_refused_as_input_not_a_crash(api, workspace):
+    for body in ("null", "5", '"text"', "true"):
+        response = api.post(EVENTS, data=body, content_type="application/json")
+        assert response.status_code == 400, body
