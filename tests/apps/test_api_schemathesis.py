@@ -7,6 +7,7 @@ from contextlib import contextmanager
 import pytest
 import schemathesis
 from django.core.signals import request_finished, request_started
+from django.core.wsgi import get_wsgi_application
 from django.db import close_old_connections
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
@@ -18,10 +19,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from apps.recipients.tokens import INBOX, recipient_token_issue
-from config.wsgi import application
 from tests.factories import RecipientFactory
 
-schema = schemathesis.openapi.from_wsgi("/api/schema/?format=json", application)
+schema = schemathesis.openapi.from_wsgi("/api/schema/?format=json", get_wsgi_application())
 schema.config.generation.update(max_examples=25, deterministic=True)
 # A body refused for its size (a negative case can be megabytes) is refused as much as any.
 rejection = schema.config.checks.negative_data_rejection
