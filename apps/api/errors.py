@@ -27,7 +27,8 @@ def database_unavailable_error(exc: Exception) -> dict[str, Any]:
     return {
         "error": {
             "code": "database_unavailable",
-            "message": f"The service cannot reach its database; retry after {DATABASE_RETRY_AFTER_SECONDS} seconds.",
+            "message": "The database is unreachable or has no connection free; "
+            f"retry after {DATABASE_RETRY_AFTER_SECONDS} seconds.",
         }
     }
 
