@@ -18,6 +18,7 @@ if pool_default:
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import path  # noqa: E402
 
+from apps.api.middleware import AsgiRequestBodyLimit  # noqa: E402
 from apps.deliveries.checks import configuration_verify  # noqa: E402
 from apps.inbox.consumers import InboxConsumer  # noqa: E402
 from config.memory import garbage_collector_tune  # noqa: E402
@@ -28,7 +29,8 @@ configuration_verify()
 # the connection is authorised by its signed recipient token, never by a cookie.
 application = ProtocolTypeRouter(
     {
-        "http": http_application,
+        # Django reads a whole body before its middleware runs: the limit is kept out here.
+        "http": AsgiRequestBodyLimit(http_application),
         "websocket": URLRouter([path("inbox/v1/ws", InboxConsumer.as_asgi())]),
     }
 )

@@ -64,6 +64,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "apps.api.middleware.RequestBodyLimitMiddleware",
+    "apps.api.middleware.DatabaseUnavailableMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "corsheaders.middleware.CorsMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -115,7 +116,9 @@ elif env.bool("DATABASE_POOL", default=False):
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 2,
         "max_size": env.int("DATABASE_POOL_MAX_SIZE", default=20),
-        "timeout": 30,
+        # How long a request waits for a connection (all in use, or the database unreachable)
+        # before it is answered 503 with a Retry-After: shorter than clients wait for an answer.
+        "timeout": env.float("DATABASE_POOL_TIMEOUT_SECONDS", default=10.0),
     }
     DATABASES["default"]["CONN_MAX_AGE"] = 0  # a pool and persistent connections do not mix
     # The pool checks a connection before handing it out: one the server dropped (a restart,
@@ -172,7 +175,10 @@ LOGGING = {
 }
 
 # --- Producer API -----------------------------------------------------------------------
+# The most bytes a request body may have, on every path (apps/api/middleware.py).
 NOTIFY_MAX_REQUEST_BYTES = env.int("NOTIFY_MAX_REQUEST_BYTES", default=256 * 1024)
+# Other limits for paths that need them, by path prefix, e.g. {"/api/v1/imports/": 50 * 2**20}.
+NOTIFY_MAX_REQUEST_BYTES_BY_PATH: dict[str, int] = {}
 DATA_UPLOAD_MAX_MEMORY_SIZE = NOTIFY_MAX_REQUEST_BYTES
 # Requests per API key unless the key sets its own, e.g. "200 per second"; empty: no limit.
 NOTIFY_API_RATE_LIMIT = env("NOTIFY_API_RATE_LIMIT", default="")
@@ -197,6 +203,7 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "apps.api.errors.errors_document"],
     "ENUM_NAME_OVERRIDES": {
         "DeliveryStatusEnum": "apps.deliveries.models.DeliveryStatus",
         "ChannelEnum": "apps.catalog.models.Channel",

@@ -34,3 +34,5 @@ urlpatterns = [
         name="api-redoc",
     ),
 ]
+
+handler404 = "apps.api.errors.page_not_found"

@@ -2,7 +2,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +19,28 @@ from tests.factories import ApiKeyFactory, CategoryFactory, TemplateFactory
 from tests.helpers import SANDBOX_ALLOW_LISTS, free_port, provider_settings, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def offline_name_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names resolve as on a machine with no DNS server: loopback names and address literals
+    only. The outbound guard resolves every host it checks, and no test may send a query off
+    this machine (tests that need other answers replace the lookup themselves)."""
+    import ipaddress
+    import socket
+
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):  # type: ignore[no-untyped-def]
+        name = host.decode() if isinstance(host, bytes) else host
+        try:
+            ipaddress.ip_address(str(name).strip("[]"))
+        except ValueError:
+            if name not in (None, "localhost", "localhost.localdomain", "ip6-localhost"):
+                raise socket.gaierror(socket.EAI_NONAME, f"{name}: no DNS on the test machine")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 
 
 @dataclass
@@ -193,29 +215,42 @@ def workers(
 
 
 @pytest.fixture
-def web_server(transactional_db: None, sandbox: SandboxClient, tmp_path: Path) -> Iterator[str]:
-    """The ASGI application served by uvicorn, as the run command serves it (HTTP and
-    WebSocket), on this test's database, with the demo pages on; yields its base URL."""
-    port = free_port()
-    log_path = tmp_path / "web.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=process_env(sandbox_url=sandbox.base_url),
-        stdout=log_path.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_for(
-        lambda: "Uvicorn running" in log_path.read_text() or process.poll() is not None,
-        timeout=30,
-        what="the web server to start",
-    )
-    if process.poll() is not None:
-        raise AssertionError(f"the web server exited:\n{log_path.read_text()}")
-    yield url
-    process.terminate()
-    process.wait(timeout=10)
+def web_server_start(transactional_db: None, sandbox: SandboxClient, tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Start the ASGI application under uvicorn, as the run command serves it (HTTP and
+    WebSocket), on this test's database unless `env` says otherwise, with the demo pages on;
+    returns its base URL. Every server started stops afterwards."""
+    processes: list[subprocess.Popen] = []
+
+    def start(*, env: dict[str, str] | None = None) -> str:
+        port = free_port()
+        log_path = tmp_path / f"web-{len(processes)}.log"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env={**process_env(sandbox_url=sandbox.base_url), **(env or {})},
+            stdout=log_path.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        processes.append(process)
+        wait_for(
+            lambda: "Uvicorn running" in log_path.read_text() or process.poll() is not None,
+            timeout=30,
+            what="the web server to start",
+        )
+        if process.poll() is not None:
+            raise AssertionError(f"the web server exited:\n{log_path.read_text()}")
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def web_server(web_server_start: Callable[..., str]) -> str:
+    """The ASGI application served by uvicorn on this test's database; its base URL."""
+    return web_server_start()
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
+from apps.api.query import QueryCheckedView
 from apps.api.scopes import ANY_KEY
 from apps.api.serializers import ErrorSerializer
 from apps.api.views import api_key_of
@@ -62,7 +62,7 @@ class RotationRequestSerializer(serializers.Serializer):
     )
 
 
-class ApiKeySelfView(APIView):
+class ApiKeySelfView(QueryCheckedView):
     required_scopes = {"GET": ANY_KEY}
 
     @extend_schema(responses={200: ApiKeySerializer}, summary="The calling API key: its scopes, categories and expiry")
@@ -70,7 +70,7 @@ class ApiKeySelfView(APIView):
         return Response(ApiKeySerializer(api_key_of(request)).data)
 
 
-class ApiKeyRotateView(APIView):
+class ApiKeyRotateView(QueryCheckedView):
     # Rotating grants nothing new, so any key may rotate itself, e.g. from a deploy pipeline.
     required_scopes = {"POST": ANY_KEY}
 

@@ -80,6 +80,13 @@ class RecipientSerializer(serializers.ModelSerializer):
         return number
 
 
+class RecipientFieldsSerializer(RecipientSerializer):
+    """A recipient's fields, without the external id that the URL gives."""
+
+    class Meta(RecipientSerializer.Meta):
+        fields = [name for name in RecipientSerializer.Meta.fields if name != "external_id"]
+
+
 @extend_schema_field(
     {
         "oneOf": [
@@ -275,6 +282,8 @@ class PreferencesSerializer(serializers.ModelSerializer):
     categories = serializers.JSONField(
         required=False, help_text='Per category key and channel, e.g. {"weekly-digest": {"email": false}}.'
     )
+    # Preferences never set are the defaults, not yet saved.
+    updated_at = serializers.DateTimeField(read_only=True, allow_null=True, help_text="Null until first set.")
 
     class Meta:
         model = PreferenceSet

@@ -11,13 +11,13 @@ from drf_spectacular.utils import (
     extend_schema_view,
     inline_serializer,
 )
-from rest_framework import mixins, pagination, serializers, status, viewsets
+from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from apps.api.errors import error_response, field_error
+from apps.api.query import CheckedCursorPagination, QueryCheckedView
 from apps.api.scopes import category_check, read_write
 from apps.api.serializers import (
     CancelResultSerializer,
@@ -31,6 +31,7 @@ from apps.api.serializers import (
     NotificationDetailSerializer,
     NotificationSerializer,
     PreferencesSerializer,
+    RecipientFieldsSerializer,
     RecipientSerializer,
     RecurringSendSerializer,
     WebPushSubscriptionSerializer,
@@ -62,18 +63,16 @@ from notify.pipeline.recurring import recurring_send_delete, recurring_send_save
 from notify.resilience.backpressure import Refused
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-ERRORS = {
-    400: OpenApiResponse(ErrorSerializer, description="Bad input; `fields` names each bad field."),
-    401: OpenApiResponse(ErrorSerializer, description="Missing or unknown API key."),
+# What an event is refused with besides the errors every operation documents (apps.api.errors).
+EVENT_ERRORS = {
     409: OpenApiResponse(ErrorSerializer, description="Idempotency key reused with a different body."),
     429: OpenApiResponse(
         ErrorSerializer, description="Over a limit, or bulk shed under backpressure; see Retry-After."
     ),
-    413: OpenApiResponse(ErrorSerializer, description="Request body over the size limit."),
 }
 
 
-class CreatedCursorPagination(pagination.CursorPagination):
+class CreatedCursorPagination(CheckedCursorPagination):
     ordering = "-created_at"
     page_size = 50
     page_size_query_param = "page_size"
@@ -134,12 +133,12 @@ def _accepted(body: dict[str, Any], *, replayed: bool) -> Response:
     return response
 
 
-class EventView(APIView):
+class EventView(QueryCheckedView):
     required_scopes = {"POST": Scope.EVENTS_SEND}
 
     @extend_schema(
         request=EventSerializer,
-        responses={202: EventAcceptedSerializer, **ERRORS},
+        responses={202: EventAcceptedSerializer, **EVENT_ERRORS},
         parameters=[OpenApiParameter(IDEMPOTENCY_HEADER, str, OpenApiParameter.HEADER, required=False)],
         summary="Trigger an event",
         description="Notify one recipient or up to 1,000. The same idempotency key with the same "
@@ -162,12 +161,12 @@ class EventView(APIView):
         return _accepted(responses[0], replayed=replayed)
 
 
-class EventBatchView(APIView):
+class EventBatchView(QueryCheckedView):
     required_scopes = {"POST": Scope.EVENTS_SEND}
 
     @extend_schema(
         request=EventBatchSerializer,
-        responses={202: EventBatchAcceptedSerializer, **ERRORS},
+        responses={202: EventBatchAcceptedSerializer, **EVENT_ERRORS},
         summary="Trigger a batch of events",
         description="Up to 100 events, accepted or refused together.",
     )
@@ -198,18 +197,17 @@ class NotificationFilterSerializer(serializers.Serializer):
     created_before = serializers.DateTimeField(required=False)
 
 
-class NotificationViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins.RetrieveModelMixin):
+class NotificationViewSet(QueryCheckedView, viewsets.GenericViewSet, mixins.ListModelMixin, mixins.RetrieveModelMixin):
     # Cancelling takes back what the producer sent, so it goes with sending.
     required_scopes = {"GET": Scope.NOTIFICATIONS_READ, "POST": Scope.EVENTS_SEND}
     serializer_class = NotificationSerializer
     pagination_class = CreatedCursorPagination
+    filter_serializer_class = NotificationFilterSerializer
     queryset = Notification.objects.none()
 
     def get_queryset(self):  # type: ignore[no-untyped-def]
-        filters = NotificationFilterSerializer(data=self.request.query_params)
-        filters.is_valid(raise_exception=True)
         key = api_key_of(self.request)
-        return notifications_list(tenant=key.tenant, categories=key.categories, **filters.validated_data)
+        return notifications_list(tenant=key.tenant, categories=key.categories, **self.filters)
 
     def get_object(self) -> Notification:
         try:
@@ -241,7 +239,13 @@ class NotificationViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins
         return Response({"cancelled_deliveries": cancelled})
 
 
-class RecipientViewSet(viewsets.ModelViewSet):
+# The URL gives the external id: the bodies of PUT and PATCH carry the other fields.
+@extend_schema_view(
+    partial_update=extend_schema(
+        summary="Change a recipient", request=RecipientFieldsSerializer(partial=True), responses=RecipientSerializer
+    )
+)
+class RecipientViewSet(QueryCheckedView, viewsets.ModelViewSet):
     required_scopes = read_write(read=Scope.RECIPIENTS_READ, write=Scope.RECIPIENTS_WRITE)
     serializer_class = RecipientSerializer
     pagination_class = CreatedCursorPagination
@@ -277,7 +281,9 @@ class RecipientViewSet(viewsets.ModelViewSet):
         return self._upsert(external_id=external_id, data=request.data, partial=True)
 
     @extend_schema(
-        summary="Create or replace a recipient", responses={200: RecipientSerializer, 201: RecipientSerializer}
+        summary="Create or replace a recipient",
+        request=RecipientFieldsSerializer,
+        responses={200: RecipientSerializer, 201: RecipientSerializer},
     )
     def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         if not isinstance(request.data, dict):
@@ -288,7 +294,7 @@ class RecipientViewSet(viewsets.ModelViewSet):
         return self._upsert(external_id=kwargs["external_id"], data=request.data, partial=partial)
 
 
-class RecipientScopedView(APIView):
+class RecipientScopedView(QueryCheckedView):
     required_scopes = read_write(read=Scope.RECIPIENTS_READ, write=Scope.RECIPIENTS_WRITE)
 
     def recipient(self, external_id: str) -> Recipient:
@@ -302,19 +308,15 @@ class RecipientPreferencesView(RecipientScopedView):
     """A recipient's preferences: GET reads them (defaults when never set), PUT replaces them,
     PATCH merges `channels` and `categories` key by key."""
 
-    @extend_schema(responses={200: PreferencesSerializer, **ERRORS}, summary="Read a recipient's preferences")
+    @extend_schema(responses={200: PreferencesSerializer}, summary="Read a recipient's preferences")
     def get(self, request: Request, external_id: str) -> Response:
         return Response(PreferencesSerializer(preferences_get(recipient=self.recipient(external_id))).data)
 
-    @extend_schema(
-        request=PreferencesSerializer, responses={200: PreferencesSerializer, **ERRORS}, summary="Replace preferences"
-    )
+    @extend_schema(request=PreferencesSerializer, responses={200: PreferencesSerializer}, summary="Replace preferences")
     def put(self, request: Request, external_id: str) -> Response:
         return self._save(request, external_id=external_id, partial=False)
 
-    @extend_schema(
-        request=PreferencesSerializer, responses={200: PreferencesSerializer, **ERRORS}, summary="Change preferences"
-    )
+    @extend_schema(request=PreferencesSerializer, responses={200: PreferencesSerializer}, summary="Change preferences")
     def patch(self, request: Request, external_id: str) -> Response:
         return self._save(request, external_id=external_id, partial=True)
 
@@ -337,9 +339,7 @@ class RecipientConsentsView(RecipientScopedView):
         consents = consents_current(recipient=self.recipient(external_id)).values()
         return Response(ConsentSerializer(consents, many=True).data)
 
-    @extend_schema(
-        request=ConsentSerializer, responses={201: ConsentSerializer, **ERRORS}, summary="Grant or withdraw consent"
-    )
+    @extend_schema(request=ConsentSerializer, responses={201: ConsentSerializer}, summary="Grant or withdraw consent")
     def post(self, request: Request, external_id: str) -> Response:
         recipient = self.recipient(external_id)
         serializer = ConsentSerializer(data=body_of(request))
@@ -364,7 +364,11 @@ class RecipientPreferenceLinkView(RecipientScopedView):
         return Response({"url": url, "expires_in": expires_in}, status=status.HTTP_201_CREATED)
 
 
-class DeviceViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins.DestroyModelMixin):
+class RecipientFilterSerializer(serializers.Serializer):
+    recipient = serializers.CharField(required=False, help_text="Only this recipient's (external id).")
+
+
+class DeviceViewSet(QueryCheckedView, viewsets.GenericViewSet, mixins.ListModelMixin, mixins.DestroyModelMixin):
     """Mobile push devices. POST registers (or updates) one by its token."""
 
     required_scopes = read_write(read=Scope.RECIPIENTS_READ, write=Scope.RECIPIENTS_WRITE)
@@ -373,17 +377,15 @@ class DeviceViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins.Destr
     pagination_class = CreatedCursorPagination
     lookup_field = "token"
     lookup_value_regex = "[^/]+"
+    filter_serializer_class = RecipientFilterSerializer
     queryset = Device.objects.none()
 
     def get_queryset(self):  # type: ignore[no-untyped-def]
         devices = Device.objects.filter(tenant=api_key_of(self.request).tenant).select_related("recipient")
-        recipient = self.request.query_params.get("recipient")
+        recipient = self.filters.get("recipient")
         return devices.filter(recipient__external_id=recipient) if recipient else devices
 
-    @extend_schema(
-        parameters=[OpenApiParameter("recipient", str, description="Only this recipient's devices.")],
-        summary="List devices",
-    )
+    @extend_schema(parameters=[RecipientFilterSerializer], summary="List devices")
     def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         return super().list(request, *args, **kwargs)
 
@@ -409,21 +411,28 @@ class DeviceViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins.Destr
         )
 
 
-class WebPushSubscriptionViewSet(viewsets.GenericViewSet, mixins.ListModelMixin, mixins.DestroyModelMixin):
+class WebPushSubscriptionViewSet(
+    QueryCheckedView, viewsets.GenericViewSet, mixins.ListModelMixin, mixins.DestroyModelMixin
+):
     """Web push subscriptions. POST saves (or refreshes) one by its endpoint."""
 
     required_scopes = read_write(read=Scope.RECIPIENTS_READ, write=Scope.RECIPIENTS_WRITE)
 
     serializer_class = WebPushSubscriptionSerializer
     pagination_class = CreatedCursorPagination
+    filter_serializer_class = RecipientFilterSerializer
     queryset = WebPushSubscription.objects.none()
 
     def get_queryset(self):  # type: ignore[no-untyped-def]
         subscriptions = WebPushSubscription.objects.filter(tenant=api_key_of(self.request).tenant).select_related(
             "recipient"
         )
-        recipient = self.request.query_params.get("recipient")
+        recipient = self.filters.get("recipient")
         return subscriptions.filter(recipient__external_id=recipient) if recipient else subscriptions
+
+    @extend_schema(parameters=[RecipientFilterSerializer], summary="List web push subscriptions")
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().list(request, *args, **kwargs)
 
     @extend_schema(summary="Save a browser's push subscription (upsert by endpoint)")
     def create(self, request: Request) -> Response:
@@ -457,7 +466,7 @@ class WebPushSubscriptionViewSet(viewsets.GenericViewSet, mixins.ListModelMixin,
     partial_update=extend_schema(summary="Change a recurring send (pause it with enabled: false)"),
     destroy=extend_schema(summary="Stop and delete a recurring send"),
 )
-class RecurringSendViewSet(viewsets.ModelViewSet):
+class RecurringSendViewSet(QueryCheckedView, viewsets.ModelViewSet):
     """Events the service triggers itself on a cron schedule, through django-celery-beat."""
 
     required_scopes = read_write(read=Scope.ADMIN, write=Scope.ADMIN)
@@ -498,7 +507,7 @@ class InboxTokenRequestSerializer(serializers.Serializer):
     recipient = serializers.CharField(help_text="The recipient's external id.")
 
 
-class InboxTokenView(APIView):
+class InboxTokenView(QueryCheckedView):
     required_scopes = {"POST": Scope.INBOX_TOKENS}
 
     @extend_schema(

@@ -7,11 +7,11 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
-from rest_framework import authentication, exceptions, pagination, permissions, serializers
+from rest_framework import authentication, exceptions, generics, permissions, serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
+from apps.api.query import CheckedCursorPagination, QueryCheckedView
 from apps.inbox.live import inbox_counts_changed, inbox_item_changed
 from apps.inbox.models import InboxItem
 from apps.inbox.serializers import InboxItemSerializer
@@ -55,7 +55,7 @@ class HasInboxToken(permissions.BasePermission):
         return isinstance(request.auth, UUID)
 
 
-class InboxView(APIView):
+class InboxView(QueryCheckedView):
     authentication_classes = [InboxTokenAuthentication]
     permission_classes = [HasInboxToken]
 
@@ -63,22 +63,27 @@ class InboxView(APIView):
         return cast(UUID, self.request.auth)
 
 
-class NewestFirst(pagination.CursorPagination):
+class NewestFirst(CheckedCursorPagination):
     ordering = ("-created_at", "-id")
     page_size = 20
 
 
-class InboxItemsView(InboxView):
-    @extend_schema(
-        responses=InboxItemSerializer(many=True),
-        parameters=[OpenApiParameter("archived", bool, description="The archived items instead.")],
-        summary="The inbox, newest first (cursor pages)",
-    )
-    def get(self, request: Request) -> Response:
-        paginator = NewestFirst()
-        archived = request.query_params.get("archived") == "true"
-        page = paginator.paginate_queryset(inbox_items(recipient_id=self.recipient_id(), archived=archived), request)
-        return paginator.get_paginated_response(InboxItemSerializer(page, many=True).data)
+class InboxFilterSerializer(serializers.Serializer):
+    archived = serializers.BooleanField(default=False, help_text="The archived items instead.")
+
+
+class InboxItemsView(InboxView, generics.ListAPIView):
+    serializer_class = InboxItemSerializer
+    pagination_class = NewestFirst
+    filter_serializer_class = InboxFilterSerializer
+    queryset = InboxItem.objects.none()
+
+    def get_queryset(self):  # type: ignore[no-untyped-def]
+        return inbox_items(recipient_id=self.recipient_id(), archived=self.filters["archived"])
+
+    @extend_schema(parameters=[InboxFilterSerializer], summary="The inbox, newest first (cursor pages)")
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().get(request, *args, **kwargs)
 
 
 class InboxCountsView(InboxView):

@@ -3,8 +3,6 @@ demo-only subscribe endpoint. They exist only with DJANGO_DEBUG on (the run comm
 in a real application its own server asks for inbox tokens and saves subscriptions with an
 API key, which a browser must never hold."""
 
-import json
-
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
@@ -12,6 +10,7 @@ from django.shortcuts import render
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
+from apps.api.parsers import json_loads_bounded
 from apps.recipients.models import Recipient
 from apps.recipients.services import webpush_subscribe
 from apps.recipients.tokens import INBOX, recipient_token_issue
@@ -66,7 +65,7 @@ def webpush_service_worker(request: HttpRequest) -> HttpResponse:
 def webpush_subscribe_demo(request: HttpRequest) -> HttpResponse:
     recipient = _demo_recipient()
     try:
-        subscription = json.loads(request.body)
+        subscription = json_loads_bounded(request.body)
         endpoint, keys = subscription["endpoint"], subscription["keys"]
         saved, created = webpush_subscribe(
             tenant=recipient.tenant, recipient=recipient, endpoint=endpoint, p256dh=keys["p256dh"], auth=keys["auth"]

@@ -207,7 +207,7 @@ def test_switching_a_channel_on_its_page_takes_the_pause_permission(db, broker):
             "deliveries.view_channelswitch",
             "deliveries.change_channelswitch",
             "deliveries.pause_channelswitch",
-        ]
+        ],
     )
     assert logged_in(pauser).post(url, {"paused": "on", "reason": "x"}).status_code == 302
     assert ChannelSwitch.objects.get(pk=switch.pk).paused

@@ -51,3 +51,9 @@ def test_the_demo_pages_do_not_exist_outside_debug(demo, client: Client, setting
     settings.DEBUG = False
     assert client.get("/demo/webpush/").status_code == 404
     assert client.post("/demo/webpush/subscribe", "{}", content_type="application/json").status_code == 404
+
+
+def test_a_deeply_nested_subscription_gets_a_400(demo, client: Client):
+    response = client.post("/demo/webpush/subscribe", "[" * 100_000 + "]" * 100_000, content_type="application/json")
+    assert response.status_code == 400
+    assert not WebPushSubscription.objects.exists()
