@@ -120,6 +120,15 @@ LOGGING = {
 # --- Producer API -----------------------------------------------------------------------
 NOTIFY_MAX_REQUEST_BYTES = env.int("NOTIFY_MAX_REQUEST_BYTES", default=256 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = NOTIFY_MAX_REQUEST_BYTES
+# Bulk recipient import (POST /api/v1/recipients/import): its own body limit, since a file
+# of a million recipients is far over the API's; the upload is streamed, never held whole.
+NOTIFY_IMPORT_MAX_BYTES = env.int("NOTIFY_IMPORT_MAX_BYTES", default=1024**3)
+# Lines a worker validates and upserts in one transaction (with its cursor).
+NOTIFY_IMPORT_CHUNK = env.int("NOTIFY_IMPORT_CHUNK", default=20_000)
+# Refused lines listed with their reason per import; the rest are only counted.
+NOTIFY_IMPORT_REFUSALS_KEPT = env.int("NOTIFY_IMPORT_REFUSALS_KEPT", default=1000)
+# An unfinished import whose worker has not finished a chunk for this long is published again.
+NOTIFY_IMPORT_STALL_SECONDS = env.float("NOTIFY_IMPORT_STALL_SECONDS", default=60.0)
 # Requests per API key unless the key sets its own, e.g. "200 per second"; empty: no limit.
 NOTIFY_API_RATE_LIMIT = env("NOTIFY_API_RATE_LIMIT", default="")
 # Events for one recipient, e.g. "30 per minute"; empty: no limit.
