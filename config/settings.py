@@ -125,6 +125,8 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = NOTIFY_MAX_REQUEST_BYTES
 NOTIFY_IMPORT_MAX_BYTES = env.int("NOTIFY_IMPORT_MAX_BYTES", default=1024**3)
 # Lines a worker validates and upserts in one transaction (with its cursor).
 NOTIFY_IMPORT_CHUNK = env.int("NOTIFY_IMPORT_CHUNK", default=20_000)
+# Workers that take chunks of one import side by side (each a task on the import queue).
+NOTIFY_IMPORT_WORKERS = env.int("NOTIFY_IMPORT_WORKERS", default=2)
 # Refused lines listed with their reason per import; the rest are only counted.
 NOTIFY_IMPORT_REFUSALS_KEPT = env.int("NOTIFY_IMPORT_REFUSALS_KEPT", default=1000)
 # An unfinished import whose worker has not finished a chunk for this long is published again.

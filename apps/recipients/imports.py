@@ -4,13 +4,16 @@ The request streams the file line by line into RecipientImportLine with COPY (th
 never held in memory, and the worker may run on another host: the staging table, not a local
 disk, carries the file between them). A worker then takes the staged lines in chunks, in
 line order: it validates each line by the API's rules, upserts the chunk's recipients in one
-statement, records refusals, deletes the chunk's lines and moves the import's cursor, all in
-one transaction. A worker killed mid-chunk leaves the chunk as it was, and the sweeper
-publishes the import again; the upsert makes a repeated chunk harmless.
+statement, records refusals, deletes the chunk's lines and adds to the import's counts, all
+in one transaction. The staged lines that are left are the cursor: a worker killed mid-chunk
+leaves its chunk as it was, the sweeper publishes the import again, and the upsert makes a
+repeated chunk harmless. Several workers take chunks of one import side by side.
 
-Lines are applied in file order: a recipient named on two lines gets the second line's
-fields over the first's. A field a line leaves out (an empty CSV cell, a key an NDJSON
-object does not have) is left as it was, as for inline recipients in events."""
+Within a chunk, lines apply in file order: a recipient named on two lines gets the second
+line's fields over the first's. Across chunks that workers process at the same time, the
+chunk that commits last wins (NOTIFY_IMPORT_WORKERS=1 applies the whole file in order). A
+field a line leaves out (an empty CSV cell, a key an NDJSON object does not have) is left as
+it was, as for inline recipients in events."""
 
 import csv
 import json
@@ -205,8 +208,10 @@ def _lines_copy(*, import_id: UUID, lines: Iterable[StagedLine]) -> int:
 
 
 def import_publish(*, import_id: UUID) -> None:
-    """Publish the task that processes the import (again: a duplicate finds nothing to do)."""
-    current_app.send_task(IMPORT_TASK, args=[str(import_id)], queue=IMPORT_QUEUE)
+    """Publish the tasks that process the import side by side, NOTIFY_IMPORT_WORKERS of them
+    (published again, they find nothing to claim and end)."""
+    for _ in range(settings.NOTIFY_IMPORT_WORKERS):
+        current_app.send_task(IMPORT_TASK, args=[str(import_id)], queue=IMPORT_QUEUE)
 
 
 # --- The worker: validate and upsert in chunks --------------------------------------------
@@ -215,7 +220,9 @@ def import_publish(*, import_id: UUID) -> None:
 def recipient_import_process(*, import_id: UUID) -> None:
     """Process the import's staged lines chunk by chunk until none are left."""
     try:
-        while _chunk_process(import_id=import_id):
+        # The last line this worker claimed: where its next claim looks first.
+        claimed_up_to = [0]
+        while _chunk_process(import_id=import_id, claimed_up_to=claimed_up_to):
             pass
     except DatabaseError:
         raise  # the database failed us: the sweeper publishes the import again later
@@ -229,28 +236,27 @@ def recipient_import_process(*, import_id: UUID) -> None:
 
 
 @retry_lock_conflicts
-def _chunk_process(*, import_id: UUID) -> bool:
-    """Validate and upsert the next chunk; False when there is nothing (more) to do here."""
+def _chunk_process(*, import_id: UUID, claimed_up_to: list[int]) -> bool:
+    """Claim, validate and upsert the next chunk of staged lines; False when none is left
+    to claim. Several workers claim chunks of one import side by side (SKIP LOCKED): the
+    staged lines themselves are the cursor, so a killed worker's chunk, rolled back, is
+    claimed again."""
     now = timezone.now()
     with transaction.atomic():
-        # A second worker on the same import (republished while the first was slow) leaves it.
         recipient_import = (
-            RecipientImport.objects.select_for_update(skip_locked=True)
-            .filter(id=import_id, status__in=[ImportStatus.QUEUED, ImportStatus.RUNNING])
+            RecipientImport.objects.filter(id=import_id, status__in=[ImportStatus.QUEUED, ImportStatus.RUNNING])
+            .only("id", "tenant_id", "format", "columns")
             .first()
         )
         if recipient_import is None:
             return False
-        lines = list(
-            RecipientImportLine.objects.filter(recipient_import_id=import_id, line_number__gt=recipient_import.cursor)
-            .order_by("line_number")
-            .values_list("line_number", "raw", "problem")[: settings.NOTIFY_IMPORT_CHUNK]
-        )
+        lines = _lines_claim(import_id=import_id, after_line=claimed_up_to[0], windowed=True)
         if not lines:
-            recipient_import.status = ImportStatus.COMPLETED
-            recipient_import.finished_at = now
-            recipient_import.heartbeat_at = now
-            recipient_import.save(update_fields=["status", "finished_at", "heartbeat_at"])
+            # Nothing in this worker's window: lines may be behind it (a killed worker's, given
+            # back) or far past it (after many blank lines).
+            lines = _lines_claim(import_id=import_id, after_line=0, windowed=False)
+        if not lines:
+            _import_finish_if_done(import_id=import_id, now=now)
             return False
         parse = _line_parser(recipient_import=recipient_import)
         rows: dict[str, dict[str, Any]] = {}
@@ -267,24 +273,58 @@ def _chunk_process(*, import_id: UUID) -> bool:
             previous = rows.get(external_id)
             rows[external_id] = {**previous, **fields} if previous else fields
         created, updated = _recipients_merge(tenant_id=recipient_import.tenant_id, rows=rows, now=now)
-        kept = max(settings.NOTIFY_IMPORT_REFUSALS_KEPT - recipient_import.refused, 0)
+        claimed_up_to[0] = max(claimed_up_to[0], lines[-1][0])
+        # Locked last, and only until this chunk commits: workers of one import wait on each
+        # other only for this short update of the counts.
+        counts = RecipientImport.objects.select_for_update().get(id=import_id)
+        kept = max(settings.NOTIFY_IMPORT_REFUSALS_KEPT - counts.refused, 0)
         RecipientImportRefusal.objects.bulk_create(
-            RecipientImportRefusal(recipient_import=recipient_import, line_number=number, reason=reason)
+            RecipientImportRefusal(recipient_import_id=import_id, line_number=number, reason=reason)
             for number, reason in refusals[:kept]
         )
-        last_line = lines[-1][0]
-        RecipientImportLine.objects.filter(recipient_import_id=import_id, line_number__lte=last_line).delete()
-        recipient_import.status = ImportStatus.RUNNING
-        recipient_import.started_at = recipient_import.started_at or now
-        recipient_import.cursor = last_line
-        recipient_import.rows_processed += len(lines)
-        recipient_import.created += created
-        recipient_import.updated += updated
-        recipient_import.unchanged += len(rows) - created - updated
-        recipient_import.refused += len(refusals)
-        recipient_import.heartbeat_at = now
-        recipient_import.save()
+        counts.status = ImportStatus.RUNNING
+        counts.started_at = counts.started_at or now
+        counts.rows_processed += len(lines)
+        counts.created += created
+        counts.updated += updated
+        counts.unchanged += len(rows) - created - updated
+        counts.refused += len(refusals)
+        counts.heartbeat_at = now
+        counts.save()
     return True
+
+
+def _lines_claim(*, import_id: UUID, after_line: int, windowed: bool) -> list[tuple[int, str, str]]:
+    """Take the next chunk of staged lines after `after_line` that no other worker holds: they
+    are deleted now, and come back if this transaction rolls back (the worker died). Windowed,
+    only the next few chunks' line numbers are searched, so that the database never sorts a
+    whole file's lines (it did, planning with statistics from before the upload)."""
+    chunk = settings.NOTIFY_IMPORT_CHUNK
+    table = RecipientImportLine._meta.db_table
+    window = "AND line_number <= %s" if windowed else ""
+    sql = f"""
+        DELETE FROM {table} WHERE recipient_import_id = %s AND line_number IN (
+            SELECT line_number FROM {table}
+            WHERE recipient_import_id = %s AND line_number > %s {window}
+            ORDER BY line_number LIMIT %s FOR UPDATE SKIP LOCKED
+        )
+        RETURNING line_number, raw, problem
+    """
+    window_end = after_line + chunk * (settings.NOTIFY_IMPORT_WORKERS + 1)
+    params = [import_id, import_id, after_line, *([window_end] if windowed else []), chunk]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return sorted(cursor.fetchall())
+
+
+def _import_finish_if_done(*, import_id: UUID, now: datetime) -> None:
+    """Mark the import completed once no staged line is left (not even one that another
+    worker is processing now: that worker finishes it, and the import, after its commit)."""
+    if RecipientImportLine.objects.filter(recipient_import_id=import_id).exists():
+        return
+    RecipientImport.objects.filter(id=import_id, status__in=[ImportStatus.QUEUED, ImportStatus.RUNNING]).update(
+        status=ImportStatus.COMPLETED, finished_at=now, heartbeat_at=now
+    )
 
 
 def _staging_clear(*, import_id: UUID) -> None:

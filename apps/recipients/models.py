@@ -177,8 +177,8 @@ class ImportStatus(models.TextChoices):
 
 class RecipientImport(models.Model):
     """A bulk import of recipients from an uploaded file. The upload is copied into
-    RecipientImportLine rows; a worker validates and upserts them in chunks, and keeps its
-    cursor and counts here, in the same transaction as each chunk."""
+    RecipientImportLine rows; workers validate and upsert them in chunks, and add to the
+    counts here in the same transaction as each chunk."""
 
     id = models.UUIDField(primary_key=True, default=uuid7, editable=False)
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="recipient_imports")
@@ -189,8 +189,6 @@ class RecipientImport(models.Model):
     status = models.CharField(max_length=16, choices=ImportStatus.choices, default=ImportStatus.QUEUED)
     rows_total = models.PositiveIntegerField(default=0, help_text="Lines with a recipient on them (not blank).")
     rows_processed = models.PositiveIntegerField(default=0)
-    # The last line number processed: a restarted worker goes on after it.
-    cursor = models.PositiveIntegerField(default=0)
     created = models.PositiveIntegerField(default=0, help_text="Recipients created.")
     updated = models.PositiveIntegerField(default=0, help_text="Existing recipients changed.")
     unchanged = models.PositiveIntegerField(default=0, help_text="Existing recipients the file did not change.")

@@ -43,7 +43,7 @@ def process_and_read(api, import_id: str) -> dict[str, Any]:  # type: ignore[no-
 
 
 def test_an_ndjson_import_creates_updates_and_refuses_lines_with_their_number_and_reason(api, workspace, settings):
-    settings.NOTIFY_IMPORT_CHUNK = 3  # several chunks, with the cursor moving between them
+    settings.NOTIFY_IMPORT_CHUNK = 3  # several chunks, each its own transaction
     Recipient.objects.create(
         tenant=workspace.tenant, external_id="known", email="old@example.com", phone="+14155550100", locale="fr"
     )

@@ -19,9 +19,12 @@ def import_file(api, rows: int) -> str:  # type: ignore[no-untyped-def]
     return response.json()["id"]
 
 
-def test_a_worker_imports_the_file_and_the_api_shows_progress_reaching_done(api, workers, workspace, monkeypatch):
-    monkeypatch.setenv("NOTIFY_IMPORT_CHUNK", "1000")
-    workers.start("bulk")
+def test_two_workers_import_the_file_and_the_api_shows_progress_reaching_done(
+    api, workers, workspace, monkeypatch, settings
+):
+    monkeypatch.setenv("NOTIFY_IMPORT_CHUNK", "500")
+    settings.NOTIFY_IMPORT_WORKERS = 2  # two tasks, taking chunks side by side
+    workers.start("bulk", concurrency=2)
     import_id = import_file(api, 5000)
 
     seen: set[float] = set()
@@ -39,9 +42,14 @@ def test_a_worker_imports_the_file_and_the_api_shows_progress_reaching_done(api,
     assert max(seen) == 1.0
 
 
-def test_an_import_whose_worker_is_killed_mid_import_completes_exactly_once(api, workers, workspace, monkeypatch):
+def test_an_import_whose_worker_is_killed_mid_import_completes_exactly_once(
+    api, workers, workspace, monkeypatch, settings
+):
     # Small chunks, so that the import is still going when its worker dies; a short stall
-    # time for the sweeper, which runs in the maintenance worker, scheduled by beat.
+    # time for the sweeper, which runs in the maintenance worker, scheduled by beat. One task
+    # only: no second message is waiting in the queue, so only the sweeper can resume it.
+    settings.NOTIFY_IMPORT_WORKERS = 1
+    monkeypatch.setenv("NOTIFY_IMPORT_WORKERS", "1")
     monkeypatch.setenv("NOTIFY_IMPORT_CHUNK", "500")
     monkeypatch.setenv("NOTIFY_IMPORT_STALL_SECONDS", "2")
     rows = 30_000
@@ -49,12 +57,12 @@ def test_an_import_whose_worker_is_killed_mid_import_completes_exactly_once(api,
     import_id = import_file(api, rows)
 
     wait_for(
-        lambda: RecipientImport.objects.get(id=import_id).cursor >= 2000, timeout=60, interval=0.01,
+        lambda: RecipientImport.objects.get(id=import_id).rows_processed >= 2000, timeout=60, interval=0.01,
         what="a few chunks to commit",
     )
     doomed.kill()
     at_kill = RecipientImport.objects.get(id=import_id)
-    assert at_kill.status == ImportStatus.RUNNING and at_kill.cursor < rows, "the import finished before the kill"
+    assert at_kill.status == ImportStatus.RUNNING and at_kill.rows_processed < rows, "the import finished before the kill"
     assert at_kill.created == Recipient.objects.filter(tenant=workspace.tenant).count()
 
     workers.start("bulk")
