@@ -75,19 +75,24 @@ class PeakRss:
         self.peaks = dict.fromkeys(groups, 0)
         self.stopped = threading.Event()
 
-    @staticmethod
-    def _read(*, group: int) -> int:
+        self.cpu = dict.fromkeys(groups, 0.0)
+
+    def _read(self, *, label: str, group: int) -> int:
         peak = 0
+        cpu = 0.0
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
-                # The process group is the fifth field after the parenthesised command.
-                if int(stat.read_text().rsplit(")", 1)[1].split()[2]) != group:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                # After the command: state, ppid, pgrp, ... utime and stime are the 12th and 13th.
+                if int(fields[2]) != group:
                     continue
+                cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
                 for line in (stat.parent / "status").read_text().splitlines():
                     if line.startswith("VmHWM:"):
                         peak = max(peak, int(line.split()[1]) * 1024)
             except (OSError, IndexError, ValueError):
                 continue
+        self.cpu[label] = max(self.cpu[label], cpu)
         return peak
 
     def run(self) -> None:
@@ -96,7 +101,7 @@ class PeakRss:
 
     def sample(self) -> None:
         for label, group in self.groups.items():
-            self.peaks[label] = max(self.peaks[label], self._read(group=group))
+            self.peaks[label] = max(self.peaks[label], self._read(label=label, group=group))
 
 
 def main() -> None:
@@ -133,7 +138,7 @@ def main() -> None:
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "config", "worker", "--pool", "prefork",
          "--concurrency", str(settings.NOTIFY_IMPORT_WORKERS), "-Q", IMPORT_QUEUE,
-         "-n", "import@%h", "--without-mingle", "--without-gossip", "-l", "warning"],
+         "-n", "import@%h", "--without-mingle", "--without-gossip", "-l", "info"],
         cwd=ROOT, env=env, stdout=(log / "bench-import-worker.log").open("w"), stderr=subprocess.STDOUT,
         start_new_session=True,
     )
@@ -141,6 +146,9 @@ def main() -> None:
     threading.Thread(target=rss.run, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{WEB_PORT}"
+        deadline = time.monotonic() + 60
+        while " ready." not in (log / "bench-import-worker.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -179,6 +187,10 @@ def main() -> None:
             f"{args.rows / total:,.0f} rows/s; created {state['created']}, updated {state['updated']}, "
             f"refused {state['refused']} (chunk {settings.NOTIFY_IMPORT_CHUNK}, "
             f"{settings.NOTIFY_IMPORT_WORKERS} workers)"
+        )
+        print(
+            f"CPU seconds: web {rss.cpu['web']:.0f}, worker processes {rss.cpu['worker']:.0f} "
+            f"(PostgreSQL's are not counted; the machine has {os.cpu_count()} cores)"
         )
         print(
             f"peak RSS of one process: web {rss.peaks['web'] / 2**20:.0f} MB, "
