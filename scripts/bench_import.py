@@ -130,16 +130,48 @@ def main() -> None:
     log = (ROOT / "var" / "log").resolve()
     log.mkdir(parents=True, exist_ok=True)
     web = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "config.asgi:application", "--port", str(WEB_PORT),
-         "--no-access-log", "--log-level", "warning"],
-        cwd=ROOT, env=env, stdout=(log / "bench-import-web.log").open("w"), stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "config.asgi:application",
+            "--port",
+            str(WEB_PORT),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=(log / "bench-import-web.log").open("w"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "config", "worker", "--pool", "prefork",
-         "--concurrency", str(settings.NOTIFY_IMPORT_WORKERS), "-Q", IMPORT_QUEUE,
-         "-n", "import@%h", "--without-mingle", "--without-gossip", "-l", "info"],
-        cwd=ROOT, env=env, stdout=(log / "bench-import-worker.log").open("w"), stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "config",
+            "worker",
+            "--pool",
+            "prefork",
+            "--concurrency",
+            str(settings.NOTIFY_IMPORT_WORKERS),
+            "-Q",
+            IMPORT_QUEUE,
+            "-n",
+            "import@%h",
+            "--without-mingle",
+            "--without-gossip",
+            "-l",
+            "info",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=(log / "bench-import-worker.log").open("w"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     rss = PeakRss({"web": web.pid, "worker": worker.pid})
@@ -181,7 +213,9 @@ def main() -> None:
         recipient_import = RecipientImport.objects.get(id=import_id)
         assert recipient_import.tenant_id == tenant.id
         total = finished - started
-        print(f"processing: {finished - uploaded:.1f} s in the worker ({args.rows / (finished - uploaded):,.0f} rows/s)")
+        print(
+            f"processing: {finished - uploaded:.1f} s in the worker ({args.rows / (finished - uploaded):,.0f} rows/s)"
+        )
         print(
             f"import of {args.rows} rows: {state['status']} in {total:.1f} s from the API call, "
             f"{args.rows / total:,.0f} rows/s; created {state['created']}, updated {state['updated']}, "

@@ -118,12 +118,37 @@ def progress_bar(recipient_import: RecipientImport) -> str:
 class RecipientImportAdmin(admin.ModelAdmin):
     """Upload a file of recipients (the add page), then watch its progress on its page."""
 
-    list_display = ("created_at", "tenant", "format", "status", "progress", "rows_total", "created", "updated",
-                     "refused", "source")
+    list_display = (
+        "created_at",
+        "tenant",
+        "format",
+        "status",
+        "progress",
+        "rows_total",
+        "created",
+        "updated",
+        "refused",
+        "source",
+    )
     list_filter = ("status", "tenant")
-    readonly_fields = ("id", "tenant", "format", "source", "status", "progress", "rows_total", "rows_processed",
-                       "created", "updated", "unchanged", "refused", "error", "created_at", "started_at",
-                       "finished_at")
+    readonly_fields = (
+        "id",
+        "tenant",
+        "format",
+        "source",
+        "status",
+        "progress",
+        "rows_total",
+        "rows_processed",
+        "created",
+        "updated",
+        "unchanged",
+        "refused",
+        "error",
+        "created_at",
+        "started_at",
+        "finished_at",
+    )
     fields = readonly_fields
     inlines = [RecipientImportRefusalInline]
     change_form_template = "admin/recipients/recipientimport/change_form.html"
@@ -146,7 +171,9 @@ class RecipientImportAdmin(admin.ModelAdmin):
         form = RecipientImportForm()
         if request.method == "POST":
             if length > settings.NOTIFY_IMPORT_MAX_BYTES:
-                messages.error(request, f"The file is over the import limit of {settings.NOTIFY_IMPORT_MAX_BYTES} bytes.")
+                messages.error(
+                    request, f"The file is over the import limit of {settings.NOTIFY_IMPORT_MAX_BYTES} bytes."
+                )
             else:
                 form = RecipientImportForm(request.POST, request.FILES)
                 if form.is_valid():

@@ -188,8 +188,11 @@ def _lines_copy(*, import_id: UUID, lines: Iterable[StagedLine]) -> int:
         batch: list[RecipientImportLine] = []
         for line in lines:
             count += 1
-            batch.append(RecipientImportLine(recipient_import_id=import_id, line_number=line.line_number,
-                                             raw=line.raw, problem=line.problem))
+            batch.append(
+                RecipientImportLine(
+                    recipient_import_id=import_id, line_number=line.line_number, raw=line.raw, problem=line.problem
+                )
+            )
             if len(batch) >= STAGE_BATCH:
                 RecipientImportLine.objects.bulk_create(batch)
                 batch = []
@@ -198,9 +201,7 @@ def _lines_copy(*, import_id: UUID, lines: Iterable[StagedLine]) -> int:
     table = RecipientImportLine._meta.db_table
     with connection.cursor() as cursor:
         # psycopg sends the rows in buffers of a few dozen kilobytes as they are written.
-        with cursor.cursor.copy(
-            f"COPY {table} (recipient_import_id, line_number, raw, problem) FROM STDIN"
-        ) as copy:
+        with cursor.cursor.copy(f"COPY {table} (recipient_import_id, line_number, raw, problem) FROM STDIN") as copy:
             for line in lines:
                 count += 1
                 copy.write_row((import_id, line.line_number, line.raw, line.problem))
@@ -476,7 +477,7 @@ def _line_parser(*, recipient_import: RecipientImport) -> Any:
 # --- The upsert ---------------------------------------------------------------------------
 
 
-def _recipients_merge(*, tenant_id: int, rows: dict[str, dict[str, Any]], now: datetime) -> tuple[int, int]:
+def _recipients_merge(*, tenant_id: UUID, rows: dict[str, dict[str, Any]], now: datetime) -> tuple[int, int]:
     """Insert new recipients and update the given fields of existing ones: one statement per
     set of given fields (a file usually has one). Returns (created, updated); a recipient whose
     given fields are unchanged is not rewritten."""
@@ -510,7 +511,7 @@ def _recipients_merge(*, tenant_id: int, rows: dict[str, dict[str, Any]], now: d
 
 
 def _recipients_upsert_counted(
-    *, tenant_id: int, field_names: tuple[str, ...], rows: list[dict[str, Any]], now: datetime
+    *, tenant_id: UUID, field_names: tuple[str, ...], rows: list[dict[str, Any]], now: datetime
 ) -> tuple[int, int]:
     """The upsert of notify/pipeline/ingest.py, counting instead of returning the rows: the rows
     travel as one JSON parameter that the database unpacks."""

@@ -13,7 +13,6 @@ from django.test import Client
 from apps.api.serializers import RecipientSerializer
 from apps.recipients.imports import RowRefused, recipient_fields_validate, recipient_import_process
 from apps.recipients.models import (
-    ImportStatus,
     Recipient,
     RecipientImport,
     RecipientImportLine,
@@ -99,7 +98,7 @@ def test_a_csv_import_with_a_header_empty_cells_left_as_they_are_and_bad_lines(a
     Recipient.objects.create(tenant=workspace.tenant, external_id="known", email="keep@example.com", locale="fr")
     body = (
         "\ufeffexternal_id,email,phone,locale,timezone,attributes\r\n"
-        "c1,c1@example.com,+14155550123,en-US,America/New_York,\"{\"\"plan\"\": \"\"free\"\"}\"\r\n"
+        'c1,c1@example.com,+14155550123,en-US,America/New_York,"{""plan"": ""free""}"\r\n'
         "known,,,de,,\r\n"
         "c2,bad@,,,,\r\n"
         "c3,c3@example.com\r\n"
@@ -119,8 +118,12 @@ def test_a_csv_import_with_a_header_empty_cells_left_as_they_are_and_bad_lines(a
     assert reasons[2] == 'attributes: Give a JSON object, for example {"plan": "pro"}.'
     assert reasons[3].startswith("Not a valid CSV line")
     c1 = Recipient.objects.get(tenant=workspace.tenant, external_id="c1")
-    assert (c1.phone, c1.locale, c1.timezone, c1.attributes) == ("+14155550123", "en-US", "America/New_York",
-                                                                 {"plan": "free"})
+    assert (c1.phone, c1.locale, c1.timezone, c1.attributes) == (
+        "+14155550123",
+        "en-US",
+        "America/New_York",
+        {"plan": "free"},
+    )
     known = Recipient.objects.get(tenant=workspace.tenant, external_id="known")
     assert (known.email, known.locale) == ("keep@example.com", "de")
 
@@ -256,8 +259,9 @@ def test_the_body_limit_counts_what_is_read_not_what_content_length_claims(works
             return b'{"external_id": "x"}\n' if self.sent < 10_000 else b""
 
     with pytest.raises(ImportTooLarge):
-        recipient_import_start(tenant=workspace.tenant, file_format="ndjson", stream=Stream(), source="t",
-                               max_bytes=10_000)
+        recipient_import_start(
+            tenant=workspace.tenant, file_format="ndjson", stream=Stream(), source="t", max_bytes=10_000
+        )
     assert not RecipientImport.objects.exists()
 
 

@@ -57,23 +57,33 @@ def test_an_import_whose_worker_is_killed_mid_import_completes_exactly_once(
     import_id = import_file(api, rows)
 
     wait_for(
-        lambda: RecipientImport.objects.get(id=import_id).rows_processed >= 2000, timeout=60, interval=0.01,
+        lambda: RecipientImport.objects.get(id=import_id).rows_processed >= 2000,
+        timeout=60,
+        interval=0.01,
         what="a few chunks to commit",
     )
     doomed.kill()
     at_kill = RecipientImport.objects.get(id=import_id)
-    assert at_kill.status == ImportStatus.RUNNING and at_kill.rows_processed < rows, "the import finished before the kill"
+    assert at_kill.status == ImportStatus.RUNNING and at_kill.rows_processed < rows, (
+        "the import finished before the kill"
+    )
     assert at_kill.created == Recipient.objects.filter(tenant=workspace.tenant).count()
 
     workers.start("bulk")
     workers.start("maintenance")
     workers.start_beat()
     wait_for(
-        lambda: RecipientImport.objects.get(id=import_id).status == ImportStatus.COMPLETED, timeout=90,
+        lambda: RecipientImport.objects.get(id=import_id).status == ImportStatus.COMPLETED,
+        timeout=90,
         what="the import to complete in another worker",
     )
     finished = RecipientImport.objects.get(id=import_id)
     assert (finished.rows_processed, finished.created, finished.updated, finished.refused) == (rows, rows, 0, 0)
     assert Recipient.objects.filter(tenant=workspace.tenant).count() == rows
-    assert Recipient.objects.filter(tenant=workspace.tenant, external_id__startswith="e2e-").values(
-        "external_id").distinct().count() == rows
+    assert (
+        Recipient.objects.filter(tenant=workspace.tenant, external_id__startswith="e2e-")
+        .values("external_id")
+        .distinct()
+        .count()
+        == rows
+    )
