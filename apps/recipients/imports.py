@@ -301,6 +301,16 @@ def _lines_claim(*, import_id: UUID, after_line: int, windowed: bool) -> list[tu
     only the next few chunks' line numbers are searched, so that the database never sorts a
     whole file's lines (it did, planning with statistics from before the upload)."""
     chunk = settings.NOTIFY_IMPORT_CHUNK
+    window_end = after_line + chunk * (settings.NOTIFY_IMPORT_WORKERS + 1)
+    if connection.vendor != "postgresql":  # the demo's SQLite: one writer at a time anyway
+        staged = RecipientImportLine.objects.filter(recipient_import_id=import_id, line_number__gt=after_line)
+        if windowed:
+            staged = staged.filter(line_number__lte=window_end)
+        lines = list(staged.order_by("line_number").values_list("line_number", "raw", "problem")[:chunk])
+        RecipientImportLine.objects.filter(
+            recipient_import_id=import_id, line_number__in=[line[0] for line in lines]
+        ).delete()
+        return lines
     table = RecipientImportLine._meta.db_table
     window = "AND line_number <= %s" if windowed else ""
     sql = f"""
@@ -311,7 +321,6 @@ def _lines_claim(*, import_id: UUID, after_line: int, windowed: bool) -> list[tu
         )
         RETURNING line_number, raw, problem
     """
-    window_end = after_line + chunk * (settings.NOTIFY_IMPORT_WORKERS + 1)
     params = [import_id, import_id, after_line, *([window_end] if windowed else []), chunk]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
