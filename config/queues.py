@@ -11,6 +11,8 @@ import sys
 CHANNELS: tuple[str, ...] = ("email", "sms", "push", "webpush", "inapp")
 PRIORITIES: tuple[str, ...] = ("critical", "normal", "bulk")
 MAINTENANCE_QUEUE = "maintenance"
+# Bulk recipient imports: long tasks, so served with bulk sends, never ahead of the sweeper.
+IMPORT_QUEUE = "recipients.import"
 
 
 def delivery_queue(*, channel: str, priority: str) -> str:
@@ -26,7 +28,7 @@ def dead_letter_queue(*, channel: str) -> str:
 WORKER_GROUPS: dict[str, list[str]] = {
     "critical": [delivery_queue(channel=c, priority="critical") for c in CHANNELS],
     "normal": [delivery_queue(channel=c, priority="normal") for c in CHANNELS],
-    "bulk": [delivery_queue(channel=c, priority="bulk") for c in CHANNELS],
+    "bulk": [delivery_queue(channel=c, priority="bulk") for c in CHANNELS] + [IMPORT_QUEUE],
     "maintenance": [MAINTENANCE_QUEUE] + [dead_letter_queue(channel=c) for c in CHANNELS],
 }
 

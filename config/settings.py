@@ -177,9 +177,21 @@ LOGGING = {
 # --- Producer API -----------------------------------------------------------------------
 # The most bytes a request body may have, on every path (apps/api/middleware.py).
 NOTIFY_MAX_REQUEST_BYTES = env.int("NOTIFY_MAX_REQUEST_BYTES", default=256 * 1024)
-# Other limits for paths that need them, by path prefix, e.g. {"/api/v1/imports/": 50 * 2**20}.
-NOTIFY_MAX_REQUEST_BYTES_BY_PATH: dict[str, int] = {}
 DATA_UPLOAD_MAX_MEMORY_SIZE = NOTIFY_MAX_REQUEST_BYTES
+# Bulk recipient import (POST /api/v1/recipients/import): its own body limit, since a file
+# of a million recipients is far over the API's; the upload is streamed, never held whole.
+NOTIFY_IMPORT_MAX_BYTES = env.int("NOTIFY_IMPORT_MAX_BYTES", default=1024**3)
+# Other limits for paths that need them, by path prefix. A view given more than
+# DATA_UPLOAD_MAX_MEMORY_SIZE must read request.stream (Django caps request.body at that size).
+NOTIFY_MAX_REQUEST_BYTES_BY_PATH: dict[str, int] = {"/api/v1/recipients/import": NOTIFY_IMPORT_MAX_BYTES}
+# Lines a worker validates and upserts in one transaction (with its cursor).
+NOTIFY_IMPORT_CHUNK = env.int("NOTIFY_IMPORT_CHUNK", default=20_000)
+# Workers that take chunks of one import side by side (each a task on the import queue).
+NOTIFY_IMPORT_WORKERS = env.int("NOTIFY_IMPORT_WORKERS", default=2)
+# Refused lines listed with their reason per import; the rest are only counted.
+NOTIFY_IMPORT_REFUSALS_KEPT = env.int("NOTIFY_IMPORT_REFUSALS_KEPT", default=1000)
+# An unfinished import whose worker has not finished a chunk for this long is published again.
+NOTIFY_IMPORT_STALL_SECONDS = env.float("NOTIFY_IMPORT_STALL_SECONDS", default=60.0)
 # Requests per API key unless the key sets its own, e.g. "200 per second"; empty: no limit.
 NOTIFY_API_RATE_LIMIT = env("NOTIFY_API_RATE_LIMIT", default="")
 # Events for one recipient, e.g. "30 per minute"; empty: no limit.

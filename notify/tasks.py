@@ -1,11 +1,13 @@
 """Thin Celery tasks: ids in, one engine call, nothing else."""
 
 import logging
+from uuid import UUID
 
 import sentry_sdk
 from celery import shared_task
 from django.utils import timezone
 
+from apps.recipients import imports
 from notify.pipeline import digest, dispatch, recurring, routing, send
 
 logger = logging.getLogger(__name__)
@@ -24,12 +26,19 @@ def sweep() -> dict[str, int]:
     digests_sent = digest.digests_flush_due(now=now)
     steps_started = routing.routing_sweep(now=now)
     report = dispatch.sweep()
+    imports_resumed = imports.recipient_imports_resume(now=now)
     return {
+        "imports_resumed": imports_resumed,
         "digests_sent": digests_sent,
         "routing_steps_started": steps_started,
         "leases_expired": report.leases_expired,
         "republished": report.republished,
     }
+
+
+@shared_task(name=imports.IMPORT_TASK)
+def recipient_import(import_id: str) -> None:
+    imports.recipient_import_process(import_id=UUID(import_id))
 
 
 @shared_task(name=recurring.TASK)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark the whole pipeline on PostgreSQL and Redis. Arguments go to scripts/bench.py,
 # for example: scripts/bench.sh --bulk 100000 --critical 200 --sink sandbox
+# or, for the recipient import: scripts/bench.sh --import 1000000
 source "$(dirname "$0")/lib.sh"
 
 export DJANGO_SECRET_KEY="${DJANGO_SECRET_KEY:-bench-only-secret-key}"
@@ -19,4 +20,8 @@ database_create
 "$PY" manage.py migrate --no-input -v 0
 vapid_key_ensure
 "$PY" -c "import redis; redis.Redis.from_url('$CELERY_BROKER_URL').flushdb()"
+# `--import N` benchmarks the bulk recipient import instead (scripts/bench_import.py).
+if [ "${1:-}" = "--import" ]; then
+    exec "$PY" -u scripts/bench_import.py "$@"
+fi
 exec "$PY" -u scripts/bench.py "$@"

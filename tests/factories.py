@@ -20,7 +20,15 @@ from apps.deliveries.models import (
     RecurringSend,
 )
 from apps.inbox.models import InboxItem
-from apps.recipients.models import Consent, Device, PreferenceSet, Recipient, Suppression, WebPushSubscription
+from apps.recipients.models import (
+    Consent,
+    Device,
+    PreferenceSet,
+    Recipient,
+    RecipientImport,
+    Suppression,
+    WebPushSubscription,
+)
 from apps.tenants.models import ALL_SCOPES, ApiKey, StaffMembership, Tenant
 from notify.pipeline.recurring import recurring_send_save
 
@@ -221,11 +229,13 @@ def tenant_world(*, tag: str) -> TenantWorld:
         config={"server_token": f"{tag}-server-token", "from_email": f"{tag} <hello@{tag}.example>"},
     )
     switch = ChannelSwitch.objects.create(tenant=tenant, channel="sms", paused=True, reason=f"{tag} paused sms")
+    recipient_import = RecipientImport.objects.create(tenant=tenant, format="ndjson", source=f"{tag} import source")
     objects: list[models.Model] = [
         tenant,
         api_key,
         provider,
         switch,
+        recipient_import,
         inapp_template,
         inapp_version,
         variant,
@@ -266,6 +276,7 @@ def tenant_world(*, tag: str) -> TenantWorld:
         provider.name,
         provider.config["server_token"],
         switch.reason,
+        recipient_import.source,
         recipient.external_id,
         recipient.email,
         recipient.phone,

@@ -1,6 +1,7 @@
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
+from apps.api.imports import RecipientImportDetailView, RecipientImportView
 from apps.api.keys import ApiKeyRotateView, ApiKeySelfView
 from apps.api.views import (
     DeviceViewSet,
@@ -30,6 +31,8 @@ urlpatterns = [
     path("api-keys/self", ApiKeySelfView.as_view(), name="api-key-self"),
     path("api-keys/self/rotate", ApiKeyRotateView.as_view(), name="api-key-rotate"),
     # Before the router: its recipient route takes any external id, slashes included.
+    path("recipients/import", RecipientImportView.as_view(), name="recipient-import"),
+    path("recipients/imports/<uuid:import_id>", RecipientImportDetailView.as_view(), name="recipient-import-detail"),
     path("recipients/<path:external_id>/preferences", RecipientPreferencesView.as_view(), name="preferences"),
     path("recipients/<path:external_id>/consents", RecipientConsentsView.as_view(), name="consents"),
     path(

@@ -1,8 +1,28 @@
-from django.contrib import admin
-from django.http import HttpRequest
+from typing import Any
 
-from apps.recipients.models import Consent, Device, PreferenceSet, Recipient, Suppression, WebPushSubscription
-from apps.tenants.admin_site import TenantScopedAdmin
+from django import forms
+from django.conf import settings
+from django.contrib import admin, messages
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils.html import format_html
+
+from apps.recipients.imports import ImportRefused, recipient_import_start
+from apps.recipients.models import (
+    Consent,
+    Device,
+    ImportFormat,
+    ImportStatus,
+    PreferenceSet,
+    Recipient,
+    RecipientImport,
+    RecipientImportRefusal,
+    Suppression,
+    WebPushSubscription,
+)
+from apps.tenants.admin_site import TenantScopedAdmin, tenant_rows
+from apps.tenants.models import Tenant
 from notify.policy.suppression import address_canonical
 
 
@@ -64,3 +84,131 @@ class WebPushSubscriptionAdmin(TenantScopedAdmin):
     list_filter = ("tenant", "active")
     search_fields = ("recipient__external_id", "endpoint")
     readonly_fields = ("created_at", "updated_at")
+
+
+class RecipientImportForm(forms.Form):
+    tenant = forms.ModelChoiceField(queryset=Tenant.objects.order_by("name"))
+    format = forms.ChoiceField(choices=ImportFormat.choices)
+    file = forms.FileField(help_text="One recipient a line. A CSV file starts with a header naming the columns.")
+
+    def __init__(self, *args: Any, tenants: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["tenant"].queryset = tenants  # type: ignore[attr-defined]
+
+
+class RecipientImportRefusalInline(admin.TabularInline):
+    model = RecipientImportRefusal
+    fields = ("line_number", "reason")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    max_num = 0
+
+    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+def progress_bar(recipient_import: RecipientImport) -> str:
+    """A <progress> element with the share processed, for the list and the detail page."""
+    share = recipient_import.progress
+    return format_html(
+        '<progress value="{}" max="1" style="width: 12em">{}%</progress> {}%',
+        f"{share:.4f}",
+        f"{share * 100:.0f}",
+        f"{share * 100:.0f}",
+    )
+
+
+@admin.register(RecipientImport)
+class RecipientImportAdmin(TenantScopedAdmin):
+    """Upload a file of recipients (the add page), then watch its progress on its page."""
+
+    list_display = (
+        "created_at",
+        "tenant",
+        "format",
+        "status",
+        "progress",
+        "rows_total",
+        "created",
+        "updated",
+        "refused",
+        "source",
+    )
+    list_filter = ("status", "tenant")
+    readonly_fields = (
+        "id",
+        "tenant",
+        "format",
+        "source",
+        "status",
+        "progress",
+        "rows_total",
+        "rows_processed",
+        "created",
+        "updated",
+        "unchanged",
+        "refused",
+        "error",
+        "created_at",
+        "started_at",
+        "finished_at",
+    )
+    fields = readonly_fields
+    inlines = [RecipientImportRefusalInline]
+    change_form_template = "admin/recipients/recipientimport/change_form.html"
+
+    @admin.display(description="progress")
+    def progress(self, obj: RecipientImport) -> str:
+        return progress_bar(obj)
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def add_view(self, request: HttpRequest, form_url: str = "", extra_context: Any = None) -> HttpResponse:
+        """The upload form; the file is streamed into staging as the import service reads it."""
+        if not self.has_add_permission(request):
+            return HttpResponse(status=403)
+        try:
+            length = int(request.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        # A tenant's staff import into their own tenant only.
+        tenants = tenant_rows(queryset=Tenant.objects.order_by("name"), user=request.user, tenant_path="pk")
+        form = RecipientImportForm(tenants=tenants)
+        if request.method == "POST":
+            if length > settings.NOTIFY_IMPORT_MAX_BYTES:
+                messages.error(
+                    request, f"The file is over the import limit of {settings.NOTIFY_IMPORT_MAX_BYTES} bytes."
+                )
+            else:
+                form = RecipientImportForm(request.POST, request.FILES, tenants=tenants)
+                if form.is_valid():
+                    try:
+                        recipient_import = recipient_import_start(
+                            tenant=form.cleaned_data["tenant"],
+                            file_format=form.cleaned_data["format"],
+                            stream=form.cleaned_data["file"].file,
+                            source=f"staff {request.user}",
+                        )
+                    except ImportRefused as error:
+                        form.add_error("file", error.message)
+                    else:
+                        messages.success(request, f"Import of {recipient_import.rows_total} lines queued.")
+                        return HttpResponseRedirect(
+                            reverse("admin:recipients_recipientimport_change", args=[recipient_import.pk])
+                        )
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Import recipients",
+            "opts": self.model._meta,
+            "form": form,
+            "max_bytes": settings.NOTIFY_IMPORT_MAX_BYTES,
+        }
+        return TemplateResponse(request, "admin/recipients/recipientimport/upload.html", context)
+
+    def render_change_form(self, request: HttpRequest, context: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        obj = context.get("original")
+        # The page reloads itself until the import is finished, moving its progress bar.
+        context["import_unfinished"] = obj is not None and obj.status in (ImportStatus.QUEUED, ImportStatus.RUNNING)
+        return super().render_change_form(request, context, *args, **kwargs)

@@ -170,3 +170,91 @@ class WebPushSubscription(models.Model):
             outbound_url_check(url=self.endpoint, allowed_hosts=settings.NOTIFY_WEBPUSH_ALLOWED_HOSTS)
         except OutboundRefused as refused:
             raise ValidationError({"endpoint": f"This endpoint is refused: {refused.reason}."})
+
+
+class ImportFormat(models.TextChoices):
+    NDJSON = "ndjson", "NDJSON (one JSON object a line)"
+    CSV = "csv", "CSV (a header line, then one recipient a line)"
+
+
+class ImportStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    COMPLETED = "completed", "Completed"
+    FAILED = "failed", "Failed"
+
+
+class RecipientImport(models.Model):
+    """A bulk import of recipients from an uploaded file. The upload is copied into
+    RecipientImportLine rows; workers validate and upsert them in chunks, and add to the
+    counts here in the same transaction as each chunk."""
+
+    id = models.UUIDField(primary_key=True, default=uuid7, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="recipient_imports")
+    format = models.CharField(max_length=8, choices=ImportFormat.choices)
+    # CSV only: the header's column names, in order.
+    columns = models.JSONField(default=list, blank=True)
+    source = models.CharField(max_length=200, help_text="Who uploaded it: an API key's prefix, or a staff user.")
+    status = models.CharField(max_length=16, choices=ImportStatus.choices, default=ImportStatus.QUEUED)
+    rows_total = models.PositiveIntegerField(default=0, help_text="Lines with a recipient on them (not blank).")
+    rows_processed = models.PositiveIntegerField(default=0)
+    created = models.PositiveIntegerField(default=0, help_text="Recipients created.")
+    updated = models.PositiveIntegerField(default=0, help_text="Existing recipients changed.")
+    unchanged = models.PositiveIntegerField(default=0, help_text="Existing recipients the file did not change.")
+    refused = models.PositiveIntegerField(default=0, help_text="Lines refused (the first ones are listed).")
+    error = models.CharField(max_length=500, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    # Moved on with each chunk: an import that stops moving is published again by the sweeper.
+    heartbeat_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [
+            models.Index(
+                fields=["heartbeat_at"],
+                name="recipient_import_unfinished",
+                condition=models.Q(status__in=["queued", "running"]),
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"import {self.id} ({self.status})"
+
+    @property
+    def progress(self) -> float:
+        """The share of rows processed, from 0 to 1."""
+        if self.status == ImportStatus.COMPLETED:
+            return 1.0
+        return self.rows_processed / self.rows_total if self.rows_total else 0.0
+
+
+class RecipientImportLine(models.Model):
+    """Staging: one line of an uploaded file, as it arrived, until a worker has processed it.
+    Written by COPY and deleted chunk by chunk; not a foreign key, so that deleting an import
+    never makes Django load its lines."""
+
+    pk = models.CompositePrimaryKey("recipient_import_id", "line_number")
+    recipient_import_id = models.UUIDField()
+    line_number = models.PositiveIntegerField()
+    raw = models.TextField(blank=True, default="")
+    # Set when the line could not be stored as text (not UTF-8, a NUL, too long): it is refused.
+    problem = models.CharField(max_length=200, blank=True, default="")
+
+
+class RecipientImportRefusal(models.Model):
+    """A line an import refused, with why; the first NOTIFY_IMPORT_REFUSALS_KEPT per import."""
+
+    # Indexed through import_refusal_line.
+    recipient_import = models.ForeignKey(
+        RecipientImport, on_delete=models.CASCADE, related_name="refusals", db_index=False
+    )
+    line_number = models.PositiveIntegerField()
+    reason = models.CharField(max_length=500)
+
+    class Meta:
+        ordering = ["recipient_import", "line_number"]
+        indexes = [models.Index(fields=["recipient_import", "line_number"], name="import_refusal_line")]
+
+    def __str__(self) -> str:
+        return f"line {self.line_number}: {self.reason}"
