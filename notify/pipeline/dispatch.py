@@ -17,15 +17,17 @@ from uuid import UUID
 from celery import current_app
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
+from apps.audiences.models import Broadcast, BroadcastState
 from apps.deliveries.models import (
     CLAIMABLE_STATUSES,
     ChannelSwitch,
     DeadLetter,
     Delivery,
     DeliveryStatus,
+    Notification,
 )
 from config.queues import CHANNELS, PRIORITIES, dead_letter_queue, delivery_queue
 from notify.pipeline.record import history_event, history_insert
@@ -210,6 +212,23 @@ def paused_channels() -> set[str]:
     return set(ChannelSwitch.objects.filter(paused=True).values_list("channel", flat=True))
 
 
+def held_events() -> list[UUID]:
+    """The events of broadcasts that hold their deliveries back: paused ones, and cancelled
+    ones whose deliveries are still being marked. Read once per batch."""
+    return list(
+        Broadcast.objects.filter(
+            Q(state=BroadcastState.PAUSED) | Q(state=BroadcastState.CANCELLED, cancel_finished_at__isnull=True)
+        ).values_list("event_id", flat=True)
+    )
+
+
+def held_exclusion(*, events: list[UUID]) -> Q:
+    """Deliveries not of those events; only when there are any, so the usual statement is unchanged."""
+    if not events:
+        return Q()
+    return ~Q(Exists(Notification.objects.filter(pk=OuterRef("notification_id"), event_id__any_of=events)))
+
+
 def due_publish(*, now: datetime, channel: str | None = None) -> int:
     """Publish due work the broker may not hold. With `channel`, all of that channel's due
     work, published or not: what a paused channel held back when it resumes."""
@@ -220,7 +239,11 @@ def due_publish(*, now: datetime, channel: str | None = None) -> int:
         stale = Q(published_at__lt=stale_before)
         for backlogged_channel, priority in queues_with_backlog():
             stale &= ~Q(channel=backlogged_channel, priority=priority)
-        which = (Q(published_at__isnull=True) | stale) & ~Q(channel__in=paused_channels())
+        which = (
+            (Q(published_at__isnull=True) | stale)
+            & ~Q(channel__in=paused_channels())
+            & held_exclusion(events=held_events())
+        )
     else:  # everything not published in this very pass
         which = Q(channel=channel) & (Q(published_at__isnull=True) | Q(published_at__lt=now))
     with transaction.atomic():

@@ -21,7 +21,7 @@ from apps.tenants.models import Tenant
 from notify.channels import channel_for_provider, channel_get
 from notify.channels.base import OutboundMessage, RenderedContent, SendOutcome
 from notify.pipeline.bulk import PrimaryKeyPath, retry_lock_conflicts
-from notify.pipeline.dispatch import paused_channels
+from notify.pipeline.dispatch import held_events, held_exclusion, paused_channels
 from notify.pipeline.plan import content_render, variant_mentions_recipient, variant_resolve
 from notify.pipeline.record import deliveries_held, outcomes_record
 from notify.pipeline.routing import chains_advance
@@ -85,6 +85,8 @@ def deliveries_claim(*, delivery_ids: list[str]) -> tuple[UUID, list[Delivery]]:
         .filter(id__any_of=delivery_ids, current_status__in=CLAIMABLE_STATUSES, next_attempt_at__lte=now)
         # A paused channel's deliveries stay queued, untouched, until it resumes.
         .exclude(channel__in=paused_channels())
+        # A paused or cancelled broadcast's deliveries likewise.
+        .filter(held_exclusion(events=held_events()))
         .update(
             status=DeliveryStatus.SENDING,
             attempt_count=F("attempt_count") + 1,
