@@ -368,7 +368,7 @@ def _reached_walk(*, broadcast_id: UUID, after: UUID | None) -> list[UUID]:
 
 
 def _broadcast_deliveries(*, broadcast: Broadcast, recipient_ids: list[UUID]) -> Any:
-    notifications = Notification.objects.filter(event_id=broadcast.event_id, recipient_id__any_of=recipient_ids)
+    notifications = Notification.objects.filter(event_id=broadcast.event_id, recipient_id__in=recipient_ids)
     return Delivery.objects.filter(notification__in=notifications)
 
 

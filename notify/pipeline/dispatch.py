@@ -226,7 +226,7 @@ def held_exclusion(*, events: list[UUID]) -> Q:
     """Deliveries not of those events; only when there are any, so the usual statement is unchanged."""
     if not events:
         return Q()
-    return ~Q(Exists(Notification.objects.filter(pk=OuterRef("notification_id"), event_id__any_of=events)))
+    return ~Q(Exists(Notification.objects.filter(pk=OuterRef("notification_id"), event_id__in=events)))
 
 
 def due_publish(*, now: datetime, channel: str | None = None) -> int:
