@@ -20,7 +20,7 @@ from uuid import UUID
 from celery import current_app
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from apps.audiences.models import Broadcast, BroadcastRecipient, BroadcastState
@@ -460,9 +460,16 @@ def broadcasts_advance(*, now: datetime) -> int:
     for broadcast_id in cancels.values_list("id", flat=True):
         _task_publish(name=CANCEL_TASK, broadcast_id=broadcast_id)
         queued += 1
+    # A cancelled broadcast still moves until its cancel is done and its last sends are recorded.
+    cancelled_moving = Q(state=BroadcastState.CANCELLED) & (
+        Q(cancel_finished_at__isnull=True)
+        | Q(counts_at__isnull=True)
+        | Q(counts_at__lt=F("cancel_finished_at"))
+        | Q(counts__pending__gt=0)
+    )
     moving = Broadcast.objects.filter(
         Q(counts_at__isnull=True) | Q(counts_at__lt=now - ROLLUP_EVERY),
-        state__in=[BroadcastState.FANNING_OUT, BroadcastState.SENDING, BroadcastState.PAUSED],
+        Q(state__in=[BroadcastState.FANNING_OUT, BroadcastState.SENDING, BroadcastState.PAUSED]) | cancelled_moving,
     ).only("id", "event_id", "state", "fanned_out_at")
     for broadcast in moving:
         broadcast_roll_up(broadcast=broadcast, now=now)
