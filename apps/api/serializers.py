@@ -57,11 +57,26 @@ class RecipientSerializer(serializers.ModelSerializer):
     external_id = serializers.CharField(max_length=255)
     timezone = serializers.CharField(max_length=64, required=False)
     attributes = serializers.DictField(required=False)
+    topics = serializers.SerializerMethodField(help_text="Keys of the topics the recipient is subscribed to.")
 
     class Meta:
         model = Recipient
-        fields = ["external_id", "email", "phone", "locale", "timezone", "attributes", "created_at", "updated_at"]
+        fields = [
+            "external_id",
+            "email",
+            "phone",
+            "locale",
+            "timezone",
+            "attributes",
+            "topics",
+            "created_at",
+            "updated_at",
+        ]
         read_only_fields = ["created_at", "updated_at"]
+
+    def get_topics(self, recipient: Recipient) -> list[str]:
+        # A list prefetches the memberships with their topics (RecipientViewSet.get_queryset).
+        return sorted(membership.topic.key for membership in recipient.topic_memberships.all())
 
     def validate_timezone(self, value: str) -> str:
         try:

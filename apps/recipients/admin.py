@@ -1,6 +1,7 @@
 from django.contrib import admin
 from django.http import HttpRequest
 
+from apps.audiences.admin import TopicMembershipInline
 from apps.recipients.models import Consent, Device, PreferenceSet, Recipient, Suppression, WebPushSubscription
 from notify.policy.suppression import address_canonical
 
@@ -32,7 +33,7 @@ class RecipientAdmin(admin.ModelAdmin):
     list_filter = ("tenant", "locale")
     search_fields = ("external_id", "email", "phone")
     readonly_fields = ("created_at", "updated_at")
-    inlines = [PreferenceSetInline, ConsentInline]
+    inlines = [PreferenceSetInline, ConsentInline, TopicMembershipInline]
 
 
 @admin.register(Suppression)

@@ -167,3 +167,11 @@ def test_a_segment_is_changed_and_counted_again(api, people):
     response = api.patch(f"/api/v1/segments/{key}", data={"filter": {"topic": "news"}}, format="json")
     assert response.status_code == 200, response.content
     assert api.get(f"/api/v1/segments/{key}/count").json() == {"count": 2}
+
+
+def test_a_recipients_topics_are_in_its_record(api, workspace, news):
+    post(api, "/api/v1/topics", {"key": "alerts"})
+    post(api, "/api/v1/topics/news/subscribers", {"recipients": [{"external_id": "ada"}]})
+    post(api, "/api/v1/topics/alerts/subscribers", {"recipients": ["ada"]})
+    assert api.get("/api/v1/recipients/ada").json()["topics"] == ["alerts", "news"]
+    assert api.get("/api/v1/recipients").json()["results"][0]["topics"] == ["alerts", "news"]
