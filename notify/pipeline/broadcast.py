@@ -20,7 +20,7 @@ from uuid import UUID
 from celery import current_app
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F, Q
+from django.db.models import Count, F, Q
 from django.utils import timezone
 
 from apps.audiences.models import Broadcast, BroadcastRecipient, BroadcastState
@@ -223,24 +223,7 @@ def fan_out_chunk(*, broadcast_id: UUID) -> ChunkOutcome:
         chunk = audience.order_by("id")
         if broadcast.cursor is not None:
             chunk = chunk.filter(id__gt=broadcast.cursor)
-        chunk_sql, chunk_params = chunk.values_list("id")[: settings.NOTIFY_BROADCAST_CHUNK].query.sql_with_params()
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"""
-                WITH chunk AS ({chunk_sql}),
-                reached AS (
-                    INSERT INTO {BroadcastRecipient._meta.db_table} (broadcast_id, recipient_id)
-                    SELECT %s, id FROM chunk ORDER BY id
-                    ON CONFLICT (broadcast_id, recipient_id) DO NOTHING
-                    RETURNING recipient_id
-                )
-                SELECT (SELECT id FROM chunk ORDER BY id DESC LIMIT 1),
-                       (SELECT count(*) FROM chunk),
-                       ARRAY(SELECT recipient_id FROM reached)
-                """,
-                [*chunk_params, broadcast.id],
-            )
-            last_id, selected, reached_ids = cursor.fetchone()
+        last_id, selected, reached_ids = _chunk_reach(broadcast=broadcast, chunk=chunk)
         recipients = list(
             Recipient.objects.filter(id__any_of=reached_ids).only(*PLANNED_RECIPIENT_FIELDS).order_by("id")
         ) if reached_ids else []
@@ -278,6 +261,43 @@ def fan_out_chunk(*, broadcast_id: UUID) -> ChunkOutcome:
             ]
         )
     return ChunkOutcome(planned=len(recipients), done=done)
+
+
+def _chunk_reach(*, broadcast: Broadcast, chunk: Any) -> tuple[UUID | None, int, list[UUID]]:
+    """Take the next chunk of the audience and record its recipients as reached; return the
+    chunk's last recipient id, its size, and the ids reached for the first time."""
+    limit = settings.NOTIFY_BROADCAST_CHUNK
+    if connection.vendor != "postgresql":  # the demo's SQLite: the same, in three statements
+        ids = list(chunk.values_list("id", flat=True)[:limit])
+        seen = set(
+            BroadcastRecipient.objects.filter(broadcast=broadcast, recipient_id__in=ids).values_list(
+                "recipient_id", flat=True
+            )
+        )
+        new = [i for i in ids if i not in seen]
+        BroadcastRecipient.objects.bulk_create([BroadcastRecipient(broadcast=broadcast, recipient_id=i) for i in new])
+        return (ids[-1] if ids else None), len(ids), new
+    chunk_sql, chunk_params = chunk.values_list("id")[:limit].query.sql_with_params()
+    with connection.cursor() as cursor:
+        # One statement: pick the chunk, skip whoever was reached before (a retried chunk, a
+        # recipient in two topics), and say who is new.
+        cursor.execute(
+            f"""
+            WITH chunk AS ({chunk_sql}),
+            reached AS (
+                INSERT INTO {BroadcastRecipient._meta.db_table} (broadcast_id, recipient_id)
+                SELECT %s, id FROM chunk ORDER BY id
+                ON CONFLICT (broadcast_id, recipient_id) DO NOTHING
+                RETURNING recipient_id
+            )
+            SELECT (SELECT id FROM chunk ORDER BY id DESC LIMIT 1),
+                   (SELECT count(*) FROM chunk),
+                   ARRAY(SELECT recipient_id FROM reached)
+            """,
+            [*chunk_params, broadcast.id],
+        )
+        last_id, selected, reached_ids = cursor.fetchone()
+    return last_id, selected, reached_ids
 
 
 def _paced_groups(
@@ -479,18 +499,13 @@ def broadcasts_advance(*, now: datetime) -> int:
 def broadcast_roll_up(*, broadcast: Broadcast, now: datetime) -> dict[str, int]:
     """Count the broadcast's deliveries by state into its row, where reads find them; a
     broadcast fanned out with nothing left pending is completed."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"""
-            SELECT d.status, count(*)
-            FROM {Delivery._meta.db_table} d
-            JOIN {Notification._meta.db_table} n ON n.id = d.notification_id
-            WHERE n.event_id = %s AND NOT d.escalation
-            GROUP BY d.status
-            """,
-            [broadcast.event_id],
-        )
-        by_status = dict(cursor.fetchall())
+    by_status = dict(
+        Delivery.objects.filter(notification__event_id=broadcast.event_id, escalation=False)
+        .values_list("status")
+        .annotate(n=Count("id"))
+        .order_by()
+        .values_list("status", "n")
+    )
     counts = {name: sum(by_status.get(status, 0) for status in statuses) for name, statuses in COUNTED.items()}
     update: dict[str, Any] = {"counts": counts, "counts_at": now}
     finished = (
