@@ -124,9 +124,7 @@ class TopicSubscribersView(APIView):
         serializer = SubscribersSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         try:
-            added = topic_subscribe(
-                tenant=topic.tenant, topic=topic, refs=serializer.validated_data["recipients"]
-            )
+            added = topic_subscribe(tenant=topic.tenant, topic=topic, refs=serializer.validated_data["recipients"])
         except IngestError as error:
             return field_error(field=error.field, message=error.message)
         return Response({"added": added})
@@ -160,7 +158,6 @@ class SegmentSerializer(serializers.ModelSerializer):
                 # Named by the clause's path (filter.all[1].gt), not only by the field.
                 raise serializers.ValidationError({error.field: [error.message]}) from error
         return attrs
-
 
 
 @extend_schema_view(
@@ -213,7 +210,7 @@ class BroadcastCreateSerializer(serializers.Serializer):
         help_text='{"topic": key}, {"topics": [keys]}, {"segment": key} or {"all": true}, '
         'optionally with "exclude": another audience.'
     )
-    data = serializers.DictField(required=False, default=dict)
+    data = serializers.DictField(required=False, default=dict)  # type: ignore[assignment]  # a field, not Serializer.data
     idempotency_key = serializers.CharField(max_length=255, required=False)
     send_at = serializers.DateTimeField(required=False)
     send_at_local = serializers.CharField(
@@ -231,7 +228,9 @@ class BroadcastCreateSerializer(serializers.Serializer):
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if "send_at" in attrs and "send_at_local" in attrs:
-            raise serializers.ValidationError({"send_at_local": ["Give either 'send_at' or 'send_at_local', not both."]})
+            raise serializers.ValidationError(
+                {"send_at_local": ["Give either 'send_at' or 'send_at_local', not both."]}
+            )
         if "max_per_second" in attrs and "spread_over_seconds" in attrs:
             raise serializers.ValidationError(
                 {"spread_over_seconds": ["Give either 'max_per_second' or 'spread_over_seconds', not both."]}

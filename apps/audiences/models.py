@@ -141,6 +141,4 @@ class BroadcastRecipient(models.Model):
     )
 
     class Meta:
-        constraints = [
-            models.UniqueConstraint(fields=["broadcast", "recipient"], name="broadcast_recipient_unique")
-        ]
+        constraints = [models.UniqueConstraint(fields=["broadcast", "recipient"], name="broadcast_recipient_unique")]

@@ -270,9 +270,7 @@ def audience_compile(*, tenant: Tenant, audience: Any, field: str = "audience") 
                 raise AudienceError(field=f"{field}.topics[{index}]", message=f"Unknown topic '{key}'.")
             topic_ids.append(topic_id)
         # One EXISTS over all the topics: a recipient in two of them is one row.
-        included = Q(
-            Exists(TopicMembership.objects.filter(topic_id__in=topic_ids, recipient_id=OuterRef("pk")))
-        )
+        included = Q(Exists(TopicMembership.objects.filter(topic_id__in=topic_ids, recipient_id=OuterRef("pk"))))
     else:
         segment = Segment.objects.filter(tenant=tenant, key=value).first() if isinstance(value, str) else None
         if segment is None:

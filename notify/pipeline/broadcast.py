@@ -224,9 +224,11 @@ def fan_out_chunk(*, broadcast_id: UUID) -> ChunkOutcome:
         if broadcast.cursor is not None:
             chunk = chunk.filter(id__gt=broadcast.cursor)
         last_id, selected, reached_ids = _chunk_reach(broadcast=broadcast, chunk=chunk)
-        recipients = list(
-            Recipient.objects.filter(id__any_of=reached_ids).only(*PLANNED_RECIPIENT_FIELDS).order_by("id")
-        ) if reached_ids else []
+        recipients = (
+            list(Recipient.objects.filter(id__any_of=reached_ids).only(*PLANNED_RECIPIENT_FIELDS).order_by("id"))
+            if reached_ids
+            else []
+        )
         for send_at, group in _paced_groups(broadcast=broadcast, recipients=recipients, now=now):
             plan = notifications_plan(
                 event=broadcast.event,

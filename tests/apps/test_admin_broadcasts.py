@@ -61,7 +61,9 @@ def test_the_buttons_pause_resume_and_cancel(ops, running):
 
 def test_a_recipients_topics_are_on_its_admin_page(ops, workspace):
     recipient = RecipientFactory(tenant=workspace.tenant, external_id="ada")
-    TopicMembership.objects.create(topic=Topic.objects.create(tenant=workspace.tenant, key="launches"), recipient=recipient)
+    TopicMembership.objects.create(
+        topic=Topic.objects.create(tenant=workspace.tenant, key="launches"), recipient=recipient
+    )
     page = ops.get(reverse("admin:recipients_recipient_change", args=[recipient.pk])).content.decode()
     assert "launches" in page
 

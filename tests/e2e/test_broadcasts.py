@@ -55,7 +55,8 @@ def test_a_topic_broadcast_with_an_exclusion_is_delivered_once_to_each(api, work
     workers.start("bulk")
     workers.start_beat()
     broadcast_id = start(
-        api, {"category": "digest", "audience": {"topic": "news", "exclude": {"topic": "muted"}}, "data": {"name": "all"}}
+        api,
+        {"category": "digest", "audience": {"topic": "news", "exclude": {"topic": "muted"}}, "data": {"name": "all"}},
     )
     wait_for(lambda: read(api, broadcast_id)["state"] == "completed", timeout=60, what="the broadcast to complete")
     got = received(sandbox)
@@ -102,9 +103,7 @@ def test_pause_holds_the_sending_resume_goes_on_and_cancel_stops_the_rest(api, w
     assert api.post(f"/api/v1/broadcasts/{broadcast_id}/resume").status_code == 200
     wait_for(lambda: sandbox.stats()["total"] >= held + 100, what="sending to go on")
     assert api.post(f"/api/v1/broadcasts/{broadcast_id}/cancel").status_code == 200
-    wait_for(
-        lambda: Broadcast.objects.get(pk=broadcast_id).cancel_finished_at is not None, what="the cancel to finish"
-    )
+    wait_for(lambda: Broadcast.objects.get(pk=broadcast_id).cancel_finished_at is not None, what="the cancel to finish")
     time.sleep(1.0)
     got = received(sandbox)
     assert set(got.values()) == {1}

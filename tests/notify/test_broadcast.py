@@ -12,9 +12,6 @@ from apps.audiences.models import Broadcast, BroadcastRecipient, BroadcastState,
 from apps.catalog.models import Priority
 from apps.deliveries.models import Delivery, DeliveryStatus, Notification
 from notify.pipeline.broadcast import (
-    broadcast_cancel,
-    broadcast_pause,
-    broadcast_resume,
     broadcast_roll_up,
     cancel_finish,
     fan_out,
@@ -212,7 +209,9 @@ def test_a_paced_broadcast_spreads_its_send_times(api, workspace):
     body = broadcast(api, {"category": "welcome", "audience": {"all": True}, "max_per_second": 2})
     fan_out(broadcast_id=body["id"])
     row = Broadcast.objects.get(pk=body["id"])
-    times = sorted(Delivery.objects.filter(notification__event_id=row.event_id).values_list("next_attempt_at", flat=True))
+    times = sorted(
+        Delivery.objects.filter(notification__event_id=row.event_id).values_list("next_attempt_at", flat=True)
+    )
     offsets = [(t - row.started_at).total_seconds() for t in times]
     assert offsets == [0, 0, 1, 1, 2]
     estimate = api.get(f"/api/v1/broadcasts/{row.id}").json()["estimated_finish_at"]
