@@ -269,6 +269,7 @@ class BroadcastSerializer(serializers.ModelSerializer):
             "finished_at",
             "estimated_finish_at",
             "counts_at",
+            "note",
         ]
 
     def get_counts(self, broadcast: Broadcast) -> dict[str, int | None]:

@@ -109,6 +109,8 @@ class Broadcast(models.Model):
     # Cancel stops the unsent deliveries in chunks; set when none is left.
     cancel_finished_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Why the service stopped the broadcast itself (its audience can no longer be read).
+    note = models.CharField(max_length=500, blank=True, default="")
 
     class Meta:
         constraints = [

@@ -216,7 +216,12 @@ def fan_out_chunk(*, broadcast_id: UUID) -> ChunkOutcome:
         )
         if broadcast is None or broadcast.state != BroadcastState.FANNING_OUT:
             return ChunkOutcome(planned=0, done=True)
-        audience = audience_recipients(tenant=broadcast.event.tenant, audience=broadcast.audience)
+        try:
+            audience = audience_recipients(tenant=broadcast.event.tenant, audience=broadcast.audience)
+        except AudienceError as error:
+            # Its topic or segment was deleted since it was accepted: retrying cannot help.
+            _stopped(broadcast=broadcast, note=f"stopped: {error.field}: {error.message}", now=now)
+            return ChunkOutcome(planned=0, done=True)
         if broadcast.started_at is None:
             broadcast.started_at = now
             broadcast.audience_count = audience.count()
@@ -263,6 +268,17 @@ def fan_out_chunk(*, broadcast_id: UUID) -> ChunkOutcome:
             ]
         )
     return ChunkOutcome(planned=len(recipients), done=done)
+
+
+def _stopped(*, broadcast: Broadcast, note: str, now: datetime) -> None:
+    """Cancel a broadcast the service cannot go on with, saying why."""
+    logger.error("broadcast %s %s", broadcast.id, note)
+    broadcast.state = BroadcastState.CANCELLED
+    broadcast.note = note[:500]
+    broadcast.cancelled_at = broadcast.finished_at = now
+    broadcast.fanout_lease_expires_at = None
+    broadcast.save(update_fields=["state", "note", "cancelled_at", "finished_at", "fanout_lease_expires_at"])
+    transaction.on_commit(partial(_task_publish, name=CANCEL_TASK, broadcast_id=broadcast.id))
 
 
 def _chunk_reach(*, broadcast: Broadcast, chunk: Any) -> tuple[UUID | None, int, list[UUID]]:
@@ -470,7 +486,11 @@ def broadcasts_advance(*, now: datetime) -> int:
         ):
             _task_publish(name=FAN_OUT_TASK, broadcast_id=broadcast_id)
             queued += 1
-    lost = Q(fanout_lease_expires_at__lt=now) | Q(fanout_lease_expires_at__isnull=True, started_at__isnull=True)
+    lease = timedelta(seconds=settings.NOTIFY_BROADCAST_LEASE_SECONDS)
+    # A lease that ran out, or a fan-out queued a lease ago that never started.
+    lost = Q(fanout_lease_expires_at__lt=now) | Q(
+        fanout_lease_expires_at__isnull=True, started_at__isnull=True, created_at__lt=now - lease
+    )
     for broadcast_id in Broadcast.objects.filter(lost, state=BroadcastState.FANNING_OUT).values_list("id", flat=True):
         _task_publish(name=FAN_OUT_TASK, broadcast_id=broadcast_id)
         queued += 1

@@ -275,3 +275,13 @@ def test_the_claim_statement_is_unchanged_while_no_broadcast_is_held(api, worksp
         deliveries_claim(delivery_ids=ids)
     update = next(q["sql"] for q in queries.captured_queries if q["sql"].startswith("UPDATE"))
     assert "EXISTS" not in update
+
+
+def test_a_broadcast_whose_topic_was_deleted_stops_and_says_why(api, workspace):
+    topic_with(workspace, "gone", people(workspace, 2))
+    body = broadcast(api, {"category": "welcome", "audience": {"topic": "gone"}})
+    Topic.objects.filter(key="gone").delete()
+    fan_out(broadcast_id=body["id"])
+    read = api.get(f"/api/v1/broadcasts/{body['id']}").json()
+    assert read["state"] == "cancelled"
+    assert read["note"] == "stopped: audience.topic: Unknown topic 'gone'."
