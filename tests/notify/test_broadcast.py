@@ -7,18 +7,29 @@ from zoneinfo import ZoneInfo
 import pytest
 from django.db import connection
 from django.utils import timezone
+from rest_framework.test import APIClient
 
 from apps.audiences.models import Broadcast, BroadcastRecipient, BroadcastState, Segment, Topic, TopicMembership
 from apps.catalog.models import Priority
 from apps.deliveries.models import Delivery, DeliveryStatus, Notification
 from notify.pipeline.broadcast import (
+    broadcast_pause,
+    broadcast_resume,
     broadcast_roll_up,
     cancel_finish,
     fan_out,
     fan_out_chunk,
+    resume_publish,
 )
+from notify.pipeline.dispatch import sweep
 from notify.pipeline.send import deliveries_claim
-from tests.factories import RecipientFactory
+from tests.factories import ApiKeyFactory, RecipientFactory
+
+
+def client_for(raw_key: str) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
+    return client
 
 
 def broadcast(api, body: dict, *, expect: int = 202) -> dict:  # type: ignore[no-untyped-def, type-arg]
@@ -285,3 +296,45 @@ def test_a_broadcast_whose_topic_was_deleted_stops_and_says_why(api, workspace):
     read = api.get(f"/api/v1/broadcasts/{body['id']}").json()
     assert read["state"] == "cancelled"
     assert read["note"] == "stopped: audience.topic: Unknown topic 'gone'."
+
+
+def test_the_sweeper_leaves_a_paused_broadcast_alone_and_resume_publishes_it(
+    api, workspace, django_capture_on_commit_callbacks
+):
+    people(workspace, 3)
+    body = broadcast(api, {"category": "welcome", "audience": {"all": True}})
+    fan_out(broadcast_id=body["id"])
+    row = Broadcast.objects.get(pk=body["id"])
+    broadcast_pause(broadcast=row)
+    later = timezone.now() + timedelta(minutes=10)  # long past the republish interval
+    with django_capture_on_commit_callbacks(execute=False) as published:
+        assert sweep(now=later).republished == 0
+    assert published == []
+    broadcast_resume(broadcast=row)
+    with django_capture_on_commit_callbacks(execute=False) as published:
+        assert resume_publish(broadcast_id=row.id) == 3
+    assert len(published) == 1  # one batch message for the three
+
+
+def test_a_category_limited_key_broadcasts_and_sees_only_its_categories(api, workspace):
+    people(workspace, 1)
+    other = broadcast(api, {"category": "digest", "audience": {"all": True}})
+    limited = client_for(ApiKeyFactory(tenant=workspace.tenant, categories=["welcome"]).raw_key)
+    refused = broadcast(limited, {"category": "digest", "audience": {"all": True}}, expect=403)
+    assert refused["error"]["code"] == "category_not_allowed"
+    mine = broadcast(limited, {"category": "welcome", "audience": {"all": True}})
+    assert [b["id"] for b in limited.get("/api/v1/broadcasts").json()["results"]] == [mine["id"]]
+    assert limited.get(f"/api/v1/broadcasts/{other['id']}").status_code == 404
+    assert limited.post(f"/api/v1/broadcasts/{other['id']}/cancel").status_code == 404
+
+
+def test_another_tenants_broadcasts_and_audiences_are_out_of_reach(api, workspace):
+    people(workspace, 1)
+    topic_with(workspace, "news", [])
+    mine = broadcast(api, {"category": "welcome", "audience": {"topic": "news"}})
+    stranger = client_for(ApiKeyFactory().raw_key)
+    assert stranger.get(f"/api/v1/broadcasts/{mine['id']}").status_code == 404
+    assert stranger.post(f"/api/v1/broadcasts/{mine['id']}/pause").status_code == 404
+    assert stranger.get("/api/v1/topics/news").status_code == 404
+    refused = broadcast(stranger, {"category": "welcome", "audience": {"topic": "news"}}, expect=400)
+    assert list(refused["error"]["fields"]) == ["category"]
