@@ -58,6 +58,7 @@ INSTALLED_APPS = [
     "apps.recipients",
     "apps.catalog",
     "apps.deliveries",
+    "apps.audiences",
     "apps.inbox",
     "apps.api",
 ]
@@ -262,6 +263,10 @@ NOTIFY_REPUBLISH_AFTER_SECONDS = env.float("NOTIFY_REPUBLISH_AFTER_SECONDS", def
 # for the sweeper, because Redis redelivers long ETA tasks after its visibility timeout.
 NOTIFY_COUNTDOWN_MAX_SECONDS = env.float("NOTIFY_COUNTDOWN_MAX_SECONDS", default=300.0)
 NOTIFY_SWEEP_CHUNK = env.int("NOTIFY_SWEEP_CHUNK", default=5000)
+# Broadcast fan-out turns this many recipients into notifications per transaction.
+NOTIFY_BROADCAST_CHUNK = env.int("NOTIFY_BROADCAST_CHUNK", default=2000)
+# A fan-out whose worker has not finished a chunk by then is started again by the sweeper.
+NOTIFY_BROADCAST_LEASE_SECONDS = env.float("NOTIFY_BROADCAST_LEASE_SECONDS", default=30.0)
 NOTIFY_RETRY_POLICY = {
     channel: {
         "max_attempts": env.int(f"NOTIFY_{channel.upper()}_MAX_ATTEMPTS", default=5),

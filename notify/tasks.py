@@ -8,7 +8,7 @@ from celery import shared_task
 from django.utils import timezone
 
 from apps.recipients import imports
-from notify.pipeline import digest, dispatch, recurring, routing, send
+from notify.pipeline import broadcast, digest, dispatch, recurring, routing, send
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +27,10 @@ def sweep() -> dict[str, int]:
     steps_started = routing.routing_sweep(now=now)
     report = dispatch.sweep()
     imports_resumed = imports.recipient_imports_resume(now=now)
+    broadcast_tasks = broadcast.broadcasts_advance(now=now)
     return {
         "imports_resumed": imports_resumed,
+        "broadcast_tasks": broadcast_tasks,
         "digests_sent": digests_sent,
         "routing_steps_started": steps_started,
         "leases_expired": report.leases_expired,
@@ -51,3 +53,18 @@ def dead_letter_notice(delivery_id: str, channel: str, reason: str) -> None:
     """Alert ops that a delivery died; the DeadLetter row is the durable record."""
     logger.warning("delivery %s on %s is dead: %s", delivery_id, channel, reason)
     sentry_sdk.capture_message(f"{channel} delivery {delivery_id} dead-lettered: {reason}", level="warning")
+
+
+@shared_task(name=broadcast.FAN_OUT_TASK)
+def broadcast_fan_out(broadcast_id: str) -> int:
+    return broadcast.fan_out(broadcast_id=UUID(broadcast_id))
+
+
+@shared_task(name=broadcast.CANCEL_TASK)
+def broadcast_cancel(broadcast_id: str) -> int:
+    return broadcast.cancel_finish(broadcast_id=UUID(broadcast_id))
+
+
+@shared_task(name=broadcast.RESUME_TASK)
+def broadcast_resume(broadcast_id: str) -> int:
+    return broadcast.resume_publish(broadcast_id=UUID(broadcast_id))

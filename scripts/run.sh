@@ -72,16 +72,18 @@ for _ in $(seq 100); do
 done
 curl -sf "http://127.0.0.1:$WEB_PORT/api/schema/" -o /dev/null || die "the web server did not start; see var/log/web.log"
 
-# One demo event as a curl line: printed for people to run, and run by --smoke.
-event_curl() {
-    printf '%s' "curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/events \\
+# One demo request as a curl line: printed for people to run, and run by --smoke.
+api_curl() {
+    printf '%s' "curl -s -X POST http://127.0.0.1:$WEB_PORT/api/v1/$1 \\
   -H 'Authorization: Bearer $NOTIFY_DEMO_API_KEY' -H 'Content-Type: application/json' \\
-  -d '$1'"
+  -d '$2'"
 }
+event_curl() { api_curl events "$1"; }
 CURL="$(event_curl '{"category": "welcome", "recipient": {"external_id": "grace", "email": "grace@example.com"}, "data": {"name": "Grace"}}')"
 PUSH_CURL="$(event_curl '{"category": "alert", "recipient": "ada", "data": {"text": "Your build finished."}}')"
 SMS_CURL="$(event_curl '{"category": "otp", "recipient": {"external_id": "grace", "phone": "+14155550123"}, "data": {"code": "482913"}}')"
 WEBPUSH_CURL="$(event_curl '{"category": "browser-alert", "recipient": "ada", "data": {"text": "Your export is ready."}}')"
+BROADCAST_CURL="$(api_curl broadcasts '{"category": "announcement", "audience": {"topic": "product-news"}, "data": {"headline": "Version 2 is out"}}')"
 INBOX_CURL="$(event_curl '{"category": "mention", "recipient": "ada", "data": {"who": "Grace", "text": "Can you review the launch plan?"}}')"
 
 PREFERENCES_URL="$(curl -s -X POST "http://127.0.0.1:$WEB_PORT/api/v1/recipients/ada/preference-link" \
@@ -120,6 +122,10 @@ cat <<INFO
 
   $INBOX_CURL
 
+  Broadcast to the product-news topic (its progress: Broadcasts in the admin):
+
+  $BROADCAST_CURL
+
   Then open Notifications in the admin, or the sandbox log. Ctrl-C stops everything.
 
 INFO
@@ -140,6 +146,23 @@ reaches() {
     [ "$status" = "$want" ]
 }
 
+# Start a broadcast, then wait until it completes; print its counts.
+broadcasted() {
+    local response broadcast_id state=""
+    response="$(eval "$1")"
+    echo "$response"
+    broadcast_id="$(echo "$response" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["id"])')"
+    for _ in $(seq 300); do
+        response="$(curl -s "http://127.0.0.1:$WEB_PORT/api/v1/broadcasts/$broadcast_id" \
+            -H "Authorization: Bearer $NOTIFY_DEMO_API_KEY")"
+        state="$(echo "$response" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["state"])')"
+        [ "$state" = completed ] && break
+        sleep 0.2
+    done
+    echo "broadcast $broadcast_id: $state $(echo "$response" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["counts"])')"
+    [ "$state" = completed ]
+}
+
 if [ "$SMOKE" = 1 ]; then
     reaches "$CURL" delivered || die "the demo email was not delivered; see var/log/"
     reaches "$SMS_CURL" delivered || die "the demo SMS was not delivered; see var/log/"
@@ -148,6 +171,7 @@ if [ "$SMOKE" = 1 ]; then
     reaches "$WEBPUSH_CURL" sent || die "the demo web push was not sent; see var/log/"
     curl -sf "$PREFERENCES_URL" | grep -q "Notification preferences" || die "the preference center did not open"
     reaches "$INBOX_CURL" sent || die "the demo in-app notification was not stored; see var/log/"
+    broadcasted "$BROADCAST_CURL" || die "the demo broadcast did not complete; see var/log/"
     curl -s "http://127.0.0.1:$SANDBOX_PORT/_sandbox/stats"; echo
     exit 0
 fi

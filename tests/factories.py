@@ -6,6 +6,7 @@ from django.contrib.auth.models import Permission, User
 from django.db import models
 from django.utils import timezone
 
+from apps.audiences.models import Broadcast, Segment, Topic, TopicMembership
 from apps.catalog.models import Category, CategoryKind, Priority, Template, TemplateVariant, TemplateVersion
 from apps.deliveries.models import (
     ChannelSwitch,
@@ -230,12 +231,32 @@ def tenant_world(*, tag: str) -> TenantWorld:
     )
     switch = ChannelSwitch.objects.create(tenant=tenant, channel="sms", paused=True, reason=f"{tag} paused sms")
     recipient_import = RecipientImport.objects.create(tenant=tenant, format="ndjson", source=f"{tag} import source")
+    topic = Topic.objects.create(tenant=tenant, key=f"{tag}-topic", name=f"{tag} topic name")
+    membership = TopicMembership.objects.create(topic=topic, recipient=recipient)
+    segment = Segment.objects.create(tenant=tenant, key=f"{tag}-segment", name=f"{tag} segment name", filter={})
+    broadcast_event = Event.objects.create(
+        tenant=tenant, api_key=api_key, category=category, idempotency_key=f"{tag}-broadcast", request_digest="0"
+    )
+    broadcast = Broadcast.objects.create(
+        tenant=tenant,
+        event=broadcast_event,
+        category=category,
+        template_version=inapp_version,
+        audience={"topic": topic.key},
+        request_digest="0",
+        state="paused",
+    )
     objects: list[models.Model] = [
         tenant,
         api_key,
         provider,
         switch,
         recipient_import,
+        topic,
+        membership,
+        segment,
+        broadcast_event,
+        broadcast,
         inapp_template,
         inapp_version,
         variant,
@@ -277,6 +298,10 @@ def tenant_world(*, tag: str) -> TenantWorld:
         provider.config["server_token"],
         switch.reason,
         recipient_import.source,
+        topic.key,
+        topic.name,
+        segment.key,
+        segment.name,
         recipient.external_id,
         recipient.email,
         recipient.phone,

@@ -1,6 +1,7 @@
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import models
 from drf_spectacular.utils import extend_schema_field, inline_serializer
 from rest_framework import serializers
 
@@ -15,6 +16,30 @@ from notify.policy.rules import validate_category_switches, validate_channel_swi
 
 MAX_RECIPIENTS_PER_EVENT = 1000
 MAX_EVENTS_PER_BATCH = 100
+
+
+class StrictCharField(serializers.CharField):
+    """JSON strings only: DRF's CharField turns 42 into "42", where the schema says a string."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictSlugField(StrictCharField, serializers.SlugField):
+    pass
+
+
+class StrictModelSerializer(serializers.ModelSerializer):
+    """A ModelSerializer whose text fields take JSON strings only."""
+
+    serializer_field_mapping = {
+        **serializers.ModelSerializer.serializer_field_mapping,
+        models.CharField: StrictCharField,
+        models.TextField: StrictCharField,
+        models.SlugField: StrictSlugField,
+    }
 
 
 class DeviceSerializer(serializers.ModelSerializer):
@@ -57,11 +82,26 @@ class RecipientSerializer(serializers.ModelSerializer):
     external_id = serializers.CharField(max_length=255)
     timezone = serializers.CharField(max_length=64, required=False)
     attributes = serializers.DictField(required=False)
+    topics = serializers.SerializerMethodField(help_text="Keys of the topics the recipient is subscribed to.")
 
     class Meta:
         model = Recipient
-        fields = ["external_id", "email", "phone", "locale", "timezone", "attributes", "created_at", "updated_at"]
+        fields = [
+            "external_id",
+            "email",
+            "phone",
+            "locale",
+            "timezone",
+            "attributes",
+            "topics",
+            "created_at",
+            "updated_at",
+        ]
         read_only_fields = ["created_at", "updated_at"]
+
+    def get_topics(self, recipient: Recipient) -> list[str]:
+        # A list prefetches the memberships with their topics (RecipientViewSet.get_queryset).
+        return sorted(membership.topic.key for membership in recipient.topic_memberships.all())
 
     def validate_timezone(self, value: str) -> str:
         try:

@@ -1,6 +1,7 @@
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
+from apps.api.audiences import BroadcastViewSet, SegmentViewSet, TopicSubscribersView, TopicViewSet
 from apps.api.imports import RecipientImportDetailView, RecipientImportView
 from apps.api.keys import ApiKeyRotateView, ApiKeySelfView
 from apps.api.views import (
@@ -23,11 +24,15 @@ router.register("recipients", RecipientViewSet, basename="recipient")
 router.register("devices", DeviceViewSet, basename="device")
 router.register("webpush-subscriptions", WebPushSubscriptionViewSet, basename="webpush-subscription")
 router.register("recurring-sends", RecurringSendViewSet, basename="recurring-send")
+router.register("topics", TopicViewSet, basename="topic")
+router.register("segments", SegmentViewSet, basename="segment")
+router.register("broadcasts", BroadcastViewSet, basename="broadcast")
 
 urlpatterns = [
     path("events", EventView.as_view(), name="events"),
     path("events/batch", EventBatchView.as_view(), name="events-batch"),
     path("inbox-tokens", InboxTokenView.as_view(), name="inbox-tokens"),
+    path("topics/<slug:key>/subscribers", TopicSubscribersView.as_view(), name="topic-subscribers"),
     path("api-keys/self", ApiKeySelfView.as_view(), name="api-key-self"),
     path("api-keys/self/rotate", ApiKeyRotateView.as_view(), name="api-key-rotate"),
     # Before the router: its recipient route takes any external id, slashes included.

@@ -254,7 +254,9 @@ class RecipientViewSet(QueryCheckedView, viewsets.ModelViewSet):
     queryset = Recipient.objects.none()
 
     def get_queryset(self):  # type: ignore[no-untyped-def]
-        return Recipient.objects.filter(tenant=api_key_of(self.request).tenant)
+        return Recipient.objects.filter(tenant=api_key_of(self.request).tenant).prefetch_related(
+            "topic_memberships__topic"
+        )
 
     def _upsert(self, *, external_id: str, data: dict[str, Any], partial: bool) -> Response:
         instance = self.get_queryset().filter(external_id=external_id).first()

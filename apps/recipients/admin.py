@@ -8,6 +8,7 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html
 
+from apps.audiences.admin import TopicMembershipInline
 from apps.recipients.imports import ImportRefused, recipient_import_start
 from apps.recipients.models import (
     Consent,
@@ -53,7 +54,7 @@ class RecipientAdmin(TenantScopedAdmin):
     list_filter = ("tenant", "locale")
     search_fields = ("external_id", "email", "phone")
     readonly_fields = ("created_at", "updated_at")
-    inlines = [PreferenceSetInline, ConsentInline]
+    inlines = [PreferenceSetInline, ConsentInline, TopicMembershipInline]
 
 
 @admin.register(Suppression)

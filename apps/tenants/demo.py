@@ -3,6 +3,7 @@
 from django.contrib.auth import get_user_model
 from django.db import transaction
 
+from apps.audiences.models import Topic, TopicMembership
 from apps.catalog.models import Category, CategoryKind, Priority, Template, TemplateVariant, TemplateVersion
 from apps.recipients.models import Device, Recipient, WebPushSubscription
 from apps.tenants.models import ALL_SCOPES, ApiKey, Tenant
@@ -68,6 +69,18 @@ DIGEST_VARIANTS = [
     }
 ]
 
+ANNOUNCEMENT_VARIANTS = [
+    {
+        "channel": "email",
+        "locale": "",
+        "subject": "{{ data.headline }}",
+        "body": "{{ data.headline }}",
+        "html": "<p>{{ data.headline }}</p>",
+    }
+]
+# The demo topic's subscribers: the demo recipient and this many readers.
+DEMO_READERS = 50
+
 
 @transaction.atomic
 def demo_workspace_ensure(
@@ -91,6 +104,14 @@ def demo_workspace_ensure(
             BROWSER_ALERT_VARIANTS,
         ),
         ("mention", "Mentions", CategoryKind.TRANSACTIONAL, Priority.NORMAL, ["inapp"], MENTION_VARIANTS),
+        (
+            "announcement",
+            "Product announcements",
+            CategoryKind.TRANSACTIONAL,
+            Priority.BULK,
+            ["email"],
+            ANNOUNCEMENT_VARIANTS,
+        ),
     ):
         template, created = Template.objects.get_or_create(tenant=tenant, key=key, defaults={"name": key})
         if created:
@@ -116,6 +137,7 @@ def demo_workspace_ensure(
     Device.objects.get_or_create(
         tenant=tenant, token="demo-device-token", defaults={"recipient": ada, "platform": "android", "app": "demo"}
     )
+    _demo_topic_ensure(tenant=tenant, ada=ada)
     if webpush_endpoint:
         WebPushSubscription.objects.get_or_create(
             tenant=tenant, endpoint=webpush_endpoint, defaults={"recipient": ada, **browser_subscription_keys()}
@@ -131,3 +153,21 @@ def demo_workspace_ensure(
         if not User.objects.filter(username=admin_username).exists():
             User.objects.create_superuser(admin_username, f"{admin_username}@example.com", admin_password)
     return tenant
+
+
+def _demo_topic_ensure(*, tenant: Tenant, ada: Recipient) -> None:
+    """`product-news`: a topic the demo broadcasts to, with the demo recipient and readers."""
+    topic, created = Topic.objects.get_or_create(
+        tenant=tenant, key="product-news", defaults={"name": "Product news", "description": "Demo broadcast topic"}
+    )
+    if not created:
+        return
+    readers = [
+        Recipient.objects.get_or_create(
+            tenant=tenant, external_id=f"reader-{i}", defaults={"email": f"reader-{i}@example.com"}
+        )[0]
+        for i in range(DEMO_READERS)
+    ]
+    TopicMembership.objects.bulk_create(
+        [TopicMembership(topic=topic, recipient=r) for r in [ada, *readers]], ignore_conflicts=True
+    )

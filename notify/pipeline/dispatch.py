@@ -21,6 +21,7 @@ from django.db import transaction
 from django.db.models import CharField, Exists, OuterRef, Q, QuerySet, Value
 from django.utils import timezone
 
+from apps.audiences.models import Broadcast, BroadcastState
 from apps.catalog.models import Priority
 from apps.deliveries.models import (
     CLAIMABLE_STATUSES,
@@ -221,13 +222,15 @@ def of_tenants(tenant_ids: Iterable[UUID]) -> Exists:
 @dataclass(frozen=True)
 class Holds:
     """What is held back now: channels ops paused for the whole installation, (tenant,
-    channel) pairs paused for one tenant, and tenants the runaway-send guard paused (their
-    normal and bulk work). Held deliveries are not claimed, nor republished by the sweeper
-    (a task published for one finds nothing to claim)."""
+    channel) pairs paused for one tenant, tenants the runaway-send guard paused (their
+    normal and bulk work), and the events of broadcasts that are paused or whose cancelling
+    is still marking their deliveries. Held deliveries are not claimed, nor republished by
+    the sweeper (a task published for one finds nothing to claim)."""
 
     channels: frozenset[str] = frozenset()
     tenant_channels: frozenset[tuple[UUID, str]] = frozenset()
     runaway_tenants: frozenset[UUID] = frozenset()
+    broadcast_events: frozenset[UUID] = frozenset()
 
     def held(self) -> Q | None:
         """A filter matching the held deliveries (None: nothing is held)."""
@@ -242,6 +245,11 @@ class Holds:
                 parts.append(Q(of_tenants(tenant_ids), channel=channel))
         if self.runaway_tenants:
             parts.append(Q(of_tenants(self.runaway_tenants), priority__in=RUNAWAY_HELD_PRIORITIES))
+        if self.broadcast_events:
+            of_events = Notification.objects.filter(
+                pk=OuterRef("notification_id"), event_id__in=sorted(self.broadcast_events)
+            )
+            parts.append(Q(Exists(of_events)))
         return reduce(or_, parts) if parts else None
 
     def exclude_from(self, deliveries: QuerySet[Delivery]) -> QuerySet[Delivery]:
@@ -249,27 +257,38 @@ class Holds:
         return deliveries if held is None else deliveries.exclude(held)
 
 
+# Marks in holds_read()'s one query for the rows that are not a switch's (tenant, channel).
+_RUNAWAY, _BROADCAST = "", "broadcast"
+
+
 def holds_read() -> Holds:
-    """Every paused switch and runaway-paused tenant, in one query (read per claim and per
-    sweep pass; nearly always empty)."""
+    """Every paused switch, runaway-paused tenant and holding broadcast, in one query (read
+    per claim and per sweep pass; nearly always empty)."""
     switches = ChannelSwitch.objects.filter(paused=True).values_list("tenant_id", "channel")
     runaway = Tenant.objects.filter(runaway_paused_at__isnull=False).values_list(
-        "id", Value("", output_field=CharField())
+        "id", Value(_RUNAWAY, output_field=CharField())
     )
+    broadcasts = Broadcast.objects.filter(
+        Q(state=BroadcastState.PAUSED) | Q(state=BroadcastState.CANCELLED, cancel_finished_at__isnull=True)
+    ).values_list("event_id", Value(_BROADCAST, output_field=CharField()))
     channels: set[str] = set()
     tenant_channels: set[tuple[UUID, str]] = set()
     runaway_tenants: set[UUID] = set()
-    for tenant_id, channel in switches.union(runaway, all=True):
-        if not channel:
-            runaway_tenants.add(tenant_id)
-        elif tenant_id is None:
+    broadcast_events: set[UUID] = set()
+    for owner_id, channel in switches.union(runaway, broadcasts, all=True):
+        if channel == _RUNAWAY:
+            runaway_tenants.add(owner_id)
+        elif channel == _BROADCAST:
+            broadcast_events.add(owner_id)
+        elif owner_id is None:
             channels.add(channel)
         else:
-            tenant_channels.add((tenant_id, channel))
+            tenant_channels.add((owner_id, channel))
     return Holds(
         channels=frozenset(channels),
         tenant_channels=frozenset(tenant_channels),
         runaway_tenants=frozenset(runaway_tenants),
+        broadcast_events=frozenset(broadcast_events),
     )
 
 

@@ -213,6 +213,12 @@ def _categories_resolve(*, tenant: Tenant, events: list[EventRequest], api_key: 
     return categories
 
 
+def recipients_resolve(*, tenant: Tenant, refs: list[RecipientRef], field_prefix: str = "") -> list[Recipient]:
+    """Upsert the inline recipients and look up the ones named by id, as an event does;
+    raises IngestError naming the first unknown one."""
+    return _recipients_upsert(tenant=tenant, refs=refs, field_prefix=field_prefix)
+
+
 def _recipients_upsert(*, tenant: Tenant, refs: list[RecipientRef], field_prefix: str) -> list[Recipient]:
     """Upsert inline recipients and look up the ones named by id, in the order given."""
     inline: dict[str, RecipientRef] = {ref.external_id: ref for ref in refs if ref.fields is not None}

@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 from django.template import Context
 from django.template import Template as DjangoTemplate
 
-from apps.catalog.models import Category, Routing, TemplateVariant
+from apps.catalog.models import Category, Routing, TemplateVariant, TemplateVersion
 from apps.deliveries.models import Delivery, DeliveryStatus, Event, Notification
 from apps.recipients.models import PreferenceSet, Recipient
 from notify.channels import channel_get
@@ -77,9 +77,11 @@ def notifications_plan(
     send_at: datetime | None,
     now: datetime,
     send_at_local: LocalSendTime | None = None,
+    template_version: TemplateVersion | None = None,
 ) -> Plan:
-    """Build (unsaved) notifications, deliveries and their first history rows."""
-    version = category.template.current_version()
+    """Build (unsaved) notifications, deliveries and their first history rows, with the
+    template's current version, or the one given (a broadcast pins it for every chunk)."""
+    version = template_version or category.template.current_version()
     if version is None:
         raise PlanError(field="category", message=f"Category '{category.key}' has a template with no versions yet.")
     channels = channels_override or list(category.default_channels)
