@@ -31,7 +31,6 @@ from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
-from psycopg.types.json import Jsonb
 from uuid6 import uuid7
 
 from apps.recipients.models import (
@@ -47,11 +46,11 @@ from apps.tenants.models import Tenant
 from config.queues import IMPORT_QUEUE
 from notify.channels.sms import e164
 from notify.pipeline.bulk import retry_lock_conflicts
+from notify.pipeline.ingest import RECIPIENT_FIELDS, recipients_upsert_statement
 
 logger = logging.getLogger(__name__)
 
 IMPORT_TASK = "recipients.import"
-RECIPIENT_FIELDS = ("email", "phone", "locale", "timezone", "attributes")
 CSV_COLUMNS = ("external_id", *RECIPIENT_FIELDS)
 # Read-only fields of a recipient as the API shows it: a re-imported export may carry them.
 IGNORED_FIELDS = frozenset({"created_at", "updated_at"})
@@ -524,34 +523,15 @@ def _recipients_merge(*, tenant_id: UUID, rows: dict[str, dict[str, Any]], now: 
 def _recipients_upsert_counted(
     *, tenant_id: UUID, field_names: tuple[str, ...], rows: list[dict[str, Any]], now: datetime
 ) -> tuple[int, int]:
-    """The upsert of notify/pipeline/ingest.py, counting instead of returning the rows: the rows
-    travel as one JSON parameter that the database unpacks."""
-    defaults = {f.name: f.get_default() for f in Recipient._meta.concrete_fields if f.name in RECIPIENT_FIELDS}
-    column_types = {"id": "uuid", "attributes": "jsonb"}
-    record = ", ".join(f"{name} {column_types.get(name, 'text')}" for name in ("id", "external_id", *field_names))
-    values = [f"x.{name}" if name in field_names else "%s" for name in RECIPIENT_FIELDS]
-    default_params = [
-        Jsonb(defaults[n]) if column_types.get(n) == "jsonb" else defaults[n]
-        for n in RECIPIENT_FIELDS
-        if n not in field_names
-    ]
-    updates = ", ".join(f"{name} = EXCLUDED.{name}" for name in field_names)
-    changed = " OR ".join(f"r.{name} IS DISTINCT FROM EXCLUDED.{name}" for name in field_names)
-    conflict = f"UPDATE SET {updates}, updated_at = EXCLUDED.updated_at WHERE {changed}" if field_names else "NOTHING"
+    """The event ingest's upsert, counting the rows it inserted and updated instead of
+    returning them."""
+    upsert, params = recipients_upsert_statement(
+        tenant_id=tenant_id, field_names=field_names, rows=rows, returning="(r.xmax = 0) AS inserted", now=now
+    )
     sql = f"""
-        WITH upserted AS (
-            INSERT INTO recipients_recipient AS r
-                (id, tenant_id, external_id, {", ".join(RECIPIENT_FIELDS)}, created_at, updated_at)
-            SELECT x.id, %s, x.external_id, {", ".join(values)}, %s, %s
-            FROM jsonb_to_recordset(%s) AS x({record})
-            -- Concurrent upserts of overlapping recipients lock rows in one order.
-            ORDER BY x.external_id
-            ON CONFLICT (tenant_id, external_id) DO {conflict}
-            RETURNING (r.xmax = 0) AS inserted
-        )
+        WITH upserted AS ({upsert})
         SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM upserted
     """
-    params: list[Any] = [tenant_id, *default_params, now, now, Jsonb(rows)]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         created, updated = cursor.fetchone()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from operator import itemgetter
 from typing import Any
+from uuid import UUID
 
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
@@ -261,14 +262,13 @@ def _recipients_upsert(*, tenant: Tenant, refs: list[RecipientRef], field_prefix
     return [by_external_id[external_id] for external_id in ordered]
 
 
-def _recipients_upsert_returning(
-    *, tenant: Tenant, field_names: tuple[str, ...], rows: list[dict[str, Any]]
-) -> dict[str, Recipient]:
-    """Insert new recipients and update the given fields of existing ones, in one statement
-    that returns what planning reads. The rows travel as one JSON parameter, which the
-    database unpacks; bulk_create() built a model instance and adapted every value in Python,
-    then a second query read the rows back. A row whose given fields are unchanged is not
-    rewritten (no new row version), and so is not returned: the caller reads it back."""
+def recipients_upsert_statement(
+    *, tenant_id: UUID, field_names: tuple[str, ...], rows: list[dict[str, Any]], returning: str, now: datetime
+) -> tuple[str, list[Any]]:
+    """One INSERT ... ON CONFLICT that inserts new recipients and updates the given fields of
+    existing ones, with its parameters. The rows travel as one JSON parameter, which the
+    database unpacks; a row whose given fields are unchanged is not rewritten (no new row
+    version), and so is not returned."""
     defaults = {f.name: f.get_default() for f in Recipient._meta.concrete_fields if f.name in RECIPIENT_FIELDS}
     column_types = {"id": "uuid", "attributes": "jsonb"}
     record = ", ".join(f"{name} {column_types.get(name, 'text')}" for name in ("id", "external_id", *field_names))
@@ -280,6 +280,7 @@ def _recipients_upsert_returning(
     ]
     updates = ", ".join(f"{name} = EXCLUDED.{name}" for name in field_names)
     changed = " OR ".join(f"r.{name} IS DISTINCT FROM EXCLUDED.{name}" for name in field_names)
+    conflict = f"UPDATE SET {updates}, updated_at = EXCLUDED.updated_at WHERE {changed}" if field_names else "NOTHING"
     sql = f"""
         INSERT INTO recipients_recipient AS r
             (id, tenant_id, external_id, {", ".join(RECIPIENT_FIELDS)}, created_at, updated_at)
@@ -287,12 +288,26 @@ def _recipients_upsert_returning(
         FROM jsonb_to_recordset(%s) AS x({record})
         -- Concurrent upserts of overlapping recipients lock rows in one order.
         ORDER BY x.external_id
-        ON CONFLICT (tenant_id, external_id) DO
-        {f"UPDATE SET {updates}, updated_at = EXCLUDED.updated_at WHERE {changed}" if field_names else "NOTHING"}
-        RETURNING {", ".join(PLANNED_RECIPIENT_FIELDS)}
+        ON CONFLICT (tenant_id, external_id) DO {conflict}
+        RETURNING {returning}
     """
+    return sql, [tenant_id, *default_params, now, now, Jsonb(rows)]
+
+
+def _recipients_upsert_returning(
+    *, tenant: Tenant, field_names: tuple[str, ...], rows: list[dict[str, Any]]
+) -> dict[str, Recipient]:
+    """Upsert the recipients in one statement that returns what planning reads (bulk_create()
+    built a model instance and adapted every value in Python, then a second query read the
+    rows back). Rows left unchanged are not returned: the caller reads them back."""
     now = timezone.now()
-    params: list[Any] = [tenant.id, *default_params, now, now, Jsonb(rows)]
+    sql, params = recipients_upsert_statement(
+        tenant_id=tenant.id,
+        field_names=field_names,
+        rows=rows,
+        returning=", ".join(PLANNED_RECIPIENT_FIELDS),
+        now=now,
+    )
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         returned = cursor.fetchall()
