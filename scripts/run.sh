@@ -95,6 +95,7 @@ cat <<INFO
 
   Admin        http://127.0.0.1:$WEB_PORT/admin/        login: admin / admin
   API docs     http://127.0.0.1:$WEB_PORT/api/docs/
+  Readiness    http://127.0.0.1:$WEB_PORT/readyz          database, Redis, broker and migrations (503 names what fails)
   Sandbox log  http://127.0.0.1:$SANDBOX_PORT/         every request the fake providers received
   Inbox        http://127.0.0.1:$WEB_PORT/demo/inbox/    the in-app inbox widget, updated live
   Preferences  $PREFERENCES_URL
