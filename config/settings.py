@@ -239,7 +239,8 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 # so each critical send paid for a new PostgreSQL connection. Workers keep theirs, and check
 # it around each task as Django does around a request (config/celery.py).
 CELERY_DB_REUSE_MAX = 1_000_000
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# django-celery-beat's DatabaseScheduler, with a heartbeat for the `beat_health` probe.
+CELERY_BEAT_SCHEDULER = "config.beat:HeartbeatScheduler"
 # Defined in code; django-celery-beat's DatabaseScheduler copies it into its tables.
 CELERY_BEAT_SCHEDULE = {
     "notify-sweep": {

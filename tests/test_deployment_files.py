@@ -39,10 +39,11 @@ def test_the_image_gets_no_history_virtualenv_or_local_state():
     assert {".git", ".venv", "var", "**/__pycache__", ".env", "**/*.env"} <= ignored
 
 
-def test_the_compose_file_probes_web_readiness_and_each_worker_by_its_own_name():
+def test_the_compose_file_probes_web_readiness_each_worker_by_its_own_name_and_beat():
     services = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]
     assert any("/readyz" in part for part in services["web"]["healthcheck"]["test"])
     for group in ("critical", "normal", "bulk", "maintenance"):
         service = services[f"worker-{group}"]
         assert f"-n {group}@%h" in " ".join(service["command"])
         assert f"ping -d {group}@$$HOSTNAME" in " ".join(service["healthcheck"]["test"])
+    assert "beat_health" in services["beat"]["healthcheck"]["test"]

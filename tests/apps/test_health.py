@@ -1,13 +1,19 @@
-"""The liveness and readiness probes, against a Redis of the test's own that it stops and
-starts again (the shared Redis is never stopped)."""
+"""The liveness and readiness probes, and beat's heartbeat probe. Readiness is checked against
+a Redis of the test's own, which it stops and starts again: the shared Redis is never stopped."""
 
 import subprocess
+import time
 from collections.abc import Iterator
+from io import StringIO
 
 import pytest
 import redis
+from django.core.management import CommandError, call_command
 from django.test import Client, override_settings
 
+from config.beat import BEAT_HEARTBEAT_KEY
+from notify.policy.caps import redis_client
+from tests.conftest import WorkerPool
 from tests.helpers import free_port, wait_for
 
 
@@ -73,3 +79,20 @@ def test_readiness_names_redis_while_it_is_down_and_recovers_when_it_is_back(own
 @pytest.mark.django_db
 def test_readiness_refuses_other_methods() -> None:
     assert Client().post("/readyz").status_code == 405
+
+
+def test_beat_health_fails_without_beat_and_passes_once_beat_ticks(workers: WorkerPool) -> None:
+    redis_client().delete(BEAT_HEARTBEAT_KEY)
+    with pytest.raises(CommandError, match="no heartbeat"):
+        call_command("beat_health")
+
+    beat = workers.start_beat()
+    wait_for(lambda: redis_client().exists(BEAT_HEARTBEAT_KEY), timeout=20, what="beat's first heartbeat")
+    out = StringIO()
+    call_command("beat_health", stdout=out)
+    assert "beat ticked" in out.getvalue()
+
+    beat.stop()
+    time.sleep(1.5)
+    with pytest.raises(CommandError, match="stuck"):
+        call_command("beat_health", max_age_seconds=1)
