@@ -64,6 +64,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: probes call the container's own address, which host validation would refuse.
+    "apps.api.health.ProbeMiddleware",
     "apps.api.middleware.RequestBodyLimitMiddleware",
     "apps.api.middleware.DatabaseUnavailableMiddleware",
     "django.middleware.security.SecurityMiddleware",

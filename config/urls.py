@@ -2,14 +2,11 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from apps.api.health import healthz, readyz
 from apps.deliveries.views import twilio_inbound, twilio_status_callback
 from apps.recipients import demo_views
 from apps.recipients.preference_center import preference_center, preferences_from_email, unsubscribe_page
 
 urlpatterns = [
-    path("healthz", healthz, name="healthz"),
-    path("readyz", readyz, name="readyz"),
     path("admin/", admin.site.urls),
     path("api/v1/", include("apps.api.urls")),
     path("inbox/v1/", include("apps.inbox.urls")),

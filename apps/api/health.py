@@ -1,8 +1,12 @@
 """Liveness and readiness probes for load balancers and container orchestrators.
 
 /healthz says only that the process answers; /readyz says whether it can do its work: the
-database, Redis and the broker answer, and every migration is applied. Both sit outside the API's
-authentication, and neither reveals more than the name of the failing part."""
+database, Redis and the broker answer, and every migration is applied. Neither reveals more than
+the name of the failing part.
+
+They are answered by a middleware at the head of the stack rather than by URL routes, because a
+probe calls a container's own address: host validation (ALLOWED_HOSTS names the public host)
+and the HTTPS redirect would refuse it before any view ran."""
 
 from collections.abc import Callable
 
@@ -10,7 +14,7 @@ import redis
 from django.conf import settings
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET
 from kombu import Connection
 
@@ -85,3 +89,15 @@ def readyz(request: HttpRequest) -> JsonResponse:
         {"status": "not ready" if failing else "ready", "failing": failing, "checks": checks},
         status=503 if failing else 200,
     )
+
+
+PROBES: dict[str, Callable[[HttpRequest], HttpResponse]] = {"/healthz": healthz, "/readyz": readyz}
+
+
+class ProbeMiddleware:
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        probe = PROBES.get(request.path_info)
+        return probe(request) if probe else self.get_response(request)

@@ -30,8 +30,6 @@ from tests.factories import StaffUserFactory, TenantWorld, tenant_world
 WALKED = {"api/v1/": "api key", "inbox/v1/": "inbox token"}
 # Top-level routes not reached with a tenant's API key or a recipient's inbox token.
 OUTSIDE_THE_WALK = {
-    "healthz": "liveness probe; answers only that the process is up",
-    "readyz": "readiness probe; names only the failing part, never tenant data",
     "admin/": "walked page by page in test_admin_pages_show_only_the_staff_tenants_rows",
     "anymail/": "the email provider's webhooks, authenticated by the provider's secret",
     "preferences/<str:token>": "a recipient's own signed link; the token names one recipient",
