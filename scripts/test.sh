@@ -28,4 +28,6 @@ database_create
 vapid_key_ensure
 chromium_ensure
 
-exec "$PY" -m pytest "$@"
+# Two processes by default, one per core; each has its own database and Redis database
+# (tests/processes.py). TEST_PROCESSES=0 runs everything in this one process.
+exec "$PY" -m pytest -n "${TEST_PROCESSES:-2}" "$@"

@@ -9,6 +9,7 @@ import pytest
 
 from apps.tenants.demo import DEMO_READERS
 from tests.helpers import free_port
+from tests.processes import redis_database_shifted
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -18,7 +19,8 @@ def test_the_run_command_delivers_the_demo_notification(tmp_path):
     env = {
         **os.environ,
         "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}",  # the demo's embedded database
-        "CELERY_BROKER_URL": "redis://127.0.0.1:6379/14",
+        # A Redis database of its own, apart from the ones the suite's processes use.
+        "CELERY_BROKER_URL": redis_database_shifted(os.environ["CELERY_BROKER_URL"], by=8),
         "NOTIFY_WEB_PORT": str(free_port()),
         "NOTIFY_SANDBOX_PORT": str(free_port()),
     }

@@ -1,0 +1,27 @@
+"""The suite runs in several processes (pytest-xdist, `-n`). pytest-django gives each its own
+PostgreSQL database; this gives each its own Redis database, so that one process's flush or
+queue never touches another's. Loaded with `-p` (pytest.ini), before Django reads its settings."""
+
+import os
+from urllib.parse import urlsplit, urlunsplit
+
+# Redis URLs the settings read; the cache, caps and channel layer default to the broker's.
+REDIS_URL_SETTINGS = ("CELERY_BROKER_URL", "NOTIFY_REDIS_URL", "CHANNEL_LAYER_URL")
+
+
+def redis_database_shifted(url: str, *, by: int) -> str:
+    """The same Redis server's URL with its database number moved down by `by` (of 16)."""
+    parts = urlsplit(url)
+    database = int(parts.path.strip("/") or 0)
+    return urlunsplit(parts._replace(path=f"/{(database - by) % 16}"))
+
+
+def process_index() -> int:
+    """This test process's number: 0 unless pytest-xdist runs it as gw1, gw2, ..."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(worker.removeprefix("gw"))
+
+
+for _name in REDIS_URL_SETTINGS:
+    if os.environ.get(_name, "").startswith("redis") and process_index():
+        os.environ[_name] = redis_database_shifted(os.environ[_name], by=process_index())
