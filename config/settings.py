@@ -61,6 +61,7 @@ INSTALLED_APPS = [
     "apps.audiences",
     "apps.inbox",
     "apps.api",
+    "apps.ops",
 ]
 
 MIDDLEWARE = [
@@ -251,6 +252,30 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"queue": "maintenance", "expires": 30},
     },
 }
+
+# --- Synthetic canary (notify/observability/canary.py) -----------------------------------
+# Every this many seconds a canary notification goes through the whole pipeline on each
+# channel whose probe address is set, to the system tenant's probe recipient. 0: off.
+NOTIFY_CANARY_INTERVAL_SECONDS = env.float("NOTIFY_CANARY_INTERVAL_SECONDS", default=0.0)
+# A run that has not reached its success state by then is late (and the canary alert fires).
+NOTIFY_CANARY_DEADLINE_SECONDS = env.float("NOTIFY_CANARY_DEADLINE_SECONDS", default=120.0)
+NOTIFY_CANARY_EMAIL = env("NOTIFY_CANARY_EMAIL", default="")
+NOTIFY_CANARY_PHONE = env("NOTIFY_CANARY_PHONE", default="")
+NOTIFY_CANARY_PUSH_TOKEN = env("NOTIFY_CANARY_PUSH_TOKEN", default="")
+# A browser's PushSubscription as JSON: {"endpoint": ..., "keys": {"p256dh": ..., "auth": ...}}.
+NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION = env("NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION", default="")
+NOTIFY_CANARY_INAPP = env.bool("NOTIFY_CANARY_INAPP", default=False)
+# Channels whose provider reports delivery back (webhooks, status callbacks): their canary
+# succeeds when delivered; every other channel's when sent.
+NOTIFY_CANARY_DELIVERED_CHANNELS = env.list("NOTIFY_CANARY_DELIVERED_CHANNELS", default=["email", "sms"])
+# Runs, and the canary's notifications, are kept this long.
+NOTIFY_CANARY_KEEP_DAYS = env.float("NOTIFY_CANARY_KEEP_DAYS", default=7.0)
+if NOTIFY_CANARY_INTERVAL_SECONDS:
+    CELERY_BEAT_SCHEDULE["notify-canary"] = {
+        "task": "notify.canary",
+        "schedule": timedelta(seconds=NOTIFY_CANARY_INTERVAL_SECONDS),
+        "options": {"queue": "maintenance", "expires": max(NOTIFY_CANARY_INTERVAL_SECONDS, 30.0)},
+    }
 
 # --- Delivery engine --------------------------------------------------------------------
 NOTIFY_BATCH_SIZE = {
