@@ -277,6 +277,24 @@ if NOTIFY_CANARY_INTERVAL_SECONDS:
         "options": {"queue": "maintenance", "expires": max(NOTIFY_CANARY_INTERVAL_SECONDS, 30.0)},
     }
 
+# --- Alerts (notify/observability/alerts.py; the rules are kept in the admin) ---------------
+# How often beat evaluates the alert rules. 0: never.
+NOTIFY_ALERT_INTERVAL_SECONDS = env.float("NOTIFY_ALERT_INTERVAL_SECONDS", default=60.0)
+# The operator webhook: each alert is POSTed there as JSON, signed per the Standard Webhooks
+# specification with the secret (base64, optionally "whsec_"-prefixed), which must be set
+# whenever the URL is (outside DEBUG the service refuses to start without it).
+NOTIFY_ALERT_WEBHOOK_URL = env("NOTIFY_ALERT_WEBHOOK_URL", default="")
+NOTIFY_ALERT_WEBHOOK_SECRET = env("NOTIFY_ALERT_WEBHOOK_SECRET", default="")
+# The webhook passes the outbound guard: https to public addresses only, unless its host is here.
+NOTIFY_ALERT_WEBHOOK_ALLOWED_HOSTS = env.list("NOTIFY_ALERT_WEBHOOK_ALLOWED_HOSTS", default=[])
+NOTIFY_ALERT_WEBHOOK_TIMEOUT_SECONDS = env.float("NOTIFY_ALERT_WEBHOOK_TIMEOUT_SECONDS", default=5.0)
+if NOTIFY_ALERT_INTERVAL_SECONDS:
+    CELERY_BEAT_SCHEDULE["notify-alerts"] = {
+        "task": "notify.alerts",
+        "schedule": timedelta(seconds=NOTIFY_ALERT_INTERVAL_SECONDS),
+        "options": {"queue": "maintenance", "expires": max(NOTIFY_ALERT_INTERVAL_SECONDS, 30.0)},
+    }
+
 # --- Delivery engine --------------------------------------------------------------------
 NOTIFY_BATCH_SIZE = {
     "critical": 1,
@@ -324,6 +342,8 @@ if NOTIFY_RUNAWAY_MULTIPLE < 0 or NOTIFY_RUNAWAY_WINDOW_SECONDS < 60 or NOTIFY_R
     )
 # Operators alerted by email (a comma-separated list) when the guard pauses a tenant.
 NOTIFY_OPS_EMAILS = env.list("NOTIFY_OPS_EMAILS", default=[])
+# Where alerts are emailed (a comma-separated list); NOTIFY_OPS_EMAILS unless set.
+NOTIFY_ALERT_EMAILS = env.list("NOTIFY_ALERT_EMAILS", default=NOTIFY_OPS_EMAILS)
 NOTIFY_DEFAULT_LOCALE = env("NOTIFY_DEFAULT_LOCALE", default="en")
 
 # --- Preferences --------------------------------------------------------------------------

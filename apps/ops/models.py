@@ -1,4 +1,4 @@
-"""What operators watch: the synthetic canary's runs (notify/observability/canary.py)."""
+"""What operators watch: the synthetic canary's runs and the alerts (notify/observability)."""
 
 from django.db import models
 
@@ -54,3 +54,76 @@ class CanaryRun(models.Model):
     @property
     def succeeded(self) -> bool:
         return self.state == self.success_state
+
+
+class AlertKind(models.TextChoices):
+    FAILURE_RATE = "failure_rate", "Failure rate per channel (or provider) over the window"
+    DEAD_LETTERS = "dead_letters", "New dead letters in the window"
+    QUEUE_AGE = "queue_age", "Age of the oldest due delivery still waiting to be sent"
+    CIRCUIT_OPEN = "circuit_open", "A provider's circuit is open"
+    CANARY_FAILING = "canary_failing", "The canary's latest run failed or was late"
+    RUNAWAY_GUARD = "runaway_guard", "The runaway-send guard paused a tenant"
+
+
+class AlertRule(models.Model):
+    """A condition that alerts operators (notify/observability/alerts.py): through Sentry, the
+    operator webhook and the ops email list, again at most once per window while it lasts."""
+
+    name = models.SlugField(max_length=100, unique=True)
+    kind = models.CharField(max_length=32, choices=AlertKind.choices)
+    enabled = models.BooleanField(default=True)
+    channel = models.CharField(
+        max_length=16, choices=Channel.choices, blank=True, default="", help_text="Empty: every channel."
+    )
+    per_provider = models.BooleanField(
+        default=False, help_text="Failure rate: per provider account rather than per channel."
+    )
+    window_seconds = models.PositiveIntegerField(
+        default=300,
+        help_text="The span a failure rate or the dead letters are counted over, and the least time between "
+        "two notices of one alert.",
+    )
+    threshold = models.FloatField(
+        default=0,
+        help_text="Failure rate: the failed share of attempts (0.2 is 20%) it must pass. Dead letters: the "
+        "count it must pass. Queue age: seconds. Unused by the other kinds.",
+    )
+    min_attempts = models.PositiveIntegerField(
+        default=20, help_text="Failure rate: fewer attempts than this in the window never fire."
+    )
+    notify_resolved = models.BooleanField(default=True, help_text="Announce once when the condition clears.")
+    description = models.CharField(max_length=300, blank=True, default="")
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class AlertFiring(models.Model):
+    """One alert of a rule for one subject (a channel, a provider, a tenant), from when it first
+    fired until it resolved."""
+
+    rule = models.ForeignKey(AlertRule, on_delete=models.CASCADE, related_name="firings")
+    subject = models.CharField(max_length=200, help_text="What it is about: channel:email, provider:7, tenant:acme.")
+    message = models.CharField(max_length=1000)
+    value = models.FloatField(help_text="The measured figure when it was last evaluated.")
+    first_fired_at = models.DateTimeField()
+    last_notified_at = models.DateTimeField()
+    notices = models.PositiveIntegerField(default=1, help_text="How many times operators were told.")
+    # What the last notice's outlets answered ("webhook: 200; email: sent"), for the admin.
+    outlets = models.CharField(max_length=500, blank=True, default="")
+    resolved_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-first_fired_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["rule", "subject"], condition=models.Q(resolved_at__isnull=True), name="alert_firing_one_open"
+            )
+        ]
+        indexes = [models.Index(fields=["-first_fired_at"], name="alert_firing_recent")]
+
+    def __str__(self) -> str:
+        return f"{self.rule.name} {self.subject}"

@@ -62,6 +62,8 @@ class CanaryResult:
     state: str  # the latest run's
     started_at: datetime
     success: bool | None  # the latest settled run's outcome; None before any has settled
+    settled_state: str | None  # that run's state (sent, delivered, late, failed), and why
+    reason: str
     sent_seconds: float | None  # of the latest settled run
     delivered_seconds: float | None
     last_success_at: datetime | None  # when the latest successful run started
@@ -195,7 +197,8 @@ def canary_runs_settle(*, now: datetime) -> int:
     )
     settled = 0
     for run in runs:
-        _run_update(run=run, delivered_at=delivered_at.get(run.delivery_id), now=now, deadline=deadline)
+        first_delivered = delivered_at.get(run.delivery_id) if run.delivery_id else None
+        _run_update(run=run, delivered_at=first_delivered, now=now, deadline=deadline)
         if run.settled_at is not None:
             settled += 1
         run.save()
@@ -273,6 +276,8 @@ def canary_latest() -> list[CanaryResult]:
                 state=latest.state,
                 started_at=latest.started_at,
                 success=None if settled is None else settled.succeeded,
+                settled_state=None if settled is None else settled.state,
+                reason="" if settled is None else settled.reason,
                 sent_seconds=None if settled is None else settled.sent_seconds,
                 delivered_seconds=None if settled is None else settled.delivered_seconds,
                 last_success_at=None if last_success is None else last_success.started_at,
