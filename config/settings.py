@@ -1,6 +1,7 @@
 """Settings. Everything that varies between deployments is read from the environment here,
 and only here. A missing required setting fails loudly at start-up."""
 
+import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -263,7 +264,20 @@ NOTIFY_CANARY_EMAIL = env("NOTIFY_CANARY_EMAIL", default="")
 NOTIFY_CANARY_PHONE = env("NOTIFY_CANARY_PHONE", default="")
 NOTIFY_CANARY_PUSH_TOKEN = env("NOTIFY_CANARY_PUSH_TOKEN", default="")
 # A browser's PushSubscription as JSON: {"endpoint": ..., "keys": {"p256dh": ..., "auth": ...}}.
-NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION = env("NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION", default="")
+NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION: dict | None = None
+if _canary_subscription := env("NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION", default=""):
+    try:
+        _subscription = json.loads(_canary_subscription)
+        NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION = {
+            "endpoint": str(_subscription["endpoint"]),
+            "p256dh": str(_subscription["keys"]["p256dh"]),
+            "auth": str(_subscription["keys"]["auth"]),
+        }
+    except (ValueError, TypeError, KeyError) as error:
+        raise ImproperlyConfigured(
+            "NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION is a browser's PushSubscription as JSON: "
+            '{"endpoint": "https://...", "keys": {"p256dh": "...", "auth": "..."}}'
+        ) from error
 NOTIFY_CANARY_INAPP = env.bool("NOTIFY_CANARY_INAPP", default=False)
 # Channels whose provider reports delivery back (webhooks, status callbacks): their canary
 # succeeds when delivered; every other channel's when sent.

@@ -10,7 +10,6 @@ timestamps and history say when each was sent and delivered. A run succeeds when
 and `sent` on the others; it fails when the delivery fails, and is late when neither has
 happened within NOTIFY_CANARY_DEADLINE_SECONDS."""
 
-import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -115,28 +114,18 @@ def system_tenant_ensure() -> Tenant:
             token=settings.NOTIFY_CANARY_PUSH_TOKEN,
             defaults={"recipient": probe, "platform": DevicePlatform.ANDROID, "app": "canary", "active": True},
         )
-    if settings.NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION:
-        subscription = canary_webpush_subscription()
+    if subscription := settings.NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION:
         WebPushSubscription.objects.update_or_create(
             tenant=tenant,
             endpoint=subscription["endpoint"],
-            defaults={"recipient": probe, "active": True, **subscription["keys"]},
+            defaults={
+                "recipient": probe,
+                "active": True,
+                "p256dh": subscription["p256dh"],
+                "auth": subscription["auth"],
+            },
         )
     return tenant
-
-
-def canary_webpush_subscription() -> dict:
-    """NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION: a browser's PushSubscription as JSON
-    ({"endpoint": ..., "keys": {"p256dh": ..., "auth": ...}}); raises ValueError naming what is wrong."""
-    try:
-        subscription = json.loads(settings.NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION)
-        keys = subscription["keys"]
-        return {"endpoint": str(subscription["endpoint"]), "keys": {"p256dh": keys["p256dh"], "auth": keys["auth"]}}
-    except (ValueError, TypeError, KeyError) as error:
-        raise ValueError(
-            "NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION is a PushSubscription's JSON: "
-            '{"endpoint": "https://...", "keys": {"p256dh": "...", "auth": "..."}}'
-        ) from error
 
 
 def canary_start(*, now: datetime) -> list[CanaryRun]:

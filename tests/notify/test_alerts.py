@@ -278,3 +278,16 @@ def test_the_seeded_rules_cover_every_kind():
 
     seeded = import_module(f"{migrations_package}.0003_default_alert_rules").DEFAULT_RULES
     assert {rule["kind"] for rule in seeded} == set(AlertKind.values) == set(EVALUATORS)
+
+
+def test_superusers_see_rules_firings_and_canary_runs_in_the_admin(workspace, alerting, receiver, admin_client):
+    rule_make(kind=AlertKind.RUNAWAY_GUARD)
+    runaway_trip(tenant=workspace.tenant, sent=500, recipients=2)
+    evaluate(timezone.now())
+    for page, expected in (
+        ("alertrule", "runaway-guard"),
+        ("alertfiring", f"tenant:{workspace.tenant.slug}"),
+        ("canaryrun", "0 canary runs"),
+    ):
+        response = admin_client.get(f"/admin/ops/{page}/")
+        assert response.status_code == 200 and expected in response.content.decode(), page

@@ -2,7 +2,11 @@
 to sent and to delivered, and become failed or late when the providers fail."""
 
 import json
+import os
+import subprocess
+import sys
 from datetime import timedelta
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -22,7 +26,7 @@ from notify.observability.canary import (
 from notify.sandbox.client import browser_subscription_keys
 from tests.helpers import wait_for
 
-pytestmark = pytest.mark.django_db(transaction=True)
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 @pytest.fixture
@@ -34,9 +38,10 @@ def canary(settings, sandbox, live_server):  # type: ignore[no-untyped-def]
     settings.NOTIFY_CANARY_DEADLINE_SECONDS = 30
     settings.NOTIFY_CANARY_EMAIL = "canary@example.com"
     settings.NOTIFY_CANARY_PUSH_TOKEN = "canary-device-token"
-    settings.NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION = json.dumps(
-        {"endpoint": f"{sandbox.base_url}/webpush/canary-browser", "keys": browser_subscription_keys()}
-    )
+    settings.NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION = {
+        "endpoint": f"{sandbox.base_url}/webpush/canary-browser",
+        **browser_subscription_keys(),
+    }
     settings.NOTIFY_CANARY_INAPP = True
     settings.NOTIFY_CANARY_DELIVERED_CHANNELS = ["email", "sms"]
     return sandbox
@@ -53,6 +58,7 @@ def settled_runs(*, expected: int) -> list[CanaryRun]:
     return list(CanaryRun.objects.order_by("channel"))
 
 
+@pytest.mark.django_db(transaction=True)
 def test_a_canary_run_reaches_sent_and_delivered_and_records_its_latency(canary, workers):
     workers.start("critical")
     report = canary_tick(now=timezone.now())
@@ -90,8 +96,9 @@ def test_a_canary_run_reaches_sent_and_delivered_and_records_its_latency(canary,
     assert CanaryRun.objects.count() == 8
 
 
+@pytest.mark.django_db(transaction=True)
 def test_a_canary_whose_provider_fails_every_send_fails_and_a_slow_one_is_late(canary, workers, settings):
-    settings.NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION = ""
+    settings.NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION = None
     settings.NOTIFY_CANARY_INAPP = False
     settings.NOTIFY_CANARY_DEADLINE_SECONDS = 4
     canary.faults_set(provider="postmark", error_rate=1.0, error_status=503)
@@ -112,6 +119,7 @@ def test_a_canary_whose_provider_fails_every_send_fails_and_a_slow_one_is_late(c
     assert results["email"].last_success_at is None
 
 
+@pytest.mark.django_db(transaction=True)
 def test_old_runs_and_their_notifications_are_purged_in_batches(canary, workers, settings):
     settings.NOTIFY_CANARY_KEEP_DAYS = 1
     workers.start("critical")
@@ -124,3 +132,32 @@ def test_old_runs_and_their_notifications_are_purged_in_batches(canary, workers,
     assert Event.objects.count() == 4
     assert Delivery.objects.count() == 4
     assert canary_purge(now=timezone.now()) == 0
+
+
+SCHEDULE_PRINT = (
+    "import json, django; django.setup(); from django.conf import settings; "
+    "print(json.dumps({k: v['schedule'].total_seconds() for k, v in settings.CELERY_BEAT_SCHEDULE.items()}))"
+)
+
+
+def settings_load(**env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", SCHEDULE_PRINT],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_beat_runs_the_canary_only_when_an_interval_is_set():
+    assert "notify-canary" not in json.loads(settings_load(NOTIFY_CANARY_INTERVAL_SECONDS="0").stdout)
+    schedule = json.loads(settings_load(NOTIFY_CANARY_INTERVAL_SECONDS="300").stdout)
+    assert schedule["notify-canary"] == 300
+
+
+def test_a_malformed_web_push_probe_subscription_is_refused_at_start_up():
+    result = settings_load(NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION='{"endpoint": "https://push.example.com/x"}')
+    assert result.returncode != 0
+    assert "NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION is a browser's PushSubscription as JSON" in result.stderr
