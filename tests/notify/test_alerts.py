@@ -3,12 +3,17 @@ after it while the condition lasts, and resolves when it clears; the webhook is 
 through the outbound guard, and a failing outlet does not stop the others."""
 
 import base64
+import json
+import os
 import secrets
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +30,7 @@ from notify.resilience.providers import breaker_for, breaker_reset
 from notify.resilience.runaway import runaway_resume, runaway_trip
 from tests.notify.test_send import ingest_one
 
+ROOT = Path(__file__).resolve().parent.parent.parent
 SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
@@ -291,3 +297,53 @@ def test_superusers_see_rules_firings_and_canary_runs_in_the_admin(workspace, al
     ):
         response = admin_client.get(f"/admin/ops/{page}/")
         assert response.status_code == 200 and expected in response.content.decode(), page
+
+
+# The SDK in a process of its own (it installs itself globally), with a transport that
+# records the envelopes it would send, as tests/test_sentry.py does.
+SENTRY_ALERT_RUN = """
+import json
+import django
+django.setup()
+from django.conf import settings
+from django.utils import timezone
+from sentry_sdk.transport import Transport
+from apps.ops.models import AlertFiring, AlertRule
+from config.sentry import sentry_init
+from notify.observability.alerts import FIRING, Notice, alert_notify
+
+sent = []
+
+class RecordingTransport(Transport):
+    def capture_envelope(self, envelope):
+        sent.extend(item.payload.json for item in envelope.items if item.payload.json)
+
+settings.SENTRY_DSN = "https://public@sentry.invalid/1"
+sentry_init(dsn=settings.SENTRY_DSN, traces_sample_rate=0.0, transport=RecordingTransport)
+rule = AlertRule(name="dead-letters", kind="dead_letters", window_seconds=900, threshold=10)
+firing = AlertFiring(rule=rule, subject="channel:sms", message="channel:sms: 12 dead letters", value=12,
+                     first_fired_at=timezone.now(), last_notified_at=timezone.now())
+outlets = alert_notify(rule=rule, notice=Notice(firing=firing, status=FIRING))
+import sentry_sdk
+sentry_sdk.flush()
+print(json.dumps({"outlets": outlets, "sent": sent}))
+"""
+
+
+def test_an_alert_reaches_sentry_grouped_by_rule_and_subject():
+    result = subprocess.run(
+        [sys.executable, "-c", SENTRY_ALERT_RUN],
+        cwd=ROOT,
+        env={**os.environ, "NOTIFY_ALERT_WEBHOOK_URL": "", "NOTIFY_ALERT_EMAILS": "", "NOTIFY_OPS_EMAILS": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["outlets"] == "sentry: sent"
+    [event] = [item for item in report["sent"] if item.get("message")]
+    assert event["message"].startswith("[notify] ALERT dead-letters: channel:sms: 12 dead letters")
+    assert event["level"] == "error"
+    assert event["fingerprint"] == ["notify-alert", "dead-letters", "channel:sms"]
+    assert event["tags"]["alert_subject"] == "channel:sms"
