@@ -30,12 +30,11 @@ class CanaryRun(models.Model):
     sent_seconds = models.FloatField(null=True, blank=True, help_text="From the canary's start to sent.")
     delivered_seconds = models.FloatField(null=True, blank=True, help_text="From the canary's start to delivered.")
     reason = models.CharField(max_length=500, blank=True, default="")
-    # The canary's own rows in the system tenant; purged with the run.
-    event = models.ForeignKey(
-        "deliveries.Event", on_delete=models.SET_NULL, null=True, blank=True, related_name="+", db_index=False
-    )
+    # The canary's own rows in the system tenant; purged with the run. Indexed, as deleting
+    # any event or delivery (a tenant's, too) looks here for runs to unlink.
+    event = models.ForeignKey("deliveries.Event", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     delivery = models.ForeignKey(
-        "deliveries.Delivery", on_delete=models.SET_NULL, null=True, blank=True, related_name="+", db_index=False
+        "deliveries.Delivery", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
 
     class Meta:

@@ -27,8 +27,8 @@ class Migration(migrations.Migration):
                 ('sent_seconds', models.FloatField(blank=True, help_text="From the canary's start to sent.", null=True)),
                 ('delivered_seconds', models.FloatField(blank=True, help_text="From the canary's start to delivered.", null=True)),
                 ('reason', models.CharField(blank=True, default='', max_length=500)),
-                ('delivery', models.ForeignKey(blank=True, db_index=False, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='deliveries.delivery')),
-                ('event', models.ForeignKey(blank=True, db_index=False, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='deliveries.event')),
+                ('delivery', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='deliveries.delivery')),
+                ('event', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='deliveries.event')),
             ],
             options={
                 'ordering': ['-started_at'],
