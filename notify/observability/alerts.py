@@ -33,7 +33,7 @@ from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 from apps.deliveries.models import CLAIMABLE_STATUSES, DeadLetter, Delivery, DeliveryEvent, DeliveryStatus, Provider
 from apps.ops.models import AlertFiring, AlertKind, AlertRule
 from apps.tenants.models import Tenant
-from notify.observability.canary import canary_latest, canary_runs_settle
+from notify.observability.canary import canary_channels, canary_latest, canary_runs_settle
 from notify.resilience.outbound import OutboundSession
 from notify.resilience.providers import breaker_state, provider_label, provider_name_of
 
@@ -172,7 +172,8 @@ def _circuits_open(*, rule: AlertRule, now: datetime) -> list[Condition]:
 
 
 def _canary_failing(*, rule: AlertRule, now: datetime) -> list[Condition]:
-    """Channels whose latest settled canary run failed or was late."""
+    """Channels whose latest settled canary run failed or was late (of those it still runs on)."""
+    channels = set(canary_channels()) if settings.NOTIFY_CANARY_INTERVAL_SECONDS else set()
     return [
         Condition(
             subject=f"channel:{result.channel}",
@@ -180,7 +181,9 @@ def _canary_failing(*, rule: AlertRule, now: datetime) -> list[Condition]:
             message=f"channel:{result.channel}: the canary's latest run is {result.settled_state}: {result.reason}",
         )
         for result in canary_latest()
-        if result.success is False and (not rule.channel or result.channel == rule.channel)
+        if result.success is False
+        and result.channel in channels
+        and (not rule.channel or result.channel == rule.channel)
     ]
 
 

@@ -108,13 +108,21 @@ def system_tenant_ensure() -> Tenant:
         external_id=PROBE_RECIPIENT,
         defaults={"email": settings.NOTIFY_CANARY_EMAIL, "phone": settings.NOTIFY_CANARY_PHONE},
     )
+    # A probe address the settings no longer name is not sent to again.
+    Device.objects.filter(recipient=probe, active=True).exclude(token=settings.NOTIFY_CANARY_PUSH_TOKEN).update(
+        active=False, deactivated_reason="no longer the canary's probe"
+    )
+    subscription = settings.NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION
+    WebPushSubscription.objects.filter(recipient=probe, active=True).exclude(
+        endpoint=subscription["endpoint"] if subscription else ""
+    ).update(active=False, deactivated_reason="no longer the canary's probe")
     if settings.NOTIFY_CANARY_PUSH_TOKEN:
         Device.objects.update_or_create(
             tenant=tenant,
             token=settings.NOTIFY_CANARY_PUSH_TOKEN,
             defaults={"recipient": probe, "platform": DevicePlatform.ANDROID, "app": "canary", "active": True},
         )
-    if subscription := settings.NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION:
+    if subscription:
         WebPushSubscription.objects.update_or_create(
             tenant=tenant,
             endpoint=subscription["endpoint"],

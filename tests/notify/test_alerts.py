@@ -223,6 +223,13 @@ def test_a_late_canary_fires_and_resolves_when_a_run_succeeds(db, alerting, rece
     run.refresh_from_db()
     assert run.state == CanaryState.SENT
 
+    # A channel the canary no longer runs on does not alert on its last run.
+    later = timezone.now()
+    canary_start(now=later)
+    assert evaluate(later + timedelta(seconds=6))["firing"] == 1
+    settings.NOTIFY_CANARY_INAPP = False
+    assert evaluate(later + timedelta(seconds=7))["resolved"] == 1
+
 
 def test_the_runaway_guard_firing_alerts_until_the_tenant_is_resumed(workspace, alerting, receiver):
     rule = rule_make(kind=AlertKind.RUNAWAY_GUARD, window_seconds=3600)

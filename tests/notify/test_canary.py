@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from apps.deliveries.models import Delivery, Event, Notification
 from apps.ops.models import CanaryRun, CanaryState
-from apps.recipients.models import Recipient
+from apps.recipients.models import Device, Recipient
 from apps.tenants.models import Tenant
 from notify.observability.canary import (
     SYSTEM_TENANT_SLUG,
@@ -59,7 +59,7 @@ def settled_runs(*, expected: int) -> list[CanaryRun]:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_canary_run_reaches_sent_and_delivered_and_records_its_latency(canary, workers):
+def test_a_canary_run_reaches_sent_and_delivered_and_records_its_latency(canary, workers, settings):
     workers.start("critical")
     report = canary_tick(now=timezone.now())
     assert report["started"] == 4
@@ -89,10 +89,14 @@ def test_a_canary_run_reaches_sent_and_delivered_and_records_its_latency(canary,
     assert results["email"].last_success_at == email.started_at
     assert results["inapp"].sent_seconds == runs["inapp"].sent_seconds
 
-    # A second run reuses the system tenant and its probe.
+    # A second run reuses the system tenant and its probe, and sends to the probe's new token only.
+    settings.NOTIFY_CANARY_PUSH_TOKEN = "canary-device-token-2"
     canary_tick(now=timezone.now())
     assert Tenant.objects.filter(slug=SYSTEM_TENANT_SLUG).count() == 1
     assert Recipient.objects.filter(tenant=system).count() == 1
+    assert list(Device.objects.filter(tenant=system, active=True).values_list("token", flat=True)) == [
+        "canary-device-token-2"
+    ]
     assert CanaryRun.objects.count() == 8
 
 
