@@ -1,6 +1,7 @@
 """Settings. Everything that varies between deployments is read from the environment here,
 and only here. A missing required setting fails loudly at start-up."""
 
+import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -61,6 +62,7 @@ INSTALLED_APPS = [
     "apps.audiences",
     "apps.inbox",
     "apps.api",
+    "apps.ops",
 ]
 
 MIDDLEWARE = [
@@ -252,6 +254,61 @@ CELERY_BEAT_SCHEDULE = {
     },
 }
 
+# --- Synthetic canary (notify/observability/canary.py) -----------------------------------
+# Every this many seconds a canary notification goes through the whole pipeline on each
+# channel whose probe address is set, to the system tenant's probe recipient. 0: off.
+NOTIFY_CANARY_INTERVAL_SECONDS = env.float("NOTIFY_CANARY_INTERVAL_SECONDS", default=0.0)
+# A run that has not reached its success state by then is late (and the canary alert fires).
+NOTIFY_CANARY_DEADLINE_SECONDS = env.float("NOTIFY_CANARY_DEADLINE_SECONDS", default=120.0)
+NOTIFY_CANARY_EMAIL = env("NOTIFY_CANARY_EMAIL", default="")
+NOTIFY_CANARY_PHONE = env("NOTIFY_CANARY_PHONE", default="")
+NOTIFY_CANARY_PUSH_TOKEN = env("NOTIFY_CANARY_PUSH_TOKEN", default="")
+# A browser's PushSubscription as JSON: {"endpoint": ..., "keys": {"p256dh": ..., "auth": ...}}.
+NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION: dict | None = None
+if _canary_subscription := env("NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION", default=""):
+    try:
+        _subscription = json.loads(_canary_subscription)
+        NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION = {
+            "endpoint": str(_subscription["endpoint"]),
+            "p256dh": str(_subscription["keys"]["p256dh"]),
+            "auth": str(_subscription["keys"]["auth"]),
+        }
+    except (ValueError, TypeError, KeyError) as error:
+        raise ImproperlyConfigured(
+            "NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION is a browser's PushSubscription as JSON: "
+            '{"endpoint": "https://...", "keys": {"p256dh": "...", "auth": "..."}}'
+        ) from error
+NOTIFY_CANARY_INAPP = env.bool("NOTIFY_CANARY_INAPP", default=False)
+# Channels whose provider reports delivery back (webhooks, status callbacks): their canary
+# succeeds when delivered; every other channel's when sent.
+NOTIFY_CANARY_DELIVERED_CHANNELS = env.list("NOTIFY_CANARY_DELIVERED_CHANNELS", default=["email", "sms"])
+# Runs, and the canary's notifications, are kept this long.
+NOTIFY_CANARY_KEEP_DAYS = env.float("NOTIFY_CANARY_KEEP_DAYS", default=7.0)
+if NOTIFY_CANARY_INTERVAL_SECONDS:
+    CELERY_BEAT_SCHEDULE["notify-canary"] = {
+        "task": "notify.canary",
+        "schedule": timedelta(seconds=NOTIFY_CANARY_INTERVAL_SECONDS),
+        "options": {"queue": "maintenance", "expires": max(NOTIFY_CANARY_INTERVAL_SECONDS, 30.0)},
+    }
+
+# --- Alerts (notify/observability/alerts.py; the rules are kept in the admin) ---------------
+# How often beat evaluates the alert rules. 0: never.
+NOTIFY_ALERT_INTERVAL_SECONDS = env.float("NOTIFY_ALERT_INTERVAL_SECONDS", default=60.0)
+# The operator webhook: each alert is POSTed there as JSON, signed per the Standard Webhooks
+# specification with the secret (base64, optionally "whsec_"-prefixed), which must be set
+# whenever the URL is (outside DEBUG the service refuses to start without it).
+NOTIFY_ALERT_WEBHOOK_URL = env("NOTIFY_ALERT_WEBHOOK_URL", default="")
+NOTIFY_ALERT_WEBHOOK_SECRET = env("NOTIFY_ALERT_WEBHOOK_SECRET", default="")
+# The webhook passes the outbound guard: https to public addresses only, unless its host is here.
+NOTIFY_ALERT_WEBHOOK_ALLOWED_HOSTS = env.list("NOTIFY_ALERT_WEBHOOK_ALLOWED_HOSTS", default=[])
+NOTIFY_ALERT_WEBHOOK_TIMEOUT_SECONDS = env.float("NOTIFY_ALERT_WEBHOOK_TIMEOUT_SECONDS", default=5.0)
+if NOTIFY_ALERT_INTERVAL_SECONDS:
+    CELERY_BEAT_SCHEDULE["notify-alerts"] = {
+        "task": "notify.alerts",
+        "schedule": timedelta(seconds=NOTIFY_ALERT_INTERVAL_SECONDS),
+        "options": {"queue": "maintenance", "expires": max(NOTIFY_ALERT_INTERVAL_SECONDS, 30.0)},
+    }
+
 # --- Delivery engine --------------------------------------------------------------------
 NOTIFY_BATCH_SIZE = {
     "critical": 1,
@@ -299,6 +356,8 @@ if NOTIFY_RUNAWAY_MULTIPLE < 0 or NOTIFY_RUNAWAY_WINDOW_SECONDS < 60 or NOTIFY_R
     )
 # Operators alerted by email (a comma-separated list) when the guard pauses a tenant.
 NOTIFY_OPS_EMAILS = env.list("NOTIFY_OPS_EMAILS", default=[])
+# Where alerts are emailed (a comma-separated list); NOTIFY_OPS_EMAILS unless set.
+NOTIFY_ALERT_EMAILS = env.list("NOTIFY_ALERT_EMAILS", default=NOTIFY_OPS_EMAILS)
 NOTIFY_DEFAULT_LOCALE = env("NOTIFY_DEFAULT_LOCALE", default="en")
 
 # --- Preferences --------------------------------------------------------------------------

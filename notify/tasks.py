@@ -8,6 +8,7 @@ from celery import shared_task
 from django.utils import timezone
 
 from apps.recipients import imports
+from notify.observability import alerts, canary
 from notify.pipeline import broadcast, digest, dispatch, recurring, routing, send
 
 logger = logging.getLogger(__name__)
@@ -68,3 +69,13 @@ def broadcast_cancel(broadcast_id: str) -> int:
 @shared_task(name=broadcast.RESUME_TASK)
 def broadcast_resume(broadcast_id: str) -> int:
     return broadcast.resume_publish(broadcast_id=UUID(broadcast_id))
+
+
+@shared_task(name="notify.canary")
+def canary_tick() -> dict[str, int]:
+    return canary.canary_tick(now=timezone.now())
+
+
+@shared_task(name="notify.alerts")
+def alerts_evaluate() -> dict[str, int]:
+    return alerts.alerts_evaluate(now=timezone.now())

@@ -24,6 +24,20 @@ export NOTIFY_PROVIDER_ALLOWED_HOSTS="${NOTIFY_PROVIDER_ALLOWED_HOSTS:-127.0.0.1
 export NOTIFY_PUBLIC_URL="${NOTIFY_PUBLIC_URL:-http://127.0.0.1:$WEB_PORT}"
 export NOTIFY_SWEEP_INTERVAL_SECONDS="${NOTIFY_SWEEP_INTERVAL_SECONDS:-5}"
 WEBHOOK_URL="http://${ANYMAIL_WEBHOOK_SECRET}@127.0.0.1:$WEB_PORT/anymail/postmark/tracking/"
+# The synthetic canary, every minute on every channel, to the sandbox's probe addresses (its
+# runs: Canary runs in the admin). The web push key is a stand-in: the sandbox decrypts nothing.
+if [ "$SMOKE" = 1 ]; then
+    # The smoke run checks exactly what the sandbox accepted; the canary would add to it.
+    export NOTIFY_CANARY_INTERVAL_SECONDS="${NOTIFY_CANARY_INTERVAL_SECONDS:-0}"
+fi
+export NOTIFY_CANARY_INTERVAL_SECONDS="${NOTIFY_CANARY_INTERVAL_SECONDS:-60}"
+export NOTIFY_CANARY_EMAIL="${NOTIFY_CANARY_EMAIL:-canary@example.com}"
+export NOTIFY_CANARY_PHONE="${NOTIFY_CANARY_PHONE:-+14155550100}"
+export NOTIFY_CANARY_PUSH_TOKEN="${NOTIFY_CANARY_PUSH_TOKEN:-canary-device-token}"
+CANARY_P256DH="BBSqdRP1uJEu1nQaAwxsoelCpLtttR2D4DQI8P1GojUqv-HyHOvn9Q4CMNqaaUzSrjhmScm2TU0j4Lit5DsVC7E"
+CANARY_SUBSCRIPTION="{\"endpoint\": \"http://127.0.0.1:$SANDBOX_PORT/webpush/canary-browser\", \"keys\": {\"p256dh\": \"$CANARY_P256DH\", \"auth\": \"MDEyMzQ1Njc4OWFiY2RlZg\"}}"
+export NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION="${NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION:-$CANARY_SUBSCRIPTION}"
+export NOTIFY_CANARY_INAPP="${NOTIFY_CANARY_INAPP:-1}"
 
 venv_ensure
 redis_ensure
@@ -97,6 +111,7 @@ cat <<INFO
   API docs     http://127.0.0.1:$WEB_PORT/api/docs/
   Readiness    http://127.0.0.1:$WEB_PORT/readyz          database, Redis, broker and migrations (503 names what fails)
   Sandbox log  http://127.0.0.1:$SANDBOX_PORT/         every request the fake providers received
+  Canary       http://127.0.0.1:$WEB_PORT/admin/ops/canaryrun/  a synthetic send on every channel each minute
   Inbox        http://127.0.0.1:$WEB_PORT/demo/inbox/    the in-app inbox widget, updated live
   Preferences  $PREFERENCES_URL
                the demo recipient's preference center (a signed link, as an email carries it)

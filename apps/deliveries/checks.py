@@ -200,6 +200,29 @@ def deployment_settings_check(**_: Any) -> list[CheckMessage]:
     return _errors(findings)
 
 
+@register(TAG)
+def alert_webhook_check(**_: Any) -> list[CheckMessage]:
+    """The operator alert webhook is configured without a secret that can sign it."""
+    if settings.DEBUG or not settings.NOTIFY_ALERT_WEBHOOK_URL:
+        return []
+    from notify.observability.alerts import webhook_secret_problem  # imports models
+
+    problem = webhook_secret_problem(secret=settings.NOTIFY_ALERT_WEBHOOK_SECRET)
+    if not problem:
+        return []
+    return _errors(
+        [
+            (
+                "E008",
+                OUTSIDE_DEBUG + f"NOTIFY_ALERT_WEBHOOK_URL is set but NOTIFY_ALERT_WEBHOOK_SECRET cannot sign "
+                f"its alerts: {problem}.",
+                "Set NOTIFY_ALERT_WEBHOOK_SECRET to a Standard Webhooks secret, e.g. from python -c "
+                "'import base64, secrets; print(\"whsec_\" + base64.b64encode(secrets.token_bytes(32)).decode())'.",
+            )
+        ]
+    )
+
+
 def configuration_verify() -> None:
     """Exit with the checks' messages when any fails: for processes that Django's management
     commands do not start (the ASGI and WSGI servers, Celery workers and beat)."""

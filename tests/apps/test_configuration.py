@@ -262,6 +262,15 @@ def test_a_published_secret_key_is_refused(production, secret_key):
     assert check_ids() == {"notify.E007"}
 
 
+@pytest.mark.parametrize("secret", ["", "whsec_not base64!"])
+def test_an_alert_webhook_without_a_signing_secret_is_refused(production, secret):
+    production.NOTIFY_ALERT_WEBHOOK_URL = "https://ops.example.com/alerts"
+    production.NOTIFY_ALERT_WEBHOOK_SECRET = secret
+    assert check_ids() == {"notify.E008"}
+    production.NOTIFY_ALERT_WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    assert check_ids() == set()
+
+
 def test_the_demo_set_up_refuses_to_run_outside_debug(production):
     from django.core.management import CommandError, call_command
 

@@ -1,0 +1,128 @@
+"""What operators watch: the synthetic canary's runs and the alerts (notify/observability)."""
+
+from django.db import models
+
+from apps.catalog.models import Channel
+
+
+class CanaryState(models.TextChoices):
+    PENDING = "pending", "Pending (accepted, not sent yet)"
+    SENT = "sent", "Sent (the provider accepted it)"
+    DELIVERED = "delivered", "Delivered (the provider reported it delivered)"
+    LATE = "late", "Late (no success within the deadline)"
+    FAILED = "failed", "Failed (the delivery failed, bounced or was withheld)"
+
+
+class CanaryRun(models.Model):
+    """One canary notification on one channel: how long the pipeline took to send it and, where
+    the provider reports it, to deliver it."""
+
+    channel = models.CharField(max_length=16, choices=Channel.choices)
+    state = models.CharField(max_length=16, choices=CanaryState.choices, default=CanaryState.PENDING)
+    # The state that counts as success: `delivered` where the provider reports delivery
+    # (NOTIFY_CANARY_DELIVERED_CHANNELS), else `sent`.
+    success_state = models.CharField(max_length=16, choices=CanaryState.choices)
+    started_at = models.DateTimeField()
+    sent_at = models.DateTimeField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    # When the run reached its success state, failed, or was found late; empty while open.
+    settled_at = models.DateTimeField(null=True, blank=True)
+    sent_seconds = models.FloatField(null=True, blank=True, help_text="From the canary's start to sent.")
+    delivered_seconds = models.FloatField(null=True, blank=True, help_text="From the canary's start to delivered.")
+    reason = models.CharField(max_length=500, blank=True, default="")
+    # The canary's own rows in the system tenant; purged with the run. Indexed, as deleting
+    # any event or delivery (a tenant's, too) looks here for runs to unlink.
+    event = models.ForeignKey("deliveries.Event", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    delivery = models.ForeignKey(
+        "deliveries.Delivery", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["-started_at"]
+        indexes = [
+            # The latest runs of a channel (the selector, the admin), and the purge's oldest.
+            models.Index(fields=["channel", "-started_at"], name="canary_channel_recent"),
+            models.Index(fields=["started_at"], name="canary_started"),
+            # The open runs each pass looks at.
+            models.Index(fields=["started_at"], name="canary_open", condition=models.Q(settled_at__isnull=True)),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.channel} canary at {self.started_at:%Y-%m-%d %H:%M:%S} ({self.state})"
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == self.success_state
+
+
+class AlertKind(models.TextChoices):
+    FAILURE_RATE = "failure_rate", "Failure rate per channel (or provider) over the window"
+    DEAD_LETTERS = "dead_letters", "New dead letters in the window"
+    QUEUE_AGE = "queue_age", "Age of the oldest due delivery still waiting to be sent"
+    CIRCUIT_OPEN = "circuit_open", "A provider's circuit is open"
+    CANARY_FAILING = "canary_failing", "The canary's latest run failed or was late"
+    RUNAWAY_GUARD = "runaway_guard", "The runaway-send guard paused a tenant"
+
+
+class AlertRule(models.Model):
+    """A condition that alerts operators (notify/observability/alerts.py): through Sentry, the
+    operator webhook and the ops email list, again at most once per window while it lasts."""
+
+    name = models.SlugField(max_length=100, unique=True)
+    kind = models.CharField(max_length=32, choices=AlertKind.choices)
+    enabled = models.BooleanField(default=True)
+    channel = models.CharField(
+        max_length=16, choices=Channel.choices, blank=True, default="", help_text="Empty: every channel."
+    )
+    per_provider = models.BooleanField(
+        default=False, help_text="Failure rate: per provider account rather than per channel."
+    )
+    window_seconds = models.PositiveIntegerField(
+        default=300,
+        help_text="The span a failure rate or the dead letters are counted over, and the least time between "
+        "two notices of one alert.",
+    )
+    threshold = models.FloatField(
+        default=0,
+        help_text="Failure rate: the failed share of attempts (0.2 is 20%) it must pass. Dead letters: the "
+        "count it must pass. Queue age: seconds. Unused by the other kinds.",
+    )
+    min_attempts = models.PositiveIntegerField(
+        default=20, help_text="Failure rate: fewer attempts than this in the window never fire."
+    )
+    notify_resolved = models.BooleanField(default=True, help_text="Announce once when the condition clears.")
+    description = models.CharField(max_length=300, blank=True, default="")
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class AlertFiring(models.Model):
+    """One alert of a rule for one subject (a channel, a provider, a tenant), from when it first
+    fired until it resolved."""
+
+    rule = models.ForeignKey(AlertRule, on_delete=models.CASCADE, related_name="firings")
+    subject = models.CharField(max_length=200, help_text="What it is about: channel:email, provider:7, tenant:acme.")
+    message = models.CharField(max_length=1000)
+    value = models.FloatField(help_text="The measured figure when it was last evaluated.")
+    first_fired_at = models.DateTimeField()
+    last_notified_at = models.DateTimeField()
+    notices = models.PositiveIntegerField(default=1, help_text="How many times operators were told.")
+    # What the last notice's outlets answered ("webhook: 200; email: sent"), for the admin.
+    outlets = models.CharField(max_length=500, blank=True, default="")
+    resolved_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-first_fired_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["rule", "subject"], condition=models.Q(resolved_at__isnull=True), name="alert_firing_one_open"
+            )
+        ]
+        indexes = [models.Index(fields=["-first_fired_at"], name="alert_firing_recent")]
+
+    def __str__(self) -> str:
+        return f"{self.rule.name} {self.subject}"
