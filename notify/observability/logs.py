@@ -13,8 +13,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from functools import cache
-from typing import Any
+from functools import cache, wraps
+from typing import Any, TypeVar
 from uuid import UUID
 
 import sentry_sdk
@@ -24,6 +24,7 @@ from pythonjsonlogger.json import JsonFormatter
 
 from config.sentry import CREDENTIAL_PATTERNS, EMAIL_PATTERN, MASK, PHONE_PATTERN
 
+T = TypeVar("T")
 REQUEST_ID_HEADER = "X-Request-ID"
 # The Celery message header that carries the correlation id from publisher to worker.
 CORRELATION_HEADER = "correlation_id"
@@ -60,6 +61,18 @@ def delivery_scope(*, delivery_id: UUID | str, notification_id: UUID | str | Non
     finally:
         notification_id_var.reset(notification_token)
         delivery_id_var.reset(delivery_token)
+
+
+def message_scoped(send_one: Callable[..., T]) -> Callable[..., T]:
+    """For a channel's per-message send (called with message=): its log lines and provider
+    call span are about that message's delivery."""
+
+    @wraps(send_one)
+    def send(*args: Any, message: Any, **kwargs: Any) -> T:
+        with delivery_scope(delivery_id=message.delivery_id, notification_id=message.notification_id):
+            return send_one(*args, message=message, **kwargs)
+
+    return send
 
 
 class CorrelationIdMiddleware:

@@ -7,7 +7,7 @@ requests and psycopg. Otherwise nothing is imported or instrumented, and the ann
 below find no recording span and return at once."""
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from opentelemetry import trace
@@ -76,7 +76,13 @@ def traceparent_current() -> str | None:
     return carrier.get("traceparent")
 
 
-def send_span_annotate(*, delivery_ids: list[str], traceparents: Iterable[str]) -> None:
+def event_origin() -> dict[str, str | None]:
+    """The fields of a new Event that say where it came from: the correlation id of the
+    request or task making it, and that request's traceparent (for trace links)."""
+    return {"correlation_id": correlation_id_current(), "traceparent": traceparent_current()}
+
+
+def send_span_annotate(*, delivery_ids: Sequence[object], traceparents: Iterable[str]) -> None:
     """Mark the send task's span with its deliveries, and link it to the requests (other
     traces) whose events they came from."""
     span = trace.get_current_span()
