@@ -15,19 +15,22 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import cache, wraps
 from typing import Any, TypeVar
+from urllib.parse import unquote
 from uuid import UUID
 
 import sentry_sdk
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
+from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
 
 from config.sentry import CREDENTIAL_PATTERNS, EMAIL_PATTERN, MASK, PHONE_PATTERN
 
 T = TypeVar("T")
 REQUEST_ID_HEADER = "X-Request-ID"
-# The Celery message header that carries the correlation id from publisher to worker.
-CORRELATION_HEADER = "correlation_id"
+# The Celery message header that carries the correlation id from publisher to worker (not
+# "correlation_id": Celery sets that message property to the task id).
+CORRELATION_HEADER = "notify_correlation_id"
 REQUEST_ID_MAX_LENGTH = 128
 # Printable ASCII without spaces: what a producer's request id may be, so that it cannot
 # forge log lines or headers. Anything else is replaced by an id of our own.
@@ -86,6 +89,8 @@ class CorrelationIdMiddleware:
         correlation_id = correlation_id_accept(offered=request.headers.get(REQUEST_ID_HEADER))
         token = correlation_id_var.set(correlation_id)
         try:
+            # On the request's span (a no-op without tracing) and its Sentry events.
+            trace.get_current_span().set_attribute("notify.correlation_id", correlation_id)
             if sentry_sdk.get_client().is_active():
                 sentry_sdk.set_tag("correlation_id", correlation_id)
             response = self.get_response(request)
@@ -164,6 +169,8 @@ _AUTHORIZATION = re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)(?:[A-Za-
 def log_text_mask(text: str) -> str:
     """The text with credentials, keys and tokens replaced by [Filtered], and email addresses
     and phone numbers partly masked (j***@example.com, +1******0006)."""
+    if "%" in text:  # an address or a key in a URL is percent-encoded
+        text = unquote(text)
     configured = _configured_secrets()
     if configured is not None:
         text = configured.sub(MASK, text)
@@ -220,4 +227,7 @@ def logging_config(*, log_format: str, level: str) -> dict[str, Any]:
             "console": {"class": "logging.StreamHandler", "formatter": log_format, "filters": ["context", "mask"]}
         },
         "root": {"handlers": ["console"], "level": level},
+        # Uvicorn's own lines (its access log holds every path and query string) go through
+        # the same handler, so that they are masked and formatted alike.
+        "loggers": {name: {"handlers": ["console"], "propagate": False} for name in ("uvicorn", "uvicorn.access")},
     }

@@ -88,6 +88,9 @@ def send_span_annotate(*, delivery_ids: Sequence[object], traceparents: Iterable
     span = trace.get_current_span()
     if not span.is_recording():
         return
+    correlation_id = correlation_id_current()
+    if correlation_id is not None:
+        span.set_attribute("notify.correlation_id", correlation_id)
     span.set_attribute("notify.delivery_count", len(delivery_ids))
     span.set_attribute("notify.delivery_ids", [str(i) for i in delivery_ids[:SPAN_DELIVERY_IDS_MAX]])
     own_trace_id = span.get_span_context().trace_id
