@@ -87,15 +87,15 @@ class CorrelationIdMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         correlation_id = correlation_id_accept(offered=request.headers.get(REQUEST_ID_HEADER))
-        token = correlation_id_var.set(correlation_id)
-        try:
-            # On the request's span (a no-op without tracing) and its Sentry events.
-            trace.get_current_span().set_attribute("notify.correlation_id", correlation_id)
-            if sentry_sdk.get_client().is_active():
-                sentry_sdk.set_tag("correlation_id", correlation_id)
-            response = self.get_response(request)
-        finally:
-            correlation_id_var.reset(token)
+        # Left set when the response leaves: Django logs an error response after the
+        # middleware returned, and the server its access line later still. The next request
+        # in this context sets its own.
+        correlation_id_var.set(correlation_id)
+        # On the request's span (a no-op without tracing) and its Sentry events.
+        trace.get_current_span().set_attribute("notify.correlation_id", correlation_id)
+        if sentry_sdk.get_client().is_active():
+            sentry_sdk.set_tag("correlation_id", correlation_id)
+        response = self.get_response(request)
         response[REQUEST_ID_HEADER] = correlation_id
         return response
 
@@ -140,7 +140,9 @@ class ContextFilter(logging.Filter):
 
 def _email_mask(match: re.Match[str]) -> str:
     local, _, domain = match.group(0).rpartition("@")
-    return f"{local[:1]}***@{domain}"
+    # A path before the address ("/recipients/ada@...") is matched as part of it: kept.
+    path, slash, local = local.rpartition("/")
+    return f"{path}{slash}{local[:1]}***@{domain}"
 
 
 def _phone_mask(match: re.Match[str]) -> str:
@@ -198,10 +200,17 @@ class MaskingFilter(logging.Filter):
 
 
 class JsonLineFormatter(JsonFormatter):
-    """One JSON object a line, without the fields that are unknown for this line."""
+    """One JSON object a line: the known fields only, without those unknown for this line.
+    A record's other attributes are left out: Django's `request`, for one, would print the
+    whole URL, unmasked."""
+
+    FIELDS = frozenset(
+        {"timestamp", "level", "logger", "message", "correlation_id", "task_id", "delivery_id", "status_code"}
+        | {"exc_info", "stack_info"}
+    )
 
     def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
-        return {key: value for key, value in log_data.items() if value is not None}
+        return {key: value for key, value in log_data.items() if key in self.FIELDS and value is not None}
 
 
 def logging_config(*, log_format: str, level: str) -> dict[str, Any]:
@@ -227,7 +236,11 @@ def logging_config(*, log_format: str, level: str) -> dict[str, Any]:
             "console": {"class": "logging.StreamHandler", "formatter": log_format, "filters": ["context", "mask"]}
         },
         "root": {"handlers": ["console"], "level": level},
-        # Uvicorn's own lines (its access log holds every path and query string) go through
-        # the same handler, so that they are masked and formatted alike.
-        "loggers": {name: {"handlers": ["console"], "propagate": False} for name in ("uvicorn", "uvicorn.access")},
+        "loggers": {
+            # Django's and Uvicorn's own handlers (Django's prints in DEBUG; Uvicorn's access
+            # log holds every path and query string) are replaced by this one, so that their
+            # lines are masked and formatted alike.
+            **{name: {"handlers": [], "propagate": True, "level": level} for name in ("django", "django.server")},
+            **{name: {"handlers": ["console"], "propagate": False} for name in ("uvicorn", "uvicorn.access")},
+        },
     }
