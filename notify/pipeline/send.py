@@ -117,7 +117,9 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
     # A batch shares a few events, categories and tenants: read each once, not per row.
     notifications = [d.notification for d in deliveries]
     tenant_ids = {n.tenant_id for n in notifications}
-    events = Event.objects.filter(id__in={n.event_id for n in notifications}).values_list("id", "data", "traceparent")
+    events = list(
+        Event.objects.filter(id__in={n.event_id for n in notifications}).values_list("id", "data", "traceparent")
+    )
     # The task's span names its deliveries and links to the requests their events came from.
     send_span_annotate(delivery_ids=[d.id for d in deliveries], traceparents={tp for _, _, tp in events if tp})
     context = BatchContext(

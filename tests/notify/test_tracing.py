@@ -217,7 +217,8 @@ def test_a_bulk_batch_links_to_the_requests_that_made_its_deliveries(
         str(i) for i in Delivery.objects.filter(notification_id__in=notification_ids).values_list("id", flat=True)
     ]
     publish(channel="email", priority="bulk", delivery_ids=delivery_ids)
-    workers.start("bulk")
+    # A prefork pool, as deployed: its child sets tracing up after the fork.
+    workers.start("bulk", concurrency=2)
     [run] = wait_for(
         lambda: [s for s in collector.find(kind=SPAN_KIND_CONSUMER) if s.attributes.get("notify.delivery_count") == 2],
         what="the batch's task span",
