@@ -153,4 +153,5 @@ def test_a_real_request_and_task_log_json_lines_with_ids_and_nothing_in_clear(
     [dead] = [line for line in worker_lines if "is dead" in line["message"]]
     assert dead["message"].endswith("+1******0006 refused for a***@example.com (key [Filtered])")
     assert dead["correlation_id"] == "req-logs-2"
+    assert dead["delivery_id"] == "0192f3a4-0000-7000-8000-000000000001"
     assert dead["task_id"] and {"timestamp", "level", "logger"} <= dead.keys()
