@@ -204,13 +204,13 @@ class JsonLineFormatter(JsonFormatter):
     A record's other attributes are left out: Django's `request`, for one, would print the
     whole URL, unmasked."""
 
-    FIELDS = frozenset(
-        {"timestamp", "level", "logger", "message", "correlation_id", "task_id", "delivery_id", "status_code"}
-        | {"exc_info", "stack_info"}
+    FIELDS = (
+        *("timestamp", "level", "logger", "message", "correlation_id", "task_id", "delivery_id", "status_code"),
+        *("exc_info", "stack_info"),
     )
 
     def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
-        return {key: value for key, value in log_data.items() if key in self.FIELDS and value is not None}
+        return {key: log_data[key] for key in self.FIELDS if log_data.get(key) is not None}
 
 
 def logging_config(*, log_format: str, level: str) -> dict[str, Any]:
@@ -228,8 +228,10 @@ def logging_config(*, log_format: str, level: str) -> dict[str, Any]:
             "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(correlation_id)s] %(message)s"},
             "json": {
                 "()": "notify.observability.logs.JsonLineFormatter",
-                "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s %(correlation_id)s %(task_id)s %(delivery_id)s",
-                "rename_fields": {"asctime": "timestamp", "levelname": "level", "name": "logger"},
+                "fmt": "%(levelname)s %(name)s %(message)s %(correlation_id)s %(task_id)s %(delivery_id)s",
+                "rename_fields": {"levelname": "level", "name": "logger"},
+                # ISO 8601 in UTC, as log collectors read it.
+                "timestamp": True,
             },
         },
         "handlers": {
