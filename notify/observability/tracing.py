@@ -15,9 +15,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from notify.observability.logs import correlation_id_current, delivery_id_var, notification_id_var
 
-# At most this many delivery ids on a span (a bulk batch holds hundreds), and this many links
-# from a batch's span to the requests that made its deliveries.
-SPAN_DELIVERY_IDS_MAX = 50
+# At most this many ids on a span (a bulk batch holds hundreds), and this many links from a
+# batch's span to the requests that made its deliveries.
+SPAN_IDS_MAX = 50
 SPAN_LINKS_MAX = 32
 _propagator = TraceContextTextMapPropagator()
 _provider: Any = None
@@ -82,6 +82,17 @@ def event_origin() -> dict[str, str | None]:
     return {"correlation_id": correlation_id_current(), "traceparent": traceparent_current()}
 
 
+def ingest_span_annotate(*, responses: Sequence[dict[str, Any]]) -> None:
+    """Mark the request's span with the events and notifications it made (capped)."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    notification_ids = [i for response in responses for i in response.get("notification_ids", ())]
+    span.set_attribute("notify.event_ids", [str(r["event_id"]) for r in responses if "event_id" in r][:SPAN_IDS_MAX])
+    span.set_attribute("notify.notification_ids", notification_ids[:SPAN_IDS_MAX])
+    span.set_attribute("notify.notification_count", len(notification_ids))
+
+
 def send_span_annotate(*, delivery_ids: Sequence[object], traceparents: Iterable[str]) -> None:
     """Mark the send task's span with its deliveries, and link it to the requests (other
     traces) whose events they came from."""
@@ -92,7 +103,7 @@ def send_span_annotate(*, delivery_ids: Sequence[object], traceparents: Iterable
     if correlation_id is not None:
         span.set_attribute("notify.correlation_id", correlation_id)
     span.set_attribute("notify.delivery_count", len(delivery_ids))
-    span.set_attribute("notify.delivery_ids", [str(i) for i in delivery_ids[:SPAN_DELIVERY_IDS_MAX]])
+    span.set_attribute("notify.delivery_ids", [str(i) for i in delivery_ids[:SPAN_IDS_MAX]])
     own_trace_id = span.get_span_context().trace_id
     linked: set[int] = set()
     for traceparent in traceparents:

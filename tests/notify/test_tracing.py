@@ -160,19 +160,18 @@ def test_one_trace_follows_a_critical_email_from_the_request_to_the_provider_cal
     assert provider_call.attributes["notify.notification_id"] == notification_id
     assert provider_call.attributes["notify.correlation_id"] == "req-trace-1"
 
-    in_trace = wait_for(
-        lambda: (
-            (spans := collector.find(trace_id=trace_id))
-            and any(s.kind == SPAN_KIND_SERVER for s in spans)
-            and any(s.kind == SPAN_KIND_PRODUCER for s in spans)
-            and spans
-        ),
-        what="the request's and the publish's spans",
-    )
+    def spans_of_the_trace() -> list[ReceivedSpan] | None:
+        spans = collector.find(trace_id=trace_id)
+        kinds = {s.kind for s in spans}
+        return spans if {SPAN_KIND_SERVER, SPAN_KIND_PRODUCER, SPAN_KIND_CONSUMER} <= kinds else None
+
+    in_trace = wait_for(spans_of_the_trace, what="the request's, the publish's and the task's spans")
     [server] = [s for s in in_trace if s.kind == SPAN_KIND_SERVER]
     assert server.service == "notify-web"
     assert server.attributes["http.route"] == "api/v1/events"
     assert server.attributes["notify.correlation_id"] == "req-trace-1"
+    assert server.attributes["notify.notification_ids"] == [notification_id]
+    assert server.attributes["notify.notification_count"] == 1
     [published] = [s for s in in_trace if s.kind == SPAN_KIND_PRODUCER and s.name.endswith("notify.send_deliveries")]
     [run] = [s for s in in_trace if s.kind == SPAN_KIND_CONSUMER and s.name.endswith("notify.send_deliveries")]
     assert published.service == "notify-web" and run.service == "notify-worker"
@@ -189,6 +188,7 @@ def test_one_trace_follows_a_critical_email_from_the_request_to_the_provider_cal
     # The database calls are traced too (psycopg), inside the same trace.
     assert any(s.attributes.get("db.system") == "postgresql" for s in in_trace if s.service == "notify-worker")
     event = Event.objects.get(notifications__id=notification_id)
+    assert server.attributes["notify.event_ids"] == [str(event.id)]
     assert event.correlation_id == "req-trace-1"
     assert event.traceparent is not None and event.traceparent.split("-")[1] == trace_id
 
