@@ -25,6 +25,8 @@ _provider: Any = None
 
 def tracing_enabled() -> bool:
     """Whether this process exports traces: OTEL_EXPORTER_OTLP_ENDPOINT is set."""
+    # Read from the environment, not the settings: these are the SDK's own variables (its
+    # exporter reads them too), and the web entry points ask before Django is set up.
     return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
 
 
@@ -55,8 +57,7 @@ def tracing_setup(*, process_kind: str) -> bool:
         DjangoInstrumentor().instrument(tracer_provider=provider)
     CeleryInstrumentor().instrument(tracer_provider=provider)
     RequestsInstrumentor().instrument(tracer_provider=provider, request_hook=_provider_call_annotate)
-    # skip_dep_check: psycopg is installed as psycopg[binary], which the check does not recognise.
-    PsycopgInstrumentor().instrument(tracer_provider=provider, skip_dep_check=True)
+    PsycopgInstrumentor().instrument(tracer_provider=provider)
     return True
 
 

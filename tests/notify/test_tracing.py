@@ -5,6 +5,7 @@ nothing is instrumented at all."""
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -257,7 +258,7 @@ print(json.dumps({
 
 def instrumentation_state(*, endpoint: str | None) -> dict[str, Any]:
     """What a web process (and a worker's child) has installed, as it starts."""
-    env = {**__import__("os").environ}
+    env = dict(os.environ)
     env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
     if endpoint:
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
