@@ -4,12 +4,16 @@ import os
 
 from django.core.asgi import get_asgi_application
 
+from notify.observability.tracing import tracing_setup
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 # Requests share pooled database connections (see DATABASE_POOL in config/settings.py). The
 # settings read it as Django is set up, here; it is not left in the environment, where the
 # processes this one starts (a test's workers) would inherit it.
 pool_default = "DATABASE_POOL" not in os.environ
 os.environ.setdefault("DATABASE_POOL", "true")
+# Before Django loads its middleware, which the Django instrumentation adds to (when on).
+tracing_setup(process_kind="web")
 # Django is set up here, before the imports below touch models.
 http_application = get_asgi_application()
 if pool_default:

@@ -4,10 +4,20 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import beat_init, task_postrun, task_prerun, worker_init, worker_process_init
+from celery.signals import (
+    beat_init,
+    before_task_publish,
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 from django.db import close_old_connections
 
 from config.memory import garbage_collector_tune
+from notify.observability import logs, tracing
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
@@ -48,3 +58,48 @@ def _database_connections_check(*, task: Any = None, **_: object) -> None:
     if task is not None and getattr(task.request, "is_eager", False):
         return
     close_old_connections()
+
+
+@worker_init.connect
+def _tracing_setup_unforked(*, sender: Any, **_: object) -> None:
+    # A prefork pool's children set tracing up after the fork (below): the span exporter's
+    # thread does not survive one. A solo or threads pool runs tasks in this process.
+    from celery.concurrency import get_implementation
+    from celery.concurrency.prefork import TaskPool as PreforkPool
+
+    if not issubclass(get_implementation(sender.pool_cls), PreforkPool):
+        tracing.tracing_setup(process_kind="worker")
+
+
+@worker_process_init.connect
+def _tracing_setup_child(**_: object) -> None:
+    tracing.tracing_setup(process_kind="worker")
+
+
+@beat_init.connect
+def _tracing_setup_beat(**_: object) -> None:
+    tracing.tracing_setup(process_kind="beat")
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _tracing_flush(**_: object) -> None:
+    tracing.tracing_shutdown()
+
+
+@before_task_publish.connect
+def _correlation_id_publish(*, headers: dict[str, Any], **_: object) -> None:
+    logs.task_publish_annotate(headers=headers)
+
+
+@task_prerun.connect
+def _correlation_id_enter(*, task_id: str, task: Any, **_: object) -> None:
+    # A task run eagerly in the caller's process keeps the caller's correlation id.
+    if not getattr(task.request, "is_eager", False):
+        logs.task_context_enter(task_id=task_id, request=task.request)
+
+
+@task_postrun.connect
+def _correlation_id_leave(*, task: Any, **_: object) -> None:
+    if not getattr(task.request, "is_eager", False):
+        logs.task_context_leave()

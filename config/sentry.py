@@ -16,17 +16,18 @@ from sentry_sdk.scrubber import DEFAULT_DENYLIST, EventScrubber
 MASK = "[Filtered]"
 # Keys whose values are credentials, on top of the SDK's list (which has authorization, cookie).
 SECRET_KEYS = ["x-twilio-signature", "x_twilio_signature", "x-postmark-server-token", "server_token", "auth_token"]
-SECRET_PATTERNS = [
+CREDENTIAL_PATTERNS = [
     # API keys: ntf_<lookup>_<secret> (apps.tenants.models.ApiKey).
     re.compile(r"\bntf_[A-Za-z0-9]+_[A-Za-z0-9_-]+"),
     # Django's signed tokens (value:timestamp:signature), as recipient links carry them.
     re.compile(r"[A-Za-z0-9_-]+:[A-Za-z0-9_-]+:[A-Za-z0-9_-]{20,}"),
     # Bearer credentials in text ("Authorization: Bearer ...").
     re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+"),
-    re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+"),
-    # Phone numbers, E.164 or nearly: a "+" and 8 to 15 digits, spaces or dashes between.
-    re.compile(r"\+[1-9](?:[ -]?[0-9]){7,14}\b"),
 ]
+EMAIL_PATTERN = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+# Phone numbers, E.164 or nearly: a "+" and 8 to 15 digits, spaces or dashes between.
+PHONE_PATTERN = re.compile(r"\+[1-9](?:[ -]?[0-9]){7,14}\b")
+SECRET_PATTERNS = [*CREDENTIAL_PATTERNS, EMAIL_PATTERN, PHONE_PATTERN]
 
 
 def text_scrub(text: str) -> str:

@@ -8,6 +8,8 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+from notify.observability.logs import logging_config
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
 
@@ -66,7 +68,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    # First: probes call the container's own address, which host validation would refuse.
+    # Before all others, so that every response carries the request's X-Request-ID.
+    "notify.observability.logs.CorrelationIdMiddleware",
+    # Next: probes call the container's own address, which host validation would refuse.
     "apps.api.health.ProbeMiddleware",
     "apps.api.middleware.RequestBodyLimitMiddleware",
     "apps.api.middleware.DatabaseUnavailableMiddleware",
@@ -171,13 +175,12 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "var" / "staticfiles"
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
-}
+# Plain lines by default; "json": one JSON object a line. Either way each line carries the
+# request's or task's correlation id and is masked (notify/observability/logs.py).
+LOG_FORMAT = env.str("LOG_FORMAT", default="plain")
+if LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT is 'plain' or 'json', not '{LOG_FORMAT}'.")
+LOGGING = logging_config(log_format=LOG_FORMAT, level=env("LOG_LEVEL", default="INFO"))
 
 # --- Producer API -----------------------------------------------------------------------
 # The most bytes a request body may have, on every path (apps/api/middleware.py).

@@ -52,7 +52,7 @@ def recurring_send(recurring_send_id: int) -> None:
 @shared_task(name=dispatch.DEAD_LETTER_TASK)
 def dead_letter_notice(delivery_id: str, channel: str, reason: str) -> None:
     """Alert ops that a delivery died; the DeadLetter row is the durable record."""
-    logger.warning("delivery %s on %s is dead: %s", delivery_id, channel, reason)
+    logger.warning("delivery %s on %s is dead: %s", delivery_id, channel, reason, extra={"delivery_id": delivery_id})
     sentry_sdk.capture_message(f"{channel} delivery {delivery_id} dead-lettered: {reason}", level="warning")
 
 

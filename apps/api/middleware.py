@@ -6,6 +6,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from apps.api.errors import DATABASE_RETRY_AFTER_SECONDS, DATABASE_UNAVAILABLE, database_unavailable_error
+from notify.observability.logs import REQUEST_ID_HEADER, correlation_id_accept
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -75,7 +76,13 @@ class _BodyOverLimit(Exception):
     pass
 
 
-async def _refuse(send: Send, *, limit: int, length: int | None) -> None:
+def _request_id(scope: Scope) -> bytes:
+    # Answered before Django's middleware runs: the request id is given here, as it would be there.
+    offered = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"")
+    return correlation_id_accept(offered=offered.decode("latin-1")).encode()
+
+
+async def _refuse(send: Send, scope: Scope, *, limit: int, length: int | None) -> None:
     body = json.dumps(request_too_large_error(limit=limit, length=length)).encode()
     await send(
         {
@@ -87,6 +94,7 @@ async def _refuse(send: Send, *, limit: int, length: int | None) -> None:
                 # The server then closes instead of reading the rest of the body to reuse the
                 # connection.
                 (b"connection", b"close"),
+                (REQUEST_ID_HEADER.lower().encode(), _request_id(scope)),
             ],
         }
     )
@@ -115,7 +123,7 @@ class AsgiRequestBodyLimit:
         limit = request_body_limit(path=scope["path"])
         declared = _declared_length(scope)
         if declared is not None and declared > limit:
-            await _refuse(send, limit=limit, length=declared)
+            await _refuse(send, scope, limit=limit, length=declared)
             return
         received = 0
 
@@ -131,4 +139,4 @@ class AsgiRequestBodyLimit:
             await self.app(scope, receive_counted, send)
         except _BodyOverLimit:
             # Django reads the whole body before its handler answers, so nothing has been sent yet.
-            await _refuse(send, limit=limit, length=None)
+            await _refuse(send, scope, limit=limit, length=None)

@@ -217,7 +217,7 @@ class DigestAdmin(ReadOnlyAdmin):
 class EventAdmin(ReadOnlyAdmin):
     list_display = ("id", "tenant", "category", "idempotency_key", "created_at")
     list_filter = ("tenant", "category")
-    search_fields = ("=id", "idempotency_key")
+    search_fields = ("=id", "idempotency_key", "=correlation_id")
     date_hierarchy = "created_at"
     list_select_related = ("tenant", "category")
 
@@ -235,7 +235,7 @@ class DeliveryInline(admin.TabularInline):
 class NotificationAdmin(ReadOnlyAdmin):
     list_display = ("id", "recipient", "category", "priority", "created_at", "cancelled_at")
     list_filter = ("tenant", "category", "priority", "deliveries__status", "deliveries__channel")
-    search_fields = ("=id", "recipient__external_id", "recipient__email", "=event__id")
+    search_fields = ("=id", "recipient__external_id", "recipient__email", "=event__id", "=event__correlation_id")
     date_hierarchy = "created_at"
     list_select_related = ("recipient", "category")
     readonly_fields = ("history",)
@@ -273,7 +273,13 @@ class DeliveryAdmin(ReadOnlyAdmin):
     tenant_path = "notification__tenant"
     list_display = ("id", "channel", "priority", "status", "attempt_count", "next_attempt_at", "sent_at", "updated_at")
     list_filter = ("status", "channel", "priority", "notification__tenant")
-    search_fields = ("=id", "=notification__id", "notification__recipient__external_id", "=provider_message_id")
+    search_fields = (
+        "=id",
+        "=notification__id",
+        "notification__recipient__external_id",
+        "=provider_message_id",
+        "=notification__event__correlation_id",
+    )
     date_hierarchy = "updated_at"
     inlines = [DeliveryEventInline]
 

@@ -46,7 +46,7 @@ SANDBOX_PATHS = ("/postmark", "/twilio", "/fcm", "/google/token")
 ANYMAIL_POSTMARK_BACKEND = "anymail.backends.postmark.EmailBackend"
 
 
-def _setting(name: str) -> str:
+def credential_setting(name: str) -> str:
     """A provider setting by its environment name (anymail's live in settings.ANYMAIL)."""
     if name in ("POSTMARK_SERVER_TOKEN", "POSTMARK_API_URL"):
         return str(settings.ANYMAIL.get(name, ""))
@@ -109,10 +109,10 @@ OUTSIDE_DEBUG = "Outside DEBUG (DJANGO_DEBUG is off), "
 @register(TAG)
 def webhook_secret_check(**_: Any) -> list[CheckMessage]:
     """An email provider is configured but its tracking webhooks would accept anyone."""
-    if settings.DEBUG or _setting("ANYMAIL_WEBHOOK_SECRET"):
+    if settings.DEBUG or credential_setting("ANYMAIL_WEBHOOK_SECRET"):
         return []
     configured = (
-        bool(_setting("POSTMARK_SERVER_TOKEN"))
+        bool(credential_setting("POSTMARK_SERVER_TOKEN"))
         or settings.EMAIL_BACKEND != ANYMAIL_POSTMARK_BACKEND
         or any(channel == "email" for _, channel, _ in _provider_rows())
     )
@@ -133,17 +133,17 @@ def webhook_secret_check(**_: Any) -> list[CheckMessage]:
 
 def _sandbox_findings() -> Iterator[tuple[str, str, str]]:
     for name in CREDENTIAL_SETTINGS:
-        if is_known_credential(_setting(name)):
+        if is_known_credential(credential_setting(name)):
             yield (
                 "E002",
                 OUTSIDE_DEBUG + f"{name} is the sandbox's or the demo's published value.",
                 f"Set {name} to your own account's credential, or unset it.",
             )
     for name in URL_SETTINGS:
-        if is_sandbox_url(_setting(name)):
+        if is_sandbox_url(credential_setting(name)):
             yield (
                 "E003",
-                OUTSIDE_DEBUG + f"{name} points at the provider sandbox ({_setting(name)}).",
+                OUTSIDE_DEBUG + f"{name} points at the provider sandbox ({credential_setting(name)}).",
                 f"Unset {name} to use the provider itself, or run the demo with DJANGO_DEBUG=1.",
             )
     for provider, _, config in _provider_rows():

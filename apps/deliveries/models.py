@@ -29,6 +29,11 @@ class Event(models.Model):
     data = models.JSONField(default=dict, blank=True)
     # The response first given for this event, returned again on an idempotent retry.
     response = models.JSONField(default=dict, blank=True)
+    # The X-Request-ID of the request (or the id of the task) that made the event. Kept here
+    # only, once per request: its notifications and deliveries reach it through the event.
+    correlation_id = models.CharField(max_length=128, null=True, blank=True, db_index=True)
+    # The W3C traceparent of that request's span, for the send batches' trace links.
+    traceparent = models.CharField(max_length=55, null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:

@@ -38,6 +38,8 @@ class OutboundMessage:
     # For a channel that carries them (Channel.wants_links), on non-critical messages.
     unsubscribe_url: str = ""
     preferences_url: str = ""
+    # For the provider call's trace span and log lines.
+    notification_id: UUID | None = None
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from django.dispatch import receiver
 
 from apps.recipients.models import Recipient
 from notify.channels.base import Channel, OutboundMessage, SendOutcome, request_never_reached, timed_outcome
+from notify.observability.logs import message_scoped
 from notify.pipeline.record import Feedback, feedback_record
 from notify.resilience.failures import FailureKind, failure_from_status
 from notify.resilience.outbound import OutboundRefused, OutboundSession
@@ -130,6 +131,7 @@ def _with_footer(*, message: OutboundMessage, body: str, html: str) -> tuple[str
     return body, html
 
 
+@message_scoped
 def _send_one(*, connection: Any, message: OutboundMessage, from_email: str) -> SendOutcome:
     started = time.perf_counter()
     email = _email(message=message, connection=connection, from_email=from_email)

@@ -30,6 +30,7 @@ from notify.channels.base import (
     request_never_reached,
     timed_outcome,
 )
+from notify.observability.logs import message_scoped
 from notify.pipeline.record import Feedback, feedback_record
 from notify.resilience.failures import FailureKind, failure_from_status
 from notify.resilience.outbound import OutboundSession
@@ -119,6 +120,7 @@ class SmsChannel(Channel):
             )
         return self._client
 
+    @message_scoped
     def _send_one(self, *, message: OutboundMessage) -> SendOutcome:
         started = time.perf_counter()
         number = e164(number=message.address)

@@ -20,6 +20,7 @@ from pywebpush import WebPushException, webpush
 
 from apps.recipients.models import WebPushSubscription
 from notify.channels.base import OutboundMessage, RegistryChannel, SendOutcome, timed_outcome
+from notify.observability.logs import message_scoped
 from notify.resilience.failures import FailureKind, failure_from_status
 from notify.resilience.outbound import HostUnresolved, OutboundRefused, OutboundSession
 
@@ -54,6 +55,7 @@ class WebPushChannel(RegistryChannel):
         subscriptions = self.endpoints_for(messages=messages)
         return [self._send_one(message=m, subscriptions=subscriptions[m.address]) for m in messages]
 
+    @message_scoped
     def _send_one(self, *, message: OutboundMessage, subscriptions: list[WebPushSubscription]) -> SendOutcome:
         started = time.perf_counter()
         if not subscriptions:

@@ -29,6 +29,7 @@ from apps.deliveries.models import CLAIMABLE_STATUSES, Delivery, DeliveryStatus,
 from apps.recipients.models import Recipient
 from apps.tenants.models import ApiKey, Tenant
 from config.queues import MAINTENANCE_QUEUE
+from notify.observability.tracing import event_origin
 from notify.pipeline import dispatch
 from notify.pipeline.audience import AudienceError, audience_compile, audience_recipients
 from notify.pipeline.ingest import (
@@ -131,7 +132,12 @@ def broadcast_create(*, api_key: ApiKey, request: BroadcastRequest, now: datetim
     try:
         with transaction.atomic():
             broadcast.event = Event.objects.create(
-                tenant=tenant, api_key=api_key, category=category, request_digest=digest, data=request.data
+                tenant=tenant,
+                api_key=api_key,
+                category=category,
+                request_digest=digest,
+                data=request.data,
+                **event_origin(),
             )
             broadcast.save(force_insert=True)
             Event.objects.filter(pk=broadcast.event_id).update(response={"broadcast_id": str(broadcast.id)})

@@ -20,6 +20,7 @@ from apps.catalog.models import Category, Priority
 from apps.deliveries.models import Event
 from apps.recipients.models import Recipient
 from apps.tenants.models import ApiKey, Tenant
+from notify.observability.tracing import event_origin, ingest_span_annotate
 from notify.pipeline.bulk import retry_lock_conflicts
 from notify.pipeline.digest import digest_collect
 from notify.pipeline.plan import LocalSendTime, PlanError, notifications_plan, plan_save
@@ -125,6 +126,7 @@ def events_ingest(
                 idempotency_key=request.idempotency_key,
                 request_digest=digest,
                 data=request.data,
+                **event_origin(),
             )
             try:
                 # A savepoint only where a key can collide; without a key there is no conflict.
@@ -177,6 +179,7 @@ def events_ingest(
         if not r.replayed
     )
     runaway_count(tenant=tenant, accepted=accepted)
+    ingest_span_annotate(responses=[r.response for r in results])
     return results
 
 

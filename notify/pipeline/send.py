@@ -21,6 +21,7 @@ from apps.recipients.tokens import email_links
 from apps.tenants.models import Tenant
 from notify.channels import channel_for_provider, channel_get
 from notify.channels.base import OutboundMessage, RenderedContent, SendOutcome
+from notify.observability.tracing import send_span_annotate
 from notify.pipeline.bulk import PrimaryKeyPath, retry_lock_conflicts
 from notify.pipeline.dispatch import holds_read
 from notify.pipeline.plan import content_render, variant_mentions_recipient, variant_resolve
@@ -116,8 +117,13 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
     # A batch shares a few events, categories and tenants: read each once, not per row.
     notifications = [d.notification for d in deliveries]
     tenant_ids = {n.tenant_id for n in notifications}
+    events = list(
+        Event.objects.filter(id__in={n.event_id for n in notifications}).values_list("id", "data", "traceparent")
+    )
+    # The task's span names its deliveries and links to the requests their events came from.
+    send_span_annotate(delivery_ids=[d.id for d in deliveries], traceparents={tp for _, _, tp in events if tp})
     context = BatchContext(
-        event_data=dict(Event.objects.filter(id__in={n.event_id for n in notifications}).values_list("id", "data")),
+        event_data={event_id: data for event_id, data, _ in events},
         categories=Category.objects.in_bulk({n.category_id for n in notifications}),
         tenants=Tenant.objects.in_bulk(tenant_ids),
         # A batch can hold several tenants' deliveries (the sweeper's, a resume's): each
@@ -266,7 +272,7 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
             content = context.content_for(delivery=delivery, channel=channel.name)
         except Exception as error:  # noqa: BLE001 - any rendering error, including a template's
             # The pinned version renders the same way on every attempt: retrying cannot help.
-            logger.exception("rendering delivery %s failed", delivery.id)
+            logger.exception("rendering delivery %s failed", delivery.id, extra={"delivery_id": str(delivery.id)})
             outcomes.append(
                 SendOutcome(delivery_id=delivery.id, failure=FailureKind.PERMANENT, reason=f"template error: {error}")
             )
@@ -290,6 +296,7 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
         messages_by_providers[providers_key].append(
             OutboundMessage(
                 delivery_id=delivery.id,
+                notification_id=notification.id,
                 idempotency_key=delivery_idempotency_key(delivery=delivery),
                 resend_round=delivery.resend_round,
                 address=address,

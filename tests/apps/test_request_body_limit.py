@@ -89,11 +89,13 @@ def test_a_declared_length_over_the_limit_is_refused_before_any_body_is_sent(web
     sock = _connect(web_server)
     sock.sendall(
         f"POST /api/v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {10 * LIMIT}\r\n\r\n".encode()
+        f"X-Request-ID: big-upload-1\r\nContent-Length: {10 * LIMIT}\r\n\r\n".encode()
     )
     with sock:
         answer = _read_answer(sock, sent=0)
     assert answer.status == 413
+    # Refused before Django's middleware runs, and still with the request's id.
+    assert answer.headers["x-request-id"] == "big-upload-1"
     error = json.loads(answer.body)["error"]
     assert error["code"] == "request_too_large"
     assert f"{LIMIT} bytes" in error["message"]
