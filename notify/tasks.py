@@ -68,3 +68,11 @@ def broadcast_cancel(broadcast_id: str) -> int:
 @shared_task(name=broadcast.RESUME_TASK)
 def broadcast_resume(broadcast_id: str) -> int:
     return broadcast.resume_publish(broadcast_id=UUID(broadcast_id))
+
+
+@shared_task(name="notify.metrics_gauges")
+def metrics_gauges() -> bool:
+    """Compute the gauges that need the database into Redis, for /metrics to read."""
+    from notify.observability.gauges import gauges_compute
+
+    return gauges_compute()
