@@ -56,8 +56,16 @@ class MetricsMiddleware:
         if request.path == METRICS_PATH:
             return metrics_page(request)
         response = self.get_response(request)
-        match = getattr(request, "resolver_match", None)
-        # The pattern, never the path: paths hold ids and tokens, and would not be bounded.
-        route = (match.route or match.view_name) if match is not None else "unmatched"
-        api_request_count(method=request.method or "", route=route, status=response.status_code)
+        api_request_count(method=request.method or "", route=route_of(request), status=response.status_code)
         return response
+
+
+def route_of(request: HttpRequest) -> str:
+    """The URL pattern that answered, never the path: paths hold ids and tokens, and would
+    not be bounded. A regular-expression pattern (the API router's) goes by its view's name."""
+    match = getattr(request, "resolver_match", None)
+    if match is None:
+        return "unmatched"
+    if not match.route or "^" in match.route or "(?P" in match.route:
+        return match.view_name
+    return match.route
