@@ -16,7 +16,7 @@ from apps.catalog.models import Category, Priority, TemplateVariant, TemplateVer
 from apps.tenants.models import ApiKey, Tenant
 from notify.sandbox.client import SandboxClient
 from tests.factories import ApiKeyFactory, CategoryFactory, TemplateFactory
-from tests.helpers import SANDBOX_ALLOW_LISTS, free_port, provider_settings, wait_for
+from tests.helpers import METRICS_TOKEN, SANDBOX_ALLOW_LISTS, free_port, provider_settings, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -262,3 +262,10 @@ def inbox_category(workspace: Workspace) -> Category:
         version=version, channel="inapp", title="{{ data.who }} mentioned you", body="{{ data.text }}", link="/c/1"
     )
     return CategoryFactory(tenant=workspace.tenant, key="mention", template=template, default_channels=["inapp"])
+
+
+@pytest.fixture
+def metrics_token(settings) -> str:  # type: ignore[no-untyped-def]
+    """/metrics asks for this token, in this process and the processes it starts."""
+    settings.NOTIFY_METRICS_TOKEN = METRICS_TOKEN
+    return METRICS_TOKEN

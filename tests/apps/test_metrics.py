@@ -9,39 +9,15 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
-from prometheus_client.parser import text_string_to_metric_families
 
 from apps.deliveries.models import DeadLetter, Delivery, DeliveryStatus, Provider
 from notify.observability.gauges import GAUGES_KEY, gauges_compute
 from notify.policy.caps import redis_client
 from notify.resilience.providers import breaker_for, breaker_reset
+from tests.helpers import METRICS_TOKEN as TOKEN
+from tests.helpers import metric_value as value
+from tests.helpers import metrics_scrape as scrape
 from tests.notify.test_send import ingest_many
-
-TOKEN = "metrics-test-token"
-
-
-def scrape(*, token: str = TOKEN) -> str:
-    """The web /metrics page, as Prometheus reads it with the token."""
-    response = Client().get("/metrics", HTTP_AUTHORIZATION=f"Bearer {token}")
-    assert response.status_code == 200, response.content
-    assert response["Content-Type"].startswith("text/plain")
-    return response.content.decode()
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    """The sum of the samples called `name` whose labels include `labels`; 0 when none."""
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and labels.items() <= sample.labels.items():
-                total += sample.value
-    return total
-
-
-@pytest.fixture
-def metrics_token(settings):  # type: ignore[no-untyped-def]
-    settings.NOTIFY_METRICS_TOKEN = TOKEN
-    return TOKEN
 
 
 @pytest.fixture
