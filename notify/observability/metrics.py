@@ -245,18 +245,20 @@ def outcomes_count(
 
 def _states_count(*, states: Counter[tuple[str, str, str, str, str, str]]) -> None:
     retried: Counter[tuple[str, str]] = Counter()
-    dead: Counter[str] = Counter()
     for labels, count in states.items():
         deliveries.labels(*labels).inc(count)
         channel, _, priority, _, _, state = labels
         if state == "retrying":
             retried[(channel, priority)] += count
-        elif state == "dead":
-            dead[channel] += count
     for (channel, priority), count in retried.items():
         retries.labels(channel, priority).inc(count)
-    for channel, count in dead.items():
-        dead_letters.labels(channel).inc(count)
+
+
+def dead_letters_count(*, channels: Sequence[str]) -> None:
+    """Dead letters committed, one channel per dead letter."""
+    if ENABLED:
+        for channel, count in Counter(channels).items():
+            dead_letters.labels(channel).inc(count)
 
 
 def feedback_count(*, delivery: Delivery, state: str, provider_name: str | None, now: datetime) -> None:

@@ -33,6 +33,7 @@ from apps.deliveries.models import (
 )
 from apps.tenants.models import Tenant
 from config.queues import CHANNELS, PRIORITIES, dead_letter_queue, delivery_queue
+from notify.observability import metrics
 from notify.pipeline.record import history_event, history_insert
 from notify.resilience.failures import attempts_exhausted
 
@@ -104,6 +105,8 @@ def dead_letters_announce(*, dead_letters: list[DeadLetter]) -> None:
         args = [str(dead_letter.delivery_id), dead_letter.channel, dead_letter.reason]
         queue = dead_letter_queue(channel=dead_letter.channel)
         transaction.on_commit(partial(_send_notice, args=args, queue=queue))
+    # Every dead letter passes here (the send stage's, a soft bounce's, the sweeper's).
+    transaction.on_commit(partial(metrics.dead_letters_count, channels=[d.channel for d in dead_letters]))
 
 
 def _send_notice(*, args: list[str], queue: str) -> None:

@@ -65,6 +65,22 @@ def test_a_transient_failure_counts_a_retry(api, workers, sandbox, metrics_token
     assert deltas(before, after, "notify_provider_calls_total", channel="email", outcome="transient") == 1
 
 
+def test_a_delivery_out_of_attempts_counts_a_dead_letter(api, workers, sandbox, metrics_token):
+    sandbox.faults_set(fail_next=[503, 503, 503])  # the suite allows 3 attempts
+    workers.start("critical")
+    before = scrape()
+    [notification_id] = trigger(api, category="otp")
+    wait_for_status([notification_id], DeliveryStatus.DEAD)
+    after = wait_for(
+        lambda: (text := scrape()) and deltas(before, text, "notify_dead_letters_total", channel="email") and text,
+        timeout=10,
+        what="the dead letter on /metrics",
+    )
+    assert deltas(before, after, "notify_dead_letters_total", channel="email") == 1
+    assert deltas(before, after, "notify_deliveries_total", channel="email", state="dead") == 1
+    assert deltas(before, after, "notify_retries_total", channel="email", priority="critical") == 2
+
+
 def test_a_delivered_report_moves_accept_to_delivered(api, workspace, workers, sandbox, live_server, metrics_token):
     port = urlparse(live_server.url).port
     sandbox.webhooks_set(postmark=f"http://sandbox:sandbox-webhook-secret@127.0.0.1:{port}/anymail/postmark/tracking/")
