@@ -88,8 +88,15 @@ def test_a_delivered_report_moves_accept_to_delivered(api, workspace, workers, s
     before = scrape()
     [notification_id] = trigger(api, category="welcome")
     wait_for_status([notification_id], DeliveryStatus.DELIVERED, timeout=30)
-    after = scrape()
     latency = {"channel": "email", "priority": "normal"}
+    # The webhook's thread counts once its transaction has committed: wait for the count.
+    after = wait_for(
+        lambda: (
+            (text := scrape()) and deltas(before, text, "notify_accept_to_delivered_seconds_count", **latency) and text
+        ),
+        timeout=10,
+        what="the delivered report on /metrics",
+    )
     assert deltas(before, after, "notify_accept_to_delivered_seconds_count", **latency) == 1
     assert (
         deltas(before, after, "notify_deliveries_total", state="delivered", tenant=workspace.tenant.slug, **latency)
