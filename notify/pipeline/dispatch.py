@@ -105,11 +105,11 @@ def dead_letters_announce(*, dead_letters: list[DeadLetter]) -> None:
         args = [str(dead_letter.delivery_id), dead_letter.channel, dead_letter.reason]
         queue = dead_letter_queue(channel=dead_letter.channel)
         transaction.on_commit(partial(_send_notice, args=args, queue=queue))
-    # Every dead letter passes here (the send stage's, a soft bounce's, the sweeper's).
-    transaction.on_commit(partial(metrics.dead_letters_count, channels=[d.channel for d in dead_letters]))
 
 
 def _send_notice(*, args: list[str], queue: str) -> None:
+    # Every dead letter passes here once committed (the send stage's, a soft bounce's, the sweeper's).
+    metrics.dead_letters_count(channels=[args[1]])
     try:
         current_app.send_task(DEAD_LETTER_TASK, args=args, queue=queue)
     except Exception:  # noqa: BLE001 - the DeadLetter row is the record; the notice is a courtesy
