@@ -13,6 +13,8 @@ baseline)."""
 
 from __future__ import annotations
 
+import atexit
+import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,6 +26,8 @@ from uuid import UUID
 from django.conf import settings
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge, Histogram
+
+from notify.observability.exposition import process_exited
 
 if TYPE_CHECKING:
     from apps.catalog.models import Category
@@ -90,10 +94,12 @@ rate_limit_waits = PromCounter(
 rate_limit_wait_seconds = PromCounter(
     "notify_rate_limit_wait_seconds", "Seconds spent waiting for providers' rate limits.", ["provider", "channel"]
 )
-# Summed over the live web processes: a process that exits takes its sockets with it.
+# Summed over the live web processes: a process that exits takes its sockets with it (its
+# file is removed as it exits, below; a pool child's by the worker_process_shutdown signal).
 websocket_connections = Gauge(
     "notify_websocket_connections", "Open inbox WebSocket connections.", multiprocess_mode="livesum"
 )
+atexit.register(lambda: process_exited(pid=os.getpid()))
 
 
 class GaugeSpec(NamedTuple):
