@@ -145,8 +145,9 @@ class WorkerPool:
     log_dir: Path
     workers: list[WorkerProcess] = field(default_factory=list)
 
-    def start(self, *groups: str, concurrency: int = 1) -> WorkerProcess:
-        """Start a worker on the groups' queues and wait until it is ready."""
+    def start(self, *groups: str, concurrency: int = 1, env: dict[str, str] | None = None) -> WorkerProcess:
+        """Start a worker on the groups' queues (with `env` added to its environment) and wait
+        until it is ready."""
         queues = subprocess.run(
             [sys.executable, "-m", "config.queues", *groups], cwd=ROOT, check=True, capture_output=True, text=True
         ).stdout.strip()
@@ -166,6 +167,7 @@ class WorkerPool:
                 "--without-heartbeat",
             ],
             ready=" ready.",
+            env=env,
         )
 
     def start_beat(self) -> WorkerProcess:

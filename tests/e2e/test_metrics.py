@@ -2,8 +2,6 @@
 delivered report show on the web /metrics; a worker with its own port serves its children's
 counts."""
 
-import subprocess
-import sys
 from urllib.parse import urlparse
 
 import pytest
@@ -106,27 +104,7 @@ def test_a_delivered_report_moves_accept_to_delivered(api, workspace, workers, s
 
 def test_a_worker_with_a_metrics_port_serves_its_pool_childrens_counts(api, workers, sandbox, metrics_token):
     port = free_port()
-    worker = workers._spawn(
-        "critical-port",
-        [
-            "worker",
-            "--pool",
-            "prefork",
-            "--concurrency",
-            "2",
-            "-Q",
-            subprocess.run(
-                [sys.executable, "-m", "config.queues", "critical"], check=True, capture_output=True, text=True
-            ).stdout.strip(),
-            "-n",
-            "critical-port@%h",
-            "--without-mingle",
-            "--without-gossip",
-            "--without-heartbeat",
-        ],
-        ready=" ready.",
-        env={"NOTIFY_WORKER_METRICS_PORT": str(port)},
-    )
+    worker = workers.start("critical", concurrency=2, env={"NOTIFY_WORKER_METRICS_PORT": str(port)})
     url = f"http://127.0.0.1:{port}/metrics"
     web_before = scrape()
     ids = [trigger(api, category="otp", prefix=f"p{i}-")[0] for i in range(3)]
@@ -143,3 +121,16 @@ def test_a_worker_with_a_metrics_port_serves_its_pool_childrens_counts(api, work
     assert value(text, "notify_accept_to_sent_seconds_count", channel="email", priority="critical") == 3
     # Its counts are its own: the web processes' /metrics does not show them twice.
     assert deltas(web_before, scrape(), "notify_deliveries_total", channel="email", state="sent") == 0
+
+
+def test_with_metrics_off_a_worker_counts_nothing(api, workers, sandbox, metrics_token):
+    worker = workers.start("critical", env={"NOTIFY_METRICS_ENABLED": "false"})
+    before = scrape()
+    [notification_id] = trigger(api, category="otp")
+    wait_for_status([notification_id], DeliveryStatus.SENT)
+    worker.stop()  # whatever it would have counted is written by now
+    after = scrape()
+    assert deltas(before, after, "notify_deliveries_total", channel="email") == 0
+    assert deltas(before, after, "notify_provider_calls_total", channel="email") == 0
+    # The API in this process still counts: only the worker was switched off.
+    assert deltas(before, after, "notify_events_accepted_total", category="otp") == 1
