@@ -64,23 +64,28 @@ def queue_depth_samples(*, now: datetime) -> Iterator[Sample]:
 def delivery_samples(*, now: datetime) -> Iterator[Sample]:
     """The oldest due delivery's age and the backlog, per channel and priority."""
     cap = settings.NOTIFY_GAUGES_COUNT_CAP
+    table = Delivery._meta.db_table
+    # One walk of the claimable partial index in next_attempt_at order, stopped after `cap`
+    # rows: exact for every channel and priority whose oldest due delivery is among the `cap`
+    # oldest (a walk per pair would read the whole due backlog for each pair that has none).
+    oldest_sql = (
+        "SELECT channel, priority, min(next_attempt_at) FROM "
+        f"(SELECT channel, priority, next_attempt_at FROM {table} WHERE status IN ({', '.join(['%s'] * len(CLAIMABLE_STATUSES))}) "
+        "AND next_attempt_at <= %s "
+        "ORDER BY next_attempt_at LIMIT %s) AS due GROUP BY channel, priority"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(oldest_sql, [*(str(status) for status in CLAIMABLE_STATUSES), now, cap])
+        oldest = {(channel, priority): at for channel, priority, at in cursor.fetchall()}
     for channel in CHANNELS:
         for priority in PRIORITIES:
-            # Walks the claimable partial index in next_attempt_at order: the first match ends it.
-            oldest = (
-                Delivery.objects.filter(
-                    status__in=CLAIMABLE_STATUSES, next_attempt_at__lte=now, channel=channel, priority=priority
-                )
-                .order_by("next_attempt_at")
-                .values_list("next_attempt_at", flat=True)
-                .first()
-            )
-            age = (now - oldest).total_seconds() if oldest else 0.0
+            at = oldest.get((channel, priority))
+            age = (now - at).total_seconds() if at else 0.0
             yield "notify_oldest_queued_delivery_seconds", {"channel": channel, "priority": priority}, age
     # The LIMIT inside bounds the work however large a backlog grows.
     sql = (
         "SELECT channel, priority, count(*) FROM "
-        f"(SELECT channel, priority FROM {Delivery._meta.db_table} WHERE status = %s LIMIT %s) AS backlog "
+        f"(SELECT channel, priority FROM {table} WHERE status = %s LIMIT %s) AS backlog "
         "GROUP BY channel, priority"
     )
     for status in BACKLOG_STATUSES:
