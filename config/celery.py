@@ -3,8 +3,14 @@
 import os
 from typing import Any
 
-from celery import Celery
-from celery.signals import (
+from notify.observability.exposition import multiprocess_directory_default
+
+# First of all: prometheus-client picks its multiprocess mode when it is first imported, and
+# this module is the first of ours that every process (web, worker, beat, manage.py) loads.
+multiprocess_directory_default()
+
+from celery import Celery  # noqa: E402
+from celery.signals import (  # noqa: E402
     beat_init,
     before_task_publish,
     task_postrun,
@@ -14,10 +20,10 @@ from celery.signals import (
     worker_process_shutdown,
     worker_shutdown,
 )
-from django.db import close_old_connections
+from django.db import close_old_connections  # noqa: E402
 
-from config.memory import garbage_collector_tune
-from notify.observability import logs, tracing
+from config.memory import garbage_collector_tune  # noqa: E402
+from notify.observability import logs, tracing  # noqa: E402
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
@@ -39,6 +45,24 @@ def _configuration_verify(**_: object) -> None:
     from apps.deliveries.checks import configuration_verify
 
     configuration_verify()
+
+
+@worker_init.connect
+def _worker_metrics_serve(**_: object) -> None:
+    # In the main process, before the pool forks: the children inherit its metrics directory.
+    from django.conf import settings
+
+    from notify.observability.exposition import worker_metrics_serve
+
+    if settings.NOTIFY_WORKER_METRICS_PORT:
+        worker_metrics_serve(port=settings.NOTIFY_WORKER_METRICS_PORT, address=settings.NOTIFY_WORKER_METRICS_ADDRESS)
+
+
+@worker_process_shutdown.connect
+def _worker_process_exited(**_: object) -> None:
+    from notify.observability.exposition import process_exited
+
+    process_exited(pid=os.getpid())
 
 
 @worker_init.connect

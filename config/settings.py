@@ -72,6 +72,8 @@ MIDDLEWARE = [
     "notify.observability.logs.CorrelationIdMiddleware",
     # Next: probes call the container's own address, which host validation would refuse.
     "apps.api.health.ProbeMiddleware",
+    # Answers /metrics (ahead of host validation, as the probes), and counts every request.
+    "apps.api.metrics.MetricsMiddleware",
     "apps.api.middleware.RequestBodyLimitMiddleware",
     "apps.api.middleware.DatabaseUnavailableMiddleware",
     "django.middleware.security.SecurityMiddleware",
@@ -246,6 +248,10 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 # so each critical send paid for a new PostgreSQL connection. Workers keep theirs, and check
 # it around each task as Django does around a request (config/celery.py).
 CELERY_DB_REUSE_MAX = 1_000_000
+# How often beat computes the gauges that need the database (notify/observability/gauges.py).
+NOTIFY_GAUGES_INTERVAL_SECONDS = env.float("NOTIFY_GAUGES_INTERVAL_SECONDS", default=15.0)
+if NOTIFY_GAUGES_INTERVAL_SECONDS < 2:
+    raise ImproperlyConfigured("NOTIFY_GAUGES_INTERVAL_SECONDS is at least 2.")
 # django-celery-beat's DatabaseScheduler, with a heartbeat for the `beat_health` probe.
 CELERY_BEAT_SCHEDULER = "config.beat:HeartbeatScheduler"
 # Defined in code; django-celery-beat's DatabaseScheduler copies it into its tables.
@@ -254,6 +260,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "notify.sweep",
         "schedule": timedelta(seconds=env.float("NOTIFY_SWEEP_INTERVAL_SECONDS", default=5.0)),
         "options": {"queue": "maintenance", "expires": 30},
+    },
+    "notify-metrics-gauges": {
+        "task": "notify.metrics_gauges",
+        "schedule": timedelta(seconds=NOTIFY_GAUGES_INTERVAL_SECONDS),
+        "options": {"queue": "maintenance", "expires": NOTIFY_GAUGES_INTERVAL_SECONDS},
     },
 }
 
@@ -453,6 +464,20 @@ NOTIFY_WEBPUSH_MAX_SUBSCRIPTIONS_PER_RECIPIENT = env.int("NOTIFY_WEBPUSH_MAX_SUB
 NOTIFY_WEBPUSH_ALLOWED_HOSTS = env.list("NOTIFY_WEBPUSH_ALLOWED_HOSTS", default=[])
 # For the API URLs set on tenants' Provider accounts (Postmark's api_url, Twilio's api_base).
 NOTIFY_PROVIDER_ALLOWED_HOSTS = env.list("NOTIFY_PROVIDER_ALLOWED_HOSTS", default=[])
+
+# --- Metrics (notify/observability; docs/operations.md, "Metrics") -----------------------
+# Off: every counting call returns at once (the benchmark's baseline); /metrics still answers.
+NOTIFY_METRICS_ENABLED = env.bool("NOTIFY_METRICS_ENABLED", default=True)
+# The bearer token /metrics asks for. Unset: /metrics answers 404 outside DEBUG, and is open
+# in DEBUG (the demo and the tests).
+NOTIFY_METRICS_TOKEN = env("NOTIFY_METRICS_TOKEN", default="")
+# Off: the tenant label is "all", for installations with many tenants.
+NOTIFY_METRICS_TENANT_LABEL = env.bool("NOTIFY_METRICS_TENANT_LABEL", default=True)
+# Set: each worker's main process serves its own processes' metrics on this port.
+NOTIFY_WORKER_METRICS_PORT = env.int("NOTIFY_WORKER_METRICS_PORT", default=0)
+NOTIFY_WORKER_METRICS_ADDRESS = env("NOTIFY_WORKER_METRICS_ADDRESS", default="127.0.0.1")
+# The backlog gauges count at most this many deliveries per status (a bounded query).
+NOTIFY_GAUGES_COUNT_CAP = env.int("NOTIFY_GAUGES_COUNT_CAP", default=1_000_000)
 
 # --- Demo and sandbox -------------------------------------------------------------------
 NOTIFY_DEMO_API_KEY = env("NOTIFY_DEMO_API_KEY", default="")

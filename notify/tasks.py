@@ -79,3 +79,11 @@ def canary_tick() -> dict[str, int]:
 @shared_task(name="notify.alerts")
 def alerts_evaluate() -> dict[str, int]:
     return alerts.alerts_evaluate(now=timezone.now())
+
+
+@shared_task(name="notify.metrics_gauges")
+def metrics_gauges() -> bool:
+    """Compute the gauges that need the database into Redis, for /metrics to read."""
+    from notify.observability.gauges import gauges_compute
+
+    return gauges_compute()

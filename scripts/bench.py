@@ -2,14 +2,18 @@
 through the sandbox (or an in-process sink) and record every status in PostgreSQL.
 
   python scripts/bench.py --bulk 100000 --critical 200 [--sink sandbox|memory]
+  python scripts/bench.py --bulk 30000 --metrics-compare
 
 Prints sustained bulk notifications/s, then the end-to-end latency of critical
 notifications (API call -> provider accepted and recorded) sent while a bulk backlog drains.
+With --metrics-compare it drains the same bulk backlog twice, with the Prometheus metrics
+off (NOTIFY_METRICS_ENABLED=false) and on, and prints both drain rates.
 Run it through `make bench`, which prepares the database, Redis and the virtualenv."""
 
 import argparse
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -50,7 +54,9 @@ FINAL = tuple(
 
 
 class Processes:
-    def __init__(self, *, sink: str, bulk_concurrency: int, web_workers: int, web_interface: str) -> None:
+    def __init__(
+        self, *, sink: str, bulk_concurrency: int, web_workers: int, web_interface: str, metrics: bool = True
+    ) -> None:
         self.web_workers = web_workers
         # WSGI under uvicorn runs each request on its own thread, so a small request is not
         # queued behind a large one in the same process; ASGI runs sync views on one thread.
@@ -61,7 +67,7 @@ class Processes:
         )
         self.children: list[subprocess.Popen] = []
         self.labels: dict[int, str] = {}  # process group -> what it is, for the CPU breakdown
-        self.env = {**os.environ, "LOG_LEVEL": "WARNING"}
+        self.env = {**os.environ, "LOG_LEVEL": "WARNING", "NOTIFY_METRICS_ENABLED": "true" if metrics else "false"}
         if sink == "memory":
             self.env["EMAIL_BACKEND"] = "django.core.mail.backends.dummy.EmailBackend"
         else:
@@ -394,6 +400,71 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
+def drain_rate(
+    *, args: argparse.Namespace, tenant_id: object, headers: dict[str, str], metrics: bool
+) -> tuple[float, float]:
+    """Ingest a bulk backlog with the workers stopped, then start them and return the rate at
+    which they send and record it, and the bulk workers' CPU µs a notification, with the
+    metrics on or off in every process."""
+    reset_database()
+    processes = Processes(
+        sink=args.sink,
+        bulk_concurrency=args.bulk_concurrency,
+        web_workers=args.web_workers,
+        web_interface=args.web_interface,
+        metrics=metrics,
+    )
+    processes.start_web()
+    try:
+        prefix = "m1-" if metrics else "m0-"
+        endpoints_register(tenant_id=tenant_id, channel=args.channel, count=args.bulk, prefix=prefix)
+        ingest_bulk(
+            session=requests.Session(),
+            headers=headers,
+            count=args.bulk,
+            prefix=prefix,
+            threads=args.ingest_threads,
+            channel=args.channel,
+        )
+        processes.start_workers()
+        cpu = CpuMeter(labels=processes.labels)
+        while final_count() == 0:  # from the first send on: the workers' start-up is left out
+            time.sleep(0.01)
+        cpu.start()
+        wait_until_final(total=args.bulk, timeout=1800)
+        # The workers' own CPU: unlike a rate, other load on a shared machine hardly moves it.
+        workers_cpu = cpu.by_component().get("bulk workers", 0.0) - cpu.by_component_at_start.get("bulk workers", 0.0)
+    finally:
+        processes.stop()
+    span = Delivery.objects.filter(priority="bulk").aggregate(first=Min("sent_at"), last=Max("sent_at"))
+    return args.bulk / (span["last"] - span["first"]).total_seconds(), workers_cpu / args.bulk * 1e6
+
+
+def metrics_compare(*, args: argparse.Namespace, tenant_id: object, headers: dict[str, str]) -> None:
+    """The drain rate with the metrics off and on, alternating for `--metrics-rounds` rounds:
+    what counting costs the hot path."""
+    print(f"machine: {os.cpu_count()} cores; bulk channel: {args.channel}; sink: {args.sink}; {args.bulk} bulk")
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}
+    for round_number in range(args.metrics_rounds):
+        # Off first, then on first: whichever runs second in a round finds the database warmer.
+        for metrics in (False, True) if round_number % 2 == 0 else (True, False):
+            rate, workers_us = drain_rate(args=args, tenant_id=tenant_id, headers=headers, metrics=metrics)
+            rates[metrics].append(rate)
+            cpu[metrics].append(workers_us)
+            print(
+                f"drain with metrics {'on' if metrics else 'off'}: {rate:,.0f}/s; "
+                f"bulk workers' CPU {workers_us:,.0f} µs a notification"
+            )
+    rate_off, rate_on = (statistics.median(rates[m]) for m in (False, True))
+    cpu_off, cpu_on = (statistics.median(cpu[m]) for m in (False, True))
+    print(
+        f"metrics cost (medians): drain {rate_off:,.0f}/s off, {rate_on:,.0f}/s on "
+        f"({(rate_on - rate_off) / rate_off * 100:+.1f}%); bulk workers' CPU {cpu_off:,.0f} µs off, "
+        f"{cpu_on:,.0f} µs on ({(cpu_on - cpu_off) / cpu_off * 100:+.1f}%); target: within 5%"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bulk", type=int, default=100_000, help="bulk notifications to push (default 100000)")
@@ -410,14 +481,21 @@ def main() -> None:
     parser.add_argument("--web-workers", type=int, default=3, help="uvicorn worker processes (default 3)")
     parser.add_argument("--web-interface", choices=["asgi", "wsgi"], default="asgi")
     parser.add_argument("--ingest-threads", type=int, default=4, help="concurrent producer requests (default 4)")
+    parser.add_argument(
+        "--metrics-compare", action="store_true", help="drain rate with the Prometheus metrics off, then on"
+    )
+    parser.add_argument("--metrics-rounds", type=int, default=2, help="off/on rounds of --metrics-compare (default 2)")
     args = parser.parse_args()
 
     (ROOT / "var" / "log").mkdir(parents=True, exist_ok=True)
     api_key = settings.NOTIFY_DEMO_API_KEY
     tenant = demo_workspace_ensure(api_key=api_key)
     bench_categories_ensure(tenant_id=tenant.id)
-    reset_database()
     headers = {"Authorization": f"Bearer {api_key}"}
+    if args.metrics_compare:
+        metrics_compare(args=args, tenant_id=tenant.id, headers=headers)
+        return
+    reset_database()
     processes = Processes(
         sink=args.sink,
         bulk_concurrency=args.bulk_concurrency,

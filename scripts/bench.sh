@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark the whole pipeline on PostgreSQL and Redis. Arguments go to scripts/bench.py,
 # for example: scripts/bench.sh --bulk 100000 --critical 200 --sink sandbox
+# or, the drain rate with the metrics off and on: scripts/bench.sh --bulk 30000 --metrics-compare
 # or, for the recipient import: scripts/bench.sh --import 1000000
 source "$(dirname "$0")/lib.sh"
 
@@ -12,6 +13,11 @@ export NOTIFY_DEMO_API_KEY="${NOTIFY_DEMO_API_KEY:-ntf_bench_0123456789abcdefBEN
 # Django's log of the last 9000 queries per connection.
 export DJANGO_DEBUG=1
 sandbox_credentials
+
+# The metrics of this run's processes (prometheus-client's multiprocess mode), from zero.
+# NOTIFY_METRICS_ENABLED=false runs it with the metrics off; --metrics-compare runs both.
+export PROMETHEUS_MULTIPROC_DIR="$ROOT/var/metrics-bench"
+rm -rf "$PROMETHEUS_MULTIPROC_DIR"
 
 venv_ensure
 postgres_ensure

@@ -23,6 +23,11 @@ export NOTIFY_WEBPUSH_ALLOWED_HOSTS="${NOTIFY_WEBPUSH_ALLOWED_HOSTS:-127.0.0.1:$
 export NOTIFY_PROVIDER_ALLOWED_HOSTS="${NOTIFY_PROVIDER_ALLOWED_HOSTS:-127.0.0.1:$SANDBOX_PORT}"
 export NOTIFY_PUBLIC_URL="${NOTIFY_PUBLIC_URL:-http://127.0.0.1:$WEB_PORT}"
 export NOTIFY_SWEEP_INTERVAL_SECONDS="${NOTIFY_SWEEP_INTERVAL_SECONDS:-5}"
+# /metrics asks for this token; the demo's is published, so only DEBUG starts with it.
+export NOTIFY_METRICS_TOKEN="${NOTIFY_METRICS_TOKEN:-demo-metrics-token}"
+# One host: the web server and the workers count into one directory, emptied at each start,
+# and the web /metrics serves them all (docs/operations.md, "Metrics").
+export PROMETHEUS_MULTIPROC_DIR="$ROOT/var/metrics"
 WEBHOOK_URL="http://${ANYMAIL_WEBHOOK_SECRET}@127.0.0.1:$WEB_PORT/anymail/postmark/tracking/"
 # The synthetic canary, every minute on every channel, to the sandbox's probe addresses (its
 # runs: Canary runs in the admin). The web push key is a stand-in: the sandbox decrypts nothing.
@@ -54,6 +59,7 @@ for port in "$WEB_PORT" "$SANDBOX_PORT"; do
 done
 
 mkdir -p var/log
+rm -rf "$PROMETHEUS_MULTIPROC_DIR" && mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
 vapid_key_ensure var/vapid.env
 "$PY" manage.py migrate --no-input -v 0
 # The demo recipient's browser subscription points at the sandbox's push service.
@@ -110,6 +116,8 @@ cat <<INFO
   Admin        http://127.0.0.1:$WEB_PORT/admin/        login: admin / admin
   API docs     http://127.0.0.1:$WEB_PORT/api/docs/
   Readiness    http://127.0.0.1:$WEB_PORT/readyz          database, Redis, broker and migrations (503 names what fails)
+  Metrics      http://127.0.0.1:$WEB_PORT/metrics         Prometheus text; send the token:
+               curl -H 'Authorization: Bearer $NOTIFY_METRICS_TOKEN' http://127.0.0.1:$WEB_PORT/metrics
   Sandbox log  http://127.0.0.1:$SANDBOX_PORT/         every request the fake providers received
   Canary       http://127.0.0.1:$WEB_PORT/admin/ops/canaryrun/  a synthetic send on every channel each minute
   Inbox        http://127.0.0.1:$WEB_PORT/demo/inbox/    the in-app inbox widget, updated live

@@ -17,6 +17,9 @@ export NOTIFY_LEASE_SECONDS=4
 export NOTIFY_REPUBLISH_AFTER_SECONDS=2
 export NOTIFY_BULK_BATCH_SIZE=50
 export LOG_LEVEL=WARNING
+# The metrics of this run's own processes (prometheus-client's multiprocess mode), from zero.
+export PROMETHEUS_MULTIPROC_DIR="$ROOT/var/metrics-test"
+rm -rf "$PROMETHEUS_MULTIPROC_DIR"
 # Empty, whatever the caller's environment says: the tests put the sandbox, on its random
 # port, on the outbound guard's allow lists themselves (tests/helpers.py provider_settings).
 export NOTIFY_WEBPUSH_ALLOWED_HOSTS="" NOTIFY_PROVIDER_ALLOWED_HOSTS=""

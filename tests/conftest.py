@@ -16,7 +16,7 @@ from apps.catalog.models import Category, Priority, TemplateVariant, TemplateVer
 from apps.tenants.models import ApiKey, Tenant
 from notify.sandbox.client import SandboxClient
 from tests.factories import ApiKeyFactory, CategoryFactory, TemplateFactory
-from tests.helpers import SANDBOX_ALLOW_LISTS, free_port, provider_settings, wait_for
+from tests.helpers import METRICS_TOKEN, SANDBOX_ALLOW_LISTS, free_port, provider_settings, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,8 +145,9 @@ class WorkerPool:
     log_dir: Path
     workers: list[WorkerProcess] = field(default_factory=list)
 
-    def start(self, *groups: str, concurrency: int = 1) -> WorkerProcess:
-        """Start a worker on the groups' queues and wait until it is ready."""
+    def start(self, *groups: str, concurrency: int = 1, env: dict[str, str] | None = None) -> WorkerProcess:
+        """Start a worker on the groups' queues (with `env` added to its environment) and wait
+        until it is ready."""
         queues = subprocess.run(
             [sys.executable, "-m", "config.queues", *groups], cwd=ROOT, check=True, capture_output=True, text=True
         ).stdout.strip()
@@ -166,6 +167,7 @@ class WorkerPool:
                 "--without-heartbeat",
             ],
             ready=" ready.",
+            env=env,
         )
 
     def start_beat(self) -> WorkerProcess:
@@ -262,3 +264,10 @@ def inbox_category(workspace: Workspace) -> Category:
         version=version, channel="inapp", title="{{ data.who }} mentioned you", body="{{ data.text }}", link="/c/1"
     )
     return CategoryFactory(tenant=workspace.tenant, key="mention", template=template, default_channels=["inapp"])
+
+
+@pytest.fixture
+def metrics_token(settings) -> str:  # type: ignore[no-untyped-def]
+    """/metrics asks for this token, in this process and the processes it starts."""
+    settings.NOTIFY_METRICS_TOKEN = METRICS_TOKEN
+    return METRICS_TOKEN

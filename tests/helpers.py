@@ -58,3 +58,28 @@ def chromium_launch(playwright: Any) -> Any:
             f"{CHROMIUM} is missing: install Debian's Chromium (apt-get install chromium); make test does it as root"
         )
     return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+
+
+METRICS_TOKEN = "metrics-test-token"
+
+
+def metrics_scrape(*, token: str = METRICS_TOKEN) -> str:
+    """The web /metrics page, as Prometheus reads it with the token."""
+    from django.test import Client
+
+    response = Client().get("/metrics", HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert response.status_code == 200, response.content
+    assert response["Content-Type"].startswith("text/plain")
+    return response.content.decode()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels`; 0 when none."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                total += sample.value
+    return total

@@ -27,6 +27,7 @@ KNOWN_CREDENTIALS = frozenset(
         "notify-sandbox",
         "ntf_demo_0123456789abcdefDEMO",
         "ntf_bench_0123456789abcdefBENCH",
+        "demo-metrics-token",
     }
 )
 KNOWN_SECRET_KEYS = frozenset(
@@ -39,6 +40,7 @@ CREDENTIAL_SETTINGS = (
     "TWILIO_AUTH_TOKEN",
     "FCM_PROJECT_ID",
     "NOTIFY_DEMO_API_KEY",
+    "NOTIFY_METRICS_TOKEN",
 )
 URL_SETTINGS = ("POSTMARK_API_URL", "TWILIO_API_BASE", "FCM_API_BASE", "FCM_TOKEN_URI")
 # The fake providers' routes (notify/sandbox/server.py).

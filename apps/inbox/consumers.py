@@ -27,6 +27,7 @@ from apps.inbox.models import InboxItem
 from apps.inbox.services import inbox_counts, inbox_items_after
 from apps.inbox.sockets import socket_slot_release, socket_slot_renew, socket_slot_take
 from apps.recipients.tokens import INBOX, RecipientTokenInvalid, recipient_token_read
+from notify.observability import metrics
 
 # Close codes (4000-4999 are the application's): each tells the client what to do next.
 CLOSE_TOKEN_INVALID = 4001  # missing, late, in the URL or tampered: do not retry with this token
@@ -49,12 +50,15 @@ class InboxConsumer(AsyncJsonWebsocketConsumer):
     holds_slot: bool = False
     last_heard: float = 0.0
     watch: asyncio.Task[None] | None = None  # the token's deadline, then the keep-alive
+    counted: bool = False  # in the open-connections gauge
 
     async def connect(self) -> None:
         query = parse_qs(self.scope["query_string"].decode(errors="replace"))
         offered: list[str] = self.scope.get("subprotocols") or []
         # Accept first: a close code can only be sent on an accepted connection.
         await self.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+        metrics.websocket_opened()
+        self.counted = True
         if "token" in query:
             # Refused, not deprecated: the point is that no client keeps putting it in logs.
             await self.close(code=CLOSE_TOKEN_INVALID, reason=TOKEN_IN_URL)
@@ -68,6 +72,9 @@ class InboxConsumer(AsyncJsonWebsocketConsumer):
         self.watch = asyncio.create_task(self._close_without_token())
 
     async def disconnect(self, code: int) -> None:
+        if self.counted:
+            metrics.websocket_closed()
+            self.counted = False
         if self.watch:
             self.watch.cancel()
         if self.group:

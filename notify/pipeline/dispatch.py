@@ -33,6 +33,7 @@ from apps.deliveries.models import (
 )
 from apps.tenants.models import Tenant
 from config.queues import CHANNELS, PRIORITIES, dead_letter_queue, delivery_queue
+from notify.observability import metrics
 from notify.pipeline.record import history_event, history_insert
 from notify.resilience.failures import attempts_exhausted
 
@@ -107,6 +108,8 @@ def dead_letters_announce(*, dead_letters: list[DeadLetter]) -> None:
 
 
 def _send_notice(*, args: list[str], queue: str) -> None:
+    # Every dead letter passes here once committed (the send stage's, a soft bounce's, the sweeper's).
+    metrics.dead_letters_count(channels=[args[1]])
     try:
         current_app.send_task(DEAD_LETTER_TASK, args=args, queue=queue)
     except Exception:  # noqa: BLE001 - the DeadLetter row is the record; the notice is a courtesy

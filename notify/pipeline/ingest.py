@@ -21,6 +21,7 @@ from apps.deliveries.models import Event
 from apps.recipients.models import Recipient
 from apps.tenants.models import ApiKey, Tenant
 from notify.observability.tracing import event_origin, ingest_span_annotate
+from notify.observability import metrics
 from notify.pipeline.bulk import retry_lock_conflicts
 from notify.pipeline.digest import digest_collect
 from notify.pipeline.plan import LocalSendTime, PlanError, notifications_plan, plan_save
@@ -103,6 +104,8 @@ def events_ingest(
         tenant = api_key.tenant
     categories = _categories_resolve(tenant=tenant, events=events, api_key=api_key)
     results: list[IngestResult] = []
+    # What each new event made, by category: counted once the transaction has committed.
+    counted: list[tuple[Category, list]] = []
     now = timezone.now()
     # Limits count new events only: a retry of an accepted one gets its stored answer.
     seen_keys = set(
@@ -172,6 +175,7 @@ def events_ingest(
             }
             event.save(update_fields=["response"])
             results.append(IngestResult(response=event.response, replayed=False))
+            counted.append((category, notifications))
     # Once the work is committed: what this call accepted counts towards the runaway guard.
     accepted = sum(
         len(r.response.get("notification_ids", [])) + len(r.response.get("digest_ids", []))
@@ -180,6 +184,7 @@ def events_ingest(
     )
     runaway_count(tenant=tenant, accepted=accepted)
     ingest_span_annotate(responses=[r.response for r in results])
+    metrics.events_accepted_count(tenant=tenant, accepted=counted)
     return results
 
 

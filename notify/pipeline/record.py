@@ -18,6 +18,7 @@ from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from apps.deliveries.models import DeadLetter, Delivery, DeliveryEvent, DeliveryStatus, EarlyFeedback
+from notify.observability import metrics
 from notify.pipeline.bulk import PrimaryKeyPath, copy_pays, rows_copy, uuid_array
 from notify.resilience.failures import FailureKind, attempts_exhausted, retry_delay
 
@@ -57,8 +58,11 @@ def history_insert(*, rows: Sequence[HistoryRow]) -> None:
         DeliveryEvent.objects.bulk_create([DeliveryEvent(**row._asdict()) for row in rows])
 
 
-def outcomes_record(*, lease_token: UUID, deliveries: dict[UUID, Delivery], outcomes: list[SendOutcome]) -> None:
-    """Apply a chunk of outcomes: sent, retry later, dead-letter, or failed for good."""
+def outcomes_record(
+    *, lease_token: UUID, deliveries: dict[UUID, Delivery], outcomes: list[SendOutcome]
+) -> list[HistoryRow]:
+    """Apply a chunk of outcomes: sent, retry later, dead-letter, or failed for good; return
+    the state changes recorded (one per delivery this lease still held)."""
     now = timezone.now()
     sent = [o for o in outcomes if o.ok]
     failed = [o for o in outcomes if not o.ok]
@@ -85,6 +89,7 @@ def outcomes_record(*, lease_token: UUID, deliveries: dict[UUID, Delivery], outc
         early_feedback_apply(delivery_ids=[o.delivery_id for o in outcomes])
     if len(history) < len(outcomes):
         logger.warning("lease lost for %d deliveries; another worker owns them now", len(outcomes) - len(history))
+    return history
 
 
 def _detail(outcome: SendOutcome) -> dict[str, Any]:
@@ -346,7 +351,16 @@ def feedback_record(*, feedback: Feedback) -> bool:
         if delivery.status == DeliveryStatus.SENDING:
             EarlyFeedback.objects.create(delivery=delivery, payload=_feedback_payload(feedback))
             return True
+        status_before = delivery.status
         applied = _feedback_apply(delivery=delivery, feedback=feedback)
+    if applied and delivery.status != status_before:
+        signers = feedback.signers
+        metrics.feedback_count(
+            delivery=delivery,
+            state=delivery.status,
+            provider_name=signers[0] if signers is not None and len(signers) == 1 else None,
+            now=timezone.now(),
+        )
     if applied and delivery.step is not None:
         from notify.pipeline.routing import chains_advance  # routing records through this module
 

@@ -22,6 +22,7 @@ from apps.tenants.models import Tenant
 from notify.channels import channel_for_provider, channel_get
 from notify.channels.base import OutboundMessage, RenderedContent, SendOutcome
 from notify.observability.tracing import send_span_annotate
+from notify.observability import metrics
 from notify.pipeline.bulk import PrimaryKeyPath, retry_lock_conflicts
 from notify.pipeline.dispatch import holds_read
 from notify.pipeline.plan import content_render, variant_mentions_recipient, variant_resolve
@@ -130,6 +131,7 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
         # tenant sends through its own providers, all read in one query.
         providers=providers_for_tenants(channel=deliveries[0].channel, tenant_ids=tenant_ids),
     )
+    metrics.labels_learn(tenants=context.tenants.values(), categories=context.categories.values())
     by_id = {d.id: d for d in deliveries}
     lease = timedelta(seconds=settings.NOTIFY_LEASE_SECONDS)
     renew_after = timezone.now() + lease / 2
@@ -141,7 +143,8 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
             renew_after = timezone.now() + lease / 2
         if chunk:
             outcomes = _send_chunk(deliveries=chunk, context=context)
-            outcomes_record(lease_token=token, deliveries=by_id, outcomes=outcomes)
+            recorded = outcomes_record(lease_token=token, deliveries=by_id, outcomes=outcomes)
+            metrics.outcomes_count(recorded=recorded, deliveries=by_id, outcomes=outcomes, now=timezone.now())
             # A fallback chain moves on (or stops) with its step's outcome.
             chains_advance(notification_ids=[d.notification_id for d in chunk if d.step is not None])
     return len(deliveries)

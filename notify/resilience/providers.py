@@ -34,6 +34,7 @@ from django.utils import timezone
 
 from apps.deliveries.models import DeliveryStatus, Provider
 from notify.channels.base import Channel, OutboundMessage, SendOutcome
+from notify.observability import metrics
 from notify.policy.caps import redis_client
 from notify.resilience.failures import FailureKind
 
@@ -75,7 +76,9 @@ def providers_send(
     when the channel has none."""
     providers = _ordered(providers)
     if not providers:
-        return channel.send_batch(messages=messages)
+        with metrics.provider_call(channel=channel.name, provider_name="", messages=len(messages)) as called:
+            called.extend(outcomes := channel.send_batch(messages=messages))
+        return outcomes
     final: dict[Any, SendOutcome] = {}
     last_failure: dict[Any, SendOutcome] = {}
     passed_over: list[str] = []
@@ -135,7 +138,8 @@ def _attempt(provider: Provider, messages: list[OutboundMessage], channel: Chann
             )
             break
         try:
-            sent = channel.send_batch(messages=part)
+            with metrics.provider_call(channel=channel.name, provider_name=provider.name, messages=len(part)) as called:
+                called.extend(sent := channel.send_batch(messages=part))
         except Exception as error:  # noqa: BLE001 - keep what earlier parts sent; this part is unknown
             logger.exception("provider %s raised while sending %d messages", provider_label(provider), len(part))
             channel.reset()
@@ -267,5 +271,6 @@ def _tokens_take(*, provider: Provider, count: int) -> bool:
     while wait := float(take(keys=[f"notify:rate:{provider.pk}"], args=args)):
         if time.monotonic() + wait > deadline:
             return False
+        metrics.rate_limit_wait_count(provider_name=provider.name, channel=provider.channel, seconds=wait)
         time.sleep(wait)
     return True

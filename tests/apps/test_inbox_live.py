@@ -326,3 +326,28 @@ def test_with_redis_for_the_cap_down_or_silent_sockets_are_still_accepted(ada, s
     finally:
         silent.close()
     assert "open inbox sockets not counted" in caplog.text
+
+
+def test_open_sockets_are_counted_until_they_close(ada, metrics_token):
+    from tests.helpers import metric_value, metrics_scrape
+
+    token = recipient_token_issue(purpose=INBOX, recipient_id=ada.id)
+    before = metric_value(metrics_scrape(), "notify_websocket_connections")
+    counts: list[float] = []
+
+    async def scenario() -> None:
+        tabs = [await connect(token), await connect(token)]
+        for tab in tabs:
+            assert (await receive(tab))["type"] == "hello"
+        counts.append(
+            await sync_to_async(metric_value)(await sync_to_async(metrics_scrape)(), "notify_websocket_connections")
+        )
+        await tabs[0].disconnect()
+        counts.append(
+            await sync_to_async(metric_value)(await sync_to_async(metrics_scrape)(), "notify_websocket_connections")
+        )
+        await tabs[1].disconnect()
+
+    run(scenario)
+    assert counts == [before + 2, before + 1]
+    assert metric_value(metrics_scrape(), "notify_websocket_connections") == before

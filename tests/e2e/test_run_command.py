@@ -34,6 +34,8 @@ def test_the_run_command_delivers_the_demo_notification(tmp_path):
     assert "login: admin / admin" in output
     assert "curl -s -X POST" in output
     assert "/preferences/" in output
+    assert "/readyz" in output
+    assert "/metrics" in output and "Authorization: Bearer demo-metrics-token" in output
     assert output.count(": delivered") == 2  # the email and the SMS
     assert output.count(": sent") == 3  # the push, the web push and the in-app notification
     # The welcome email, then the broadcast to the product-news topic: the demo recipient and its readers.
