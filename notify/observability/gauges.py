@@ -27,6 +27,7 @@ from apps.audiences.models import Broadcast, BroadcastState
 from apps.deliveries.models import CLAIMABLE_STATUSES, DeadLetter, Delivery, DeliveryStatus, Provider
 from apps.tenants.models import Tenant
 from config.queues import ALL_QUEUES, CHANNELS, PRIORITIES
+from notify.observability.canary import canary_latest
 from notify.observability.metrics import DB_GAUGES, provider_label
 from notify.policy.caps import redis_client
 from notify.resilience.providers import breaker_state
@@ -138,9 +139,17 @@ def runaway_samples(*, now: datetime) -> Iterator[Sample]:
 
 
 def canary_samples(*, now: datetime) -> Iterator[Sample]:
-    """The canary's latest results per channel (notify_canary_success and
-    notify_canary_last_success_timestamp_seconds): filled in from the canary's rows."""
-    return iter(())
+    """Each channel's canary: whether its latest settled run arrived in time, when one last
+    did, and how long its latest settled run took to each stage."""
+    for result in canary_latest():
+        labels = {"channel": result.channel}
+        if result.success is not None:
+            yield "notify_canary_success", labels, float(result.success)
+        if result.last_success_at is not None:
+            yield "notify_canary_last_success_timestamp_seconds", labels, result.last_success_at.timestamp()
+        for stage, seconds in (("sent", result.sent_seconds), ("delivered", result.delivered_seconds)):
+            if seconds is not None:
+                yield "notify_canary_seconds", {**labels, "stage": stage}, float(seconds)
 
 
 # Every source of the gauges, in order. A new gauge: declare it in metrics.DB_GAUGES and add

@@ -134,6 +134,10 @@ DB_GAUGES: dict[str, GaugeSpec] = {
     "notify_canary_last_success_timestamp_seconds": GaugeSpec(
         "When the channel's canary last arrived in time (Unix time).", ("channel",)
     ),
+    "notify_canary_seconds": GaugeSpec(
+        "The channel's latest settled canary: seconds from its start to sent, and to delivered.",
+        ("channel", "stage"),
+    ),
     "notify_gauges_computed_timestamp_seconds": GaugeSpec(
         "When these gauges were last computed (Unix time): a stale value means beat or the task stopped.", ()
     ),

@@ -24,7 +24,8 @@ from notify.observability.canary import (
     canary_tick,
 )
 from notify.sandbox.client import browser_subscription_keys
-from tests.helpers import wait_for
+from notify.observability.gauges import gauges_compute
+from tests.helpers import metric_value, metrics_scrape, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -59,7 +60,7 @@ def settled_runs(*, expected: int) -> list[CanaryRun]:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_canary_run_reaches_sent_and_delivered_and_records_its_latency(canary, workers, settings):
+def test_a_canary_run_reaches_sent_and_delivered_and_records_its_latency(canary, workers, settings, metrics_token):
     workers.start("critical")
     report = canary_tick(now=timezone.now())
     assert report["started"] == 4
@@ -89,6 +90,17 @@ def test_a_canary_run_reaches_sent_and_delivered_and_records_its_latency(canary,
     assert results["email"].last_success_at == email.started_at
     assert results["inapp"].sent_seconds == runs["inapp"].sent_seconds
 
+    # Its results are metrics, computed by the gauges' periodic task.
+    gauges_compute(force=True)
+    text = metrics_scrape()
+    assert metric_value(text, "notify_canary_success", channel="email") == 1
+    assert metric_value(text, "notify_canary_seconds", channel="email", stage="delivered") == pytest.approx(
+        email.delivered_seconds
+    )
+    assert metric_value(text, "notify_canary_last_success_timestamp_seconds", channel="push") == pytest.approx(
+        runs["push"].started_at.timestamp()
+    )
+
     # A second run reuses the system tenant and its probe, and sends to the probe's new token only.
     settings.NOTIFY_CANARY_PUSH_TOKEN = "canary-device-token-2"
     canary_tick(now=timezone.now())
@@ -101,7 +113,9 @@ def test_a_canary_run_reaches_sent_and_delivered_and_records_its_latency(canary,
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_canary_whose_provider_fails_every_send_fails_and_a_slow_one_is_late(canary, workers, settings):
+def test_a_canary_whose_provider_fails_every_send_fails_and_a_slow_one_is_late(
+    canary, workers, settings, metrics_token
+):
     settings.NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION = None
     settings.NOTIFY_CANARY_INAPP = False
     settings.NOTIFY_CANARY_DEADLINE_SECONDS = 4
@@ -121,6 +135,8 @@ def test_a_canary_whose_provider_fails_every_send_fails_and_a_slow_one_is_late(c
     results = {result.channel: result for result in canary_latest()}
     assert results["email"].success is False and results["push"].success is False
     assert results["email"].last_success_at is None
+    gauges_compute(force=True)
+    assert 'notify_canary_success{channel="email"} 0.0' in metrics_scrape()
 
 
 @pytest.mark.django_db(transaction=True)
