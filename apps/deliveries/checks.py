@@ -5,8 +5,10 @@ unsigned input or run on credentials that are published with the project. Django
 checks before its management commands; config/asgi.py, config/wsgi.py and config/celery.py
 run them too (configuration_verify), so that no process serves with them failing."""
 
+import asyncio
 import ipaddress
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -228,6 +230,18 @@ def alert_webhook_check(**_: Any) -> list[CheckMessage]:
 def configuration_verify() -> None:
     """Exit with the checks' messages when any fails: for processes that Django's management
     commands do not start (the ASGI and WSGI servers, Celery workers and beat)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        _configuration_verify()
+        return
+    # `uvicorn --workers N` imports the application inside each worker's running event loop,
+    # where Django refuses database work: the checks run on a thread of their own there.
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        thread.submit(_configuration_verify).result()
+
+
+def _configuration_verify() -> None:
     errors = [message for message in run_checks(tags=[TAG]) if message.is_serious() and not message.is_silenced()]
     # The checks' queries must not leave a connection open in a process that forks workers
     # or hands connections out from a pool.

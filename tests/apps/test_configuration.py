@@ -108,14 +108,22 @@ def test_a_correct_production_environment_passes_the_deployment_checks():
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_web_server_starts_in_a_correct_production_environment(tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_web_server_starts_in_a_correct_production_environment(tmp_path, processes):
+    """With one process, and with several as the Dockerfile runs it (uvicorn imports the
+    application inside each worker's event loop, where the start-up checks must still run)."""
     port = free_port()
     log = tmp_path / "web.log"
     command = [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--workers", str(processes)] if processes > 1 else []
     process = subprocess.Popen(command, cwd=ROOT, env=production_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: "Uvicorn running" in log.read_text() or process.poll() is not None, what="uvicorn")
+        wait_for(
+            lambda: log.read_text().count("Application startup complete") == processes or process.poll() is not None,
+            what="every web process to start",
+        )
         assert process.poll() is None, log.read_text()
+        assert "Traceback" not in log.read_text(), log.read_text()
     finally:
         process.terminate()
         process.wait(timeout=10)
