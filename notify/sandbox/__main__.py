@@ -5,7 +5,7 @@ import json
 
 import uvicorn
 
-from notify.sandbox.server import Sandbox, is_loopback_url
+from notify.sandbox.server import LOG_SIZE, Sandbox, is_loopback_url
 
 
 def main() -> None:
@@ -22,12 +22,15 @@ def main() -> None:
         metavar="PROVIDER=URL",
         help="send the provider's delivery webhooks to URL (basic auth may be in the URL)",
     )
+    parser.add_argument(
+        "--log-size", type=int, default=LOG_SIZE, help=f"requests the log keeps, newest first (default {LOG_SIZE})"
+    )
     args = parser.parse_args()
     webhooks = dict(item.split("=", 1) for item in args.webhook)
     if not all(is_loopback_url(url) for url in webhooks.values()):
         parser.error("webhook URLs must be on loopback (127.0.0.0/8, localhost or ::1)")
     uvicorn.run(
-        Sandbox(faults=json.loads(args.faults), webhooks=webhooks),
+        Sandbox(faults=json.loads(args.faults), webhooks=webhooks, log_size=args.log_size),
         host=args.host,
         port=args.port,
         lifespan="off",

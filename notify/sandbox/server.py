@@ -12,8 +12,9 @@ of the way of what it measures. Tests, the demo and the benchmark all talk to it
                                 400 invalid token, 413 payload too big, 429 quota, 503
   POST /twilio/2010-04-01/Accounts/{sid}/Messages.json
                                 Twilio's Messages API, then its signed status callbacks
-  GET  /_sandbox/requests       the log (?provider=postmark&after=<seq>)
-  GET  /_sandbox/stats          counts per provider and outcome
+  GET  /_sandbox/requests       the log (?provider=postmark&after=<seq>): the newest --log-size
+                                requests (100,000 by default), so that a long run's memory stays flat
+  GET  /_sandbox/stats          counts per provider and outcome, of every request
   POST /_sandbox/faults         {"provider": "postmark", "latency_ms": 50, "error_rate": 0.1,
                                  "error_status": 503, "fail_next": [503, 503],
                                  "address_status": {"x@example.com": 422},
@@ -38,13 +39,15 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import random
 import re
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from html import escape
 from typing import Any
@@ -106,27 +109,50 @@ class Faults:
         return self.address_status.get("@" + address.rpartition("@")[2]) if "@" in address else None
 
 
+# Requests the log keeps by default: the newest ones; the counts cover every request. A
+# million-message benchmark would otherwise hold gigabytes of log in the sandbox.
+LOG_SIZE = 100_000
+
+
 @dataclass
 class SandboxState:
-    log: list[dict[str, Any]] = field(default_factory=list)
+    log_size: int = LOG_SIZE
+    log: deque[dict[str, Any]] = field(init=False)
+    recorded: int = 0  # every request since the start or the last reset, kept in the log or not
+    counts: Counter[str] = field(default_factory=Counter)  # by "provider.outcome"
     faults: dict[str, Faults] = field(default_factory=lambda: {p: Faults() for p in PROVIDERS})
     # provider -> idempotency key -> the first successful response body
     accepted: dict[str, dict[str, dict[str, Any]]] = field(default_factory=lambda: {p: {} for p in PROVIDERS})
 
+    def __post_init__(self) -> None:
+        self.log = deque(maxlen=self.log_size)
+
     def record(self, **entry: Any) -> dict[str, Any]:
-        entry["seq"] = len(self.log) + 1
+        self.recorded += 1
+        entry["seq"] = self.recorded
         entry["at"] = time.time()
         self.log.append(entry)
+        self.counts[f"{entry['provider']}.{entry['outcome']}"] += 1
         return entry
+
+    def entries_after(self, *, seq: int) -> Iterator[dict[str, Any]]:
+        """The kept entries numbered above `seq`, oldest first."""
+        first_kept = self.recorded - len(self.log) + 1
+        return itertools.islice(self.log, max(seq - first_kept + 1, 0), None)
 
 
 class Sandbox:
     def __init__(
-        self, *, faults: dict[str, dict[str, Any]] | None = None, webhooks: dict[str, str] | None = None
+        self,
+        *,
+        faults: dict[str, dict[str, Any]] | None = None,
+        webhooks: dict[str, str] | None = None,
+        log_size: int = LOG_SIZE,
     ) -> None:
+        self.log_size = log_size
         self.initial_webhooks = webhooks or {}
         self.webhooks = dict(self.initial_webhooks)
-        self.state = SandboxState()
+        self.state = SandboxState(log_size=self.log_size)
         for provider, settings in (faults or {}).items():
             self.state.faults[provider] = Faults(**settings)
 
@@ -163,7 +189,7 @@ class Sandbox:
         elif method == "POST" and path == "/_sandbox/webhooks":
             status, payload = self.webhooks_set(body=body)
         elif method == "POST" and path == "/_sandbox/reset":
-            self.state = SandboxState()
+            self.state = SandboxState(log_size=self.log_size)
             self.webhooks = dict(self.initial_webhooks)
             status, payload = 200, {"reset": True}
         elif method == "GET" and path == "/":
@@ -461,12 +487,11 @@ class Sandbox:
     def requests_list(self, *, query: dict[str, str]) -> dict[str, Any]:
         after = int(query.get("after", 0))
         provider = query.get("provider")
-        entries = [e for e in self.state.log[after:] if provider is None or e["provider"] == provider]
-        return {"requests": entries, "last_seq": len(self.state.log)}
+        entries = [e for e in self.state.entries_after(seq=after) if provider is None or e["provider"] == provider]
+        return {"requests": entries, "last_seq": self.state.recorded}
 
     def stats(self) -> dict[str, Any]:
-        counts = Counter(f"{e['provider']}.{e['outcome']}" for e in self.state.log)
-        return {"total": len(self.state.log), "by_outcome": dict(counts)}
+        return {"total": self.state.recorded, "by_outcome": dict(self.state.counts)}
 
     def faults_set(self, *, body: bytes) -> tuple[int, dict[str, Any]]:
         try:
@@ -495,7 +520,7 @@ class Sandbox:
             f"<tr><td>{e['seq']}</td><td>{time.strftime('%H:%M:%S', time.localtime(e['at']))}</td>"
             f"<td>{escape(e['provider'])}</td><td>{escape(e['outcome'])}</td><td>{e['status']}</td>"
             f"<td>{escape(e['to'])}</td><td>{escape(str(e['subject']))}</td></tr>"
-            for e in reversed(self.state.log[-200:])
+            for e in itertools.islice(reversed(self.state.log), 200)
         )
         return (
             "<!doctype html><meta charset=utf-8><title>Provider sandbox</title>"

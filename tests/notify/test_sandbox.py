@@ -1,6 +1,13 @@
 """The sandbox's own behaviour: tests elsewhere rely on it, so it is tested too."""
 
+import subprocess
+import sys
+from types import SimpleNamespace
+
 import requests
+
+from notify.sandbox.client import SandboxClient
+from tests.helpers import free_port
 
 
 def send(sandbox, to: str = "a@example.com", key: str | None = None, token: str = "t") -> requests.Response:  # type: ignore[no-untyped-def]
@@ -61,3 +68,25 @@ def test_the_sandbox_listens_on_loopback_only_by_default(sandbox_url):
     # Started as the tests and the run command start it, without --host.
     port = int(sandbox_url.rsplit(":", 1)[1])
     assert listening_addresses(port=port) == {"0100007F"}  # 127.0.0.1
+
+
+def test_the_log_keeps_the_newest_requests_and_the_counts_cover_all(tmp_path):
+    """A long run's memory stays flat: the log is bounded, the counts are not."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "notify.sandbox", "--port", str(port), "--log-size", "3"])
+    try:
+        client = SandboxClient(base_url=f"http://127.0.0.1:{port}")
+        client.wait_until_up()
+        for n in range(5):
+            assert send(SimpleNamespace(base_url=client.base_url), to=f"r{n}@example.com").status_code == 200
+        assert [(r["seq"], r["to"]) for r in client.requests_log()] == [
+            (3, "r2@example.com"),
+            (4, "r3@example.com"),
+            (5, "r4@example.com"),
+        ]
+        after = requests.get(f"{client.base_url}/_sandbox/requests", params={"after": 4}, timeout=5).json()
+        assert [r["seq"] for r in after["requests"]] == [5] and after["last_seq"] == 5
+        assert client.stats() == {"total": 5, "by_outcome": {"postmark.accepted": 5}}
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
