@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -234,6 +236,26 @@ def endpoints_register(*, tenant_id: object, channel: str, count: int, prefix: s
     )
 
 
+def producer_session() -> requests.Session:
+    """A session that behaves as a well-made producer: when the API sheds load (429, or 503
+    while the database is away) it waits as Retry-After says and sends the request again."""
+    retry = Retry(
+        total=None,
+        status=60,
+        connect=5,
+        read=0,
+        status_forcelist=(429, 503),
+        allowed_methods=None,  # every method: the events API is idempotent by key
+        respect_retry_after_header=True,
+        backoff_factor=0.5,
+        backoff_max=10,
+        raise_on_status=False,
+    )
+    session = requests.Session()
+    session.mount("http://", HTTPAdapter(max_retries=retry, pool_maxsize=16))
+    return session
+
+
 def ingest_bulk(
     *, session: requests.Session, headers: dict[str, str], count: int, prefix: str, threads: int, channel: str
 ) -> float:
@@ -248,7 +270,13 @@ def ingest_bulk(
         ]
         response = session.post(
             API,
-            json={"category": f"bench-{channel}-bulk", "recipients": recipients, "data": {"headline": "News"}},
+            json={
+                "category": f"bench-{channel}-bulk",
+                "recipients": recipients,
+                "data": {"headline": "News"},
+                # A request retried after backpressure is accepted once.
+                "idempotency_key": f"{prefix}{start}",
+            },
             headers=headers,
         )
         response.raise_for_status()
@@ -419,7 +447,7 @@ def drain_rate(
         prefix = "m1-" if metrics else "m0-"
         endpoints_register(tenant_id=tenant_id, channel=args.channel, count=args.bulk, prefix=prefix)
         ingest_bulk(
-            session=requests.Session(),
+            session=producer_session(),
             headers=headers,
             count=args.bulk,
             prefix=prefix,
@@ -503,7 +531,7 @@ def main() -> None:
         web_interface=args.web_interface,
     )
     processes.start_web()
-    session = requests.Session()
+    session = producer_session()
     try:
         print(
             f"machine: {os.cpu_count()} cores; bulk channel: {args.channel}; sink: {args.sink}; bulk batch {settings.NOTIFY_BATCH_SIZE['bulk']}; "
