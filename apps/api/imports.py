@@ -14,6 +14,7 @@ from rest_framework.response import Response
 from apps.api.errors import error_response
 from apps.api.query import QueryCheckedView
 from apps.api.views import api_key_of
+from apps.audiences.models import Topic
 from apps.recipients.imports import ImportRefused, ImportTooLarge, recipient_import_start
 from apps.recipients.models import ImportFormat, RecipientImport
 from apps.tenants.models import Scope
@@ -31,8 +32,18 @@ class RefusalSerializer(serializers.Serializer):
     reason = serializers.CharField()
 
 
+class RecipientImportOptionsSerializer(serializers.Serializer):
+    topic = serializers.SlugField(
+        max_length=100, required=False, help_text="Also subscribe every imported recipient to this topic (its key)."
+    )
+
+
 class RecipientImportSerializer(serializers.ModelSerializer):
     """An import's state, counts and the first refused lines."""
+
+    topic = serializers.SlugRelatedField(
+        slug_field="key", read_only=True, help_text="The topic every imported recipient is subscribed to."
+    )
 
     progress = serializers.FloatField(read_only=True, help_text="Share of rows processed, 0 to 1.")
     refusals = serializers.SerializerMethodField()
@@ -46,6 +57,7 @@ class RecipientImportSerializer(serializers.ModelSerializer):
             "id",
             "status",
             "format",
+            "topic",
             "rows_total",
             "rows_processed",
             "progress",
@@ -73,8 +85,10 @@ class RecipientImportSerializer(serializers.ModelSerializer):
 
 class RecipientImportView(QueryCheckedView):
     required_scopes = {"POST": Scope.RECIPIENTS_WRITE}
+    query_serializer_class = RecipientImportOptionsSerializer
 
     @extend_schema(
+        parameters=[RecipientImportOptionsSerializer],
         request={
             "application/x-ndjson": OpenApiRequest(OpenApiTypes.STR),
             "text/csv": OpenApiRequest(OpenApiTypes.STR),
@@ -102,6 +116,14 @@ class RecipientImportView(QueryCheckedView):
                 fields={"Content-Type": [message]},
             )
         key = api_key_of(request)
+        topic = None
+        if "topic" in self.filters:
+            topic = Topic.objects.filter(tenant=key.tenant, key=self.filters["topic"]).first()
+            if topic is None:
+                message = f"No topic with the key '{self.filters['topic']}'; create it first (POST /api/v1/topics)."
+                return error_response(
+                    status_code=status.HTTP_400_BAD_REQUEST, code="invalid", message=message, fields={"topic": [message]}
+                )
         try:
             # The Django request reads the body as a stream; DRF's parsers never see it.
             recipient_import = recipient_import_start(
@@ -109,6 +131,7 @@ class RecipientImportView(QueryCheckedView):
                 file_format=file_format,
                 stream=cast(IO[bytes], request._request),
                 source=f"API key {key.name} ({key.lookup})",
+                topic=topic,
             )
         except ImportTooLarge as error:
             return error_response(status_code=413, code="request_too_large", message=error.message)

@@ -9,6 +9,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from apps.audiences.admin import TopicMembershipInline
+from apps.audiences.models import Topic
 from apps.recipients.imports import ImportRefused, recipient_import_start
 from apps.recipients.models import (
     Consent,
@@ -91,10 +92,21 @@ class RecipientImportForm(forms.Form):
     tenant = forms.ModelChoiceField(queryset=Tenant.objects.order_by("name"))
     format = forms.ChoiceField(choices=ImportFormat.choices)
     file = forms.FileField(help_text="One recipient a line. A CSV file starts with a header naming the columns.")
+    topic = forms.ModelChoiceField(
+        queryset=Topic.objects.none(), required=False, help_text="Also subscribe every imported recipient to it."
+    )
 
     def __init__(self, *args: Any, tenants: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fields["tenant"].queryset = tenants  # type: ignore[attr-defined]
+        self.fields["topic"].queryset = Topic.objects.filter(tenant__in=tenants).select_related("tenant")  # type: ignore[attr-defined]
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        topic, tenant = cleaned.get("topic"), cleaned.get("tenant")
+        if topic is not None and tenant is not None and topic.tenant_id != tenant.pk:
+            self.add_error("topic", "Choose a topic of the tenant the recipients go to.")
+        return cleaned
 
 
 class RecipientImportRefusalInline(admin.TabularInline):
@@ -191,6 +203,7 @@ class RecipientImportAdmin(TenantScopedAdmin):
                             file_format=form.cleaned_data["format"],
                             stream=form.cleaned_data["file"].file,
                             source=f"staff {request.user}",
+                            topic=form.cleaned_data["topic"],
                         )
                     except ImportRefused as error:
                         form.add_error("file", error.message)

@@ -33,6 +33,7 @@ from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 from uuid6 import uuid7
 
+from apps.audiences.models import Topic, TopicMembership
 from apps.recipients.models import (
     ImportFormat,
     ImportStatus,
@@ -154,9 +155,18 @@ def csv_header_parse(*, line: StagedLine) -> list[str]:
 
 
 def recipient_import_start(
-    *, tenant: Tenant, file_format: str, stream: IO[bytes], source: str, max_bytes: int | None = None
+    *,
+    tenant: Tenant,
+    file_format: str,
+    stream: IO[bytes],
+    source: str,
+    topic: Topic | None = None,
+    max_bytes: int | None = None,
 ) -> RecipientImport:
-    """Stage the stream's lines and queue the import; nothing is kept if the upload is refused."""
+    """Stage the stream's lines and queue the import, which subscribes every imported recipient
+    to `topic` when one is given; nothing is kept if the upload is refused."""
+    if topic is not None and topic.tenant_id != tenant.pk:
+        raise ImportRefused(field="topic", message="No such topic.")
     if file_format not in ImportFormat.values:
         raise ImportRefused(field="format", message=f"Give one of: {', '.join(ImportFormat.values)}.")
     max_bytes = settings.NOTIFY_IMPORT_MAX_BYTES if max_bytes is None else max_bytes
@@ -169,7 +179,7 @@ def recipient_import_start(
         columns = csv_header_parse(line=header)
     with transaction.atomic():
         recipient_import = RecipientImport.objects.create(
-            tenant=tenant, format=file_format, columns=columns, source=source[:200]
+            tenant=tenant, format=file_format, columns=columns, source=source[:200], topic=topic
         )
         staged = _lines_copy(import_id=recipient_import.id, lines=lines)
         if not staged:
@@ -245,7 +255,7 @@ def _chunk_process(*, import_id: UUID, claimed_up_to: list[int]) -> bool:
     with transaction.atomic():
         recipient_import = (
             RecipientImport.objects.filter(id=import_id, status__in=[ImportStatus.QUEUED, ImportStatus.RUNNING])
-            .only("id", "tenant_id", "format", "columns")
+            .only("id", "tenant_id", "format", "columns", "topic_id")
             .first()
         )
         if recipient_import is None:
@@ -273,6 +283,10 @@ def _chunk_process(*, import_id: UUID, claimed_up_to: list[int]) -> bool:
             previous = rows.get(external_id)
             rows[external_id] = {**previous, **fields} if previous else fields
         created, updated = _recipients_merge(tenant_id=recipient_import.tenant_id, rows=rows, now=now)
+        if recipient_import.topic_id is not None and rows:
+            _topic_subscribe(
+                topic_id=recipient_import.topic_id, tenant_id=recipient_import.tenant_id, external_ids=list(rows)
+            )
         claimed_up_to[0] = max(claimed_up_to[0], lines[-1][0])
         # Locked last, and only until this chunk commits: workers of one import wait on each
         # other only for this short update of the counts.
@@ -485,6 +499,19 @@ def _line_parser(*, recipient_import: RecipientImport) -> Any:
 
 
 # --- The upsert ---------------------------------------------------------------------------
+
+
+def _topic_subscribe(*, topic_id: int, tenant_id: UUID, external_ids: list[str]) -> None:
+    """Subscribe a chunk's recipients to the import's topic, in the chunk's transaction; those
+    already subscribed stay as they are."""
+    recipient_ids = Recipient.objects.filter(tenant_id=tenant_id, external_id__in=external_ids).values_list(
+        "id", flat=True
+    )
+    TopicMembership.objects.bulk_create(
+        [TopicMembership(topic_id=topic_id, recipient_id=recipient_id) for recipient_id in recipient_ids],
+        ignore_conflicts=True,
+        batch_size=5000,
+    )
 
 
 def _recipients_merge(*, tenant_id: UUID, rows: dict[str, dict[str, Any]], now: datetime) -> tuple[int, int]:

@@ -195,6 +195,10 @@ class RecipientImport(models.Model):
     # CSV only: the header's column names, in order.
     columns = models.JSONField(default=list, blank=True)
     source = models.CharField(max_length=200, help_text="Who uploaded it: an API key's prefix, or a staff user.")
+    # Every imported recipient is also subscribed to this topic, chunk by chunk.
+    topic = models.ForeignKey(
+        "audiences.Topic", null=True, blank=True, on_delete=models.SET_NULL, related_name="+", db_index=False
+    )
     status = models.CharField(max_length=16, choices=ImportStatus.choices, default=ImportStatus.QUEUED)
     rows_total = models.PositiveIntegerField(default=0, help_text="Lines with a recipient on them (not blank).")
     rows_processed = models.PositiveIntegerField(default=0)

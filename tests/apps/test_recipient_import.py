@@ -11,6 +11,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
 from apps.api.serializers import RecipientSerializer
+from apps.audiences.models import Topic, TopicMembership
 from apps.recipients.imports import RowRefused, recipient_fields_validate, recipient_import_process
 from apps.recipients.models import (
     Recipient,
@@ -320,3 +321,47 @@ def test_the_admin_uploads_a_file_and_shows_the_import_with_a_progress_bar(works
         {"tenant": workspace.tenant.pk, "format": "csv", "file": SimpleUploadedFile("x.csv", b"emial\nx\n")},
     )
     assert b"Unknown column &#x27;emial&#x27;" in bad.content
+
+
+def test_an_import_can_subscribe_every_imported_recipient_to_a_topic(api, workspace, settings):
+    settings.NOTIFY_IMPORT_CHUNK = 2  # the subscriptions are made chunk by chunk
+    news = Topic.objects.create(tenant=workspace.tenant, key="news")
+    already = Recipient.objects.create(tenant=workspace.tenant, external_id="t1")
+    TopicMembership.objects.create(topic=news, recipient=already)
+    body = ndjson(*({"external_id": f"t{n}", "email": f"t{n}@example.com"} for n in range(1, 6)), {"email": "x@y.z"})
+
+    response = api.post(f"{URL}?topic=news", data=body, content_type=NDJSON)
+    assert response.status_code == 202, response.content
+    assert response.json()["topic"] == "news"
+    result = process_and_read(api, response.json()["id"])
+    assert result["status"] == "completed" and result["refused"] == 1
+    subscribed = set(news.memberships.values_list("recipient__external_id", flat=True))
+    assert subscribed == {"t1", "t2", "t3", "t4", "t5"}
+
+    # A topic that is not this tenant's, or none at all, refuses the file before reading it.
+    other = Topic.objects.create(tenant=ApiKeyFactory().tenant, key="theirs")
+    for key in ("theirs", "nope", "not a key!"):
+        refused = api.post(f"{URL}?topic={key}", data=body, content_type=NDJSON)
+        assert refused.status_code == 400, refused.content
+        assert "topic" in refused.json()["error"]["fields"]
+    assert not other.memberships.exists()
+    assert RecipientImport.objects.count() == 1
+
+
+def test_the_admin_import_subscribes_to_a_topic_of_the_chosen_tenant_only(workspace):
+    admin = Client()
+    admin.force_login(get_user_model().objects.create_superuser("ops", "ops@example.com", "pw"))
+    news = Topic.objects.create(tenant=workspace.tenant, key="news")
+    theirs = Topic.objects.create(tenant=ApiKeyFactory().tenant, key="theirs")
+
+    def post(topic: Topic) -> Any:
+        csv_file = SimpleUploadedFile("people.csv", b"external_id,email\nadm1,adm1@example.com\n")
+        return admin.post(
+            "/admin/recipients/recipientimport/add/",
+            {"tenant": workspace.tenant.pk, "format": "csv", "file": csv_file, "topic": topic.pk},
+        )
+
+    assert b"Choose a topic of the tenant the recipients go to." in post(theirs).content
+    assert post(news).status_code == 302
+    recipient_import_process(import_id=RecipientImport.objects.get().id)
+    assert list(news.memberships.values_list("recipient__external_id", flat=True)) == ["adm1"]
