@@ -243,7 +243,15 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "maintenance"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {"visibility_timeout": 3600}
+# RabbitMQ as a durable broker (amqp://): every queue a quorum queue, which RabbitMQ keeps on
+# disk and replicates, and publisher confirms, so that a task the broker acknowledged survives
+# a broker restart. Redis stays for caps, limits, circuits and the inbox's channel layer.
+BROKER_IS_AMQP = CELERY_BROKER_URL.startswith(("amqp://", "amqps://", "pyamqp://"))
+if BROKER_IS_AMQP:
+    CELERY_TASK_DEFAULT_QUEUE_TYPE = "quorum"
+    CELERY_TASK_CREATE_MISSING_QUEUE_TYPE = "quorum"
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
 # Celery's Django fixup closes the database connection around every task unless this is set,
 # so each critical send paid for a new PostgreSQL connection. Workers keep theirs, and check
 # it around each task as Django does around a request (config/celery.py).
@@ -335,7 +343,9 @@ NOTIFY_LEASE_SECONDS = env.float("NOTIFY_LEASE_SECONDS", default=300.0)
 NOTIFY_REPUBLISH_AFTER_SECONDS = env.float("NOTIFY_REPUBLISH_AFTER_SECONDS", default=120.0)
 # Retries due sooner than this ride a Celery countdown; later ones wait in the database
 # for the sweeper, because Redis redelivers long ETA tasks after its visibility timeout.
-NOTIFY_COUNTDOWN_MAX_SECONDS = env.float("NOTIFY_COUNTDOWN_MAX_SECONDS", default=300.0)
+# On RabbitMQ every delay waits in the database: a quorum queue would need the broker's
+# delayed-delivery topology for a countdown, and the sweeper already publishes what is due.
+NOTIFY_COUNTDOWN_MAX_SECONDS = env.float("NOTIFY_COUNTDOWN_MAX_SECONDS", default=0.0 if BROKER_IS_AMQP else 300.0)
 NOTIFY_SWEEP_CHUNK = env.int("NOTIFY_SWEEP_CHUNK", default=5000)
 # Broadcast fan-out turns this many recipients into notifications per transaction.
 NOTIFY_BROADCAST_CHUNK = env.int("NOTIFY_BROADCAST_CHUNK", default=2000)
@@ -377,7 +387,12 @@ NOTIFY_DEFAULT_LOCALE = env("NOTIFY_DEFAULT_LOCALE", default="en")
 # --- Preferences --------------------------------------------------------------------------
 # Redis for the frequency-cap windows, budgets and rate limits, and Django's cache (the
 # broker's unless told otherwise).
-NOTIFY_REDIS_URL = env("NOTIFY_REDIS_URL", default=CELERY_BROKER_URL)
+NOTIFY_REDIS_URL = env("NOTIFY_REDIS_URL", default="" if BROKER_IS_AMQP else CELERY_BROKER_URL)
+if not NOTIFY_REDIS_URL:
+    raise ImproperlyConfigured(
+        "With RabbitMQ as the broker, set NOTIFY_REDIS_URL to the Redis that keeps caps, limits, "
+        "circuits and the inbox's channel layer, e.g. redis://127.0.0.1:6379/0."
+    )
 CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
@@ -396,7 +411,7 @@ NOTIFY_UNSUBSCRIBE_LINK_SECONDS = env.int("NOTIFY_UNSUBSCRIBE_LINK_SECONDS", def
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [env("CHANNEL_LAYER_URL", default=CELERY_BROKER_URL)], "prefix": "notify-inbox"},
+        "CONFIG": {"hosts": [env("CHANNEL_LAYER_URL", default=NOTIFY_REDIS_URL)], "prefix": "notify-inbox"},
     }
 }
 # How long a recipient token from POST /api/v1/inbox-tokens stays valid.

@@ -15,7 +15,6 @@ from datetime import datetime
 from typing import Any
 
 import pybreaker
-import redis
 from django.conf import settings
 from django.db import connection
 from django.db.models import Count
@@ -29,6 +28,7 @@ from apps.tenants.models import Tenant
 from config.queues import ALL_QUEUES, CHANNELS, PRIORITIES
 from notify.observability.canary import canary_latest
 from notify.observability.metrics import DB_GAUGES, provider_label
+from notify.pipeline.dispatch import broker_queue_depths
 from notify.policy.caps import redis_client
 from notify.resilience.providers import breaker_state
 
@@ -47,18 +47,8 @@ RUNNING_BROADCASTS = (BroadcastState.FANNING_OUT, BroadcastState.SENDING, Broadc
 
 
 def queue_depth_samples(*, now: datetime) -> Iterator[Sample]:
-    """Task messages waiting in every queue, read from the broker's Redis lists."""
-    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    # kombu keeps a queue's messages of priority p > 0 in "<queue>\x06\x16<p>" (its default
-    # priority steps); most are in the plain list.
-    keys = [(queue, f"{queue}\x06\x16{step}" if step else queue) for queue in ALL_QUEUES for step in (0, 3, 6, 9)]
-    pipeline = client.pipeline(transaction=False)
-    for _, key in keys:
-        pipeline.llen(key)
-    depths: dict[str, int] = dict.fromkeys(ALL_QUEUES, 0)
-    for (queue, _), length in zip(keys, pipeline.execute(), strict=True):
-        depths[queue] += int(length)
-    for queue, depth in depths.items():
+    """Task messages waiting in every queue, as the broker counts them."""
+    for queue, depth in broker_queue_depths(queues=ALL_QUEUES).items():
         yield "notify_queue_depth", {"queue": queue}, float(depth)
 
 

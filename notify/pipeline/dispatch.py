@@ -191,25 +191,36 @@ def queues_with_backlog() -> set[tuple[str, str]]:
     return {queue for queue, depth in queue_depths().items() if depth}
 
 
+def broker_queue_depths(*, queues: Iterable[str]) -> dict[str, int]:
+    """How many task messages wait in each named queue on the broker, Redis or RabbitMQ (a
+    queue that does not exist yet is empty). Empty when the broker cannot be read."""
+    depths: dict[str, int] = {}
+    try:
+        with current_app.connection_for_read() as connection:
+            broker: Any = connection.default_channel  # kombu's channel for the transport
+            for queue in queues:
+                try:
+                    depths[queue] = broker.queue_declare(queue=queue, passive=True).message_count
+                except Exception:  # noqa: BLE001 - a queue that does not exist is empty
+                    depths[queue] = 0
+                    # RabbitMQ closes a channel whose passive declare failed: go on with a new one.
+                    broker = connection.channel()
+    except Exception:  # noqa: BLE001 - with the broker down, publishing fails anyway
+        logger.warning("could not read the broker's queue lengths", exc_info=True)
+        return {}
+    return depths
+
+
 def queue_depths() -> dict[tuple[str, str], int]:
     """How many task messages wait in each (channel, priority) queue on the broker; each
     carries up to a batch of deliveries. Empty when the broker cannot be read."""
-    depths: dict[tuple[str, str], int] = {}
-    try:
-        with current_app.connection_for_read() as connection:
-            broker: Any = connection.default_channel  # kombu's virtual channel for the transport
-            for channel in CHANNELS:
-                for priority in PRIORITIES:
-                    try:
-                        queue = broker.queue_declare(
-                            queue=delivery_queue(channel=channel, priority=priority), passive=True
-                        )
-                    except Exception:  # noqa: BLE001 - a queue that does not exist is empty
-                        queue = None
-                    depths[(channel, priority)] = queue.message_count if queue else 0
-    except Exception:  # noqa: BLE001 - with the broker down, publishing fails anyway
-        logger.warning("could not read the broker's queue lengths", exc_info=True)
-    return depths
+    names = {
+        (channel, priority): delivery_queue(channel=channel, priority=priority)
+        for channel in CHANNELS
+        for priority in PRIORITIES
+    }
+    depths = broker_queue_depths(queues=names.values())
+    return {key: depths[name] for key, name in names.items() if name in depths}
 
 
 # The priorities the runaway-send guard holds back; critical work always flows.
