@@ -61,6 +61,30 @@ postgres_ensure() {
     die "PostgreSQL is not reachable on 127.0.0.1:5432. Install it (Debian/Ubuntu: apt-get install postgresql) and start it, with trust auth for user postgres on 127.0.0.1, or set DATABASE_URL."
 }
 
+rabbitmq_ensure() {
+    # The broker tests also run the service on RabbitMQ (tests/e2e/test_rabbitmq.py).
+    local address="${TEST_RABBITMQ_ADDRESS:-guest:guest@127.0.0.1:5672}"
+    local port="${address##*:}"
+    rabbitmq_up() { "$PY" -c "import socket; socket.create_connection(('127.0.0.1', $port), timeout=1).close()" 2>/dev/null; }
+    rabbitmq_up && return
+    if ! command -v rabbitmq-server >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        say "installing RabbitMQ for the broker tests (apt-get install rabbitmq-server)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q rabbitmq-server >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null && apt-get install -y -q rabbitmq-server >/dev/null; } \
+            || die "apt-get could not install rabbitmq-server; install it by hand (apt-get install rabbitmq-server)."
+    fi
+    if command -v rabbitmq-server >/dev/null; then
+        say "starting RabbitMQ on 127.0.0.1:$port"
+        rabbitmq-server -detached >/dev/null 2>&1 || true
+        for _ in $(seq 120); do
+            rabbitmq_up && return
+            sleep 0.5
+        done
+    fi
+    die "RabbitMQ is not reachable on 127.0.0.1:$port. Install and start it (Debian/Ubuntu: apt-get install rabbitmq-server; then rabbitmq-server -detached), or set TEST_RABBITMQ_ADDRESS=user:password@host:port."
+}
+
 database_create() {
     # Create the database named in DATABASE_URL if it does not exist yet.
     "$PY" - <<'PYEOF'

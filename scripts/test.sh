@@ -27,10 +27,12 @@ export NOTIFY_WEBPUSH_ALLOWED_HOSTS="" NOTIFY_PROVIDER_ALLOWED_HOSTS=""
 venv_ensure
 postgres_ensure
 redis_ensure
+rabbitmq_ensure
 database_create
 vapid_key_ensure
 chromium_ensure
 
 # Two processes by default, one per core; each has its own database and Redis database
-# (tests/processes.py). TEST_PROCESSES=0 runs everything in this one process.
-exec "$PY" -m pytest -n "${TEST_PROCESSES:-2}" "$@"
+# (tests/processes.py). TEST_PROCESSES=0 runs everything in this one process. Tests marked
+# with one xdist_group (those that restart RabbitMQ) run one after the other in one process.
+exec "$PY" -m pytest -n "${TEST_PROCESSES:-2}" --dist loadgroup "$@"

@@ -1,6 +1,7 @@
 """The suite runs in several processes (pytest-xdist, `-n`). pytest-django gives each its own
 PostgreSQL database; this gives each its own Redis database, so that one process's flush or
-queue never touches another's. Loaded with `-p` (pytest.ini), before Django reads its settings."""
+queue never touches another's, and its own metrics directory, so that one's counts never show
+in another's /metrics. Loaded with `-p` (pytest.ini), before Django reads its settings."""
 
 import os
 from urllib.parse import urlsplit, urlunsplit
@@ -25,3 +26,5 @@ def process_index() -> int:
 for _name in REDIS_URL_SETTINGS:
     if os.environ.get(_name, "").startswith("redis") and process_index():
         os.environ[_name] = redis_database_shifted(os.environ[_name], by=process_index())
+if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], str(process_index()))

@@ -41,7 +41,7 @@ class RecipientImportOptionsSerializer(serializers.Serializer):
 class RecipientImportSerializer(serializers.ModelSerializer):
     """An import's state, counts and the first refused lines."""
 
-    topic = serializers.SlugRelatedField(
+    topic: serializers.SlugRelatedField[Topic] = serializers.SlugRelatedField(
         slug_field="key", read_only=True, help_text="The topic every imported recipient is subscribed to."
     )
 
@@ -122,7 +122,10 @@ class RecipientImportView(QueryCheckedView):
             if topic is None:
                 message = f"No topic with the key '{self.filters['topic']}'; create it first (POST /api/v1/topics)."
                 return error_response(
-                    status_code=status.HTTP_400_BAD_REQUEST, code="invalid", message=message, fields={"topic": [message]}
+                    status_code=status.HTTP_400_BAD_REQUEST,
+                    code="invalid",
+                    message=message,
+                    fields={"topic": [message]},
                 )
         try:
             # The Django request reads the body as a stream; DRF's parsers never see it.

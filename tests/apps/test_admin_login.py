@@ -89,12 +89,14 @@ def wrong_code(device: TOTPDevice) -> str:
     return "000000" if code_of(device) != "000000" else "111111"
 
 
-def test_a_wrong_code_is_refused_and_holds_off_the_next_try(db):
+def test_a_wrong_code_is_refused_and_holds_off_the_next_try(db, settings):
+    # django-otp's throttle: after a failure even the right code waits (the factor, doubling);
+    # a minute here, so that a slow machine's second try still falls within it.
+    settings.OTP_TOTP_THROTTLE_FACTOR = 60
     staff = StaffUserFactory()
     device = TOTPDevice.objects.create(user=staff, name="phone", confirmed=True)
     client = Client()
     assert login(client, staff, token=wrong_code(device)).status_code == 200
-    # django-otp's throttle: after a failure even the right code waits (1 s, doubling).
     held_off = login(client, staff, token=code_of(device))
     assert held_off.status_code == 200 and not signed_in(client)
     assert b"Verification temporarily disabled" in held_off.content
