@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import psycopg
+from cryptography.fernet import Fernet
 import pytest
 from django.core.checks import run_checks
 from django.db import connection
@@ -50,6 +51,7 @@ def production_env(**overrides: str) -> dict[str, str]:
     env.update(
         DJANGO_DEBUG="0",
         DJANGO_SECRET_KEY=secrets.token_urlsafe(50),
+        NOTIFY_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
         DJANGO_ALLOWED_HOSTS="notify.example.com",
         DATABASE_URL=database_url(),
         NOTIFY_PUBLIC_URL="https://notify.example.com",
