@@ -1,5 +1,6 @@
 import uuid
 from email.utils import parseaddr
+from typing import Any
 
 import phonenumbers
 from django.conf import settings
@@ -124,6 +125,8 @@ class Provider(models.Model):
     # The config key that names the provider's API address, per channel: its channel sends
     # there through the outbound guard (NOTIFY_PROVIDER_ALLOWED_HOSTS), and it is checked here.
     URL_KEYS = {"email": "api_url", "sms": "api_base"}
+    # The config keys that hold credentials: the admin takes them but never shows them again.
+    SECRET_KEYS = ("server_token", "auth_token", "credentials")
 
     class Meta:
         ordering = ["channel", "position", "name"]
@@ -141,6 +144,14 @@ class Provider(models.Model):
     def __str__(self) -> str:
         scope = f"{self.tenant}: " if self.tenant_id else ""
         return f"{scope}{self.name} ({self.channel})"
+
+    def config_public(self) -> dict[str, Any]:
+        """The config without its credentials, safe to show."""
+        return {key: value for key, value in (self.config or {}).items() if key not in self.SECRET_KEYS}
+
+    def config_secrets(self) -> dict[str, Any]:
+        """Only the config's credentials."""
+        return {key: value for key, value in (self.config or {}).items() if key in self.SECRET_KEYS}
 
     def clean(self) -> None:
         """Refuse a sender identity that every send would fail on, or an API address the
