@@ -153,9 +153,9 @@ class ProviderForm(forms.ModelForm):
         super().__init__(*args, **kwargs)
         stored = self.instance.config_secrets() if self.instance.pk else {}
         self.initial["config"] = self.instance.config_public() if self.instance.pk else {}
-        self.fields["secrets"].help_text = (
-            f"Set: {', '.join(sorted(stored))}. " if stored else "None set. "
-        ) + str(self.fields["secrets"].help_text)
+        self.fields["secrets"].help_text = (f"Set: {', '.join(sorted(stored))}. " if stored else "None set. ") + str(
+            self.fields["secrets"].help_text
+        )
 
     def clean(self) -> dict:
         cleaned = super().clean() or {}

@@ -122,6 +122,10 @@ def content_seal(*, encrypt: bool, value: Any) -> Any:
 class EncryptedJSONField(models.TextField):
     """A JSON value stored only as ciphertext (a text column), for credentials."""
 
+    # For django-stubs: the value is JSON (a dict for Provider.config), not the column's str.
+    _pyi_private_set_type: Any
+    _pyi_private_get_type: Any
+
     def from_db_value(self, value: str | None, expression: Any, connection: Any) -> Any:
         return None if value is None else json.loads(text_decrypt(stored=value))
 
@@ -179,10 +183,10 @@ class ReencryptCount:
 
 def _encrypted_columns() -> list[tuple[type[models.Model], models.Field, str]]:
     """(model, field, SQL condition that picks its encrypted values) for every encrypted field."""
-    columns = []
+    columns: list[tuple[type[models.Model], models.Field, str]] = []
     for model in apps.get_models():
         for field in model._meta.concrete_fields:
-            column = connection.ops.quote_name(field.column)
+            column = connection.ops.quote_name(str(field.column))
             if isinstance(field, EncryptedJSONField):
                 columns.append((model, field, f"{column} IS NOT NULL"))
             elif isinstance(field, SealedJSONField):
@@ -197,8 +201,8 @@ def secrets_reencrypt(*, batch_size: int = 500) -> list[ReencryptCount]:
     batch of rows read in primary-key order (no long locks), and count them per column."""
     counts = []
     for model, field, condition in _encrypted_columns():
-        table, column = connection.ops.quote_name(model._meta.db_table), connection.ops.quote_name(field.column)
-        pk = connection.ops.quote_name(model._meta.pk.column)
+        table, column = connection.ops.quote_name(model._meta.db_table), connection.ops.quote_name(str(field.column))
+        pk = connection.ops.quote_name(str(model._meta.pk.column))
         encrypted = moved = 0
         after: Any = None
         while True:

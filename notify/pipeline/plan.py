@@ -292,8 +292,11 @@ def secure_notice_render(*, category: Category, tenant: Tenant) -> RenderedConte
         subject=notice,
         title=notice,
         body=f"{notice}: {url}" if url else notice,
-        html=_render("<p>{{ notice }}{% if url %}: <a href=\"{{ url }}\">{{ url }}</a>{% endif %}</p>",
-                     {"notice": notice, "url": url}, html=True),
+        html=_render(
+            '<p>{{ notice }}{% if url %}: <a href="{{ url }}">{{ url }}</a>{% endif %}</p>',
+            {"notice": notice, "url": url},
+            html=True,
+        ),
         link=url,
     )
 

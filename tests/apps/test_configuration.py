@@ -10,8 +10,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import psycopg
-from cryptography.fernet import Fernet
 import pytest
+from cryptography.fernet import Fernet
 from django.core.checks import run_checks
 from django.db import connection
 

@@ -52,7 +52,13 @@ def reencrypt() -> str:
 def ingest(workspace, data: dict) -> str:  # type: ignore[no-untyped-def]
     [result] = events_ingest(
         api_key=workspace.api_key,
-        events=[EventRequest(category_key="mention", recipients=[RecipientRef(external_id="ada", fields={"email": "ada@example.com"})], data=data)],
+        events=[
+            EventRequest(
+                category_key="mention",
+                recipients=[RecipientRef(external_id="ada", fields={"email": "ada@example.com"})],
+                data=data,
+            )
+        ],
     )
     return result.response["event_id"]
 
@@ -112,7 +118,9 @@ def test_encrypt_content_seals_event_data_and_the_inbox_item_yet_delivers_it(wor
     assert list(stored) == ["fernet"] and "biopsy" not in json.dumps(stored)
 
     deliveries_send(
-        delivery_ids=[str(pk) for pk in Delivery.objects.filter(notification__event_id=event_id).values_list("id", flat=True)]
+        delivery_ids=[
+            str(pk) for pk in Delivery.objects.filter(notification__event_id=event_id).values_list("id", flat=True)
+        ]
     )
     item = InboxItem.objects.get(recipient__external_id="ada")
     assert (item.title, item.body) == ("Bo mentioned you", "your biopsy is benign")

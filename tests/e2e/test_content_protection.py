@@ -85,10 +85,16 @@ def test_a_sensitive_category_sends_only_the_notice_and_keeps_the_content_for_th
     assert "screen" not in received["fcm"]["metadata"]  # the template's data stays with the content
 
     item = InboxItem.objects.get(recipient__external_id="pat")
-    assert (item.title, item.body, item.data) == (f"Result: {CONTENT}", f"Your result: {CONTENT}", {"screen": "lab-result-details"})
+    assert (item.title, item.body, item.data) == (
+        f"Result: {CONTENT}",
+        f"Your result: {CONTENT}",
+        {"screen": "lab-result-details"},
+    )
 
 
-def test_the_notice_falls_back_to_the_installations_text_and_link(api, workspace, lab_results, workers, sandbox, settings):
+def test_the_notice_falls_back_to_the_installations_text_and_link(
+    api, workspace, lab_results, workers, sandbox, settings
+):
     lab_results.secure_message_text = ""
     lab_results.save()
     workers.start("normal", env={"NOTIFY_SECURE_MESSAGE_URL": "https://notify.example/inbox"})
@@ -122,7 +128,12 @@ def test_an_encrypt_content_tenants_data_is_ciphertext_at_rest_and_still_deliver
     response = api.post(
         "/api/v1/events",
         data=json.dumps(
-            {"category": "lab-results", "recipients": ["pat"], "channels": ["email", "inapp"], "data": {"result": CONTENT}}
+            {
+                "category": "lab-results",
+                "recipients": ["pat"],
+                "channels": ["email", "inapp"],
+                "data": {"result": CONTENT},
+            }
         ),
         content_type="application/json",
     )
