@@ -10,6 +10,7 @@ import pytest
 from cryptography.fernet import Fernet
 from django.core.management import call_command
 from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
 from django.test import Client
 from django.urls import reverse
 
@@ -177,3 +178,27 @@ def test_the_admin_never_shows_a_stored_credential_again(ops, db):
     )
     provider.refresh_from_db()
     assert provider.config == {"from_email": "Acme <hi@acme.example>", "server_token": "t2"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_migration_encrypts_the_credentials_stored_before_it_and_reverses():
+    def migrate(target: tuple[str, str]):  # type: ignore[no-untyped-def]
+        executor = MigrationExecutor(connection)
+        executor.loader.build_graph()
+        executor.migrate([target])
+        return executor.loader.project_state([target]).apps
+
+    try:
+        old = migrate(("deliveries", "0018_event_correlation_id"))
+        old.get_model("deliveries", "Provider").objects.create(
+            name="pm", channel="email", config={"server_token": "t-1"}
+        )
+        migrate(("deliveries", "0019_provider_credentials_encrypted"))
+        [stored] = [raw_config(provider) for provider in Provider.objects.all()]
+        assert stored.startswith(CIPHER_PREFIX) and "t-1" not in stored
+        assert Provider.objects.get().config == {"server_token": "t-1"}
+        migrate(("deliveries", "0018_event_correlation_id"))
+        assert raw("SELECT config->>'server_token' FROM deliveries_provider") == "t-1"
+    finally:
+        migrate_all = MigrationExecutor(connection)
+        migrate_all.migrate(migrate_all.loader.graph.leaf_nodes())
