@@ -451,6 +451,16 @@ NOTIFY_SMS_TIMEOUT_SECONDS = env.float("NOTIFY_SMS_TIMEOUT_SECONDS", default=10.
 # DEBUG it must be set (a system check refuses to start without it).
 NOTIFY_PUBLIC_URL = env("NOTIFY_PUBLIC_URL", default="http://127.0.0.1:8000" if DEBUG else "").rstrip("/")
 
+# --- Encryption at rest and sensitive categories (apps/tenants/encryption.py) -------------
+# Fernet keys, comma-separated, newest first: the newest encrypts provider credentials and the
+# content of tenants with encrypt_content, every one decrypts. Outside DEBUG the service
+# refuses to start without them. Rotate: put a new key first, then `manage.py secrets_reencrypt`.
+NOTIFY_ENCRYPTION_KEYS = env.list("NOTIFY_ENCRYPTION_KEYS", default=[])
+# What a sensitive category sends on email, SMS, push and web push instead of its content,
+# unless the category or its tenant says otherwise, and the link it adds (the inbox or the app).
+NOTIFY_SECURE_MESSAGE_TEXT = env("NOTIFY_SECURE_MESSAGE_TEXT", default="You have a new secure message")
+NOTIFY_SECURE_MESSAGE_URL = env("NOTIFY_SECURE_MESSAGE_URL", default=NOTIFY_PUBLIC_URL)
+
 # --- Mobile push (Firebase Cloud Messaging, HTTP v1) -------------------------------------
 FCM_PROJECT_ID = env("FCM_PROJECT_ID", default="")
 # A service account key file; without one, and with the token endpoint not Google's (the

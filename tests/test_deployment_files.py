@@ -20,7 +20,7 @@ def test_the_compose_file_falls_back_to_no_sandbox_secret_or_url():
             # "${NAME:-fallback}": the fallback is what runs when nothing is set.
             fallback = str(value or "").partition(":-")[2].rstrip("}")
             assert not is_known_credential(fallback) and not is_sandbox_url(fallback), (name, variable)
-        for required in ("DJANGO_SECRET_KEY", "NOTIFY_PUBLIC_URL", "DJANGO_ALLOWED_HOSTS"):
+        for required in ("DJANGO_SECRET_KEY", "NOTIFY_PUBLIC_URL", "DJANGO_ALLOWED_HOSTS", "NOTIFY_ENCRYPTION_KEYS"):
             assert str(environment[required]).startswith(f"${{{required}:?"), required
     assert "sandbox" not in compose["services"]
     assert "sandbox-token" not in text and "sandbox-webhook-secret" not in text

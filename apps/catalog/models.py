@@ -193,6 +193,14 @@ class Category(models.Model):
     digest_max = models.PositiveIntegerField(
         null=True, blank=True, help_text="Send the digest as soon as it holds this many events."
     )
+    # HIPAA-style: the content goes only to the authenticated in-app inbox (notify/pipeline/send.py).
+    sensitive = models.BooleanField(
+        default=False,
+        help_text="Email, SMS, push and web push get only a notice and a link; the content goes to the in-app inbox.",
+    )
+    secure_message_text = models.CharField(
+        max_length=300, blank=True, default="", help_text="The notice; empty: the tenant's, else the installation's."
+    )
 
     class Meta:
         verbose_name_plural = "categories"

@@ -1,3 +1,4 @@
+from django import forms
 from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
@@ -127,6 +128,50 @@ class ChannelSwitchAdmin(TenantScopedAdmin):
         self.message_user(request, f"Resumed; {published} waiting deliveries published.")
 
 
+class SecretsWidget(forms.Textarea):
+    """Write-only: renders empty whatever is stored, so a saved credential never reaches a page."""
+
+    def format_value(self, value: object) -> None:
+        return None
+
+
+class ProviderForm(forms.ModelForm):
+    """The config's credentials (Provider.SECRET_KEYS) are written here and never shown again:
+    a blank `secrets` keeps the stored ones, a JSON object replaces them."""
+
+    secrets = forms.JSONField(
+        required=False,
+        widget=SecretsWidget(attrs={"rows": 3, "autocomplete": "off"}),
+        help_text='Credentials, e.g. {"server_token": "..."}; blank keeps the stored ones, {} removes them.',
+    )
+
+    class Meta:
+        model = Provider
+        fields = "__all__"
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        stored = self.instance.config_secrets() if self.instance.pk else {}
+        self.initial["config"] = self.instance.config_public() if self.instance.pk else {}
+        self.fields["secrets"].help_text = (f"Set: {', '.join(sorted(stored))}. " if stored else "None set. ") + str(
+            self.fields["secrets"].help_text
+        )
+
+    def clean(self) -> dict:
+        cleaned = super().clean() or {}
+        config = cleaned.get("config")
+        if not isinstance(config, dict):
+            return cleaned
+        given = cleaned.get("secrets")
+        if given is not None and not isinstance(given, dict):
+            self.add_error("secrets", 'Give a JSON object, e.g. {"auth_token": "..."}, or leave it blank.')
+            return cleaned
+        # Credentials typed into the config itself count as given too.
+        secrets = self.instance.config_secrets() if given is None else given
+        cleaned["config"] = {**config, **secrets, **{k: v for k, v in config.items() if k in Provider.SECRET_KEYS}}
+        return cleaned
+
+
 @admin.register(Provider)
 class ProviderAdmin(TenantScopedAdmin):
     """Provider accounts, the installation's (superusers only) and each tenant's, with their
@@ -148,6 +193,7 @@ class ProviderAdmin(TenantScopedAdmin):
     list_filter = ("channel", "enabled", ("tenant", admin.EmptyFieldListFilter), "tenant")
     list_select_related = ("tenant",)
     actions = ["reset_circuit", "pause", "resume"]
+    form = ProviderForm
 
     @admin.display(description="for")
     def scope(self, provider: Provider) -> str:

@@ -14,7 +14,10 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, register, run_checks
+from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError, connections, transaction
+
+from apps.tenants.encryption import SecretUnreadable, encryption_keys_problem
 
 TAG = "notify_configuration"
 
@@ -34,6 +37,14 @@ KNOWN_CREDENTIALS = frozenset(
 )
 KNOWN_SECRET_KEYS = frozenset(
     {"demo-only-insecure-secret-key", "test-only-secret-key", "bench-only-secret-key", "build-only"}
+)
+# The demo's, the suite's and the benchmark's NOTIFY_ENCRYPTION_KEYS (scripts/*.sh, docker/demo.env).
+KNOWN_ENCRYPTION_KEYS = frozenset(
+    {
+        "ZGVtby1vbmx5LWluc2VjdXJlLWZlcm5ldC1rZXkuLi4=",
+        "dGVzdC1vbmx5LWluc2VjdXJlLWZlcm5ldC1rZXkuLi4=",
+        "YmVuY2gtb25seS1pbnNlY3VyZS1mZXJuZXQta2V5Li4=",
+    }
 )
 CREDENTIAL_SETTINGS = (
     "POSTMARK_SERVER_TOKEN",
@@ -87,8 +98,8 @@ def _provider_rows() -> list[tuple[str, str, dict[str, Any]]]:
     try:
         with transaction.atomic():  # a failed query must not break a caller's transaction
             return list(Provider.objects.values_list("name", "channel", "config"))
-    except DatabaseError:
-        return []
+    except (DatabaseError, SecretUnreadable, ImproperlyConfigured):
+        return []  # unreadable credentials are encryption_keys_check's finding
 
 
 def _demo_key_stored() -> bool:
@@ -225,6 +236,45 @@ def alert_webhook_check(**_: Any) -> list[CheckMessage]:
             )
         ]
     )
+
+
+def _encryption_findings() -> Iterator[tuple[str, str, str]]:
+    keys = list(settings.NOTIFY_ENCRYPTION_KEYS)
+    if problem := encryption_keys_problem(keys=keys):
+        yield (
+            "E009",
+            OUTSIDE_DEBUG + f"NOTIFY_ENCRYPTION_KEYS cannot encrypt secrets at rest: {problem}.",
+            "Set NOTIFY_ENCRYPTION_KEYS to one or more Fernet keys, newest first, e.g. from python -c "
+            "'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'.",
+        )
+        return
+    if KNOWN_ENCRYPTION_KEYS.intersection(keys):
+        yield (
+            "E009",
+            OUTSIDE_DEBUG + "NOTIFY_ENCRYPTION_KEYS holds the demo's, the suite's or the benchmark's published key.",
+            "Make a key of your own, put it first, run manage.py secrets_reencrypt, then drop the published one.",
+        )
+    from apps.deliveries.models import Provider  # models are not ready when this is imported
+
+    try:
+        with transaction.atomic():
+            list(Provider.objects.values_list("config", flat=True))
+    except DatabaseError:
+        pass  # no table yet, or no database: other checks and the readiness probe say so
+    except SecretUnreadable as error:
+        yield (
+            "E010",
+            OUTSIDE_DEBUG + f"stored provider credentials cannot be read: {error}.",
+            "Put the key they were written under back in NOTIFY_ENCRYPTION_KEYS, after the newest.",
+        )
+
+
+@register(TAG)
+def encryption_keys_check(**_: Any) -> list[CheckMessage]:
+    """Secrets at rest need keys of the operator's own that read what is stored."""
+    if settings.DEBUG:
+        return []
+    return _errors(_encryption_findings())
 
 
 def configuration_verify() -> None:

@@ -1,5 +1,6 @@
 import uuid
 from email.utils import parseaddr
+from typing import Any
 
 import phonenumbers
 from django.conf import settings
@@ -9,6 +10,7 @@ from uuid6 import uuid7
 
 from apps.catalog.models import Category, Channel, Priority, TemplateVersion
 from apps.recipients.models import Recipient, validate_timezone
+from apps.tenants.encryption import EncryptedJSONField, SealedJSONField
 from apps.tenants.models import ApiKey, Tenant
 from notify.pipeline.bulk import LeanLoading
 from notify.resilience.outbound import OutboundRefused, outbound_url_check
@@ -26,7 +28,8 @@ class Event(models.Model):
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)
     # A digest of the request body, so a reused key with a different body is recognised.
     request_digest = models.CharField(max_length=64)
-    data = models.JSONField(default=dict, blank=True)
+    # Encrypted for tenants with encrypt_content (apps/tenants/encryption.py).
+    data = SealedJSONField(default=dict, blank=True)
     # The response first given for this event, returned again on an idempotent retry.
     response = models.JSONField(default=dict, blank=True)
     # The X-Request-ID of the request (or the id of the task) that made the event. Kept here
@@ -100,7 +103,8 @@ class Provider(models.Model):
     position = models.PositiveSmallIntegerField(default=0, help_text="Lower is tried first.")
     weight = models.PositiveSmallIntegerField(default=1, help_text="Share of traffic among providers at one position.")
     enabled = models.BooleanField(default=True, help_text="Off: its work goes to the others, or waits.")
-    config = models.JSONField(
+    # Credentials: stored only as ciphertext, never shown again by the admin.
+    config = EncryptedJSONField(
         default=dict,
         blank=True,
         help_text='Email (Postmark): {"api_url": ..., "server_token": ..., "from_email": ...}. SMS (Twilio): '
@@ -121,6 +125,8 @@ class Provider(models.Model):
     # The config key that names the provider's API address, per channel: its channel sends
     # there through the outbound guard (NOTIFY_PROVIDER_ALLOWED_HOSTS), and it is checked here.
     URL_KEYS = {"email": "api_url", "sms": "api_base"}
+    # The config keys that hold credentials: the admin takes them but never shows them again.
+    SECRET_KEYS = ("server_token", "auth_token", "credentials")
 
     class Meta:
         ordering = ["channel", "position", "name"]
@@ -138,6 +144,14 @@ class Provider(models.Model):
     def __str__(self) -> str:
         scope = f"{self.tenant}: " if self.tenant_id else ""
         return f"{scope}{self.name} ({self.channel})"
+
+    def config_public(self) -> dict[str, Any]:
+        """The config without its credentials, safe to show."""
+        return {key: value for key, value in (self.config or {}).items() if key not in self.SECRET_KEYS}
+
+    def config_secrets(self) -> dict[str, Any]:
+        """Only the config's credentials."""
+        return {key: value for key, value in (self.config or {}).items() if key in self.SECRET_KEYS}
 
     def clean(self) -> None:
         """Refuse a sender identity that every send would fail on, or an API address the

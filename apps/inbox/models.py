@@ -4,6 +4,7 @@ from django.db import models
 
 from apps.deliveries.models import Delivery
 from apps.recipients.models import Recipient
+from apps.tenants.encryption import SealedJSONField, SealedTextField
 
 
 class InboxItem(models.Model):
@@ -12,10 +13,12 @@ class InboxItem(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     recipient = models.ForeignKey(Recipient, on_delete=models.CASCADE, related_name="inbox_items", db_index=False)
     delivery = models.OneToOneField(Delivery, on_delete=models.CASCADE, related_name="inbox_item")
-    title = models.CharField(max_length=500, blank=True, default="")
-    body = models.TextField(blank=True, default="")
+    # Encrypted for tenants with encrypt_content (apps/tenants/encryption.py); the title is a
+    # text column because its ciphertext is longer than the 500 characters it may hold.
+    title = SealedTextField(max_length=500, blank=True, default="")
+    body = SealedTextField(blank=True, default="")
     link = models.CharField(max_length=2000, blank=True, default="")
-    data = models.JSONField(default=dict, blank=True)
+    data = SealedJSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     seen_at = models.DateTimeField(null=True, blank=True)
     read_at = models.DateTimeField(null=True, blank=True)

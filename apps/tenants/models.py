@@ -44,6 +44,22 @@ class Tenant(models.Model):
         blank=True,
         help_text="Most to spend on SMS in a day (UTC), priced at NOTIFY_SMS_SEGMENT_PRICE a segment; empty: no cap.",
     )
+    # Health or finance tenants: event data and inbox content stored encrypted (docs/compliance.md).
+    encrypt_content = models.BooleanField(
+        default=False, help_text="Store this tenant's event data and in-app content encrypted at rest."
+    )
+    secure_message_text = models.CharField(
+        max_length=300,
+        blank=True,
+        default="",
+        help_text="What sensitive categories send instead of their content; empty: the installation's.",
+    )
+    secure_message_url = models.URLField(
+        max_length=2000,
+        blank=True,
+        default="",
+        help_text="The link sent with it (your app or inbox); empty: NOTIFY_SECURE_MESSAGE_URL.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     # Set by the runaway-send guard (notify/resilience/runaway.py): while set, the tenant's
     # normal and bulk deliveries wait unclaimed; critical ones still go. A person clears it.

@@ -27,6 +27,7 @@ from apps.audiences.models import Broadcast, BroadcastRecipient, BroadcastState
 from apps.catalog.models import Category
 from apps.deliveries.models import CLAIMABLE_STATUSES, Delivery, DeliveryStatus, Event, Notification
 from apps.recipients.models import Recipient
+from apps.tenants.encryption import content_seal
 from apps.tenants.models import ApiKey, Tenant
 from config.queues import MAINTENANCE_QUEUE
 from notify.observability.tracing import event_origin
@@ -136,7 +137,7 @@ def broadcast_create(*, api_key: ApiKey, request: BroadcastRequest, now: datetim
                 api_key=api_key,
                 category=category,
                 request_digest=digest,
-                data=request.data,
+                data=content_seal(encrypt=tenant.encrypt_content, value=request.data),
                 **event_origin(),
             )
             broadcast.save(force_insert=True)

@@ -25,6 +25,7 @@ from django.utils import timezone
 from apps.catalog.models import Category
 from apps.deliveries.models import Digest, DigestEntry, Event, Notification
 from apps.recipients.models import Recipient
+from apps.tenants.encryption import content_seal
 from notify.observability.tracing import event_origin
 from notify.pipeline.plan import notifications_plan, plan_save
 
@@ -119,7 +120,9 @@ def _flush_locked(*, digest: Digest, now: datetime) -> list[Notification]:
         category=digest.category,
         idempotency_key=key,
         request_digest=hashlib.sha256(key.encode()).hexdigest(),
-        data={"events": [e.data for e in events], "count": len(events)},
+        data=content_seal(
+            encrypt=digest.tenant.encrypt_content, value={"events": [e.data for e in events], "count": len(events)}
+        ),
         # The flush's own: the request that filled the digest, or the sweep that found it due.
         **event_origin(),
     )

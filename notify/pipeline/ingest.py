@@ -19,6 +19,7 @@ from uuid6 import uuid7
 from apps.catalog.models import Category, Priority
 from apps.deliveries.models import Event
 from apps.recipients.models import Recipient
+from apps.tenants.encryption import content_seal
 from apps.tenants.models import ApiKey, Tenant
 from notify.observability import metrics
 from notify.observability.tracing import event_origin, ingest_span_annotate
@@ -128,7 +129,7 @@ def events_ingest(
                 category=categories[request.category_key],
                 idempotency_key=request.idempotency_key,
                 request_digest=digest,
-                data=request.data,
+                data=content_seal(encrypt=tenant.encrypt_content, value=request.data),
                 **event_origin(),
             )
             try:

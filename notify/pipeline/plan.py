@@ -3,18 +3,21 @@
 Planning pins the template version on the notification. Rendering that version is
 deterministic, so the send stage renders it then instead of storing the rendered text."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
+from django.conf import settings
 from django.template import Context
 from django.template import Template as DjangoTemplate
 
 from apps.catalog.models import Category, Routing, TemplateVariant, TemplateVersion
 from apps.deliveries.models import Delivery, DeliveryStatus, Event, Notification
 from apps.recipients.models import PreferenceSet, Recipient
+from apps.tenants.encryption import content_seal
+from apps.tenants.models import Tenant
 from notify.channels import channel_get
 from notify.channels.base import RenderedContent
 from notify.pipeline.bulk import rows_insert
@@ -278,3 +281,29 @@ def content_render(*, variant: TemplateVariant, data: dict, recipient: Recipient
             link=_render(variant.link, context),
             data=variant.data,
         )
+
+
+def secure_notice_render(*, category: Category, tenant: Tenant) -> RenderedContent:
+    """What a sensitive category sends on every channel but the in-app inbox: a notice and a
+    link, never the content, whatever its templates hold (HIPAA-style; docs/compliance.md)."""
+    notice = category.secure_message_text or tenant.secure_message_text or settings.NOTIFY_SECURE_MESSAGE_TEXT
+    url = tenant.secure_message_url or settings.NOTIFY_SECURE_MESSAGE_URL
+    return RenderedContent(
+        subject=notice,
+        title=notice,
+        body=f"{notice}: {url}" if url else notice,
+        html=_render(
+            '<p>{{ notice }}{% if url %}: <a href="{{ url }}">{{ url }}</a>{% endif %}</p>',
+            {"notice": notice, "url": url},
+            html=True,
+        ),
+        link=url,
+    )
+
+
+def content_sealed(*, content: RenderedContent) -> RenderedContent:
+    """The content marked to be stored encrypted (a tenant with encrypt_content)."""
+    return replace(
+        content,
+        **{name: content_seal(encrypt=True, value=getattr(content, name)) for name in ("title", "body", "data")},
+    )

@@ -16,7 +16,8 @@ from django.db.models import F
 from django.utils import timezone
 
 from apps.catalog.models import Category, CategoryKind
-from apps.deliveries.models import CLAIMABLE_STATUSES, Delivery, DeliveryStatus, Event, Provider
+from apps.deliveries.models import CLAIMABLE_STATUSES, Delivery, DeliveryStatus, Event, Notification, Provider
+from apps.recipients.models import Recipient
 from apps.recipients.tokens import email_links
 from apps.tenants.models import Tenant
 from notify.channels import channel_for_provider, channel_get
@@ -25,7 +26,13 @@ from notify.observability import metrics
 from notify.observability.tracing import send_span_annotate
 from notify.pipeline.bulk import PrimaryKeyPath, retry_lock_conflicts
 from notify.pipeline.dispatch import holds_read
-from notify.pipeline.plan import content_render, variant_mentions_recipient, variant_resolve
+from notify.pipeline.plan import (
+    content_render,
+    content_sealed,
+    secure_notice_render,
+    variant_mentions_recipient,
+    variant_resolve,
+)
 from notify.pipeline.record import deliveries_held, outcomes_record
 from notify.pipeline.routing import chains_advance
 from notify.policy.caps import budget_verdict, cap_verdict
@@ -191,6 +198,17 @@ class BatchContext:
         same locale and timezone, so it is rendered once per batch for each of those."""
         notification, recipient = delivery.notification, delivery.notification.recipient
         tenant = self.tenants[notification.tenant_id]
+        category = self.categories[notification.category_id]
+        if category.sensitive and channel != "inapp":
+            # Enforced here, where content meets a channel, so no template can leak it.
+            return secure_notice_render(category=category, tenant=tenant)
+        content = self._content_render(notification=notification, recipient=recipient, tenant=tenant, channel=channel)
+        # Only the in-app inbox stores what it sends; other channels need no marking.
+        return content_sealed(content=content) if tenant.encrypt_content and channel == "inapp" else content
+
+    def _content_render(
+        self, *, notification: Notification, recipient: Recipient, tenant: Tenant, channel: str
+    ) -> RenderedContent:
         variant = variant_resolve(
             version_id=notification.template_version_id,
             channel=channel,

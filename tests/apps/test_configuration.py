@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 import psycopg
 import pytest
+from cryptography.fernet import Fernet
 from django.core.checks import run_checks
 from django.db import connection
 
@@ -50,6 +51,7 @@ def production_env(**overrides: str) -> dict[str, str]:
     env.update(
         DJANGO_DEBUG="0",
         DJANGO_SECRET_KEY=secrets.token_urlsafe(50),
+        NOTIFY_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
         DJANGO_ALLOWED_HOSTS="notify.example.com",
         DATABASE_URL=database_url(),
         NOTIFY_PUBLIC_URL="https://notify.example.com",
@@ -180,6 +182,7 @@ def production(settings, db):  # type: ignore[no-untyped-def]
     settings.TWILIO_API_BASE, settings.FCM_API_BASE = "https://api.twilio.com", "https://fcm.googleapis.com"
     settings.FCM_PROJECT_ID, settings.FCM_TOKEN_URI = "my-project", "https://oauth2.googleapis.com/token"
     settings.NOTIFY_DEMO_API_KEY = ""
+    settings.NOTIFY_ENCRYPTION_KEYS = [Fernet.generate_key().decode()]
     settings.EMAIL_BACKEND = "anymail.backends.postmark.EmailBackend"  # the test runner's is in memory
     return settings
 
@@ -285,3 +288,26 @@ def test_the_demo_set_up_refuses_to_run_outside_debug(production):
     production.NOTIFY_DEMO_API_KEY = "ntf_mine_0123456789abcdef"
     with pytest.raises(CommandError, match="DJANGO_DEBUG=1"):
         call_command("demo_setup")
+
+
+def test_no_process_starts_without_encryption_keys_outside_debug():
+    result = run([sys.executable, "manage.py", "migrate", "--plan"], env=production_env(NOTIFY_ENCRYPTION_KEYS=""))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "(notify.E009) Outside DEBUG (DJANGO_DEBUG is off), NOTIFY_ENCRYPTION_KEYS cannot encrypt" in output
+
+
+def test_encryption_keys_must_be_the_operators_own_and_read_what_is_stored(production):
+    production.NOTIFY_ENCRYPTION_KEYS = []
+    assert check_ids() == {"notify.E009"}
+    production.NOTIFY_ENCRYPTION_KEYS = ["not-a-key"]
+    assert check_ids() == {"notify.E009"}
+    production.NOTIFY_ENCRYPTION_KEYS = ["dGVzdC1vbmx5LWluc2VjdXJlLWZlcm5ldC1rZXkuLi4="]  # the suite's, published
+    assert check_ids() == {"notify.E009"}
+    old = Fernet.generate_key().decode()
+    production.NOTIFY_ENCRYPTION_KEYS = [old]
+    Provider.objects.create(name="pm", channel="email", config={"server_token": "own-token"})
+    production.NOTIFY_ENCRYPTION_KEYS = [Fernet.generate_key().decode()]  # the old key was dropped too soon
+    assert check_ids() == {"notify.E010"}
+    production.NOTIFY_ENCRYPTION_KEYS = [Fernet.generate_key().decode(), old]
+    assert check_ids() == set()
