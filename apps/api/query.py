@@ -47,6 +47,8 @@ class QueryCheckedView(APIView):
     validated filters of a list in `self.filters`."""
 
     filter_serializer_class: type[serializers.Serializer] | None = None
+    # The query parameters of a view that is not a list, validated into `self.filters` as well.
+    query_serializer_class: type[serializers.Serializer] | None = None
     filters: dict[str, Any]
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
@@ -54,15 +56,16 @@ class QueryCheckedView(APIView):
         self.filters = {}
         lists = getattr(self, "action", None) == "list" or isinstance(self, generics.ListAPIView)
         paginator = getattr(self, "paginator", None) if lists else None
-        taken = set(self.filter_serializer_class().fields) if lists and self.filter_serializer_class else set()
+        checked = self.filter_serializer_class if lists else self.query_serializer_class
+        taken = set(checked().fields) if checked else set()
         if isinstance(paginator, CheckedCursorPagination):
             taken |= paginator.query_parameters()
         if unknown := sorted(set(request.query_params) - taken):
             takes = f"This endpoint takes {', '.join(sorted(taken))}." if taken else "This endpoint takes none."
             raise exceptions.ValidationError({name: [f"Unknown query parameter. {takes}"] for name in unknown})
-        if lists and self.filter_serializer_class:
+        if checked:
             # A plain dict, not the QueryDict: DRF reads a blank value in one as left out, as
             # HTML forms mean it, where here it is a value to check.
-            filters = self.filter_serializer_class(data=request.query_params.dict())
+            filters = checked(data=request.query_params.dict())
             filters.is_valid(raise_exception=True)
             self.filters = dict(filters.validated_data)
