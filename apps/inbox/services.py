@@ -199,9 +199,9 @@ def inbox_archive_read(*, recipient_id: UUID, tab: InboxFilter = InboxFilter()) 
 
 
 def _tab_with_folded(*, recipient_id: UUID, tab: InboxFilter, now: datetime) -> QuerySet[InboxItem]:
-    """A tab's items for a bulk change, the folded members of its groups included, expired and
-    snoozed ones left as they are."""
-    items = InboxItem.objects.filter(recipient_id=recipient_id, archived_at__isnull=True, sort_at__lte=now)
+    """A tab's items for a bulk change, archived ones and the folded members of its groups
+    included, expired and snoozed ones left as they are."""
+    items = InboxItem.objects.filter(recipient_id=recipient_id, sort_at__lte=now)
     items = items.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
     if tab.category:
         items = items.filter(category=tab.category)

@@ -87,7 +87,7 @@ class InboxView(QueryCheckedView):
 
 
 class NewestFirst(CheckedCursorPagination):
-    ordering = ("-created_at", "-id")
+    ordering = ("-sort_at", "-id")
     page_size = 20
 
 

@@ -123,18 +123,18 @@ def test_an_event_reaches_a_connected_client_and_a_missed_one_arrives_on_reconne
 
     with connect(socket_url) as socket:
         authenticated(socket, token)
-        assert next_message(socket) == {"type": "hello", "counts": {"unread": 0, "unseen": 0}}
+        assert next_message(socket) == {"type": "hello", "counts": {"unread": 0, "unseen": 0, "limit": 99, "severity": None}}
         producer.mention(text="live")
         item = next_message(socket)
         assert (item["type"], item["item"]["body"]) == ("item", "live")
-        assert next_message(socket) == {"type": "counts", "counts": {"unread": 1, "unseen": 1}}
+        assert next_message(socket) == {"type": "counts", "counts": {"unread": 1, "unseen": 1, "limit": 99, "severity": "medium"}}
     held = item["item"]["id"]
 
     missed = producer.mention(text="while away")
     wait_for(lambda: producer.status(missed) == "sent", timeout=30, what="the missed item to be stored")
     with connect(f"{socket_url}?after={held}") as socket:
         authenticated(socket, token)
-        assert next_message(socket)["counts"] == {"unread": 2, "unseen": 2}
+        assert next_message(socket)["counts"] == {"unread": 2, "unseen": 2, "limit": 99, "severity": "medium"}
         catch_up = next_message(socket)
         assert catch_up["type"] == "catch_up"
         assert [i["body"] for i in catch_up["items"]] == ["while away"]
@@ -163,7 +163,8 @@ def test_the_widget_shows_a_new_notification_without_a_reload_and_marks_it_read(
 
             reader, other = tabs
             # The widget styles itself: its list drops down over the page.
-            assert reader.evaluate("getComputedStyle(document.querySelector('.ntf-panel')).position") == "absolute"
+            panel = "document.querySelector('notify-inbox').shadowRoot.querySelector('.ntf-panel')"
+            assert reader.evaluate(f"getComputedStyle({panel}).position") == "absolute"
             reader.get_by_role("button", name="Notifications, 1 unread").click()
             item = reader.locator(".ntf-item", has_text="Can you review the launch plan?")
             expect(item).to_have_class("ntf-item ntf-unread")
