@@ -179,7 +179,9 @@ class EventSerializer(serializers.Serializer):
     )
     # What the in-app items of the event carry (docs/inbox.md).
     tags = serializers.ListField(
-        child=serializers.RegexField(r"^[\w.:-]{1,64}$", error_messages={"invalid": "Tags are 1-64 letters, digits, _ . : -."}),
+        child=serializers.RegexField(
+            r"^[\w.:-]{1,64}$", error_messages={"invalid": "Tags are 1-64 letters, digits, _ . : -."}
+        ),
         required=False,
         max_length=20,
         help_text="In-app: tags the inbox can be filtered by.",

@@ -7,8 +7,8 @@ the database when it reconnects (see InboxConsumer)."""
 
 import asyncio
 import logging
-from datetime import datetime
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 

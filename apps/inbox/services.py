@@ -69,7 +69,9 @@ def inbox_counts(*, recipient_id: UUID, tab: InboxFilter = InboxFilter()) -> dic
     if tab == InboxFilter():
         return inbox_counts_many(recipient_ids=[recipient_id])[recipient_id]
     limit = settings.NOTIFY_INBOX_COUNT_LIMIT
-    items = _filtered(recipient_id=recipient_id, tab=InboxFilter(category=tab.category, tag=tab.tag), now=timezone.now())
+    items = _filtered(
+        recipient_id=recipient_id, tab=InboxFilter(category=tab.category, tag=tab.tag), now=timezone.now()
+    )
     rank = items.filter(UNREAD).order_by("-severity").values_list("severity", flat=True).first()
     return {
         "unread": items.filter(UNREAD)[: limit + 1].count(),

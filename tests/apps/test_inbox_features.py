@@ -80,7 +80,9 @@ def test_the_badge_shows_the_highest_unread_severity_from_the_category_or_the_ev
     inbox.post("/inbox/v1/items/read-all")
     assert inbox.get("/inbox/v1/counts").json()["severity"] is None
 
-    refused = api.post("/api/v1/events", {"category": "mention", "recipient": "ada", "severity": "urgent"}, format="json")
+    refused = api.post(
+        "/api/v1/events", {"category": "mention", "recipient": "ada", "severity": "urgent"}, format="json"
+    )
     assert refused.status_code == 400 and "severity" in refused.json()["error"]["fields"]
 
 

@@ -5,7 +5,6 @@ the embeddable widget in headless Chromium. The token never reaches the server's
 the cap on one recipient's sockets holds across server processes, one of them killed."""
 
 import asyncio
-from datetime import UTC, datetime, timedelta
 import json
 import signal
 import subprocess
@@ -14,6 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -126,11 +126,17 @@ def test_an_event_reaches_a_connected_client_and_a_missed_one_arrives_on_reconne
 
     with connect(socket_url) as socket:
         authenticated(socket, token)
-        assert next_message(socket) == {"type": "hello", "counts": {"unread": 0, "unseen": 0, "limit": 99, "severity": None}}
+        assert next_message(socket) == {
+            "type": "hello",
+            "counts": {"unread": 0, "unseen": 0, "limit": 99, "severity": None},
+        }
         producer.mention(text="live")
         item = next_message(socket)
         assert (item["type"], item["item"]["body"]) == ("item", "live")
-        assert next_message(socket) == {"type": "counts", "counts": {"unread": 1, "unseen": 1, "limit": 99, "severity": "medium"}}
+        assert next_message(socket) == {
+            "type": "counts",
+            "counts": {"unread": 1, "unseen": 1, "limit": 99, "severity": "medium"},
+        }
     held = item["item"]["id"]
 
     missed = producer.mention(text="while away")

@@ -289,9 +289,11 @@
 
     // --- the live connection ---------------------------------------------------------------
     newestId() {
+      // A snoozed item's place is in the future: the cursor is the newest one shown.
+      const now = new Date().toISOString();
       let newest = null;
       for (const item of this.items.values()) {
-        if (!newest || item.sort_at > newest.sort_at) newest = item;
+        if (item.sort_at <= now && (!newest || item.sort_at > newest.sort_at)) newest = item;
       }
       return newest && newest.id;
     }
