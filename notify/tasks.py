@@ -10,7 +10,7 @@ from django.utils import timezone
 from apps.inbox.live import inbox_snoozes_return
 from apps.inbox.services import inbox_expired_purge
 from apps.recipients import imports
-from notify.observability import alerts, canary
+from notify.observability import alerts, canary, metrics
 from notify.pipeline import broadcast, digest, dispatch, recurring, routing, send
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ def sweep() -> dict[str, int]:
     broadcast_tasks = broadcast.broadcasts_advance(now=now)
     inbox_items_woken = inbox_snoozes_return(now=now)
     inbox_items_purged = inbox_expired_purge(now=now)
+    metrics.inbox_sweep_count(woken=inbox_items_woken, purged=inbox_items_purged)
     return {
         "inbox_items_woken": inbox_items_woken,
         "inbox_items_purged": inbox_items_purged,
