@@ -422,6 +422,11 @@ NOTIFY_INBOX_AUTH_SECONDS = env.float("NOTIFY_INBOX_AUTH_SECONDS", default=5.0)
 # Open WebSockets per recipient across all web processes (counted in NOTIFY_REDIS_URL's Redis);
 # one more is refused with close code 4029. 0: no cap.
 NOTIFY_INBOX_MAX_SOCKETS_PER_RECIPIENT = env.int("NOTIFY_INBOX_MAX_SOCKETS_PER_RECIPIENT", default=10)
+# Unread and unseen counts stop at this many plus one (shown "99+"), so they stay cheap however
+# many items a recipient holds.
+NOTIFY_INBOX_COUNT_LIMIT = env.int("NOTIFY_INBOX_COUNT_LIMIT", default=99)
+# Expired items are no longer shown; the sweeper deletes them this long after they expired.
+NOTIFY_INBOX_EXPIRED_KEEP_SECONDS = env.int("NOTIFY_INBOX_EXPIRED_KEEP_SECONDS", default=86400)
 # The recipient-facing inbox API is called from the pages that embed the widget, on any origin.
 # It is authorised by a bearer token, never a cookie, so allowing every origin exposes nothing.
 CORS_URLS_REGEX = r"^/inbox/v1/.*$"

@@ -7,8 +7,10 @@ import sentry_sdk
 from celery import shared_task
 from django.utils import timezone
 
+from apps.inbox.live import inbox_snoozes_return
+from apps.inbox.services import inbox_expired_purge
 from apps.recipients import imports
-from notify.observability import alerts, canary
+from notify.observability import alerts, canary, metrics
 from notify.pipeline import broadcast, digest, dispatch, recurring, routing, send
 
 logger = logging.getLogger(__name__)
@@ -21,15 +23,20 @@ def send_deliveries(delivery_ids: list[str]) -> int:
 
 @shared_task(name="notify.sweep")
 def sweep() -> dict[str, int]:
-    """Send the digests whose window has passed, start routing steps that came due, then sweep
-    up the deliveries."""
+    """Send the digests whose window has passed, start routing steps that came due, sweep up
+    the deliveries, bring back snoozed inbox items and purge expired ones."""
     now = timezone.now()
     digests_sent = digest.digests_flush_due(now=now)
     steps_started = routing.routing_sweep(now=now)
     report = dispatch.sweep()
     imports_resumed = imports.recipient_imports_resume(now=now)
     broadcast_tasks = broadcast.broadcasts_advance(now=now)
+    inbox_items_woken = inbox_snoozes_return(now=now)
+    inbox_items_purged = inbox_expired_purge(now=now)
+    metrics.inbox_sweep_count(woken=inbox_items_woken, purged=inbox_items_purged)
     return {
+        "inbox_items_woken": inbox_items_woken,
+        "inbox_items_purged": inbox_items_purged,
         "imports_resumed": imports_resumed,
         "broadcast_tasks": broadcast_tasks,
         "digests_sent": digests_sent,

@@ -48,6 +48,7 @@ class QueryCheckedView(APIView):
     validated filters of a list in `self.filters`."""
 
     filter_serializer_class: type[serializers.Serializer] | None = None
+    # The query parameters of a view that is not a list, validated into `self.filters` as well.
     query_serializer_class: type[serializers.Serializer] | None = None
     filters: dict[str, Any]
 

@@ -5,7 +5,7 @@ from django.db import models
 from drf_spectacular.utils import extend_schema_field, inline_serializer
 from rest_framework import serializers
 
-from apps.catalog.models import Category, Channel, Priority
+from apps.catalog.models import Category, Channel, Priority, Severity
 from apps.deliveries.models import Delivery, DeliveryEvent, Notification, RecurringSend
 from apps.deliveries.selectors import NOTIFICATION_STATUSES, notification_status
 from apps.recipients.models import Consent, Device, PreferenceSet, Recipient, validate_timezone
@@ -177,6 +177,23 @@ class EventSerializer(serializers.Serializer):
         help_text="Send at this wall-clock time in each recipient's timezone: '09:00' (the next one) "
         "or '2026-12-01T09:00' (no offset).",
     )
+    # What the in-app items of the event carry (docs/inbox.md).
+    tags = serializers.ListField(
+        child=serializers.RegexField(
+            r"^[\w.:-]{1,64}$", error_messages={"invalid": "Tags are 1-64 letters, digits, _ . : -."}
+        ),
+        required=False,
+        max_length=20,
+        help_text="In-app: tags the inbox can be filtered by.",
+    )
+    severity = serializers.ChoiceField(
+        choices=Severity.choices, required=False, help_text="In-app: instead of the category's severity."
+    )
+    group_key = serializers.CharField(
+        max_length=200, required=False, help_text="In-app: items with the same key form one item per recipient."
+    )
+    actor = serializers.CharField(max_length=200, required=False, help_text="In-app: who did it, shown in a group.")
+    expires_at = serializers.DateTimeField(required=False, help_text="In-app: the item disappears at this time.")
 
     def validate_send_at_local(self, value: str) -> LocalSendTime:
         try:
@@ -214,6 +231,11 @@ def event_request_from(
         send_at=attrs.get("send_at"),
         send_at_local=attrs.get("send_at_local"),
         body=body,
+        inbox_tags=attrs.get("tags", []),
+        inbox_severity=attrs.get("severity", ""),
+        inbox_group_key=attrs.get("group_key", ""),
+        inbox_actor=attrs.get("actor", ""),
+        inbox_expires_at=attrs.get("expires_at"),
     )
 
 

@@ -19,6 +19,12 @@ class Priority(models.TextChoices):
     BULK = "bulk", "Bulk"
 
 
+class Severity(models.TextChoices):
+    HIGH = "high", "High"
+    MEDIUM = "medium", "Medium"
+    LOW = "low", "Low"
+
+
 class CategoryKind(models.TextChoices):
     CRITICAL = "critical", "Critical (OTP, fraud, security)"
     TRANSACTIONAL = "transactional", "Transactional"
@@ -183,6 +189,12 @@ class Category(models.Model):
     )
     escalate_to = models.JSONField(
         default=list, blank=True, validators=[validate_channel_list], help_text='e.g. ["email"]'
+    )
+    severity = models.CharField(
+        max_length=8,
+        choices=Severity.choices,
+        default=Severity.MEDIUM,
+        help_text="How its in-app items rank; the bell's badge shows the highest unread. An event may override it.",
     )
     # A digest category collects each recipient's events and sends them as one notification.
     digest_window = models.DurationField(

@@ -8,6 +8,7 @@ the database when it reconnects (see InboxConsumer)."""
 import asyncio
 import logging
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -16,7 +17,7 @@ from channels.layers import get_channel_layer
 
 from apps.inbox.models import InboxItem
 from apps.inbox.serializers import InboxItemSerializer
-from apps.inbox.services import inbox_counts_many
+from apps.inbox.services import inbox_counts_many, inbox_snoozes_wake
 
 logger = logging.getLogger(__name__)
 BROADCAST_CONCURRENCY = 16
@@ -33,6 +34,8 @@ def inbox_item_json(*, item: InboxItem) -> dict[str, Any]:
 def inbox_items_added(*, items: Iterable[InboxItem]) -> None:
     """Push each new item with its recipient's counts after the whole batch."""
     items = list(items)
+    if not items:
+        return
     counts = inbox_counts_many(recipient_ids={item.recipient_id for item in items})
     _broadcast(
         [
@@ -51,6 +54,13 @@ def inbox_item_changed(*, item: InboxItem) -> None:
     _broadcast(
         [(item.recipient_id, {"type": "inbox.item_updated", "item": inbox_item_json(item=item), "counts": counts})]
     )
+
+
+def inbox_snoozes_return(*, now: datetime) -> int:
+    """Push the snoozed items whose time has come to their recipients' connections, as new."""
+    items = inbox_snoozes_wake(now=now)
+    inbox_items_added(items=items)
+    return len(items)
 
 
 def inbox_counts_changed(*, recipient_id: UUID) -> None:

@@ -1,10 +1,21 @@
 import uuid
 
+from django.contrib.postgres.fields import ArrayField
+from django.contrib.postgres.indexes import GinIndex
 from django.db import models
+from django.db.models import Q
+from django.utils import timezone
 
-from apps.deliveries.models import Delivery
+from apps.catalog.models import Severity
+from apps.deliveries.models import Delivery, Event
 from apps.recipients.models import Recipient
 from apps.tenants.encryption import SealedJSONField, SealedTextField
+
+# Stored as a rank so that "the highest unread severity" is one ordered index read.
+SEVERITY_RANK = {Severity.LOW: 1, Severity.MEDIUM: 2, Severity.HIGH: 3}
+SEVERITY_OF_RANK = {rank: severity for severity, rank in SEVERITY_RANK.items()}
+UNREAD = Q(read_at__isnull=True, archived_at__isnull=True, folded=False)
+UNSEEN = Q(seen_at__isnull=True, archived_at__isnull=True, folded=False)
 
 
 class InboxItem(models.Model):
@@ -20,12 +31,50 @@ class InboxItem(models.Model):
     link = models.CharField(max_length=2000, blank=True, default="")
     data = SealedJSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Where the item stands in the list: when it was stored, or when its snooze ends. An item
+    # whose place is in the future is snoozed and not shown until then.
+    sort_at = models.DateTimeField(default=timezone.now)
+    snoozed_until = models.DateTimeField(null=True, blank=True)
     seen_at = models.DateTimeField(null=True, blank=True)
     read_at = models.DateTimeField(null=True, blank=True)
     archived_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    category = models.CharField(max_length=100, blank=True, default="")
+    tags = ArrayField(models.CharField(max_length=64), default=list, blank=True)
+    severity = models.PositiveSmallIntegerField(default=SEVERITY_RANK[Severity.MEDIUM])
+    # Events with one group key form one item: the newest shows the group, with its count and
+    # latest actors, and the older ones are folded into it.
+    group_key = models.CharField(max_length=200, blank=True, default="")
+    group_count = models.PositiveIntegerField(default=1)
+    actors = ArrayField(models.CharField(max_length=200), default=list, blank=True)
+    folded = models.BooleanField(default=False)
 
     class Meta:
-        indexes = [models.Index(fields=["recipient", "-created_at"], name="inbox_recipient_recent")]
+        indexes = [
+            models.Index(fields=["recipient", "-sort_at", "-id"], name="inbox_recipient_recent"),
+            models.Index(fields=["recipient", "category", "-sort_at"], name="inbox_recipient_category"),
+            GinIndex(fields=["tags"], name="inbox_tags"),
+            # Serves the bounded unread count and the highest unread severity (the badge).
+            models.Index(fields=["recipient", "-severity"], condition=UNREAD, name="inbox_unread"),
+            models.Index(fields=["recipient"], condition=UNSEEN, name="inbox_unseen"),
+            models.Index(fields=["recipient", "group_key"], condition=~Q(group_key=""), name="inbox_group"),
+            models.Index(fields=["snoozed_until"], condition=Q(snoozed_until__isnull=False), name="inbox_snoozed"),
+            models.Index(fields=["expires_at"], condition=Q(expires_at__isnull=False), name="inbox_expiring"),
+        ]
 
     def __str__(self) -> str:
         return self.title or str(self.id)
+
+
+class InboxEventOptions(models.Model):
+    """What a producer said about an event's in-app items: tags, severity, group, expiry."""
+
+    event = models.OneToOneField(Event, on_delete=models.CASCADE, primary_key=True, related_name="inbox_options")
+    tags = ArrayField(models.CharField(max_length=64), default=list, blank=True)
+    severity = models.CharField(max_length=8, choices=Severity.choices, blank=True, default="")
+    group_key = models.CharField(max_length=200, blank=True, default="")
+    actor = models.CharField(max_length=200, blank=True, default="")
+    expires_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"inbox options of {self.event_id}"

@@ -1,16 +1,37 @@
 from rest_framework import serializers
 
-from apps.inbox.models import InboxItem
+from apps.catalog.models import Severity
+from apps.inbox.models import SEVERITY_OF_RANK, InboxItem
 
 
 class InboxItemSerializer(serializers.ModelSerializer):
     seen = serializers.SerializerMethodField()
     read = serializers.SerializerMethodField()
     archived = serializers.SerializerMethodField()
+    severity = serializers.SerializerMethodField()
 
     class Meta:
         model = InboxItem
-        fields = ["id", "title", "body", "link", "data", "created_at", "seen", "read", "archived"]
+        fields = [
+            "id",
+            "title",
+            "body",
+            "link",
+            "data",
+            "created_at",
+            "sort_at",
+            "seen",
+            "read",
+            "archived",
+            "category",
+            "tags",
+            "severity",
+            "group_key",
+            "group_count",
+            "actors",
+            "expires_at",
+            "snoozed_until",
+        ]
 
     def get_seen(self, item: InboxItem) -> bool:
         return item.seen_at is not None
@@ -20,3 +41,6 @@ class InboxItemSerializer(serializers.ModelSerializer):
 
     def get_archived(self, item: InboxItem) -> bool:
         return item.archived_at is not None
+
+    def get_severity(self, item: InboxItem) -> str:
+        return SEVERITY_OF_RANK.get(item.severity, Severity.MEDIUM).value

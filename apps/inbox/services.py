@@ -1,67 +1,139 @@
-"""Inbox reads and state changes for the recipient-facing inbox API."""
+"""Inbox reads and state changes for the recipient-facing inbox API, and the store of new
+items (grouping) for the in-app channel.
+
+Every read is served by an index of apps.inbox.models, and counts are bounded: a count stops
+at NOTIFY_INBOX_COUNT_LIMIT + 1 rows, which the widget shows as "99+", so a recipient with
+100,000 items costs what one with a hundred does."""
 
 from collections.abc import Iterable
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
 from uuid import UUID
 
-from django.db.models import Count, Q, QuerySet
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from apps.inbox.models import InboxItem
+from apps.catalog.models import Severity
+from apps.deliveries.models import Delivery
+from apps.inbox.models import SEVERITY_OF_RANK, SEVERITY_RANK, UNREAD, UNSEEN, InboxEventOptions, InboxItem
+from apps.recipients.models import Recipient
+from apps.recipients.tokens import PREFERENCES, recipient_link
 from notify.pipeline.routing import escalations_cancel
 
 MARKS = {"read": "read_at", "seen": "seen_at", "archive": "archived_at"}
 # Longer than any one batch takes to store: see inbox_items_after.
 CATCH_UP_LOOK_BACK = timedelta(seconds=60)
+GROUP_ACTORS_SHOWN = 3
+WAKE_BATCH = 1000
+PURGE_BATCH = 5000
 
 
-def inbox_items(*, recipient_id: UUID, archived: bool = False) -> QuerySet[InboxItem]:
-    return InboxItem.objects.filter(recipient_id=recipient_id, archived_at__isnull=not archived)
+@dataclass(frozen=True)
+class InboxFilter:
+    """A tab of the inbox: what the list, its counts and its bulk actions cover."""
+
+    archived: bool = False
+    read: bool | None = None
+    category: str = ""
+    tag: str = ""
 
 
-def inbox_counts(*, recipient_id: UUID) -> dict[str, int]:
-    """Unread and unseen items, archived ones left out."""
-    return inbox_counts_many(recipient_ids=[recipient_id])[recipient_id]
+def _visible(*, now: datetime) -> Q:
+    """Shown now: not folded into a newer item of its group, not snoozed, not expired."""
+    return Q(folded=False, sort_at__lte=now) & (Q(expires_at__isnull=True) | Q(expires_at__gt=now))
 
 
-def inbox_counts_many(*, recipient_ids: Iterable[UUID]) -> dict[UUID, dict[str, int]]:
-    """Each recipient's counts, in one query."""
-    counts = {recipient_id: {"unread": 0, "unseen": 0} for recipient_id in recipient_ids}
-    rows = (
-        InboxItem.objects.filter(recipient_id__in=counts, archived_at__isnull=True)
-        .values("recipient_id")
-        .annotate(
-            unread=Count("id", filter=Q(read_at__isnull=True)), unseen=Count("id", filter=Q(seen_at__isnull=True))
-        )
+def _filtered(*, recipient_id: UUID, tab: InboxFilter, now: datetime) -> QuerySet[InboxItem]:
+    items = InboxItem.objects.filter(_visible(now=now), recipient_id=recipient_id)
+    items = items.filter(archived_at__isnull=not tab.archived)
+    if tab.read is not None:
+        items = items.filter(read_at__isnull=not tab.read)
+    if tab.category:
+        items = items.filter(category=tab.category)
+    if tab.tag:
+        items = items.filter(tags__contains=[tab.tag])
+    return items
+
+
+def inbox_items(*, recipient_id: UUID, tab: InboxFilter = InboxFilter()) -> QuerySet[InboxItem]:
+    """The items of one tab of the inbox, as shown now."""
+    return _filtered(recipient_id=recipient_id, tab=tab, now=timezone.now())
+
+
+def inbox_counts(*, recipient_id: UUID, tab: InboxFilter = InboxFilter()) -> dict[str, Any]:
+    """A tab's unread and unseen counts, each bounded (a count above `limit` means more than
+    `limit`), and its highest unread severity, archived items left out."""
+    if tab == InboxFilter():
+        return inbox_counts_many(recipient_ids=[recipient_id])[recipient_id]
+    limit = settings.NOTIFY_INBOX_COUNT_LIMIT
+    items = _filtered(
+        recipient_id=recipient_id, tab=InboxFilter(category=tab.category, tag=tab.tag), now=timezone.now()
     )
-    for row in rows:
-        counts[row["recipient_id"]] = {"unread": row["unread"], "unseen": row["unseen"]}
-    return counts
+    rank = items.filter(UNREAD).order_by("-severity").values_list("severity", flat=True).first()
+    return {
+        "unread": items.filter(UNREAD)[: limit + 1].count(),
+        "unseen": items.filter(UNSEEN)[: limit + 1].count(),
+        "limit": limit,
+        "severity": SEVERITY_OF_RANK.get(rank or 0),
+    }
+
+
+# Each count reads at most limit + 1 entries of a partial index (inbox_unread, inbox_unseen);
+# the severity is the first entry of inbox_unread. Raw SQL because the ORM cannot count a
+# LIMITed subquery per row of a list of recipients, which the push of a bulk batch needs.
+_SHOWN = "AND NOT i.folded AND i.sort_at <= %(now)s AND (i.expires_at IS NULL OR i.expires_at > %(now)s)"
+_COUNTS_MANY = f"""
+SELECT r.id,
+  (SELECT count(*) FROM (SELECT 1 FROM inbox_inboxitem i WHERE i.recipient_id = r.id
+     AND i.read_at IS NULL AND i.archived_at IS NULL {_SHOWN} LIMIT %(cap)s) AS unread),
+  (SELECT count(*) FROM (SELECT 1 FROM inbox_inboxitem i WHERE i.recipient_id = r.id
+     AND i.seen_at IS NULL AND i.archived_at IS NULL {_SHOWN} LIMIT %(cap)s) AS unseen),
+  (SELECT i.severity FROM inbox_inboxitem i WHERE i.recipient_id = r.id
+     AND i.read_at IS NULL AND i.archived_at IS NULL {_SHOWN} ORDER BY i.severity DESC LIMIT 1)
+FROM unnest(%(ids)s::uuid[]) AS r(id)
+"""
+
+
+def inbox_counts_many(*, recipient_ids: Iterable[UUID]) -> dict[UUID, dict[str, Any]]:
+    """Each recipient's whole-inbox counts, bounded, in one query."""
+    ids = list(set(recipient_ids))
+    limit = settings.NOTIFY_INBOX_COUNT_LIMIT
+    with connection.cursor() as cursor:
+        cursor.execute(_COUNTS_MANY, {"ids": ids, "cap": limit + 1, "now": timezone.now()})
+        rows = cursor.fetchall()
+    return {
+        recipient_id: {"unread": unread, "unseen": unseen, "limit": limit, "severity": SEVERITY_OF_RANK.get(rank)}
+        for recipient_id, unread, unseen, rank in rows
+    }
 
 
 def inbox_items_after(*, recipient_id: UUID, item_id: UUID, limit: int) -> tuple[list[InboxItem], bool]:
     """What a reconnecting client may have missed since the newest item it holds, oldest first,
     and whether there is more than `limit`.
 
-    Items are stamped when a worker stores them, so two workers can commit a recipient's items
-    slightly out of order. The look-back re-sends the items stamped shortly before the cursor
-    as well; the client keeps items by id, so a repeat costs nothing and a gap cannot happen."""
-    cursor = InboxItem.objects.filter(recipient_id=recipient_id, id=item_id).values_list("created_at", flat=True)
+    Items are placed when a worker stores them (or when their snooze ends), so two workers can
+    commit a recipient's items slightly out of order. The look-back re-sends the items placed
+    shortly before the cursor as well; the client keeps items by id, so a repeat costs nothing
+    and a gap cannot happen."""
+    cursor = InboxItem.objects.filter(recipient_id=recipient_id, id=item_id).values_list("sort_at", flat=True)
     since = cursor.first()
     if since is None:
         raise InboxItem.DoesNotExist
     items = list(
         inbox_items(recipient_id=recipient_id)
-        .filter(created_at__gte=since - CATCH_UP_LOOK_BACK)
+        .filter(sort_at__gte=since - CATCH_UP_LOOK_BACK)
         .exclude(id=item_id)
-        .order_by("created_at", "id")[: limit + 1]
+        .order_by("sort_at", "id")[: limit + 1]
     )
     return items[:limit], len(items) > limit
 
 
 def inbox_item_mark(*, recipient_id: UUID, item_id: UUID, mark: str) -> InboxItem:
-    """Mark one item read, seen or archived (reading also sees it); idempotent.
-    Raises InboxItem.DoesNotExist for another recipient's item."""
+    """Mark one item read, seen or archived (reading also sees it), with the items of its
+    group folded into it; idempotent. Raises InboxItem.DoesNotExist for another recipient's item."""
     item = InboxItem.objects.select_related("delivery").get(recipient_id=recipient_id, id=item_id)
     now = timezone.now()
     fields = [MARKS[mark]] + (["seen_at"] if mark == "read" else [])
@@ -69,16 +141,146 @@ def inbox_item_mark(*, recipient_id: UUID, item_id: UUID, mark: str) -> InboxIte
         if getattr(item, field) is None:
             setattr(item, field, now)
     item.save(update_fields=fields)
+    notification_ids = [item.delivery.notification_id]
+    if item.group_key and not item.folded:
+        folded = InboxItem.objects.filter(recipient_id=recipient_id, group_key=item.group_key, folded=True)
+        for field in fields:
+            changed = folded.filter(**{f"{field}__isnull": True})
+            if mark == "read":
+                notification_ids += list(changed.values_list("delivery__notification_id", flat=True))
+            changed.update(**{field: now})
     if mark == "read":  # read: its escalations to other channels are not needed
-        escalations_cancel(notification_ids=[item.delivery.notification_id])
+        escalations_cancel(notification_ids=notification_ids)
     return item
 
 
-def inbox_mark_all_read(*, recipient_id: UUID) -> int:
+def inbox_item_snooze(*, recipient_id: UUID, item_id: UUID, until: datetime) -> InboxItem:
+    """Hide an item until a time, when it comes back at the top of the list (and is pushed)."""
+    item = InboxItem.objects.get(recipient_id=recipient_id, id=item_id)
+    item.snoozed_until = item.sort_at = until
+    item.save(update_fields=["snoozed_until", "sort_at"])
+    return item
+
+
+def inbox_snoozes_wake(*, now: datetime) -> list[InboxItem]:
+    """The snoozed items whose time has come, each once: they are in the list again from that
+    time whether or not this runs; this only lets open connections know."""
+    with transaction.atomic():
+        due = InboxItem.objects.filter(snoozed_until__lte=now).select_for_update(skip_locked=True)
+        ids = list(due.values_list("id", flat=True)[:WAKE_BATCH])
+        InboxItem.objects.filter(id__in=ids).update(snoozed_until=None)
+    return list(
+        InboxItem.objects.filter(_visible(now=now), id__in=ids, archived_at__isnull=True).order_by("sort_at", "id")
+    )
+
+
+def inbox_expired_purge(*, now: datetime) -> int:
+    """Delete a batch of the items that expired more than NOTIFY_INBOX_EXPIRED_KEEP_SECONDS ago
+    (they have not been shown since they expired)."""
+    cutoff = now - timedelta(seconds=settings.NOTIFY_INBOX_EXPIRED_KEEP_SECONDS)
+    batch = InboxItem.objects.filter(expires_at__lt=cutoff).values_list("id", flat=True)[:PURGE_BATCH]
+    deleted, _ = InboxItem.objects.filter(id__in=list(batch)).delete()
+    return deleted
+
+
+def inbox_mark_all_read(*, recipient_id: UUID, tab: InboxFilter = InboxFilter()) -> int:
+    """Mark every unread item of a tab read, with the items folded into them."""
     now = timezone.now()
-    unread = InboxItem.objects.filter(recipient_id=recipient_id, read_at__isnull=True)
+    unread = _tab_with_folded(recipient_id=recipient_id, tab=tab, now=now).filter(read_at__isnull=True)
     notification_ids = list(unread.values_list("delivery__notification_id", flat=True))
     unread.filter(seen_at__isnull=True).update(seen_at=now)
     updated = unread.update(read_at=now)
     escalations_cancel(notification_ids=notification_ids)
     return updated
+
+
+def inbox_archive_read(*, recipient_id: UUID, tab: InboxFilter = InboxFilter()) -> int:
+    """Archive every read item of a tab."""
+    items = _tab_with_folded(recipient_id=recipient_id, tab=tab, now=timezone.now())
+    return items.filter(read_at__isnull=False, archived_at__isnull=True).update(archived_at=timezone.now())
+
+
+def _tab_with_folded(*, recipient_id: UUID, tab: InboxFilter, now: datetime) -> QuerySet[InboxItem]:
+    """A tab's items for a bulk change, archived ones and the folded members of its groups
+    included, expired and snoozed ones left as they are."""
+    items = InboxItem.objects.filter(recipient_id=recipient_id, sort_at__lte=now)
+    items = items.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+    if tab.category:
+        items = items.filter(category=tab.category)
+    if tab.tag:
+        items = items.filter(tags__contains=[tab.tag])
+    return items
+
+
+def inbox_event_options_save(
+    *,
+    event_id: UUID,
+    tags: list[str],
+    severity: str,
+    group_key: str,
+    actor: str,
+    expires_at: datetime | None,
+) -> None:
+    """Keep what the producer said about an event's in-app items, when it said anything."""
+    if tags or severity or group_key or actor or expires_at:
+        InboxEventOptions.objects.create(
+            event_id=event_id, tags=tags, severity=severity, group_key=group_key, actor=actor, expires_at=expires_at
+        )
+
+
+def inbox_item_attributes(*, delivery_ids: list[UUID]) -> dict[UUID, dict[str, Any]]:
+    """Each delivery's item attributes from its event and category, in one query."""
+    event = "notification__event__"
+    rows = Delivery.objects.filter(id__in=delivery_ids).values(
+        "id",
+        f"{event}category__key",
+        f"{event}category__severity",
+        f"{event}inbox_options__tags",
+        f"{event}inbox_options__severity",
+        f"{event}inbox_options__group_key",
+        f"{event}inbox_options__actor",
+        f"{event}inbox_options__expires_at",
+    )
+    attributes = {}
+    for row in rows:
+        severity = row[f"{event}inbox_options__severity"] or row[f"{event}category__severity"] or Severity.MEDIUM
+        actor = row[f"{event}inbox_options__actor"] or ""
+        attributes[row["id"]] = {
+            "category": row[f"{event}category__key"],
+            "severity": SEVERITY_RANK[Severity(severity)],
+            "tags": row[f"{event}inbox_options__tags"] or [],
+            "group_key": row[f"{event}inbox_options__group_key"] or "",
+            "actors": [actor] if actor else [],
+            "expires_at": row[f"{event}inbox_options__expires_at"],
+        }
+    return attributes
+
+
+def inbox_groups_fold(*, items: Iterable[InboxItem]) -> None:
+    """Fold each open group the items joined into its newest item, which then carries the
+    group's count and latest actors. A group is open until it is read or archived."""
+    for recipient_id, group_key in sorted({(i.recipient_id, i.group_key) for i in items if i.group_key}):
+        with transaction.atomic():
+            # Two workers storing items of one group at once would each see the other's item
+            # missing; the lock serialises them per group.
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [f"{recipient_id}:{group_key}"])
+            group = InboxItem.objects.filter(
+                recipient_id=recipient_id, group_key=group_key, read_at__isnull=True, archived_at__isnull=True
+            )
+            members = list(group.order_by("-created_at", "-id").values("id", "actors")[:50])
+            if not members:
+                continue
+            actors: list[str] = []
+            for member in members:
+                actors += [actor for actor in member["actors"] if actor not in actors]
+            head = members[0]["id"]
+            group.filter(id=head).update(folded=False, group_count=group.count(), actors=actors[:GROUP_ACTORS_SHOWN])
+            group.exclude(id=head).filter(folded=False).update(folded=True)
+
+
+def inbox_profile(*, recipient_id: UUID) -> dict[str, str]:
+    """What the widget needs to know of its recipient: the locale for its strings, and a link
+    to their preference center."""
+    locale = Recipient.objects.filter(id=recipient_id).values_list("locale", flat=True).first() or ""
+    return {"locale": locale, "preferences_url": recipient_link(purpose=PREFERENCES, recipient_id=recipient_id)}

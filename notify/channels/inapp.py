@@ -4,8 +4,11 @@ the new counts pushed to them as soon as it is stored."""
 
 import time
 
+from django.utils import timezone
+
 from apps.inbox.live import inbox_items_added
 from apps.inbox.models import InboxItem
+from apps.inbox.services import inbox_groups_fold, inbox_item_attributes
 from apps.recipients.models import Recipient
 from notify.channels.base import Channel, OutboundMessage, SendOutcome, timed_outcome
 
@@ -18,6 +21,9 @@ class InAppChannel(Channel):
 
     def send_batch(self, *, messages: list[OutboundMessage]) -> list[SendOutcome]:
         started = time.perf_counter()
+        now = timezone.now()
+        delivery_ids = [message.delivery_id for message in messages]
+        attributes = inbox_item_attributes(delivery_ids=delivery_ids)
         # A re-send after a lost record finds the item there: one item per delivery.
         InboxItem.objects.bulk_create(
             [
@@ -28,6 +34,8 @@ class InAppChannel(Channel):
                     body=message.content.body,
                     link=message.content.link,
                     data=message.content.data,
+                    sort_at=now,
+                    **attributes.get(message.delivery_id, {}),
                 )
                 for message in messages
             ],
@@ -35,5 +43,8 @@ class InAppChannel(Channel):
         )
         outcomes = [timed_outcome(m, started, provider_status="inapp:stored") for m in messages]
         # Read back: with ignore_conflicts the objects above lack the ids of items stored before.
-        inbox_items_added(items=InboxItem.objects.filter(delivery_id__in=[m.delivery_id for m in messages]))
+        stored = list(InboxItem.objects.filter(delivery_id__in=delivery_ids))
+        inbox_groups_fold(items=stored)
+        # A grouped item is pushed as its group's newest item, with the group's count.
+        inbox_items_added(items=InboxItem.objects.filter(delivery_id__in=delivery_ids, folded=False))
         return outcomes

@@ -94,6 +94,11 @@ rate_limit_waits = PromCounter(
 rate_limit_wait_seconds = PromCounter(
     "notify_rate_limit_wait_seconds", "Seconds spent waiting for providers' rate limits.", ["provider", "channel"]
 )
+inbox_items_swept = PromCounter(
+    "notify_inbox_items_swept",
+    "Inbox items the sweeper brought back from a snooze (woken) or deleted after their expiry (purged).",
+    ["action"],
+)
 # Summed over the live web processes: a process that exits takes its sockets with it (its
 # file is removed as it exits, below; a pool child's by the worker_process_shutdown signal).
 websocket_connections = Gauge(
@@ -319,6 +324,15 @@ def rate_limit_wait_count(*, provider_name: str, channel: str, seconds: float) -
         provider = provider_label(provider_name=provider_name)
         rate_limit_waits.labels(provider, channel).inc()
         rate_limit_wait_seconds.labels(provider, channel).inc(seconds)
+
+
+def inbox_sweep_count(*, woken: int, purged: int) -> None:
+    """What one sweep did to inbox items."""
+    if ENABLED:
+        if woken:
+            inbox_items_swept.labels("woken").inc(woken)
+        if purged:
+            inbox_items_swept.labels("purged").inc(purged)
 
 
 def websocket_opened() -> None:

@@ -18,6 +18,7 @@ from uuid6 import uuid7
 
 from apps.catalog.models import Category, Priority
 from apps.deliveries.models import Event
+from apps.inbox.services import inbox_event_options_save
 from apps.recipients.models import Recipient
 from apps.tenants.encryption import content_seal
 from apps.tenants.models import ApiKey, Tenant
@@ -79,6 +80,12 @@ class EventRequest:
     send_at_local: LocalSendTime | None = None
     # The request body as the producer sent it, to recognise a reused idempotency key.
     body: dict[str, Any] = field(default_factory=dict)
+    # What its in-app items carry (apps/inbox).
+    inbox_tags: list[str] = field(default_factory=list)
+    inbox_severity: str = ""
+    inbox_group_key: str = ""
+    inbox_actor: str = ""
+    inbox_expires_at: datetime | None = None
 
 
 @dataclass
@@ -144,6 +151,14 @@ def events_ingest(
                     raise IdempotencyConflict(key=request.idempotency_key or "")
                 results.append(IngestResult(response=existing.response, replayed=True))
                 continue
+            inbox_event_options_save(
+                event_id=event.id,
+                tags=request.inbox_tags,
+                severity=request.inbox_severity,
+                group_key=request.inbox_group_key,
+                actor=request.inbox_actor,
+                expires_at=request.inbox_expires_at,
+            )
             recipients = _recipients_upsert(tenant=tenant, refs=request.recipients, field_prefix=prefix)
             category = categories[request.category_key]
             digest_ids: list[str] = []

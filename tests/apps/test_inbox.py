@@ -59,21 +59,21 @@ def test_an_inapp_delivery_becomes_an_inbox_item(workspace, browser):
 def test_counts_marks_and_read_all(workspace, browser):
     for text in ("one", "two", "three"):
         notify(workspace, text=text)
-    assert browser.get("/inbox/v1/counts").json() == {"unread": 3, "unseen": 3}
+    assert browser.get("/inbox/v1/counts").json() == {"unread": 3, "unseen": 3, "limit": 99, "severity": "medium"}
     newest, middle, oldest = browser.get("/inbox/v1/items").json()["results"]
     assert (newest["body"], oldest["body"]) == ("three", "one")
 
     assert browser.post(f"/inbox/v1/items/{oldest['id']}/seen").json()["seen"] is True
     read = browser.post(f"/inbox/v1/items/{middle['id']}/read").json()
     assert read["read"] and read["seen"]
-    assert browser.get("/inbox/v1/counts").json() == {"unread": 2, "unseen": 1}
+    assert browser.get("/inbox/v1/counts").json() == {"unread": 2, "unseen": 1, "limit": 99, "severity": "medium"}
 
     browser.post(f"/inbox/v1/items/{newest['id']}/archive")
     assert [i["body"] for i in browser.get("/inbox/v1/items").json()["results"]] == ["two", "one"]
     assert [i["body"] for i in browser.get("/inbox/v1/items", {"archived": "true"}).json()["results"]] == ["three"]
 
     assert browser.post("/inbox/v1/items/read-all").json() == {"updated": 2}  # archived ones too
-    assert browser.get("/inbox/v1/counts").json() == {"unread": 0, "unseen": 0}
+    assert browser.get("/inbox/v1/counts").json() == {"unread": 0, "unseen": 0, "limit": 99, "severity": None}
 
 
 def test_the_inbox_is_paged_by_cursor(workspace, browser):

@@ -107,14 +107,20 @@ def test_a_new_item_and_the_new_counts_reach_every_open_tab(workspace, ada):
         tabs = [await connect(token), await connect(token)]
         bobs_tab = await connect(recipient_token_issue(purpose=INBOX, recipient_id=other.id))
         for tab in [*tabs, bobs_tab]:
-            assert await receive(tab) == {"type": "hello", "counts": {"unread": 0, "unseen": 0}}
+            assert await receive(tab) == {
+                "type": "hello",
+                "counts": {"unread": 0, "unseen": 0, "limit": 99, "severity": None},
+            }
         item_id = await sync_to_async(lambda: notify(workspace, text="ping me").inbox_item.id)()
         for tab in tabs:
             item = await receive(tab)
             assert item["type"] == "item"
             assert (item["item"]["title"], item["item"]["body"]) == ("Bo mentioned you", "ping me")
             assert item["item"]["id"] == str(item_id)
-            assert await receive(tab) == {"type": "counts", "counts": {"unread": 1, "unseen": 1}}
+            assert await receive(tab) == {
+                "type": "counts",
+                "counts": {"unread": 1, "unseen": 1, "limit": 99, "severity": "medium"},
+            }
         assert await bobs_tab.receive_nothing(timeout=0.3)
         for tab in [*tabs, bobs_tab]:
             await tab.disconnect()
@@ -130,17 +136,23 @@ def test_marking_an_item_read_in_one_tab_updates_the_others(workspace, ada):
 
     async def scenario() -> None:
         tab = await connect(token)
-        assert (await receive(tab))["counts"] == {"unread": 1, "unseen": 1}
+        assert (await receive(tab))["counts"] == {"unread": 1, "unseen": 1, "limit": 99, "severity": "medium"}
         response = await sync_to_async(browser.post)(f"/inbox/v1/items/{item_id}/read")
         assert response.status_code == 200
         updated = await receive(tab)
         assert (updated["type"], updated["item"]["read"]) == ("item_updated", True)
-        assert await receive(tab) == {"type": "counts", "counts": {"unread": 0, "unseen": 0}}
+        assert await receive(tab) == {
+            "type": "counts",
+            "counts": {"unread": 0, "unseen": 0, "limit": 99, "severity": None},
+        }
         await sync_to_async(notify)(workspace, text="second")
         assert (await receive(tab))["type"] == "item"
-        assert (await receive(tab))["counts"] == {"unread": 1, "unseen": 1}
+        assert (await receive(tab))["counts"] == {"unread": 1, "unseen": 1, "limit": 99, "severity": "medium"}
         await sync_to_async(browser.post)("/inbox/v1/items/read-all")
-        assert await receive(tab) == {"type": "counts", "counts": {"unread": 0, "unseen": 0}}
+        assert await receive(tab) == {
+            "type": "counts",
+            "counts": {"unread": 0, "unseen": 0, "limit": 99, "severity": None},
+        }
         await tab.disconnect()
 
     run(scenario)
@@ -153,7 +165,7 @@ def test_a_reconnecting_client_catches_up_on_what_it_missed(workspace, ada):
 
     async def scenario() -> None:
         tab = await connect(token, after=str(held.id))
-        assert (await receive(tab))["counts"] == {"unread": 4, "unseen": 4}
+        assert (await receive(tab))["counts"] == {"unread": 4, "unseen": 4, "limit": 99, "severity": "medium"}
         catch_up = await receive(tab)
         assert catch_up["type"] == "catch_up"
         assert [i["id"] for i in catch_up["items"]] == [str(i.id) for i in missed]
@@ -227,7 +239,10 @@ def test_the_token_as_a_subprotocol_opens_the_inbox_and_the_server_answers_with_
             application, f"/inbox/v1/ws?after={held.id}", subprotocols=[SUBPROTOCOL, as_subprotocol(token)]
         )
         assert await tab.connect(timeout=TIMEOUT) == (True, SUBPROTOCOL)  # browsers insist on one
-        assert await receive(tab) == {"type": "hello", "counts": {"unread": 2, "unseen": 2}}
+        assert await receive(tab) == {
+            "type": "hello",
+            "counts": {"unread": 2, "unseen": 2, "limit": 99, "severity": "medium"},
+        }
         catch_up = await receive(tab)
         assert [item["id"] for item in catch_up["items"]] == [str(missed.id)]
         await tab.disconnect()

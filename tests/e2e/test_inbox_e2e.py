@@ -10,8 +10,10 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from apps.inbox.consumers import CLOSE_TOO_MANY_SOCKETS, SUBPROTOCOL
+from apps.recipients.models import Recipient
 from apps.recipients.tokens import INBOX, recipient_token_issue
 from apps.tenants.demo import demo_workspace_ensure
 from tests.apps.test_inbox_live import as_subprotocol
@@ -123,18 +126,24 @@ def test_an_event_reaches_a_connected_client_and_a_missed_one_arrives_on_reconne
 
     with connect(socket_url) as socket:
         authenticated(socket, token)
-        assert next_message(socket) == {"type": "hello", "counts": {"unread": 0, "unseen": 0}}
+        assert next_message(socket) == {
+            "type": "hello",
+            "counts": {"unread": 0, "unseen": 0, "limit": 99, "severity": None},
+        }
         producer.mention(text="live")
         item = next_message(socket)
         assert (item["type"], item["item"]["body"]) == ("item", "live")
-        assert next_message(socket) == {"type": "counts", "counts": {"unread": 1, "unseen": 1}}
+        assert next_message(socket) == {
+            "type": "counts",
+            "counts": {"unread": 1, "unseen": 1, "limit": 99, "severity": "medium"},
+        }
     held = item["item"]["id"]
 
     missed = producer.mention(text="while away")
     wait_for(lambda: producer.status(missed) == "sent", timeout=30, what="the missed item to be stored")
     with connect(f"{socket_url}?after={held}") as socket:
         authenticated(socket, token)
-        assert next_message(socket)["counts"] == {"unread": 2, "unseen": 2}
+        assert next_message(socket)["counts"] == {"unread": 2, "unseen": 2, "limit": 99, "severity": "medium"}
         catch_up = next_message(socket)
         assert catch_up["type"] == "catch_up"
         assert [i["body"] for i in catch_up["items"]] == ["while away"]
@@ -163,7 +172,8 @@ def test_the_widget_shows_a_new_notification_without_a_reload_and_marks_it_read(
 
             reader, other = tabs
             # The widget styles itself: its list drops down over the page.
-            assert reader.evaluate("getComputedStyle(document.querySelector('.ntf-panel')).position") == "absolute"
+            panel = "document.querySelector('notify-inbox').shadowRoot.querySelector('.ntf-panel')"
+            assert reader.evaluate(f"getComputedStyle({panel}).position") == "absolute"
             reader.get_by_role("button", name="Notifications, 1 unread").click()
             item = reader.locator(".ntf-item", has_text="Can you review the launch plan?")
             expect(item).to_have_class("ntf-item ntf-unread")
@@ -276,5 +286,118 @@ def test_the_widget_gets_a_fresh_token_when_its_socket_closes_at_expiry(serve, w
             Producer(base_url=server.url, api_key=demo_api_key).mention(text="after the first token")
             expect(tab.locator(".ntf-badge")).to_have_text("1")
             expect(tab.locator(".ntf-status")).to_be_hidden()
+        finally:
+            browser.close()
+
+
+def test_the_inbox_element_severity_tabs_groups_expiry_snooze_bounded_badge_and_keyboard(serve, workers):
+    """One page of the demo, the <notify-inbox> element in headless Chromium, driven through
+    each feature: the badge takes the highest unread severity's colour, a tag's tab shows its
+    items and count, a group shows as one item with its count, an announcement vanishes when
+    it expires, a snoozed item comes back when its time comes, the badge stops at 99+, and
+    the whole thing works from the keyboard."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from apps.inbox.live import inbox_snoozes_return
+
+    demo_api_key = "ntf_demo_0123456789abcdefTEST"
+    demo_workspace_ensure(api_key=demo_api_key)
+    Recipient.objects.filter(tenant__slug="demo", external_id="ada").update(locale="de-AT")
+    server = serve(DJANGO_DEBUG="1")
+    workers.start("normal")
+    producer = Producer(base_url=server.url, api_key=demo_api_key)
+    token = producer.post("inbox-tokens", {"recipient": "ada"})["token"]
+
+    def snoozes_return() -> int:
+        try:
+            return inbox_snoozes_return(now=datetime.now(UTC))
+        finally:
+            connections.close_all()
+
+    def event(text: str, **fields: Any) -> None:
+        producer.post("events", {"category": "mention", "recipient": "ada", "data": {"text": text}, **fields})
+
+    with sync_playwright() as playwright:
+        browser = chromium_launch(playwright)
+        try:
+            page = browser.new_page()  # in English: the strings follow the recipient's locale
+            page.goto(f"{server.url}/demo/inbox/")
+            expect(page.locator("#inbox[data-connected=true]")).to_be_attached()
+            badge, bell = page.locator(".ntf-badge"), page.locator(".ntf-bell")
+
+            event("Disk full", severity="high", tags=["ops"])
+            for who in ("Ann", "Bo", "Cy"):
+                event(f"{who} commented", group_key="launch-plan", actor=who)
+            expires_at = datetime.now(UTC) + timedelta(seconds=8)
+            event("Maintenance tonight", expires_at=expires_at.isoformat())
+            expect(badge).to_have_text("3")
+            expect(badge).to_have_attribute("data-severity", "high")
+            # In the recipient's locale (de-AT: the German strings).
+            expect(bell).to_have_attribute("aria-label", "Benachrichtigungen, 3 ungelesen")
+            expect(page.locator(".ntf-live")).to_have_text("Neue Benachrichtigung: Someone mentioned you")
+
+            # Keyboard: open from the bell, focus lands on the first item, arrows move, Escape
+            # closes and gives focus back to the bell.
+            bell.focus()
+            page.keyboard.press("Enter")
+            focused = "document.querySelector('notify-inbox').shadowRoot.activeElement"
+            expect(page.locator(".ntf-panel")).to_be_visible()
+            assert page.evaluate(f"{focused}.className").startswith("ntf-item")
+            first = page.evaluate(f"{focused}.dataset.id")
+            page.keyboard.press("ArrowDown")
+            assert page.evaluate(f"{focused}.dataset.id") != first
+            page.keyboard.press("Escape")
+            expect(page.locator(".ntf-panel")).to_be_hidden()
+            assert page.evaluate(f"{focused}.className") == "ntf-bell"
+            page.keyboard.press("Enter")
+
+            grouped = page.locator(".ntf-item", has_text="Cy commented")
+            expect(grouped.locator(".ntf-group")).to_have_text("3 neue · Cy, Bo, Ann")
+            expect(page.locator(".ntf-item", has_text="Ann commented")).to_have_count(0)
+
+            # The announcement vanishes at its expiry, without a reload.
+            expect(page.locator(".ntf-item", has_text="Maintenance tonight")).to_have_count(0, timeout=15000)
+
+            # Tabs, by keyboard: right arrow from the selected tab to "Ungelesen", then "Ops".
+            page.locator(".ntf-tab[aria-selected=true]").focus()
+            page.keyboard.press("ArrowRight")
+            page.keyboard.press("ArrowRight")
+            expect(page.locator(".ntf-tab[aria-selected=true]")).to_have_text("Ops1")
+            expect(page.locator(".ntf-item")).to_have_count(1)
+            expect(page.locator(".ntf-item")).to_contain_text("Disk full")
+            page.keyboard.press("ArrowLeft")
+            page.keyboard.press("ArrowLeft")
+
+            # Snoozed (through the API, for seconds): gone at once, back when its time comes.
+            disk = page.locator(".ntf-item", has_text="Disk full")
+            item_id = disk.get_attribute("data-id")
+            until = datetime.now(UTC) + timedelta(seconds=3)
+            snoozed = requests.post(
+                f"{server.url}/inbox/v1/items/{item_id}/snooze",
+                json={"until": until.isoformat()},
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=10,
+            )
+            assert snoozed.status_code == 200, snoozed.text
+            expect(disk).to_have_count(0)
+            expect(badge).to_have_attribute("data-severity", "medium")
+            wait_for(lambda: datetime.now(UTC) > until, what="the snooze to end")
+            # What the sweeper does, on a thread: Playwright's loop runs on this one.
+            assert ThreadPoolExecutor(1).submit(snoozes_return).result() == 1
+            expect(disk).to_have_count(1)
+            expect(badge).to_have_attribute("data-severity", "high")
+
+            # Reading the group from the keyboard reads it (Enter on the focused item).
+            grouped.focus()
+            page.keyboard.press("Enter")
+            expect(badge).to_have_text("1")
+
+            # Past the limit, the badge says so.
+            producer.post(
+                "events/batch",
+                {"events": [{"category": "mention", "recipient": "ada", "data": {"text": str(n)}} for n in range(99)]},
+            )
+            expect(badge).to_have_text("99+", timeout=30000)
+            expect(bell).to_have_attribute("aria-label", "Benachrichtigungen, 99+ ungelesen")
         finally:
             browser.close()
