@@ -227,6 +227,25 @@ def alert_webhook_check(**_: Any) -> list[CheckMessage]:
     )
 
 
+@register(TAG)
+def erasure_hash_key_check(**_: Any) -> list[CheckMessage]:
+    """Erased addresses are kept only as a keyed hash; the key must be the operator's own."""
+    if settings.DEBUG or len(settings.NOTIFY_ERASURE_HASH_KEY) >= 32:
+        return []
+    return _errors(
+        [
+            (
+                "E009",
+                OUTSIDE_DEBUG + "NOTIFY_ERASURE_HASH_KEY must be set (32 characters or more): an erased "
+                "person's suppressed addresses are kept as a keyed hash made with it.",
+                "Set NOTIFY_ERASURE_HASH_KEY to a long random value, e.g. from "
+                "python -c 'import secrets; print(secrets.token_urlsafe(50))', and keep it: a new key "
+                "forgets the erased addresses that were suppressed.",
+            )
+        ]
+    )
+
+
 def configuration_verify() -> None:
     """Exit with the checks' messages when any fails: for processes that Django's management
     commands do not start (the ASGI and WSGI servers, Celery workers and beat)."""
