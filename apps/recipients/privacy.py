@@ -6,7 +6,10 @@ what is personal through and through (devices, subscriptions, preferences, conse
 memberships, inbox items, open digests). The recipient row stays as a tombstone with its
 external id, the tenant's own pseudonymous key, so that a second erase answers the same.
 Suppressed addresses are replaced by a keyed hash (HMAC-SHA256 with NOTIFY_ERASURE_HASH_KEY):
-the address is gone, yet an event that brings it back is still suppressed."""
+the address is gone, yet an event that brings it back is still suppressed. A person who had
+unsubscribed on a channel (withdrawn consent, the channel or any category switched off) has
+their address on it suppressed first: their preferences are erased with them, and a person who
+asked for less must not get more once nobody remembers the asking."""
 
 import hashlib
 import hmac
@@ -121,6 +124,7 @@ def recipient_erase(*, recipient: Recipient) -> Erasure:
         # The row lock orders an erase after an event that is upserting this recipient.
         recipient = Recipient.objects.select_for_update().get(pk=recipient.pk)
         counts: dict[str, int] = {}
+        counts["unsubscribes_kept"] = _unsubscribes_suppress(recipient=recipient)
         suppressions = Suppression.objects.filter(tenant_id=recipient.tenant_id, address__in=_addresses(recipient))
         hashed = 0
         for suppression in suppressions:
@@ -168,6 +172,31 @@ def recipient_erase(*, recipient: Recipient) -> Erasure:
         if any(counts.values()):
             _audit_erasure(recipient=recipient, counts=counts)
     return Erasure(recipient=recipient, erased_at=erased_at, counts=counts)
+
+
+def _unsubscribes_suppress(*, recipient: Recipient) -> int:
+    """Suppress the person's address on each channel they unsubscribed from; how many were new."""
+    from apps.recipients.services import consents_current
+    from notify.policy.suppression import suppression_add
+
+    preferences = PreferenceSet.objects.filter(recipient=recipient).first()
+    unsubscribed = {channel for channel, consent in consents_current(recipient=recipient).items() if not consent.granted}
+    if preferences is not None:
+        unsubscribed |= {channel for channel, on in preferences.channels.items() if on is False}
+        for switches in preferences.categories.values():
+            unsubscribed |= {channel for channel, on in switches.items() if on is False}
+    added = 0
+    for channel, field in RECIPIENT_CHANNELS.items():
+        address = getattr(recipient, field)
+        if channel in unsubscribed and address:
+            added += suppression_add(
+                tenant_id=recipient.tenant_id,
+                channel=channel,
+                address=address,
+                reason="unsubscribed, then erased",
+                source="erasure",
+            )
+    return added
 
 
 def _audit_erasure(*, recipient: Recipient, counts: dict[str, int]) -> None:
