@@ -180,7 +180,9 @@ def _unsubscribes_suppress(*, recipient: Recipient) -> int:
     from notify.policy.suppression import suppression_add
 
     preferences = PreferenceSet.objects.filter(recipient=recipient).first()
-    unsubscribed = {channel for channel, consent in consents_current(recipient=recipient).items() if not consent.granted}
+    unsubscribed = {
+        channel for channel, consent in consents_current(recipient=recipient).items() if not consent.granted
+    }
     if preferences is not None:
         unsubscribed |= {channel for channel, on in preferences.channels.items() if on is False}
         for switches in preferences.categories.values():

@@ -49,7 +49,9 @@ def test_admin_changes_are_recorded_with_the_staff_user_and_a_redacted_diff(ops,
 def test_api_changes_are_recorded_with_the_key_and_a_field_diff(api, workspace):
     api.post("/api/v1/recipients", {"external_id": "ada", "email": "ada@example.com"}, format="json")
     assert api.put("/api/v1/recipients/ada/preferences", {"channels": {"sms": False}}, format="json").status_code == 200
-    assert api.patch("/api/v1/recipients/ada/preferences", {"channels": {"sms": True}}, format="json").status_code == 200
+    assert (
+        api.patch("/api/v1/recipients/ada/preferences", {"channels": {"sms": True}}, format="json").status_code == 200
+    )
 
     # The PUT creates the row with its defaults, then sets it: two entries; the PATCH one.
     created, put, updated = entries(object_type="recipients.PreferenceSet")

@@ -95,7 +95,15 @@ def rows_mentioning(text: str) -> list[str]:
     found = []
     with connection.cursor() as cursor:
         for model in apps.get_models():
-            if model._meta.app_label not in {"tenants", "catalog", "recipients", "deliveries", "inbox", "audiences", "ops"}:
+            if model._meta.app_label not in {
+                "tenants",
+                "catalog",
+                "recipients",
+                "deliveries",
+                "inbox",
+                "audiences",
+                "ops",
+            }:
                 continue
             table = connection.ops.quote_name(model._meta.db_table)
             cursor.execute(f"SELECT count(*) FROM {table} t WHERE lower(t::text) LIKE %s", [f"%{text.lower()}%"])
@@ -119,7 +127,10 @@ def test_erase_leaves_no_personal_data_and_is_idempotent(api, ada, workspace):
     # The counts stay: the deliveries remain, with their states, without personal data.
     assert set(Delivery.objects.filter(notification__recipient=ada).values_list("id", flat=True)) == delivery_ids
     assert Event.objects.filter(notifications__recipient=ada).values_list("data", flat=True)[0] == {}
-    assert set(Suppression.objects.filter(tenant=workspace.tenant).values_list("channel", flat=True)) == {"email", "sms"}
+    assert set(Suppression.objects.filter(tenant=workspace.tenant).values_list("channel", flat=True)) == {
+        "email",
+        "sms",
+    }
     assert all(a.startswith(HASHED_ADDRESS_PREFIX) for a in Suppression.objects.values_list("address", flat=True))
     [erasure] = AuditEntry.objects.filter(action="erase")
     assert erasure.object_id == "ada" and erasure.actor_type == "api_key"
