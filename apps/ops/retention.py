@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from uuid import UUID
 
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, connection, models, transaction
 
 from apps.deliveries.models import (
     DeadLetter,
@@ -102,7 +102,7 @@ def _tenant_purge(*, tenant_id: UUID, cutoff: datetime, deadline: float, report:
     return False
 
 
-def _table(model: type) -> str:
+def _table(model: type[models.Model]) -> str:
     return connection.ops.quote_name(model._meta.db_table)
 
 

@@ -57,7 +57,9 @@ class AuditedActionsAdmin(admin.ModelAdmin):
     """Records each admin action run on rows in the audit log: actions change rows in bulk,
     which sends no model signals (deletions are recorded row by row by the signals)."""
 
-    def response_action(self, request: HttpRequest, queryset: QuerySet) -> HttpResponse | None:
+    def response_action(
+        self, request: HttpRequest, queryset: QuerySet, *args: Any, **kwargs: Any
+    ) -> HttpResponse | None:
         from django.contrib.admin import helpers
 
         from apps.ops.audit import audit_admin_action
@@ -68,7 +70,7 @@ class AuditedActionsAdmin(admin.ModelAdmin):
         if request.POST.get("select_across") != "1":
             queryset = queryset.filter(pk__in=request.POST.getlist(helpers.ACTION_CHECKBOX_NAME))
         selected = list(queryset) if action and action != "delete_selected" else []
-        response = super().response_action(request, queryset)
+        response = super().response_action(request, queryset, *args, **kwargs)
         if response is not None and selected and action in self.get_actions(request):
             audit_admin_action(request=request, action=action, objects=selected)
         return response
