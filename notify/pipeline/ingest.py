@@ -20,8 +20,8 @@ from apps.catalog.models import Category, Priority
 from apps.deliveries.models import Event
 from apps.recipients.models import Recipient
 from apps.tenants.models import ApiKey, Tenant
-from notify.observability.tracing import event_origin, ingest_span_annotate
 from notify.observability import metrics
+from notify.observability.tracing import event_origin, ingest_span_annotate
 from notify.pipeline.bulk import retry_lock_conflicts
 from notify.pipeline.digest import digest_collect
 from notify.pipeline.plan import LocalSendTime, PlanError, notifications_plan, plan_save

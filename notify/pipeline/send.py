@@ -21,8 +21,8 @@ from apps.recipients.tokens import email_links
 from apps.tenants.models import Tenant
 from notify.channels import channel_for_provider, channel_get
 from notify.channels.base import OutboundMessage, RenderedContent, SendOutcome
-from notify.observability.tracing import send_span_annotate
 from notify.observability import metrics
+from notify.observability.tracing import send_span_annotate
 from notify.pipeline.bulk import PrimaryKeyPath, retry_lock_conflicts
 from notify.pipeline.dispatch import holds_read
 from notify.pipeline.plan import content_render, variant_mentions_recipient, variant_resolve

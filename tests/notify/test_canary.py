@@ -23,8 +23,8 @@ from notify.observability.canary import (
     canary_runs_settle,
     canary_tick,
 )
-from notify.sandbox.client import browser_subscription_keys
 from notify.observability.gauges import gauges_compute
+from notify.sandbox.client import browser_subscription_keys
 from tests.helpers import metric_value, metrics_scrape, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent.parent
