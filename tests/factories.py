@@ -21,6 +21,8 @@ from apps.deliveries.models import (
     RecurringSend,
 )
 from apps.inbox.models import InboxItem
+from apps.ops.audit import Actor, audit_record
+from apps.ops.models import RetentionPolicy
 from apps.recipients.models import (
     Consent,
     Device,
@@ -30,8 +32,6 @@ from apps.recipients.models import (
     Suppression,
     WebPushSubscription,
 )
-from apps.ops.audit import Actor, audit_record
-from apps.ops.models import RetentionPolicy
 from apps.tenants.models import ALL_SCOPES, ApiKey, StaffMembership, Tenant
 from notify.pipeline.recurring import recurring_send_save
 
