@@ -12,7 +12,7 @@ every row first."""
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 from django.conf import settings
@@ -73,14 +73,15 @@ def retention_purge(*, now: datetime, deadline: float | None = None) -> PurgeRep
 
 
 def _tenant_purge(*, tenant_id: UUID, cutoff: datetime, deadline: float, report: PurgeReport) -> bool:
-    after = UUID(int=0)
+    after: tuple[datetime, UUID] = (datetime.min.replace(tzinfo=UTC), UUID(int=0))
     while True:
         if time.monotonic() > deadline:
             return False
-        ids = _notifications_expired(tenant_id=tenant_id, cutoff=cutoff, after=after)
-        if not ids:
+        expired = _notifications_expired(tenant_id=tenant_id, cutoff=cutoff, after=after)
+        if not expired:
             break
-        after = ids[-1]  # in-flight ones left behind are not looked at again this run
+        after = expired[-1]  # in-flight ones left behind are not looked at again this run
+        ids = [notification_id for _, notification_id in expired]
         try:
             _notifications_delete(ids=ids, report=report)
         except DatabaseError as error:  # the lock timeout: someone holds these rows, try later
@@ -106,24 +107,21 @@ def _table(model: type[models.Model]) -> str:
     return connection.ops.quote_name(model._meta.db_table)
 
 
-def _notifications_expired(*, tenant_id: UUID, cutoff: datetime, after: UUID) -> list[UUID]:
-    # Notification ids are time-ordered (UUIDv7), so walking them by id walks them by age.
+def _notifications_expired(
+    *, tenant_id: UUID, cutoff: datetime, after: tuple[datetime, UUID]
+) -> list[tuple[datetime, UUID]]:
+    # Oldest first from a (created_at, id) cursor: each batch is a short range scan of the
+    # (tenant, created_at) index, however many expired rows lie beyond it.
     with connection.cursor() as cursor:
         cursor.execute(
-            f"""SELECT n.id FROM {_table(Notification)} n
-            WHERE n.tenant_id = %s AND n.created_at < %s AND n.id > %s
+            f"""SELECT n.created_at, n.id FROM {_table(Notification)} n
+            WHERE n.tenant_id = %s AND n.created_at < %s AND n.created_at >= %s AND (n.created_at, n.id) > (%s, %s)
               AND NOT EXISTS (SELECT 1 FROM {_table(Delivery)} d
                               WHERE d.notification_id = n.id AND d.status = ANY(%s))
-            ORDER BY n.id LIMIT %s""",
-            [
-                tenant_id,
-                cutoff,
-                after,
-                list(PENDING_STATUSES),
-                settings.NOTIFY_RETENTION_BATCH,
-            ],
+            ORDER BY n.created_at, n.id LIMIT %s""",
+            [tenant_id, cutoff, after[0], after[0], after[1], list(PENDING_STATUSES), settings.NOTIFY_RETENTION_BATCH],
         )
-        return [row[0] for row in cursor.fetchall()]
+        return [(row[0], row[1]) for row in cursor.fetchall()]
 
 
 def _notifications_delete(*, ids: list[UUID], report: PurgeReport) -> None:
