@@ -168,11 +168,22 @@ def _secret(name: str) -> bool:
 
 
 def _field_values(*, instance: models.Model) -> dict[str, Any]:
-    values = {}
-    for field in instance._meta.concrete_fields:
-        value = field.value_from_object(instance)
-        values[field.attname] = REDACTED if _secret(field.name) and value not in ("", None) else _canonical(value)
-    return values
+    return {field.attname: _canonical(field.value_from_object(instance)) for field in instance._meta.concrete_fields}
+
+
+def _redacted(*, name: str, value: Any) -> Any:
+    # A secret's change is shown (that it changed), never its value.
+    return REDACTED if _secret(name) and value not in ("", None) else value
+
+
+def _diff(*, before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, list[Any]]:
+    names = list((after or before or {}).keys())
+    changes = {}
+    for name in names:
+        old, new = (before or {}).get(name), (after or {}).get(name)
+        if before is None or after is None or old != new:
+            changes[name] = [_redacted(name=name, value=old), _redacted(name=name, value=new)]
+    return changes
 
 
 def _tenant_id(*, instance: models.Model, path: str | None) -> UUID | None:
@@ -200,12 +211,7 @@ def _after_save(sender: type[models.Model], instance: models.Model, created: boo
     if actor is None:
         return
     before = None if created else getattr(instance, "_audit_before", None)
-    after = _field_values(instance=instance)
-    changes = {
-        name: [before.get(name) if before else None, value]
-        for name, value in after.items()
-        if before is None or before.get(name) != value
-    }
+    changes = _diff(before=before, after=_field_values(instance=instance))
     if not changes:
         return
     audit_record(
@@ -234,7 +240,7 @@ def _after_delete(sender: type[models.Model], instance: models.Model, **kwargs: 
         action="delete",
         object_type=_label(instance),
         object_id=str(instance.pk),
-        changes={name: [value, None] for name, value in _field_values(instance=instance).items()},
+        changes=_diff(before=_field_values(instance=instance), after=None),
     )
 
 

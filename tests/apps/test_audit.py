@@ -64,6 +64,15 @@ def test_api_changes_are_recorded_with_the_key_and_a_field_diff(api, workspace):
     assert set(updated.changes) <= {"channels", "updated_at"}
 
 
+def test_a_key_rotating_itself_is_recorded_without_its_digests(api, workspace):
+    old_digest = workspace.api_key.digest
+    assert api.post("/api/v1/api-keys/self/rotate", {"grace_period_seconds": 60}, format="json").status_code == 201
+    [rotated] = entries(object_type="tenants.ApiKey")
+    assert rotated.action == "update" and rotated.actor_id == str(workspace.api_key.pk)
+    assert rotated.changes["digest"] == [REDACTED, REDACTED] and rotated.changes["previous_digest"] == ["", REDACTED]
+    assert old_digest not in str(rotated.changes)
+
+
 def test_changes_without_an_actor_are_not_audit_entries(workspace):
     # The pipeline's own writes (workers, beat) are its history, not the audit log.
     ApiKey.objects.filter(pk=workspace.api_key.pk).first().save()  # type: ignore[union-attr]
