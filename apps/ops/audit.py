@@ -6,7 +6,11 @@ key is that request's actor (DRF puts the key on the Django request as `auth`). 
 that change rows in bulk are recorded by the admin's shared bases (apps/tenants/admin_site.py),
 and services that change rows in bulk (erase, replay) call `audit_record` themselves. Changes
 made by workers and beat have no actor and are not audit entries: they are the pipeline's own
-history. Entries are chained by hash per tenant; `audit_chain_verify` walks a chain."""
+history. Entries are chained by hash per tenant; `audit_chain_verify` walks a chain.
+
+Hand-written rather than django-auditlog or django-simple-history: neither chains entries by
+hash, and a chain needs every append to go through one function that holds the chain's lock;
+what they would add (signal wiring and a diff) is the few lines below."""
 
 import hashlib
 import json
