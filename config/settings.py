@@ -84,6 +84,8 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django_otp.middleware.OTPMiddleware",
+    # After authentication: audit entries name the request's staff user or API key.
+    "apps.ops.audit.AuditActorMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Last, as django-axes asks: it turns a locked-out login into its lockout response.
@@ -329,6 +331,30 @@ if NOTIFY_ALERT_INTERVAL_SECONDS:
         "task": "notify.alerts",
         "schedule": timedelta(seconds=NOTIFY_ALERT_INTERVAL_SECONDS),
         "options": {"queue": "maintenance", "expires": max(NOTIFY_ALERT_INTERVAL_SECONDS, 30.0)},
+    }
+
+# --- Compliance: audit log, data rights, retention (docs/compliance.md) --------------------
+# The key of the keyed hash (HMAC-SHA256) an erased person's suppressed addresses are kept as,
+# so that they stay suppressed. Required outside DEBUG; changing it forgets those addresses.
+NOTIFY_ERASURE_HASH_KEY = env("NOTIFY_ERASURE_HASH_KEY", default="") or (SECRET_KEY if DEBUG else "")
+# A person's export lists their newest notifications up to this many (the rest: the
+# notifications list, filtered by recipient, page by page).
+NOTIFY_EXPORT_MAX_NOTIFICATIONS = env.int("NOTIFY_EXPORT_MAX_NOTIFICATIONS", default=1000)
+# How many days a tenant's events, notifications, deliveries, history and inbox items are kept
+# when its retention policy says nothing; empty: forever.
+NOTIFY_RETENTION_DAYS = env.int("NOTIFY_RETENTION_DAYS", default=None)
+# The purge deletes this many notifications (with their deliveries and history) a transaction,
+# pausing this long between two, for at most the run's budget; the next run goes on.
+NOTIFY_RETENTION_BATCH = env.int("NOTIFY_RETENTION_BATCH", default=1000)
+NOTIFY_RETENTION_PAUSE_SECONDS = env.float("NOTIFY_RETENTION_PAUSE_SECONDS", default=0.2)
+NOTIFY_RETENTION_RUN_SECONDS = env.float("NOTIFY_RETENTION_RUN_SECONDS", default=240.0)
+# How often beat runs the purge. 0: never.
+NOTIFY_RETENTION_INTERVAL_SECONDS = env.float("NOTIFY_RETENTION_INTERVAL_SECONDS", default=300.0)
+if NOTIFY_RETENTION_INTERVAL_SECONDS:
+    CELERY_BEAT_SCHEDULE["notify-retention"] = {
+        "task": "notify.retention_purge",
+        "schedule": timedelta(seconds=NOTIFY_RETENTION_INTERVAL_SECONDS),
+        "options": {"queue": "maintenance", "expires": NOTIFY_RETENTION_INTERVAL_SECONDS},
     }
 
 # --- Delivery engine --------------------------------------------------------------------

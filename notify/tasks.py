@@ -88,6 +88,15 @@ def alerts_evaluate() -> dict[str, int]:
     return alerts.alerts_evaluate(now=timezone.now())
 
 
+@shared_task(name="notify.retention_purge")
+def retention_purge() -> dict[str, int]:
+    """Purge what each tenant's retention lets go, in small batches."""
+    from apps.ops.retention import retention_purge
+
+    report = retention_purge(now=timezone.now())
+    return {"notifications": report.notifications, "events": report.events, "unfinished": len(report.unfinished)}
+
+
 @shared_task(name="notify.metrics_gauges")
 def metrics_gauges() -> bool:
     """Compute the gauges that need the database into Redis, for /metrics to read."""

@@ -21,6 +21,8 @@ from apps.deliveries.models import (
     RecurringSend,
 )
 from apps.inbox.models import InboxItem
+from apps.ops.audit import Actor, audit_record
+from apps.ops.models import RetentionPolicy
 from apps.recipients.models import (
     Consent,
     Device,
@@ -246,8 +248,19 @@ def tenant_world(*, tag: str) -> TenantWorld:
         request_digest="0",
         state="paused",
     )
+    audit_entry = audit_record(
+        actor=Actor(type="staff", id=str(staff.pk), label=staff.username),
+        tenant_id=tenant.pk,
+        action="update",
+        object_type="catalog.Category",
+        object_id=f"{tag}-audited-object",
+        changes={"name": [None, f"{tag} audited name"]},
+    )
+    retention = RetentionPolicy.objects.create(tenant=tenant, retention_days=365)
     objects: list[models.Model] = [
         tenant,
+        audit_entry,
+        retention,
         api_key,
         provider,
         switch,
@@ -298,6 +311,7 @@ def tenant_world(*, tag: str) -> TenantWorld:
         provider.config["server_token"],
         switch.reason,
         recipient_import.source,
+        audit_entry.object_id,
         topic.key,
         topic.name,
         segment.key,

@@ -8,6 +8,7 @@ from rest_framework import serializers
 from apps.catalog.models import Category, Channel, Priority, Severity
 from apps.deliveries.models import Delivery, DeliveryEvent, Notification, RecurringSend
 from apps.deliveries.selectors import NOTIFICATION_STATUSES, notification_status
+from apps.inbox.serializers import InboxItemSerializer
 from apps.recipients.models import Consent, Device, PreferenceSet, Recipient, validate_timezone
 from notify.channels.sms import e164
 from notify.pipeline.ingest import EventRequest, RecipientRef
@@ -415,3 +416,34 @@ class RecurringSendSerializer(serializers.ModelSerializer):
     def validate_timezone(self, value: str) -> str:
         _check(validate_timezone, value)
         return value
+
+
+class SuppressionExportSerializer(serializers.Serializer):
+    channel = serializers.CharField()
+    address = serializers.CharField()
+    reason = serializers.CharField()
+    created_at = serializers.DateTimeField()
+
+
+class RecipientExportSerializer(serializers.Serializer):
+    """Everything held about a person (apps/recipients/privacy.py recipient_export)."""
+
+    recipient = RecipientSerializer()
+    devices = DeviceSerializer(many=True)
+    webpush_subscriptions = WebPushSubscriptionSerializer(many=True)
+    preferences = PreferencesSerializer(allow_null=True, help_text="Null when never set (the defaults apply).")
+    consents = ConsentSerializer(many=True, help_text="Every grant and withdrawal, oldest first.")
+    topics = serializers.ListField(child=serializers.CharField(), help_text="Keys of the topics subscribed to.")
+    notifications = NotificationDetailSerializer(
+        many=True, help_text="Newest first, with each delivery's full history; at most NOTIFY_EXPORT_MAX_NOTIFICATIONS."
+    )
+    notifications_truncated = serializers.BooleanField(
+        help_text="True when there are older notifications: list them with GET /notifications?recipient=."
+    )
+    inbox_items = InboxItemSerializer(many=True)
+    suppressions = SuppressionExportSerializer(many=True, help_text="Suppressions of the person's addresses.")
+
+
+class ErasureSerializer(serializers.Serializer):
+    external_id = serializers.CharField()
+    erased_at = serializers.DateTimeField(help_text="When the person's data was first erased.")

@@ -11,6 +11,8 @@ from apps.api.views import (
     InboxTokenView,
     NotificationViewSet,
     RecipientConsentsView,
+    RecipientEraseView,
+    RecipientExportView,
     RecipientPreferenceLinkView,
     RecipientPreferencesView,
     RecipientViewSet,
@@ -40,6 +42,8 @@ urlpatterns = [
     path("recipients/imports/<uuid:import_id>", RecipientImportDetailView.as_view(), name="recipient-import-detail"),
     path("recipients/<path:external_id>/preferences", RecipientPreferencesView.as_view(), name="preferences"),
     path("recipients/<path:external_id>/consents", RecipientConsentsView.as_view(), name="consents"),
+    path("recipients/<path:external_id>/export", RecipientExportView.as_view(), name="recipient-export"),
+    path("recipients/<path:external_id>/erase", RecipientEraseView.as_view(), name="recipient-erase"),
     path(
         "recipients/<path:external_id>/preference-link",
         RecipientPreferenceLinkView.as_view(),

@@ -23,6 +23,7 @@ from apps.api.serializers import (
     CancelResultSerializer,
     ConsentSerializer,
     DeviceSerializer,
+    ErasureSerializer,
     ErrorSerializer,
     EventAcceptedSerializer,
     EventBatchAcceptedSerializer,
@@ -31,6 +32,7 @@ from apps.api.serializers import (
     NotificationDetailSerializer,
     NotificationSerializer,
     PreferencesSerializer,
+    RecipientExportSerializer,
     RecipientFieldsSerializer,
     RecipientSerializer,
     RecurringSendSerializer,
@@ -40,6 +42,7 @@ from apps.api.serializers import (
 from apps.deliveries.models import DeliveryStatus, Notification, RecurringSend
 from apps.deliveries.selectors import notification_get, notifications_list, recurring_sends_list
 from apps.recipients.models import Device, Recipient, WebPushSubscription
+from apps.recipients.privacy import recipient_erase, recipient_export
 from apps.recipients.services import (
     consent_record,
     consents_current,
@@ -348,6 +351,46 @@ class RecipientConsentsView(RecipientScopedView):
         serializer.is_valid(raise_exception=True)
         consent = consent_record(recipient=recipient, **serializer.validated_data)
         return Response(ConsentSerializer(consent).data, status=status.HTTP_201_CREATED)
+
+
+class RecipientExportView(RecipientScopedView):
+    required_scopes = {"GET": Scope.RECIPIENTS_READ}
+
+    @extend_schema(
+        responses={200: RecipientExportSerializer},
+        summary="Everything held about a recipient (a data subject's copy of their data)",
+        description="Profile, devices, web push subscriptions, preferences, consents, topics, the newest "
+        "notifications with their deliveries and history (at most NOTIFY_EXPORT_MAX_NOTIFICATIONS; "
+        "`notifications_truncated` says whether there are more), inbox items and suppressions. A key "
+        "limited to categories gets only those categories' notifications.",
+    )
+    def get(self, request: Request, external_id: str) -> Response:
+        export = recipient_export(recipient=self.recipient(external_id), categories=api_key_of(request).categories)
+        return Response(RecipientExportSerializer(export).data)
+
+
+class RecipientEraseView(RecipientScopedView):
+    required_scopes = {"POST": Scope.RECIPIENTS_WRITE}
+
+    @extend_schema(
+        request=None,
+        responses={200: ErasureSerializer, 403: ErrorSerializer},
+        summary="Erase a recipient's personal data (idempotent)",
+        description="Deletes devices, subscriptions, preferences, consents, topic memberships and inbox "
+        "items; blanks the profile, the history's provider details and the data of events sent to "
+        "this recipient alone. Delivery rows stay, without personal data, for the counts. Suppressed "
+        "addresses are kept as a keyed hash, so they stay suppressed. A second call answers the same "
+        "and changes nothing. Needs a key that is not limited to categories.",
+    )
+    def post(self, request: Request, external_id: str) -> Response:
+        if api_key_of(request).categories:
+            return error_response(
+                status_code=status.HTTP_403_FORBIDDEN,
+                code="category_limited_key",
+                message="Erasing reaches every category: use a key that is not limited to categories.",
+            )
+        erasure = recipient_erase(recipient=self.recipient(external_id))
+        return Response(ErasureSerializer({"external_id": external_id, "erased_at": erasure.erased_at}).data)
 
 
 class RecipientPreferenceLinkView(RecipientScopedView):

@@ -277,6 +277,30 @@ def encryption_keys_check(**_: Any) -> list[CheckMessage]:
     return _errors(_encryption_findings())
 
 
+# The demo's, published in docker/demo.env: never a production key.
+PUBLISHED_ERASURE_HASH_KEYS = frozenset({"demo-only-insecure-erasure-hash-key"})
+
+
+@register(TAG)
+def erasure_hash_key_check(**_: Any) -> list[CheckMessage]:
+    """Erased addresses are kept only as a keyed hash; the key must be the operator's own."""
+    key = settings.NOTIFY_ERASURE_HASH_KEY
+    if settings.DEBUG or (len(key) >= 32 and key not in PUBLISHED_ERASURE_HASH_KEYS):
+        return []
+    return _errors(
+        [
+            (
+                "E011",
+                OUTSIDE_DEBUG + "NOTIFY_ERASURE_HASH_KEY must be a key of your own (32 characters or more): an erased "
+                "person's suppressed addresses are kept as a keyed hash made with it.",
+                "Set NOTIFY_ERASURE_HASH_KEY to a long random value, e.g. from "
+                "python -c 'import secrets; print(secrets.token_urlsafe(50))', and keep it: a new key "
+                "forgets the erased addresses that were suppressed.",
+            )
+        ]
+    )
+
+
 def configuration_verify() -> None:
     """Exit with the checks' messages when any fails: for processes that Django's management
     commands do not start (the ASGI and WSGI servers, Celery workers and beat)."""

@@ -126,3 +126,82 @@ class AlertFiring(models.Model):
 
     def __str__(self) -> str:
         return f"{self.rule.name} {self.subject}"
+
+
+# The chain key of changes that belong to no tenant (installation providers, kill switches).
+INSTALLATION_CHAIN = "installation"
+# prev_hash of a chain's first entry.
+GENESIS_HASH = "0" * 64
+
+
+class AuditEntry(models.Model):
+    """One change made through the admin or the API (apps/ops/audit.py). Entries are chained
+    by hash per tenant: `hash` is sha256(prev_hash + the entry's canonical JSON), so editing
+    or deleting a row breaks the chain at that point (`manage.py audit_verify`)."""
+
+    # The tenant's id, or INSTALLATION_CHAIN.
+    chain = models.CharField(max_length=64)
+    # Not a constraint: the log outlives a deleted tenant, and must never be cascaded away.
+    tenant = models.ForeignKey(
+        "tenants.Tenant",
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        null=True,
+        blank=True,
+        related_name="+",
+        db_index=False,  # indexed through audit_chain_order and audit_tenant_recent
+    )
+    created_at = models.DateTimeField()
+    actor_type = models.CharField(max_length=16, help_text="staff or api_key.")
+    actor_id = models.CharField(max_length=64)
+    actor_label = models.CharField(max_length=200)
+    action = models.CharField(
+        max_length=100,
+        help_text="create, update, delete, erase, or an admin action's name.",
+    )
+    object_type = models.CharField(max_length=100)
+    object_id = models.CharField(max_length=100)
+    changes = models.JSONField(default=dict, blank=True, help_text="Field: [before, after]; secrets redacted.")
+    prev_hash = models.CharField(max_length=64)
+    hash = models.CharField(max_length=64)
+
+    class Meta:
+        verbose_name_plural = "audit entries"
+        ordering = ["-id"]
+        indexes = [
+            models.Index(fields=["chain", "id"], name="audit_chain_order"),
+            models.Index(fields=["tenant", "-id"], name="audit_tenant_recent"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.object_type} {self.object_id} by {self.actor_label}"
+
+
+class AuditChainHead(models.Model):
+    """The newest hash and length of one chain. Appends lock this row (SELECT ... FOR UPDATE),
+    which serialises them per chain; verifying against it detects deleted trailing entries."""
+
+    chain = models.CharField(max_length=64, primary_key=True)
+    head_hash = models.CharField(max_length=64, default=GENESIS_HASH)
+    entries = models.PositiveBigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.chain}: {self.entries} entries"
+
+
+class RetentionPolicy(models.Model):
+    """How long a tenant's events, notifications, deliveries, history and inbox items are kept
+    (apps/ops/retention.py). A tenant without one keeps them NOTIFY_RETENTION_DAYS."""
+
+    tenant = models.OneToOneField("tenants.Tenant", on_delete=models.CASCADE, related_name="retention_policy")
+    retention_days = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Purge what is older than this many days; empty: keep forever.",
+    )
+
+    class Meta:
+        verbose_name_plural = "retention policies"
+
+    def __str__(self) -> str:
+        return f"{self.retention_days or 'forever'} days"

@@ -38,6 +38,9 @@ class Recipient(LeanLoading, models.Model):
     attributes = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+    # When the person's data was first erased (apps/recipients/privacy.py); the row stays as a
+    # tombstone, so that a second erase answers the same.
+    erased_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["tenant", "external_id"], name="recipient_external_id_unique")]

@@ -53,7 +53,30 @@ def tenant_rows(*, queryset: QuerySet, user: AbstractBaseUser | AnonymousUser, t
     return queryset.filter(**{tenant_path: tenant.pk})
 
 
-class TenantScopedAdmin(admin.ModelAdmin):
+class AuditedActionsAdmin(admin.ModelAdmin):
+    """Records each admin action run on rows in the audit log: actions change rows in bulk,
+    which sends no model signals (deletions are recorded row by row by the signals)."""
+
+    def response_action(
+        self, request: HttpRequest, queryset: QuerySet, *args: Any, **kwargs: Any
+    ) -> HttpResponse | None:
+        from django.contrib.admin import helpers
+
+        from apps.ops.audit import audit_admin_action
+
+        actions = request.POST.getlist("action")
+        index = request.POST.get("index", "0")
+        action = actions[int(index)] if index.isdigit() and int(index) < len(actions) else ""
+        if request.POST.get("select_across") != "1":
+            queryset = queryset.filter(pk__in=request.POST.getlist(helpers.ACTION_CHECKBOX_NAME))
+        selected = list(queryset) if action and action != "delete_selected" else []
+        response = super().response_action(request, queryset, *args, **kwargs)
+        if response is not None and selected and action in self.get_actions(request):
+            audit_admin_action(request=request, action=action, objects=selected)
+        return response
+
+
+class TenantScopedAdmin(AuditedActionsAdmin):
     """Admin of tenant-owned rows. `tenant_path` leads from a row to its tenant's key."""
 
     tenant_path = "tenant"
@@ -124,7 +147,7 @@ def related_choices(*, site: admin.AdminSite, model: type[models.Model], request
     return model._default_manager.none()
 
 
-class SuperuserOnlyAdmin(admin.ModelAdmin):
+class SuperuserOnlyAdmin(AuditedActionsAdmin):
     """Admin that only superusers may use; see admins_undeclared_restrict."""
 
     def has_module_permission(self, request: HttpRequest) -> bool:

@@ -21,6 +21,7 @@ from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
 from apps.recipients.models import Recipient, Suppression
+from apps.recipients.privacy import address_hashed
 from apps.tenants.models import Tenant
 from notify.channels.base import (
     Channel,
@@ -272,7 +273,9 @@ def sms_inbound(*, path: str, params: Mapping[str, str], signature: str) -> str:
             ignore_conflicts=True,
         )
         return "opted-out"
-    Suppression.objects.filter(channel="sms", address=number, reason__startswith=OPTED_OUT_REASON).delete()
+    # An erased person's opt-out is kept as a keyed hash of the number (apps/recipients/privacy.py).
+    numbers = [number, address_hashed(address=number)]
+    Suppression.objects.filter(channel="sms", address__in=numbers, reason__startswith=OPTED_OUT_REASON).delete()
     return "opted-in"
 
 

@@ -76,6 +76,12 @@ provider_call_seconds = Histogram(
 )
 retries = PromCounter("notify_retries", "Deliveries scheduled for another attempt.", ["channel", "priority"])
 dead_letters = PromCounter("notify_dead_letters", "Deliveries moved to the dead-letter queue.", ["channel"])
+retention_purged = PromCounter(
+    "notify_retention_purged", "Rows the retention purge deleted: notifications, deliveries, events.", ["kind"]
+)
+audit_entries = PromCounter(
+    "notify_audit_entries", "Entries written to the audit log, by actor type (staff, api_key, system).", ["actor"]
+)
 accept_to_sent_seconds = Histogram(
     "notify_accept_to_sent_seconds",
     "From the notification's acceptance to the provider taking the message.",

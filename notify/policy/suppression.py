@@ -4,6 +4,7 @@ from collections.abc import Iterable
 from uuid import UUID
 
 from apps.recipients.models import Suppression
+from apps.recipients.privacy import address_hashed
 
 
 def address_canonical(*, channel: str, address: str) -> str:
@@ -36,5 +37,8 @@ def suppressed_addresses(*, tenant_id: UUID, channel: str, addresses: Iterable[s
     canonical = {address: address_canonical(channel=channel, address=address) for address in addresses if address}
     if not canonical:
         return {}
-    reasons = dict(suppressions.filter(address__in=set(canonical.values())).values_list("address", "reason"))
+    # An erased person's suppressions keep only a keyed hash of the address (privacy.py).
+    hashed = {form: address_hashed(address=form) for form in set(canonical.values())}
+    reasons = dict(suppressions.filter(address__in={*hashed, *hashed.values()}).values_list("address", "reason"))
+    reasons.update({form: reasons[digest] for form, digest in hashed.items() if digest in reasons})
     return {given: reasons[form] for given, form in canonical.items() if form in reasons}

@@ -52,6 +52,7 @@ def production_env(**overrides: str) -> dict[str, str]:
         DJANGO_DEBUG="0",
         DJANGO_SECRET_KEY=secrets.token_urlsafe(50),
         NOTIFY_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
+        NOTIFY_ERASURE_HASH_KEY=secrets.token_urlsafe(50),
         DJANGO_ALLOWED_HOSTS="notify.example.com",
         DATABASE_URL=database_url(),
         NOTIFY_PUBLIC_URL="https://notify.example.com",
@@ -176,6 +177,7 @@ def production(settings, db):  # type: ignore[no-untyped-def]
     """This process's settings as production_env() configures them."""
     settings.DEBUG = False
     settings.SECRET_KEY = secrets.token_urlsafe(50)
+    settings.NOTIFY_ERASURE_HASH_KEY = secrets.token_urlsafe(50)
     settings.NOTIFY_PUBLIC_URL = "https://notify.example.com"
     settings.ANYMAIL = {"POSTMARK_SERVER_TOKEN": "real-token", "WEBHOOK_SECRET": "postmark:long-random"}
     settings.TWILIO_ACCOUNT_SID, settings.TWILIO_AUTH_TOKEN = "AC" + "1" * 32, "real-twilio-token"
@@ -271,6 +273,12 @@ def test_an_unset_public_url_is_refused(production, public_url):
 def test_a_published_secret_key_is_refused(production, secret_key):
     production.SECRET_KEY = secret_key
     assert check_ids() == {"notify.E007"}
+
+
+@pytest.mark.parametrize("key", ["", "short", "demo-only-insecure-erasure-hash-key"])
+def test_an_unset_short_or_published_erasure_hash_key_is_refused(production, key):
+    production.NOTIFY_ERASURE_HASH_KEY = key
+    assert check_ids() == {"notify.E011"}
 
 
 @pytest.mark.parametrize("secret", ["", "whsec_not base64!"])

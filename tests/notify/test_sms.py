@@ -9,7 +9,8 @@ from twilio.request_validator import RequestValidator
 
 from apps.catalog.models import Category, TemplateVariant, TemplateVersion
 from apps.deliveries.models import Delivery, DeliveryStatus, Provider
-from apps.recipients.models import Suppression
+from apps.recipients.models import Recipient, Suppression
+from apps.recipients.privacy import HASHED_ADDRESS_PREFIX, recipient_erase
 from notify.channels.sms import e164, sms_segments
 from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
 from notify.pipeline.send import deliveries_send
@@ -201,6 +202,17 @@ def test_replying_stop_opts_the_number_out_and_start_back_in(workspace, sms_cate
     assert not Suppression.objects.filter(channel="sms").exists()
     assert send_sms(workspace, phone="+14155550123").status == DeliveryStatus.SENT
     assert len(sandbox.requests_log(provider="twilio")) == 2
+
+
+def test_an_erased_person_who_replied_stop_stays_out_until_start(workspace, sms_category, sandbox):
+    text_us("STOP")
+    send_sms(workspace, phone="+14155550123")
+    recipient_erase(recipient=Recipient.objects.get(tenant=workspace.tenant, external_id="ada"))
+    assert Suppression.objects.get(tenant=workspace.tenant, channel="sms").address.startswith(HASHED_ADDRESS_PREFIX)
+    assert send_sms(workspace, phone="+14155550123").status == DeliveryStatus.SUPPRESSED
+
+    text_us("START")
+    assert send_sms(workspace, phone="+14155550123").status == DeliveryStatus.SENT
 
 
 def test_start_does_not_lift_a_suppression_made_for_another_reason(workspace, sms_category):
