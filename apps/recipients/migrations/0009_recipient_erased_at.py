@@ -5,7 +5,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("recipients", "0007_bulk_import"),
+        ("recipients", "0008_import_topic"),
     ]
 
     operations = [
