@@ -18,6 +18,7 @@ from uuid import UUID
 
 from django.conf import settings
 from django.db import DatabaseError, connection, models, transaction
+from django.db.models import ForeignObjectRel
 
 from apps.deliveries.models import (
     Delivery,
@@ -157,9 +158,9 @@ def _references_clear(*, cursor: Any, model: type[models.Model], ids: list[Any])
     says (SET_NULL: detached; otherwise deleted), so that a table added later is handled too.
     The callers have already kept back rows whose notifications or broadcasts still need them."""
     for relation in model._meta.get_fields(include_hidden=True):  # "+" related names are hidden
-        if not (relation.auto_created and not relation.concrete and (relation.one_to_many or relation.one_to_one)):
+        if not isinstance(relation, ForeignObjectRel) or relation.many_to_many or relation.related_model is None:
             continue
-        table, column = _table(relation.related_model), connection.ops.quote_name(relation.field.column)
+        table, column = _table(relation.related_model), connection.ops.quote_name(str(relation.field.column))
         if relation.on_delete is models.SET_NULL:
             cursor.execute(f"UPDATE {table} SET {column} = NULL WHERE {column} = ANY(%s)", [ids])
         else:
