@@ -1,9 +1,11 @@
+import json
 import uuid
+from typing import Any
 
 from django.contrib.postgres.fields import ArrayField
 from django.contrib.postgres.indexes import GinIndex
 from django.db import models
-from django.db.models import Q
+from django.db.models import Lookup, Q
 from django.utils import timezone
 
 from apps.catalog.models import Severity
@@ -16,6 +18,48 @@ SEVERITY_RANK = {Severity.LOW: 1, Severity.MEDIUM: 2, Severity.HIGH: 3}
 SEVERITY_OF_RANK = {rank: severity for severity, rank in SEVERITY_RANK.items()}
 UNREAD = Q(read_at__isnull=True, archived_at__isnull=True, folded=False)
 UNSEEN = Q(seen_at__isnull=True, archived_at__isnull=True, folded=False)
+
+
+class StringList(ArrayField):
+    """A list of strings: a PostgreSQL array (GIN-indexed where asked), and JSON text on the
+    demo's SQLite, which has no arrays. Filter by one element with `field__has=value`."""
+
+    def db_type(self, connection: Any) -> str | None:
+        return super().db_type(connection) if connection.vendor == "postgresql" else "text"
+
+    def cast_db_type(self, connection: Any) -> str:
+        return super().cast_db_type(connection) if connection.vendor == "postgresql" else "text"
+
+    def get_placeholder(self, value: Any, compiler: Any, connection: Any) -> str:
+        # ArrayField's own placeholder casts the value to the array type, which SQLite lacks.
+        return f"%s::{self.db_type(connection)}" if connection.vendor == "postgresql" else "%s"
+
+    def get_db_prep_value(self, value: Any, connection: Any, prepared: bool = False) -> Any:
+        if connection.vendor == "postgresql" or value is None:
+            return super().get_db_prep_value(value, connection, prepared)
+        return json.dumps(list(value))
+
+    def from_db_value(self, value: Any, expression: Any, connection: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
+
+
+@StringList.register_lookup
+class StringListHas(Lookup):
+    """The list holds the value: the array's containment (served by a GIN index) on
+    PostgreSQL, a search of the JSON on SQLite."""
+
+    lookup_name = "has"
+
+    def get_db_prep_lookup(self, value: Any, connection: Any) -> Any:
+        return ("%s", [value])
+
+    def as_sql(self, compiler: Any, connection: Any) -> Any:
+        column, column_params = self.process_lhs(compiler, connection)
+        return f"EXISTS (SELECT 1 FROM json_each({column}) WHERE value = %s)", (*column_params, self.rhs)
+
+    def as_postgresql(self, compiler: Any, connection: Any) -> Any:
+        column, column_params = self.process_lhs(compiler, connection)
+        return f"{column} @> ARRAY[%s]::varchar[]", (*column_params, self.rhs)
 
 
 class InboxItem(models.Model):
@@ -40,19 +84,20 @@ class InboxItem(models.Model):
     archived_at = models.DateTimeField(null=True, blank=True)
     expires_at = models.DateTimeField(null=True, blank=True)
     category = models.CharField(max_length=100, blank=True, default="")
-    tags = ArrayField(models.CharField(max_length=64), default=list, blank=True)
+    tags = StringList(models.CharField(max_length=64), default=list, blank=True)
     severity = models.PositiveSmallIntegerField(default=SEVERITY_RANK[Severity.MEDIUM])
     # Events with one group key form one item: the newest shows the group, with its count and
     # latest actors, and the older ones are folded into it.
     group_key = models.CharField(max_length=200, blank=True, default="")
     group_count = models.PositiveIntegerField(default=1)
-    actors = ArrayField(models.CharField(max_length=200), default=list, blank=True)
+    actors = StringList(models.CharField(max_length=200), default=list, blank=True)
     folded = models.BooleanField(default=False)
 
     class Meta:
         indexes = [
             models.Index(fields=["recipient", "-sort_at", "-id"], name="inbox_recipient_recent"),
             models.Index(fields=["recipient", "category", "-sort_at"], name="inbox_recipient_category"),
+            # PostgreSQL only: its migration creates it there alone.
             GinIndex(fields=["tags"], name="inbox_tags"),
             # Serves the bounded unread count and the highest unread severity (the badge).
             models.Index(fields=["recipient", "-severity"], condition=UNREAD, name="inbox_unread"),
@@ -70,7 +115,7 @@ class InboxEventOptions(models.Model):
     """What a producer said about an event's in-app items: tags, severity, group, expiry."""
 
     event = models.OneToOneField(Event, on_delete=models.CASCADE, primary_key=True, related_name="inbox_options")
-    tags = ArrayField(models.CharField(max_length=64), default=list, blank=True)
+    tags = StringList(models.CharField(max_length=64), default=list, blank=True)
     severity = models.CharField(max_length=8, choices=Severity.choices, blank=True, default="")
     group_key = models.CharField(max_length=200, blank=True, default="")
     actor = models.CharField(max_length=200, blank=True, default="")

@@ -54,7 +54,7 @@ def _filtered(*, recipient_id: UUID, tab: InboxFilter, now: datetime) -> QuerySe
     if tab.category:
         items = items.filter(category=tab.category)
     if tab.tag:
-        items = items.filter(tags__contains=[tab.tag])
+        items = items.filter(tags__has=tab.tag)
     return items
 
 
@@ -66,7 +66,7 @@ def inbox_items(*, recipient_id: UUID, tab: InboxFilter = InboxFilter()) -> Quer
 def inbox_counts(*, recipient_id: UUID, tab: InboxFilter = InboxFilter()) -> dict[str, Any]:
     """A tab's unread and unseen counts, each bounded (a count above `limit` means more than
     `limit`), and its highest unread severity, archived items left out."""
-    if tab == InboxFilter():
+    if tab == InboxFilter() and connection.vendor == "postgresql":
         return inbox_counts_many(recipient_ids=[recipient_id])[recipient_id]
     limit = settings.NOTIFY_INBOX_COUNT_LIMIT
     items = _filtered(
@@ -100,6 +100,8 @@ FROM unnest(%(ids)s::uuid[]) AS r(id)
 def inbox_counts_many(*, recipient_ids: Iterable[UUID]) -> dict[UUID, dict[str, Any]]:
     """Each recipient's whole-inbox counts, bounded, in one query."""
     ids = list(set(recipient_ids))
+    if connection.vendor != "postgresql":  # the demo's SQLite: a few recipients, one by one
+        return {recipient_id: inbox_counts(recipient_id=recipient_id) for recipient_id in ids}
     limit = settings.NOTIFY_INBOX_COUNT_LIMIT
     with connection.cursor() as cursor:
         cursor.execute(_COUNTS_MANY, {"ids": ids, "cap": limit + 1, "now": timezone.now()})
@@ -208,7 +210,7 @@ def _tab_with_folded(*, recipient_id: UUID, tab: InboxFilter, now: datetime) -> 
     if tab.category:
         items = items.filter(category=tab.category)
     if tab.tag:
-        items = items.filter(tags__contains=[tab.tag])
+        items = items.filter(tags__has=tab.tag)
     return items
 
 
@@ -263,8 +265,11 @@ def inbox_groups_fold(*, items: Iterable[InboxItem]) -> None:
         with transaction.atomic():
             # Two workers storing items of one group at once would each see the other's item
             # missing; the lock serialises them per group.
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [f"{recipient_id}:{group_key}"])
+            if connection.vendor == "postgresql":  # SQLite runs one write at a time anyway
+                with connection.cursor() as cursor:
+                    cursor.execute(
+                        "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [f"{recipient_id}:{group_key}"]
+                    )
             group = InboxItem.objects.filter(
                 recipient_id=recipient_id, group_key=group_key, read_at__isnull=True, archived_at__isnull=True
             )
