@@ -17,6 +17,7 @@ from apps.api.views import (
     RecurringSendViewSet,
     WebPushSubscriptionViewSet,
 )
+from apps.api.webhooks import WebhookEndpointViewSet
 
 router = SimpleRouter(trailing_slash=False)
 router.register("notifications", NotificationViewSet, basename="notification")
@@ -27,6 +28,7 @@ router.register("recurring-sends", RecurringSendViewSet, basename="recurring-sen
 router.register("topics", TopicViewSet, basename="topic")
 router.register("segments", SegmentViewSet, basename="segment")
 router.register("broadcasts", BroadcastViewSet, basename="broadcast")
+router.register("webhook-endpoints", WebhookEndpointViewSet, basename="webhook-endpoint")
 
 urlpatterns = [
     path("events", EventView.as_view(), name="events"),

@@ -86,10 +86,35 @@ def outcomes_record(
         if failed:
             history.extend(_failures_record(lease_token=lease_token, deliveries=deliveries, outcomes=failed, now=now))
         history_insert(rows=history)
+        _webhook_events_emit(history=history, at=now)
         early_feedback_apply(delivery_ids=[o.delivery_id for o in outcomes])
     if len(history) < len(outcomes):
         logger.warning("lease lost for %d deliveries; another worker owns them now", len(outcomes) - len(history))
     return history
+
+
+# Delivery states producers can subscribe to (apps/webhooks), by the webhook event type.
+WEBHOOK_EVENT_TYPES: dict[str, str] = {
+    DeliveryStatus.SENT: "delivery.sent",
+    DeliveryStatus.DELIVERED: "delivery.delivered",
+    DeliveryStatus.FAILED: "delivery.failed",
+    DeliveryStatus.BOUNCED: "delivery.bounced",
+    DeliveryStatus.OPENED: "delivery.opened",
+    DeliveryStatus.CLICKED: "delivery.clicked",
+    DeliveryStatus.DEAD: "notification.dead_lettered",
+}
+
+
+def _webhook_events_emit(*, history: Sequence[HistoryRow], at: datetime) -> None:
+    """The producers' outbox rows for these state changes, in the transaction that records them."""
+    from apps.webhooks.services import delivery_events_emit  # the webhooks app reads the deliveries
+
+    by_type: dict[str, list[UUID]] = defaultdict(list)
+    for row in history:
+        if row.status in WEBHOOK_EVENT_TYPES:
+            by_type[WEBHOOK_EVENT_TYPES[row.status]].append(row.delivery_id)
+    for event_type, delivery_ids in by_type.items():
+        delivery_events_emit(event_type=event_type, delivery_ids=delivery_ids, at=at)
 
 
 def _detail(outcome: SendOutcome) -> dict[str, Any]:
@@ -475,15 +500,15 @@ def _feedback_apply(*, delivery: Delivery, feedback: Feedback) -> bool:
     delivery.save(
         update_fields=["status", "status_reason", "next_attempt_at", "published_at", "resend_round", "updated_at"]
     )
-    history_insert(
-        rows=[
-            history_event(
-                delivery=delivery,
-                status=delivery.status,
-                reason=delivery.status_reason or "provider feedback",
-                at=now,
-                detail=detail,
-            )
-        ]
-    )
+    rows = [
+        history_event(
+            delivery=delivery,
+            status=delivery.status,
+            reason=delivery.status_reason or "provider feedback",
+            at=now,
+            detail=detail,
+        )
+    ]
+    history_insert(rows=rows)
+    _webhook_events_emit(history=rows, at=now)
     return True
