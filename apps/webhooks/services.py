@@ -41,7 +41,6 @@ from apps.webhooks.models import MessageStatus, WebhookAttempt, WebhookEndpoint,
 from config.queues import WEBHOOK_QUEUE
 from notify.observability import metrics
 from notify.pipeline.bulk import uuid_array
-from notify.policy.caps import redis_client
 from notify.resilience.failures import backoff_delay
 from notify.resilience.outbound import OutboundRefused, OutboundSession
 
@@ -300,6 +299,8 @@ class EndpointFailed(Exception):
 
 @lru_cache(maxsize=1024)
 def _breaker(endpoint_id: UUID) -> pybreaker.CircuitBreaker:
+    from notify.policy.caps import redis_client  # the policy reads recipients, which emit events here
+
     storage = pybreaker.CircuitRedisStorage(
         pybreaker.STATE_CLOSED, redis_client(), namespace=f"notify:webhook:{endpoint_id}"
     )
