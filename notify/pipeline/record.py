@@ -50,12 +50,16 @@ def history_event(
     return HistoryRow(delivery.id, status, reason[:500], delivery.attempt_count, detail or {}, at)
 
 
-def history_insert(*, rows: Sequence[HistoryRow]) -> None:
-    """Append history rows: through COPY on PostgreSQL when there are many, else bulk_create()."""
+def history_insert(*, rows: Sequence[HistoryRow], changes: bool = True) -> None:
+    """Append history rows: through COPY on PostgreSQL when there are many, else bulk_create();
+    with them, in the same transaction, the producers' webhook events for those changes
+    (`changes` False: notes that keep the state, which are no events)."""
     if copy_pays(rows=len(rows)):
         rows_copy(model=DeliveryEvent, fields=_HISTORY_FIELDS, rows=rows)
     elif rows:
         DeliveryEvent.objects.bulk_create([DeliveryEvent(**row._asdict()) for row in rows])
+    if changes:
+        _webhook_events_emit(history=rows)
 
 
 def outcomes_record(
@@ -86,7 +90,6 @@ def outcomes_record(
         if failed:
             history.extend(_failures_record(lease_token=lease_token, deliveries=deliveries, outcomes=failed, now=now))
         history_insert(rows=history)
-        _webhook_events_emit(history=history, at=now)
         early_feedback_apply(delivery_ids=[o.delivery_id for o in outcomes])
     if len(history) < len(outcomes):
         logger.warning("lease lost for %d deliveries; another worker owns them now", len(outcomes) - len(history))
@@ -105,15 +108,15 @@ WEBHOOK_EVENT_TYPES: dict[str, str] = {
 }
 
 
-def _webhook_events_emit(*, history: Sequence[HistoryRow], at: datetime) -> None:
-    """The producers' outbox rows for these state changes, in the transaction that records them."""
+def _webhook_events_emit(*, history: Sequence[HistoryRow]) -> None:
+    """The producers' outbox rows for these state changes (one INSERT ... SELECT per type)."""
     from apps.webhooks.services import delivery_events_emit  # the webhooks app reads the deliveries
 
-    by_type: dict[str, list[UUID]] = defaultdict(list)
+    by_type: dict[tuple[str, datetime], list[UUID]] = defaultdict(list)
     for row in history:
         if row.status in WEBHOOK_EVENT_TYPES:
-            by_type[WEBHOOK_EVENT_TYPES[row.status]].append(row.delivery_id)
-    for event_type, delivery_ids in by_type.items():
+            by_type[(WEBHOOK_EVENT_TYPES[row.status], row.created_at)].append(row.delivery_id)
+    for (event_type, at), delivery_ids in by_type.items():
         delivery_events_emit(event_type=event_type, delivery_ids=delivery_ids, at=at)
 
 
@@ -469,7 +472,7 @@ def _feedback_apply(*, delivery: Delivery, feedback: Feedback) -> bool:
             at=timezone.now(),
             detail={"provider_status": feedback.provider_status},
         )
-        history_insert(rows=[row])
+        history_insert(rows=[row], changes=False)
         return True
     if feedback.normalized_status not in FEEDBACK_TRANSITIONS:
         return False
@@ -510,5 +513,4 @@ def _feedback_apply(*, delivery: Delivery, feedback: Feedback) -> bool:
         )
     ]
     history_insert(rows=rows)
-    _webhook_events_emit(history=rows, at=now)
     return True
