@@ -205,3 +205,71 @@ def test_no_outbox_rows_for_a_tenant_without_endpoints(api, workspace, allowed, 
     wait_for_status(sent, DeliveryStatus.SENT)
     assert not WebhookMessage.objects.exists()
     assert allowed.requests == []
+
+
+def pending_message(*, endpoint: WebhookEndpoint, number: int) -> WebhookMessage:
+    now = timezone.now()
+    return WebhookMessage.objects.create(
+        endpoint=endpoint,
+        tenant=endpoint.tenant,
+        event_type="delivery.sent",
+        payload={"type": "delivery.sent", "timestamp": now.isoformat(), "data": {"number": number}},
+        next_attempt_at=now,
+        created_at=now,
+    )
+
+
+def test_a_backlog_goes_in_one_signed_post_as_an_array(workspace, allowed):
+    endpoint = WebhookEndpoint.objects.create(
+        tenant=workspace.tenant, url=allowed.url, event_types=["delivery.sent"], secret=secret_generate()
+    )
+    messages = [pending_message(endpoint=endpoint, number=n) for n in range(3)]
+    assert endpoint_deliver(endpoint_id=endpoint.pk) == 3
+    assert len(allowed.requests) == 1
+    request = allowed.requests[0]
+    body = json.loads(request["body"])
+    assert [event["data"]["number"] for event in body] == [0, 1, 2]
+    assert [event["id"] for event in body] == [f"msg_{m.pk}" for m in messages]
+    assert request["headers"]["webhook-id"] == f"batch_{messages[0].pk}_3"
+    assert Webhook(str(endpoint.secret)).verify(request["body"], request["headers"]) == body
+    assert set(WebhookMessage.objects.values_list("status", flat=True)) == {MessageStatus.DELIVERED}
+
+
+def test_an_open_circuit_holds_an_endpoints_messages_without_spending_attempts(workspace, allowed, settings):
+    settings.NOTIFY_WEBHOOK_CIRCUIT_FAILURES = 2
+    allowed.status = 503
+    endpoint = WebhookEndpoint.objects.create(
+        tenant=workspace.tenant, url=allowed.url, event_types=["delivery.sent"], secret=secret_generate()
+    )
+    message = pending_message(endpoint=endpoint, number=0)
+    for _ in range(3):
+        WebhookMessage.objects.filter(pk=message.pk).update(next_attempt_at=timezone.now())
+        endpoint_deliver(endpoint_id=endpoint.pk)
+    message.refresh_from_db()
+    assert len(allowed.requests) == 2  # the third was not tried
+    assert message.attempt_count == 2 and message.status == MessageStatus.PENDING
+    assert message.last_error == "the endpoint's circuit is open"
+    assert message.next_attempt_at > timezone.now()
+
+
+def test_recipient_changes_write_their_events_with_the_change(workspace, allowed):
+    from apps.recipients.services import consent_record, unsubscribe
+    from tests.factories import RecipientFactory
+
+    endpoint = WebhookEndpoint.objects.create(
+        tenant=workspace.tenant,
+        url=allowed.url,
+        event_types=["recipient.unsubscribed", "recipient.consent_changed"],
+        secret=secret_generate(),
+    )
+    recipient = RecipientFactory(tenant=workspace.tenant, external_id="u1")
+    unsubscribe(recipient=recipient, category_key="welcome", channel="email")
+    consent_record(recipient=recipient, channel="sms", granted=True, source="signup")
+    events = {m.event_type: m.payload["data"] for m in WebhookMessage.objects.filter(endpoint=endpoint)}
+    assert events["recipient.unsubscribed"] == {"recipient": "u1", "category": "welcome", "channel": "email"}
+    assert events["recipient.consent_changed"] == {
+        "recipient": "u1",
+        "channel": "sms",
+        "granted": True,
+        "source": "signup",
+    }
