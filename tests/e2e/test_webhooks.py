@@ -122,7 +122,8 @@ def test_a_sent_delivery_reaches_the_producer_signed(api, workspace, allowed, wo
         assert verified
         with pytest.raises(WebhookVerificationError):
             Webhook(secret_generate()).verify(request["body"], request["headers"])
-    assert WebhookMessage.objects.filter(status=MessageStatus.DELIVERED).count() == 2
+    # The receiver may see the POST before the worker has recorded its answer.
+    wait_for(lambda: WebhookMessage.objects.filter(status=MessageStatus.DELIVERED).count() == 2, what="both recorded")
     attempt = WebhookAttempt.objects.first()
     assert attempt is not None and attempt.status_code == 200 and attempt.response_excerpt == "ok"
 
