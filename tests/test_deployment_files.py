@@ -8,7 +8,16 @@ import yaml
 from apps.deliveries.checks import is_known_credential, is_sandbox_url
 
 ROOT = Path(__file__).resolve().parent.parent
-APP_SERVICES = ("migrate", "web", "worker-critical", "worker-normal", "worker-bulk", "worker-maintenance", "worker-webhooks", "beat")
+APP_SERVICES = (
+    "migrate",
+    "web",
+    "worker-critical",
+    "worker-normal",
+    "worker-bulk",
+    "worker-maintenance",
+    "worker-webhooks",
+    "beat",
+)
 
 
 def test_the_compose_file_falls_back_to_no_sandbox_secret_or_url():

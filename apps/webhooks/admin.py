@@ -59,7 +59,7 @@ class WebhookMessageAdmin(ReadOnlyAdmin):
     actions = ["replay"]
 
     def has_replay_permission(self, request: HttpRequest) -> bool:
-        return request.user.has_perm("webhooks.change_webhookendpoint")
+        return request.user.has_perm("webhooks.replay_webhookmessage")
 
     @admin.action(description="Replay: send again from a fresh retry schedule", permissions=["replay"])
     def replay(self, request: HttpRequest, queryset: QuerySet[WebhookMessage]) -> None:

@@ -104,6 +104,7 @@ class WebhookMessage(models.Model):
     created_at = models.DateTimeField()
 
     class Meta:
+        permissions = [("replay_webhookmessage", "Can replay webhook messages")]
         indexes = [
             models.Index(fields=["endpoint", "-id"], name="webhook_message_endpoint"),
             models.Index(
