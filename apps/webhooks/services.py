@@ -29,7 +29,7 @@ from celery import current_app
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import connection, transaction
-from django.db.models import Q, QuerySet
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 from standardwebhooks.webhooks import Webhook
 
@@ -258,6 +258,8 @@ class Claimed:
 
 
 def _claim(*, endpoint_id: UUID, now: datetime) -> list[Claimed]:
+    if connection.vendor != "postgresql":  # the demo's SQLite: one writer at a time anyway
+        return _claim_orm(endpoint_id=endpoint_id, now=now)
     # A second worker given the same endpoint skips the rows this one holds.
     sql = (
         f"UPDATE {_message_table} SET status = 'sending', lease_expires_at = %(lease)s, "
@@ -287,6 +289,21 @@ def _claim(*, endpoint_id: UUID, now: datetime) -> list[Claimed]:
         ),
         key=lambda claimed: claimed.id,
     )
+
+
+def _claim_orm(*, endpoint_id: UUID, now: datetime) -> list[Claimed]:
+    due = WebhookMessage.objects.filter(endpoint_id=endpoint_id, status=MessageStatus.PENDING, next_attempt_at__lte=now)
+    ids = list(due.order_by("id").values_list("id", flat=True)[: settings.NOTIFY_WEBHOOK_BATCH_SIZE])
+    claimed = due.filter(id__in=ids)
+    claimed.update(
+        status=MessageStatus.SENDING,
+        lease_expires_at=now + timedelta(seconds=LEASE_SECONDS),
+        attempt_count=F("attempt_count") + 1,
+    )
+    return [
+        Claimed(id=m.id, payload=m.payload, attempt_count=m.attempt_count, created_at=m.created_at)
+        for m in WebhookMessage.objects.filter(id__in=ids, status=MessageStatus.SENDING).order_by("id")
+    ]
 
 
 class EndpointFailed(Exception):
