@@ -13,6 +13,8 @@ PRIORITIES: tuple[str, ...] = ("critical", "normal", "bulk")
 MAINTENANCE_QUEUE = "maintenance"
 # Bulk recipient imports: long tasks, so served with bulk sends, never ahead of the sweeper.
 IMPORT_QUEUE = "recipients.import"
+# Webhooks to producers: slow endpoints must not hold up the sweeper, so a group of their own.
+WEBHOOK_QUEUE = "webhooks"
 
 
 def delivery_queue(*, channel: str, priority: str) -> str:
@@ -30,6 +32,7 @@ WORKER_GROUPS: dict[str, list[str]] = {
     "normal": [delivery_queue(channel=c, priority="normal") for c in CHANNELS],
     "bulk": [delivery_queue(channel=c, priority="bulk") for c in CHANNELS] + [IMPORT_QUEUE],
     "maintenance": [MAINTENANCE_QUEUE] + [dead_letter_queue(channel=c) for c in CHANNELS],
+    "webhooks": [WEBHOOK_QUEUE],
 }
 
 ALL_QUEUES: list[str] = [queue for queues in WORKER_GROUPS.values() for queue in queues]

@@ -65,6 +65,7 @@ INSTALLED_APPS = [
     "apps.inbox",
     "apps.api",
     "apps.ops",
+    "apps.webhooks",
 ]
 
 MIDDLEWARE = [
@@ -520,6 +521,28 @@ NOTIFY_WEBPUSH_MAX_SUBSCRIPTIONS_PER_RECIPIENT = env.int("NOTIFY_WEBPUSH_MAX_SUB
 NOTIFY_WEBPUSH_ALLOWED_HOSTS = env.list("NOTIFY_WEBPUSH_ALLOWED_HOSTS", default=[])
 # For the API URLs set on tenants' Provider accounts (Postmark's api_url, Twilio's api_base).
 NOTIFY_PROVIDER_ALLOWED_HOSTS = env.list("NOTIFY_PROVIDER_ALLOWED_HOSTS", default=[])
+# For producers' webhook endpoints (apps/webhooks; tests and the demo name loopback hosts).
+NOTIFY_WEBHOOK_ALLOWED_HOSTS = env.list("NOTIFY_WEBHOOK_ALLOWED_HOSTS", default=[])
+
+# --- Webhooks to producers (apps/webhooks/services.py, docs/webhooks.md) --------------------
+# How long the worker waits for an endpoint's answer (and for the connection).
+NOTIFY_WEBHOOK_TIMEOUT_SECONDS = env.float("NOTIFY_WEBHOOK_TIMEOUT_SECONDS", default=5.0)
+# Most events in one POST when an endpoint has a backlog.
+NOTIFY_WEBHOOK_BATCH_SIZE = env.int("NOTIFY_WEBHOOK_BATCH_SIZE", default=50)
+# Retries back off exponentially from base to cap: by default 14 attempts over about 24 h.
+NOTIFY_WEBHOOK_MAX_ATTEMPTS = env.int("NOTIFY_WEBHOOK_MAX_ATTEMPTS", default=14)
+NOTIFY_WEBHOOK_RETRY_BASE_SECONDS = env.float("NOTIFY_WEBHOOK_RETRY_BASE_SECONDS", default=30.0)
+NOTIFY_WEBHOOK_RETRY_CAP_SECONDS = env.float("NOTIFY_WEBHOOK_RETRY_CAP_SECONDS", default=14400.0)
+# An endpoint's circuit opens after this many failed POSTs in a row and tries again after the cooldown.
+NOTIFY_WEBHOOK_CIRCUIT_FAILURES = env.int("NOTIFY_WEBHOOK_CIRCUIT_FAILURES", default=5)
+NOTIFY_WEBHOOK_CIRCUIT_COOLDOWN_SECONDS = env.float("NOTIFY_WEBHOOK_CIRCUIT_COOLDOWN_SECONDS", default=60.0)
+# How often beat hands due webhook messages to the worker (new ones are handed over at once).
+NOTIFY_WEBHOOK_INTERVAL_SECONDS = env.float("NOTIFY_WEBHOOK_INTERVAL_SECONDS", default=5.0)
+CELERY_BEAT_SCHEDULE["notify-webhooks"] = {
+    "task": "notify.webhooks_dispatch",
+    "schedule": timedelta(seconds=NOTIFY_WEBHOOK_INTERVAL_SECONDS),
+    "options": {"queue": "webhooks", "expires": max(NOTIFY_WEBHOOK_INTERVAL_SECONDS, 30.0)},
+}
 
 # --- Metrics (notify/observability; docs/operations.md, "Metrics") -----------------------
 # Off: every counting call returns at once (the benchmark's baseline); /metrics still answers.

@@ -10,6 +10,7 @@ from django.utils import timezone
 from apps.inbox.live import inbox_snoozes_return
 from apps.inbox.services import inbox_expired_purge
 from apps.recipients import imports
+from apps.webhooks import services as webhooks
 from notify.observability import alerts, canary, metrics
 from notify.pipeline import broadcast, digest, dispatch, recurring, routing, send
 
@@ -103,3 +104,13 @@ def metrics_gauges() -> bool:
     from notify.observability.gauges import gauges_compute
 
     return gauges_compute()
+
+
+@shared_task(name=webhooks.DISPATCH_TASK)
+def webhooks_dispatch() -> int:
+    return webhooks.webhooks_dispatch(now=timezone.now())
+
+
+@shared_task(name=webhooks.DELIVER_TASK)
+def webhooks_deliver(endpoint_id: str) -> int:
+    return webhooks.endpoint_deliver(endpoint_id=UUID(endpoint_id))

@@ -33,6 +33,7 @@ from apps.recipients.models import (
     WebPushSubscription,
 )
 from apps.tenants.models import ALL_SCOPES, ApiKey, StaffMembership, Tenant
+from apps.webhooks.models import WebhookEndpoint, WebhookMessage
 from notify.pipeline.recurring import recurring_send_save
 
 
@@ -257,11 +258,29 @@ def tenant_world(*, tag: str) -> TenantWorld:
         changes={"name": [None, f"{tag} audited name"]},
     )
     retention = RetentionPolicy.objects.create(tenant=tenant, retention_days=365)
+    webhook_endpoint = WebhookEndpoint.objects.create(
+        tenant=tenant,
+        url=f"https://hooks.example/{tag}-webhook",
+        event_types=["delivery.sent"],
+        description=f"{tag} webhook endpoint",
+        secret=f"whsec_{tag}",
+    )
+    webhook_message = WebhookMessage.objects.create(
+        endpoint=webhook_endpoint,
+        tenant=tenant,
+        event_type="delivery.sent",
+        payload={"type": "delivery.sent", "data": {"recipient": recipient.external_id}},
+        next_attempt_at=now,
+        created_at=now,
+        last_error=f"{tag} webhook failure",
+    )
     objects: list[models.Model] = [
         tenant,
         audit_entry,
         retention,
         api_key,
+        webhook_endpoint,
+        webhook_message,
         provider,
         switch,
         recipient_import,
@@ -309,6 +328,9 @@ def tenant_world(*, tag: str) -> TenantWorld:
         email_category.key,
         provider.name,
         provider.config["server_token"],
+        webhook_endpoint.url,
+        webhook_endpoint.description,
+        webhook_message.last_error,
         switch.reason,
         recipient_import.source,
         audit_entry.object_id,

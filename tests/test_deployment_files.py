@@ -8,7 +8,16 @@ import yaml
 from apps.deliveries.checks import is_known_credential, is_sandbox_url
 
 ROOT = Path(__file__).resolve().parent.parent
-APP_SERVICES = ("migrate", "web", "worker-critical", "worker-normal", "worker-bulk", "worker-maintenance", "beat")
+APP_SERVICES = (
+    "migrate",
+    "web",
+    "worker-critical",
+    "worker-normal",
+    "worker-bulk",
+    "worker-maintenance",
+    "worker-webhooks",
+    "beat",
+)
 
 
 def test_the_compose_file_falls_back_to_no_sandbox_secret_or_url():
@@ -43,7 +52,7 @@ def test_the_image_gets_no_history_virtualenv_or_local_state():
 def test_the_compose_file_probes_web_readiness_each_worker_by_its_own_name_and_beat():
     services = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]
     assert any("/readyz" in part for part in services["web"]["healthcheck"]["test"])
-    for group in ("critical", "normal", "bulk", "maintenance"):
+    for group in ("critical", "normal", "bulk", "maintenance", "webhooks"):
         service = services[f"worker-{group}"]
         assert f"-n {group}@%h" in " ".join(service["command"])
         assert f"ping -d {group}@$$HOSTNAME" in " ".join(service["healthcheck"]["test"])
@@ -111,6 +120,6 @@ def test_the_compose_file_requires_the_metrics_token_and_gives_each_container_it
         environment = services[name]["environment"]
         assert str(environment["NOTIFY_METRICS_TOKEN"]).startswith("${NOTIFY_METRICS_TOKEN:?")
         assert any(mount.startswith(environment["PROMETHEUS_MULTIPROC_DIR"]) for mount in services[name]["tmpfs"])
-    for group in ("critical", "normal", "bulk", "maintenance"):
+    for group in ("critical", "normal", "bulk", "maintenance", "webhooks"):
         assert services[f"worker-{group}"]["environment"]["NOTIFY_WORKER_METRICS_PORT"] == "9100"
     assert "NOTIFY_WORKER_METRICS_PORT" not in services["web"]["environment"]

@@ -19,6 +19,7 @@ from apps.api.views import (
     RecurringSendViewSet,
     WebPushSubscriptionViewSet,
 )
+from apps.api.webhooks import WebhookEndpointViewSet
 
 router = SimpleRouter(trailing_slash=False)
 router.register("notifications", NotificationViewSet, basename="notification")
@@ -29,6 +30,7 @@ router.register("recurring-sends", RecurringSendViewSet, basename="recurring-sen
 router.register("topics", TopicViewSet, basename="topic")
 router.register("segments", SegmentViewSet, basename="segment")
 router.register("broadcasts", BroadcastViewSet, basename="broadcast")
+router.register("webhook-endpoints", WebhookEndpointViewSet, basename="webhook-endpoint")
 
 urlpatterns = [
     path("events", EventView.as_view(), name="events"),

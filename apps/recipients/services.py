@@ -3,10 +3,13 @@ from uuid import UUID
 
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
 from apps.catalog.models import CategoryKind
 from apps.recipients.models import Consent, Device, PreferenceSet, Recipient, WebPushSubscription
 from apps.tenants.models import Tenant
+from apps.webhooks.models import EventType
+from apps.webhooks.services import event_emit
 
 
 def recipient_upsert(*, tenant: Tenant, external_id: str, fields: dict[str, Any]) -> tuple[Recipient, bool]:
@@ -110,15 +113,30 @@ def unsubscribe(*, recipient: Recipient, category_key: str, channel: str) -> Non
     withdraw their consent on the channel too). Takes effect with the next notification."""
     preferences_update(recipient=recipient, fields={"categories": {category_key: {channel: False}}}, merge=True)
     category = recipient.tenant.categories.filter(key=category_key).first()
+    event_emit(
+        tenant_id=recipient.tenant_id,
+        event_type=EventType.RECIPIENT_UNSUBSCRIBED,
+        data={"recipient": recipient.external_id, "category": category_key, "channel": channel},
+        category_id=category.pk if category is not None else None,
+        at=timezone.now(),
+    )
     if category is not None and category.kind == CategoryKind.MARKETING:
         consent_record(recipient=recipient, channel=channel, granted=False, source="unsubscribe link")
 
 
 def consent_record(*, recipient: Recipient, channel: str, granted: bool, source: str) -> Consent:
     """Record a grant or a withdrawal; the newest one for the channel is the answer."""
-    return Consent.objects.create(
-        tenant_id=recipient.tenant_id, recipient=recipient, channel=channel, granted=granted, source=source
-    )
+    with transaction.atomic():
+        consent = Consent.objects.create(
+            tenant_id=recipient.tenant_id, recipient=recipient, channel=channel, granted=granted, source=source
+        )
+        event_emit(
+            tenant_id=recipient.tenant_id,
+            event_type=EventType.RECIPIENT_CONSENT_CHANGED,
+            data={"recipient": recipient.external_id, "channel": channel, "granted": granted, "source": source},
+            at=consent.recorded_at,
+        )
+    return consent
 
 
 def consents_current(*, recipient: Recipient) -> dict[str, Consent]:

@@ -128,6 +128,14 @@ def runaway_samples(*, now: datetime) -> Iterator[Sample]:
     yield "notify_runaway_holds", {}, float(Tenant.objects.filter(runaway_paused_at__isnull=False).count())
 
 
+def webhook_samples(*, now: datetime) -> Iterator[Sample]:
+    """Webhook messages waiting to be delivered to enabled endpoints (the partial index of due rows)."""
+    from apps.webhooks.models import MessageStatus, WebhookMessage
+
+    pending = WebhookMessage.objects.filter(status=MessageStatus.PENDING, endpoint__enabled=True).count()
+    yield "notify_webhook_messages_pending", {}, float(pending)
+
+
 def canary_samples(*, now: datetime) -> Iterator[Sample]:
     """Each channel's canary: whether its latest settled run arrived in time, when one last
     did, and how long its latest settled run took to each stage."""
@@ -150,6 +158,7 @@ GAUGE_SOURCES: tuple[Callable[..., Iterator[Sample]], ...] = (
     circuit_samples,
     broadcast_samples,
     runaway_samples,
+    webhook_samples,
     canary_samples,
 )
 

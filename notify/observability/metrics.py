@@ -113,6 +113,14 @@ websocket_connections = Gauge(
 atexit.register(lambda: process_exited(pid=os.getpid()))
 
 
+webhook_deliveries = PromCounter(
+    "notify_webhook_deliveries",
+    "Webhook messages by the outcome of the POST that carried them: delivered, retrying, failed "
+    "(retries spent) or circuit_open (not tried).",
+    ["outcome"],
+)
+
+
 class GaugeSpec(NamedTuple):
     help: str
     labels: tuple[str, ...]
@@ -139,6 +147,7 @@ DB_GAUGES: dict[str, GaugeSpec] = {
     "notify_broadcast_remaining": GaugeSpec(
         "Deliveries planned but not finished over the broadcasts still running.", ()
     ),
+    "notify_webhook_messages_pending": GaugeSpec("Webhook messages waiting for enabled endpoints.", ()),
     "notify_runaway_holds": GaugeSpec("Tenants paused by the runaway-send guard.", ()),
     # Filled from the canary's own results (see gauges.py, GAUGE_SOURCES).
     "notify_canary_success": GaugeSpec("1 when the channel's latest canary arrived in time, else 0.", ("channel",)),
@@ -351,3 +360,9 @@ def websocket_closed() -> None:
     """An inbox WebSocket that websocket_opened() counted has closed."""
     if ENABLED:
         websocket_connections.dec()
+
+
+def webhook_deliveries_count(*, outcome: str, messages: int) -> None:
+    """Webhook messages that one POST (or an open circuit) settled, by outcome."""
+    if ENABLED and messages:
+        webhook_deliveries.labels(outcome).inc(messages)

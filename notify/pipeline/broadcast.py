@@ -29,6 +29,8 @@ from apps.deliveries.models import CLAIMABLE_STATUSES, Delivery, DeliveryStatus,
 from apps.recipients.models import Recipient
 from apps.tenants.encryption import content_seal
 from apps.tenants.models import ApiKey, Tenant
+from apps.webhooks.models import EventType
+from apps.webhooks.services import event_emit
 from config.queues import MAINTENANCE_QUEUE
 from notify.observability.tracing import event_origin
 from notify.pipeline import dispatch
@@ -546,7 +548,15 @@ def broadcast_roll_up(*, broadcast: Broadcast, now: datetime) -> dict[str, int]:
     rows = Broadcast.objects.filter(pk=broadcast.pk, state=broadcast.state)
     if finished:
         update.update(state=BroadcastState.COMPLETED, finished_at=now)
-    rows.update(**update)
+    with transaction.atomic():
+        if rows.update(**update) and finished:
+            event_emit(
+                tenant_id=broadcast.tenant_id,
+                event_type=EventType.BROADCAST_COMPLETED,
+                data={"broadcast_id": str(broadcast.pk), "event_id": str(broadcast.event_id), "counts": counts},
+                category_id=broadcast.category_id,
+                at=now,
+            )
     return counts
 
 

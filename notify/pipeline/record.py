@@ -50,12 +50,16 @@ def history_event(
     return HistoryRow(delivery.id, status, reason[:500], delivery.attempt_count, detail or {}, at)
 
 
-def history_insert(*, rows: Sequence[HistoryRow]) -> None:
-    """Append history rows: through COPY on PostgreSQL when there are many, else bulk_create()."""
+def history_insert(*, rows: Sequence[HistoryRow], changes: bool = True) -> None:
+    """Append history rows: through COPY on PostgreSQL when there are many, else bulk_create();
+    with them, in the same transaction, the producers' webhook events for those changes
+    (`changes` False: notes that keep the state, which are no events)."""
     if copy_pays(rows=len(rows)):
         rows_copy(model=DeliveryEvent, fields=_HISTORY_FIELDS, rows=rows)
     elif rows:
         DeliveryEvent.objects.bulk_create([DeliveryEvent(**row._asdict()) for row in rows])
+    if changes:
+        _webhook_events_emit(history=rows)
 
 
 def outcomes_record(
@@ -90,6 +94,30 @@ def outcomes_record(
     if len(history) < len(outcomes):
         logger.warning("lease lost for %d deliveries; another worker owns them now", len(outcomes) - len(history))
     return history
+
+
+# Delivery states producers can subscribe to (apps/webhooks), by the webhook event type.
+WEBHOOK_EVENT_TYPES: dict[str, str] = {
+    DeliveryStatus.SENT: "delivery.sent",
+    DeliveryStatus.DELIVERED: "delivery.delivered",
+    DeliveryStatus.FAILED: "delivery.failed",
+    DeliveryStatus.BOUNCED: "delivery.bounced",
+    DeliveryStatus.OPENED: "delivery.opened",
+    DeliveryStatus.CLICKED: "delivery.clicked",
+    DeliveryStatus.DEAD: "notification.dead_lettered",
+}
+
+
+def _webhook_events_emit(*, history: Sequence[HistoryRow]) -> None:
+    """The producers' outbox rows for these state changes (one INSERT ... SELECT per type)."""
+    from apps.webhooks.services import delivery_events_emit  # the webhooks app reads the deliveries
+
+    by_type: dict[tuple[str, datetime], list[UUID]] = defaultdict(list)
+    for row in history:
+        if row.status in WEBHOOK_EVENT_TYPES:
+            by_type[(WEBHOOK_EVENT_TYPES[row.status], row.created_at)].append(row.delivery_id)
+    for (event_type, at), delivery_ids in by_type.items():
+        delivery_events_emit(event_type=event_type, delivery_ids=delivery_ids, at=at)
 
 
 def _detail(outcome: SendOutcome) -> dict[str, Any]:
@@ -444,7 +472,7 @@ def _feedback_apply(*, delivery: Delivery, feedback: Feedback) -> bool:
             at=timezone.now(),
             detail={"provider_status": feedback.provider_status},
         )
-        history_insert(rows=[row])
+        history_insert(rows=[row], changes=False)
         return True
     if feedback.normalized_status not in FEEDBACK_TRANSITIONS:
         return False
@@ -475,15 +503,14 @@ def _feedback_apply(*, delivery: Delivery, feedback: Feedback) -> bool:
     delivery.save(
         update_fields=["status", "status_reason", "next_attempt_at", "published_at", "resend_round", "updated_at"]
     )
-    history_insert(
-        rows=[
-            history_event(
-                delivery=delivery,
-                status=delivery.status,
-                reason=delivery.status_reason or "provider feedback",
-                at=now,
-                detail=detail,
-            )
-        ]
-    )
+    rows = [
+        history_event(
+            delivery=delivery,
+            status=delivery.status,
+            reason=delivery.status_reason or "provider feedback",
+            at=now,
+            detail=detail,
+        )
+    ]
+    history_insert(rows=rows)
     return True

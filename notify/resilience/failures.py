@@ -35,7 +35,13 @@ def retry_delay(*, channel: str, attempt: int) -> timedelta:
     Written here rather than taken from a retry library because our retry loop lives in
     the database across processes, so only the delay formula is needed."""
     policy = retry_policy(channel=channel)
-    step = min(policy["cap_seconds"], policy["base_seconds"] * 2 ** max(attempt - 1, 0))
+    return backoff_delay(base_seconds=policy["base_seconds"], cap_seconds=policy["cap_seconds"], attempt=attempt)
+
+
+def backoff_delay(*, base_seconds: float, cap_seconds: float, attempt: int) -> timedelta:
+    """The delay before the next try after `attempt` tries: base doubled each time up to the
+    cap, half of it fixed and half random."""
+    step = min(cap_seconds, base_seconds * 2 ** max(attempt - 1, 0))
     return timedelta(seconds=step / 2 + random.uniform(0, step / 2))
 
 

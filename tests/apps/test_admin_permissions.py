@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from apps.deliveries.models import ChannelSwitch, DeadLetter, Delivery, DeliveryStatus, Notification, Provider
 from apps.tenants.models import ApiKey
+from apps.webhooks.models import WebhookEndpoint, WebhookMessage
 from notify.resilience.providers import breaker_for, breaker_state
 from tests.factories import StaffUserFactory, TenantWorld, tenant_world
 
@@ -100,6 +101,22 @@ CASES = {
         "deliveries.replay_deadletter",
         lambda world: world.of_model(DeadLetter)[0],
         lambda dead_letter: DeadLetter.objects.get(pk=dead_letter.pk).replayed_at is not None,  # type: ignore[attr-defined]
+    ),
+    "replay a webhook message": ActionCase(
+        "admin:webhooks_webhookmessage_changelist",
+        "replay",
+        "webhooks.view_webhookmessage",
+        "webhooks.replay_webhookmessage",
+        lambda world: world.of_model(WebhookMessage)[0],
+        lambda message: WebhookMessage.objects.get(pk=message.pk).last_error == "",  # type: ignore[attr-defined]
+    ),
+    "disable a webhook endpoint": ActionCase(
+        "admin:webhooks_webhookendpoint_changelist",
+        "disable",
+        "webhooks.view_webhookendpoint",
+        "webhooks.change_webhookendpoint",
+        lambda world: world.of_model(WebhookEndpoint)[0],
+        lambda endpoint: not WebhookEndpoint.objects.get(pk=endpoint.pk).enabled,  # type: ignore[attr-defined]
     ),
     "rotate an API key": ActionCase(
         "admin:tenants_apikey_changelist",
