@@ -94,3 +94,11 @@ def metrics_gauges() -> bool:
     from notify.observability.gauges import gauges_compute
 
     return gauges_compute()
+
+
+@shared_task(name="notify.rollups")
+def rollups_advance() -> int:
+    """Count the new delivery history into the dashboard's rollups."""
+    from notify.observability.rollups import rollups_advance as advance
+
+    return advance()

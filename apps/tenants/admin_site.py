@@ -191,6 +191,22 @@ class NotifyAdminSite(admin.AdminSite):
             return HttpResponseRedirect(reverse("admin:two_factor_enrol", current_app=self.name))
         return super().login(request, extra_context)
 
+    def index(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> TemplateResponse:
+        """The home page: the dashboard (apps/ops/dashboard.py) over the app list."""
+        from apps.ops.dashboard import dashboard_build, period_parse  # the ops app imports this module
+
+        context = dict(extra_context or {})
+        user = request.user
+        tenant = staff_tenant(user=user)
+        if user.is_superuser or tenant is not None:
+            period = period_parse(value=request.GET.get("period"))
+            context["dashboard"] = dashboard_build(
+                tenant_id=None if user.is_superuser else tenant.pk,  # type: ignore[union-attr]
+                period=period,
+            )
+            context["periods"] = ("hour", "day", "week")
+        return super().index(request, context)
+
     def get_urls(self) -> list[URLResolver | URLPattern]:
         return [path("two-factor/", self.two_factor_enrol_view, name="two_factor_enrol"), *super().get_urls()]
 
