@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import Min
 from django.utils import timezone
 
 from apps.deliveries.models import Delivery, DeliveryEvent, Notification
@@ -113,8 +114,8 @@ def _cursor_lock(*, horizon: datetime) -> RollupCursor:
     cursor_row = RollupCursor.objects.select_for_update().filter(name=CURSOR_NAME).first()
     if cursor_row is not None:
         return cursor_row
-    # Ids grow with time, so the first by id is (nearly) the oldest, found through the key.
-    first = DeliveryEvent.objects.order_by("id").values_list("created_at", flat=True).first()
+    # Read once, on the first run: one scan of the history, so that nothing written before is left out.
+    first = DeliveryEvent.objects.aggregate(first=Min("created_at"))["first"]
     start = min(first, horizon) if first is not None else horizon
     RollupCursor.objects.get_or_create(name=CURSOR_NAME, defaults={"counted_until": start})
     return RollupCursor.objects.select_for_update().get(name=CURSOR_NAME)
