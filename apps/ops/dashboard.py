@@ -127,7 +127,7 @@ def percentile_estimate(*, histogram: dict[int, int], quantile: float) -> float 
 
 
 def _delivery_link(*, since: datetime, **filters: str) -> str:
-    query = {**filters, "updated_at__gte": since.strftime("%Y-%m-%d %H:%M:%S")}
+    query = {**filters, "updated_at__gte": since.replace(microsecond=0).isoformat()}
     return f"{reverse('admin:deliveries_delivery_changelist')}?{urlencode(query)}"
 
 
@@ -330,3 +330,48 @@ def line_chart_svg(*, title: str, series: dict[str, list[float]], width: int = 5
 
 
 
+
+
+# Engagement analytics: what each rate counts, over the deliveries sent in the group.
+ENGAGEMENT_OUTCOMES = ("delivered", "opened", "clicked", "unsubscribed", "complained")
+ANALYTICS_GROUPS = {"channel": "channel", "category": "category_id", "template_version": "template_version_id"}
+
+
+def engagement_rates(
+    *,
+    tenant_id: UUID,
+    since: datetime,
+    until: datetime,
+    group_by: Sequence[str],
+    category_id: int | None = None,
+) -> list[dict[str, Any]]:
+    """Sent, delivered, opened, clicked, unsubscribed and complained per group over
+    [since, until) (whole hours, from the hourly rollups), with each as a rate of those sent."""
+    columns = [ANALYTICS_GROUPS[name] for name in group_by]
+    selected = ", ".join(columns)
+    category_sql, category_params = ("AND category_id = %s", [category_id]) if category_id is not None else ("", [])
+    rows = _rows(
+        sql=f"SELECT {selected}, outcome, sum(count) FROM {DeliveryRollupHour._meta.db_table} "
+        f"WHERE tenant_id = %s AND bucket >= %s AND bucket < %s {category_sql} "
+        f"AND outcome IN ('sent', {', '.join(['%s'] * len(ENGAGEMENT_OUTCOMES))}) "
+        f"GROUP BY {selected}, outcome ORDER BY {selected}",
+        params=[tenant_id, since, until, *category_params, *ENGAGEMENT_OUTCOMES],
+    )
+    groups: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for row in rows:
+        *key, outcome, total = row
+        groups[tuple(key)][outcome] += int(total)
+    results = []
+    for key, counts in groups.items():
+        sent = counts.get("sent", 0)
+        results.append(
+            {
+                **dict(zip(group_by, key, strict=True)),
+                "sent": sent,
+                **{name: counts.get(name, 0) for name in ENGAGEMENT_OUTCOMES},
+                "rates": {
+                    name: round(counts.get(name, 0) / sent, 4) if sent else None for name in ENGAGEMENT_OUTCOMES
+                },
+            }
+        )
+    return results
