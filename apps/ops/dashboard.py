@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 # Each period: its span, and the step of its charts.
 PERIODS: dict[str, tuple[timedelta, timedelta]] = {
     "hour": (timedelta(hours=1), timedelta(minutes=1)),
-    "day": (timedelta(days=1), timedelta(minutes=30)),
+    "day": (timedelta(days=1), timedelta(hours=1)),
     "week": (timedelta(days=7), timedelta(hours=6)),
 }
 DEFAULT_PERIOD = "day"
@@ -97,7 +97,8 @@ def period_parse(*, value: str | None) -> str:
 
 
 def _rollup_table(*, period: str) -> str:
-    model = DeliveryRollupHour if period == "week" else DeliveryRollupMinute
+    """Minutes for the last hour; hours for longer, so that a page reads a few thousand rows."""
+    model = DeliveryRollupMinute if period == "hour" else DeliveryRollupHour
     return model._meta.db_table
 
 
@@ -137,6 +138,8 @@ def dashboard_build(*, tenant_id: UUID | None, period: str, now: datetime | None
     span, step = PERIODS[period]
     since = now - span
     table = _rollup_table(period=period)
+    if table == DeliveryRollupHour._meta.db_table:
+        since = since.replace(minute=0, second=0, microsecond=0)  # the whole first hour
     scope, scope_params = _scope_sql(tenant_id=tenant_id)
     counted = _rows(
         sql=f"SELECT channel, provider, outcome, sum(count) FROM {table} WHERE bucket >= %s {scope} "
