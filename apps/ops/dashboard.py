@@ -342,7 +342,7 @@ ANALYTICS_GROUPS = {"channel": "channel", "category": "category_id", "template_v
 
 def engagement_rates(
     *,
-    tenant_id: UUID,
+    tenant_id: UUID | None,
     since: datetime,
     until: datetime,
     group_by: Sequence[str],
@@ -353,12 +353,13 @@ def engagement_rates(
     columns = [ANALYTICS_GROUPS[name] for name in group_by]
     selected = ", ".join(columns)
     category_sql, category_params = ("AND category_id = %s", [category_id]) if category_id is not None else ("", [])
+    scope, scope_params = _scope_sql(tenant_id=tenant_id)
     rows = _rows(
         sql=f"SELECT {selected}, outcome, sum(count) FROM {DeliveryRollupHour._meta.db_table} "
-        f"WHERE tenant_id = %s AND bucket >= %s AND bucket < %s {category_sql} "
+        f"WHERE bucket >= %s AND bucket < %s {scope} {category_sql} "
         f"AND outcome IN ('sent', {', '.join(['%s'] * len(ENGAGEMENT_OUTCOMES))}) "
         f"GROUP BY {selected}, outcome ORDER BY {selected}",
-        params=[tenant_id, since, until, *category_params, *ENGAGEMENT_OUTCOMES],
+        params=[since, until, *scope_params, *category_params, *ENGAGEMENT_OUTCOMES],
     )
     groups: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for row in rows:

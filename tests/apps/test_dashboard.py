@@ -134,3 +134,17 @@ def test_the_notification_list_shows_each_notifications_status_and_channels_with
         html = admin_client.get("/admin/deliveries/notification/").content.decode()
     assert html.count('<td class="field-overall_status">delivered</td>') == 3
     assert len(five) == len(two)
+
+
+def test_the_analytics_page_shows_the_staff_tenants_rates_only():
+    alpha, bravo = tenant_world(tag="alpha"), tenant_world(tag="bravo")
+    world_history(tag="alpha", failures=1)
+    world_history(tag="bravo", failures=1)
+    rollups_advance(now=timezone.now() + timedelta(seconds=settings.NOTIFY_ROLLUP_SETTLE_SECONDS + 1))
+    client = Client()
+    client.force_login(alpha.staff)
+    response = client.get("/admin/analytics/?days=nonsense")
+    assert response.status_code == 200
+    table = figures(response.content.decode(), "notify-analytics")
+    assert "<td>alpha-category</td><td>inapp</td>" in table
+    assert "bravo" not in table
