@@ -51,9 +51,9 @@ class AnalyticsQuerySerializer(serializers.Serializer):
         return attrs
 
 
-_RATES = {name: serializers.FloatField(allow_null=True) for name in ENGAGEMENT_OUTCOMES}
-_COUNTS = {name: serializers.IntegerField() for name in ("sent", *ENGAGEMENT_OUTCOMES)}
-_GROUP = {
+_RATES: dict[str, serializers.Field] = {name: serializers.FloatField(allow_null=True) for name in ENGAGEMENT_OUTCOMES}
+_COUNTS: dict[str, serializers.Field] = {name: serializers.IntegerField() for name in ("sent", *ENGAGEMENT_OUTCOMES)}
+_GROUP: dict[str, serializers.Field] = {
     "channel": serializers.CharField(required=False),
     "category": serializers.CharField(required=False, help_text="The category's key."),
     "template_version": serializers.IntegerField(required=False, help_text="The template version's id."),

@@ -303,7 +303,16 @@ class DeliveryInline(admin.TabularInline):
 
 @admin.register(Notification)
 class NotificationAdmin(ReadOnlyAdmin):
-    list_display = ("id", "recipient", "category", "priority", "overall_status", "channels", "created_at", "cancelled_at")
+    list_display = (
+        "id",
+        "recipient",
+        "category",
+        "priority",
+        "overall_status",
+        "channels",
+        "created_at",
+        "cancelled_at",
+    )
     list_filter = ("tenant", "category", "priority", "deliveries__status", "deliveries__channel")
     search_fields = ("=id", "recipient__external_id", "recipient__email", "=event__id", "=event__correlation_id")
     date_hierarchy = "created_at"
@@ -317,8 +326,12 @@ class NotificationAdmin(ReadOnlyAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Notification]:
         # The list's status and channels columns read every row's deliveries: one query for the page.
-        return super().get_queryset(request).prefetch_related(
-            Prefetch("deliveries", queryset=Delivery.objects.only("id", "notification_id", "channel", "status"))
+        return (
+            super()
+            .get_queryset(request)
+            .prefetch_related(
+                Prefetch("deliveries", queryset=Delivery.objects.only("id", "notification_id", "channel", "status"))
+            )
         )
 
     @admin.display(description="status")

@@ -276,7 +276,9 @@ def _charts(
     p50 = [percentile_estimate(histogram=h, quantile=0.5) or 0.0 for h in histograms]
     p99 = [percentile_estimate(histogram=h, quantile=0.99) or 0.0 for h in histograms]
     return (
-        line_chart_svg(title="Throughput per step", series={"sent": throughput["sent"], "failed": throughput["failed"]}),
+        line_chart_svg(
+            title="Throughput per step", series={"sent": throughput["sent"], "failed": throughput["failed"]}
+        ),
         line_chart_svg(title="Accept to sent (ms)", series={"P50": p50, "P99": p99}),
     )
 
@@ -332,9 +334,6 @@ def line_chart_svg(*, title: str, series: dict[str, list[float]], width: int = 5
     )
 
 
-
-
-
 # Engagement analytics: what each rate counts, over the deliveries sent in the group.
 ENGAGEMENT_OUTCOMES = ("delivered", "opened", "clicked", "unsubscribed", "complained")
 ANALYTICS_GROUPS = {"channel": "channel", "category": "category_id", "template_version": "template_version_id"}
@@ -363,8 +362,8 @@ def engagement_rates(
     )
     groups: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for row in rows:
-        *key, outcome, total = row
-        groups[tuple(key)][outcome] += int(total)
+        key, outcome, total = tuple(row[:-2]), row[-2], row[-1]
+        groups[key][outcome] += int(total)
     results = []
     for key, counts in groups.items():
         sent = counts.get("sent", 0)
@@ -373,9 +372,7 @@ def engagement_rates(
                 **dict(zip(group_by, key, strict=True)),
                 "sent": sent,
                 **{name: counts.get(name, 0) for name in ENGAGEMENT_OUTCOMES},
-                "rates": {
-                    name: round(counts.get(name, 0) / sent, 4) if sent else None for name in ENGAGEMENT_OUTCOMES
-                },
+                "rates": {name: round(counts.get(name, 0) / sent, 4) if sent else None for name in ENGAGEMENT_OUTCOMES},
             }
         )
     return results

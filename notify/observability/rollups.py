@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -98,7 +99,7 @@ def rollups_advance(*, now: datetime | None = None) -> int:
             if start >= horizon:
                 break
             end = min(start + CHUNK, horizon)
-            params = {"start": start, "end": end, "bounds": list(LATENCY_BOUNDS_MS)}
+            params: dict[str, Any] = {"start": start, "end": end, "bounds": list(LATENCY_BOUNDS_MS)}
             with connection.cursor() as cursor:
                 cursor.execute(_add_sql(table=DeliveryRollupMinute._meta.db_table), {**params, "grain": "minute"})
                 cursor.execute(_add_sql(table=DeliveryRollupHour._meta.db_table), {**params, "grain": "hour"})

@@ -5,11 +5,11 @@ import re
 from datetime import timedelta
 
 import pytest
-from django.contrib.auth.models import Permission
 from django.conf import settings
+from django.contrib.auth.models import Permission
+from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
-from django.db import connection
 from django.utils import timezone
 
 from apps.deliveries.models import Delivery, DeliveryEvent, DeliveryStatus, Notification
@@ -38,7 +38,8 @@ def figures(html: str, table: str) -> str:
 
 
 def test_the_dashboard_shows_a_tenants_staff_only_their_tenants_figures():
-    alpha, bravo = tenant_world(tag="alpha"), tenant_world(tag="bravo")
+    alpha = tenant_world(tag="alpha")
+    tenant_world(tag="bravo")
     world_history(tag="alpha", failures=3)
     world_history(tag="bravo", failures=7)
     rollups_advance(now=timezone.now() + timedelta(seconds=settings.NOTIFY_ROLLUP_SETTLE_SECONDS + 1))
@@ -53,7 +54,7 @@ def test_the_dashboard_shows_a_tenants_staff_only_their_tenants_figures():
     assert re.search(r"<td>email</td><td><a [^>]*>0</a></td><td><a [^>]*>0</a></td><td><a [^>]*>3</a>", channels)
     assert re.search(r"<td>inapp</td><td><a [^>]*>1</a>", channels)
     assert "alpha address rejected" in html and "bravo" not in html
-    assert html.count("<svg class=\"notify-chart\"") == 2
+    assert html.count('<svg class="notify-chart"') == 2
     # The installation's gauges, canary and alerts are for superusers.
     assert "Open alerts" not in html
 
@@ -127,7 +128,10 @@ def test_the_notification_list_shows_each_notifications_status_and_channels_with
             priority="normal",
         )
         Delivery.objects.create(
-            notification=copy, channel="email", priority="normal", status=DeliveryStatus.DELIVERED,
+            notification=copy,
+            channel="email",
+            priority="normal",
+            status=DeliveryStatus.DELIVERED,
             next_attempt_at=timezone.now(),
         )
     with CaptureQueriesContext(connection) as five:
@@ -137,7 +141,8 @@ def test_the_notification_list_shows_each_notifications_status_and_channels_with
 
 
 def test_the_analytics_page_shows_the_staff_tenants_rates_only():
-    alpha, bravo = tenant_world(tag="alpha"), tenant_world(tag="bravo")
+    alpha = tenant_world(tag="alpha")
+    tenant_world(tag="bravo")
     world_history(tag="alpha", failures=1)
     world_history(tag="bravo", failures=1)
     rollups_advance(now=timezone.now() + timedelta(seconds=settings.NOTIFY_ROLLUP_SETTLE_SECONDS + 1))

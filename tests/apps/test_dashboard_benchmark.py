@@ -70,6 +70,8 @@ def test_the_dashboard_renders_quickly_over_a_week_of_ten_million_deliveries(adm
         assert response.status_code == 200
         assert b'<svg class="notify-chart"' in response.content
     with capsys.disabled():
-        print(f"\ndashboard render with {total:,} deliveries in the rollups: "
-              + ", ".join(f"{period} {seconds * 1000:.0f} ms" for period, seconds in timings.items()))
+        print(
+            f"\ndashboard render with {total:,} deliveries in the rollups: "
+            + ", ".join(f"{period} {seconds * 1000:.0f} ms" for period, seconds in timings.items())
+        )
     assert max(timings.values()) < BOUND_SECONDS, timings
