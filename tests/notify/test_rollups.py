@@ -1,6 +1,7 @@
 """The delivery rollups agree with the history they count, including provider feedback that
 arrives after a run, and every row is counted once however often the task runs."""
 
+import json
 from collections import Counter
 from datetime import datetime, timedelta
 
@@ -116,3 +117,18 @@ def test_rows_not_yet_settled_wait_for_a_later_run(workspace, workers):
 
     rollups_advance(now=settled_now())
     assert rolled_up_counts() == raw_counts()
+
+
+def test_the_rollups_lag_is_a_gauge(workspace, broker):
+    from notify.observability.gauges import GAUGES_KEY, gauges_compute
+    from notify.policy.caps import redis_client
+
+    DeliveryEvent.objects.create(
+        delivery=ingest_one(workspace), status="sent", created_at=timezone.now() - timedelta(minutes=10)
+    )
+    now = timezone.now()
+    rollups_advance(now=now)
+    assert gauges_compute(now=now, force=True)
+    stored = json.loads(redis_client().get(GAUGES_KEY))
+    [lag] = [value for name, _, value in stored if name == "notify_rollup_lag_seconds"]
+    assert lag == pytest.approx(settings.NOTIFY_ROLLUP_SETTLE_SECONDS, abs=0.01)
