@@ -40,6 +40,8 @@ LATENCY_BOUNDS_MS = tuple(int(bound * 1000) for bound in LATENCY_BUCKETS)
 CHUNK = timedelta(hours=1)
 # Chunks per run at most: a long catch-up continues on the next runs.
 CHUNKS_PER_RUN = 48
+# Minutes are read for the last hour only (the longer views read hours): older ones are deleted.
+MINUTES_KEPT = timedelta(days=2)
 
 _COUNTED = f"""
     SELECT date_trunc(%(grain)s, least(coalesce((e.detail->>'occurred_at')::timestamptz, e.created_at),
@@ -106,6 +108,7 @@ def rollups_advance(*, now: datetime | None = None) -> int:
             cursor_row.counted_until = end
             cursor_row.save(update_fields=["counted_until", "updated_at"])
         chunks += 1
+    DeliveryRollupMinute.objects.filter(bucket__lt=horizon - MINUTES_KEPT).delete()
     return chunks
 
 

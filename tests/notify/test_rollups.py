@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from apps.deliveries.models import Delivery, DeliveryEvent, DeliveryStatus
 from apps.ops.models import DeliveryRollupHour, DeliveryRollupMinute, RollupCursor
-from notify.observability.rollups import rollups_advance
+from notify.observability.rollups import MINUTES_KEPT, rollups_advance
 from notify.pipeline.record import Feedback, feedback_record
 from tests.helpers import wait_for
 from tests.notify.test_send import ingest_one
@@ -103,6 +103,12 @@ def test_rollups_agree_with_the_history_after_a_real_run_and_late_feedback(works
     # Running again counts nothing twice.
     rollups_advance(now=settled_now())
     assert rolled_up_counts() == raw_counts()
+
+    # Minutes older than the minute views need are deleted; the hours stay.
+    hours_before = DeliveryRollupHour.objects.aggregate(n=Sum("count"))["n"]
+    rollups_advance(now=settled_now() + MINUTES_KEPT + timedelta(hours=1))
+    assert not DeliveryRollupMinute.objects.exists()
+    assert DeliveryRollupHour.objects.aggregate(n=Sum("count"))["n"] == hours_before
 
 
 def test_rows_not_yet_settled_wait_for_a_later_run(workspace, workers):
