@@ -15,6 +15,7 @@ from apps.ops.models import DeliveryRollupHour, DeliveryRollupMinute, RollupCurs
 from notify.observability.rollups import MINUTES_KEPT, rollups_advance
 from notify.pipeline.record import Feedback, feedback_record
 from tests.helpers import wait_for
+from tests.notify.test_email_feedback import webhooks  # noqa: F401 - a fixture
 from tests.notify.test_send import ingest_one
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -138,3 +139,17 @@ def test_the_rollups_lag_is_a_gauge(workspace, broker):
     stored = json.loads(redis_client().get(GAUGES_KEY))
     [lag] = [value for name, _, value in stored if name == "notify_rollup_lag_seconds"]
     assert lag == pytest.approx(settings.NOTIFY_ROLLUP_SETTLE_SECONDS, abs=0.01)
+
+
+def test_rollups_agree_after_the_providers_delivered_webhook(workspace, workers, webhooks):
+    workers.start("normal")
+    delivery = ingest_one(workspace)
+    wait_for(
+        lambda: Delivery.objects.get(pk=delivery.pk).status in (DeliveryStatus.SENT, DeliveryStatus.DELIVERED),
+        what="sent",
+    )
+    rollups_advance(now=settled_now())  # usually before the sandbox's webhook has come in
+    wait_for(lambda: Delivery.objects.get(pk=delivery.pk).status == DeliveryStatus.DELIVERED, what="delivered")
+    rollups_advance(now=settled_now())
+    assert rolled_up_counts() == raw_counts()
+    assert DeliveryRollupMinute.objects.get(outcome="delivered").count == 1
