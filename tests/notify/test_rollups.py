@@ -141,7 +141,8 @@ def test_the_rollups_lag_is_a_gauge(workspace, broker):
     assert lag == pytest.approx(settings.NOTIFY_ROLLUP_SETTLE_SECONDS, abs=0.01)
 
 
-def test_rollups_agree_after_the_providers_delivered_webhook(workspace, workers, webhooks):
+@pytest.mark.usefixtures("webhooks")
+def test_rollups_agree_after_the_providers_delivered_webhook(workspace, workers):
     workers.start("normal")
     delivery = ingest_one(workspace)
     wait_for(
