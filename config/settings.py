@@ -358,6 +358,19 @@ if NOTIFY_RETENTION_INTERVAL_SECONDS:
         "options": {"queue": "maintenance", "expires": NOTIFY_RETENTION_INTERVAL_SECONDS},
     }
 
+# --- Rollups and the dashboard (notify/observability/rollups.py) ---------------------------
+# How often beat counts the new delivery history into the per-minute and per-hour rollups.
+NOTIFY_ROLLUP_INTERVAL_SECONDS = env.float("NOTIFY_ROLLUP_INTERVAL_SECONDS", default=30.0)
+# How far the rollups trail the clock: longer than any transaction that writes delivery history
+# takes to commit (and any clock skew between the workers), so that none is skipped.
+NOTIFY_ROLLUP_SETTLE_SECONDS = env.float("NOTIFY_ROLLUP_SETTLE_SECONDS", default=60.0)
+if NOTIFY_ROLLUP_INTERVAL_SECONDS:
+    CELERY_BEAT_SCHEDULE["notify-rollups"] = {
+        "task": "notify.rollups",
+        "schedule": timedelta(seconds=NOTIFY_ROLLUP_INTERVAL_SECONDS),
+        "options": {"queue": "maintenance", "expires": max(NOTIFY_ROLLUP_INTERVAL_SECONDS, 30.0)},
+    }
+
 # --- Delivery engine --------------------------------------------------------------------
 NOTIFY_BATCH_SIZE = {
     "critical": 1,

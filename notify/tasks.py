@@ -114,3 +114,11 @@ def webhooks_dispatch() -> int:
 @shared_task(name=webhooks.DELIVER_TASK)
 def webhooks_deliver(endpoint_id: str) -> int:
     return webhooks.endpoint_deliver(endpoint_id=UUID(endpoint_id))
+
+
+@shared_task(name="notify.rollups")
+def rollups_advance() -> int:
+    """Count the new delivery history into the dashboard's rollups."""
+    from notify.observability.rollups import rollups_advance as advance
+
+    return advance()

@@ -1,6 +1,6 @@
 from django import forms
 from django.contrib import admin
-from django.db.models import QuerySet
+from django.db.models import Prefetch, QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 
@@ -268,6 +268,30 @@ class EventAdmin(ReadOnlyAdmin):
     list_select_related = ("tenant", "category")
 
 
+# From the best news to the worst: a notification's overall status is the first of these that
+# any of its deliveries reached (a fallback that reached the recipient outranks a failed step).
+_OVERALL_ORDER = (
+    ("clicked", {"clicked"}),
+    ("opened", {"opened"}),
+    ("delivered", {"delivered"}),
+    ("sent", {"sent"}),
+    ("in progress", {"queued", "sending", "retrying", "deferred", "standby"}),
+    ("failed", {"failed", "dead", "bounced", "complained"}),
+    ("suppressed", {"suppressed"}),
+    ("expired", {"expired"}),
+    ("cancelled", {"cancelled"}),
+)
+
+
+def notification_overall_status(*, statuses: list[str]) -> str:
+    """One word for a notification from its deliveries' states."""
+    present = set(statuses)
+    for label, members in _OVERALL_ORDER:
+        if present & members:
+            return label
+    return "no deliveries"
+
+
 class DeliveryInline(admin.TabularInline):
     model = Delivery
     extra = 0
@@ -279,7 +303,16 @@ class DeliveryInline(admin.TabularInline):
 
 @admin.register(Notification)
 class NotificationAdmin(ReadOnlyAdmin):
-    list_display = ("id", "recipient", "category", "priority", "created_at", "cancelled_at")
+    list_display = (
+        "id",
+        "recipient",
+        "category",
+        "priority",
+        "overall_status",
+        "channels",
+        "created_at",
+        "cancelled_at",
+    )
     list_filter = ("tenant", "category", "priority", "deliveries__status", "deliveries__channel")
     search_fields = ("=id", "recipient__external_id", "recipient__email", "=event__id", "=event__correlation_id")
     date_hierarchy = "created_at"
@@ -290,6 +323,24 @@ class NotificationAdmin(ReadOnlyAdmin):
 
     def has_cancel_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("deliveries.cancel_notification")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Notification]:
+        # The list's status and channels columns read every row's deliveries: one query for the page.
+        return (
+            super()
+            .get_queryset(request)
+            .prefetch_related(
+                Prefetch("deliveries", queryset=Delivery.objects.only("id", "notification_id", "channel", "status"))
+            )
+        )
+
+    @admin.display(description="status")
+    def overall_status(self, notification: Notification) -> str:
+        return notification_overall_status(statuses=[d.status for d in notification.deliveries.all()])
+
+    @admin.display(description="channels")
+    def channels(self, notification: Notification) -> str:
+        return ", ".join(f"{d.channel}: {d.status}" for d in notification.deliveries.all()) or "—"
 
     @admin.display(description="Why: every state change of every delivery")
     def history(self, notification: Notification) -> str:

@@ -205,3 +205,76 @@ class RetentionPolicy(models.Model):
 
     def __str__(self) -> str:
         return f"{self.retention_days or 'forever'} days"
+
+
+class DeliveryRollup(models.Model):
+    """Delivery history counted per bucket of time (notify/observability/rollups.py): what the
+    dashboard and the analytics read, so that no page scans the history.
+
+    A row counts the history rows of one outcome in one bucket for one combination of the
+    labels. `sent` rows are split further by `latency_bucket`, the histogram bucket their
+    accept-to-sent time falls in (LATENCY_BOUNDS_MS), so that percentiles can be estimated."""
+
+    bucket = models.DateTimeField()
+    # No foreign key constraints: the rollups are derived figures, rebuilt from the history,
+    # and must not slow the deletion of a tenant or hold a template version alive.
+    tenant = models.ForeignKey(
+        "tenants.Tenant", on_delete=models.DO_NOTHING, db_constraint=False, db_index=False, related_name="+"
+    )
+    category = models.ForeignKey(
+        "catalog.Category", on_delete=models.DO_NOTHING, db_constraint=False, db_index=False, related_name="+"
+    )
+    template_version = models.ForeignKey(
+        "catalog.TemplateVersion", on_delete=models.DO_NOTHING, db_constraint=False, db_index=False, related_name="+"
+    )
+    channel = models.CharField(max_length=16, choices=Channel.choices)
+    provider = models.CharField(max_length=50, blank=True, default="", help_text="Empty: the configured default.")
+    priority = models.CharField(max_length=16)
+    outcome = models.CharField(max_length=16, help_text="The delivery state, or `unsubscribed` for an opt-out.")
+    latency_bucket = models.SmallIntegerField(default=-1, help_text="Sent only: the accept-to-sent bucket.")
+    count = models.BigIntegerField(default=0)
+    latency_ms_sum = models.BigIntegerField(default=0)
+
+    class Meta:
+        abstract = True
+
+
+ROLLUP_KEY = (
+    "bucket",
+    "tenant",
+    "category",
+    "template_version",
+    "channel",
+    "provider",
+    "priority",
+    "outcome",
+    "latency_bucket",
+)
+
+
+class DeliveryRollupMinute(DeliveryRollup):
+    """Delivery history per minute: the hour and day views, and the source of the hours."""
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=ROLLUP_KEY, name="rollup_minute_key")]
+        indexes = [models.Index(fields=["tenant", "bucket"], name="rollup_minute_tenant")]
+
+
+class DeliveryRollupHour(DeliveryRollup):
+    """Delivery history per hour, summed from the minutes: the week view."""
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=ROLLUP_KEY, name="rollup_hour_key")]
+        indexes = [models.Index(fields=["tenant", "bucket"], name="rollup_hour_tenant")]
+
+
+class RollupCursor(models.Model):
+    """How far the rollups have counted the history: every minute before `counted_until` is
+    final, except the trailing window each run counts again (notify/observability/rollups.py)."""
+
+    name = models.SlugField(max_length=50, unique=True)
+    counted_until = models.DateTimeField()
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} until {self.counted_until:%Y-%m-%d %H:%M}"

@@ -6,6 +6,7 @@ with no tenant (the installation's providers and kill switches) are the superuse
 ModelAdmin (auth, celery beat, axes, django-otp, and whatever is added later without a scope)
 is for superusers only, so that a forgotten declaration fails closed."""
 
+from datetime import timedelta
 from typing import Any
 
 from django import forms
@@ -21,10 +22,12 @@ from django.forms import ModelChoiceField
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, URLResolver, path, reverse
+from django.utils import timezone
 from django_otp import login as otp_login
 from django_otp import user_has_device
 from django_otp.forms import OTPAuthenticationFormMixin
 
+from apps.catalog.models import Category
 from apps.tenants.models import Tenant
 from apps.tenants.two_factor import (
     totp_device_confirm,
@@ -214,8 +217,59 @@ class NotifyAdminSite(admin.AdminSite):
             return HttpResponseRedirect(reverse("admin:two_factor_enrol", current_app=self.name))
         return super().login(request, extra_context)
 
+    def index(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> TemplateResponse:
+        """The home page: the dashboard (apps/ops/dashboard.py) over the app list."""
+        from apps.ops.dashboard import dashboard_build, period_parse  # the ops app imports this module
+
+        context = dict(extra_context or {})
+        user = request.user
+        tenant = staff_tenant(user=user)
+        if user.is_superuser or tenant is not None:
+            period = period_parse(value=request.GET.get("period"))
+            context["dashboard"] = dashboard_build(
+                tenant_id=None if user.is_superuser else tenant.pk,  # type: ignore[union-attr]
+                period=period,
+            )
+            context["periods"] = ("hour", "day", "week")
+        return super().index(request, context)
+
     def get_urls(self) -> list[URLResolver | URLPattern]:
-        return [path("two-factor/", self.two_factor_enrol_view, name="two_factor_enrol"), *super().get_urls()]
+        return [
+            path("two-factor/", self.two_factor_enrol_view, name="two_factor_enrol"),
+            path("analytics/", self.admin_view(self.analytics_view), name="analytics"),
+            *super().get_urls(),
+        ]
+
+    def analytics_view(self, request: HttpRequest) -> HttpResponse:
+        """Engagement rates per channel, category and template version over the last N days."""
+        from apps.ops.dashboard import engagement_rates  # the ops app imports this module
+
+        user = request.user
+        tenant = staff_tenant(user=user)
+        if not (user.is_superuser or tenant is not None):
+            return HttpResponseRedirect(reverse("admin:index", current_app=self.name))
+        try:
+            days = min(max(int(request.GET.get("days", "7")), 1), 92)
+        except ValueError:
+            days = 7
+        until = timezone.now()
+        since = (until - timedelta(days=days)).replace(minute=0, second=0, microsecond=0)
+        rows = engagement_rates(
+            tenant_id=None if user.is_superuser else tenant.pk,  # type: ignore[union-attr]
+            since=since,
+            until=until,
+            group_by=["category", "channel", "template_version"],
+        )
+        categories = dict(
+            tenant_rows(queryset=Category.objects.all(), user=user, tenant_path="tenant").values_list("id", "key")
+        )
+        context = {
+            **self.each_context(request),
+            "title": "Engagement analytics",
+            "days": days,
+            "rows": [{**row, "category": categories.get(row["category"], row["category"])} for row in rows],
+        }
+        return TemplateResponse(request, "admin/analytics.html", context)
 
     def two_factor_enrol_view(self, request: HttpRequest) -> HttpResponse:
         """Enrol a TOTP device: show its key, confirm it with a code, and verify this session."""

@@ -90,6 +90,7 @@ class Scope(models.TextChoices):
     RECIPIENTS_WRITE = "recipients:write", "Change recipients, preferences, consents, devices, subscriptions"
     INBOX_TOKENS = "inbox:tokens", "Issue inbox tokens for recipients' browsers"
     ADMIN = "admin", "Change configuration: recurring sends"
+    ANALYTICS_READ = "analytics:read", "Read delivery and engagement analytics"
 
 
 ALL_SCOPES = [scope.value for scope in Scope]

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from apps.audiences.models import Broadcast, BroadcastState
 from apps.deliveries.models import CLAIMABLE_STATUSES, DeadLetter, Delivery, DeliveryStatus, Provider
+from apps.ops.models import RollupCursor
 from apps.tenants.models import Tenant
 from config.queues import ALL_QUEUES, CHANNELS, PRIORITIES
 from notify.observability.canary import canary_latest
@@ -136,6 +137,13 @@ def webhook_samples(*, now: datetime) -> Iterator[Sample]:
     yield "notify_webhook_messages_pending", {}, float(pending)
 
 
+def rollup_samples(*, now: datetime) -> Iterator[Sample]:
+    """How far the rollups' cursor trails the clock (the settling time when they keep up)."""
+    counted_until = RollupCursor.objects.values_list("counted_until", flat=True).first()
+    if counted_until is not None:
+        yield "notify_rollup_lag_seconds", {}, max((now - counted_until).total_seconds(), 0.0)
+
+
 def canary_samples(*, now: datetime) -> Iterator[Sample]:
     """Each channel's canary: whether its latest settled run arrived in time, when one last
     did, and how long its latest settled run took to each stage."""
@@ -160,6 +168,7 @@ GAUGE_SOURCES: tuple[Callable[..., Iterator[Sample]], ...] = (
     runaway_samples,
     webhook_samples,
     canary_samples,
+    rollup_samples,
 )
 
 

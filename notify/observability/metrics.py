@@ -149,6 +149,9 @@ DB_GAUGES: dict[str, GaugeSpec] = {
     ),
     "notify_webhook_messages_pending": GaugeSpec("Webhook messages waiting for enabled endpoints.", ()),
     "notify_runaway_holds": GaugeSpec("Tenants paused by the runaway-send guard.", ()),
+    "notify_rollup_lag_seconds": GaugeSpec(
+        "How far behind the clock the dashboard's rollups have counted the delivery history.", ()
+    ),
     # Filled from the canary's own results (see gauges.py, GAUGE_SOURCES).
     "notify_canary_success": GaugeSpec("1 when the channel's latest canary arrived in time, else 0.", ("channel",)),
     "notify_canary_last_success_timestamp_seconds": GaugeSpec(
