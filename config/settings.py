@@ -4,6 +4,7 @@ and only here. A missing required setting fails loudly at start-up."""
 import json
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
@@ -265,6 +266,18 @@ if NOTIFY_GAUGES_INTERVAL_SECONDS < 2:
     raise ImproperlyConfigured("NOTIFY_GAUGES_INTERVAL_SECONDS is at least 2.")
 # django-celery-beat's DatabaseScheduler, with a heartbeat for the `beat_health` probe.
 CELERY_BEAT_SCHEDULER = "config.beat:HeartbeatScheduler"
+
+
+def periodic_task(*, task: str, seconds: float, queue: str = "maintenance") -> dict[str, Any]:
+    """A beat entry. A run still queued when the next is due (or after 30 s) expires: the
+    next run does the same work."""
+    return {
+        "task": task,
+        "schedule": timedelta(seconds=seconds),
+        "options": {"queue": queue, "expires": max(seconds, 30.0)},
+    }
+
+
 # Defined in code; django-celery-beat's DatabaseScheduler copies it into its tables.
 CELERY_BEAT_SCHEDULE = {
     "notify-sweep": {
@@ -310,11 +323,7 @@ NOTIFY_CANARY_DELIVERED_CHANNELS = env.list("NOTIFY_CANARY_DELIVERED_CHANNELS", 
 # Runs, and the canary's notifications, are kept this long.
 NOTIFY_CANARY_KEEP_DAYS = env.float("NOTIFY_CANARY_KEEP_DAYS", default=7.0)
 if NOTIFY_CANARY_INTERVAL_SECONDS:
-    CELERY_BEAT_SCHEDULE["notify-canary"] = {
-        "task": "notify.canary",
-        "schedule": timedelta(seconds=NOTIFY_CANARY_INTERVAL_SECONDS),
-        "options": {"queue": "maintenance", "expires": max(NOTIFY_CANARY_INTERVAL_SECONDS, 30.0)},
-    }
+    CELERY_BEAT_SCHEDULE["notify-canary"] = periodic_task(task="notify.canary", seconds=NOTIFY_CANARY_INTERVAL_SECONDS)
 
 # --- Alerts (notify/observability/alerts.py; the rules are kept in the admin) ---------------
 # How often beat evaluates the alert rules. 0: never.
@@ -328,11 +337,7 @@ NOTIFY_ALERT_WEBHOOK_SECRET = env("NOTIFY_ALERT_WEBHOOK_SECRET", default="")
 NOTIFY_ALERT_WEBHOOK_ALLOWED_HOSTS = env.list("NOTIFY_ALERT_WEBHOOK_ALLOWED_HOSTS", default=[])
 NOTIFY_ALERT_WEBHOOK_TIMEOUT_SECONDS = env.float("NOTIFY_ALERT_WEBHOOK_TIMEOUT_SECONDS", default=5.0)
 if NOTIFY_ALERT_INTERVAL_SECONDS:
-    CELERY_BEAT_SCHEDULE["notify-alerts"] = {
-        "task": "notify.alerts",
-        "schedule": timedelta(seconds=NOTIFY_ALERT_INTERVAL_SECONDS),
-        "options": {"queue": "maintenance", "expires": max(NOTIFY_ALERT_INTERVAL_SECONDS, 30.0)},
-    }
+    CELERY_BEAT_SCHEDULE["notify-alerts"] = periodic_task(task="notify.alerts", seconds=NOTIFY_ALERT_INTERVAL_SECONDS)
 
 # --- Compliance: audit log, data rights, retention (docs/compliance.md) --------------------
 # The key of the keyed hash (HMAC-SHA256) an erased person's suppressed addresses are kept as,
@@ -352,11 +357,9 @@ NOTIFY_RETENTION_RUN_SECONDS = env.float("NOTIFY_RETENTION_RUN_SECONDS", default
 # How often beat runs the purge. 0: never.
 NOTIFY_RETENTION_INTERVAL_SECONDS = env.float("NOTIFY_RETENTION_INTERVAL_SECONDS", default=300.0)
 if NOTIFY_RETENTION_INTERVAL_SECONDS:
-    CELERY_BEAT_SCHEDULE["notify-retention"] = {
-        "task": "notify.retention_purge",
-        "schedule": timedelta(seconds=NOTIFY_RETENTION_INTERVAL_SECONDS),
-        "options": {"queue": "maintenance", "expires": NOTIFY_RETENTION_INTERVAL_SECONDS},
-    }
+    CELERY_BEAT_SCHEDULE["notify-retention"] = periodic_task(
+        task="notify.retention_purge", seconds=NOTIFY_RETENTION_INTERVAL_SECONDS
+    )
 
 # --- Rollups and the dashboard (notify/observability/rollups.py) ---------------------------
 # How often beat counts the new delivery history into the per-minute and per-hour rollups.
@@ -365,11 +368,9 @@ NOTIFY_ROLLUP_INTERVAL_SECONDS = env.float("NOTIFY_ROLLUP_INTERVAL_SECONDS", def
 # takes to commit (and any clock skew between the workers), so that none is skipped.
 NOTIFY_ROLLUP_SETTLE_SECONDS = env.float("NOTIFY_ROLLUP_SETTLE_SECONDS", default=60.0)
 if NOTIFY_ROLLUP_INTERVAL_SECONDS:
-    CELERY_BEAT_SCHEDULE["notify-rollups"] = {
-        "task": "notify.rollups",
-        "schedule": timedelta(seconds=NOTIFY_ROLLUP_INTERVAL_SECONDS),
-        "options": {"queue": "maintenance", "expires": max(NOTIFY_ROLLUP_INTERVAL_SECONDS, 30.0)},
-    }
+    CELERY_BEAT_SCHEDULE["notify-rollups"] = periodic_task(
+        task="notify.rollups", seconds=NOTIFY_ROLLUP_INTERVAL_SECONDS
+    )
 
 # --- Delivery engine --------------------------------------------------------------------
 NOTIFY_BATCH_SIZE = {
@@ -551,11 +552,9 @@ NOTIFY_WEBHOOK_CIRCUIT_FAILURES = env.int("NOTIFY_WEBHOOK_CIRCUIT_FAILURES", def
 NOTIFY_WEBHOOK_CIRCUIT_COOLDOWN_SECONDS = env.float("NOTIFY_WEBHOOK_CIRCUIT_COOLDOWN_SECONDS", default=60.0)
 # How often beat hands due webhook messages to the worker (new ones are handed over at once).
 NOTIFY_WEBHOOK_INTERVAL_SECONDS = env.float("NOTIFY_WEBHOOK_INTERVAL_SECONDS", default=5.0)
-CELERY_BEAT_SCHEDULE["notify-webhooks"] = {
-    "task": "notify.webhooks_dispatch",
-    "schedule": timedelta(seconds=NOTIFY_WEBHOOK_INTERVAL_SECONDS),
-    "options": {"queue": "webhooks", "expires": max(NOTIFY_WEBHOOK_INTERVAL_SECONDS, 30.0)},
-}
+CELERY_BEAT_SCHEDULE["notify-webhooks"] = periodic_task(
+    task="notify.webhooks_dispatch", seconds=NOTIFY_WEBHOOK_INTERVAL_SECONDS, queue="webhooks"
+)
 
 # --- Metrics (notify/observability; docs/operations.md, "Metrics") -----------------------
 # Off: every counting call returns at once (the benchmark's baseline); /metrics still answers.

@@ -31,7 +31,6 @@ from django.core.mail import send_mail
 from django.db import connection, transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
-from standardwebhooks.webhooks import Webhook
 
 from apps.catalog.models import Category
 from apps.deliveries.models import Delivery, Notification
@@ -42,7 +41,7 @@ from config.queues import WEBHOOK_QUEUE
 from notify.observability import metrics
 from notify.pipeline.bulk import uuid_array
 from notify.resilience.failures import backoff_delay
-from notify.resilience.outbound import OutboundRefused, OutboundSession
+from notify.resilience.outbound import OutboundRefused, signed_webhook_post
 
 logger = logging.getLogger(__name__)
 
@@ -339,18 +338,15 @@ def webhook_body(*, messages: list[Claimed]) -> tuple[str, str]:
 
 
 def _post(*, endpoint: WebhookEndpoint, webhook_id: str, body: str) -> requests.Response:
-    sent_at = timezone.now().replace(microsecond=0)
-    headers = {
-        "Content-Type": "application/json",
-        "User-Agent": "notify-webhooks",
-        "webhook-id": webhook_id,
-        "webhook-timestamp": str(int(sent_at.timestamp())),
-        "webhook-signature": Webhook(str(endpoint.secret)).sign(msg_id=webhook_id, timestamp=sent_at, data=body),
-    }
-    timeout = settings.NOTIFY_WEBHOOK_TIMEOUT_SECONDS
     try:
-        with OutboundSession(allowed_hosts=settings.NOTIFY_WEBHOOK_ALLOWED_HOSTS, connect_timeout=timeout) as session:
-            response = session.post(endpoint.url, data=body.encode(), headers=headers, timeout=timeout)
+        response = signed_webhook_post(
+            url=endpoint.url,
+            secret=str(endpoint.secret),
+            webhook_id=webhook_id,
+            body=body,
+            allowed_hosts=settings.NOTIFY_WEBHOOK_ALLOWED_HOSTS,
+            timeout=settings.NOTIFY_WEBHOOK_TIMEOUT_SECONDS,
+        )
     except OutboundRefused as refused:
         raise EndpointFailed(reason=f"refused by the outbound guard: {refused.reason}")
     except requests.RequestException as error:

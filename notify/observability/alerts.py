@@ -13,7 +13,6 @@ next window's repeat is)."""
 
 import json
 import logging
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from apps.deliveries.models import CLAIMABLE_STATUSES, DeadLetter, Delivery, Del
 from apps.ops.models import AlertFiring, AlertKind, AlertRule
 from apps.tenants.models import Tenant
 from notify.observability.canary import canary_channels, canary_latest, canary_runs_settle
-from notify.resilience.outbound import OutboundSession
+from notify.resilience.outbound import signed_webhook_post
 from notify.resilience.providers import breaker_state, provider_label, provider_name_of
 
 logger = logging.getLogger(__name__)
@@ -335,17 +334,14 @@ def _webhook_send(*, rule: AlertRule, notice: Notice) -> str:
         # outside DEBUG (apps/deliveries/checks.py).
         raise ValueError(f"NOTIFY_ALERT_WEBHOOK_SECRET cannot sign: {problem}")
     body = json.dumps(alert_payload(rule=rule, notice=notice), separators=(",", ":"))
-    message_id = f"msg_alert_{notice.firing.pk}_{notice.status}_{notice.firing.notices}"
-    sent_at = datetime.fromtimestamp(int(time.time()), tz=UTC)
-    headers = {
-        "Content-Type": "application/json",
-        "webhook-id": message_id,
-        "webhook-timestamp": str(int(sent_at.timestamp())),
-        "webhook-signature": Webhook(secret).sign(msg_id=message_id, timestamp=sent_at, data=body),
-    }
-    timeout = settings.NOTIFY_ALERT_WEBHOOK_TIMEOUT_SECONDS
-    with OutboundSession(allowed_hosts=settings.NOTIFY_ALERT_WEBHOOK_ALLOWED_HOSTS, connect_timeout=timeout) as session:
-        response = session.post(settings.NOTIFY_ALERT_WEBHOOK_URL, data=body.encode(), headers=headers, timeout=timeout)
+    response = signed_webhook_post(
+        url=settings.NOTIFY_ALERT_WEBHOOK_URL,
+        secret=secret,
+        webhook_id=f"msg_alert_{notice.firing.pk}_{notice.status}_{notice.firing.notices}",
+        body=body,
+        allowed_hosts=settings.NOTIFY_ALERT_WEBHOOK_ALLOWED_HOSTS,
+        timeout=settings.NOTIFY_ALERT_WEBHOOK_TIMEOUT_SECONDS,
+    )
     if response.status_code >= 300:
         raise ValueError(f"the receiver answered {response.status_code}")
     return str(response.status_code)

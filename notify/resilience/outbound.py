@@ -21,11 +21,13 @@ http, nothing else could stop the request bytes) before refusing."""
 import ipaddress
 import socket
 from collections.abc import Collection
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from standardwebhooks.webhooks import Webhook
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -190,3 +192,20 @@ class OutboundSession(requests.Session):
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
         kwargs["allow_redirects"] = False
         return super().send(request, **kwargs)
+
+
+def signed_webhook_post(
+    *, url: str, secret: str, webhook_id: str, body: str, allowed_hosts: Collection[str], timeout: float
+) -> requests.Response:
+    """POST a JSON body to a URL someone configured, signed per the Standard Webhooks
+    specification (webhook-id, webhook-timestamp, webhook-signature), through the guard."""
+    sent_at = datetime.now(UTC).replace(microsecond=0)
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "notify-webhooks",
+        "webhook-id": webhook_id,
+        "webhook-timestamp": str(int(sent_at.timestamp())),
+        "webhook-signature": Webhook(secret).sign(msg_id=webhook_id, timestamp=sent_at, data=body),
+    }
+    with OutboundSession(allowed_hosts=allowed_hosts, connect_timeout=timeout) as session:
+        return session.post(url, data=body.encode(), headers=headers, timeout=timeout)
