@@ -138,6 +138,12 @@ class OverBudget(models.TextChoices):
     FALLBACK = "fallback", "Skip the channel (a fallback chain moves on to the next one)"
 
 
+class WhenInDoubt(models.TextChoices):
+    BY_KIND = "", "Resend if critical, else hold"
+    RESEND = "resend", "Resend it (at least once: a person may get it twice)"
+    HOLD = "hold", "Hold it for an operator (at most once)"
+
+
 class OverCap(models.TextChoices):
     SUPPRESS = "suppress", "Suppress it"
     DEFER = "defer", "Defer it until the window has room"
@@ -177,6 +183,14 @@ class Category(models.Model):
         choices=OverBudget.choices,
         default=OverBudget.HOLD,
         help_text="When the tenant's daily SMS budget is spent.",
+    )
+    when_in_doubt = models.CharField(
+        max_length=8,
+        choices=WhenInDoubt.choices,
+        default=WhenInDoubt.BY_KIND,
+        blank=True,
+        help_text="When an attempt's fate is unknown and the provider cannot be asked whether it has the "
+        "message (mobile push, web push and in-app always resend: a repeat replaces the one shown).",
     )
     fallback_timeout = models.DurationField(
         null=True,

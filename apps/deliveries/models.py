@@ -344,8 +344,12 @@ class Delivery(LeanLoading, models.Model):
     lease_token = models.UUIDField(null=True, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     provider_message_id = models.CharField(max_length=255, blank=True, default="")
+    # Set when an attempt's fate is unknown (the worker died, or the provider did not answer
+    # in time) to when that attempt may have reached the provider: before sending again, the
+    # provider is asked whether it has the message (notify/pipeline/reconcile.py).
+    in_doubt_since = models.DateTimeField(null=True, blank=True)
     # Bumped when a provider reports that a message it accepted failed later (a soft bounce):
-    # the re-send is a new message, so it needs a new idempotency key.
+    # the re-send is a new message, which its feedback tells apart by this round.
     resend_round = models.PositiveSmallIntegerField(default=0)
     # SMS: how many segments the provider bills for the rendered text.
     segments = models.PositiveSmallIntegerField(null=True, blank=True)

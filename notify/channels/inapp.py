@@ -12,9 +12,16 @@ from apps.inbox.services import inbox_groups_fold, inbox_item_attributes
 from apps.recipients.models import Recipient
 from notify.channels.base import Channel, OutboundMessage, SendOutcome, timed_outcome
 
+# Items written in one statement.
+IN_APP_BATCH = 250
+
 
 class InAppChannel(Channel):
     name = "inapp"
+    repeats_collapse = True  # one item per delivery
+
+    def messages_per_request(self) -> int:
+        return IN_APP_BATCH  # no provider: one bulk write
 
     def address_for(self, *, recipient: Recipient) -> str:
         return str(recipient.id)  # every recipient has an inbox

@@ -91,6 +91,10 @@ def _credentials(*, overrides: dict[str, Any]) -> credentials.Certificate:
 class PushChannel(RegistryChannel):
     name = "push"
     registry = Device
+    repeats_collapse = True  # the delivery's collapse key and notification tag replace a repeat
+
+    def messages_per_request(self) -> int:
+        return SEND_SLICE  # one send_each() call
 
     def __init__(self, *, overrides: dict[str, Any] | None = None) -> None:
         # A push Provider's own Firebase app: {"project_id": ..., "credentials": {key JSON}}.

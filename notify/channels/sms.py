@@ -6,6 +6,7 @@ capped, and Twilio's signed status callbacks are verified and turned into feedba
 import math
 import time
 from collections.abc import Mapping
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -14,6 +15,7 @@ from uuid import UUID
 import gsm0338  # noqa: F401 - registers the "gsm03.38" codec
 import phonenumbers
 from django.conf import settings
+from django.utils import timezone
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.http.response import Response
@@ -41,6 +43,11 @@ TWILIO_HOST = "https://api.twilio.com"
 PERMANENT_TWILIO_CODES = frozenset({21211, 21214, 21408, 21610, 21612, 21614})
 # The recipient replied STOP: the number is suppressed, not just this message failed.
 OPTED_OUT_TWILIO_CODE = 21610
+# Reconciliation reads a number's newest messages, back to a little before the doubt began
+# (for clocks that disagree), and no further than RECONCILE_LIMIT of them.
+RECONCILE_MARGIN = timedelta(minutes=5)
+RECONCILE_PAGE = 50
+RECONCILE_LIMIT = 500
 
 
 def sms_segments(*, text: str) -> int:
@@ -108,6 +115,26 @@ class SmsChannel(Channel):
     def reset(self) -> None:
         self._client = None
 
+    def reconcile(self, *, messages: list[OutboundMessage]) -> dict[UUID, str] | None:
+        """Twilio's message list, newest first, for each number: a message with the same body
+        created since the doubt began is the one sent. (No date filter: Twilio dates a message
+        sent only once it leaves its queue, and one still queued counts too.)"""
+        found = {}
+        for message in messages:
+            number = e164(number=message.address)
+            if number is None:
+                continue
+            since = (message.in_doubt_since or timezone.now()) - RECONCILE_MARGIN
+            for sent in self._client_get().messages.stream(
+                to=number, from_=self._setting("from_number"), limit=RECONCILE_LIMIT, page_size=RECONCILE_PAGE
+            ):
+                if sent.date_created is not None and sent.date_created < since:
+                    break  # newest first: everything after is older still
+                if sent.body == message.content.body and sent.sid:
+                    found[message.delivery_id] = sent.sid
+                    break
+        return found
+
     def _client_get(self) -> Client:
         if self._client is None:
             self._client = Client(
@@ -163,12 +190,14 @@ class SmsChannel(Channel):
         except (TwilioException, OSError) as error:
             # No answer from Twilio (connection refused, timeout).
             self.reset()
+            unsent = request_never_reached(error)
             return timed_outcome(
                 message,
                 started,
                 failure=FailureKind.TRANSIENT,
                 reason=f"{type(error).__name__}: {error}",
-                unsent=request_never_reached(error),
+                unsent=unsent,
+                in_doubt=not unsent,
             )
         # Twilio sends no callback for the first status, so it is kept with the send.
         return timed_outcome(

@@ -38,6 +38,7 @@ def vapid_application_server_key() -> str:
 class WebPushChannel(RegistryChannel):
     name = "webpush"
     registry = WebPushSubscription
+    repeats_collapse = True  # the delivery's Topic and notification tag replace a repeat
 
     def __init__(self) -> None:
         self._session: requests.Session | None = None

@@ -148,6 +148,9 @@ def _leases_expire(*, now: datetime) -> int:
         history = []
         dead_letters = []
         for delivery in deliveries:
+            # Its last claim or renewal is when an unrecorded request may have gone out.
+            if delivery.in_doubt_since is None and delivery.lease_expires_at is not None:
+                delivery.in_doubt_since = delivery.lease_expires_at - timedelta(seconds=settings.NOTIFY_LEASE_SECONDS)
             delivery.lease_token = None
             delivery.lease_expires_at = None
             delivery.updated_at = now
@@ -176,6 +179,7 @@ def _leases_expire(*, now: datetime) -> int:
                 "lease_expires_at",
                 "next_attempt_at",
                 "published_at",
+                "in_doubt_since",
                 "updated_at",
             ],
         )

@@ -82,7 +82,7 @@ def outcomes_record(
                         history_event(
                             delivery=delivery,
                             status=DeliveryStatus.SENT,
-                            reason="accepted by the provider",
+                            reason=outcome.reason or "accepted by the provider",
                             at=now,
                             detail=detail,
                         )
@@ -153,13 +153,14 @@ def _sent_mark(*, lease_token: UUID, outcomes: list[SendOutcome], now: datetime)
                 updated_at=now,
                 lease_token=None,
                 lease_expires_at=None,
+                in_doubt_since=None,
                 provider_message_id=o.provider_message_id[:255],
                 segments=o.segments,
             )
         }
     sql = (
         f"UPDATE {Delivery._meta.db_table} AS d SET status = %s, status_reason = '', sent_at = %s, "
-        "updated_at = %s, lease_token = NULL, lease_expires_at = NULL, "
+        "updated_at = %s, lease_token = NULL, lease_expires_at = NULL, in_doubt_since = NULL, "
         "provider_message_id = v.provider_message_id, segments = v.segments "
         "FROM unnest(%s::uuid[], %s::varchar[], %s::integer[]) AS v(id, provider_message_id, segments) "
         # The status as an expression (see PrimaryKeyPath), so that each row is found by its
@@ -192,6 +193,10 @@ def failure_apply(
     if failure is FailureKind.PERMANENT:
         delivery.status = DeliveryStatus.FAILED
         text = f"permanent failure: {reason}"
+    elif failure is FailureKind.IN_DOUBT:
+        delivery.status = DeliveryStatus.DEAD
+        text = reason
+        dead_letter = DeadLetter(delivery=delivery, channel=delivery.channel, reason=reason[:500], attempts=attempt)
     elif attempts_exhausted(channel=delivery.channel, attempt=attempt):
         delivery.status = DeliveryStatus.DEAD
         text = f"retries exhausted after {attempt} attempts: {reason}"
@@ -245,6 +250,8 @@ def _failures_record(
                 delivery.next_attempt_at = outcome.until
                 deferrals[(delivery.channel, delivery.priority, outcome.until)].append(delivery)
         else:
+            if outcome.in_doubt and delivery.in_doubt_since is None:
+                delivery.in_doubt_since = now
             dead_letter = failure_apply(
                 delivery=delivery, failure=outcome.failure, reason=outcome.reason, now=now, delays=delays
             )
@@ -265,10 +272,16 @@ def _failures_record(
     changes: dict[tuple, list[UUID]] = defaultdict(list)
     for delivery_id in held:
         delivery = deliveries[delivery_id]
-        changes[(delivery.status, delivery.status_reason, delivery.next_attempt_at, delivery.published_at)].append(
-            delivery_id
-        )
-    for (status, status_reason, next_attempt_at, published_at), ids in changes.items():
+        changes[
+            (
+                delivery.status,
+                delivery.status_reason,
+                delivery.next_attempt_at,
+                delivery.published_at,
+                delivery.in_doubt_since,
+            )
+        ].append(delivery_id)
+    for (status, status_reason, next_attempt_at, published_at, in_doubt_since), ids in changes.items():
         # A deferral was no attempt: give back the one its claim counted.
         attempts = {"attempt_count": F("attempt_count") - 1} if status == DeliveryStatus.DEFERRED else {}
         Delivery.objects.filter(id__in=ids).update(
@@ -276,6 +289,7 @@ def _failures_record(
             status_reason=status_reason,
             next_attempt_at=next_attempt_at,
             published_at=published_at,
+            in_doubt_since=in_doubt_since,
             lease_token=None,
             lease_expires_at=None,
             updated_at=now,

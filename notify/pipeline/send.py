@@ -33,6 +33,7 @@ from notify.pipeline.plan import (
     variant_mentions_recipient,
     variant_resolve,
 )
+from notify.pipeline.reconcile import in_doubt_reconcile
 from notify.pipeline.record import deliveries_held, outcomes_record
 from notify.pipeline.routing import chains_advance
 from notify.policy.caps import budget_verdict, cap_verdict
@@ -44,10 +45,12 @@ from notify.resilience.providers import providers_for_tenants, providers_send
 
 logger = logging.getLogger(__name__)
 
-# Deliveries are sent and recorded in chunks: bulk writes for throughput, while a worker
-# killed mid-batch leaves at most one chunk to be sent again (which a provider that honours
-# idempotency keys accepts once). The lease is renewed between chunks once half of it has
-# passed, so it must only outlast two chunks' sending.
+# Deliveries are sent and recorded in chunks of at most one provider request (a Postmark
+# batch is one request for a whole chunk; Twilio takes one message a request): bulk writes
+# for throughput, while a worker killed mid-batch leaves at most one request in doubt, which
+# is reconciled with the provider before it is sent again (notify/pipeline/reconcile.py).
+# The lease is renewed between chunks once half of it has passed, so it must only outlast
+# two chunks' sending.
 RECORD_CHUNK = 250
 
 
@@ -57,6 +60,7 @@ SEND_FIELDS = (
     "priority",
     "attempt_count",
     "resend_round",
+    "in_doubt_since",
     "notification__id",
     "notification__created_at",
     "step",
@@ -142,8 +146,9 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
     by_id = {d.id: d for d in deliveries}
     lease = timedelta(seconds=settings.NOTIFY_LEASE_SECONDS)
     renew_after = timezone.now() + lease / 2
-    for start in range(0, len(deliveries), RECORD_CHUNK):
-        chunk = deliveries[start : start + RECORD_CHUNK]
+    chunk_size = min(RECORD_CHUNK, channel_get(name=deliveries[0].channel).messages_per_request())
+    for start in range(0, len(deliveries), chunk_size):
+        chunk = deliveries[start : start + chunk_size]
         if start and timezone.now() > renew_after:
             # Half the lease is gone: extend it before sending more, or stop if it was lost.
             chunk = _lease_renew(lease_token=token, deliveries=chunk)
@@ -254,6 +259,7 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
         },
     )
     now = timezone.now()
+    categories_by_delivery: dict[UUID, Category] = {}
     for delivery in deliveries:
         notification = delivery.notification
         recipient = notification.recipient
@@ -306,6 +312,7 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
         links = {}
         if channel.wants_links and category.kind != CategoryKind.CRITICAL:
             links = email_links(recipient_id=recipient.id, category_key=category.key, channel=channel.name)
+        categories_by_delivery[delivery.id] = category
         providers = context.providers[notification.tenant_id]
         providers_key = tuple(p.pk for p in providers)
         providers_by_key[providers_key] = providers
@@ -314,6 +321,7 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
                 delivery_id=delivery.id,
                 notification_id=notification.id,
                 resend_round=delivery.resend_round,
+                in_doubt_since=delivery.in_doubt_since,
                 address=address,
                 content=content,
                 category_key=category.key,
@@ -321,6 +329,20 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
             )
         )
     for providers_key, messages in messages_by_providers.items():
+        in_doubt = [m for m in messages if m.in_doubt_since is not None]
+        if in_doubt:
+            reconciled = in_doubt_reconcile(
+                channel=channel,
+                messages=in_doubt,
+                providers=providers_by_key[providers_key],
+                channel_for=channel_for_provider,
+                categories=categories_by_delivery,
+                now=now,
+            )
+            outcomes.extend(reconciled.outcomes)
+            messages = [m for m in messages if m.in_doubt_since is None] + reconciled.to_send
+            if not messages:
+                continue
         try:
             outcomes.extend(
                 providers_send(

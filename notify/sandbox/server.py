@@ -373,6 +373,8 @@ class Sandbox:
                 "ErrorCode": 10,
                 "Message": "No Account or Server API tokens were supplied in the HTTP headers.",
             }
+        if injected := self.state.faults["postmark"].request_status():  # a provider that is down
+            return injected, {"ErrorCode": 100, "Message": "Injected sandbox failure."}
         try:
             count, offset = int(query["count"]), int(query.get("offset", "0"))
             since = _postmark_filter_time(query["fromdate"]) if query.get("fromdate") else None
@@ -564,6 +566,8 @@ class Sandbox:
         username, _, auth_token = _basic_auth(headers.get("authorization", ""))
         if username != account or not auth_token:
             return 401, _twilio_error(20003, "Authenticate", 401)
+        if injected := self.state.faults["twilio"].request_status():  # a provider that is down
+            return injected, _twilio_error(20500, "Injected sandbox failure.", injected)
         try:
             page_size = min(int(query.get("PageSize", "50")), 1000)
             page = int(query.get("Page", "0"))
