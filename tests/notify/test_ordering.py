@@ -117,7 +117,7 @@ def test_recording_the_head_publishes_the_next_of_its_scope_at_once(workspace, s
     Delivery.objects.filter(pk=first.pk).update(next_attempt_at=timezone.now())  # as if the backoff passed
     deliveries_send(delivery_ids=[str(first.pk)])
     first.refresh_from_db()
-    assert first.status == DeliveryStatus.SENT
+    assert first.status == DeliveryStatus.SENT and first.sent_at is not None
     # The next one (only it) is on the broker now, not left to the sweeper.
     assert published_messages(broker) == 1
     second.refresh_from_db()
