@@ -83,24 +83,32 @@ def held_behind_earlier(*, category_ids: Iterable[int], now: datetime) -> Exists
     )
 
 
-def successors_publish(*, deliveries: list[Delivery], ordered_category_ids: set[int]) -> int:
-    """After a chunk of one channel's deliveries is recorded: publish, for each ordered scope
-    among them, the first unfinished delivery if it is due and claimable (a delivery that is
-    retrying or deferred stays first, and its scope waits). Returns how many were published."""
-    scopes = {
-        (d.notification.recipient_id, d.notification.category_id)
-        for d in deliveries
-        if d.notification.category_id in ordered_category_ids
-    }
+def successors_publish(*, deliveries: list[Delivery], ordered_category_ids: Iterable[int]) -> int:
+    """After a chunk of deliveries is recorded: publish the next of each ordered scope among
+    them (see scopes_advance). Returns how many were published."""
+    ordered = set(ordered_category_ids)
+    return scopes_advance(
+        scopes={
+            (d.notification.recipient_id, d.notification.category_id, d.channel)
+            for d in deliveries
+            if d.notification.category_id in ordered
+        }
+    )
+
+
+def scopes_advance(*, scopes: set[tuple[UUID, int, str]]) -> int:
+    """Publish, for each (recipient, category, channel) scope, its first unfinished delivery if it
+    is due and claimable; one that is retrying, deferred or being sent stays first, and its scope
+    waits. Returns how many were published."""
     if not scopes:
         return 0
     now = timezone.now()
     rows = (
         Delivery.objects.filter(
-            channel=deliveries[0].channel,
+            channel__in={channel for _, _, channel in scopes},
             status__in=UNFINISHED_STATUSES,
-            notification__recipient_id__in={recipient_id for recipient_id, _ in scopes},
-            notification__category_id__in={category_id for _, category_id in scopes},
+            notification__recipient_id__in={recipient_id for recipient_id, _, _ in scopes},
+            notification__category_id__in={category_id for _, category_id, _ in scopes},
         )
         .exclude(notification__send_at__gt=now)
         .order_by("notification__event__created_at", "notification__event_id")
@@ -108,23 +116,24 @@ def successors_publish(*, deliveries: list[Delivery], ordered_category_ids: set[
             "id",
             "status",
             "next_attempt_at",
+            "channel",
             "priority",
             "notification__recipient_id",
             "notification__category_id",
             "notification__event_id",
         )
     )
-    # The first event of each scope; its deliveries on this channel (usually one) go together.
-    heads: dict[tuple[UUID, int], UUID] = {}
-    ready: dict[str, list[UUID]] = defaultdict(list)
-    for delivery_id, status, next_attempt_at, priority, recipient_id, category_id, event_id in rows:
-        scope = (recipient_id, category_id)
+    # The first event of each scope; its deliveries in the scope (usually one) go together.
+    heads: dict[tuple[UUID, int, str], UUID] = {}
+    ready: dict[tuple[str, str], list[UUID]] = defaultdict(list)
+    for delivery_id, status, next_attempt_at, channel, priority, recipient_id, category_id, event_id in rows:
+        scope = (recipient_id, category_id, channel)
         if scope not in scopes or heads.setdefault(scope, event_id) != event_id:
             continue
         if status in CLAIMABLE_STATUSES and next_attempt_at <= now:
-            ready[priority].append(delivery_id)
-    for priority, ids in ready.items():
+            ready[(channel, priority)].append(delivery_id)
+    for (channel, priority), ids in ready.items():
         # Marked as published, so that the sweeper does not publish them again right away.
         Delivery.objects.filter(id__in=ids).update(published_at=now)
-        publish(channel=deliveries[0].channel, priority=priority, delivery_ids=[str(i) for i in ids])
+        publish(channel=channel, priority=priority, delivery_ids=[str(i) for i in ids])
     return sum(len(ids) for ids in ready.values())

@@ -9,7 +9,8 @@ from django.utils import timezone
 from apps.catalog.models import Category
 from apps.deliveries.models import Delivery, DeliveryStatus, Notification
 from config.queues import delivery_queue
-from notify.pipeline.dispatch import broker_queue_depths
+from notify.pipeline.control import notification_cancel
+from notify.pipeline.dispatch import broker_queue_depths, due_publish
 from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
 from notify.pipeline.send import deliveries_claim, deliveries_send
 
@@ -130,3 +131,41 @@ def test_recording_the_head_publishes_the_next_of_its_scope_at_once(workspace, s
     assert deliveries_send(delivery_ids=[str(third.pk)]) == 1
     accepted = [r["idempotency_key"] for r in sandbox.requests_log() if r["outcome"] == "accepted"]
     assert accepted == [str(first.pk), str(second.pk), str(third.pk)]
+
+
+def test_a_dead_head_lets_the_next_go_at_once(workspace, sandbox, broker):
+    ordered(workspace.normal)
+    sandbox.faults_set(address_status={"ada@example.com": 500})
+    first, second = ingest_for(workspace, external_id="ada"), ingest_for(workspace, external_id="ada")
+    for _ in range(3):  # NOTIFY_EMAIL_MAX_ATTEMPTS in the test settings
+        Delivery.objects.filter(pk=first.pk).update(next_attempt_at=timezone.now())
+        deliveries_send(delivery_ids=[str(first.pk)])
+    first.refresh_from_db()
+    assert first.status == DeliveryStatus.DEAD
+    # The retries' own tasks are published on commit (not run here); only the successor is on the broker.
+    assert published_messages(broker) == 1
+    assert claimed_ids(second) == {second.pk}
+
+
+def test_cancelling_the_head_publishes_the_next_once_committed(workspace, broker, django_capture_on_commit_callbacks):
+    ordered(workspace.normal)
+    first, second = ingest_for(workspace, external_id="ada"), ingest_for(workspace, external_id="ada")
+    with django_capture_on_commit_callbacks(execute=True):
+        notification_cancel(notification=Notification.objects.get(pk=first.notification_id))
+    assert published_messages(broker) == 1
+    second.refresh_from_db()
+    assert second.published_at is not None and second.published_at > first.published_at
+    assert claimed_ids(second) == {second.pk}
+
+
+def test_the_sweeper_republishes_a_held_delivery_whose_task_was_spent(workspace, settings, broker):
+    ordered(workspace.normal)
+    first, second = ingest_for(workspace, external_id="ada"), ingest_for(workspace, external_id="ada")
+    assert claimed_ids(second) == set()  # its task is spent
+    # The head finishes, but its worker dies before publishing the next one.
+    Delivery.objects.filter(pk=first.pk).update(status=DeliveryStatus.SENT)
+    later = timezone.now() + timedelta(seconds=settings.NOTIFY_REPUBLISH_AFTER_SECONDS + 1)
+    assert due_publish(now=later) == 1
+    second.refresh_from_db()
+    assert second.published_at == later
+    assert claimed_ids(second) == {second.pk}
