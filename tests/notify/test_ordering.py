@@ -4,6 +4,7 @@ PostgreSQL, Redis as the broker and the sandbox."""
 from datetime import timedelta
 
 import pytest
+from django.urls import reverse
 from django.utils import timezone
 
 from apps.catalog.models import Category
@@ -169,3 +170,11 @@ def test_the_sweeper_republishes_a_held_delivery_whose_task_was_spent(workspace,
     second.refresh_from_db()
     assert second.published_at == later
     assert claimed_ids(second) == {second.pk}
+
+
+def test_an_operator_sets_the_flag_in_the_admin(admin_client, workspace):
+    change = admin_client.get(reverse("admin:catalog_category_change", args=[workspace.normal.pk]))
+    assert 'name="ordered"' in change.content.decode()
+    ordered(workspace.normal)
+    listed = admin_client.get(reverse("admin:catalog_category_changelist"), {"ordered__exact": "1"})
+    assert [c.key for c in listed.context["cl"].result_list] == ["welcome"]
