@@ -5,7 +5,7 @@ their events were accepted (the event's created_at, then its id). The claim leav
 alone while an earlier delivery of its scope is unfinished (queued, retrying, deferred or being
 sent); other recipients, channels and categories are never held. When a delivery finishes
 (sent, failed, dead, suppressed...), the send stage publishes the next one of its scope at
-once; anything held whose task was spent on a refused claim is published again by the
+once, as cancelling does once committed; anything held whose task was spent on a refused claim is published again by the
 sweeper, like any due work the broker does not hold."""
 
 import time

@@ -95,7 +95,7 @@ def deliveries_claim(*, delivery_ids: list[str]) -> tuple[UUID, list[Delivery]]:
         id__any_of=delivery_ids, current_status__in=CLAIMABLE_STATUSES, next_attempt_at__lte=now
     )
     if ordered := ordered_category_ids():
-        # Still one statement; nearly always skipped, as no category is ordered.
+        # Only when some category is ordered (rarely), and still within the one statement.
         claimable = claimable.filter(~held_behind_earlier(category_ids=ordered, now=now))
     claimed = (
         # What a kill switch (the installation's or a tenant's) or the runaway-send guard
