@@ -227,6 +227,13 @@ class Category(models.Model):
     secure_message_text = models.CharField(
         max_length=300, blank=True, default="", help_text="The notice; empty: the tenant's, else the installation's."
     )
+    # Chat-like events: each recipient gets them on each channel in the order they were accepted
+    # (notify/pipeline/ordering.py).
+    ordered = models.BooleanField(
+        default=False,
+        help_text="Send each recipient's notifications of this category, on each channel, in the order their "
+        "events were accepted: one waiting for a retry holds back that recipient's later ones.",
+    )
 
     class Meta:
         verbose_name_plural = "categories"

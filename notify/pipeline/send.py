@@ -26,6 +26,7 @@ from notify.observability import metrics
 from notify.observability.tracing import send_span_annotate
 from notify.pipeline.bulk import PrimaryKeyPath, retry_lock_conflicts
 from notify.pipeline.dispatch import holds_read
+from notify.pipeline.ordering import held_behind_earlier, ordered_category_ids, successors_publish
 from notify.pipeline.plan import (
     content_render,
     content_sealed,
@@ -97,6 +98,9 @@ def deliveries_claim(*, delivery_ids: list[str]) -> tuple[UUID, list[Delivery]]:
     claimable = Delivery.objects.alias(current_status=PrimaryKeyPath("status")).filter(
         id__any_of=delivery_ids, current_status__in=CLAIMABLE_STATUSES, next_attempt_at__lte=now
     )
+    if ordered := ordered_category_ids():
+        # Only when some category is ordered (rarely), and still within the one statement.
+        claimable = claimable.filter(~held_behind_earlier(category_ids=ordered, now=now))
     claimed = (
         # What a kill switch (the installation's or a tenant's) or the runaway-send guard
         # holds stays queued, untouched, until it resumes.
@@ -159,6 +163,10 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
             metrics.outcomes_count(recorded=recorded, deliveries=by_id, outcomes=outcomes, now=timezone.now())
             # A fallback chain moves on (or stops) with its step's outcome.
             chains_advance(notification_ids=[d.notification_id for d in chunk if d.step is not None])
+            # What this chunk finished lets the next of each ordered scope go, without waiting for the sweeper.
+            successors_publish(
+                deliveries=chunk, ordered_category_ids={pk for pk, c in context.categories.items() if c.ordered}
+            )
     return len(deliveries)
 
 
