@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('catalog', '0012_category_inbox_severity'),
+        ('catalog', '0013_category_ordered'),
     ]
 
     operations = [
