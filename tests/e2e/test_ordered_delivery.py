@@ -36,9 +36,9 @@ def chat_event(api: APIClient, *, external_id: str, number: int) -> str:
 
 
 def accepted_keys(sandbox, *, to: str) -> list[str]:  # type: ignore[no-untyped-def]
-    """The idempotency keys (delivery ids) the sandbox accepted for one address, in arrival order."""
+    """The delivery ids the sandbox accepted for one address, in arrival order."""
     log = sorted(sandbox.requests_log(), key=lambda r: r["seq"])
-    return [r["idempotency_key"] for r in log if r["outcome"] == "accepted" and to in r["to"]]
+    return [r["delivery_id"] for r in log if r["outcome"] == "accepted" and to in r["to"]]
 
 
 def test_an_ordered_category_reaches_each_recipient_in_event_order_through_retries(api, workspace, workers, sandbox):

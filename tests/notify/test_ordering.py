@@ -130,7 +130,7 @@ def test_recording_the_head_publishes_the_next_of_its_scope_at_once(workspace, s
     assert deliveries_send(delivery_ids=[str(second.pk), str(third.pk)]) == 1
     assert published_messages(broker) == 2
     assert deliveries_send(delivery_ids=[str(third.pk)]) == 1
-    accepted = [r["idempotency_key"] for r in sandbox.requests_log() if r["outcome"] == "accepted"]
+    accepted = [r["delivery_id"] for r in sandbox.requests_log() if r["outcome"] == "accepted"]
     assert accepted == [str(first.pk), str(second.pk), str(third.pk)]
 
 
