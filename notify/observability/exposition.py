@@ -34,18 +34,6 @@ def multiprocess_directory_default() -> None:
     directory.mkdir(parents=True, exist_ok=True)
 
 
-def web_metrics_text() -> tuple[bytes, str]:
-    """The web /metrics page: every process of this directory, plus the stored gauges."""
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
-
-    from notify.observability.gauges import StoredGaugesCollector
-
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
-    registry.register(StoredGaugesCollector())
-    return generate_latest(registry), CONTENT_TYPE_LATEST
-
-
 def worker_metrics_serve(*, port: int, address: str) -> Path:
     """Give this worker (its main process, before the pool forks) a directory of its own,
     emptied, and serve it on the port; return the directory. Its children inherit it."""

@@ -210,15 +210,18 @@ def test_a_chunk_whose_lease_was_taken_over_is_not_sent(workspace, sandbox):
 
 
 def test_provider_feedback_wins_over_a_pending_retry(workspace, sandbox):
-    from notify.pipeline.record import Feedback, feedback_record
+    from notify.channels.email import EmailChannel
+    from notify.pipeline.feedback import feedback_receive
+    from notify.pipeline.record import Feedback
 
     sandbox.faults_set(fail_next=[503])
     delivery = send_now(ingest_one(workspace))
     assert delivery.status == DeliveryStatus.RETRYING
-    assert feedback_record(
+    assert feedback_receive(
         feedback=Feedback(
             delivery_id=str(delivery.pk), normalized_status="delivered", provider_status="postmark:Delivery"
-        )
+        ),
+        address_for=EmailChannel().address_for,
     )
     delivery.refresh_from_db()
     assert delivery.status == DeliveryStatus.DELIVERED
