@@ -1,5 +1,6 @@
-"""Where metrics are kept and served: prometheus-client's multiprocess mode, the web
-/metrics' registry, and each worker's own port.
+"""Where metrics are kept and served: prometheus-client's multiprocess mode and each
+worker's own port (the web /metrics' registry is in gauges.py, beside the stored gauges it
+adds, so that this module, which every metric imports, imports nothing of the pipeline).
 
 Every process counts into memory-mapped files under PROMETHEUS_MULTIPROC_DIR (the web
 server's workers and Celery's prefork children are separate processes, whose counts a
