@@ -10,7 +10,7 @@ from apps.deliveries.models import Delivery, DeliveryEvent, Notification, Recurr
 from apps.deliveries.selectors import NOTIFICATION_STATUSES, notification_status
 from apps.inbox.serializers import InboxItemSerializer
 from apps.recipients.models import Consent, Device, PreferenceSet, Recipient, validate_timezone
-from notify.channels.sms import e164
+from apps.recipients.phone import e164
 from notify.pipeline.ingest import EventRequest, RecipientRef
 from notify.pipeline.plan import LocalSendTime
 from notify.policy.rules import validate_category_switches, validate_channel_switches

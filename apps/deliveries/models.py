@@ -173,6 +173,14 @@ class Provider(models.Model):
             )
 
 
+def provider_name_of(*, provider_status: str) -> str:
+    """The Provider that made a send, from the status its outcome was recorded with
+    ("<name>/<channel's status>", see notify.resilience.providers); "" for the configured
+    default provider. Here, beside the model, so the ledger reads it without the senders."""
+    name, slash, _ = provider_status.partition("/")
+    return name if slash else ""
+
+
 def _sender_error(*, channel: str, config: dict) -> str:
     if channel == "email" and "from_email" in config:
         _, address = parseaddr(str(config["from_email"]))

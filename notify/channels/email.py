@@ -34,7 +34,8 @@ from django.utils import timezone
 from apps.recipients.models import Recipient
 from notify.channels.base import Channel, OutboundMessage, SendOutcome, request_never_reached, timed_outcome
 from notify.observability.logs import message_scoped
-from notify.pipeline.record import Feedback, feedback_record
+from notify.pipeline.feedback import feedback_receive
+from notify.pipeline.record import Feedback
 from notify.resilience.failures import FailureKind, failure_from_status
 from notify.resilience.outbound import OutboundRefused, OutboundSession
 
@@ -359,7 +360,7 @@ def email_tracking_received(sender: Any, event: AnymailTrackingEvent, esp_name: 
         raw_status = f"{raw_status}/{raw['Type']}"
     if normalized == "bounced" and raw.get("Type") in SOFT_BOUNCE_TYPES:
         normalized = "soft_bounced"
-    feedback_record(
+    feedback_receive(
         feedback=Feedback(
             delivery_id=delivery_id,
             normalized_status=normalized,
@@ -369,5 +370,6 @@ def email_tracking_received(sender: Any, event: AnymailTrackingEvent, esp_name: 
             reason=(event.description or "")[:400] if normalized != "delivered" else "",
             address=event.recipient or "",
             channel="email",
-        )
+        ),
+        address_for=EmailChannel().address_for,
     )

@@ -13,7 +13,6 @@ from urllib.parse import parse_qsl, urlsplit
 from uuid import UUID
 
 import gsm0338  # noqa: F401 - registers the "gsm03.38" codec
-import phonenumbers
 from django.conf import settings
 from django.utils import timezone
 from twilio.base.exceptions import TwilioException, TwilioRestException
@@ -22,8 +21,8 @@ from twilio.http.response import Response
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
-from apps.recipients.models import Recipient, Suppression
-from apps.recipients.privacy import address_hashed
+from apps.recipients.models import Recipient, Suppression, address_hashed
+from apps.recipients.phone import e164
 from apps.tenants.models import Tenant
 from notify.channels.base import (
     Channel,
@@ -34,7 +33,8 @@ from notify.channels.base import (
     timed_outcome,
 )
 from notify.observability.logs import message_scoped
-from notify.pipeline.record import Feedback, feedback_record
+from notify.pipeline.feedback import feedback_receive
+from notify.pipeline.record import Feedback, delivery_sender, delivery_tenant_id
 from notify.resilience.failures import FailureKind, failure_from_status
 from notify.resilience.outbound import OutboundSession
 
@@ -60,17 +60,6 @@ def sms_segments(*, text: str) -> int:
     if units <= single:
         return 1
     return math.ceil(units / multi)
-
-
-def e164(*, number: str) -> str | None:
-    """The number in E.164 form when it is a valid, complete number, else None."""
-    try:
-        parsed = phonenumbers.parse(number, None)
-    except phonenumbers.NumberParseException:
-        return None
-    if not phonenumbers.is_valid_number(parsed):
-        return None
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 
 
 class _ConfiguredHostHttpClient(TwilioHttpClient):
@@ -318,8 +307,6 @@ def sms_status_callback(*, path: str, params: Mapping[str, str], signature: str)
     signature parks the feedback, which counts only if that account turns out to be the
     sender. Raises BadSignature for an unsigned or forged request, one signed by another
     account, and every request while no auth token is configured."""
-    from notify.pipeline.record import delivery_sender, delivery_tenant_id
-
     query = dict(parse_qsl(urlsplit(path).query))
     delivery_id = query.get("delivery", "")
     try:
@@ -344,7 +331,7 @@ def sms_status_callback(*, path: str, params: Mapping[str, str], signature: str)
     elif normalized == "failed" and error_code in TWILIO_OPTED_OUT_ERRORS:
         normalized = "unsubscribed"
     round_text = query.get("round", "0")
-    return feedback_record(
+    return feedback_receive(
         feedback=Feedback(
             delivery_id=delivery_id,
             normalized_status=normalized,
@@ -354,5 +341,6 @@ def sms_status_callback(*, path: str, params: Mapping[str, str], signature: str)
             address=params.get("To", ""),
             channel="sms",
             signers=signers,
-        )
+        ),
+        address_for=SmsChannel().address_for,
     )

@@ -12,6 +12,7 @@ from functools import cached_property
 from uuid import UUID
 
 from django.conf import settings
+from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -25,7 +26,7 @@ from notify.channels.base import OutboundMessage, RenderedContent, SendOutcome
 from notify.observability import metrics
 from notify.observability.tracing import send_span_annotate
 from notify.pipeline.bulk import PrimaryKeyPath, retry_lock_conflicts
-from notify.pipeline.dispatch import holds_read
+from notify.pipeline.dispatch import holds_read, recorded_publish
 from notify.pipeline.ordering import held_behind_earlier, ordered_category_ids, successors_publish
 from notify.pipeline.plan import (
     content_render,
@@ -159,10 +160,13 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
             renew_after = timezone.now() + lease / 2
         if chunk:
             outcomes = _send_chunk(deliveries=chunk, context=context)
-            recorded = outcomes_record(lease_token=token, deliveries=by_id, outcomes=outcomes)
-            metrics.outcomes_count(recorded=recorded, deliveries=by_id, outcomes=outcomes, now=timezone.now())
-            # A fallback chain moves on (or stops) with its step's outcome.
-            chains_advance(notification_ids=[d.notification_id for d in chunk if d.step is not None])
+            # The ledger records; what follows from it is published with the record, and the
+            # fallback chains of its steps move on (or stop) once it is committed.
+            with transaction.atomic():
+                recorded = outcomes_record(lease_token=token, deliveries=by_id, outcomes=outcomes)
+                recorded_publish(recorded=recorded)
+            metrics.outcomes_count(recorded=recorded.history, deliveries=by_id, outcomes=outcomes, now=timezone.now())
+            chains_advance(notification_ids=recorded.chains)
             # What this chunk finished lets the next of each ordered scope go, without waiting for the sweeper.
             successors_publish(
                 deliveries=chunk, ordered_category_ids={pk for pk, c in context.categories.items() if c.ordered}

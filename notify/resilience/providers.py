@@ -155,13 +155,6 @@ def providers_reconcile(
     )
 
 
-def provider_name_of(*, provider_status: str) -> str:
-    """The Provider that made a send, from the status _attempt() gave its outcome
-    ("<name>/<channel's status>"); "" for the configured default provider."""
-    name, slash, _ = provider_status.partition("/")
-    return name if slash else ""
-
-
 def _attempt(provider: Provider, messages: list[OutboundMessage], channel: Channel) -> list[SendOutcome]:
     # In parts no larger than the rate limit's bucket, each sent once its tokens are taken.
     size = _capacity(provider) or len(messages)
