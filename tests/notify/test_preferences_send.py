@@ -143,6 +143,7 @@ def test_a_cap_holds_under_concurrency(broker):
                 category_key="alerts",
                 category_cap="5 per minute",
                 tenant_cap="",
+                delivery_id=uuid.uuid4(),
             )
             results.append(reached is None)
 
