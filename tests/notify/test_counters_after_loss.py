@@ -143,3 +143,16 @@ def test_a_frequency_cap_is_seeded_from_the_database_after_a_flush(workspace, sa
     after = [send_queued(notify(workspace))[0].status for _ in range(2)]
     assert after == [DeliveryStatus.SENT, DeliveryStatus.SUPPRESSED]
     assert len(sandbox.requests_log(provider="postmark")) == 4
+
+
+def test_a_retry_after_a_flush_takes_one_place_in_the_seeded_cap(workspace, sandbox, ada, broker):  # noqa: F811
+    category(workspace, channels=["email"], frequency_cap="2 per hour")
+    assert send_queued(notify(workspace))[0].status == DeliveryStatus.SENT
+    sandbox.faults_set(fail_next=[503])
+    [retried] = notify(workspace)
+    assert send_queued([retried])[0].status == DeliveryStatus.RETRYING  # took its place, then failed
+    broker.flushdb()
+    # The seed holds the one sent; the retry, never sent, takes the second place once.
+    assert send_now(retried).status == DeliveryStatus.SENT
+    assert send_queued(notify(workspace))[0].status == DeliveryStatus.SUPPRESSED
+    assert [r["outcome"] for r in sandbox.requests_log(provider="postmark")].count("accepted") == 2
