@@ -103,6 +103,18 @@ def _window_seed(*, item: limits.RateLimitItem, identifiers: tuple[str, ...], de
         if client.get(marker) == b"pending":
             raise CountersRebuilding
         return
+    try:
+        room = _window_lost(item=item, identifiers=identifiers, delivery_id=delivery_id)
+    except BaseException:
+        client.delete(marker)  # the next check seeds it, rather than all waiting a minute
+        raise
+    if room:
+        sliding_window().hit(item, *identifiers, cost=room)
+    client.set(marker, "done", ex=window)
+
+
+def _window_lost(*, item: limits.RateLimitItem, identifiers: tuple[str, ...], delivery_id: UUID) -> int:
+    """How many of the window's sends the database holds that the window can still take."""
     tenant_id, recipient_id, channel, key = identifiers
     sent = Delivery.objects.filter(
         notification__tenant_id=tenant_id, notification__recipient_id=recipient_id, channel=channel
@@ -112,13 +124,9 @@ def _window_seed(*, item: limits.RateLimitItem, identifiers: tuple[str, ...], de
         if key != "*"
         else sent.exclude(notification__category__kind=CRITICAL)
     )
-    since = timezone.now() - timedelta(seconds=window)
+    since = timezone.now() - timedelta(seconds=item.get_expiry())
     lost = sent.filter(Q(sent_at__gte=since) | Q(status=DeliveryStatus.SENDING)).count()
-    limiter = sliding_window()
-    room = min(lost, limiter.get_window_stats(item, *identifiers).remaining)
-    if room:
-        limiter.hit(item, *identifiers, cost=room)
-    client.set(marker, "done", ex=window)
+    return min(lost, sliding_window().get_window_stats(item, *identifiers).remaining)
 
 
 def cap_verdict(*, delivery: Delivery, category: Category, tenant: Tenant, created_at: datetime) -> Verdict:
