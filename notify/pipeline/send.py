@@ -7,7 +7,7 @@ import logging
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import cached_property
 from uuid import UUID
 
@@ -22,7 +22,7 @@ from apps.recipients.models import Recipient
 from apps.recipients.tokens import email_links
 from apps.tenants.models import Tenant
 from notify.channels import channel_for_provider, channel_get
-from notify.channels.base import OutboundMessage, RenderedContent, SendOutcome
+from notify.channels.base import Channel, OutboundMessage, RenderedContent, SendOutcome
 from notify.observability import metrics
 from notify.observability.tracing import send_span_annotate
 from notify.pipeline.bulk import PrimaryKeyPath, retry_lock_conflicts
@@ -148,30 +148,65 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
         providers=providers_for_tenants(channel=deliveries[0].channel, tenant_ids=tenant_ids),
     )
     metrics.labels_learn(tenants=context.tenants.values(), categories=context.categories.values())
-    by_id = {d.id: d for d in deliveries}
-    lease = timedelta(seconds=settings.NOTIFY_LEASE_SECONDS)
-    renew_after = timezone.now() + lease / 2
-    chunk_size = min(RECORD_CHUNK, channel_get(name=deliveries[0].channel).messages_per_request())
-    for start in range(0, len(deliveries), chunk_size):
-        chunk = deliveries[start : start + chunk_size]
-        if start and timezone.now() > renew_after:
-            # Half the lease is gone: extend it before sending more, or stop if it was lost.
-            chunk = _lease_renew(lease_token=token, deliveries=chunk)
-            renew_after = timezone.now() + lease / 2
-        if chunk:
-            outcomes = _send_chunk(deliveries=chunk, context=context)
-            # The ledger records; what follows from it is published with the record, and the
-            # fallback chains of its steps move on (or stop) once it is committed.
-            with transaction.atomic():
-                recorded = outcomes_record(lease_token=token, deliveries=by_id, outcomes=outcomes)
-                recorded_publish(recorded=recorded)
-            metrics.outcomes_count(recorded=recorded.history, deliveries=by_id, outcomes=outcomes, now=timezone.now())
-            chains_advance(notification_ids=recorded.chains)
-            # What this chunk finished lets the next of each ordered scope go, without waiting for the sweeper.
-            successors_publish(
-                deliveries=chunk, ordered_category_ids={pk for pk, c in context.categories.items() if c.ordered}
-            )
+    batch = LeasedBatch(lease_token=token, deliveries={d.id: d for d in deliveries}, context=context)
+    channel = channel_get(name=deliveries[0].channel)
+    per_request = channel.messages_per_request()
+    for start in range(0, len(deliveries), RECORD_CHUNK):
+        chunk = batch.still_held(deliveries=deliveries[start : start + RECORD_CHUNK])
+        if not chunk:
+            continue
+        prepared = _chunk_prepare(channel=channel, deliveries=chunk, context=context)
+        batch.record(outcomes=prepared.outcomes)
+        # Each provider request's outcomes are recorded as soon as it returns.
+        for providers, messages in prepared.sends:
+            for part_start in range(0, len(messages), per_request):
+                part = messages[part_start : part_start + per_request]
+                held = {d.id for d in batch.still_held(deliveries=[batch.deliveries[m.delivery_id] for m in part])}
+                part = [m for m in part if m.delivery_id in held]
+                if part:
+                    batch.record(outcomes=_messages_send(channel=channel, messages=part, providers=providers))
     return len(deliveries)
+
+
+@dataclass
+class LeasedBatch:
+    """A claimed batch as it is sent: its lease, renewed as it goes, and how outcomes are
+    recorded and acted on."""
+
+    lease_token: UUID
+    deliveries: dict[UUID, Delivery]
+    context: "BatchContext"
+    renew_after: datetime = field(default_factory=lambda: timezone.now() + _lease() / 2)
+
+    def still_held(self, *, deliveries: list[Delivery]) -> list[Delivery]:
+        """Once half the lease is gone, extend it before sending more, and keep only the
+        deliveries still held (the others were re-queued and are another worker's now)."""
+        if timezone.now() <= self.renew_after:
+            return deliveries
+        self.renew_after = timezone.now() + _lease() / 2
+        return _lease_renew(lease_token=self.lease_token, deliveries=deliveries)
+
+    def record(self, *, outcomes: list[SendOutcome]) -> None:
+        """The ledger records; what follows from it is published with the record, and the
+        fallback chains of its steps move on (or stop) once it is committed."""
+        if not outcomes:
+            return
+        with transaction.atomic():
+            recorded = outcomes_record(lease_token=self.lease_token, deliveries=self.deliveries, outcomes=outcomes)
+            recorded_publish(recorded=recorded)
+        metrics.outcomes_count(
+            recorded=recorded.history, deliveries=self.deliveries, outcomes=outcomes, now=timezone.now()
+        )
+        chains_advance(notification_ids=recorded.chains)
+        # What finished lets the next of each ordered scope go, without waiting for the sweeper.
+        successors_publish(
+            deliveries=[self.deliveries[o.delivery_id] for o in outcomes],
+            ordered_category_ids={pk for pk, c in self.context.categories.items() if c.ordered},
+        )
+
+
+def _lease() -> timedelta:
+    return timedelta(seconds=settings.NOTIFY_LEASE_SECONDS)
 
 
 def _lease_renew(*, lease_token: UUID, deliveries: list[Delivery]) -> list[Delivery]:
@@ -245,8 +280,15 @@ def withheld_outcome(*, delivery: Delivery, decision: Verdict) -> SendOutcome:
     return SendOutcome(delivery_id=delivery.id, withheld=decision.status, reason=decision.reason, until=decision.until)
 
 
-def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[SendOutcome]:
-    channel = channel_get(name=deliveries[0].channel)
+@dataclass(frozen=True)
+class PreparedChunk:
+    outcomes: list[SendOutcome]  # of what is not sent: withheld, failed before sending, reconciled
+    sends: list[tuple[list[Provider], list[OutboundMessage]]]  # the messages to send, by provider accounts
+
+
+def _chunk_prepare(*, channel: Channel, deliveries: list[Delivery], context: BatchContext) -> PreparedChunk:
+    """Apply the policy to a chunk, render it, and reconcile what is in doubt: what is left to
+    send, grouped by the provider accounts it goes through."""
     # Messages by the provider accounts they go through: tenants that use the installation's
     # providers share one send (and so one provider batch request).
     messages_by_providers: dict[tuple[int, ...], list[OutboundMessage]] = defaultdict(list)
@@ -340,6 +382,7 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
                 **links,
             )
         )
+    sends = []
     for providers_key, messages in messages_by_providers.items():
         in_doubt = [m for m in messages if m.in_doubt_since is not None]
         if in_doubt:
@@ -353,22 +396,22 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
             )
             outcomes.extend(reconciled.outcomes)
             messages = [m for m in messages if m.in_doubt_since is None] + reconciled.to_send
-            if not messages:
-                continue
-        try:
-            outcomes.extend(
-                providers_send(
-                    channel=channel,
-                    messages=messages,
-                    providers=providers_by_key[providers_key],
-                    channel_for=channel_for_provider,
-                )
-            )
-        except Exception as error:  # noqa: BLE001 - a channel must not strand a leased chunk
-            logger.exception("the %s channel raised while sending %d messages", channel.name, len(messages))
-            channel.reset()
-            reason = f"channel error: {type(error).__name__}: {error}"[:400]
-            outcomes.extend(
-                SendOutcome(delivery_id=m.delivery_id, failure=FailureKind.TRANSIENT, reason=reason) for m in messages
-            )
-    return outcomes
+        if messages:
+            sends.append((providers_by_key[providers_key], messages))
+    return PreparedChunk(outcomes=outcomes, sends=sends)
+
+
+def _messages_send(
+    *, channel: Channel, messages: list[OutboundMessage], providers: list[Provider]
+) -> list[SendOutcome]:
+    try:
+        return providers_send(channel=channel, messages=messages, providers=providers, channel_for=channel_for_provider)
+    except Exception as error:  # noqa: BLE001 - a channel must not strand a leased chunk
+        logger.exception("the %s channel raised while sending %d messages", channel.name, len(messages))
+        channel.reset()
+        reason = f"channel error: {type(error).__name__}: {error}"[:400]
+        # What the provider took before the error is unknown: in doubt.
+        return [
+            SendOutcome(delivery_id=m.delivery_id, failure=FailureKind.TRANSIENT, reason=reason, in_doubt=True)
+            for m in messages
+        ]
