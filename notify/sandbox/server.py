@@ -68,6 +68,7 @@ FCM_ERRORS = {
     500: ("INTERNAL", "INTERNAL", "Internal error encountered."),
     503: ("UNAVAILABLE", "UNAVAILABLE", "The service is currently unavailable."),
 }
+WEBPUSH_TOPIC = re.compile(r"[A-Za-z0-9_-]{1,32}")
 TWILIO_MESSAGES = re.compile(r"^/twilio/2010-04-01/Accounts/(?P<account>[^/]+)/Messages\.json$")
 TWILIO_CALLBACK_DELAY_SECONDS = 0.2
 WEBHOOK_DELAY_SECONDS = 0.5
@@ -320,10 +321,15 @@ class Sandbox:
                 "vapid": headers.get("authorization", "").split(" ", 1)[0],
                 "plaintext_visible": b"delivery_id" in body,
             },
+            # RFC 8030: the service keeps only the newest undelivered message with one Topic.
+            "collapse_key": headers.get("topic", ""),
         }
         if not headers.get("authorization", "").startswith("vapid t=") or "ttl" not in headers:
             self.state.record(**entry, status=401, outcome="error")
             return 401, {"error": "a VAPID Authorization header and a TTL header are required"}
+        if "topic" in headers and not WEBPUSH_TOPIC.fullmatch(headers["topic"]):
+            self.state.record(**entry, status=400, outcome="error")
+            return 400, {"error": "a Topic is at most 32 characters of the URL-safe base64 alphabet"}
         injected = faults.request_status() or faults.address_rule(address=subscription)
         if injected is not None:
             self.state.record(**entry, status=injected, outcome="error")
@@ -367,7 +373,12 @@ class Sandbox:
             "text": notification.get("body", "")[:500],
             "idempotency_key": None,
             "metadata": message.get("data", {}),
+            **_fcm_collapse(message),
         }
+        if len(entry["collapse"]["apns_collapse_id"].encode()) > 64:  # APNs' BadCollapseId, through FCM
+            self.state.record(**entry, status=400, outcome="error")
+            text = "Invalid APNs header apns-collapse-id: at most 64 bytes"
+            return 400, {"error": {"code": 400, "message": text, "status": "INVALID_ARGUMENT"}}
         injected = faults.request_status() or faults.address_rule(address=token)
         if injected is None and len(json.dumps({k: message.get(k) for k in ("notification", "data")}).encode()) > 4096:
             injected = 413
@@ -570,6 +581,20 @@ def _postmark_feedback(*, final_status: str, message: dict[str, Any], response: 
             event.update(ReceivedAt=response["SubmittedAt"], Platform="Desktop", OriginalLink="https://example.com")
         events.append(event)
     return events
+
+
+def _fcm_collapse(message: dict[str, Any]) -> dict[str, Any]:
+    """What a message says a repeat or a newer message replaces: the collapse key (the
+    Android tag, which decides what is shown, else the APNs collapse id, else the Android
+    collapse key) and each of those fields."""
+    android = message.get("android") or {}
+    fields = {
+        "android_collapse_key": str(android.get("collapse_key", "")),
+        "android_tag": str((android.get("notification") or {}).get("tag", "")),
+        "apns_collapse_id": str(((message.get("apns") or {}).get("headers") or {}).get("apns-collapse-id", "")),
+    }
+    key = fields["android_tag"] or fields["apns_collapse_id"] or fields["android_collapse_key"]
+    return {"collapse_key": key, "collapse": fields}
 
 
 def _basic_auth(header: str) -> tuple[str, str, str]:
