@@ -17,8 +17,10 @@ from contextlib import suppress
 from uuid import UUID
 
 import requests
+from cryptography.hazmat.primitives import serialization
 from django.conf import settings
-from py_vapid import VapidException
+from py_vapid import Vapid, VapidException
+from py_vapid.utils import b64urlencode
 from pywebpush import WebPushException, webpush
 
 from apps.recipients.models import WebPushSubscription
@@ -31,6 +33,13 @@ GONE_STATUSES = frozenset({404, 410})
 REASON_LIMIT = 200
 # RFC 8030 5.4: a Topic is at most 32 characters of the URL-safe base64 alphabet.
 TOPIC_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+
+def vapid_application_server_key() -> str:
+    """The public half of WEBPUSH_VAPID_PRIVATE_KEY, as browsers take it in subscribe()."""
+    vapid = Vapid.from_string(settings.WEBPUSH_VAPID_PRIVATE_KEY)
+    public = vapid.public_key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    return b64urlencode(public)
 
 
 def webpush_topic(*, key: str) -> str:
