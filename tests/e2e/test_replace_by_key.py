@@ -133,6 +133,8 @@ def test_a_sent_delivery_stays_sent_and_another_recipients_or_keys_are_untouched
     wait_until({**{f"o{c}": d for c, d in other_key.items()}, **newer}, DeliveryStatus.SENT)
     # Two ride sends and one parcel send, each under its own key.
     assert sorted(r["collapse_key"] for r in accepted(sandbox, "fcm")) == ["parcel-1", "ride-1", "ride-1"]
+    # Keys that fit a web push Topic travel as themselves.
+    assert sorted(r["collapse_key"] for r in accepted(sandbox, "webpush")) == ["parcel-1", "ride-1", "ride-1"]
 
 
 def test_the_in_app_item_is_updated_in_place_and_pushed_live(api, workspace, ride, ada, web_server, workers):
@@ -188,3 +190,10 @@ def test_the_sandbox_refuses_collapse_fields_the_real_services_refuse(sandbox):
     assert refused.status_code == 400
     assert requests.post(endpoint, data=b"x", headers={**headers, "Topic": "a" * 32}, timeout=5).status_code == 201
     assert requests.post(endpoint, data=b"x", headers={**headers, "Topic": "a" * 33}, timeout=5).status_code == 400
+    fcm = f"{sandbox.base_url}/fcm/v1/projects/p/messages:send"
+    message = {"token": "token-phone", "notification": {"title": "t", "body": "b"}}
+    for collapse_id, status in (("a" * 65, 400), ("a" * 64, 200)):
+        body = {"message": {**message, "apns": {"headers": {"apns-collapse-id": collapse_id}}}}
+        answer = requests.post(fcm, json=body, headers={"Authorization": "Bearer sandbox-token"}, timeout=5)
+        assert answer.status_code == status, answer.text
+    assert [r["status"] for r in sandbox.requests_log(provider="fcm")] == [400, 200]
