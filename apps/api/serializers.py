@@ -158,6 +158,16 @@ class RecipientRefField(serializers.Field):
         return value.external_id
 
 
+def replace_key_field() -> StrictCharField:
+    """An event's optional replace_key (events and broadcasts alike)."""
+    return StrictCharField(
+        max_length=REPLACE_KEY_MAX_LENGTH,
+        required=False,
+        help_text="A newer event with the same key replaces this one for each recipient: what is not yet "
+        "sent is superseded, the in-app item is updated in place, and push shows only the latest.",
+    )
+
+
 class EventSerializer(serializers.Serializer):
     """Trigger one event for one recipient or for a list of them."""
 
@@ -172,12 +182,7 @@ class EventSerializer(serializers.Serializer):
         child=serializers.ChoiceField(choices=Channel.choices), required=False, min_length=1
     )
     idempotency_key = serializers.CharField(max_length=255, required=False)
-    replace_key = StrictCharField(
-        max_length=REPLACE_KEY_MAX_LENGTH,
-        required=False,
-        help_text="A newer event with the same key replaces this one for each recipient: what is not yet "
-        "sent is superseded, the in-app item is updated in place, and push shows only the latest.",
-    )
+    replace_key = replace_key_field()
     send_at = serializers.DateTimeField(required=False, help_text="Send at this instant.")
     send_at_local = serializers.CharField(
         required=False,

@@ -1,10 +1,15 @@
-"""Replace by key around a delivery that a worker holds: it is left to finish, and an in-app
-send that comes after a later event's is recorded superseded instead of showing older news."""
+"""Replace by key around a delivery that a worker holds (it is left to finish, and an in-app
+send that comes after a later event's is recorded superseded instead of showing older news),
+and in a broadcast's fan-out."""
 
+import json
+
+from apps.audiences.models import Broadcast, Topic, TopicMembership
 from apps.deliveries.models import Delivery, DeliveryStatus
 from apps.inbox.models import InboxItem
 from notify.channels.base import OutboundMessage, RenderedContent
 from notify.channels.inapp import InAppChannel
+from notify.pipeline.broadcast import fan_out
 from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
 from notify.pipeline.record import outcomes_record
 from notify.pipeline.send import deliveries_claim, deliveries_send
@@ -73,3 +78,24 @@ def test_a_repeat_of_the_newest_send_updates_its_own_item_again(workspace, ride,
     [item] = InboxItem.objects.filter(recipient=ada)
     assert (item.body, item.delivery_id) == ("2 minutes", second.id)
     assert Delivery.objects.get(id=first.id).status == DeliveryStatus.SENT
+
+
+def test_a_broadcast_with_the_key_supersedes_each_reached_recipients_earlier_event(api, workspace, ride, ada):  # noqa: F811
+    earlier = in_app_delivery(workspace, "Service restored at 10:00")
+    topic = Topic.objects.create(tenant=workspace.tenant, key="riders")
+    TopicMembership.objects.create(topic=topic, recipient=ada)
+    body = {"category": "ride", "audience": {"topic": "riders"}, "data": {"text": "at 09:30"}, "replace_key": KEY}
+    response = api.post("/api/v1/broadcasts", data=json.dumps(body), content_type="application/json")
+    assert response.status_code == 202, response.content
+    fan_out(broadcast_id=response.json()["id"])
+    broadcast = Broadcast.objects.get(id=response.json()["id"])
+    assert broadcast.event.replace_key == KEY
+    earlier.refresh_from_db()
+    assert (earlier.status, earlier.status_reason) == ("superseded", f"superseded by event {broadcast.event_id}")
+    planned = Delivery.objects.filter(notification__event_id=broadcast.event_id)
+    assert sorted(d.status for d in planned) == ["queued"] * 3
+
+    too_long = {**body, "replace_key": "k" * 201}
+    refused = api.post("/api/v1/broadcasts", data=json.dumps(too_long), content_type="application/json")
+    assert refused.status_code == 400
+    assert list(refused.json()["error"]["fields"]) == ["replace_key"]
