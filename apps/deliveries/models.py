@@ -15,6 +15,8 @@ from apps.tenants.models import ApiKey, Tenant
 from notify.pipeline.bulk import LeanLoading
 from notify.resilience.outbound import OutboundRefused, outbound_url_check
 
+REPLACE_KEY_MAX_LENGTH = 200
+
 
 class Event(models.Model):
     """What a producer sent, once. The idempotency key is enforced by a unique constraint."""
@@ -37,11 +39,22 @@ class Event(models.Model):
     correlation_id = models.CharField(max_length=128, null=True, blank=True, db_index=True)
     # The W3C traceparent of that request's span, for the send batches' trace links.
     traceparent = models.CharField(max_length=55, null=True, blank=True)
+    # A newer event with the same key replaces this one for its recipients (docs/api.md,
+    # "Replace by key"): what is not yet sent is superseded, the in-app item is updated.
+    replace_key = models.CharField(max_length=REPLACE_KEY_MAX_LENGTH, null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["tenant", "idempotency_key"], name="event_idempotency_key_unique")
+        ]
+        indexes = [
+            # Finds a key's older events when a newer one is planned; only keyed events pay for it.
+            models.Index(
+                fields=["tenant", "replace_key"],
+                condition=models.Q(replace_key__isnull=False),
+                name="event_replace_key",
+            )
         ]
 
     def __str__(self) -> str:
@@ -328,6 +341,7 @@ class DeliveryStatus(models.TextChoices):
     STANDBY = "standby", "Standby (a later fallback step or an escalation; sent only if needed)"
     EXPIRED = "expired", "Expired (not sent within the category's expiry)"
     CANCELLED = "cancelled", "Cancelled"
+    SUPERSEDED = "superseded", "Superseded (a newer event with the same replace key came before it was sent)"
 
 
 # Not yet being sent: what a sender may claim, and what a cancel may still stop.

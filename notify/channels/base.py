@@ -40,6 +40,18 @@ class OutboundMessage:
     notification_id: UUID | None = None
     # Set when an earlier attempt may have reached the provider: from when to look for it.
     in_doubt_since: datetime | None = None
+    # What a repeat or a newer message replaces on the device rather than adds to: the
+    # event's replace_key when it has one, else the delivery id (the default).
+    collapse_key: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.collapse_key:
+            object.__setattr__(self, "collapse_key", str(self.delivery_id))
+
+    @property
+    def replaces(self) -> bool:
+        """Whether the collapse key is the event's replace key (not the delivery's own id)."""
+        return self.collapse_key != str(self.delivery_id)
 
 
 @dataclass(frozen=True)

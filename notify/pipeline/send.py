@@ -135,12 +135,15 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
     notifications = [d.notification for d in deliveries]
     tenant_ids = {n.tenant_id for n in notifications}
     events = list(
-        Event.objects.filter(id__in={n.event_id for n in notifications}).values_list("id", "data", "traceparent")
+        Event.objects.filter(id__in={n.event_id for n in notifications}).values_list(
+            "id", "data", "traceparent", "replace_key"
+        )
     )
     # The task's span names its deliveries and links to the requests their events came from.
-    send_span_annotate(delivery_ids=[d.id for d in deliveries], traceparents={tp for _, _, tp in events if tp})
+    send_span_annotate(delivery_ids=[d.id for d in deliveries], traceparents={tp for _, _, tp, _ in events if tp})
     context = BatchContext(
-        event_data={event_id: data for event_id, data, _ in events},
+        event_data={event_id: data for event_id, data, _, _ in events},
+        replace_keys={event_id: key for event_id, _, _, key in events if key},
         categories=Category.objects.in_bulk({n.category_id for n in notifications}),
         tenants=Tenant.objects.in_bulk(tenant_ids),
         # A batch can hold several tenants' deliveries (the sweeper's, a resume's): each
@@ -228,6 +231,8 @@ class BatchContext:
     categories: dict[int, Category]
     tenants: dict[UUID, Tenant]
     providers: dict[UUID, list[Provider]]
+    # Events that replace older ones by key: the key is their messages' collapse key.
+    replace_keys: dict[UUID, str] = field(default_factory=dict)
     shared_content: dict[tuple, RenderedContent] = field(default_factory=dict)
 
     # The policy's view of each category and tenant, built once per batch, not per delivery.
@@ -379,6 +384,7 @@ def _chunk_prepare(*, channel: Channel, deliveries: list[Delivery], context: Bat
                 address=address,
                 content=content,
                 category_key=category.key,
+                collapse_key=context.replace_keys.get(notification.event_id, ""),
                 **links,
             )
         )

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('deliveries', '0019_provider_credentials_encrypted'),
+        ('deliveries', '0021_event_replace_key_index'),
     ]
 
     operations = [
