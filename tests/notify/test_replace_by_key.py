@@ -38,7 +38,6 @@ def in_app_message(*, delivery: Delivery, recipient, body: str) -> OutboundMessa
     """The in-app message a worker sends for the delivery."""
     return OutboundMessage(
         delivery_id=delivery.id,
-        idempotency_key=str(delivery.id),
         address=str(recipient.id),
         content=RenderedContent(title="Your ride", body=body),
         category_key="ride",
