@@ -11,6 +11,7 @@ Run it through `make soak`, which prepares the database, Redis and the virtualen
 
 import argparse
 import os
+import socket
 import statistics
 import sys
 import time
@@ -105,6 +106,19 @@ def process_usage(*, pid: int) -> tuple[int, int, set[int]]:
     return rss, len(names), sockets
 
 
+def workers_wait_until_ready(*, names: list[str], timeout: float = 120.0) -> None:
+    """Wait until every worker answers a ping, so that the clock starts with the pipeline up."""
+    from config.celery import app
+
+    deadline = time.monotonic() + timeout
+    waiting = set(names)
+    while waiting:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"workers not up after {timeout:.0f} s: {', '.join(sorted(waiting))}")
+        for reply in app.control.ping(destination=sorted(waiting), timeout=1.0):
+            waiting -= set(reply)
+
+
 def mib(value: float) -> str:
     return f"{value / 1024 / 1024:.0f}M"
 
@@ -156,6 +170,7 @@ def main() -> None:
         else:
             processes.start_group(label=group, group=group)
     processes.start_beat()
+    workers_wait_until_ready(names=[f"{group}@{socket.gethostname()}" for group in WORKER_GROUPS])
     tracks = {label: Track() for label in processes.labels.values()}
     print(
         f"soak: {duration:.0f} s at {args.rate:g} notifications/s ({args.critical_rate:g}/s critical OTPs, "
@@ -268,13 +283,17 @@ def main() -> None:
                 if died:
                     break
             time.sleep(max(0.0, started + tick - time.monotonic()))
+        ran = time.monotonic() - started
         if not died:
-            sample(at=time.monotonic() - started)
+            sample(at=ran)
     finally:
         processes.stop()
     verdict = report(tracks=tracks, duration=duration)
     backlog = Delivery.objects.exclude(status__in=bench.FINAL).count()
-    print(f"accepted {accepted} notifications; {backlog} not yet final when the load stopped")
+    print(
+        f"accepted {accepted} notifications in {ran:.0f} s ({accepted / ran:.1f}/s of the {args.rate:g}/s asked); "
+        f"{backlog} not yet final when the load stopped"
+    )
     if died:
         print(f"FAIL: {', '.join(died)} exited during the soak (see var/log/bench-*.log)")
         sys.exit(1)
