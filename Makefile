@@ -1,4 +1,4 @@
-.PHONY: run test bench
+.PHONY: run test bench soak
 
 # Set up everything and run the service with its demo.
 run:
@@ -11,3 +11,7 @@ test:
 # Push notifications through the whole pipeline and print throughput and latency.
 bench:
 	@bash scripts/bench.sh $(ARGS)
+
+# A steady mixed load for an hour; fails if any process's memory, files or connections keep growing.
+soak:
+	@bash scripts/soak.sh $(ARGS)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -121,8 +122,12 @@ class Processes:
             except requests.RequestException:
                 time.sleep(0.1)
 
-    def start_workers(self) -> None:
-        celery = [
+    def start_group(self, *, label: str, group: str, pool: str = "solo", concurrency: int = 1, nice: int = 0) -> None:
+        """One Celery worker for a worker group of config/queues.py, named after the group."""
+        niced = ["nice", "-n", str(nice)] if nice else []
+        self.spawn(
+            label,
+            *niced,
             sys.executable,
             "-m",
             "celery",
@@ -133,33 +138,36 @@ class Processes:
             "--without-gossip",
             "-l",
             "warning",
-        ]
-        self.spawn(
-            "critical worker",
-            *celery,
             "--pool",
-            "solo",
+            pool,
+            *(["--concurrency", str(concurrency)] if pool == "prefork" else []),
             "-Q",
-            ",".join(WORKER_GROUPS["critical"]),
+            ",".join(WORKER_GROUPS[group]),
             "-n",
-            "critical@%h",
+            f"{group}@%h",
         )
+
+    def start_workers(self) -> None:
+        self.start_group(label="critical worker", group="critical")
         # Bulk workers run at a lower CPU priority, as deployments should run them, so
         # that critical work and the API are scheduled first when the cores are busy.
+        self.start_group(label="bulk workers", group="bulk", pool="prefork", concurrency=self.bulk_concurrency, nice=10)
+
+    def start_beat(self) -> None:
+        """Celery beat, for the periodic tasks (sweeper, gauges, retention); its schedule file under var/."""
         self.spawn(
-            "bulk workers",
-            "nice",
-            "-n",
-            "10",
-            *celery,
-            "--pool",
-            "prefork",
-            "--concurrency",
-            str(self.bulk_concurrency),
-            "-Q",
-            ",".join(WORKER_GROUPS["bulk"]),
-            "-n",
-            "bulk@%h",
+            "beat",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "config",
+            "beat",
+            "-l",
+            "warning",
+            "--pidfile=",
+            "-s",
+            str(ROOT / "var" / "bench-beat-schedule"),
         )
 
     def stop(self) -> None:
@@ -355,6 +363,20 @@ class CriticalProbe:
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of /proc's CPU times
 
 
+def process_table() -> Iterator[tuple[int, str, list[str]]]:
+    """Every process on the machine: its pid, its name and the fields of /proc/<pid>/stat after
+    the name (fields[0] is the state, fields[2] the process group)."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as stat:
+                text = stat.read()
+        except OSError:  # it ended meanwhile
+            continue
+        yield int(entry.name), text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+
+
 class CpuMeter:
     """The CPU time the machine's processes spent between start() and report(), from /proc:
     in all (what each notification cost, which a shared machine's noise moves less than it
@@ -377,20 +399,11 @@ class CpuMeter:
     def by_component(self) -> dict[str, float]:
         """CPU seconds of the processes alive now and of the children they reaped, by component."""
         seconds: dict[str, float] = {}
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat") as stat:
-                    text = stat.read()
-            except OSError:
-                continue
-            name = text[text.index("(") + 1 : text.rindex(")")]
-            fields = text[text.rindex(")") + 2 :].split()
+        for pid, name, fields in process_table():
             # pgrp; utime + stime, plus cutime + cstime: the CPU of children that have exited
             # (a PostgreSQL backend's goes to the postmaster) stays in the same component.
             process_group, cpu = int(fields[2]), sum(int(v) for v in fields[11:15])
-            if int(entry.name) == os.getpid():
+            if pid == os.getpid():
                 component = "benchmark client"
             elif process_group in self.labels:
                 component = self.labels[process_group]

@@ -113,6 +113,35 @@ sandbox_credentials() {
     export FCM_PROJECT_ID="${FCM_PROJECT_ID:-notify-sandbox}"
 }
 
+load_run_prepare() {
+    # The environment, services and database of a load run through the whole pipeline (bench,
+    # soak). $1 names the run: its database is notify_$1 unless <RUN>_DATABASE_URL is set; $2 is
+    # its Redis database unless <RUN>_BROKER_URL is set. Redis' database is emptied.
+    local run="$1" upper
+    upper="$(echo "$1" | tr '[:lower:]' '[:upper:]')"
+    local database_url="${upper}_DATABASE_URL" broker_url="${upper}_BROKER_URL"
+    export DJANGO_SECRET_KEY="${DJANGO_SECRET_KEY:-bench-only-secret-key}"
+    export NOTIFY_ENCRYPTION_KEYS="${NOTIFY_ENCRYPTION_KEYS:-YmVuY2gtb25seS1pbnNlY3VyZS1mZXJuZXQta2V5Li4=}"
+    export DATABASE_URL="${!database_url:-postgres://postgres@127.0.0.1:5432/notify_$run}"
+    export CELERY_BROKER_URL="${!broker_url:-redis://127.0.0.1:6379/$2}"
+    export NOTIFY_DEMO_API_KEY="${NOTIFY_DEMO_API_KEY:-ntf_bench_0123456789abcdefBENCH}"
+    # The sandbox's published credentials are allowed only with DEBUG on. Its cost here is
+    # Django's log of the last 9000 queries per connection.
+    export DJANGO_DEBUG=1
+    sandbox_credentials
+    # The metrics of this run's processes (prometheus-client's multiprocess mode), from zero.
+    export PROMETHEUS_MULTIPROC_DIR="$ROOT/var/metrics-$run"
+    rm -rf "$PROMETHEUS_MULTIPROC_DIR"
+
+    venv_ensure
+    postgres_ensure
+    redis_ensure
+    database_create
+    "$PY" manage.py migrate --no-input -v 0
+    vapid_key_ensure
+    "$PY" -c "import redis; redis.Redis.from_url('$CELERY_BROKER_URL').flushdb()"
+}
+
 vapid_key_ensure() {
     # A VAPID key for web push, made by the project's own command; kept in $1 when given,
     # so that browsers that subscribed stay subscribed across runs.
