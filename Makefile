@@ -1,4 +1,4 @@
-.PHONY: run test bench
+.PHONY: run test bench chaos
 
 # Set up everything and run the service with its demo.
 run:
@@ -11,3 +11,7 @@ test:
 # Push notifications through the whole pipeline and print throughput and latency.
 bench:
 	@bash scripts/bench.sh $(ARGS)
+
+# Run the fault campaign under load and print one summary line; exits 1 when a target is missed.
+chaos:
+	@bash scripts/chaos.sh $(ARGS)
