@@ -28,8 +28,6 @@ class RenderedContent:
 @dataclass(frozen=True)
 class OutboundMessage:
     delivery_id: UUID
-    # Sent to providers that support one: a repeat with the same key is accepted once.
-    idempotency_key: str
     address: str
     content: RenderedContent
     category_key: str

@@ -34,9 +34,6 @@ from notify.pipeline.record import Feedback, feedback_record
 from notify.resilience.failures import FailureKind, failure_from_status
 from notify.resilience.outbound import OutboundRefused, OutboundSession
 
-# Providers that honour it replay the first response for a repeated key, which turns our
-# at-least-once sends into exactly-once deliveries. The delivery id is the key.
-IDEMPOTENCY_HEADER = "X-Idempotency-Key"
 POSTMARK_BATCH_LIMIT = 500
 
 
@@ -96,7 +93,7 @@ class EmailChannel(Channel):
 
 def _email(*, message: OutboundMessage, connection: Any, from_email: str) -> EmailMultiAlternatives:
     content = message.content
-    headers = {IDEMPOTENCY_HEADER: message.idempotency_key}
+    headers: dict[str, str] = {}
     body, html = content.body, content.html
     if message.unsubscribe_url:
         # RFC 8058 one-click: the mail client POSTs "List-Unsubscribe=One-Click" to the URL.

@@ -157,11 +157,6 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
     return len(deliveries)
 
 
-def delivery_idempotency_key(*, delivery: Delivery) -> str:
-    """The delivery id, with the resend round once a provider-side failure forced a re-send."""
-    return str(delivery.id) if not delivery.resend_round else f"{delivery.id}:{delivery.resend_round}"
-
-
 def _lease_renew(*, lease_token: UUID, deliveries: list[Delivery]) -> list[Delivery]:
     """Extend the lease on the deliveries still held and return them. Any whose lease
     expired were re-queued by the sweeper and are another worker's now: not sent here."""
@@ -318,7 +313,6 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
             OutboundMessage(
                 delivery_id=delivery.id,
                 notification_id=notification.id,
-                idempotency_key=delivery_idempotency_key(delivery=delivery),
                 resend_round=delivery.resend_round,
                 address=address,
                 content=content,

@@ -5,6 +5,7 @@ import json
 
 import uvicorn
 
+from notify.sandbox.sent import STORE_SIZE
 from notify.sandbox.server import LOG_SIZE, Sandbox, is_loopback_url
 
 
@@ -25,12 +26,18 @@ def main() -> None:
     parser.add_argument(
         "--log-size", type=int, default=LOG_SIZE, help=f"requests the log keeps, newest first (default {LOG_SIZE})"
     )
+    parser.add_argument(
+        "--store-size",
+        type=int,
+        default=STORE_SIZE,
+        help=f"accepted messages each provider keeps for search and duplicate counting (default {STORE_SIZE})",
+    )
     args = parser.parse_args()
     webhooks = dict(item.split("=", 1) for item in args.webhook)
     if not all(is_loopback_url(url) for url in webhooks.values()):
         parser.error("webhook URLs must be on loopback (127.0.0.0/8, localhost or ::1)")
     uvicorn.run(
-        Sandbox(faults=json.loads(args.faults), webhooks=webhooks, log_size=args.log_size),
+        Sandbox(faults=json.loads(args.faults), webhooks=webhooks, log_size=args.log_size, store_size=args.store_size),
         host=args.host,
         port=args.port,
         lifespan="off",

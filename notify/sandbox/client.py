@@ -1,23 +1,35 @@
 """A small client for the sandbox's control API, used by tests, the demo and the benchmark."""
 
 import base64
+import hashlib
 import time
+from functools import lru_cache
 from typing import Any
 
 import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+# The sandbox's one browser: every subscription made for the sandbox's push service carries
+# its keys, so the push service can decrypt what it receives and see what a person would.
+_BROWSER_PRIVATE_VALUE = int.from_bytes(hashlib.sha256(b"notify sandbox browser").digest(), "big")
+_BROWSER_AUTH_SECRET = b"0123456789abcdef"
+
+
+@lru_cache(maxsize=1)
+def browser_private_key() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    """The sandbox browser's ECDH private key and auth secret (RFC 8291)."""
+    return ec.derive_private_key(_BROWSER_PRIVATE_VALUE, ec.SECP256R1()), _BROWSER_AUTH_SECRET
+
 
 def browser_subscription_keys() -> dict[str, str]:
     """What a browser's PushSubscription carries, its ECDH public key and auth secret, for a
     subscription whose endpoint is the sandbox's push service."""
-    public = (
-        ec.generate_private_key(ec.SECP256R1())
-        .public_key()
-        .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    private_key, auth_secret = browser_private_key()
+    public = private_key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
     )
-    return {"p256dh": _b64url(public), "auth": _b64url(b"0123456789abcdef")}
+    return {"p256dh": _b64url(public), "auth": _b64url(auth_secret)}
 
 
 def _b64url(raw: bytes) -> str:

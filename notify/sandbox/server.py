@@ -32,11 +32,28 @@ delay, by the provider's "delivered" webhook, retried like a real provider retri
 Each logged request names the account that sent it ("account": Postmark's server token,
 Twilio's account sid, FCM's project) and, for email and SMS, the sender ("from").
 
-Like providers that support idempotency keys, a repeated X-Idempotency-Key is answered
-with the first response and logged as a duplicate, not accepted again."""
+  GET  /postmark/messages/outbound
+                                Postmark's outbound message search: recipient, fromdate and todate
+                                (US Eastern time, as Postmark reads them), metadata_<name>, tag,
+                                count (at most 500) and offset (count + offset at most 10,000)
+  GET  /twilio/2010-04-01/Accounts/{sid}/Messages.json
+                                Twilio's message list: To, From, DateSent (and DateSent< / DateSent>),
+                                PageSize, Page; newest first
+
+The sandbox is never kinder than the real provider. None of these providers has an idempotency
+key: each accepts the same message twice and sends it twice, and so does the sandbox. What it
+adds is counting: a repeated send of the same delivery (by the delivery id in its metadata or
+push data, else by recipient plus body) is reported under `duplicates` in /_sandbox/stats, and
+under `visible_duplicates` unless it carries the same collapse key as the send before it (FCM's
+notification tag or APNs collapse id, a web push notification's tag), which makes the device
+replace what it shows instead of adding to it. The web push service decrypts what it receives
+with the sandbox browser's key (browser_subscription_keys), as the browser would, to see it.
+
+Message search answers what was accepted, after `search_lag_ms` (a real search index lags)."""
 
 import asyncio
 import base64
+import email.utils
 import hashlib
 import hmac
 import itertools
@@ -49,11 +66,17 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from html import escape
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, urlencode, urlparse
+from zoneinfo import ZoneInfo
 
+import http_ece
 import requests
+
+from notify.sandbox.client import browser_private_key
+from notify.sandbox.sent import STORE_SIZE, Sent
 
 Scope = dict[str, Any]
 PROVIDERS = ("postmark", "twilio", "fcm", "webpush")
@@ -87,11 +110,20 @@ class Faults:
     # The Location of an injected redirect, and a raw body for every error answer.
     redirect_to: str = ""
     error_body: str = ""
+    # Latency spikes: this share of requests waits spike_ms more (past a client's timeout,
+    # the provider takes the message all the same, as a real one does).
+    spike_rate: float = 0.0
+    spike_ms: float = 0.0
+    # How long an accepted message takes to show in the provider's search.
+    search_lag_ms: float = 0.0
 
     async def delay(self) -> None:
         """The injected latency, before the provider answers."""
-        if self.latency_ms:
-            await asyncio.sleep(self.latency_ms / 1000)
+        latency = self.latency_ms
+        if self.spike_rate and random.random() < self.spike_rate:
+            latency += self.spike_ms
+        if latency:
+            await asyncio.sleep(latency / 1000)
 
     def request_status(self) -> int | None:
         """An injected HTTP status for the whole request, or None to behave normally."""
@@ -121,11 +153,14 @@ class SandboxState:
     recorded: int = 0  # every request since the start or the last reset, kept in the log or not
     counts: Counter[str] = field(default_factory=Counter)  # by "provider.outcome"
     faults: dict[str, Faults] = field(default_factory=lambda: {p: Faults() for p in PROVIDERS})
-    # provider -> idempotency key -> the first successful response body
-    accepted: dict[str, dict[str, dict[str, Any]]] = field(default_factory=lambda: {p: {} for p in PROVIDERS})
+    store_size: int = STORE_SIZE
+    sent: Sent = field(init=False)
 
     def __post_init__(self) -> None:
         self.log = deque(maxlen=self.log_size)
+        self.sent = Sent(size=self.store_size)
+        for provider in PROVIDERS:
+            self.sent.of(provider)
 
     def record(self, **entry: Any) -> dict[str, Any]:
         self.recorded += 1
@@ -148,13 +183,17 @@ class Sandbox:
         faults: dict[str, dict[str, Any]] | None = None,
         webhooks: dict[str, str] | None = None,
         log_size: int = LOG_SIZE,
+        store_size: int = STORE_SIZE,
     ) -> None:
-        self.log_size = log_size
+        self.log_size, self.store_size = log_size, store_size
         self.initial_webhooks = webhooks or {}
         self.webhooks = dict(self.initial_webhooks)
-        self.state = SandboxState(log_size=self.log_size)
+        self.state = self._fresh_state()
         for provider, settings in (faults or {}).items():
             self.state.faults[provider] = Faults(**settings)
+
+    def _fresh_state(self) -> SandboxState:
+        return SandboxState(log_size=self.log_size, store_size=self.store_size)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         body = b""
@@ -174,6 +213,10 @@ class Sandbox:
             status, payload = await self.webpush_receive(
                 subscription=path.removeprefix("/webpush/"), headers=headers, body=body
             )
+        elif method == "GET" and path.rstrip("/") == "/postmark/messages/outbound":
+            status, payload = self.postmark_search(headers=headers, query=query)
+        elif method == "GET" and (match := TWILIO_MESSAGES.match(path)):
+            status, payload = self.twilio_list(account=match["account"], headers=headers, query=query)
         elif method == "POST" and path == "/google/token":
             status, payload = self.google_token(body=body)
         elif method == "POST" and (match := FCM_SEND.match(path)):
@@ -189,7 +232,7 @@ class Sandbox:
         elif method == "POST" and path == "/_sandbox/webhooks":
             status, payload = self.webhooks_set(body=body)
         elif method == "POST" and path == "/_sandbox/reset":
-            self.state = SandboxState(log_size=self.log_size)
+            self.state = self._fresh_state()
             self.webhooks = dict(self.initial_webhooks)
             status, payload = 200, {"reset": True}
         elif method == "GET" and path == "/":
@@ -250,7 +293,7 @@ class Sandbox:
     @staticmethod
     def _entry(message: dict[str, Any], *, server_token: str) -> dict[str, Any]:
         headers = {h.get("Name", ""): h.get("Value", "") for h in message.get("Headers", [])}
-        key = next((value for name, value in headers.items() if name.lower() == "x-idempotency-key"), None)
+        metadata = message.get("Metadata") or {}
         return {
             "provider": "postmark",
             # Which account sent it (the server token), and as whom.
@@ -261,16 +304,12 @@ class Sandbox:
             "text": (message.get("TextBody") or "")[:500],
             "html": (message.get("HtmlBody") or "")[:2000],
             "headers": {name: value for name, value in headers.items() if name.lower().startswith("list-")},
-            "idempotency_key": key,
-            "metadata": message.get("Metadata", {}),
+            "delivery_id": str(metadata.get("delivery_id", "")),
+            "metadata": metadata,
         }
 
     def _postmark_one(self, *, message: dict[str, Any], entry: dict[str, Any], rule: int | None) -> dict[str, Any]:
-        key, to = entry["idempotency_key"], entry["to"]
-        if key and key in self.state.accepted["postmark"]:
-            first = self.state.accepted["postmark"][key]
-            self.state.record(**entry, status=200, outcome="duplicate", message_id=first["MessageID"])
-            return first
+        to = entry["to"]
         if rule is not None or "@" not in to:
             self.state.record(**entry, status=rule or 422, outcome="error")
             if rule == 406:
@@ -287,9 +326,35 @@ class Sandbox:
             "ErrorCode": 0,
             "Message": "OK",
         }
-        if key:
-            self.state.accepted["postmark"][key] = response
-        self.state.record(**entry, status=200, outcome="accepted", message_id=response["MessageID"])
+        sent = self.state.sent.of("postmark")
+        metadata = entry["metadata"]
+        identity = (
+            (str(metadata["delivery_id"]), str(metadata.get("round", "")))
+            if metadata.get("delivery_id")
+            else (to.lower(), entry["subject"], entry["text"])
+        )
+        repeat = sent.count_send(identity=identity)
+        sent.add(
+            message={
+                "MessageID": response["MessageID"],
+                "To": [{"Email": to, "Name": None}],
+                "Recipients": [to],
+                "From": entry["from"],
+                "Subject": entry["subject"],
+                "Tag": message.get("Tag", ""),
+                "Metadata": metadata,
+                "Status": "Sent",
+                "MessageStream": message.get("MessageStream", "outbound"),
+                "ReceivedAt": _postmark_time(time.time()),
+                "_at": time.time(),
+                "_account": entry["account"],
+            },
+            indexes={
+                "recipient": to.lower(),
+                **{f"metadata_{name}": str(value) for name, value in metadata.items()},
+            },
+        )
+        self.state.record(**entry, status=200, outcome="accepted", message_id=response["MessageID"], repeat=repeat)
         if "postmark" in self.webhooks:
             events = _postmark_feedback(
                 final_status=self.state.faults["postmark"].final_status, message=message, response=response
@@ -298,6 +363,48 @@ class Sandbox:
                 self.webhooks_send_in_order(url=self.webhooks["postmark"], events=events)
             )
         return response
+
+    def postmark_search(self, *, headers: dict[str, str], query: dict[str, str]) -> tuple[int, Any]:
+        """GET /messages/outbound: the server's sent messages, newest first, filtered as
+        Postmark filters them; a message shows only once the search index has it."""
+        token = headers.get("x-postmark-server-token")
+        if not token:
+            return 401, {
+                "ErrorCode": 10,
+                "Message": "No Account or Server API tokens were supplied in the HTTP headers.",
+            }
+        try:
+            count, offset = int(query["count"]), int(query.get("offset", "0"))
+            since = _postmark_filter_time(query["fromdate"]) if query.get("fromdate") else None
+            until = _postmark_filter_time(query["todate"]) if query.get("todate") else None
+        except (KeyError, ValueError) as error:
+            return 422, {"ErrorCode": 1101, "Message": f"Invalid search parameters: {error}"}
+        if not 0 < count <= 500 or offset < 0 or count + offset > 10_000:
+            return 422, {"ErrorCode": 1101, "Message": "count must be 1-500, and count + offset at most 10,000."}
+        sent = self.state.sent.of("postmark")
+        metadata = {name: value for name, value in query.items() if name.startswith("metadata_")}
+        recipient = query.get("recipient", "").lower()
+        if metadata:
+            name, value = next(iter(metadata.items()))
+            candidates: Any = sent.found(index=name, value=value)
+        elif recipient:
+            candidates = sent.found(index="recipient", value=recipient)
+        else:
+            candidates = sent.messages
+        indexed_before = time.time() - self.state.faults["postmark"].search_lag_ms / 1000
+        matches = [
+            m
+            for m in reversed(candidates)
+            if m["_account"] == token
+            and m["_at"] <= indexed_before
+            and (since is None or m["_at"] >= since)
+            and (until is None or m["_at"] <= until)
+            and (not recipient or recipient in (r.lower() for r in m["Recipients"]))
+            and (not query.get("tag") or m["Tag"] == query["tag"])
+            and all(str(m["Metadata"].get(name.removeprefix("metadata_"))) == value for name, value in metadata.items())
+        ]
+        page = [{k: v for k, v in m.items() if not k.startswith("_")} for m in matches[offset : offset + count]]
+        return 200, {"TotalCount": len(matches), "Messages": page}
 
     async def webhooks_send_in_order(self, *, url: str, events: list[dict[str, Any]]) -> None:
         for event in events:
@@ -313,7 +420,7 @@ class Sandbox:
             "to": subscription,
             "subject": "",
             "text": f"{len(body)} encrypted bytes",
-            "idempotency_key": None,
+            "delivery_id": "",  # known once decrypted
             "metadata": {
                 "ttl": headers.get("ttl", ""),
                 "content_encoding": headers.get("content-encoding", ""),
@@ -329,7 +436,16 @@ class Sandbox:
             self.state.record(**entry, status=injected, outcome="error")
             return injected, {"error": "Injected sandbox failure."}
         message_id = uuid.uuid4().hex
-        self.state.record(**entry, status=201, outcome="accepted", message_id=message_id)
+        shown = _webpush_decrypt(headers=headers, body=body)
+        repeat = False
+        entry["delivery_id"] = str((shown or {}).get("delivery_id", ""))
+        if shown is not None:
+            # The browser shows what it decrypts; a notification with the same tag replaces it.
+            identity = (str(shown.get("delivery_id") or shown.get("body", "")), subscription)
+            repeat = self.state.sent.of("webpush").count_send(
+                identity=identity, collapse_key=str(shown.get("tag") or "")
+            )
+        self.state.record(**entry, status=201, outcome="accepted", message_id=message_id, repeat=repeat)
         return 201, {"id": message_id}
 
     def google_token(self, *, body: bytes) -> tuple[int, Any]:
@@ -365,7 +481,7 @@ class Sandbox:
             "to": token,
             "subject": notification.get("title", ""),
             "text": notification.get("body", "")[:500],
-            "idempotency_key": None,
+            "delivery_id": str(message.get("data", {}).get("delivery_id", "")),
             "metadata": message.get("data", {}),
         }
         injected = faults.request_status() or faults.address_rule(address=token)
@@ -378,7 +494,11 @@ class Sandbox:
             http_status = 400 if injected == 413 else injected
             return http_status, {"error": {"code": http_status, "message": text, "status": status, "details": [detail]}}
         name = f"projects/{project}/messages/{uuid.uuid4().int % 10**16}"
-        self.state.record(**entry, status=200, outcome="accepted", message_id=name)
+        repeat = self.state.sent.of("fcm").count_send(
+            identity=(entry["delivery_id"] or entry["subject"] + entry["text"], token),
+            collapse_key=_fcm_shown_key(message),
+        )
+        self.state.record(**entry, status=200, outcome="accepted", message_id=name, repeat=repeat)
         return 200, {"name": name}
 
     async def twilio_message(self, *, account: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
@@ -397,7 +517,7 @@ class Sandbox:
             "to": to,
             "subject": "",
             "text": text[:500],
-            "idempotency_key": None,
+            "delivery_id": _query_param(form.get("StatusCallback", ""), "delivery"),
             "metadata": {},
         }
         injected = faults.request_status() or faults.address_rule(address=to)
@@ -411,7 +531,9 @@ class Sandbox:
                 return 400, _twilio_error(21211, f"The 'To' number {to} is not a valid phone number.", 400)
             return injected, _twilio_error(20500 if injected >= 500 else 20429, "Injected sandbox failure.", injected)
         sid = "SM" + uuid.uuid4().hex
-        self.state.record(**entry, status=201, outcome="accepted", message_id=sid)
+        sent = self.state.sent.of("twilio")
+        repeat = sent.count_send(identity=(to, text))
+        self.state.record(**entry, status=201, outcome="accepted", message_id=sid, repeat=repeat)
         callback = form.get("StatusCallback")
         if callback and is_loopback_url(callback):
             asyncio.get_running_loop().create_task(
@@ -429,8 +551,62 @@ class Sandbox:
             "api_version": "2010-04-01",
             "error_code": None,
             "error_message": None,
+            "date_created": _rfc2822(time.time()),
+            "date_sent": None,
         }
+        sent.add(message={**message, "_at": time.time(), "_account": account}, indexes={"to": to})
         return 201, message
+
+    def twilio_list(self, *, account: str, headers: dict[str, str], query: dict[str, str]) -> tuple[int, Any]:
+        """GET /Accounts/{sid}/Messages.json: the account's messages, newest first, a page at a
+        time. A message has a DateSent only once it left Twilio's queue, so a DateSent filter
+        never finds one still queued."""
+        username, _, auth_token = _basic_auth(headers.get("authorization", ""))
+        if username != account or not auth_token:
+            return 401, _twilio_error(20003, "Authenticate", 401)
+        try:
+            page_size = min(int(query.get("PageSize", "50")), 1000)
+            page = int(query.get("Page", "0"))
+            sent_filters = [
+                (operator, _twilio_filter_date(query[f"DateSent{operator}"]))
+                for operator in ("", "<", ">")
+                if query.get(f"DateSent{operator}")
+            ]
+        except ValueError as error:
+            return 400, _twilio_error(20001, f"Invalid parameter: {error}", 400)
+        sent = self.state.sent.of("twilio")
+        to = query.get("To", "")
+        candidates: Any = sent.found(index="to", value=to) if to else sent.messages
+        now = time.time()
+        matches = []
+        for message in reversed(candidates):
+            # Twilio dates a message sent once its status callback says so.
+            sent_at = message["_at"] + TWILIO_CALLBACK_DELAY_SECONDS
+            if message["_account"] != account or (query.get("From") and message["from"] != query["From"]):
+                continue
+            if sent_filters and (sent_at > now or not all(_date_matches(sent_at, op, day) for op, day in sent_filters)):
+                continue
+            shown = {k: v for k, v in message.items() if not k.startswith("_")}
+            if sent_at <= now:
+                shown.update(date_sent=_rfc2822(sent_at), status="sent")
+            matches.append(shown)
+        uri = f"/2010-04-01/Accounts/{account}/Messages.json"
+        params = {k: v for k, v in query.items() if k not in ("Page", "PageToken")}
+        start = page * page_size
+        has_next = start + page_size < len(matches)
+        return 200, {
+            "messages": matches[start : start + page_size],
+            "page": page,
+            "page_size": page_size,
+            "start": start,
+            "end": min(start + page_size, len(matches)) - 1,
+            "uri": f"{uri}?{urlencode({**params, 'PageSize': page_size, 'Page': page})}",
+            "first_page_uri": f"{uri}?{urlencode({**params, 'PageSize': page_size, 'Page': 0})}",
+            "previous_page_uri": None,
+            "next_page_uri": f"{uri}?{urlencode({**params, 'PageSize': page_size, 'Page': page + 1})}"
+            if has_next
+            else None,
+        }
 
     async def twilio_callbacks(
         self, *, url: str, auth_token: str, sid: str, account: str, form: dict[str, str]
@@ -491,7 +667,7 @@ class Sandbox:
         return {"requests": entries, "last_seq": self.state.recorded}
 
     def stats(self) -> dict[str, Any]:
-        return {"total": self.state.recorded, "by_outcome": dict(self.state.counts)}
+        return {"total": self.state.recorded, "by_outcome": dict(self.state.counts), **self.state.sent.stats()}
 
     def faults_set(self, *, body: bytes) -> tuple[int, dict[str, Any]]:
         try:
@@ -570,6 +746,70 @@ def _postmark_feedback(*, final_status: str, message: dict[str, Any], response: 
             event.update(ReceivedAt=response["SubmittedAt"], Platform="Desktop", OriginalLink="https://example.com")
         events.append(event)
     return events
+
+
+# Postmark's API reads and writes times in US Eastern time.
+POSTMARK_TIMEZONE = ZoneInfo("America/New_York")
+
+
+def _postmark_time(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, POSTMARK_TIMEZONE).isoformat()
+
+
+def _postmark_filter_time(text: str) -> float:
+    """A search filter's date or date and time, read as Eastern time when it has no offset."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=POSTMARK_TIMEZONE)
+    return moment.timestamp()
+
+
+def _query_param(url: str, name: str) -> str:
+    return parse_qs(urlparse(url).query).get(name, [""])[0]
+
+
+def _fcm_shown_key(message: dict[str, Any]) -> str:
+    """What makes a device replace a shown notification instead of adding one: Android's
+    notification tag, else the APNs collapse id. (collapse_key only merges messages still
+    waiting at FCM, not ones already shown.)"""
+    android_tag = ((message.get("android") or {}).get("notification") or {}).get("tag")
+    apns_id = ((message.get("apns") or {}).get("headers") or {}).get("apns-collapse-id")
+    return str(android_tag or apns_id or "")
+
+
+def _webpush_decrypt(*, headers: dict[str, str], body: bytes) -> dict[str, Any] | None:
+    """The notification a browser would show, decrypted with the sandbox browser's key (RFC
+    8291); None when it was encrypted for another key or in another way."""
+    if headers.get("content-encoding") != "aes128gcm":
+        return None
+    private_key, auth_secret = browser_private_key()
+    try:
+        plaintext = http_ece.decrypt(body, private_key=private_key, auth_secret=auth_secret, version="aes128gcm")
+        shown = json.loads(plaintext)
+    except Exception:  # noqa: BLE001 - anything undecryptable is someone else's message
+        return None
+    return shown if isinstance(shown, dict) else None
+
+
+def _rfc2822(epoch: float) -> str:
+    return email.utils.format_datetime(datetime.fromtimestamp(epoch, UTC))
+
+
+def _twilio_filter_date(text: str) -> datetime:
+    """A DateSent filter: a date (YYYY-MM-DD), or the date and time twilio-python sends."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _date_matches(epoch: float, operator: str, moment: datetime) -> bool:
+    """Twilio's DateSent filters: "" the same day, "<" on or before, ">" on or after."""
+    sent = datetime.fromtimestamp(epoch, UTC)
+    if operator == "":
+        return sent.date() == moment.date()
+    has_time = moment.time() != datetime.min.time()
+    if operator == "<":
+        return sent <= moment if has_time else sent.date() <= moment.date()
+    return sent >= moment if has_time else sent.date() >= moment.date()
 
 
 def _basic_auth(header: str) -> tuple[str, str, str]:

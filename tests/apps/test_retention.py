@@ -129,6 +129,6 @@ def test_retention_purging_in_batches_while_a_drain_runs(api, workspace, workers
     assert report["finished"] > started  # the purge was still running when the backlog came  # type: ignore[operator]
     assert not Notification.objects.filter(id__in=expired).exists()
     drained = Delivery.objects.filter(notification_id__in=baseline + backlog).values_list("id", flat=True)
-    accepted = Counter(r["idempotency_key"] for r in sandbox.requests_log() if r["outcome"] == "accepted")
+    accepted = Counter(r["delivery_id"] for r in sandbox.requests_log() if r["outcome"] == "accepted")
     assert set(accepted) == {str(i) for i in drained} and set(accepted.values()) == {1}
     print(f"drain of 500: {500 / alone:.0f}/s alone, {500 / beside_purge:.0f}/s beside the purge")

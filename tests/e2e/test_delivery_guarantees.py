@@ -47,7 +47,7 @@ def assert_each_accepted_exactly_once(sandbox, notification_ids: list[str]) -> N
     delivery_ids = {
         str(i) for i in Delivery.objects.filter(notification_id__in=notification_ids).values_list("id", flat=True)
     }
-    accepted = Counter(r["idempotency_key"] for r in sandbox.requests_log() if r["outcome"] == "accepted")
+    accepted = Counter(r["delivery_id"] for r in sandbox.requests_log() if r["outcome"] == "accepted")
     assert set(accepted) == delivery_ids
     assert set(accepted.values()) == {1}
 

@@ -91,6 +91,6 @@ def test_a_runaway_tenant_is_paused_alerted_and_resumed_by_a_person(api, workspa
     changelist = reverse("admin:tenants_tenant_changelist")
     ops.post(changelist, {"action": "resume_runaway", "_selected_action": [workspace.tenant.pk]})
     wait_for_status(held, DeliveryStatus.SENT)
-    sent = [r["idempotency_key"] for r in sandbox.requests_log(provider="postmark") if r["outcome"] == "accepted"]
+    sent = [r["delivery_id"] for r in sandbox.requests_log(provider="postmark") if r["outcome"] == "accepted"]
     deliveries = Delivery.objects.filter(notification_id__in=held + critical).values_list("id", flat=True)
     assert sorted(key for key in sent if key) == sorted(str(d) for d in deliveries)  # each once

@@ -57,7 +57,7 @@ def test_with_provider_a_down_b_takes_over_and_nothing_is_sent_twice(workspace, 
     assert {d.status for d in deliveries} == {DeliveryStatus.SENT}
     assert {d.attempt_count for d in deliveries} == {1}  # failover spent no retry
     assert deliveries[0].events.last().detail["provider_status"] == "b/accepted"
-    accepted = [r["idempotency_key"] for r in sandbox_b.requests_log() if r["outcome"] == "accepted"]
+    accepted = [r["delivery_id"] for r in sandbox_b.requests_log() if r["outcome"] == "accepted"]
     assert sorted(accepted) == sorted(str(d.pk) for d in deliveries)
     assert sandbox.requests_log() == []
 

@@ -68,7 +68,7 @@ def test_a_send_is_recorded_with_the_providers_message_id(workspace, sandbox):
     [request] = sandbox.requests_log()
     assert request["outcome"] == "accepted"
     assert request["subject"] == "Hello Ada"
-    assert request["idempotency_key"] == str(delivery.pk)
+    assert request["delivery_id"] == str(delivery.pk)
     assert delivery.provider_message_id == request["message_id"]
     assert history(delivery) == ["queued", "sent"]
 
@@ -260,7 +260,6 @@ def test_a_batch_payload_is_what_anymail_builds_for_the_same_message(address):
     connection = get_connection("anymail.backends.postmark.EmailBackend", server_token="token")
     message = OutboundMessage(
         delivery_id=uuid.uuid4(),
-        idempotency_key="key",
         resend_round=0,
         address=address,
         content=RenderedContent(subject="Hi", title="", body="Hello", html="<p>Hello</p>", link="", data={}),
