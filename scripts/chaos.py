@@ -15,6 +15,7 @@ Run it through `make chaos`, which prepares the virtualenv."""
 
 import argparse
 import glob
+import hashlib
 import logging
 import os
 import pwd
@@ -25,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -45,7 +46,8 @@ PROVIDER_CHANNELS = {"postmark": "email", "twilio": "sms", "fcm": "push", "webpu
 RETRY = {"MAX_ATTEMPTS": "30", "RETRY_BASE_SECONDS": "1", "RETRY_CAP_SECONDS": "10"}
 # A killed worker's claim is taken back after the lease; a lost task message is published
 # again after the republish delay.
-CLOCKS = {"NOTIFY_LEASE_SECONDS": "120", "NOTIFY_REPUBLISH_AFTER_SECONDS": "20"}
+# (The lease is --lease-seconds: longer than the slowest batch's send, timeouts included.)
+CLOCKS = {"NOTIFY_REPUBLISH_AFTER_SECONDS": "20"}
 RETRY_ENVIRONMENT = {
     **{f"NOTIFY_{channel.upper()}_{name}": value for channel in CHANNEL_SHARES for name, value in RETRY.items()},
     **CLOCKS,
@@ -148,19 +150,59 @@ class PrivatePostgres:
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
     def start(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
-        self.directory.mkdir(parents=True)
-        if self.as_user:
-            shutil.chown(self.directory, user="postgres", group="postgres")
-        initdb = [str(self.bin / "initdb"), "-D", str(self.directory), "-U", "postgres", "-A", "trust", "-E", "UTF8"]
-        subprocess.run([*self.as_user, *initdb, "--no-sync"], check=True, stdout=subprocess.DEVNULL)
+        """Start the cluster: made on the first run, kept for the next ones."""
+        if not (self.directory / "PG_VERSION").exists():
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory.mkdir(parents=True)
+            if self.as_user:
+                shutil.chown(self.directory, user="postgres", group="postgres")
+            initdb = [
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.directory),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+            ]
+            subprocess.run([*self.as_user, *initdb, "--no-sync"], check=True, stdout=subprocess.DEVNULL)
+        elif (self.directory / "postmaster.pid").exists():
+            # Left running by a run that was killed itself.
+            subprocess.run(
+                [*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.directory), "-m", "immediate", "stop"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=False,
+            )
         # fsync off: the faults crash PostgreSQL, never the machine, so what it wrote survives.
         options = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.directory} -c fsync=off"
         )
         self.pg_ctl("-l", str(self.directory / "server.log"), "-o", options, "start")
-        with psycopg.connect(self.url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as connection:
-            connection.execute(f'create database "{DATABASE}"')
+
+    def database_fresh(self) -> None:
+        """An empty, migrated database: a copy of a template migrated once for the project's
+        current migrations (migrating from nothing takes longer than many a fault)."""
+        migrations = sorted(ROOT.glob("apps/*/migrations/*.py"))
+        digest = hashlib.sha256(b"".join(path.read_bytes() for path in migrations)).hexdigest()[:12]
+        template = f"{DATABASE}_{digest}"
+        admin = self.url.rsplit("/", 1)[0] + "/postgres"
+        with psycopg.connect(admin, autocommit=True) as connection:
+            names = {name for (name,) in connection.execute("select datname from pg_database").fetchall()}
+            if template not in names:
+                for stale in names:
+                    if stale.startswith(f"{DATABASE}_"):
+                        connection.execute(f'drop database "{stale}"')
+                connection.execute(f'create database "{template}"')
+                migrate = [sys.executable, "manage.py", "migrate", "--no-input", "-v", "0"]
+                url = self.url.rsplit("/", 1)[0] + f"/{template}"
+                if subprocess.run(migrate, cwd=ROOT, env={**os.environ, "DATABASE_URL": url}).returncode:
+                    connection.execute(f'drop database "{template}"')
+                    die("the migrations failed; see above")
+            connection.execute(f'drop database if exists "{DATABASE}" with (force)')
+            connection.execute(f'create database "{DATABASE}" template "{template}"')
 
     def restart(self, *, mode: str) -> None:
         self.pg_ctl("-m", mode, "restart")
@@ -313,6 +355,12 @@ def arguments() -> argparse.Namespace:
         "--fault-seconds", type=float, default=30.0, help="how long each fault lasts or is watched (default 30)"
     )
     parser.add_argument("--down-seconds", type=float, default=120.0, help="how long a provider is down (default 120)")
+    parser.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=120.0,
+        help="how long a claimed delivery waits for its worker before it is sent again (default 120)",
+    )
     parser.add_argument("--otp-rate", type=float, default=2.0, help="critical OTPs a second (default 2)")
     parser.add_argument("--broker", choices=["redis", "rabbitmq"], default="redis")
     parser.add_argument("--drain-timeout", type=float, default=1800.0, help="seconds to wait for the drain")
@@ -329,6 +377,8 @@ def arguments() -> argparse.Namespace:
 
 def main() -> None:
     args = arguments()
+    # Stopped from outside, it still stops what it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     (ROOT / "var" / "log").mkdir(parents=True, exist_ok=True)
     STATE.mkdir(parents=True, exist_ok=True)
     private_redis = PrivateRedis(port=args.redis_port)
@@ -352,9 +402,10 @@ def main() -> None:
                     for channel in ("EMAIL", "SMS", "PUSH", "WEBPUSH")
                 },
                 **RETRY_ENVIRONMENT,
+                "NOTIFY_LEASE_SECONDS": str(args.lease_seconds),
             }
         )
-        subprocess.run([sys.executable, "manage.py", "migrate", "--no-input", "-v", "0"], cwd=ROOT, check=True)
+        postgres.database_fresh()
         code = Campaign(args=args, redis=private_redis, postgres=postgres, rabbit=rabbit).run()
     finally:
         say("stopping the campaign's own Redis and PostgreSQL")
@@ -538,9 +589,8 @@ class Campaign:
                 pid = pool[0] if pool else leader
                 say(f"  no process of the {label} was caught during {phase} in time; killing one anyway")
             if pid == leader:
-                os.killpg(leader, signal.SIGKILL)
-                say(f"  killed worker {pid}; started again")
-                self.processes.respawn(label)
+                self.processes.kill(label=label)
+                say(f"  killed worker {pid}")
             else:
                 os.kill(pid, signal.SIGKILL)
                 say(f"  killed pool process {pid} of worker {leader}; the worker starts a new one")
@@ -571,10 +621,7 @@ class Campaign:
 
     def beat_kill(self) -> None:
         with self.fault("beat SIGKILLed"):
-            os.kill(self.processes.leaders["beat"], signal.SIGKILL)
-            time.sleep(min(5.0, self.args.fault_seconds))
-            self.processes.respawn("beat")
-            say("  beat started again")
+            self.processes.kill(label="beat")
             time.sleep(self.args.fault_seconds)
 
     def providers_flaky(self) -> None:
@@ -697,6 +744,7 @@ class Campaign:
             + ", ".join(f"NOTIFY_<CHANNEL>_{name}={value}" for name, value in RETRY.items())
             + "; "
             + ", ".join(f"{name}={value}" for name, value in CLOCKS.items())
+            + f", NOTIFY_LEASE_SECONDS={args.lease_seconds:g}"
             + f"; provider timeouts {PROVIDER_TIMEOUT_SECONDS:g} s"
         )
         self.processes = fleet_class()(
@@ -746,6 +794,8 @@ class Campaign:
         # A provider that was never sent to has no count yet.
         duplicates = {channel: stats["duplicates"].get(p, 0) for p, channel in PROVIDER_CHANNELS.items()}
         visible = {PROVIDER_CHANNELS[p]: stats["visible_duplicates"].get(p, 0) for p in ("fcm", "webpush")}
+        if self.processes.crashes:
+            say(f"processes that exited by themselves during the campaign: {', '.join(self.processes.crashes)}")
         missed = (
             truth["lost"] > 0
             or duplicates["email"] > 0
@@ -768,27 +818,65 @@ def fleet_class() -> type:
     import bench
 
     class Fleet(bench.Processes):
-        """The benchmark's processes, and the maintenance worker and beat, each of which can be
-        started again by its label after a kill."""
+        """The benchmark's processes, with the maintenance worker and beat, under a supervisor:
+        a process that exits is started again, as an operator's supervisor (systemd, Docker's
+        restart policy) would. Exits the campaign did not cause are reported."""
 
         def __init__(self, *, web_port: int, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.log_prefix = f"chaos-{web_port}"
             self.commands: dict[str, tuple[str, ...]] = {}
-            self.leaders: dict[str, int] = {}
+            self.current: dict[str, subprocess.Popen] = {}
+            self.killed: set[int] = set()  # leaders the campaign killed
+            self.crashes: list[str] = []
+            self.lock = threading.Lock()
+            self.supervising = threading.Event()
+
+        @property
+        def leaders(self) -> dict[str, int]:
+            return {label: child.pid for label, child in self.current.items()}
 
         def spawn(self, label: str, *command: str) -> subprocess.Popen:
             child = super().spawn(label, *command)
-            self.commands[label], self.leaders[label] = command, child.pid
+            self.commands[label], self.current[label] = command, child
             return child
 
         def start_others(self) -> None:
             self.spawn("maintenance worker", *bench.celery_worker(group="maintenance"))
             schedule = STATE / f"beat-schedule-{self.log_prefix}"
             self.spawn("beat", *bench.celery_command("beat", "--pidfile=", "-s", str(schedule)))
+            self.supervising.set()
+            threading.Thread(target=self.supervise, daemon=True).start()
 
-        def respawn(self, label: str) -> None:
-            self.spawn(label, *self.commands[label])
+        def kill(self, *, label: str) -> int:
+            """SIGKILL a whole process (a worker with its pool); the supervisor starts it again."""
+            with self.lock:
+                leader = self.current[label].pid
+                self.killed.add(leader)
+                os.killpg(leader, signal.SIGKILL)
+            return leader
+
+        def supervise(self) -> None:
+            while self.supervising.is_set():
+                with self.lock:
+                    for label, child in list(self.current.items()):
+                        if child.poll() is None or not self.supervising.is_set():
+                            continue
+                        if child.pid not in self.killed:
+                            self.crashes.append(label)
+                            say(f"  {label} (pid {child.pid}) exited by itself, code {child.returncode}; started again")
+                        else:
+                            say(f"  {label} started again")
+                        # Whatever its pool left behind goes with it.
+                        with suppress(ProcessLookupError):
+                            os.killpg(child.pid, signal.SIGKILL)
+                        self.spawn(label, *self.commands[label])
+                time.sleep(0.5)
+
+        def stop(self) -> None:
+            self.supervising.clear()
+            with self.lock:
+                super().stop()
 
     return Fleet
 
