@@ -240,15 +240,15 @@ def endpoints_register(*, tenant_id: object, channel: str, count: int, prefix: s
     )
 
 
-def producer_session() -> requests.Session:
+def producer_session(*, retry_class: type[Retry] = Retry, statuses: tuple[int, ...] = (429, 503)) -> requests.Session:
     """A session that behaves as a well-made producer: when the API sheds load (429, or 503
     while the database is away) it waits as Retry-After says and sends the request again."""
-    retry = Retry(
+    retry = retry_class(
         total=None,
         status=60,
         connect=5,
         read=0,
-        status_forcelist=(429, 503),
+        status_forcelist=statuses,
         allowed_methods=None,  # every method: the events API is idempotent by key
         respect_retry_after_header=True,
         backoff_factor=0.5,

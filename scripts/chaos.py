@@ -25,15 +25,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Self
 
 import psycopg
 import redis
 import requests
+from urllib3.util.retry import Retry
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = ROOT / "var" / "chaos"
@@ -310,6 +312,19 @@ def ports_of(pid: int, sockets: dict[int, tuple[int, int]]) -> set[int]:
 # --- The campaign ------------------------------------------------------------------------------
 
 
+class CountedRetry(Retry):
+    """The producers' retries, counted by what caused them: an API that answers 500 during a
+    fault is a finding even when a retry then succeeds."""
+
+    causes: Counter[str] = Counter()
+
+    def increment(
+        self, method: Any = None, url: Any = None, response: Any = None, error: Any = None, *args: Any, **kwargs: Any
+    ) -> Self:
+        CountedRetry.causes[f"HTTP {response.status}" if response is not None else "no connection"] += 1
+        return super().increment(method, url, response, error, *args, **kwargs)
+
+
 @dataclass
 class Window:
     started: float
@@ -434,6 +449,9 @@ class Campaign:
         }
         self.counts["email"] = args.notifications - sum(self.counts.values())
         self.broadcast_ids: list[str] = []
+        self.load_stopped: list[str] = []  # channels whose producer gave up
+        self.slices: list[int] = []  # the in-app broadcasts' audiences
+        self.inapp_accepted = 0
         self.api = f"http://127.0.0.1:{args.web_port}/api/v1"
         self.sandbox = bench.SandboxClient(base_url=f"http://127.0.0.1:{args.sandbox_port}")
 
@@ -468,6 +486,7 @@ class Campaign:
         slice_size = -(-self.counts["inapp"] // INAPP_BROADCASTS)
         for number in range(INAPP_BROADCASTS):
             size = min(slice_size, self.counts["inapp"] - number * slice_size)
+            self.slices.append(size)
             Recipient.objects.bulk_create(
                 [Recipient(tenant_id=tenant.id, external_id=f"inapp{number}-{i}") for i in range(size)], batch_size=5000
             )
@@ -497,6 +516,16 @@ class Campaign:
         return list(response.json()["notification_ids"])
 
     def broadcast_post(self, number: int) -> None:
+        """Start in-app broadcast `number`; a producer that gives up is reported, not fatal."""
+        try:
+            response = self.broadcast_request(number)
+        except requests.RequestException as error:
+            say(f"  in-app broadcast {number} was not accepted: {error}")
+            return
+        self.broadcast_ids.append(response.json()["id"])
+        self.inapp_accepted += self.slices[number]
+
+    def broadcast_request(self, number: int) -> requests.Response:
         response = self.session.post(
             f"{self.api}/broadcasts",
             json={
@@ -509,13 +538,20 @@ class Campaign:
             timeout=60,
         )
         response.raise_for_status()
-        self.broadcast_ids.append(response.json()["id"])
+        return response
 
     def load(self, *, spread_seconds: float) -> list[threading.Thread]:
         """Bulk load over all five channels, spread over the fault schedule so that every fault
         finds work in flight; the first in-app broadcast is left to the fan-out fault."""
 
         def bulk(channel: str) -> None:
+            try:
+                ingest(channel)
+            except requests.RequestException as error:
+                self.load_stopped.append(channel)
+                say(f"  the {channel} load stopped: {error}")
+
+        def ingest(channel: str) -> None:
             self.bench.ingest_bulk(
                 session=self.session,
                 headers=self.headers,
@@ -722,6 +758,19 @@ class Campaign:
         lost = max(0, accepted - notifications) + unreached.values("notification_id").distinct().count()
         return {"notifications": notifications, "lost": lost}
 
+    def accepted_count(self) -> int:
+        """What the API acknowledged: the bulk load (where a producer gave up, what it had
+        got accepted), the broadcasts' audiences and the OTPs."""
+        from apps.deliveries.models import Notification
+
+        bulk = sum(
+            Notification.objects.filter(category__key=f"bench-{channel}-bulk").count()
+            if channel in self.load_stopped
+            else self.counts[channel]
+            for channel in ("email", "sms", "push", "webpush")
+        )
+        return bulk + self.inapp_accepted + len(self.probe.sent)
+
     def critical_p99(self) -> tuple[float, int]:
         from apps.deliveries.models import Delivery
 
@@ -738,7 +787,8 @@ class Campaign:
     def run(self) -> int:
         args, bench = self.args, self.bench
         self.prepare()
-        self.session = bench.producer_session()
+        # Producers that send again, under the same idempotency key, whatever 5xx the API answers.
+        self.session = bench.producer_session(retry_class=CountedRetry, statuses=(429, 500, 502, 503, 504))
         say(
             "retries for the campaign, every channel: "
             + ", ".join(f"NOTIFY_<CHANNEL>_{name}={value}" for name, value in RETRY.items())
@@ -786,7 +836,7 @@ class Campaign:
         finally:
             self.probe.stopping.set()
             self.processes.stop()
-        accepted = args.notifications + len(self.probe.sent)
+        accepted = self.with_database(self.accepted_count)
         truth = self.with_database(lambda: self.truth(accepted=accepted))
         p99, measured = self.with_database(self.critical_p99)
         if "duplicates" not in stats or "visible_duplicates" not in stats:
@@ -794,6 +844,9 @@ class Campaign:
         # A provider that was never sent to has no count yet.
         duplicates = {channel: stats["duplicates"].get(p, 0) for p, channel in PROVIDER_CHANNELS.items()}
         visible = {PROVIDER_CHANNELS[p]: stats["visible_duplicates"].get(p, 0) for p in ("fcm", "webpush")}
+        if CountedRetry.causes:
+            causes = ", ".join(f"{cause} ×{n}" for cause, n in CountedRetry.causes.most_common())
+            say(f"the producers sent requests again after: {causes}")
         if self.processes.crashes:
             say(f"processes that exited by themselves during the campaign: {', '.join(self.processes.crashes)}")
         missed = (

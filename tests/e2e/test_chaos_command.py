@@ -47,7 +47,11 @@ def test_the_chaos_command_runs_every_fault_and_prints_its_summary():
     for name in ("NOTIFY_WEBPUSH_ALLOWED_HOSTS", "NOTIFY_PROVIDER_ALLOWED_HOSTS", "POSTMARK_API_URL"):
         env.pop(name, None)
     result = subprocess.run(
-        ["bash", "scripts/chaos.sh", "--notifications", "2000", "--fault-seconds", "2", "--down-seconds", "4"],
+        [
+            "bash",
+            "scripts/chaos.sh",
+            *("--notifications", "2000", "--fault-seconds", "1", "--down-seconds", "4", "--lease-seconds", "10"),
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
