@@ -3,6 +3,7 @@ the schedule happens, and the one summary line comes out with its fields, true t
 
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -46,18 +47,28 @@ def test_the_chaos_command_runs_every_fault_and_prints_its_summary():
     }
     for name in ("NOTIFY_WEBPUSH_ALLOWED_HOSTS", "NOTIFY_PROVIDER_ALLOWED_HOSTS", "POSTMARK_API_URL"):
         env.pop(name, None)
-    result = subprocess.run(
-        [
-            "bash",
-            "scripts/chaos.sh",
-            *("--notifications", "2000", "--fault-seconds", "1", "--down-seconds", "4", "--lease-seconds", "10"),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    try:
+        result = subprocess.run(
+            [
+                "bash",
+                "scripts/chaos.sh",
+                *("--notifications", "2000", "--fault-seconds", "1", "--down-seconds", "4", "--lease-seconds", "10"),
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    finally:
+        # The run's own cluster, logs and beat schedule, named by its ports.
+        shutil.rmtree(ROOT / "var" / "chaos" / f"postgres-{env['CHAOS_POSTGRES_PORT']}", ignore_errors=True)
+        for leftover in (
+            *(ROOT / "var" / "log").glob(f"chaos-{env['CHAOS_WEB_PORT']}-*.log"),
+            *(ROOT / "var" / "chaos").glob(f"beat-schedule-chaos-{env['CHAOS_WEB_PORT']}*"),
+            ROOT / "var" / "chaos" / f"redis-{env['CHAOS_REDIS_PORT']}.log",
+        ):
+            leftover.unlink(missing_ok=True)
     output = result.stdout + result.stderr
     for fault in FAULTS:
         assert f"fault: {fault}" in output, output
