@@ -380,6 +380,9 @@ NOTIFY_BATCH_SIZE = {
 }
 # A claimed delivery whose worker has not recorded an outcome by then is re-queued.
 NOTIFY_LEASE_SECONDS = env.float("NOTIFY_LEASE_SECONDS", default=300.0)
+# An in-doubt delivery is looked for at its provider no sooner than this after the doubt
+# began, since a provider's message search shows a message a little after it took it.
+NOTIFY_RECONCILE_AFTER_SECONDS = env.float("NOTIFY_RECONCILE_AFTER_SECONDS", default=10.0)
 # A queued delivery published this long ago and still unclaimed is published again.
 NOTIFY_REPUBLISH_AFTER_SECONDS = env.float("NOTIFY_REPUBLISH_AFTER_SECONDS", default=120.0)
 # Retries due sooner than this ride a Celery countdown; later ones wait in the database

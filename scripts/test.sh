@@ -17,6 +17,7 @@ for channel in EMAIL SMS PUSH WEBPUSH; do
 done
 export NOTIFY_LEASE_SECONDS=4
 export NOTIFY_REPUBLISH_AFTER_SECONDS=2
+export NOTIFY_RECONCILE_AFTER_SECONDS=0.5
 export NOTIFY_BULK_BATCH_SIZE=50
 export LOG_LEVEL=WARNING
 # The metrics of this run's own processes (prometheus-client's multiprocess mode), from zero.

@@ -15,7 +15,7 @@ from rest_framework.response import Response
 from apps.api.errors import error_response, field_error
 from apps.api.query import CheckedCursorPagination, QueryCheckedView
 from apps.api.scopes import read_write
-from apps.api.serializers import ErrorSerializer, RecipientRefField, StrictModelSerializer
+from apps.api.serializers import ErrorSerializer, RecipientRefField, StrictModelSerializer, replace_key_field
 from apps.api.views import CreatedCursorPagination, api_key_of, body_of
 from apps.audiences.models import Broadcast, Segment, Topic, TopicMembership
 from apps.audiences.services import topic_subscribe, topic_unsubscribe
@@ -214,6 +214,7 @@ class BroadcastCreateSerializer(serializers.Serializer):
     )
     data = serializers.DictField(required=False, default=dict)  # type: ignore[assignment]  # a field, not Serializer.data
     idempotency_key = serializers.CharField(max_length=255, required=False)
+    replace_key = replace_key_field()
     send_at = serializers.DateTimeField(required=False)
     send_at_local = serializers.CharField(
         required=False, help_text="'09:00' (the next one) or '2026-12-01T09:00', in each recipient's timezone."
@@ -324,6 +325,7 @@ class BroadcastViewSet(QueryCheckedView, viewsets.GenericViewSet, mixins.ListMod
                     audience=attrs["audience"],
                     data=attrs["data"],
                     idempotency_key=attrs.get("idempotency_key"),
+                    replace_key=attrs.get("replace_key"),
                     send_at=attrs.get("send_at"),
                     send_at_local=attrs.get("send_at_local"),
                     max_per_second=attrs.get("max_per_second"),

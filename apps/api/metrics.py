@@ -13,7 +13,7 @@ from collections.abc import Callable
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from notify.observability.exposition import web_metrics_text
+from notify.observability.gauges import web_metrics_text
 from notify.observability.metrics import api_request_count
 
 METRICS_PATH = "/metrics"

@@ -6,11 +6,11 @@ from drf_spectacular.utils import extend_schema_field, inline_serializer
 from rest_framework import serializers
 
 from apps.catalog.models import Category, Channel, Priority, Severity
-from apps.deliveries.models import Delivery, DeliveryEvent, Notification, RecurringSend
+from apps.deliveries.models import REPLACE_KEY_MAX_LENGTH, Delivery, DeliveryEvent, Notification, RecurringSend
 from apps.deliveries.selectors import NOTIFICATION_STATUSES, notification_status
 from apps.inbox.serializers import InboxItemSerializer
 from apps.recipients.models import Consent, Device, PreferenceSet, Recipient, validate_timezone
-from notify.channels.sms import e164
+from apps.recipients.phone import e164
 from notify.pipeline.ingest import EventRequest, RecipientRef
 from notify.pipeline.plan import LocalSendTime
 from notify.policy.rules import validate_category_switches, validate_channel_switches
@@ -158,6 +158,16 @@ class RecipientRefField(serializers.Field):
         return value.external_id
 
 
+def replace_key_field() -> StrictCharField:
+    """An event's optional replace_key (events and broadcasts alike)."""
+    return StrictCharField(
+        max_length=REPLACE_KEY_MAX_LENGTH,
+        required=False,
+        help_text="A newer event with the same key replaces this one for each recipient: what is not yet "
+        "sent is superseded, the in-app item is updated in place, and push shows only the latest.",
+    )
+
+
 class EventSerializer(serializers.Serializer):
     """Trigger one event for one recipient or for a list of them."""
 
@@ -172,6 +182,7 @@ class EventSerializer(serializers.Serializer):
         child=serializers.ChoiceField(choices=Channel.choices), required=False, min_length=1
     )
     idempotency_key = serializers.CharField(max_length=255, required=False)
+    replace_key = replace_key_field()
     send_at = serializers.DateTimeField(required=False, help_text="Send at this instant.")
     send_at_local = serializers.CharField(
         required=False,
@@ -229,6 +240,7 @@ def event_request_from(
         priority=attrs.get("priority"),
         channels=attrs.get("channels"),
         idempotency_key=attrs.get("idempotency_key") or idempotency_key,
+        replace_key=attrs.get("replace_key"),
         send_at=attrs.get("send_at"),
         send_at_local=attrs.get("send_at_local"),
         body=body,

@@ -12,7 +12,7 @@ from apps.tenants.admin_site import TenantScopedAdmin
 @admin.register(Category)
 class CategoryAdmin(TenantScopedAdmin):
     list_display = ("key", "tenant", "kind", "default_priority", "default_channels", "template")
-    list_filter = ("tenant", "kind", "default_priority")
+    list_filter = ("tenant", "kind", "default_priority", "ordered")
     search_fields = ("key", "description")
     list_select_related = ("tenant", "template")
 

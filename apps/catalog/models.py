@@ -138,6 +138,12 @@ class OverBudget(models.TextChoices):
     FALLBACK = "fallback", "Skip the channel (a fallback chain moves on to the next one)"
 
 
+class WhenInDoubt(models.TextChoices):
+    BY_KIND = "", "Resend if critical, else hold"
+    RESEND = "resend", "Resend it (at least once: a person may get it twice)"
+    HOLD = "hold", "Hold it for an operator (at most once)"
+
+
 class OverCap(models.TextChoices):
     SUPPRESS = "suppress", "Suppress it"
     DEFER = "defer", "Defer it until the window has room"
@@ -178,6 +184,14 @@ class Category(models.Model):
         default=OverBudget.HOLD,
         help_text="When the tenant's daily SMS budget is spent.",
     )
+    when_in_doubt = models.CharField(
+        max_length=8,
+        choices=WhenInDoubt.choices,
+        default=WhenInDoubt.BY_KIND,
+        blank=True,
+        help_text="When an attempt's fate is unknown and the provider cannot be asked whether it has the "
+        "message (mobile push, web push and in-app always resend: a repeat replaces the one shown).",
+    )
     fallback_timeout = models.DurationField(
         null=True,
         blank=True,
@@ -212,6 +226,13 @@ class Category(models.Model):
     )
     secure_message_text = models.CharField(
         max_length=300, blank=True, default="", help_text="The notice; empty: the tenant's, else the installation's."
+    )
+    # Chat-like events: each recipient gets them on each channel in the order they were accepted
+    # (notify/pipeline/ordering.py).
+    ordered = models.BooleanField(
+        default=False,
+        help_text="Send each recipient's notifications of this category, on each channel, in the order their "
+        "events were accepted: one waiting for a retry holds back that recipient's later ones.",
     )
 
     class Meta:

@@ -280,6 +280,7 @@ _OVERALL_ORDER = (
     ("suppressed", {"suppressed"}),
     ("expired", {"expired"}),
     ("cancelled", {"cancelled"}),
+    ("superseded", {"superseded"}),
 )
 
 

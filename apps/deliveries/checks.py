@@ -220,7 +220,7 @@ def alert_webhook_check(**_: Any) -> list[CheckMessage]:
     """The operator alert webhook is configured without a secret that can sign it."""
     if settings.DEBUG or not settings.NOTIFY_ALERT_WEBHOOK_URL:
         return []
-    from notify.observability.alerts import webhook_secret_problem  # imports models
+    from notify.resilience.outbound import webhook_secret_problem
 
     problem = webhook_secret_problem(secret=settings.NOTIFY_ALERT_WEBHOOK_SECRET)
     if not problem:

@@ -15,6 +15,8 @@ from apps.tenants.models import ApiKey, Tenant
 from notify.pipeline.bulk import LeanLoading
 from notify.resilience.outbound import OutboundRefused, outbound_url_check
 
+REPLACE_KEY_MAX_LENGTH = 200
+
 
 class Event(models.Model):
     """What a producer sent, once. The idempotency key is enforced by a unique constraint."""
@@ -37,11 +39,22 @@ class Event(models.Model):
     correlation_id = models.CharField(max_length=128, null=True, blank=True, db_index=True)
     # The W3C traceparent of that request's span, for the send batches' trace links.
     traceparent = models.CharField(max_length=55, null=True, blank=True)
+    # A newer event with the same key replaces this one for its recipients (docs/api.md,
+    # "Replace by key"): what is not yet sent is superseded, the in-app item is updated.
+    replace_key = models.CharField(max_length=REPLACE_KEY_MAX_LENGTH, null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["tenant", "idempotency_key"], name="event_idempotency_key_unique")
+        ]
+        indexes = [
+            # Finds a key's older events when a newer one is planned; only keyed events pay for it.
+            models.Index(
+                fields=["tenant", "replace_key"],
+                condition=models.Q(replace_key__isnull=False),
+                name="event_replace_key",
+            )
         ]
 
     def __str__(self) -> str:
@@ -171,6 +184,14 @@ class Provider(models.Model):
             raise ValidationError(
                 {"config": f"{key} is refused: {refused.reason}. Give the provider's public https address."}
             )
+
+
+def provider_name_of(*, provider_status: str) -> str:
+    """The Provider that made a send, from the status its outcome was recorded with
+    ("<name>/<channel's status>", see notify.resilience.providers); "" for the configured
+    default provider. Here, beside the model, so the ledger reads it without the senders."""
+    name, slash, _ = provider_status.partition("/")
+    return name if slash else ""
 
 
 def _sender_error(*, channel: str, config: dict) -> str:
@@ -320,6 +341,7 @@ class DeliveryStatus(models.TextChoices):
     STANDBY = "standby", "Standby (a later fallback step or an escalation; sent only if needed)"
     EXPIRED = "expired", "Expired (not sent within the category's expiry)"
     CANCELLED = "cancelled", "Cancelled"
+    SUPERSEDED = "superseded", "Superseded (a newer event with the same replace key came before it was sent)"
 
 
 # Not yet being sent: what a sender may claim, and what a cancel may still stop.
@@ -344,8 +366,12 @@ class Delivery(LeanLoading, models.Model):
     lease_token = models.UUIDField(null=True, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     provider_message_id = models.CharField(max_length=255, blank=True, default="")
+    # Set when an attempt's fate is unknown (the worker died, or the provider did not answer
+    # in time) to when that attempt may have reached the provider: before sending again, the
+    # provider is asked whether it has the message (notify/pipeline/reconcile.py).
+    in_doubt_since = models.DateTimeField(null=True, blank=True)
     # Bumped when a provider reports that a message it accepted failed later (a soft bounce):
-    # the re-send is a new message, so it needs a new idempotency key.
+    # the re-send is a new message, which its feedback tells apart by this round.
     resend_round = models.PositiveSmallIntegerField(default=0)
     # SMS: how many segments the provider bills for the rendered text.
     segments = models.PositiveSmallIntegerField(null=True, blank=True)

@@ -265,11 +265,7 @@ def inbox_groups_fold(*, items: Iterable[InboxItem]) -> None:
         with transaction.atomic():
             # Two workers storing items of one group at once would each see the other's item
             # missing; the lock serialises them per group.
-            if connection.vendor == "postgresql":  # SQLite runs one write at a time anyway
-                with connection.cursor() as cursor:
-                    cursor.execute(
-                        "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [f"{recipient_id}:{group_key}"]
-                    )
+            _transaction_lock(name=f"{recipient_id}:{group_key}")
             group = InboxItem.objects.filter(
                 recipient_id=recipient_id, group_key=group_key, read_at__isnull=True, archived_at__isnull=True
             )
@@ -282,6 +278,61 @@ def inbox_groups_fold(*, items: Iterable[InboxItem]) -> None:
             head = members[0]["id"]
             group.filter(id=head).update(folded=False, group_count=group.count(), actors=actors[:GROUP_ACTORS_SHOWN])
             group.exclude(id=head).filter(folded=False).update(folded=True)
+
+
+# What an event replacing an earlier one by key gives the recipient's item: its content and
+# attributes, and its delivery (items stay one per delivery: the item moves to the newest).
+REPLACED_FIELDS = (
+    "delivery",
+    "title",
+    "body",
+    "link",
+    "data",
+    "sort_at",
+    "category",
+    "severity",
+    "tags",
+    "group_key",
+    "actors",
+    "expires_at",
+)
+
+
+def inbox_item_replace(*, item: InboxItem, replace_key: str) -> InboxItem | None:
+    """Store `item` (unsaved, for its delivery) as the recipient's one item for the replace
+    key: the latest item of the key's earlier events takes its content and its delivery and
+    is unread again (as a new item would be: unseen, not archived, not snoozed); with none,
+    `item` is inserted. None when the item already shows a later event's delivery, which
+    makes this one stale."""
+    with transaction.atomic():
+        # Two workers sending the same key's deliveries at once would both find no item.
+        _transaction_lock(name=f"replace:{item.recipient_id}:{replace_key}")
+        current = (
+            InboxItem.objects.filter(
+                recipient_id=item.recipient_id, delivery__notification__event__replace_key=replace_key
+            )
+            .order_by("-delivery_id")  # delivery ids grow with time: the newest event's
+            .first()
+        )
+        if current is None:
+            item.save(force_insert=True)
+            return item
+        if current.delivery_id > item.delivery_id:
+            return None
+        for name in REPLACED_FIELDS:
+            setattr(current, name, getattr(item, name))
+        current.read_at = current.seen_at = current.archived_at = current.snoozed_until = None
+        current.folded = False
+        current.save(update_fields=[*REPLACED_FIELDS, "read_at", "seen_at", "archived_at", "snoozed_until", "folded"])
+        return current
+
+
+def _transaction_lock(*, name: str) -> None:
+    """Hold a lock on the name until the transaction ends (PostgreSQL; SQLite runs one write
+    at a time anyway)."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [name])
 
 
 def inbox_profile(*, recipient_id: UUID) -> dict[str, str]:

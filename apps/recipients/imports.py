@@ -43,9 +43,9 @@ from apps.recipients.models import (
     RecipientImportRefusal,
     validate_timezone,
 )
+from apps.recipients.phone import e164
 from apps.tenants.models import Tenant
 from config.queues import IMPORT_QUEUE
-from notify.channels.sms import e164
 from notify.pipeline.bulk import retry_lock_conflicts
 from notify.pipeline.ingest import RECIPIENT_FIELDS, recipients_upsert_statement
 

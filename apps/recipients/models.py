@@ -1,3 +1,6 @@
+import hashlib
+import hmac
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
@@ -119,6 +122,16 @@ class Suppression(models.Model):
 
     def __str__(self) -> str:
         return f"{self.channel}:{self.address}"
+
+
+# A suppression whose address was erased holds this prefix and the address's keyed hash.
+HASHED_ADDRESS_PREFIX = "hmac-sha256:"
+
+
+def address_hashed(*, address: str) -> str:
+    """The keyed hash an erased suppression keeps of an address (already in canonical form)."""
+    key = settings.NOTIFY_ERASURE_HASH_KEY.encode()
+    return HASHED_ADDRESS_PREFIX + hmac.new(key, address.encode(), hashlib.sha256).hexdigest()
 
 
 class DevicePlatform(models.TextChoices):

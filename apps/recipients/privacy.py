@@ -11,8 +11,6 @@ unsubscribed on a channel (withdrawn consent, the channel or any category switch
 their address on it suppressed first: their preferences are erased with them, and a person who
 asked for less must not get more once nobody remembers the asking."""
 
-import hashlib
-import hmac
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -29,17 +27,10 @@ from apps.recipients.models import (
     Recipient,
     Suppression,
     WebPushSubscription,
+    address_hashed,
 )
 
-# A suppression whose address was erased holds this prefix and the address's keyed hash.
-HASHED_ADDRESS_PREFIX = "hmac-sha256:"
 RECIPIENT_CHANNELS = {"email": "email", "sms": "phone"}
-
-
-def address_hashed(*, address: str) -> str:
-    """The keyed hash an erased suppression keeps of an address (already in canonical form)."""
-    key = settings.NOTIFY_ERASURE_HASH_KEY.encode()
-    return HASHED_ADDRESS_PREFIX + hmac.new(key, address.encode(), hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)

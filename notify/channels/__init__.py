@@ -43,7 +43,7 @@ def channel_for_provider(provider: Any) -> Channel:
 def provider_settings_changed(setting: str, **kwargs: Any) -> None:
     """A changed provider setting (in tests) must not keep using the old connection."""
     if setting in ("EMAIL_BACKEND", "ANYMAIL") or setting.startswith(
-        ("TWILIO_", "FCM_", "WEBPUSH_", "NOTIFY_WEBPUSH_", "NOTIFY_PROVIDER_")
+        ("TWILIO_", "FCM_", "WEBPUSH_", "NOTIFY_WEBPUSH_", "NOTIFY_PROVIDER_", "NOTIFY_SMS_")
     ):
         for channel in _CHANNELS.values():
             channel.reset()

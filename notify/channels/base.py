@@ -38,6 +38,20 @@ class OutboundMessage:
     preferences_url: str = ""
     # For the provider call's trace span and log lines.
     notification_id: UUID | None = None
+    # Set when an earlier attempt may have reached the provider: from when to look for it.
+    in_doubt_since: datetime | None = None
+    # What a repeat or a newer message replaces on the device rather than adds to: the
+    # event's replace_key when it has one, else the delivery id (the default).
+    collapse_key: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.collapse_key:
+            object.__setattr__(self, "collapse_key", str(self.delivery_id))
+
+    @property
+    def replaces(self) -> bool:
+        """Whether the collapse key is the event's replace key (not the delivery's own id)."""
+        return self.collapse_key != str(self.delivery_id)
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,9 @@ class SendOutcome:
     # The provider certainly did not take the message (no connection, or an error answer),
     # so another provider may send it without risking a duplicate. A timeout is not this.
     unsent: bool = False
+    # The request may have reached the provider, but no answer came (a timeout, an unreadable
+    # answer): the provider is asked before the message is sent again.
+    in_doubt: bool = False
     elapsed_ms: float = 0.0
 
     @property
@@ -88,6 +105,9 @@ class Channel(ABC):
     # Whether its messages carry unsubscribe and preference links (made per message, so
     # only where they are shown).
     wants_links: ClassVar[bool] = False
+    # Whether a repeated message replaces the one shown (a collapse key or notification tag,
+    # an in-app item per delivery) rather than reaching the person twice.
+    repeats_collapse: ClassVar[bool] = False
 
     @abstractmethod
     def address_for(self, *, recipient: Recipient) -> str:
@@ -107,6 +127,17 @@ class Channel(ABC):
 
     def reset(self) -> None:
         """Drop any provider connection kept open between batches."""
+
+    def messages_per_request(self) -> int:
+        """How many messages go in one provider request. The send stage records outcomes after
+        each request, so that a worker that dies leaves at most one request's messages in doubt."""
+        return 1
+
+    def reconcile(self, *, messages: list[OutboundMessage]) -> dict[UUID, str] | None:
+        """Ask the provider which of these in-doubt messages it already took: their provider
+        message ids by delivery. None when this provider cannot be asked; raises when it
+        could be but did not answer."""
+        return None
 
 
 class RegistryChannel(Channel):

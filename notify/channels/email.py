@@ -7,9 +7,12 @@ still built by anymail; other ESPs send a batch message by message on one connec
 import json
 import re
 import time
+from datetime import timedelta
 from functools import lru_cache
 from html import escape
 from typing import Any
+from uuid import UUID
+from zoneinfo import ZoneInfo
 
 import requests
 from anymail.backends.base_requests import AnymailRequestsBackend
@@ -26,15 +29,21 @@ from anymail.utils import EmailAddress, parse_address_list
 from django.conf import settings
 from django.core.mail import EmailMultiAlternatives, get_connection
 from django.dispatch import receiver
+from django.utils import timezone
 
 from apps.recipients.models import Recipient
 from notify.channels.base import Channel, OutboundMessage, SendOutcome, request_never_reached, timed_outcome
 from notify.observability.logs import message_scoped
-from notify.pipeline.record import Feedback, feedback_record
+from notify.pipeline.feedback import feedback_receive
+from notify.pipeline.record import Feedback
 from notify.resilience.failures import FailureKind, failure_from_status
 from notify.resilience.outbound import OutboundRefused, OutboundSession
 
 POSTMARK_BATCH_LIMIT = 500
+# Postmark's search reads times in US Eastern time. It looks back a little further than the
+# doubt began, for clocks that disagree.
+POSTMARK_TIMEZONE = ZoneInfo("America/New_York")
+SEARCH_MARGIN = timedelta(minutes=5)
 
 
 class EmailChannel(Channel):
@@ -69,6 +78,37 @@ class EmailChannel(Channel):
         if any(o.failure is FailureKind.TRANSIENT for o in outcomes):
             self.reset()  # a fresh connection next time, in case this one is broken
         return outcomes
+
+    def messages_per_request(self) -> int:
+        return POSTMARK_BATCH_LIMIT if isinstance(self._open_connection(), PostmarkBackend) else 1
+
+    def reconcile(self, *, messages: list[OutboundMessage]) -> dict[UUID, str] | None:
+        """Postmark's outbound message search, by recipient, time and the delivery id carried
+        in each message's metadata. Other ESPs' searches are not wired: None."""
+        connection = self._open_connection()
+        if not isinstance(connection, PostmarkBackend):
+            return None
+        found = {}
+        for message in messages:
+            since = (message.in_doubt_since or timezone.now()) - SEARCH_MARGIN
+            response = connection.session.get(
+                f"{connection.api_url}messages/outbound",
+                params={
+                    "count": 50,
+                    "offset": 0,
+                    "recipient": message.address,
+                    "fromdate": since.astimezone(POSTMARK_TIMEZONE).strftime("%Y-%m-%dT%H:%M:%S"),
+                    "metadata_delivery_id": str(message.delivery_id),
+                },
+                headers={"Accept": "application/json", "X-Postmark-Server-Token": connection.server_token},
+                timeout=connection.timeout,
+            )
+            response.raise_for_status()
+            for sent in response.json().get("Messages", []):
+                if str((sent.get("Metadata") or {}).get("round", "0")) == str(message.resend_round):
+                    found[message.delivery_id] = str(sent.get("MessageID", ""))
+                    break
+        return found
 
     def _open_connection(self) -> Any:
         """One open backend per worker process, so its HTTP keep-alive connection to the
@@ -140,11 +180,11 @@ def _send_one(*, connection: Any, message: OutboundMessage, from_email: str) -> 
         failure, reason = failure_from_status(error.status_code), _reason(error)
         # An error answer, or (anymail's error is also the requests one) no connection at all.
         unsent = error.status_code is not None or request_never_reached(error)
-        return timed_outcome(message, started, failure=failure, reason=reason, unsent=unsent)
+        return timed_outcome(message, started, failure=failure, reason=reason, unsent=unsent, in_doubt=not unsent)
     except (AnymailError, OSError) as error:
         # No HTTP status: the request never completed (connection refused, timeout).
-        failure, reason = failure_from_status(None), _reason(error)
-        return timed_outcome(message, started, failure=failure, reason=reason, unsent=request_never_reached(error))
+        failure, reason, unsent = failure_from_status(None), _reason(error), request_never_reached(error)
+        return timed_outcome(message, started, failure=failure, reason=reason, unsent=unsent, in_doubt=not unsent)
     else:
         return timed_outcome(message, started, provider_message_id=_provider_id(email))
 
@@ -236,7 +276,10 @@ def _postmark_batch_post(
     except requests.RequestException as error:
         unsent = request_never_reached(error)
         failure, reason = failure_from_status(None), _reason(error)
-        return [timed_outcome(m, started, failure=failure, reason=reason, unsent=unsent) for m in messages]
+        return [
+            timed_outcome(m, started, failure=failure, reason=reason, unsent=unsent, in_doubt=not unsent)
+            for m in messages
+        ]
     if response.status_code != 200:
         failure, reason = failure_from_status(response.status_code), _reason_from_response(response)
         return [timed_outcome(m, started, failure=failure, reason=reason, unsent=True) for m in messages]
@@ -245,10 +288,11 @@ def _postmark_batch_post(
         if not isinstance(results, list) or len(results) != len(messages):
             raise ValueError(f"expected {len(messages)} results")
     except ValueError as error:
-        # The provider's answer is unreadable: we cannot know what it took, so retry all;
-        # the idempotency key makes a repeat harmless where the provider honours it.
+        # The provider's answer is unreadable: what it took is in doubt, so it is asked first.
         reason = f"unreadable batch response: {error}"
-        return [timed_outcome(m, started, failure=FailureKind.TRANSIENT, reason=reason) for m in messages]
+        return [
+            timed_outcome(m, started, failure=FailureKind.TRANSIENT, reason=reason, in_doubt=True) for m in messages
+        ]
     outcomes = []
     for message, result in zip(messages, results, strict=True):
         if result.get("ErrorCode", 0) == 0:
@@ -316,7 +360,7 @@ def email_tracking_received(sender: Any, event: AnymailTrackingEvent, esp_name: 
         raw_status = f"{raw_status}/{raw['Type']}"
     if normalized == "bounced" and raw.get("Type") in SOFT_BOUNCE_TYPES:
         normalized = "soft_bounced"
-    feedback_record(
+    feedback_receive(
         feedback=Feedback(
             delivery_id=delivery_id,
             normalized_status=normalized,
@@ -326,5 +370,6 @@ def email_tracking_received(sender: Any, event: AnymailTrackingEvent, esp_name: 
             reason=(event.description or "")[:400] if normalized != "delivered" else "",
             address=event.recipient or "",
             channel="email",
-        )
+        ),
+        address_for=EmailChannel().address_for,
     )

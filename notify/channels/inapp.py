@@ -1,20 +1,32 @@
 """The in-app inbox: a delivery becomes an item in the recipient's inbox, stored in the
 database, which is the truth that the inbox API reads. Open connections get the item and
-the new counts pushed to them as soon as it is stored."""
+the new counts pushed to them as soon as it is stored.
+
+An event with a replace key updates the recipient's item for that key in place (the item
+moves to the newest delivery) instead of adding a second one."""
 
 import time
+from datetime import datetime
 
 from django.utils import timezone
 
+from apps.deliveries.models import DeliveryStatus
 from apps.inbox.live import inbox_items_added
 from apps.inbox.models import InboxItem
-from apps.inbox.services import inbox_groups_fold, inbox_item_attributes
+from apps.inbox.services import inbox_groups_fold, inbox_item_attributes, inbox_item_replace
 from apps.recipients.models import Recipient
 from notify.channels.base import Channel, OutboundMessage, SendOutcome, timed_outcome
+
+# Items written in one statement.
+IN_APP_BATCH = 250
 
 
 class InAppChannel(Channel):
     name = "inapp"
+    repeats_collapse = True  # one item per delivery
+
+    def messages_per_request(self) -> int:
+        return IN_APP_BATCH  # no provider: one bulk write
 
     def address_for(self, *, recipient: Recipient) -> str:
         return str(recipient.id)  # every recipient has an inbox
@@ -24,27 +36,45 @@ class InAppChannel(Channel):
         now = timezone.now()
         delivery_ids = [message.delivery_id for message in messages]
         attributes = inbox_item_attributes(delivery_ids=delivery_ids)
+        items = {
+            m.delivery_id: _item(message=m, now=now, attributes=attributes.get(m.delivery_id, {})) for m in messages
+        }
         # A re-send after a lost record finds the item there: one item per delivery.
-        InboxItem.objects.bulk_create(
-            [
-                InboxItem(
-                    recipient_id=message.address,
-                    delivery_id=message.delivery_id,
-                    title=message.content.title,
-                    body=message.content.body,
-                    link=message.content.link,
-                    data=message.content.data,
-                    sort_at=now,
-                    **attributes.get(message.delivery_id, {}),
-                )
-                for message in messages
-            ],
-            ignore_conflicts=True,
-        )
-        outcomes = [timed_outcome(m, started, provider_status="inapp:stored") for m in messages]
-        # Read back: with ignore_conflicts the objects above lack the ids of items stored before.
+        InboxItem.objects.bulk_create([items[m.delivery_id] for m in messages if not m.replaces], ignore_conflicts=True)
+        stale = set()
+        # Oldest first, so that of one key's deliveries in this batch the newest ends up shown.
+        for message in sorted((m for m in messages if m.replaces), key=lambda m: m.delivery_id):
+            if inbox_item_replace(item=items[message.delivery_id], replace_key=message.collapse_key) is None:
+                stale.add(message.delivery_id)
+        outcomes = [
+            timed_outcome(
+                m,
+                started,
+                withheld=DeliveryStatus.SUPERSEDED,
+                reason="the in-app item already shows a later event with this replace key",
+            )
+            if m.delivery_id in stale
+            else timed_outcome(m, started, provider_status="inapp:stored")
+            for m in messages
+        ]
+        # Read back: with ignore_conflicts the objects above lack the ids of items stored
+        # before; an item replaced by key now belongs to its newest delivery, so is read too.
         stored = list(InboxItem.objects.filter(delivery_id__in=delivery_ids))
         inbox_groups_fold(items=stored)
-        # A grouped item is pushed as its group's newest item, with the group's count.
+        # A grouped item is pushed as its group's newest item, with the group's count; an
+        # item replaced by key is pushed again with its id, which clients keep items by.
         inbox_items_added(items=InboxItem.objects.filter(delivery_id__in=delivery_ids, folded=False))
         return outcomes
+
+
+def _item(*, message: OutboundMessage, now: datetime, attributes: dict) -> InboxItem:
+    return InboxItem(
+        recipient_id=message.address,
+        delivery_id=message.delivery_id,
+        title=message.content.title,
+        body=message.content.body,
+        link=message.content.link,
+        data=message.content.data,
+        sort_at=now,
+        **attributes,
+    )

@@ -4,6 +4,7 @@ module that touches firebase-admin.
 A delivery goes to every active device of its recipient. Tokens that FCM proves dead are
 deactivated; a payload error never deactivates a device."""
 
+import hashlib
 import json
 import time
 import warnings
@@ -30,6 +31,8 @@ PAYLOAD_LIMIT_BYTES = 4096
 SEND_SLICE = 50
 # Errors that prove a token dead: only these deactivate a device.
 DEAD_TOKEN_ERRORS = (messaging.UnregisteredError, messaging.SenderIdMismatchError)
+# APNs refuses an apns-collapse-id over 64 bytes.
+APNS_COLLAPSE_ID_LIMIT = 64
 TRANSIENT_CODES = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE", "INTERNAL", "DEADLINE_EXCEEDED", "UNKNOWN"})
 
 
@@ -91,6 +94,10 @@ def _credentials(*, overrides: dict[str, Any]) -> credentials.Certificate:
 class PushChannel(RegistryChannel):
     name = "push"
     registry = Device
+    repeats_collapse = True  # the delivery's collapse key and notification tag replace a repeat
+
+    def messages_per_request(self) -> int:
+        return SEND_SLICE  # one send_each() call
 
     def __init__(self, *, overrides: dict[str, Any] | None = None) -> None:
         # A push Provider's own Firebase app: {"project_id": ..., "credentials": {key JSON}}.
@@ -151,9 +158,25 @@ def _fcm_message(*, message: OutboundMessage, device: Device) -> messaging.Messa
             token=device.token,
             notification=messaging.Notification(title=content.title, body=body),
             data=data,
-            android=messaging.AndroidConfig(priority="high"),
-            apns=messaging.APNSConfig(headers={"apns-priority": "10"}),
+            # A repeat (a send in doubt sent again) or a newer message with the same key
+            # replaces the one shown instead of adding a second: collapse_key while FCM holds
+            # it, the tag once Android shows it, apns-collapse-id on iOS.
+            android=messaging.AndroidConfig(
+                priority="high",
+                collapse_key=message.collapse_key,
+                notification=messaging.AndroidNotification(tag=message.collapse_key),
+            ),
+            apns=messaging.APNSConfig(
+                headers={"apns-priority": "10", "apns-collapse-id": apns_collapse_id(key=message.collapse_key)}
+            ),
         )
+
+
+def apns_collapse_id(*, key: str) -> str:
+    """The key as APNs takes it: itself when it fits in 64 bytes, else its SHA-256 in hex."""
+    if len(key.encode()) <= APNS_COLLAPSE_ID_LIMIT:
+        return key
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def _is_dead_token(answer: Any) -> bool:

@@ -6,22 +6,23 @@ capped, and Twilio's signed status callbacks are verified and turned into feedba
 import math
 import time
 from collections.abc import Mapping
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 from uuid import UUID
 
 import gsm0338  # noqa: F401 - registers the "gsm03.38" codec
-import phonenumbers
 from django.conf import settings
+from django.utils import timezone
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.http.response import Response
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
-from apps.recipients.models import Recipient, Suppression
-from apps.recipients.privacy import address_hashed
+from apps.recipients.models import Recipient, Suppression, address_hashed
+from apps.recipients.phone import e164
 from apps.tenants.models import Tenant
 from notify.channels.base import (
     Channel,
@@ -32,7 +33,8 @@ from notify.channels.base import (
     timed_outcome,
 )
 from notify.observability.logs import message_scoped
-from notify.pipeline.record import Feedback, feedback_record
+from notify.pipeline.feedback import feedback_receive
+from notify.pipeline.record import Feedback, delivery_sender, delivery_tenant_id
 from notify.resilience.failures import FailureKind, failure_from_status
 from notify.resilience.outbound import OutboundSession
 
@@ -41,6 +43,11 @@ TWILIO_HOST = "https://api.twilio.com"
 PERMANENT_TWILIO_CODES = frozenset({21211, 21214, 21408, 21610, 21612, 21614})
 # The recipient replied STOP: the number is suppressed, not just this message failed.
 OPTED_OUT_TWILIO_CODE = 21610
+# Reconciliation reads a number's newest messages, back to a little before the doubt began
+# (for clocks that disagree), and no further than RECONCILE_LIMIT of them.
+RECONCILE_MARGIN = timedelta(minutes=5)
+RECONCILE_PAGE = 50
+RECONCILE_LIMIT = 500
 
 
 def sms_segments(*, text: str) -> int:
@@ -53,17 +60,6 @@ def sms_segments(*, text: str) -> int:
     if units <= single:
         return 1
     return math.ceil(units / multi)
-
-
-def e164(*, number: str) -> str | None:
-    """The number in E.164 form when it is a valid, complete number, else None."""
-    try:
-        parsed = phonenumbers.parse(number, None)
-    except phonenumbers.NumberParseException:
-        return None
-    if not phonenumbers.is_valid_number(parsed):
-        return None
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 
 
 class _ConfiguredHostHttpClient(TwilioHttpClient):
@@ -107,6 +103,26 @@ class SmsChannel(Channel):
 
     def reset(self) -> None:
         self._client = None
+
+    def reconcile(self, *, messages: list[OutboundMessage]) -> dict[UUID, str] | None:
+        """Twilio's message list, newest first, for each number: a message with the same body
+        created since the doubt began is the one sent. (No date filter: Twilio dates a message
+        sent only once it leaves its queue, and one still queued counts too.)"""
+        found = {}
+        for message in messages:
+            number = e164(number=message.address)
+            if number is None:
+                continue
+            since = (message.in_doubt_since or timezone.now()) - RECONCILE_MARGIN
+            for sent in self._client_get().messages.stream(
+                to=number, from_=self._setting("from_number"), limit=RECONCILE_LIMIT, page_size=RECONCILE_PAGE
+            ):
+                if sent.date_created is not None and sent.date_created < since:
+                    break  # newest first: everything after is older still
+                if sent.body == message.content.body and sent.sid:
+                    found[message.delivery_id] = sent.sid
+                    break
+        return found
 
     def _client_get(self) -> Client:
         if self._client is None:
@@ -163,12 +179,14 @@ class SmsChannel(Channel):
         except (TwilioException, OSError) as error:
             # No answer from Twilio (connection refused, timeout).
             self.reset()
+            unsent = request_never_reached(error)
             return timed_outcome(
                 message,
                 started,
                 failure=FailureKind.TRANSIENT,
                 reason=f"{type(error).__name__}: {error}",
-                unsent=request_never_reached(error),
+                unsent=unsent,
+                in_doubt=not unsent,
             )
         # Twilio sends no callback for the first status, so it is kept with the send.
         return timed_outcome(
@@ -289,8 +307,6 @@ def sms_status_callback(*, path: str, params: Mapping[str, str], signature: str)
     signature parks the feedback, which counts only if that account turns out to be the
     sender. Raises BadSignature for an unsigned or forged request, one signed by another
     account, and every request while no auth token is configured."""
-    from notify.pipeline.record import delivery_sender, delivery_tenant_id
-
     query = dict(parse_qsl(urlsplit(path).query))
     delivery_id = query.get("delivery", "")
     try:
@@ -315,7 +331,7 @@ def sms_status_callback(*, path: str, params: Mapping[str, str], signature: str)
     elif normalized == "failed" and error_code in TWILIO_OPTED_OUT_ERRORS:
         normalized = "unsubscribed"
     round_text = query.get("round", "0")
-    return feedback_record(
+    return feedback_receive(
         feedback=Feedback(
             delivery_id=delivery_id,
             normalized_status=normalized,
@@ -325,5 +341,6 @@ def sms_status_callback(*, path: str, params: Mapping[str, str], signature: str)
             address=params.get("To", ""),
             channel="sms",
             signers=signers,
-        )
+        ),
+        address_for=SmsChannel().address_for,
     )

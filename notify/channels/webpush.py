@@ -8,8 +8,13 @@ Endpoints are the tenant's choice, so every request goes through the SSRF guard
 that answers with a redirect (never followed), is deactivated. A push service's answer is kept
 as its status and reason phrase only, never its body."""
 
+import base64
+import hashlib
 import json
+import re
 import time
+from contextlib import suppress
+from uuid import UUID
 
 import requests
 from cryptography.hazmat.primitives import serialization
@@ -26,6 +31,8 @@ from notify.resilience.outbound import HostUnresolved, OutboundRefused, Outbound
 
 GONE_STATUSES = frozenset({404, 410})
 REASON_LIMIT = 200
+# RFC 8030 5.4: a Topic is at most 32 characters of the URL-safe base64 alphabet.
+TOPIC_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
 def vapid_application_server_key() -> str:
@@ -35,9 +42,21 @@ def vapid_application_server_key() -> str:
     return b64urlencode(public)
 
 
+def webpush_topic(*, key: str) -> str:
+    """The collapse key as a push service takes it for a Topic: a key that conforms, itself;
+    a delivery id, its 32 hex digits; any other, 32 characters of its SHA-256 in URL-safe base64."""
+    if TOPIC_PATTERN.fullmatch(key):
+        return key
+    with suppress(ValueError):
+        if str(UUID(key)) == key:
+            return UUID(key).hex
+    return base64.urlsafe_b64encode(hashlib.sha256(key.encode()).digest()).decode()[:32]
+
+
 class WebPushChannel(RegistryChannel):
     name = "webpush"
     registry = WebPushSubscription
+    repeats_collapse = True  # the delivery's Topic and notification tag replace a repeat
 
     def __init__(self) -> None:
         self._session: requests.Session | None = None
@@ -69,8 +88,13 @@ class WebPushChannel(RegistryChannel):
                 "body": content.body,
                 "link": content.link,
                 "delivery_id": str(message.delivery_id),
+                # The service worker shows it with this tag, so a repeat or a newer message
+                # with the same key replaces the notification shown.
+                "tag": message.collapse_key,
             }
         )
+        # The push service keeps only the newest undelivered message with one Topic.
+        headers = {"Topic": webpush_topic(key=message.collapse_key)}
         accepted, failures = 0, []
         for subscription in subscriptions:
             try:
@@ -83,6 +107,7 @@ class WebPushChannel(RegistryChannel):
                     vapid_private_key=settings.WEBPUSH_VAPID_PRIVATE_KEY,
                     vapid_claims={"sub": settings.WEBPUSH_VAPID_SUBJECT},
                     ttl=settings.WEBPUSH_TTL_SECONDS,
+                    headers=headers,
                     timeout=settings.NOTIFY_WEBPUSH_TIMEOUT_SECONDS,
                     requests_session=self._session,
                 )

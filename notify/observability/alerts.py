@@ -27,14 +27,21 @@ from django.db import transaction
 from django.db.models import Count, Q
 from django.db.models.fields.json import KeyTextTransform
 from sentry_sdk.integrations.logging import ignore_logger
-from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 
-from apps.deliveries.models import CLAIMABLE_STATUSES, DeadLetter, Delivery, DeliveryEvent, DeliveryStatus, Provider
+from apps.deliveries.models import (
+    CLAIMABLE_STATUSES,
+    DeadLetter,
+    Delivery,
+    DeliveryEvent,
+    DeliveryStatus,
+    Provider,
+    provider_name_of,
+)
 from apps.ops.models import AlertFiring, AlertKind, AlertRule
 from apps.tenants.models import Tenant
 from notify.observability.canary import canary_channels, canary_latest, canary_runs_settle
-from notify.resilience.outbound import signed_webhook_post
-from notify.resilience.providers import breaker_state, provider_label, provider_name_of
+from notify.resilience.outbound import signed_webhook_post, webhook_secret_problem
+from notify.resilience.providers import breaker_state, provider_label
 
 logger = logging.getLogger(__name__)
 # Alerts reach Sentry once, explicitly, with their fingerprint; not again as log records.
@@ -314,17 +321,6 @@ def alert_payload(*, rule: AlertRule, notice: Notice) -> dict:
             "notices": firing.notices,
         },
     }
-
-
-def webhook_secret_problem(*, secret: str) -> str:
-    """Why the operator webhook's secret cannot sign ("" when it can)."""
-    if not secret:
-        return "it is empty"
-    try:
-        Webhook(secret)
-    except (ValueError, RuntimeError, EmptyWebhookSecretError) as error:  # binascii.Error is a ValueError
-        return f"it is not a base64 key, optionally prefixed with whsec_ ({type(error).__name__})"
-    return ""
 
 
 def _webhook_send(*, rule: AlertRule, notice: Notice) -> str:

@@ -46,6 +46,7 @@ FAILED_STATUSES = {
     DeliveryStatus.SUPPRESSED,
     DeliveryStatus.EXPIRED,
     DeliveryStatus.CANCELLED,
+    DeliveryStatus.SUPERSEDED,
 }
 DELIVERED_STATUSES = {DeliveryStatus.DELIVERED, DeliveryStatus.OPENED, DeliveryStatus.CLICKED}
 # Old runs and their notifications are deleted this many at a time, so that a purge never

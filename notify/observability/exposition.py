@@ -1,5 +1,6 @@
-"""Where metrics are kept and served: prometheus-client's multiprocess mode, the web
-/metrics' registry, and each worker's own port.
+"""Where metrics are kept and served: prometheus-client's multiprocess mode and each
+worker's own port (the web /metrics' registry is in gauges.py, beside the stored gauges it
+adds, so that this module, which every metric imports, imports nothing of the pipeline).
 
 Every process counts into memory-mapped files under PROMETHEUS_MULTIPROC_DIR (the web
 server's workers and Celery's prefork children are separate processes, whose counts a
@@ -32,18 +33,6 @@ def multiprocess_directory_default() -> None:
     names one) and make sure it exists. Must run before prometheus_client is imported."""
     directory = Path(os.environ.setdefault(MULTIPROC_ENV, str(Path(tempfile.gettempdir()) / "notify-metrics")))
     directory.mkdir(parents=True, exist_ok=True)
-
-
-def web_metrics_text() -> tuple[bytes, str]:
-    """The web /metrics page: every process of this directory, plus the stored gauges."""
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
-
-    from notify.observability.gauges import StoredGaugesCollector
-
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
-    registry.register(StoredGaugesCollector())
-    return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
 def worker_metrics_serve(*, port: int, address: str) -> Path:

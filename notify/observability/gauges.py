@@ -19,6 +19,7 @@ from django.conf import settings
 from django.db import connection
 from django.db.models import Count
 from django.utils import timezone
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -213,3 +214,11 @@ class StoredGaugesCollector(Collector):
             if name in families:  # a gauge stored by an older release and since removed is left out
                 families[name].add_metric([labels.get(label, "") for label in DB_GAUGES[name].labels], value)
         yield from (family for family in families.values() if family.samples)
+
+
+def web_metrics_text() -> tuple[bytes, str]:
+    """The web /metrics page: every process of the multiprocess directory, plus the stored gauges."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    registry.register(StoredGaugesCollector())
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -245,7 +245,7 @@ def outcomes_count(
     delivery), and observe accept -> sent for the sent ones."""
     if not ENABLED or not recorded:
         return
-    from notify.resilience.providers import provider_name_of  # providers import the pipeline
+    from apps.deliveries.models import provider_name_of  # metrics load before the models do
 
     by_id = {o.delivery_id: o for o in outcomes}
     states: Counter[tuple[str, str, str, str, str, str]] = Counter()

@@ -42,7 +42,7 @@ from notify.pipeline.ingest import (
     IngestError,
     request_digest,
 )
-from notify.pipeline.plan import LocalSendTime, notifications_plan, plan_save
+from notify.pipeline.plan import LocalSendTime, deliveries_supersede, notifications_plan, plan_save
 from notify.pipeline.record import history_event, history_insert
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,8 @@ class BroadcastRequest:
     audience: dict[str, Any]
     data: dict[str, Any] = field(default_factory=dict)
     idempotency_key: str | None = None
+    # As an event's: the broadcast replaces, for each recipient it reaches, the earlier events with the key.
+    replace_key: str | None = None
     send_at: datetime | None = None
     send_at_local: str | None = None
     max_per_second: int | None = None
@@ -139,6 +141,7 @@ def broadcast_create(*, api_key: ApiKey, request: BroadcastRequest, now: datetim
                 api_key=api_key,
                 category=category,
                 request_digest=digest,
+                replace_key=request.replace_key,
                 data=content_seal(encrypt=tenant.encrypt_content, value=request.data),
                 **event_origin(),
             )
@@ -243,6 +246,7 @@ def fan_out_chunk(*, broadcast_id: UUID) -> ChunkOutcome:
             if reached_ids
             else []
         )
+        deliveries_supersede(event=broadcast.event, recipients=recipients, now=now)
         for send_at, group in _paced_groups(broadcast=broadcast, recipients=recipients, now=now):
             plan = notifications_plan(
                 event=broadcast.event,

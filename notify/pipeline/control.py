@@ -1,6 +1,8 @@
 """Operator controls: cancel what has not been sent, replay what died, pause and resume a channel
 (for the installation or for one tenant)."""
 
+from functools import partial
+
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
@@ -16,6 +18,7 @@ from apps.deliveries.models import (
 from apps.tenants.models import Tenant
 from notify.pipeline import dispatch
 from notify.pipeline.dispatch import deliveries_publish_on_commit
+from notify.pipeline.ordering import ordered_category_ids, scopes_advance
 from notify.pipeline.record import history_event, history_insert
 
 
@@ -45,6 +48,10 @@ def notification_cancel(*, notification: Notification, reason: str = "cancelled 
             rows=[history_event(delivery=d, status=DeliveryStatus.CANCELLED, reason=reason, at=now) for d in deliveries]
         )
         Notification.objects.filter(pk=notification.pk).update(cancelled_at=now)
+        if notification.category_id in ordered_category_ids():
+            # What this notification held back in its ordered scopes may go now.
+            scopes = {(notification.recipient_id, notification.category_id, d.channel) for d in deliveries}
+            transaction.on_commit(partial(scopes_advance, scopes=scopes))
     return len(deliveries)
 
 

@@ -34,7 +34,7 @@ from apps.deliveries.models import (
 from apps.tenants.models import Tenant
 from config.queues import CHANNELS, PRIORITIES, dead_letter_queue, delivery_queue
 from notify.observability import metrics
-from notify.pipeline.record import history_event, history_insert
+from notify.pipeline.record import Recorded, history_event, history_insert
 from notify.resilience.failures import attempts_exhausted
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,16 @@ def retries_schedule(*, deliveries: list[Delivery], now: datetime) -> None:
     _publish_group(
         channel=deliveries[0].channel, priority=deliveries[0].priority, due_at=due_at, deliveries=deliveries, now=now
     )
+
+
+def recorded_publish(*, recorded: Recorded) -> None:
+    """Publish what a recording left due, in the recording's transaction: its retries, each
+    batch once its last is due (with when it was published, which the sweeper reads), and
+    its dead letters' notices."""
+    for group in recorded.retries:
+        retries_schedule(deliveries=group, now=recorded.at)
+        Delivery.objects.filter(id__in=[d.id for d in group]).update(published_at=group[0].published_at)
+    dead_letters_announce(dead_letters=recorded.dead_letters)
 
 
 def _publish_group(*, channel: str, priority: str, due_at: datetime, deliveries: list[Delivery], now: datetime) -> None:
@@ -148,6 +158,9 @@ def _leases_expire(*, now: datetime) -> int:
         history = []
         dead_letters = []
         for delivery in deliveries:
+            # Its last claim or renewal is when an unrecorded request may have gone out.
+            if delivery.in_doubt_since is None and delivery.lease_expires_at is not None:
+                delivery.in_doubt_since = delivery.lease_expires_at - timedelta(seconds=settings.NOTIFY_LEASE_SECONDS)
             delivery.lease_token = None
             delivery.lease_expires_at = None
             delivery.updated_at = now
@@ -176,6 +189,7 @@ def _leases_expire(*, now: datetime) -> int:
                 "lease_expires_at",
                 "next_attempt_at",
                 "published_at",
+                "in_doubt_since",
                 "updated_at",
             ],
         )

@@ -26,7 +26,7 @@ from notify.observability import metrics
 from notify.observability.tracing import event_origin, ingest_span_annotate
 from notify.pipeline.bulk import retry_lock_conflicts
 from notify.pipeline.digest import digest_collect
-from notify.pipeline.plan import LocalSendTime, PlanError, notifications_plan, plan_save
+from notify.pipeline.plan import LocalSendTime, PlanError, deliveries_supersede, notifications_plan, plan_save
 from notify.resilience.backpressure import bulk_admission, recipients_admission
 from notify.resilience.runaway import runaway_count
 
@@ -76,6 +76,8 @@ class EventRequest:
     priority: str | None = None
     channels: list[str] | None = None
     idempotency_key: str | None = None
+    # A newer event with the same key replaces this one for each recipient (plan.deliveries_supersede).
+    replace_key: str | None = None
     send_at: datetime | None = None
     send_at_local: LocalSendTime | None = None
     # The request body as the producer sent it, to recognise a reused idempotency key.
@@ -136,6 +138,7 @@ def events_ingest(
                 category=categories[request.category_key],
                 idempotency_key=request.idempotency_key,
                 request_digest=digest,
+                replace_key=request.replace_key,
                 data=content_seal(encrypt=tenant.encrypt_content, value=request.data),
                 **event_origin(),
             )
@@ -179,6 +182,7 @@ def events_ingest(
                         send_at_local=request.send_at_local,
                         now=now,
                     )
+                    deliveries_supersede(event=event, recipients=recipients, now=now)
                     plan_save(plan=plan, now=now)
                     notifications = plan.notifications
             except PlanError as error:

@@ -14,13 +14,13 @@ from django.template import Context
 from django.template import Template as DjangoTemplate
 
 from apps.catalog.models import Category, Routing, TemplateVariant, TemplateVersion
-from apps.deliveries.models import Delivery, DeliveryStatus, Event, Notification
+from apps.deliveries.models import CLAIMABLE_STATUSES, Delivery, DeliveryStatus, Event, Notification
 from apps.recipients.models import PreferenceSet, Recipient
 from apps.tenants.encryption import content_seal
 from apps.tenants.models import Tenant
 from notify.channels import channel_get
 from notify.channels.base import RenderedContent
-from notify.pipeline.bulk import rows_insert
+from notify.pipeline.bulk import PrimaryKeyPath, rows_insert
 from notify.pipeline.dispatch import deliveries_publish_on_commit
 from notify.pipeline.record import HistoryRow, history_event, history_insert
 from notify.pipeline.templating import ENGINE, formatting_for
@@ -199,6 +199,51 @@ def plan_save(*, plan: Plan, now: datetime) -> None:
     rows_insert(objects=plan.notifications)
     rows_insert(objects=plan.deliveries)
     history_insert(rows=plan.history)
+
+
+# What a newer event with the same replace key stops: everything not yet being sent, an older
+# chain's later steps and escalations included (they would wait on a chain that no longer
+# moves). A delivery a worker holds (sending) is left to finish: the newer message carries the
+# same collapse key, so on a device it replaces the older one rather than adding to it.
+SUPERSEDABLE_STATUSES = (*CLAIMABLE_STATUSES, DeliveryStatus.STANDBY)
+
+
+def deliveries_supersede(*, event: Event, recipients: list[Recipient], now: datetime) -> int:
+    """Mark superseded, with history, the unsent deliveries of the tenant's earlier events
+    with the event's replace key to the same recipients; return how many. Runs in the
+    planning transaction, before the event's own rows are written."""
+    if not event.replace_key:
+        return 0
+    # Through the events' (tenant, replace_key) index and the foreign keys' indexes; the
+    # status is compared as an expression so that no partial index on status is used instead.
+    candidates = list(
+        Delivery.objects.alias(current_status=PrimaryKeyPath("status"))
+        .filter(
+            notification__event__tenant_id=event.tenant_id,
+            notification__event__replace_key=event.replace_key,
+            notification__recipient_id__in=[recipient.id for recipient in recipients],
+            current_status__in=SUPERSEDABLE_STATUSES,
+        )
+        .exclude(notification__event_id=event.id)
+        .values_list("id", flat=True)
+    )
+    if not candidates:
+        return 0
+    reason = f"superseded by event {event.id}"
+    # One UPDATE that re-checks each row's status as it takes the row's lock: a delivery a
+    # worker claimed meanwhile is sending now, and is left to finish.
+    Delivery.objects.alias(current_status=PrimaryKeyPath("status")).filter(
+        id__any_of=candidates, current_status__in=SUPERSEDABLE_STATUSES
+    ).update(status=DeliveryStatus.SUPERSEDED, status_reason=reason, updated_at=now)
+    superseded = list(
+        Delivery.objects.filter(id__any_of=candidates, status=DeliveryStatus.SUPERSEDED, status_reason=reason).only(
+            "id", "attempt_count"
+        )
+    )
+    history_insert(
+        rows=[history_event(delivery=d, status=DeliveryStatus.SUPERSEDED, reason=reason, at=now) for d in superseded]
+    )
+    return len(superseded)
 
 
 @lru_cache(maxsize=512)

@@ -1,4 +1,9 @@
-"""Record: turn send outcomes into delivery states and history, in bulk.
+"""Record: turn send outcomes and provider feedback into delivery states and history, in bulk.
+
+The ledger at the centre of the pipeline: it writes what happened (states, history, the
+producers' webhook outbox rows, suppressions) and returns what follows from it (retries to
+publish, dead letters to announce, fallback chains to move on) for the send stage and the
+feedback handler to act on. It imports none of them, so nothing it imports imports it back.
 
 Only the holder of a claim's lease token may record; a worker whose lease expired (and
 whose deliveries were re-queued) finds nothing to update."""
@@ -8,18 +13,27 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from uuid import UUID
 
 from django.db import connection, transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
-from apps.deliveries.models import DeadLetter, Delivery, DeliveryEvent, DeliveryStatus, EarlyFeedback
+from apps.deliveries.models import (
+    DeadLetter,
+    Delivery,
+    DeliveryEvent,
+    DeliveryStatus,
+    EarlyFeedback,
+    provider_name_of,
+)
+from apps.recipients.models import Recipient
 from notify.observability import metrics
 from notify.pipeline.bulk import PrimaryKeyPath, copy_pays, rows_copy, uuid_array
+from notify.policy.suppression import address_canonical, suppression_add
 from notify.resilience.failures import FailureKind, attempts_exhausted, retry_delay
 
 if TYPE_CHECKING:  # the channels import this module for feedback
@@ -62,15 +76,34 @@ def history_insert(*, rows: Sequence[HistoryRow], changes: bool = True) -> None:
         _webhook_events_emit(history=rows)
 
 
-def outcomes_record(
-    *, lease_token: UUID, deliveries: dict[UUID, Delivery], outcomes: list[SendOutcome]
-) -> list[HistoryRow]:
+@dataclass
+class Recorded:
+    """What a recording wrote, and what follows from it for its caller to act on: publish
+    the retries (in the recording's transaction, since publishing sets when each was
+    published), announce the dead letters, then advance the fallback chains."""
+
+    at: datetime
+    history: list[HistoryRow] = field(default_factory=list)  # the state changes written
+    # Batches to publish together, once the last is due (each delivery's next_attempt_at).
+    retries: list[list[Delivery]] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)  # written, to announce
+    chains: set[UUID] = field(default_factory=set)  # notifications whose chain may move on
+
+    def follow_ups_add(self, *, other: Recorded) -> None:
+        """Take on what follows from a recording made within this one (its history is its own)."""
+        self.retries.extend(other.retries)
+        self.dead_letters.extend(other.dead_letters)
+        self.chains.update(other.chains)
+
+
+def outcomes_record(*, lease_token: UUID, deliveries: dict[UUID, Delivery], outcomes: list[SendOutcome]) -> Recorded:
     """Apply a chunk of outcomes: sent, retry later, dead-letter, or failed for good; return
-    the state changes recorded (one per delivery this lease still held)."""
+    the state changes recorded (one per delivery this lease still held) and what follows."""
     now = timezone.now()
     sent = [o for o in outcomes if o.ok]
     failed = [o for o in outcomes if not o.ok]
-    history: list[HistoryRow] = []
+    recorded = Recorded(at=now)
+    history = recorded.history
     with transaction.atomic():
         if sent:
             held = _sent_mark(lease_token=lease_token, outcomes=sent, now=now)
@@ -82,18 +115,21 @@ def outcomes_record(
                         history_event(
                             delivery=delivery,
                             status=DeliveryStatus.SENT,
-                            reason="accepted by the provider",
+                            reason=outcome.reason or "accepted by the provider",
                             at=now,
                             detail=detail,
                         )
                     )
         if failed:
-            history.extend(_failures_record(lease_token=lease_token, deliveries=deliveries, outcomes=failed, now=now))
+            _failures_record(lease_token=lease_token, deliveries=deliveries, outcomes=failed, recorded=recorded)
         history_insert(rows=history)
-        early_feedback_apply(delivery_ids=[o.delivery_id for o in outcomes])
+        recorded.follow_ups_add(other=early_feedback_apply(delivery_ids=[o.delivery_id for o in outcomes]))
     if len(history) < len(outcomes):
         logger.warning("lease lost for %d deliveries; another worker owns them now", len(outcomes) - len(history))
-    return history
+    # A fallback chain moves on (or stops) with its step's outcome.
+    steps = [deliveries[o.delivery_id] for o in outcomes]
+    recorded.chains.update(d.notification_id for d in steps if d.step is not None)
+    return recorded
 
 
 # Delivery states producers can subscribe to (apps/webhooks), by the webhook event type.
@@ -153,13 +189,14 @@ def _sent_mark(*, lease_token: UUID, outcomes: list[SendOutcome], now: datetime)
                 updated_at=now,
                 lease_token=None,
                 lease_expires_at=None,
+                in_doubt_since=None,
                 provider_message_id=o.provider_message_id[:255],
                 segments=o.segments,
             )
         }
     sql = (
         f"UPDATE {Delivery._meta.db_table} AS d SET status = %s, status_reason = '', sent_at = %s, "
-        "updated_at = %s, lease_token = NULL, lease_expires_at = NULL, "
+        "updated_at = %s, lease_token = NULL, lease_expires_at = NULL, in_doubt_since = NULL, "
         "provider_message_id = v.provider_message_id, segments = v.segments "
         "FROM unnest(%s::uuid[], %s::varchar[], %s::integer[]) AS v(id, provider_message_id, segments) "
         # The status as an expression (see PrimaryKeyPath), so that each row is found by its
@@ -192,6 +229,10 @@ def failure_apply(
     if failure is FailureKind.PERMANENT:
         delivery.status = DeliveryStatus.FAILED
         text = f"permanent failure: {reason}"
+    elif failure is FailureKind.IN_DOUBT:
+        delivery.status = DeliveryStatus.DEAD
+        text = reason
+        dead_letter = DeadLetter(delivery=delivery, channel=delivery.channel, reason=reason[:500], attempts=attempt)
     elif attempts_exhausted(channel=delivery.channel, attempt=attempt):
         delivery.status = DeliveryStatus.DEAD
         text = f"retries exhausted after {attempt} attempts: {reason}"
@@ -206,20 +247,18 @@ def failure_apply(
 
 
 def _failures_record(
-    *, lease_token: UUID, deliveries: dict[UUID, Delivery], outcomes: list[SendOutcome], now: datetime
-) -> list[HistoryRow]:
-    from notify.pipeline import dispatch  # dispatch publishes; record is imported by it
-
-    # With the two times the send stage did not load: only a failure needs them.
-    held: dict[UUID, Any] = {
-        row[0]: row[1:]
-        for row in deliveries_held(delivery_ids=[o.delivery_id for o in outcomes], lease_token=lease_token)
+    *, lease_token: UUID, deliveries: dict[UUID, Delivery], outcomes: list[SendOutcome], recorded: Recorded
+) -> None:
+    now = recorded.at
+    # With the time the send stage did not load: only a failure needs it.
+    held: dict[UUID, datetime] = dict(
+        deliveries_held(delivery_ids=[o.delivery_id for o in outcomes], lease_token=lease_token)
         .select_for_update()
-        .values_list("id", "next_attempt_at", "published_at")
-    }
-    for delivery_id, times in held.items():
-        deliveries[delivery_id].next_attempt_at, deliveries[delivery_id].published_at = times
-    history: list[HistoryRow] = []
+        .values_list("id", "next_attempt_at")
+    )
+    for delivery_id, next_attempt_at in held.items():
+        deliveries[delivery_id].next_attempt_at = next_attempt_at
+    history = recorded.history
     dead_letters: list[DeadLetter] = []
     retries: dict[tuple[str, str], list[Delivery]] = defaultdict(list)
     deferrals: dict[tuple[str, str, datetime], list[Delivery]] = defaultdict(list)
@@ -230,8 +269,6 @@ def _failures_record(
             continue
         delivery = deliveries[outcome.delivery_id]
         if outcome.suppress_address:
-            from notify.policy.suppression import suppression_add
-
             suppression_add(
                 tenant_id=delivery.notification.tenant_id,
                 channel=delivery.channel,
@@ -245,6 +282,8 @@ def _failures_record(
                 delivery.next_attempt_at = outcome.until
                 deferrals[(delivery.channel, delivery.priority, outcome.until)].append(delivery)
         else:
+            if outcome.in_doubt and delivery.in_doubt_since is None:
+                delivery.in_doubt_since = now
             dead_letter = failure_apply(
                 delivery=delivery, failure=outcome.failure, reason=outcome.reason, now=now, delays=delays
             )
@@ -259,23 +298,27 @@ def _failures_record(
             )
         )
 
-    for group in [*retries.values(), *deferrals.values()]:
-        dispatch.retries_schedule(deliveries=group, now=now)
+    recorded.retries.extend([*retries.values(), *deferrals.values()])
     # Rows that failed alike (an outage fails a whole chunk alike) share one UPDATE.
     changes: dict[tuple, list[UUID]] = defaultdict(list)
     for delivery_id in held:
         delivery = deliveries[delivery_id]
-        changes[(delivery.status, delivery.status_reason, delivery.next_attempt_at, delivery.published_at)].append(
-            delivery_id
-        )
-    for (status, status_reason, next_attempt_at, published_at), ids in changes.items():
+        changes[
+            (
+                delivery.status,
+                delivery.status_reason,
+                delivery.next_attempt_at,
+                delivery.in_doubt_since,
+            )
+        ].append(delivery_id)
+    for (status, status_reason, next_attempt_at, in_doubt_since), ids in changes.items():
         # A deferral was no attempt: give back the one its claim counted.
         attempts = {"attempt_count": F("attempt_count") - 1} if status == DeliveryStatus.DEFERRED else {}
         Delivery.objects.filter(id__in=ids).update(
             status=status,
             status_reason=status_reason,
             next_attempt_at=next_attempt_at,
-            published_at=published_at,
+            in_doubt_since=in_doubt_since,
             lease_token=None,
             lease_expires_at=None,
             updated_at=now,
@@ -283,8 +326,7 @@ def _failures_record(
         )
     if dead_letters:
         DeadLetter.objects.bulk_create(dead_letters)
-        dispatch.dead_letters_announce(dead_letters=dead_letters)
-    return history
+        recorded.dead_letters.extend(dead_letters)
 
 
 # Provider feedback, normalised by the channel -> (our new state, the states it moves from).
@@ -329,18 +371,24 @@ class Feedback:
     signers: Sequence[str] | None = None
 
 
-def feedback_record(*, feedback: Feedback) -> bool:
-    """Apply provider feedback to a delivery; return False when there is nothing to apply.
-    A hard bounce, a complaint or an opt-out also suppresses the address for the tenant.
+class AddressReader(Protocol):
+    """Where a recipient is reached on a channel: the reporting channel's address_for()."""
+
+    def __call__(self, *, recipient: Recipient) -> str: ...
+
+
+def feedback_record(*, feedback: Feedback, address_for: AddressReader | None) -> Recorded | None:
+    """Apply provider feedback to a delivery; return what follows from it, or None when
+    there is nothing to apply. A hard bounce, a complaint or an opt-out also suppresses the
+    address for the tenant, when `address_for` (the reporting channel's) shows it is the
+    delivery's own; parked feedback, applied again with None, suppressed it on arrival.
     Feedback that arrives while the delivery is still being sent is kept and applied as
     soon as the send is recorded, since providers need not send it again."""
-    from notify.policy.suppression import suppression_add
-
     try:
         UUID(str(feedback.delivery_id))
     except ValueError:
         logger.info("feedback for malformed delivery id %r ignored", feedback.delivery_id)
-        return False
+        return None
     with transaction.atomic():
         delivery = (
             Delivery.objects.select_for_update(of=("self",))
@@ -350,22 +398,22 @@ def feedback_record(*, feedback: Feedback) -> bool:
         )
         if delivery is None:
             logger.info("feedback for unknown delivery %s ignored", feedback.delivery_id)
-            return False
+            return None
         if feedback.channel and feedback.channel != delivery.channel:
             logger.warning("%s feedback for %s delivery %s ignored", feedback.channel, delivery.channel, delivery.id)
-            return False
+            return None
         if feedback.resend_round < delivery.resend_round:
-            return False  # about an earlier send that has since been replaced
+            return None  # about an earlier send that has since been replaced
         if (
             feedback.signers is not None
             and delivery.status != DeliveryStatus.SENDING
             and delivery_sender(delivery_id=delivery.id) not in feedback.signers
         ):
             logger.warning("feedback for delivery %s signed by an account that did not send it ignored", delivery.id)
-            return False
+            return None
         address = (
-            _reported_address(delivery=delivery, feedback=feedback)
-            if feedback.normalized_status in SUPPRESSING_FEEDBACK
+            _reported_address(delivery=delivery, feedback=feedback, address_for=address_for)
+            if feedback.normalized_status in SUPPRESSING_FEEDBACK and address_for is not None
             else ""
         )
         if address:
@@ -378,10 +426,10 @@ def feedback_record(*, feedback: Feedback) -> bool:
             )
         if delivery.status == DeliveryStatus.SENDING:
             EarlyFeedback.objects.create(delivery=delivery, payload=_feedback_payload(feedback))
-            return True
+            return Recorded(at=timezone.now())
         status_before = delivery.status
-        applied = _feedback_apply(delivery=delivery, feedback=feedback)
-    if applied and delivery.status != status_before:
+        recorded = _feedback_apply(delivery=delivery, feedback=feedback)
+    if recorded is not None and delivery.status != status_before:
         signers = feedback.signers
         metrics.feedback_count(
             delivery=delivery,
@@ -389,22 +437,17 @@ def feedback_record(*, feedback: Feedback) -> bool:
             provider_name=signers[0] if signers is not None and len(signers) == 1 else None,
             now=timezone.now(),
         )
-    if applied and delivery.step is not None:
-        from notify.pipeline.routing import chains_advance  # routing records through this module
-
-        chains_advance(notification_ids=[delivery.notification_id])
-    return applied
+    if recorded is not None and delivery.step is not None:
+        recorded.chains.add(delivery.notification_id)
+    return recorded
 
 
-def _reported_address(*, delivery: Delivery, feedback: Feedback) -> str:
+def _reported_address(*, delivery: Delivery, feedback: Feedback, address_for: AddressReader) -> str:
     """The delivery's own address when the report is about it, else "": a report names the
     delivery it is about, and may suppress that delivery's address and no other."""
-    from notify.channels import channel_get  # the channels import this module
-    from notify.policy.suppression import address_canonical
-
     if not feedback.address:
         return ""
-    own = channel_get(name=delivery.channel).address_for(recipient=delivery.notification.recipient)
+    own = address_for(recipient=delivery.notification.recipient)
     canonical = address_canonical(channel=delivery.channel, address=feedback.address)
     if not own or address_canonical(channel=delivery.channel, address=own) != canonical:
         logger.warning("feedback for delivery %s names another address; nothing suppressed", delivery.id)
@@ -416,8 +459,6 @@ def delivery_sender(*, delivery_id: UUID) -> str | None:
     """The provider account of the delivery's latest recorded attempt (a send, or a failed
     one whose outcome may still be that the provider took it): a Provider's name, "" for the
     configured default; None when no attempt is recorded yet."""
-    from notify.resilience.providers import provider_name_of  # providers import the channels
-
     attempted = Q(status=DeliveryStatus.SENT) | (Q(detail__has_key="failure") & ~Q(detail__failure=""))
     detail = (
         DeliveryEvent.objects.filter(attempted, delivery_id=delivery_id)
@@ -441,28 +482,30 @@ def _feedback_payload(feedback: Feedback) -> dict[str, Any]:
     return payload
 
 
-def early_feedback_apply(*, delivery_ids: list[UUID]) -> None:
-    """Apply feedback that arrived while these deliveries were being sent."""
+def early_feedback_apply(*, delivery_ids: list[UUID]) -> Recorded:
+    """Apply feedback that arrived while these deliveries were being sent; return what follows."""
+    recorded = Recorded(at=timezone.now())
     # Parked feedback is rare: a parameterless check first keeps the common chunk cheap.
     if not EarlyFeedback.objects.exists():
-        return
+        return recorded
     parked = list(EarlyFeedback.objects.filter(delivery_id__in=delivery_ids).order_by("id"))
     for row in parked:
         payload = dict(row.payload)
         occurred = payload.pop("occurred_at", None)
         occurred_at = datetime.fromisoformat(occurred) if occurred else None
-        feedback_record(feedback=Feedback(**payload, occurred_at=occurred_at))
+        applied = feedback_record(feedback=Feedback(**payload, occurred_at=occurred_at), address_for=None)
+        if applied is not None:
+            recorded.follow_ups_add(other=applied)
     if parked:
         EarlyFeedback.objects.filter(id__in=[row.id for row in parked]).delete()
+    return recorded
 
 
 # Feedback kept in the history without changing the state (the provider is still trying).
 INFORMATIONAL_FEEDBACK = {"deferred": "the provider deferred it and is still trying"}
 
 
-def _feedback_apply(*, delivery: Delivery, feedback: Feedback) -> bool:
-    from notify.pipeline import dispatch  # dispatch publishes; record is imported by it
-
+def _feedback_apply(*, delivery: Delivery, feedback: Feedback) -> Recorded | None:
     if feedback.normalized_status in INFORMATIONAL_FEEDBACK:
         reason = f"{INFORMATIONAL_FEEDBACK[feedback.normalized_status]}: {feedback.reason}".rstrip(": ")
         row = history_event(
@@ -473,13 +516,14 @@ def _feedback_apply(*, delivery: Delivery, feedback: Feedback) -> bool:
             detail={"provider_status": feedback.provider_status},
         )
         history_insert(rows=[row], changes=False)
-        return True
+        return Recorded(at=row.created_at, history=[row])
     if feedback.normalized_status not in FEEDBACK_TRANSITIONS:
-        return False
+        return None
     new_status, applies_to = FEEDBACK_TRANSITIONS[feedback.normalized_status]
     if delivery.status not in applies_to:
-        return False
+        return None
     now = timezone.now()
+    recorded = Recorded(at=now)
     detail: dict[str, Any] = {"provider_status": feedback.provider_status}
     if feedback.occurred_at is not None:
         detail["occurred_at"] = feedback.occurred_at.isoformat()
@@ -494,16 +538,14 @@ def _feedback_apply(*, delivery: Delivery, feedback: Feedback) -> bool:
         )
         if dead_letter is not None:
             dead_letter.save()
-            dispatch.dead_letters_announce(dead_letters=[dead_letter])
+            recorded.dead_letters.append(dead_letter)
         else:
-            dispatch.retries_schedule(deliveries=[delivery], now=now)
+            recorded.retries.append([delivery])
     else:
         delivery.status = new_status
         delivery.status_reason = feedback.reason
-    delivery.save(
-        update_fields=["status", "status_reason", "next_attempt_at", "published_at", "resend_round", "updated_at"]
-    )
-    rows = [
+    delivery.save(update_fields=["status", "status_reason", "next_attempt_at", "resend_round", "updated_at"])
+    recorded.history.append(
         history_event(
             delivery=delivery,
             status=delivery.status,
@@ -511,6 +553,6 @@ def _feedback_apply(*, delivery: Delivery, feedback: Feedback) -> bool:
             at=now,
             detail=detail,
         )
-    ]
-    history_insert(rows=rows)
-    return True
+    )
+    history_insert(rows=recorded.history)
+    return recorded

@@ -7,11 +7,12 @@ import logging
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import cached_property
 from uuid import UUID
 
 from django.conf import settings
+from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -21,11 +22,12 @@ from apps.recipients.models import Recipient
 from apps.recipients.tokens import email_links
 from apps.tenants.models import Tenant
 from notify.channels import channel_for_provider, channel_get
-from notify.channels.base import OutboundMessage, RenderedContent, SendOutcome
+from notify.channels.base import Channel, OutboundMessage, RenderedContent, SendOutcome
 from notify.observability import metrics
 from notify.observability.tracing import send_span_annotate
 from notify.pipeline.bulk import PrimaryKeyPath, retry_lock_conflicts
-from notify.pipeline.dispatch import holds_read
+from notify.pipeline.dispatch import holds_read, recorded_publish
+from notify.pipeline.ordering import held_behind_earlier, ordered_category_ids, successors_publish
 from notify.pipeline.plan import (
     content_render,
     content_sealed,
@@ -33,6 +35,7 @@ from notify.pipeline.plan import (
     variant_mentions_recipient,
     variant_resolve,
 )
+from notify.pipeline.reconcile import in_doubt_reconcile
 from notify.pipeline.record import deliveries_held, outcomes_record
 from notify.pipeline.routing import chains_advance
 from notify.policy.caps import budget_verdict, cap_verdict
@@ -44,10 +47,12 @@ from notify.resilience.providers import providers_for_tenants, providers_send
 
 logger = logging.getLogger(__name__)
 
-# Deliveries are sent and recorded in chunks: bulk writes for throughput, while a worker
-# killed mid-batch leaves at most one chunk to be sent again (which a provider that honours
-# idempotency keys accepts once). The lease is renewed between chunks once half of it has
-# passed, so it must only outlast two chunks' sending.
+# Deliveries are sent and recorded in chunks of at most one provider request (a Postmark
+# batch is one request for a whole chunk; Twilio takes one message a request): bulk writes
+# for throughput, while a worker killed mid-batch leaves at most one request in doubt, which
+# is reconciled with the provider before it is sent again (notify/pipeline/reconcile.py).
+# The lease is renewed between chunks once half of it has passed, so it must only outlast
+# two chunks' sending.
 RECORD_CHUNK = 250
 
 
@@ -57,6 +62,7 @@ SEND_FIELDS = (
     "priority",
     "attempt_count",
     "resend_round",
+    "in_doubt_since",
     "notification__id",
     "notification__created_at",
     "step",
@@ -93,6 +99,9 @@ def deliveries_claim(*, delivery_ids: list[str]) -> tuple[UUID, list[Delivery]]:
     claimable = Delivery.objects.alias(current_status=PrimaryKeyPath("status")).filter(
         id__any_of=delivery_ids, current_status__in=CLAIMABLE_STATUSES, next_attempt_at__lte=now
     )
+    if ordered := ordered_category_ids():
+        # Only when some category is ordered (rarely), and still within the one statement.
+        claimable = claimable.filter(~held_behind_earlier(category_ids=ordered, now=now))
     claimed = (
         # What a kill switch (the installation's or a tenant's) or the runaway-send guard
         # holds stays queued, untouched, until it resumes.
@@ -126,12 +135,15 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
     notifications = [d.notification for d in deliveries]
     tenant_ids = {n.tenant_id for n in notifications}
     events = list(
-        Event.objects.filter(id__in={n.event_id for n in notifications}).values_list("id", "data", "traceparent")
+        Event.objects.filter(id__in={n.event_id for n in notifications}).values_list(
+            "id", "data", "traceparent", "replace_key"
+        )
     )
     # The task's span names its deliveries and links to the requests their events came from.
-    send_span_annotate(delivery_ids=[d.id for d in deliveries], traceparents={tp for _, _, tp in events if tp})
+    send_span_annotate(delivery_ids=[d.id for d in deliveries], traceparents={tp for _, _, tp, _ in events if tp})
     context = BatchContext(
-        event_data={event_id: data for event_id, data, _ in events},
+        event_data={event_id: data for event_id, data, _, _ in events},
+        replace_keys={event_id: key for event_id, _, _, key in events if key},
         categories=Category.objects.in_bulk({n.category_id for n in notifications}),
         tenants=Tenant.objects.in_bulk(tenant_ids),
         # A batch can hold several tenants' deliveries (the sweeper's, a resume's): each
@@ -139,22 +151,65 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
         providers=providers_for_tenants(channel=deliveries[0].channel, tenant_ids=tenant_ids),
     )
     metrics.labels_learn(tenants=context.tenants.values(), categories=context.categories.values())
-    by_id = {d.id: d for d in deliveries}
-    lease = timedelta(seconds=settings.NOTIFY_LEASE_SECONDS)
-    renew_after = timezone.now() + lease / 2
+    batch = LeasedBatch(lease_token=token, deliveries={d.id: d for d in deliveries}, context=context)
+    channel = channel_get(name=deliveries[0].channel)
+    per_request = channel.messages_per_request()
     for start in range(0, len(deliveries), RECORD_CHUNK):
-        chunk = deliveries[start : start + RECORD_CHUNK]
-        if start and timezone.now() > renew_after:
-            # Half the lease is gone: extend it before sending more, or stop if it was lost.
-            chunk = _lease_renew(lease_token=token, deliveries=chunk)
-            renew_after = timezone.now() + lease / 2
-        if chunk:
-            outcomes = _send_chunk(deliveries=chunk, context=context)
-            recorded = outcomes_record(lease_token=token, deliveries=by_id, outcomes=outcomes)
-            metrics.outcomes_count(recorded=recorded, deliveries=by_id, outcomes=outcomes, now=timezone.now())
-            # A fallback chain moves on (or stops) with its step's outcome.
-            chains_advance(notification_ids=[d.notification_id for d in chunk if d.step is not None])
+        chunk = batch.still_held(deliveries=deliveries[start : start + RECORD_CHUNK])
+        if not chunk:
+            continue
+        prepared = _chunk_prepare(channel=channel, deliveries=chunk, context=context)
+        batch.record(outcomes=prepared.outcomes)
+        # Each provider request's outcomes are recorded as soon as it returns.
+        for providers, messages in prepared.sends:
+            for part_start in range(0, len(messages), per_request):
+                part = messages[part_start : part_start + per_request]
+                held = {d.id for d in batch.still_held(deliveries=[batch.deliveries[m.delivery_id] for m in part])}
+                part = [m for m in part if m.delivery_id in held]
+                if part:
+                    batch.record(outcomes=_messages_send(channel=channel, messages=part, providers=providers))
     return len(deliveries)
+
+
+@dataclass
+class LeasedBatch:
+    """A claimed batch as it is sent: its lease, renewed as it goes, and how outcomes are
+    recorded and acted on."""
+
+    lease_token: UUID
+    deliveries: dict[UUID, Delivery]
+    context: "BatchContext"
+    renew_after: datetime = field(default_factory=lambda: timezone.now() + _lease() / 2)
+
+    def still_held(self, *, deliveries: list[Delivery]) -> list[Delivery]:
+        """Once half the lease is gone, extend it before sending more, and keep only the
+        deliveries still held (the others were re-queued and are another worker's now)."""
+        if timezone.now() <= self.renew_after:
+            return deliveries
+        self.renew_after = timezone.now() + _lease() / 2
+        return _lease_renew(lease_token=self.lease_token, deliveries=deliveries)
+
+    def record(self, *, outcomes: list[SendOutcome]) -> None:
+        """The ledger records; what follows from it is published with the record, and the
+        fallback chains of its steps move on (or stop) once it is committed."""
+        if not outcomes:
+            return
+        with transaction.atomic():
+            recorded = outcomes_record(lease_token=self.lease_token, deliveries=self.deliveries, outcomes=outcomes)
+            recorded_publish(recorded=recorded)
+        metrics.outcomes_count(
+            recorded=recorded.history, deliveries=self.deliveries, outcomes=outcomes, now=timezone.now()
+        )
+        chains_advance(notification_ids=recorded.chains)
+        # What finished lets the next of each ordered scope go, without waiting for the sweeper.
+        successors_publish(
+            deliveries=[self.deliveries[o.delivery_id] for o in outcomes],
+            ordered_category_ids={pk for pk, c in self.context.categories.items() if c.ordered},
+        )
+
+
+def _lease() -> timedelta:
+    return timedelta(seconds=settings.NOTIFY_LEASE_SECONDS)
 
 
 def _lease_renew(*, lease_token: UUID, deliveries: list[Delivery]) -> list[Delivery]:
@@ -176,6 +231,8 @@ class BatchContext:
     categories: dict[int, Category]
     tenants: dict[UUID, Tenant]
     providers: dict[UUID, list[Provider]]
+    # Events that replace older ones by key: the key is their messages' collapse key.
+    replace_keys: dict[UUID, str] = field(default_factory=dict)
     shared_content: dict[tuple, RenderedContent] = field(default_factory=dict)
 
     # The policy's view of each category and tenant, built once per batch, not per delivery.
@@ -228,8 +285,15 @@ def withheld_outcome(*, delivery: Delivery, decision: Verdict) -> SendOutcome:
     return SendOutcome(delivery_id=delivery.id, withheld=decision.status, reason=decision.reason, until=decision.until)
 
 
-def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[SendOutcome]:
-    channel = channel_get(name=deliveries[0].channel)
+@dataclass(frozen=True)
+class PreparedChunk:
+    outcomes: list[SendOutcome]  # of what is not sent: withheld, failed before sending, reconciled
+    sends: list[tuple[list[Provider], list[OutboundMessage]]]  # the messages to send, by provider accounts
+
+
+def _chunk_prepare(*, channel: Channel, deliveries: list[Delivery], context: BatchContext) -> PreparedChunk:
+    """Apply the policy to a chunk, render it, and reconcile what is in doubt: what is left to
+    send, grouped by the provider accounts it goes through."""
     # Messages by the provider accounts they go through: tenants that use the installation's
     # providers share one send (and so one provider batch request).
     messages_by_providers: dict[tuple[int, ...], list[OutboundMessage]] = defaultdict(list)
@@ -254,6 +318,7 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
         },
     )
     now = timezone.now()
+    categories_by_delivery: dict[UUID, Category] = {}
     for delivery in deliveries:
         notification = delivery.notification
         recipient = notification.recipient
@@ -306,6 +371,7 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
         links = {}
         if channel.wants_links and category.kind != CategoryKind.CRITICAL:
             links = email_links(recipient_id=recipient.id, category_key=category.key, channel=channel.name)
+        categories_by_delivery[delivery.id] = category
         providers = context.providers[notification.tenant_id]
         providers_key = tuple(p.pk for p in providers)
         providers_by_key[providers_key] = providers
@@ -314,27 +380,44 @@ def _send_chunk(*, deliveries: list[Delivery], context: BatchContext) -> list[Se
                 delivery_id=delivery.id,
                 notification_id=notification.id,
                 resend_round=delivery.resend_round,
+                in_doubt_since=delivery.in_doubt_since,
                 address=address,
                 content=content,
                 category_key=category.key,
+                collapse_key=context.replace_keys.get(notification.event_id, ""),
                 **links,
             )
         )
+    sends = []
     for providers_key, messages in messages_by_providers.items():
-        try:
-            outcomes.extend(
-                providers_send(
-                    channel=channel,
-                    messages=messages,
-                    providers=providers_by_key[providers_key],
-                    channel_for=channel_for_provider,
-                )
+        in_doubt = [m for m in messages if m.in_doubt_since is not None]
+        if in_doubt:
+            reconciled = in_doubt_reconcile(
+                channel=channel,
+                messages=in_doubt,
+                providers=providers_by_key[providers_key],
+                channel_for=channel_for_provider,
+                categories=categories_by_delivery,
+                now=now,
             )
-        except Exception as error:  # noqa: BLE001 - a channel must not strand a leased chunk
-            logger.exception("the %s channel raised while sending %d messages", channel.name, len(messages))
-            channel.reset()
-            reason = f"channel error: {type(error).__name__}: {error}"[:400]
-            outcomes.extend(
-                SendOutcome(delivery_id=m.delivery_id, failure=FailureKind.TRANSIENT, reason=reason) for m in messages
-            )
-    return outcomes
+            outcomes.extend(reconciled.outcomes)
+            messages = [m for m in messages if m.in_doubt_since is None] + reconciled.to_send
+        if messages:
+            sends.append((providers_by_key[providers_key], messages))
+    return PreparedChunk(outcomes=outcomes, sends=sends)
+
+
+def _messages_send(
+    *, channel: Channel, messages: list[OutboundMessage], providers: list[Provider]
+) -> list[SendOutcome]:
+    try:
+        return providers_send(channel=channel, messages=messages, providers=providers, channel_for=channel_for_provider)
+    except Exception as error:  # noqa: BLE001 - a channel must not strand a leased chunk
+        logger.exception("the %s channel raised while sending %d messages", channel.name, len(messages))
+        channel.reset()
+        reason = f"channel error: {type(error).__name__}: {error}"[:400]
+        # What the provider took before the error is unknown: in doubt.
+        return [
+            SendOutcome(delivery_id=m.delivery_id, failure=FailureKind.TRANSIENT, reason=reason, in_doubt=True)
+            for m in messages
+        ]

@@ -6,10 +6,16 @@ the count holds with any number of workers.
 
 A cap counts one channel's sends: "3 per day" on a category means at most three of that
 category by email, three by SMS, and so on. The tenant's cap counts every non-critical
-category together, per channel too."""
+category together, per channel too.
 
+Redis alone holds these counts, so a Redis that loses them (a flush, a restart without its
+data) must not let a limit be passed: a day's spend is rebuilt from the database before any
+more is allowed, and a cap window is seeded from the database with the sends it lost. See
+"After a Redis loss" in docs/resilience.md."""
+
+import time as clock
 from dataclasses import dataclass
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from functools import lru_cache
 from typing import Any
@@ -18,12 +24,13 @@ from uuid import UUID
 import limits
 import redis
 from django.conf import settings
+from django.db.models import Q, Sum
 from django.utils import timezone
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
 from apps.catalog.models import Category, OverBudget, OverCap
-from apps.deliveries.models import Delivery
+from apps.deliveries.models import Delivery, DeliveryStatus
 from apps.tenants.models import Tenant
 from notify.policy.preferences import category_rules
 from notify.policy.rules import CRITICAL, DEFERRED, EXPIRED, SEND, SUPPRESSED, Verdict, expiry_verdict
@@ -36,13 +43,25 @@ class CapReached:
     room_at: datetime  # when the window next has room
 
 
+class CountersRebuilding(Exception):
+    """Another worker is seeding this cap window from the database after a Redis loss."""
+
+
 def cap_take(
-    *, tenant_id: UUID, recipient_id: UUID, channel: str, category_key: str, category_cap: str, tenant_cap: str
+    *,
+    tenant_id: UUID,
+    recipient_id: UUID,
+    channel: str,
+    category_key: str,
+    category_cap: str,
+    tenant_cap: str,
+    delivery_id: UUID,
 ) -> CapReached | None:
     """Count one send against the category's cap and then the tenant's; None when both had
     room. A send refused by the tenant's cap keeps the category's count it took: the caps
     are never exceeded, at the price of counting that one send that did not happen."""
     limiter = sliding_window()
+    kept_since = _counters_since()
     for cap, scope, key in (
         (category_cap, f"category '{category_key}'", category_key),
         (tenant_cap, "all categories", "*"),
@@ -51,10 +70,63 @@ def cap_take(
             continue
         item = _parse(cap)
         identifiers = (str(tenant_id), str(recipient_id), channel, key)
+        if clock.time() - item.get_expiry() < kept_since:
+            # Redis has kept counts for less than this window: it may have lost some sends.
+            _window_seed(item=item, identifiers=identifiers, delivery_id=delivery_id)
         if not limiter.hit(item, *identifiers):
             reset_time = limiter.get_window_stats(item, *identifiers).reset_time
             return CapReached(cap=cap, scope=scope, room_at=datetime.fromtimestamp(reset_time, tz=UTC))
     return None
+
+
+_SINCE_KEY = "notify:counters:since"
+
+
+def _counters_since() -> float:
+    """Since when this Redis has kept the counters: set on first use, and again after a loss
+    (a flush or an empty restart takes the key with the counts)."""
+    pipe = redis_client().pipeline(transaction=False)
+    pipe.set(_SINCE_KEY, clock.time(), nx=True)
+    pipe.get(_SINCE_KEY)
+    return float(pipe.execute()[1])
+
+
+def _window_seed(*, item: limits.RateLimitItem, identifiers: tuple[str, ...], delivery_id: UUID) -> None:
+    """Once per window after a loss, count in it the sends the database holds for that window
+    (sent in it, or being sent now). They are counted as of now, so the window is stricter
+    than the lost one until it has slid past them: never looser. Others wait meanwhile, since
+    a send counted while the seed is read could pass the cap."""
+    window = item.get_expiry()
+    marker = "notify:caps:seeded:" + ":".join(identifiers)
+    client = redis_client()
+    if not client.set(marker, "pending", nx=True, ex=60):
+        if client.get(marker) == b"pending":
+            raise CountersRebuilding
+        return
+    try:
+        room = _window_lost(item=item, identifiers=identifiers, delivery_id=delivery_id)
+    except BaseException:
+        client.delete(marker)  # the next check seeds it, rather than all waiting a minute
+        raise
+    if room:
+        sliding_window().hit(item, *identifiers, cost=room)
+    client.set(marker, "done", ex=window)
+
+
+def _window_lost(*, item: limits.RateLimitItem, identifiers: tuple[str, ...], delivery_id: UUID) -> int:
+    """How many of the window's sends the database holds that the window can still take."""
+    tenant_id, recipient_id, channel, key = identifiers
+    sent = Delivery.objects.filter(
+        notification__tenant_id=tenant_id, notification__recipient_id=recipient_id, channel=channel
+    ).exclude(id=delivery_id)
+    sent = (
+        sent.filter(notification__category__key=key)
+        if key != "*"
+        else sent.exclude(notification__category__kind=CRITICAL)
+    )
+    since = timezone.now() - timedelta(seconds=item.get_expiry())
+    lost = sent.filter(Q(sent_at__gte=since) | Q(status=DeliveryStatus.SENDING)).count()
+    return min(lost, sliding_window().get_window_stats(item, *identifiers).remaining)
 
 
 def cap_verdict(*, delivery: Delivery, category: Category, tenant: Tenant, created_at: datetime) -> Verdict:
@@ -72,12 +144,18 @@ def cap_verdict(*, delivery: Delivery, category: Category, tenant: Tenant, creat
             category_key=category.key,
             category_cap=category.frequency_cap,
             tenant_cap=tenant.frequency_cap,
+            delivery_id=delivery.id,
         )
         if reached is None:
             _count(what="cap", delivery_id=delivery.id)
             return SEND
     except redis.RedisError:
         return _store_unreachable(what="frequency caps")
+    except CountersRebuilding:
+        until = timezone.now() + timedelta(seconds=5)
+        return Verdict(
+            DEFERRED, "frequency caps are being rebuilt after a Redis loss; trying again shortly", until=until
+        )
     reason = f"frequency cap of {reached.cap} for {reached.scope} on {delivery.channel} reached"
     if category.over_cap != OverCap.DEFER:
         return Verdict(SUPPRESSED, reason)
@@ -86,11 +164,22 @@ def cap_verdict(*, delivery: Delivery, category: Category, tenant: Tenant, creat
     return Verdict(DEFERRED, f"{reason}; deferred until {reached.room_at.isoformat()}", until=reached.room_at)
 
 
-# KEYS[1]: the tenant's spend today. ARGV: the cost, the budget. Adds the cost unless that
-# would pass the budget; returns 1 when added. Atomic, so concurrent sends cannot overspend.
+# KEYS[1]: the tenant's spend today. ARGV: the cost, the budget, and (when the key was
+# missing) the day's spend rebuilt from the database. Adds the cost unless that would pass the
+# budget; returns 1 when added, 0 when not, -1 when the key is missing and no rebuilt spend was
+# given. Atomic, so concurrent sends cannot overspend, and of two workers rebuilding at once
+# only the first one's total is kept (the key is set only while missing).
 _SPEND = """
-local spent = tonumber(redis.call('GET', KEYS[1]) or '0')
-if spent + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return 0 end
+local spent = redis.call('GET', KEYS[1])
+if not spent then
+  if not ARGV[3] then return -1 end
+  spent = ARGV[3]
+  redis.call('SET', KEYS[1], spent)
+end
+if tonumber(spent) + tonumber(ARGV[1]) > tonumber(ARGV[2]) then
+  redis.call('EXPIRE', KEYS[1], 172800)
+  return 0
+end
 redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[1], 172800)
 return 1
@@ -98,7 +187,7 @@ return 1
 
 
 def budget_verdict(
-    *, tenant: Tenant, category: Category, channel: str, cost: Decimal | None, delivery_id: object
+    *, tenant: Tenant, category: Category, channel: str, cost: Decimal | None, delivery_id: UUID
 ) -> Verdict:
     """Count the send against the tenant's daily budget for the channel (SMS), or say what
     happens to it past the budget: held until the next day, or skipped so that a fallback
@@ -108,19 +197,57 @@ def budget_verdict(
         return SEND
     today = timezone.now().astimezone(UTC).date()
     key = f"notify:spend:{channel}:{tenant.id}:{today.isoformat()}"
+    noted = Delivery.objects.filter(id=delivery_id, status=DeliveryStatus.SENDING)
     try:
         if _counted(what="spend", delivery_id=delivery_id):
             return SEND
-        if int(_spend_script()(keys=[key], args=[str(cost), str(tenant.sms_daily_budget)])):
+        # Noted in the database before it is counted in Redis, so that a rebuild never misses
+        # a send in flight (at worst it counts one twice).
+        noted.update(segments=_segments(cost=cost))
+        args = [str(cost), str(tenant.sms_daily_budget)]
+        reserved = int(_spend_script()(keys=[key], args=args))
+        if reserved == -1:  # a new day, or a Redis that lost the day's count
+            spent = spend_rebuild(tenant=tenant, channel=channel, day=today, delivery_id=delivery_id)
+            reserved = int(_spend_script()(keys=[key], args=[*args, str(spent)]))
+        if reserved == 1:
             _count(what="spend", delivery_id=delivery_id)
             return SEND
+        decision = _over_budget(tenant=tenant, category=category, channel=channel, today=today)
     except redis.RedisError:
-        return _store_unreachable(what="the spend budget")
+        decision = _store_unreachable(what="the spend budget")
+    noted.update(segments=None)  # not counted: a rebuild must not count it while it waits
+    return decision
+
+
+def _over_budget(*, tenant: Tenant, category: Category, channel: str, today: date) -> Verdict:
     reason = f"the daily {channel} budget of {tenant.sms_daily_budget} is spent"
     if category.over_budget == OverBudget.FALLBACK:
         return Verdict(SUPPRESSED, reason)
     tomorrow = datetime.combine(today + timedelta(days=1), time(), tzinfo=UTC)
     return Verdict(DEFERRED, f"{reason}; held until {tomorrow.isoformat()}", until=tomorrow)
+
+
+def spend_rebuild(*, tenant: Tenant, channel: str, day: date, delivery_id: UUID) -> Decimal:
+    """What the tenant's non-critical sends on the channel cost on the day (UTC), from the
+    database: the texts sent that day, by their billed segments, and those being sent now
+    (noted before they were counted). The delivery being counted is left out."""
+    midnight = datetime.combine(day, time(), tzinfo=UTC)
+    segments = (
+        Delivery.objects.filter(notification__tenant_id=tenant.id, channel=channel)
+        .exclude(notification__category__kind=CRITICAL)
+        .exclude(id=delivery_id)
+        .filter(Q(sent_at__gte=midnight) | Q(status=DeliveryStatus.SENDING, segments__isnull=False))
+        .aggregate(total=Sum("segments"))["total"]
+    )
+    return (segments or 0) * _segment_price()
+
+
+def _segments(*, cost: Decimal) -> int:
+    return int((cost / _segment_price()).to_integral_value())
+
+
+def _segment_price() -> Decimal:
+    return Decimal(settings.NOTIFY_SMS_SEGMENT_PRICE)
 
 
 def _counted(*, what: str, delivery_id: object) -> bool:

@@ -3,16 +3,14 @@
 from collections.abc import Iterable
 from uuid import UUID
 
-from apps.recipients.models import Suppression
-from apps.recipients.privacy import address_hashed
+from apps.recipients.models import Suppression, address_hashed
+from apps.recipients.phone import e164
 
 
 def address_canonical(*, channel: str, address: str) -> str:
     """The one form an address is suppressed and looked up in: lower-case email, E.164 phone."""
     address = address.strip()
     if channel == "sms":
-        from notify.channels.sms import e164  # the SMS channel owns number handling
-
         return e164(number=address) or address
     return address.lower()
 

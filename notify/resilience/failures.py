@@ -10,6 +10,9 @@ from django.conf import settings
 class FailureKind(str, Enum):
     TRANSIENT = "transient"  # worth retrying: timeouts, 429, 5xx
     PERMANENT = "permanent"  # retrying cannot help: bad address, rejected content
+    # The provider may have it and cannot be asked: sending again risks a duplicate, so an
+    # operator decides (the category chose at most once).
+    IN_DOUBT = "in_doubt"
 
 
 # 401/403 mean our credentials or account are at fault (a rotated key, an unpaid bill):

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
-from standardwebhooks.webhooks import Webhook
+from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -192,6 +192,17 @@ class OutboundSession(requests.Session):
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
         kwargs["allow_redirects"] = False
         return super().send(request, **kwargs)
+
+
+def webhook_secret_problem(*, secret: str) -> str:
+    """Why the webhook secret cannot sign ("" when it can)."""
+    if not secret:
+        return "it is empty"
+    try:
+        Webhook(secret)
+    except (ValueError, RuntimeError, EmptyWebhookSecretError) as error:  # binascii.Error is a ValueError
+        return f"it is not a base64 key, optionally prefixed with whsec_ ({type(error).__name__})"
+    return ""
 
 
 def signed_webhook_post(

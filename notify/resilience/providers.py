@@ -21,7 +21,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from functools import lru_cache
 from typing import Any
@@ -111,11 +111,48 @@ def providers_send(
     return [final[message.delivery_id] for message in messages]
 
 
-def provider_name_of(*, provider_status: str) -> str:
-    """The Provider that made a send, from the status _attempt() gave its outcome
-    ("<name>/<channel's status>"); "" for the configured default provider."""
-    name, slash, _ = provider_status.partition("/")
-    return name if slash else ""
+@dataclass(frozen=True)
+class ProviderAnswers:
+    """What the channel's provider accounts said about in-doubt messages."""
+
+    found: dict[UUID, str]  # provider message ids of the messages some account already took
+    unanswered: dict[UUID, str]  # messages an account that can be asked did not answer for, and why
+    askable: bool  # whether any account can be asked at all
+
+
+def providers_reconcile(
+    *,
+    channel: Channel,
+    messages: list[OutboundMessage],
+    providers: list[Provider],
+    channel_for: Callable[[Provider], Channel],
+) -> ProviderAnswers:
+    """Ask each provider account the messages may have gone through (every one of the
+    tenant's for the channel: failover may have used any) whether it has them."""
+    accounts = [(provider_label(p), channel_for(p)) for p in providers] or [("the default provider", channel)]
+    found: dict[UUID, str] = {}
+    unanswered: dict[UUID, str] = {}
+    askable = False
+    for label, account in accounts:
+        remaining = [m for m in messages if m.delivery_id not in found]
+        if not remaining:
+            break
+        try:
+            answer = account.reconcile(messages=remaining)
+        except Exception as error:  # noqa: BLE001 - any failure to answer leaves the doubt
+            logger.warning("could not ask %s about %d in-doubt messages: %s", label, len(remaining), error)
+            account.reset()
+            askable = True
+            unanswered.update((m.delivery_id, f"{label} did not answer: {type(error).__name__}") for m in remaining)
+            continue
+        if answer is not None:
+            askable = True
+            found.update(answer)
+    return ProviderAnswers(
+        found=found,
+        unanswered={key: why for key, why in unanswered.items() if key not in found},
+        askable=askable,
+    )
 
 
 def _attempt(provider: Provider, messages: list[OutboundMessage], channel: Channel) -> list[SendOutcome]:
@@ -144,7 +181,10 @@ def _attempt(provider: Provider, messages: list[OutboundMessage], channel: Chann
             logger.exception("provider %s raised while sending %d messages", provider_label(provider), len(part))
             channel.reset()
             reason = f"channel error: {type(error).__name__}: {error}"[:400]
-            sent = [SendOutcome(delivery_id=m.delivery_id, failure=FailureKind.TRANSIENT, reason=reason) for m in part]
+            sent = [
+                SendOutcome(delivery_id=m.delivery_id, failure=FailureKind.TRANSIENT, reason=reason, in_doubt=True)
+                for m in part
+            ]
         outcomes.extend(
             replace(outcome, provider_status=f"{provider.name}/{outcome.provider_status or 'accepted'}")
             for outcome in sent

@@ -91,6 +91,7 @@ FCM_ERRORS = {
     500: ("INTERNAL", "INTERNAL", "Internal error encountered."),
     503: ("UNAVAILABLE", "UNAVAILABLE", "The service is currently unavailable."),
 }
+WEBPUSH_TOPIC = re.compile(r"[A-Za-z0-9_-]{1,32}")
 TWILIO_MESSAGES = re.compile(r"^/twilio/2010-04-01/Accounts/(?P<account>[^/]+)/Messages\.json$")
 TWILIO_CALLBACK_DELAY_SECONDS = 0.2
 WEBHOOK_DELAY_SECONDS = 0.5
@@ -373,6 +374,8 @@ class Sandbox:
                 "ErrorCode": 10,
                 "Message": "No Account or Server API tokens were supplied in the HTTP headers.",
             }
+        if injected := self.state.faults["postmark"].request_status():  # a provider that is down
+            return injected, {"ErrorCode": 100, "Message": "Injected sandbox failure."}
         try:
             count, offset = int(query["count"]), int(query.get("offset", "0"))
             since = _postmark_filter_time(query["fromdate"]) if query.get("fromdate") else None
@@ -427,10 +430,15 @@ class Sandbox:
                 "vapid": headers.get("authorization", "").split(" ", 1)[0],
                 "plaintext_visible": b"delivery_id" in body,
             },
+            # RFC 8030: the service keeps only the newest undelivered message with one Topic.
+            "collapse_key": headers.get("topic", ""),
         }
         if not headers.get("authorization", "").startswith("vapid t=") or "ttl" not in headers:
             self.state.record(**entry, status=401, outcome="error")
             return 401, {"error": "a VAPID Authorization header and a TTL header are required"}
+        if "topic" in headers and not WEBPUSH_TOPIC.fullmatch(headers["topic"]):
+            self.state.record(**entry, status=400, outcome="error")
+            return 400, {"error": "a Topic is at most 32 characters of the URL-safe base64 alphabet"}
         injected = faults.request_status() or faults.address_rule(address=subscription)
         if injected is not None:
             self.state.record(**entry, status=injected, outcome="error")
@@ -483,7 +491,12 @@ class Sandbox:
             "text": notification.get("body", "")[:500],
             "delivery_id": str(message.get("data", {}).get("delivery_id", "")),
             "metadata": message.get("data", {}),
+            **_fcm_collapse(message),
         }
+        if len(entry["collapse"]["apns_collapse_id"].encode()) > 64:  # APNs' BadCollapseId, through FCM
+            self.state.record(**entry, status=400, outcome="error")
+            text = "Invalid APNs header apns-collapse-id: at most 64 bytes"
+            return 400, {"error": {"code": 400, "message": text, "status": "INVALID_ARGUMENT"}}
         injected = faults.request_status() or faults.address_rule(address=token)
         if injected is None and len(json.dumps({k: message.get(k) for k in ("notification", "data")}).encode()) > 4096:
             injected = 413
@@ -494,9 +507,11 @@ class Sandbox:
             http_status = 400 if injected == 413 else injected
             return http_status, {"error": {"code": http_status, "message": text, "status": status, "details": [detail]}}
         name = f"projects/{project}/messages/{uuid.uuid4().int % 10**16}"
+        # A device replaces the notification it shows by its tag (else the APNs collapse id);
+        # the Android collapse_key only merges messages still waiting at FCM.
         repeat = self.state.sent.of("fcm").count_send(
             identity=(entry["delivery_id"] or entry["subject"] + entry["text"], token),
-            collapse_key=_fcm_shown_key(message),
+            collapse_key=entry["collapse"]["android_tag"] or entry["collapse"]["apns_collapse_id"],
         )
         self.state.record(**entry, status=200, outcome="accepted", message_id=name, repeat=repeat)
         return 200, {"name": name}
@@ -564,6 +579,8 @@ class Sandbox:
         username, _, auth_token = _basic_auth(headers.get("authorization", ""))
         if username != account or not auth_token:
             return 401, _twilio_error(20003, "Authenticate", 401)
+        if injected := self.state.faults["twilio"].request_status():  # a provider that is down
+            return injected, _twilio_error(20500, "Injected sandbox failure.", injected)
         try:
             page_size = min(int(query.get("PageSize", "50")), 1000)
             page = int(query.get("Page", "0"))
@@ -768,15 +785,6 @@ def _query_param(url: str, name: str) -> str:
     return parse_qs(urlparse(url).query).get(name, [""])[0]
 
 
-def _fcm_shown_key(message: dict[str, Any]) -> str:
-    """What makes a device replace a shown notification instead of adding one: Android's
-    notification tag, else the APNs collapse id. (collapse_key only merges messages still
-    waiting at FCM, not ones already shown.)"""
-    android_tag = ((message.get("android") or {}).get("notification") or {}).get("tag")
-    apns_id = ((message.get("apns") or {}).get("headers") or {}).get("apns-collapse-id")
-    return str(android_tag or apns_id or "")
-
-
 def _webpush_decrypt(*, headers: dict[str, str], body: bytes) -> dict[str, Any] | None:
     """The notification a browser would show, decrypted with the sandbox browser's key (RFC
     8291); None when it was encrypted for another key or in another way."""
@@ -810,6 +818,20 @@ def _date_matches(epoch: float, operator: str, moment: datetime) -> bool:
     if operator == "<":
         return sent <= moment if has_time else sent.date() <= moment.date()
     return sent >= moment if has_time else sent.date() >= moment.date()
+
+
+def _fcm_collapse(message: dict[str, Any]) -> dict[str, Any]:
+    """What a message says a repeat or a newer message replaces: the collapse key (the
+    Android tag, which decides what is shown, else the APNs collapse id, else the Android
+    collapse key) and each of those fields."""
+    android = message.get("android") or {}
+    fields = {
+        "android_collapse_key": str(android.get("collapse_key", "")),
+        "android_tag": str((android.get("notification") or {}).get("tag", "")),
+        "apns_collapse_id": str(((message.get("apns") or {}).get("headers") or {}).get("apns-collapse-id", "")),
+    }
+    key = fields["android_tag"] or fields["apns_collapse_id"] or fields["android_collapse_key"]
+    return {"collapse_key": key, "collapse": fields}
 
 
 def _basic_auth(header: str) -> tuple[str, str, str]:

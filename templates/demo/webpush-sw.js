@@ -5,7 +5,8 @@ self.addEventListener("push", (event) => {
     self.registration.showNotification(message.title || "Notification", {
       body: message.body,
       data: { link: message.link || "/" },
-      tag: message.delivery_id,
+      // A repeat, or a newer message with the same replace key, replaces the one shown.
+      tag: message.tag || message.delivery_id,
     }),
   );
 });

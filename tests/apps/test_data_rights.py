@@ -13,8 +13,7 @@ from apps.audiences.models import Topic, TopicMembership
 from apps.deliveries.models import Delivery, DeliveryEvent, DeliveryStatus, Event
 from apps.inbox.models import InboxItem
 from apps.ops.models import AuditEntry
-from apps.recipients.models import Device, Recipient, Suppression, WebPushSubscription
-from apps.recipients.privacy import HASHED_ADDRESS_PREFIX
+from apps.recipients.models import HASHED_ADDRESS_PREFIX, Device, Recipient, Suppression, WebPushSubscription
 from notify.pipeline.send import deliveries_send
 from tests.factories import ApiKeyFactory
 

@@ -115,13 +115,15 @@ def test_the_tracking_webhook_requires_its_credentials(workspace, sandbox):
 def test_feedback_during_the_send_is_applied_once_the_send_is_recorded(workspace, sandbox):
     from apps.deliveries.models import EarlyFeedback
     from notify.channels.base import SendOutcome
-    from notify.pipeline.record import Feedback, feedback_record, outcomes_record
+    from notify.channels.email import EmailChannel
+    from notify.pipeline.feedback import feedback_receive
+    from notify.pipeline.record import Feedback, outcomes_record
     from notify.pipeline.send import deliveries_claim
 
     delivery = ingest_one(workspace)
     token, claimed = deliveries_claim(delivery_ids=[str(delivery.pk)])
     early = Feedback(delivery_id=str(delivery.pk), normalized_status="delivered", provider_status="twilio:delivered")
-    assert feedback_record(feedback=early)
+    assert feedback_receive(feedback=early, address_for=EmailChannel().address_for)
     assert Delivery.objects.get(pk=delivery.pk).status == DeliveryStatus.SENDING
     assert EarlyFeedback.objects.count() == 1
 
@@ -135,7 +137,9 @@ def test_feedback_during_the_send_is_applied_once_the_send_is_recorded(workspace
 
 
 def test_feedback_about_an_earlier_send_is_ignored(workspace, sandbox):
-    from notify.pipeline.record import Feedback, feedback_record
+    from notify.channels.email import EmailChannel
+    from notify.pipeline.feedback import feedback_receive
+    from notify.pipeline.record import Feedback
 
     delivery = ingest_one(workspace)
     send(delivery)
@@ -143,29 +147,34 @@ def test_feedback_about_an_earlier_send_is_ignored(workspace, sandbox):
     stale = Feedback(
         delivery_id=str(delivery.pk), normalized_status="soft_bounced", provider_status="postmark:Bounce/SoftBounce"
     )
-    assert not feedback_record(feedback=stale)
+    assert not feedback_receive(feedback=stale, address_for=EmailChannel().address_for)
     assert Delivery.objects.get(pk=delivery.pk).status == DeliveryStatus.SENT
 
 
 def test_a_deferral_is_kept_in_the_history_without_a_resend(workspace, sandbox):
-    from notify.pipeline.record import Feedback, feedback_record
+    from notify.channels.email import EmailChannel
+    from notify.pipeline.feedback import feedback_receive
+    from notify.pipeline.record import Feedback
 
     delivery = ingest_one(workspace)
     send(delivery)
     deferred = Feedback(
         delivery_id=str(delivery.pk), normalized_status="deferred", provider_status="postmark:Bounce/Transient"
     )
-    assert feedback_record(feedback=deferred)
+    assert feedback_receive(feedback=deferred, address_for=EmailChannel().address_for)
     delivery.refresh_from_db()
     assert delivery.status == DeliveryStatus.SENT
     assert delivery.events.last().reason.startswith("the provider deferred it")
 
 
 def test_malformed_delivery_ids_in_feedback_are_ignored(workspace):
-    from notify.pipeline.record import Feedback, feedback_record
+    from notify.channels.email import EmailChannel
+    from notify.pipeline.feedback import feedback_receive
+    from notify.pipeline.record import Feedback
 
-    assert not feedback_record(
-        feedback=Feedback(delivery_id="not-a-uuid", normalized_status="delivered", provider_status="x")
+    assert not feedback_receive(
+        feedback=Feedback(delivery_id="not-a-uuid", normalized_status="delivered", provider_status="x"),
+        address_for=EmailChannel().address_for,
     )
 
 

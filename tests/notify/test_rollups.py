@@ -12,8 +12,10 @@ from django.utils import timezone
 
 from apps.deliveries.models import Delivery, DeliveryEvent, DeliveryStatus
 from apps.ops.models import DeliveryRollupHour, DeliveryRollupMinute, RollupCursor
+from notify.channels.email import EmailChannel
 from notify.observability.rollups import MINUTES_KEPT, rollups_advance
-from notify.pipeline.record import Feedback, feedback_record
+from notify.pipeline.feedback import feedback_receive
+from notify.pipeline.record import Feedback
 from tests.helpers import wait_for
 from tests.notify.test_email_feedback import webhooks  # noqa: F401 - a fixture
 from tests.notify.test_send import ingest_one
@@ -86,14 +88,15 @@ def test_rollups_agree_with_the_history_after_a_real_run_and_late_feedback(works
     # The provider reports two deliveries delivered after the run, stamped with an earlier time.
     occurred = timezone.now() - timedelta(minutes=3)
     for delivery in deliveries[:2]:
-        assert feedback_record(
+        assert feedback_receive(
             feedback=Feedback(
                 delivery_id=str(delivery.pk),
                 normalized_status="delivered",
                 provider_status="postmark:Delivery",
                 occurred_at=occurred,
                 channel="email",
-            )
+            ),
+            address_for=EmailChannel().address_for,
         )
     rollups_advance(now=settled_now())
     assert rolled_up_counts() == raw_counts()

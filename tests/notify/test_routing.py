@@ -12,8 +12,10 @@ from apps.catalog.models import Category, OverBudget, Routing, TemplateVariant, 
 from apps.deliveries.models import Delivery, DeliveryStatus
 from apps.inbox.services import inbox_item_mark
 from apps.recipients.models import Device, PreferenceSet, Recipient
+from notify.channels.email import EmailChannel
+from notify.pipeline.feedback import feedback_receive
 from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
-from notify.pipeline.record import Feedback, feedback_record
+from notify.pipeline.record import Feedback
 from notify.pipeline.routing import routing_sweep
 from notify.pipeline.send import deliveries_send
 from tests.factories import CategoryFactory, TemplateFactory
@@ -104,8 +106,11 @@ def test_the_chain_moves_on_when_a_step_is_not_confirmed_in_time(workspace, sand
 def test_a_delivery_report_within_the_timeout_stops_the_chain(workspace, sandbox, ada):
     category(workspace, channels=["email", "sms"], routing=Routing.FALLBACK, fallback_timeout=timedelta(minutes=10))
     email = send_queued(notify(workspace))[0]
-    feedback_record(
-        feedback=Feedback(delivery_id=str(email.pk), normalized_status="delivered", provider_status="postmark:Delivery")
+    feedback_receive(
+        feedback=Feedback(
+            delivery_id=str(email.pk), normalized_status="delivered", provider_status="postmark:Delivery"
+        ),
+        address_for=EmailChannel().address_for,
     )
     assert states(chain(str(email.notification_id))) == [("email", "delivered"), ("sms", "cancelled")]
     assert routing_sweep(now=timezone.now() + timedelta(minutes=11)) == 0

@@ -16,9 +16,11 @@ from apps.deliveries.models import DeadLetter, Delivery, DeliveryStatus
 from notify.channels.base import OutboundMessage, RenderedContent, SendOutcome
 from notify.channels.email import _BatchPayload, _email, _to_list
 from notify.pipeline.control import dead_letters_replay
+from notify.pipeline.dispatch import recorded_publish
 from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
 from notify.pipeline.record import outcomes_record
 from notify.pipeline.send import deliveries_claim, deliveries_send
+from notify.resilience.failures import FailureKind
 from tests.factories import CategoryFactory, template_with_email
 
 
@@ -157,6 +159,34 @@ def test_an_expired_lease_holder_cannot_record(workspace, sandbox):
     assert delivery.lease_token == fresh_token
 
 
+def test_the_ledger_returns_what_follows_and_the_send_stage_publishes_it(workspace, sandbox):
+    """Record is a sink: a failed attempt comes back as a retry or a dead letter, written
+    but not published; publishing it (the send stage's part) sets when it was published."""
+    retried, spent = ingest_one(workspace), ingest_one(workspace, category="otp")
+    Delivery.objects.filter(pk=spent.pk).update(
+        attempt_count=django_settings.NOTIFY_RETRY_POLICY["email"]["max_attempts"] - 1
+    )
+    published_before = Delivery.objects.get(pk=retried.pk).published_at
+    token, claimed = deliveries_claim(delivery_ids=[str(retried.pk), str(spent.pk)])
+    outcomes = [SendOutcome(delivery_id=d.pk, failure=FailureKind.TRANSIENT, reason="HTTP 503") for d in claimed]
+
+    recorded = outcomes_record(lease_token=token, deliveries={d.pk: d for d in claimed}, outcomes=outcomes)
+
+    assert [[d.pk for d in group] for group in recorded.retries] == [[retried.pk]]
+    assert [dead.delivery_id for dead in recorded.dead_letters] == [spent.pk]
+    assert DeadLetter.objects.filter(delivery_id=spent.pk).exists()
+    assert {row.delivery_id: row.status for row in recorded.history} == {
+        retried.pk: DeliveryStatus.RETRYING,
+        spent.pk: DeliveryStatus.DEAD,
+    }
+    stored = Delivery.objects.get(pk=retried.pk)
+    assert stored.status == DeliveryStatus.RETRYING
+    assert stored.published_at == published_before  # the ledger published nothing
+
+    recorded_publish(recorded=recorded)
+    assert Delivery.objects.get(pk=retried.pk).published_at == stored.next_attempt_at
+
+
 @pytest.mark.parametrize("status", [DeliveryStatus.CANCELLED, DeliveryStatus.SENT])
 def test_only_queued_or_retrying_deliveries_are_claimed(workspace, sandbox, status):
     delivery = ingest_one(workspace)
@@ -210,15 +240,18 @@ def test_a_chunk_whose_lease_was_taken_over_is_not_sent(workspace, sandbox):
 
 
 def test_provider_feedback_wins_over_a_pending_retry(workspace, sandbox):
-    from notify.pipeline.record import Feedback, feedback_record
+    from notify.channels.email import EmailChannel
+    from notify.pipeline.feedback import feedback_receive
+    from notify.pipeline.record import Feedback
 
     sandbox.faults_set(fail_next=[503])
     delivery = send_now(ingest_one(workspace))
     assert delivery.status == DeliveryStatus.RETRYING
-    assert feedback_record(
+    assert feedback_receive(
         feedback=Feedback(
             delivery_id=str(delivery.pk), normalized_status="delivered", provider_status="postmark:Delivery"
-        )
+        ),
+        address_for=EmailChannel().address_for,
     )
     delivery.refresh_from_db()
     assert delivery.status == DeliveryStatus.DELIVERED

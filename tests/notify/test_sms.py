@@ -9,9 +9,10 @@ from twilio.request_validator import RequestValidator
 
 from apps.catalog.models import Category, TemplateVariant, TemplateVersion
 from apps.deliveries.models import Delivery, DeliveryStatus, Provider
-from apps.recipients.models import Recipient, Suppression
-from apps.recipients.privacy import HASHED_ADDRESS_PREFIX, recipient_erase
-from notify.channels.sms import e164, sms_segments
+from apps.recipients.models import HASHED_ADDRESS_PREFIX, Recipient, Suppression
+from apps.recipients.phone import e164
+from apps.recipients.privacy import recipient_erase
+from notify.channels.sms import sms_segments
 from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
 from notify.pipeline.send import deliveries_send
 from notify.policy.suppression import suppression_add
