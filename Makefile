@@ -1,4 +1,4 @@
-.PHONY: run test bench soak
+.PHONY: run test bench soak chaos
 
 # Set up everything and run the service with its demo.
 run:
@@ -15,3 +15,7 @@ bench:
 # A steady mixed load for an hour; fails if any process's memory, files or connections keep growing.
 soak:
 	@bash scripts/soak.sh $(ARGS)
+
+# Run the fault campaign under load and print one summary line; exits 1 when a target is missed.
+chaos:
+	@bash scripts/chaos.sh $(ARGS)

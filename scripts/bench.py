@@ -56,11 +56,32 @@ FINAL = tuple(
 )
 
 
+def celery_command(*args: str) -> list[str]:
+    """A Celery process of the project (a worker, or beat), without its start-up chatter."""
+    return [sys.executable, "-m", "celery", "-A", "config", *args, "-l", "warning"]
+
+
+def celery_worker(*, group: str, pool: tuple[str, ...] = ("--pool", "solo")) -> list[str]:
+    """A worker that serves one worker group's queues."""
+    queues = ",".join(WORKER_GROUPS[group])
+    return celery_command("worker", "--without-mingle", "--without-gossip", *pool, "-Q", queues, "-n", f"{group}@%h")
+
+
 class Processes:
+    log_prefix = "bench"  # var/log/<prefix>-<n>.log, one a child
+
     def __init__(
-        self, *, sink: str, bulk_concurrency: int, web_workers: int, web_interface: str, metrics: bool = True
+        self,
+        *,
+        sink: str,
+        bulk_concurrency: int,
+        web_workers: int,
+        web_interface: str,
+        metrics: bool = True,
+        sandbox_args: tuple[str, ...] = (),
     ) -> None:
         self.web_workers = web_workers
+        self.sandbox_args = sandbox_args
         # WSGI under uvicorn runs each request on its own thread, so a small request is not
         # queued behind a large one in the same process; ASGI runs sync views on one thread.
         self.web_app = (
@@ -85,20 +106,32 @@ class Processes:
         self.env["NOTIFY_WEBPUSH_ALLOWED_HOSTS"] = f"127.0.0.1:{SANDBOX_PORT}"
         self.bulk_concurrency = bulk_concurrency
 
-    def spawn(self, label: str, *command: str) -> None:
-        log = open(ROOT / "var" / "log" / f"bench-{len(self.children)}.log", "w")
+    def spawn(self, label: str, *command: str) -> subprocess.Popen:
+        log = open(ROOT / "var" / "log" / f"{self.log_prefix}-{len(self.children)}.log", "w")
         child = subprocess.Popen(
             command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         self.children.append(child)
         # Each child leads a process group of its own, which its worker processes join.
         self.labels[child.pid] = label
+        return child
 
     def start_web(self) -> None:
         python = sys.executable
         # The sandbox stands in for a remote provider, whose CPU would not be ours: it runs
         # at a low priority so that it takes only what our processes leave.
-        self.spawn("sandbox", "nice", "-n", "15", python, "-m", "notify.sandbox", "--port", str(SANDBOX_PORT))
+        self.spawn(
+            "sandbox",
+            "nice",
+            "-n",
+            "15",
+            python,
+            "-m",
+            "notify.sandbox",
+            "--port",
+            str(SANDBOX_PORT),
+            *self.sandbox_args,
+        )
         self.spawn(
             "web",
             python,
@@ -124,28 +157,9 @@ class Processes:
 
     def start_group(self, *, label: str, group: str, pool: str = "solo", concurrency: int = 1, nice: int = 0) -> None:
         """One Celery worker for a worker group of config/queues.py, named after the group."""
-        niced = ["nice", "-n", str(nice)] if nice else []
-        self.spawn(
-            label,
-            *niced,
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "config",
-            "worker",
-            "--without-mingle",
-            "--without-gossip",
-            "-l",
-            "warning",
-            "--pool",
-            pool,
-            *(["--concurrency", str(concurrency)] if pool == "prefork" else []),
-            "-Q",
-            ",".join(WORKER_GROUPS[group]),
-            "-n",
-            f"{group}@%h",
-        )
+        niced = ("nice", "-n", str(nice)) if nice else ()
+        pool_args = ("--pool", pool, *(("--concurrency", str(concurrency)) if pool == "prefork" else ()))
+        self.spawn(label, *niced, *celery_worker(group=group, pool=pool_args))
 
     def start_workers(self) -> None:
         self.start_group(label="critical worker", group="critical")
@@ -155,20 +169,7 @@ class Processes:
 
     def start_beat(self) -> None:
         """Celery beat, for the periodic tasks (sweeper, gauges, retention); its schedule file under var/."""
-        self.spawn(
-            "beat",
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "config",
-            "beat",
-            "-l",
-            "warning",
-            "--pidfile=",
-            "-s",
-            str(ROOT / "var" / "bench-beat-schedule"),
-        )
+        self.spawn("beat", *celery_command("beat", "--pidfile=", "-s", str(ROOT / "var" / "bench-beat-schedule")))
 
     def stop(self) -> None:
         for child in self.children:
@@ -244,15 +245,15 @@ def endpoints_register(*, tenant_id: object, channel: str, count: int, prefix: s
     )
 
 
-def producer_session() -> requests.Session:
+def producer_session(*, retry_class: type[Retry] = Retry, statuses: tuple[int, ...] = (429, 503)) -> requests.Session:
     """A session that behaves as a well-made producer: when the API sheds load (429, or 503
     while the database is away) it waits as Retry-After says and sends the request again."""
-    retry = Retry(
+    retry = retry_class(
         total=None,
         status=60,
         connect=5,
         read=0,
-        status_forcelist=(429, 503),
+        status_forcelist=statuses,
         allowed_methods=None,  # every method: the events API is idempotent by key
         respect_retry_after_header=True,
         backoff_factor=0.5,
@@ -265,15 +266,26 @@ def producer_session() -> requests.Session:
 
 
 def ingest_bulk(
-    *, session: requests.Session, headers: dict[str, str], count: int, prefix: str, threads: int, channel: str
+    *,
+    session: requests.Session,
+    headers: dict[str, str],
+    count: int,
+    prefix: str,
+    threads: int,
+    channel: str,
+    spread_seconds: float = 0.0,
 ) -> float:
-    """Post `count` bulk notifications, 1,000 recipients a request; return seconds taken."""
+    """Post `count` bulk notifications, 1,000 recipients a request; return seconds taken.
+    With `spread_seconds`, the requests start evenly over that span instead of at once."""
     chunks = [(start, min(1000, count - start)) for start in range(0, count, 1000)]
+    began = time.monotonic()
 
     def post(chunk: tuple[int, int]) -> None:
         start, size = chunk
+        time.sleep(max(0.0, began + spread_seconds * start / count - time.monotonic()))
         recipients = [
-            {"external_id": f"{prefix}{i}", "email": f"{prefix}{i}@example.com", "phone": f"+1415555{i % 10000:04d}"}
+            # One phone number a recipient (the first 10,000 are +1415555xxxx).
+            {"external_id": f"{prefix}{i}", "email": f"{prefix}{i}@example.com", "phone": f"+1415{5550000 + i:07d}"}
             for i in range(start, start + size)
         ]
         response = session.post(
