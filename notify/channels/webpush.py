@@ -53,10 +53,19 @@ def webpush_topic(*, key: str) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(key.encode()).digest()).decode()[:32]
 
 
+# Web push messages sent between two records of their outcomes.
+WEBPUSH_RECORD_SLICE = 50
+
+
 class WebPushChannel(RegistryChannel):
     name = "webpush"
     registry = WebPushSubscription
     repeats_collapse = True  # the delivery's Topic and notification tag replace a repeat
+
+    def messages_per_request(self) -> int:
+        # A message is a request a subscription, but a repeat replaces the one shown (the
+        # Topic and tag), so outcomes are recorded a slice at a time, as FCM's are.
+        return WEBPUSH_RECORD_SLICE
 
     def __init__(self) -> None:
         self._session: requests.Session | None = None

@@ -169,7 +169,9 @@ def rows_copy(*, model: type[models.Model], fields: Sequence[Any], rows: Iterabl
     columns = ", ".join(connection.ops.quote_name(str(f.column)) for f in fields)
     json_positions = [i for i, f in enumerate(fields) if isinstance(f, models.JSONField)]
     connection.ensure_connection()
-    with connection.cursor() as cursor:
+    # The raw COPY bypasses Django's cursor wrapper: its errors are wrapped here, so that a
+    # lost database is Django's OperationalError (the API's 503) like any other query's.
+    with connection.wrap_database_errors, connection.cursor() as cursor:
         with cursor.cursor.copy(
             f"COPY {connection.ops.quote_name(str(model._meta.db_table))} ({columns}) FROM STDIN"
         ) as copy:
