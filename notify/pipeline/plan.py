@@ -87,16 +87,8 @@ def notifications_plan(
     version = template_version or category.template.current_version()
     if version is None:
         raise PlanError(field="category", message=f"Category '{category.key}' has a template with no versions yet.")
-    channels = channels_override or list(category.default_channels)
+    channels, escalations = plan_channels(category=category, version=version, channels_override=channels_override)
     escalate_after = category.escalate_after
-    escalations = [c for c in category.escalate_to if c not in channels] if escalate_after else []
-    variants = version_variants(version_id=version.pk)
-    missing = [c for c in channels + escalations if not any(channel == c for channel, _ in variants)]
-    if missing:
-        raise PlanError(
-            field="channels",
-            message=f"Template '{category.template.key}' v{version.number} has no content for: {', '.join(missing)}.",
-        )
     priority = priority_override or category.default_priority
     due_at = max(send_at, now) if send_at else now
     tenant_locale = event.tenant.default_locale
@@ -169,6 +161,23 @@ def notifications_plan(
                 history_event(delivery=delivery, status=delivery.status, reason=delivery.status_reason, at=now)
             )
     return plan
+
+
+def plan_channels(
+    *, category: Category, version: TemplateVersion, channels_override: list[str] | None
+) -> tuple[list[str], list[str]]:
+    """The channels a notification is planned on, and those it escalates to; raises PlanError
+    when the template version has no content for one of them."""
+    channels = channels_override or list(category.default_channels)
+    escalations = [c for c in category.escalate_to if c not in channels] if category.escalate_after else []
+    variants = version_variants(version_id=version.pk)
+    missing = [c for c in channels + escalations if not any(channel == c for channel, _ in variants)]
+    if missing:
+        raise PlanError(
+            field="channels",
+            message=f"Template '{category.template.key}' v{version.number} has no content for: {', '.join(missing)}.",
+        )
+    return channels, escalations
 
 
 def chain_order(*, preferred: list[str], channels: list[str]) -> list[str]:
