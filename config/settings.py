@@ -399,7 +399,7 @@ NOTIFY_REPUBLISH_AFTER_SECONDS = env.float("NOTIFY_REPUBLISH_AFTER_SECONDS", def
 NOTIFY_COUNTDOWN_MAX_SECONDS = env.float("NOTIFY_COUNTDOWN_MAX_SECONDS", default=0.0 if BROKER_IS_AMQP else 300.0)
 NOTIFY_SWEEP_CHUNK = env.int("NOTIFY_SWEEP_CHUNK", default=5000)
 # Broadcast fan-out turns this many recipients into notifications per transaction.
-NOTIFY_BROADCAST_CHUNK = env.int("NOTIFY_BROADCAST_CHUNK", default=2000)
+NOTIFY_BROADCAST_CHUNK = env.int("NOTIFY_BROADCAST_CHUNK", default=5000)
 # A fan-out whose worker has not finished a chunk by then is started again by the sweeper.
 NOTIFY_BROADCAST_LEASE_SECONDS = env.float("NOTIFY_BROADCAST_LEASE_SECONDS", default=30.0)
 NOTIFY_RETRY_POLICY = {

@@ -216,6 +216,12 @@ def fan_out_chunk(*, broadcast_id: UUID) -> ChunkOutcome:
     """Plan the next chunk of the audience, in one transaction with the cursor it advances."""
     now = timezone.now()
     with transaction.atomic():
+        if connection.vendor == "postgresql":
+            # A chunk's commit need not wait for its WAL to reach the disk: a crash can lose
+            # only whole chunks, each with the cursor it advanced, so the fan-out plans them
+            # again (a send task published for a lost delivery finds nothing to claim).
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL synchronous_commit TO OFF")
         # Held until commit: two fan-outs of one broadcast (a retried task, the sweeper's
         # restart) take turns, and each sees the cursor the other stored.
         broadcast = (
