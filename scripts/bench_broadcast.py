@@ -12,6 +12,7 @@ RSS of each process. Run it through `make bench ARGS="--broadcast 100000"`, whic
 the database, Redis and the virtualenv."""
 
 import argparse
+import socket
 import sys
 import tempfile
 import threading
@@ -22,6 +23,7 @@ import requests
 from bench import (
     FINAL,
     ROOT,
+    SANDBOX_PORT,
     WEB_PORT,
     CriticalProbe,
     Processes,
@@ -48,6 +50,17 @@ BASE = f"http://127.0.0.1:{WEB_PORT}/api/v1"
 CATEGORY = "bench-email-bulk"
 DATA = {"headline": "News"}
 CELERY = [sys.executable, "-m", "celery", "-A", "config", "worker", "--without-mingle", "--without-gossip"]
+
+
+def ports_check() -> None:
+    """Stop before starting when another server holds the benchmark's ports (a benchmark
+    killed earlier can leave its own running): its figures would be that server's."""
+    for port in (WEB_PORT, SANDBOX_PORT):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                raise SystemExit(
+                    f"port {port} is in use: stop what listens there, or set BENCH_WEB_PORT/BENCH_SANDBOX_PORT"
+                )
 
 
 def audience_import(*, headers: dict[str, str], rows: int) -> float:
@@ -187,6 +200,7 @@ def main() -> None:
     audience = args.broadcast
     baseline_limit = min(args.baseline_limit or audience, audience)
 
+    ports_check()
     (ROOT / "var" / "log").mkdir(parents=True, exist_ok=True)
     api_key = settings.NOTIFY_DEMO_API_KEY
     tenant = demo_workspace_ensure(api_key=api_key)
