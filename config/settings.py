@@ -76,6 +76,7 @@ MIDDLEWARE = [
     "apps.api.health.ProbeMiddleware",
     # Answers /metrics (ahead of host validation, as the probes), and counts every request.
     "apps.api.metrics.MetricsMiddleware",
+    "apps.api.middleware.WebPoolMiddleware",
     "apps.api.middleware.RequestBodyLimitMiddleware",
     "apps.api.middleware.DatabaseUnavailableMiddleware",
     "django.middleware.security.SecurityMiddleware",
@@ -190,6 +191,12 @@ LOGGING = logging_config(log_format=LOG_FORMAT, level=env("LOG_LEVEL", default="
 
 # --- Producer API -----------------------------------------------------------------------
 # The most bytes a request body may have, on every path (apps/api/middleware.py).
+# "critical": this web process serves only critical events, as its own pool that bulk
+# ingest, imports and broadcasts never share (docs/operations.md, "A web pool for critical
+# traffic"); "all": everything (the default).
+NOTIFY_WEB_POOL = env.str("NOTIFY_WEB_POOL", default="all")
+if NOTIFY_WEB_POOL not in ("all", "critical"):
+    raise ImproperlyConfigured("NOTIFY_WEB_POOL is 'all' or 'critical'.")
 NOTIFY_MAX_REQUEST_BYTES = env.int("NOTIFY_MAX_REQUEST_BYTES", default=256 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = NOTIFY_MAX_REQUEST_BYTES
 # Bulk recipient import (POST /api/v1/recipients/import): its own body limit, since a file
@@ -392,7 +399,7 @@ NOTIFY_REPUBLISH_AFTER_SECONDS = env.float("NOTIFY_REPUBLISH_AFTER_SECONDS", def
 NOTIFY_COUNTDOWN_MAX_SECONDS = env.float("NOTIFY_COUNTDOWN_MAX_SECONDS", default=0.0 if BROKER_IS_AMQP else 300.0)
 NOTIFY_SWEEP_CHUNK = env.int("NOTIFY_SWEEP_CHUNK", default=5000)
 # Broadcast fan-out turns this many recipients into notifications per transaction.
-NOTIFY_BROADCAST_CHUNK = env.int("NOTIFY_BROADCAST_CHUNK", default=2000)
+NOTIFY_BROADCAST_CHUNK = env.int("NOTIFY_BROADCAST_CHUNK", default=5000)
 # A fan-out whose worker has not finished a chunk by then is started again by the sweeper.
 NOTIFY_BROADCAST_LEASE_SECONDS = env.float("NOTIFY_BROADCAST_LEASE_SECONDS", default=30.0)
 NOTIFY_RETRY_POLICY = {

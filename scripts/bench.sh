@@ -3,6 +3,7 @@
 # for example: scripts/bench.sh --bulk 100000 --critical 200 --sink sandbox
 # or, the drain rate with the metrics off and on: scripts/bench.sh --bulk 30000 --metrics-compare
 # or, for the recipient import: scripts/bench.sh --import 1000000
+# or, for a broadcast to an imported audience: scripts/bench.sh --broadcast 1000000
 source "$(dirname "$0")/lib.sh"
 
 # NOTIFY_METRICS_ENABLED=false runs it with the metrics off; --metrics-compare runs both.
@@ -10,5 +11,9 @@ load_run_prepare bench 13
 # `--import N` benchmarks the bulk recipient import instead (scripts/bench_import.py).
 if [ "${1:-}" = "--import" ]; then
     exec "$PY" -u scripts/bench_import.py "$@"
+fi
+# `--broadcast N` benchmarks an audience import and a broadcast to it (scripts/bench_broadcast.py).
+if [ "${1:-}" = "--broadcast" ]; then
+    exec "$PY" -u scripts/bench_broadcast.py "$@"
 fi
 exec "$PY" -u scripts/bench.py "$@"

@@ -54,6 +54,25 @@ class RequestBodyLimitMiddleware:
         return self.get_response(request)
 
 
+# What a web pool kept for critical traffic answers (NOTIFY_WEB_POOL=critical, docs/operations.md).
+CRITICAL_POOL_PATHS = ("/api/v1/events",)
+
+
+class WebPoolMiddleware:
+    """A web pool kept for critical traffic serves single events only: imports, broadcasts,
+    batches, pages and the admin go to the main pool, so that nothing heavy shares its
+    processes. (Ingest refuses a non-critical event there, once it knows the category.)"""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        if settings.NOTIFY_WEB_POOL == "critical" and request.path.rstrip("/") not in CRITICAL_POOL_PATHS:
+            message = "This address serves critical events only (POST /api/v1/events); use the main API address."
+            return JsonResponse({"error": {"code": "critical_pool_only", "message": message}}, status=421)
+        return self.get_response(request)
+
+
 class DatabaseUnavailableMiddleware:
     """Views outside the API (pages, webhooks) answer 503 with a Retry-After, as the API does,
     when the database cannot be reached, instead of a 500."""

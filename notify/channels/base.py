@@ -117,6 +117,11 @@ class Channel(ABC):
         """What sending this content costs, for channels billed per message (None: not priced)."""
         return None
 
+    def address_sql(self, *, recipient: str) -> str | None:
+        """address_for() as a PostgreSQL expression over the recipients row aliased `recipient`,
+        for a fan-out planned in the database; None when the channel cannot say it in SQL."""
+        return None
+
     def addresses_for(self, *, recipients: list[Recipient]) -> dict[UUID, str]:
         """address_for() for many recipients at once (a channel that must query overrides it)."""
         return {recipient.id: self.address_for(recipient=recipient) for recipient in recipients}
@@ -149,6 +154,13 @@ class RegistryChannel(Channel):
 
     def address_for(self, *, recipient: Recipient) -> str:
         return str(recipient.id)
+
+    def address_sql(self, *, recipient: str) -> str | None:
+        table = self.registry._meta.db_table
+        return (
+            f"CASE WHEN EXISTS (SELECT 1 FROM {table} endpoint WHERE endpoint.recipient_id = {recipient}.id"
+            f" AND endpoint.active) THEN {recipient}.id::text ELSE '' END"
+        )
 
     def addresses_for(self, *, recipients: list[Recipient]) -> dict[UUID, str]:
         registered = set(

@@ -53,6 +53,9 @@ class EmailChannel(Channel):
     def address_for(self, *, recipient: Recipient) -> str:
         return recipient.email
 
+    def address_sql(self, *, recipient: str) -> str | None:
+        return f"{recipient}.email"
+
     def __init__(self, *, overrides: dict[str, Any] | None = None) -> None:
         # A provider account's own settings (api_url, server_token), over the configured ones,
         # and the address it sends as (from_email, else DEFAULT_FROM_EMAIL).

@@ -31,6 +31,9 @@ class InAppChannel(Channel):
     def address_for(self, *, recipient: Recipient) -> str:
         return str(recipient.id)  # every recipient has an inbox
 
+    def address_sql(self, *, recipient: str) -> str | None:
+        return f"{recipient}.id::text"
+
     def send_batch(self, *, messages: list[OutboundMessage]) -> list[SendOutcome]:
         started = time.perf_counter()
         now = timezone.now()

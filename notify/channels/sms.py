@@ -94,6 +94,9 @@ class SmsChannel(Channel):
     def address_for(self, *, recipient: Recipient) -> str:
         return recipient.phone
 
+    def address_sql(self, *, recipient: str) -> str | None:
+        return f"{recipient}.phone"
+
     def cost_of(self, *, content: RenderedContent) -> Decimal | None:
         return sms_segments(text=content.body) * Decimal(settings.NOTIFY_SMS_SEGMENT_PRICE)
 

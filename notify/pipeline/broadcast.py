@@ -43,6 +43,7 @@ from notify.pipeline.ingest import (
     request_digest,
 )
 from notify.pipeline.plan import LocalSendTime, deliveries_supersede, notifications_plan, plan_save
+from notify.pipeline.plan_sql import chunk_plan_sql, sql_plannable
 from notify.pipeline.record import history_event, history_insert
 
 logger = logging.getLogger(__name__)
@@ -218,6 +219,12 @@ def fan_out_chunk(*, broadcast_id: UUID) -> ChunkOutcome:
     """Plan the next chunk of the audience, in one transaction with the cursor it advances."""
     now = timezone.now()
     with transaction.atomic():
+        if connection.vendor == "postgresql":
+            # A chunk's commit need not wait for its WAL to reach the disk: a crash can lose
+            # only whole chunks, each with the cursor it advanced, so the fan-out plans them
+            # again (a send task published for a lost delivery finds nothing to claim).
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL synchronous_commit TO OFF")
         # Held until commit: two fan-outs of one broadcast (a retried task, the sweeper's
         # restart) take turns, and each sees the cursor the other stored.
         broadcast = (
@@ -241,26 +248,18 @@ def fan_out_chunk(*, broadcast_id: UUID) -> ChunkOutcome:
         if broadcast.cursor is not None:
             chunk = chunk.filter(id__gt=broadcast.cursor)
         last_id, selected, reached_ids = _chunk_reach(broadcast=broadcast, chunk=chunk)
-        recipients = (
-            list(Recipient.objects.filter(id__any_of=reached_ids).only(*PLANNED_RECIPIENT_FIELDS).order_by("id"))
-            if reached_ids
-            else []
-        )
-        deliveries_supersede(event=broadcast.event, recipients=recipients, now=now)
-        for send_at, group in _paced_groups(broadcast=broadcast, recipients=recipients, now=now):
-            plan = notifications_plan(
-                event=broadcast.event,
-                category=broadcast.category,
-                recipients=group,
-                priority_override=None,
-                channels_override=None,
-                send_at=send_at,
-                send_at_local=LocalSendTime.parse(broadcast.send_at_local) if broadcast.send_at_local else None,
-                template_version=broadcast.template_version,
+        deliveries_supersede(event=broadcast.event, recipient_ids=reached_ids, now=now)
+        if sql_plannable(category=broadcast.category):
+            chunk_plan_sql(
+                broadcast=broadcast,
+                recipient_ids=reached_ids,
+                rate=broadcast_rate(broadcast=broadcast),
+                start=_pace_start(broadcast=broadcast, now=now),
                 now=now,
             )
-            plan_save(plan=plan, now=now)
-        broadcast.planned_count += len(recipients)
+        else:
+            _chunk_plan(broadcast=broadcast, recipient_ids=reached_ids, now=now)
+        broadcast.planned_count += len(reached_ids)
         broadcast.fanout_lease_expires_at = now + timedelta(seconds=settings.NOTIFY_BROADCAST_LEASE_SECONDS)
         if last_id is not None:
             broadcast.cursor = last_id
@@ -280,7 +279,7 @@ def fan_out_chunk(*, broadcast_id: UUID) -> ChunkOutcome:
                 "fanned_out_at",
             ]
         )
-    return ChunkOutcome(planned=len(recipients), done=done)
+    return ChunkOutcome(planned=len(reached_ids), done=done)
 
 
 def _stopped(*, broadcast: Broadcast, note: str, now: datetime) -> None:
@@ -294,7 +293,28 @@ def _stopped(*, broadcast: Broadcast, note: str, now: datetime) -> None:
     transaction.on_commit(partial(_task_publish, name=CANCEL_TASK, broadcast_id=broadcast.id))
 
 
-def _chunk_reach(*, broadcast: Broadcast, chunk: Any) -> tuple[UUID | None, int, list[UUID]]:
+def _chunk_plan(*, broadcast: Broadcast, recipient_ids: list[str], now: datetime) -> None:
+    """Plan the chunk's recipients through notifications_plan(), as an event's are: the
+    demo's SQLite, and categories the database cannot plan (plan_sql.py)."""
+    if not recipient_ids:
+        return
+    recipients = list(Recipient.objects.filter(id__any_of=recipient_ids).only(*PLANNED_RECIPIENT_FIELDS).order_by("id"))
+    for send_at, group in _paced_groups(broadcast=broadcast, recipients=recipients, now=now):
+        plan = notifications_plan(
+            event=broadcast.event,
+            category=broadcast.category,
+            recipients=group,
+            priority_override=None,
+            channels_override=None,
+            send_at=send_at,
+            send_at_local=LocalSendTime.parse(broadcast.send_at_local) if broadcast.send_at_local else None,
+            template_version=broadcast.template_version,
+            now=now,
+        )
+        plan_save(plan=plan, now=now)
+
+
+def _chunk_reach(*, broadcast: Broadcast, chunk: Any) -> tuple[UUID | None, int, list[str]]:
     """Take the next chunk of the audience and record its recipients as reached; return the
     chunk's last recipient id, its size, and the ids reached for the first time."""
     limit = settings.NOTIFY_BROADCAST_CHUNK
@@ -307,7 +327,7 @@ def _chunk_reach(*, broadcast: Broadcast, chunk: Any) -> tuple[UUID | None, int,
         )
         new = [i for i in ids if i not in seen]
         BroadcastRecipient.objects.bulk_create([BroadcastRecipient(broadcast=broadcast, recipient_id=i) for i in new])
-        return (ids[-1] if ids else None), len(ids), new
+        return (ids[-1] if ids else None), len(ids), [str(i) for i in new]
     chunk_sql, chunk_params = chunk.values_list("id")[:limit].query.sql_with_params()
     with connection.cursor() as cursor:
         # One statement: pick the chunk, skip whoever was reached before (a retried chunk, a
@@ -323,7 +343,7 @@ def _chunk_reach(*, broadcast: Broadcast, chunk: Any) -> tuple[UUID | None, int,
             )
             SELECT (SELECT id FROM chunk ORDER BY id DESC LIMIT 1),
                    (SELECT count(*) FROM chunk),
-                   ARRAY(SELECT recipient_id FROM reached)
+                   ARRAY(SELECT recipient_id::text FROM reached)
             """,
             [*chunk_params, broadcast.id],
         )
@@ -339,7 +359,7 @@ def _paced_groups(
     rate = broadcast_rate(broadcast=broadcast)
     if rate is None or not recipients:
         return [(broadcast.send_at, recipients)] if recipients else []
-    start = max(broadcast.send_at or now, broadcast.started_at or now)
+    start = _pace_start(broadcast=broadcast, now=now)
     groups: list[tuple[datetime | None, list[Recipient]]] = []
     position = broadcast.planned_count
     index = 0
@@ -349,6 +369,11 @@ def _paced_groups(
         groups.append((start + timedelta(seconds=second), recipients[index : index + size]))
         index += size
     return groups
+
+
+def _pace_start(*, broadcast: Broadcast, now: datetime) -> datetime:
+    """When a paced broadcast's first second begins."""
+    return max(broadcast.send_at or now, broadcast.started_at or now)
 
 
 def broadcast_rate(*, broadcast: Broadcast) -> int | None:

@@ -86,7 +86,14 @@ def _publish_group(*, channel: str, priority: str, due_at: datetime, deliveries:
         return
     for delivery in deliveries:
         delivery.published_at = due_at
-    ids = [str(d.id) for d in deliveries]
+    ids_publish_on_commit(
+        channel=channel, priority=priority, delivery_ids=[str(d.id) for d in deliveries], countdown=countdown
+    )
+
+
+def ids_publish_on_commit(*, channel: str, priority: str, delivery_ids: list[str], countdown: float) -> None:
+    """Publish deliveries known by id, a batch a message, once the transaction commits."""
+    ids = delivery_ids
     size = batch_size(priority=priority)
     for start in range(0, len(ids), size):
         chunk = ids[start : start + size]

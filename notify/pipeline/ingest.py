@@ -11,6 +11,7 @@ from operator import itemgetter
 from typing import Any
 from uuid import UUID
 
+from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from psycopg.types.json import Jsonb
@@ -113,6 +114,7 @@ def events_ingest(
         assert api_key is not None, "give the producer's API key, or the tenant"
         tenant = api_key.tenant
     categories = _categories_resolve(tenant=tenant, events=events, api_key=api_key)
+    _web_pool_admit(events=events, categories=categories)
     results: list[IngestResult] = []
     # What each new event made, by category: counted once the transaction has committed.
     counted: list[tuple[Category, list]] = []
@@ -182,7 +184,7 @@ def events_ingest(
                         send_at_local=request.send_at_local,
                         now=now,
                     )
-                    deliveries_supersede(event=event, recipients=recipients, now=now)
+                    deliveries_supersede(event=event, recipient_ids=[r.id for r in recipients], now=now)
                     plan_save(plan=plan, now=now)
                     notifications = plan.notifications
             except PlanError as error:
@@ -216,6 +218,21 @@ def _admit(*, request: EventRequest, category: Category, now: datetime) -> None:
     later = admission.send_after
     if later is not None and request.send_at_local is None and (request.send_at is None or request.send_at < later):
         request.send_at = later
+
+
+def _web_pool_admit(*, events: list[EventRequest], categories: dict[str, Category]) -> None:
+    """A web pool kept for critical traffic refuses any other event, so that a bulk producer
+    pointed at it by mistake cannot slow the OTPs it is there for."""
+    if settings.NOTIFY_WEB_POOL != "critical":
+        return
+    for index, request in enumerate(events):
+        priority = request.priority or categories[request.category_key].default_priority
+        if priority != Priority.CRITICAL:
+            prefix = f"events[{index}]." if len(events) > 1 else ""
+            raise IngestError(
+                field=f"{prefix}priority",
+                message=f"This address takes critical events only; this one is {priority}. Use the main API address.",
+            )
 
 
 def _categories_resolve(*, tenant: Tenant, events: list[EventRequest], api_key: ApiKey | None) -> dict[str, Category]:

@@ -3,6 +3,7 @@
 Planning pins the template version on the notification. Rendering that version is
 deterministic, so the send stage renders it then instead of storing the rendered text."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
@@ -87,16 +88,8 @@ def notifications_plan(
     version = template_version or category.template.current_version()
     if version is None:
         raise PlanError(field="category", message=f"Category '{category.key}' has a template with no versions yet.")
-    channels = channels_override or list(category.default_channels)
+    channels, escalations = plan_channels(category=category, version=version, channels_override=channels_override)
     escalate_after = category.escalate_after
-    escalations = [c for c in category.escalate_to if c not in channels] if escalate_after else []
-    variants = version_variants(version_id=version.pk)
-    missing = [c for c in channels + escalations if not any(channel == c for channel, _ in variants)]
-    if missing:
-        raise PlanError(
-            field="channels",
-            message=f"Template '{category.template.key}' v{version.number} has no content for: {', '.join(missing)}.",
-        )
     priority = priority_override or category.default_priority
     due_at = max(send_at, now) if send_at else now
     tenant_locale = event.tenant.default_locale
@@ -171,6 +164,23 @@ def notifications_plan(
     return plan
 
 
+def plan_channels(
+    *, category: Category, version: TemplateVersion, channels_override: list[str] | None
+) -> tuple[list[str], list[str]]:
+    """The channels a notification is planned on, and those it escalates to; raises PlanError
+    when the template version has no content for one of them."""
+    channels = channels_override or list(category.default_channels)
+    escalations = [c for c in category.escalate_to if c not in channels] if category.escalate_after else []
+    variants = version_variants(version_id=version.pk)
+    missing = [c for c in channels + escalations if not any(channel == c for channel, _ in variants)]
+    if missing:
+        raise PlanError(
+            field="channels",
+            message=f"Template '{category.template.key}' v{version.number} has no content for: {', '.join(missing)}.",
+        )
+    return channels, escalations
+
+
 def chain_order(*, preferred: list[str], channels: list[str]) -> list[str]:
     """A fallback chain: the recipient's own channel order first, then the category's."""
     return [c for c in preferred if c in channels] + [c for c in channels if c not in preferred]
@@ -208,7 +218,7 @@ def plan_save(*, plan: Plan, now: datetime) -> None:
 SUPERSEDABLE_STATUSES = (*CLAIMABLE_STATUSES, DeliveryStatus.STANDBY)
 
 
-def deliveries_supersede(*, event: Event, recipients: list[Recipient], now: datetime) -> int:
+def deliveries_supersede(*, event: Event, recipient_ids: Sequence[UUID | str], now: datetime) -> int:
     """Mark superseded, with history, the unsent deliveries of the tenant's earlier events
     with the event's replace key to the same recipients; return how many. Runs in the
     planning transaction, before the event's own rows are written."""
@@ -221,7 +231,7 @@ def deliveries_supersede(*, event: Event, recipients: list[Recipient], now: date
         .filter(
             notification__event__tenant_id=event.tenant_id,
             notification__event__replace_key=event.replace_key,
-            notification__recipient_id__in=[recipient.id for recipient in recipients],
+            notification__recipient_id__in=list(recipient_ids),
             current_status__in=SUPERSEDABLE_STATUSES,
         )
         .exclude(notification__event_id=event.id)
