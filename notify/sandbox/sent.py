@@ -8,8 +8,10 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-# Messages kept for search and duplicate counting, per provider, by default.
-STORE_SIZE = 1_000_000
+# Messages kept for search and duplicate counting, per provider, by default (about 1.2 KB
+# each): a repeat of one of the newest 100,000 sends is counted; a million-message benchmark
+# keeps the sandbox within a few hundred MB. --store-size raises it.
+STORE_SIZE = 100_000
 
 
 def _digest(*parts: str) -> bytes:
@@ -39,7 +41,9 @@ class ProviderMessages:
             oldest = self.messages.popleft()
             for name, value in oldest["_indexes"].items():
                 bucket = self.by_index[name][value]
-                bucket.pop(0)  # the oldest is first in its buckets too
+                # The oldest is first in its buckets too; a bucket holds one delivery's or one
+                # address's messages, a few, so lists (a deque's block is larger than most).
+                bucket.pop(0)
                 if not bucket:
                     del self.by_index[name][value]
 

@@ -335,25 +335,20 @@ class Sandbox:
             else (to.lower(), entry["subject"], entry["text"])
         )
         repeat = sent.count_send(identity=identity)
+        # Kept small (what the search answers is built from it), and indexed by the two
+        # filters reconciliation uses.
         sent.add(
             message={
                 "MessageID": response["MessageID"],
-                "To": [{"Email": to, "Name": None}],
-                "Recipients": [to],
+                "To": to,
                 "From": entry["from"],
-                "Subject": entry["subject"],
+                "Subject": entry["subject"][:200],
                 "Tag": message.get("Tag", ""),
                 "Metadata": metadata,
-                "Status": "Sent",
-                "MessageStream": message.get("MessageStream", "outbound"),
-                "ReceivedAt": _postmark_time(time.time()),
                 "_at": time.time(),
                 "_account": entry["account"],
             },
-            indexes={
-                "recipient": to.lower(),
-                **{f"metadata_{name}": str(value) for name, value in metadata.items()},
-            },
+            indexes={"recipient": to.lower(), "metadata_delivery_id": str(metadata.get("delivery_id", ""))},
         )
         self.state.record(**entry, status=200, outcome="accepted", message_id=response["MessageID"], repeat=repeat)
         if "postmark" in self.webhooks:
@@ -387,9 +382,8 @@ class Sandbox:
         sent = self.state.sent.of("postmark")
         metadata = {name: value for name, value in query.items() if name.startswith("metadata_")}
         recipient = query.get("recipient", "").lower()
-        if metadata:
-            name, value = next(iter(metadata.items()))
-            candidates: Any = sent.found(index=name, value=value)
+        if "metadata_delivery_id" in metadata:
+            candidates: Any = sent.found(index="metadata_delivery_id", value=metadata["metadata_delivery_id"])
         elif recipient:
             candidates = sent.found(index="recipient", value=recipient)
         else:
@@ -402,11 +396,21 @@ class Sandbox:
             and m["_at"] <= indexed_before
             and (since is None or m["_at"] >= since)
             and (until is None or m["_at"] <= until)
-            and (not recipient or recipient in (r.lower() for r in m["Recipients"]))
+            and (not recipient or recipient == m["To"].lower())
             and (not query.get("tag") or m["Tag"] == query["tag"])
             and all(str(m["Metadata"].get(name.removeprefix("metadata_"))) == value for name, value in metadata.items())
         ]
-        page = [{k: v for k, v in m.items() if not k.startswith("_")} for m in matches[offset : offset + count]]
+        page = [
+            {
+                **{k: v for k, v in m.items() if not k.startswith("_")},
+                "To": [{"Email": m["To"], "Name": None}],
+                "Recipients": [m["To"]],
+                "Status": "Sent",
+                "MessageStream": "outbound",
+                "ReceivedAt": _postmark_time(m["_at"]),
+            }
+            for m in matches[offset : offset + count]
+        ]
         return 200, {"TotalCount": len(matches), "Messages": page}
 
     async def webhooks_send_in_order(self, *, url: str, events: list[dict[str, Any]]) -> None:
