@@ -171,7 +171,14 @@ def _leases_expire(*, now: datetime) -> int:
             delivery.lease_token = None
             delivery.lease_expires_at = None
             delivery.updated_at = now
-            if attempts_exhausted(channel=delivery.channel, attempt=delivery.attempt_count):
+            if delivery.provider_message_id:
+                # The worker noted what the provider took before it was lost (one-message
+                # requests, LeasedBatch.taken_note): the send happened; record it.
+                reason = "sent: the provider took it before the worker was lost (its id was noted)"
+                delivery.status = DeliveryStatus.SENT
+                delivery.sent_at = now
+                delivery.in_doubt_since = None
+            elif attempts_exhausted(channel=delivery.channel, attempt=delivery.attempt_count):
                 # A message that keeps killing its worker must not loop for ever.
                 reason = f"worker lost during each of {delivery.attempt_count} attempts"
                 delivery.status = DeliveryStatus.DEAD
@@ -184,9 +191,9 @@ def _leases_expire(*, now: datetime) -> int:
                 reason = "lease expired: the worker did not report back; re-queued"
                 delivery.status = DeliveryStatus.QUEUED
                 delivery.next_attempt_at = now
-            delivery.status_reason = reason
+            delivery.status_reason = "" if delivery.status == DeliveryStatus.SENT else reason
             history.append(history_event(delivery=delivery, status=delivery.status, reason=reason, at=now))
-        deliveries_publish_on_commit(deliveries=deliveries, now=now)
+        deliveries_publish_on_commit(deliveries=[d for d in deliveries if d.status == DeliveryStatus.QUEUED], now=now)
         Delivery.objects.bulk_update(
             deliveries,
             fields=[
@@ -197,6 +204,7 @@ def _leases_expire(*, now: datetime) -> int:
                 "next_attempt_at",
                 "published_at",
                 "in_doubt_since",
+                "sent_at",
                 "updated_at",
             ],
         )

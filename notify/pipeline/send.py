@@ -12,7 +12,7 @@ from functools import cached_property
 from uuid import UUID
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -112,6 +112,9 @@ def deliveries_claim(*, delivery_ids: list[str]) -> tuple[UUID, list[Delivery]]:
             attempt_count=F("attempt_count") + 1,
             lease_token=token,
             lease_expires_at=now + timedelta(seconds=settings.NOTIFY_LEASE_SECONDS),
+            # Empty while this attempt runs, so that a provider id found on a leased row is
+            # this attempt's note (LeasedBatch.taken_note), never an earlier send's.
+            provider_message_id="",
             updated_at=now,
         )
     )
@@ -160,14 +163,24 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
             continue
         prepared = _chunk_prepare(channel=channel, deliveries=chunk, context=context)
         batch.record(outcomes=prepared.outcomes)
-        # Each provider request's outcomes are recorded as soon as it returns.
+        # Each provider request's outcomes are recorded as soon as it returns. A request of
+        # one message (a text) gets a one-row note of what the provider took instead, and the
+        # chunk is recorded in full once: a transaction a message would cost most of the rate.
+        noted: list[SendOutcome] = []
         for providers, messages in prepared.sends:
             for part_start in range(0, len(messages), per_request):
                 part = messages[part_start : part_start + per_request]
                 held = {d.id for d in batch.still_held(deliveries=[batch.deliveries[m.delivery_id] for m in part])}
                 part = [m for m in part if m.delivery_id in held]
-                if part:
-                    batch.record(outcomes=_messages_send(channel=channel, messages=part, providers=providers))
+                if not part:
+                    continue
+                outcomes = _messages_send(channel=channel, messages=part, providers=providers)
+                if per_request == 1:
+                    batch.taken_note(outcomes=outcomes)
+                    noted.extend(outcomes)
+                else:
+                    batch.record(outcomes=outcomes)
+        batch.record(outcomes=noted)
     return len(deliveries)
 
 
@@ -188,6 +201,24 @@ class LeasedBatch:
             return deliveries
         self.renew_after = timezone.now() + _lease() / 2
         return _lease_renew(lease_token=self.lease_token, deliveries=deliveries)
+
+    def taken_note(self, *, outcomes: list[SendOutcome]) -> None:
+        """Note on each delivery the provider took the id it gave, in one single-row statement
+        as the answer comes back: should this worker die before the chunk is recorded, the
+        sweeper finds the note and records the send (dispatch._leases_expire)."""
+        taken = [o for o in outcomes if o.ok and o.provider_message_id]
+        if not taken:
+            return
+        with transaction.atomic():
+            if connection.vendor == "postgresql":
+                # Without waiting for the disk: a database crash that loses the note also
+                # ends the worker's session, and the send is then reconciled with the provider.
+                with connection.cursor() as cursor:
+                    cursor.execute("SET LOCAL synchronous_commit TO OFF")
+            for outcome in taken:
+                Delivery.objects.filter(id=outcome.delivery_id, lease_token=self.lease_token).update(
+                    provider_message_id=outcome.provider_message_id[:255]
+                )
 
     def record(self, *, outcomes: list[SendOutcome]) -> None:
         """The ledger records; what follows from it is published with the record, and the

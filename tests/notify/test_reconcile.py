@@ -14,6 +14,7 @@ from django.utils import timezone
 from apps.catalog.models import Category, CategoryKind, WhenInDoubt
 from apps.deliveries.models import DeadLetter, Delivery, DeliveryStatus
 from notify.pipeline.dispatch import sweep
+from notify.pipeline.send import deliveries_claim
 from tests.helpers import wait_for
 from tests.notify.test_send import ingest_one, send_now
 from tests.notify.test_sms import send_sms, sms_category  # noqa: F401 - a fixture
@@ -30,7 +31,10 @@ def worker_died(delivery: Delivery) -> Delivery:
     """The state a killed worker leaves: the delivery leased and unrecorded, the lease run
     out; then the sweeper re-queues it."""
     Delivery.objects.filter(pk=delivery.pk).update(
-        status=DeliveryStatus.SENDING, lease_token=None, lease_expires_at=timezone.now() - timedelta(seconds=1)
+        status=DeliveryStatus.SENDING,
+        lease_token=None,
+        lease_expires_at=timezone.now() - timedelta(seconds=1),
+        provider_message_id="",  # as its claim left it: a batch request writes no note
     )
     assert sweep().leases_expired == 1
     delivery.refresh_from_db()
@@ -139,3 +143,39 @@ def test_by_default_only_critical_categories_resend_what_cannot_be_asked_about(w
     assert send_now(worker_died(ingest_one(workspace))).status == DeliveryStatus.DEAD
     Category.objects.filter(pk=workspace.critical.pk).update(kind=CategoryKind.CRITICAL)
     assert send_now(worker_died(ingest_one(workspace, category="otp"))).status == DeliveryStatus.SENT
+
+
+def test_a_text_noted_as_taken_before_its_worker_died_is_recorded_sent_by_the_sweeper(
+    workspace,
+    sms_category,  # noqa: F811
+    sandbox,
+):
+    """A text is one request: its provider id is noted on the row as Twilio answers, so the
+    sweeper records the send of a worker that died before recording the chunk."""
+    delivery = send_sms(workspace, phone="+14155550123", text="Your code is 777777")
+    sid = delivery.provider_message_id
+    assert delivery.status == DeliveryStatus.SENT and sid.startswith("SM")
+    # The worker's state when it died: the row leased, the note written, nothing recorded.
+    Delivery.objects.filter(pk=delivery.pk).update(
+        status=DeliveryStatus.SENDING, lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    assert sweep().leases_expired == 1
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.provider_message_id) == (DeliveryStatus.SENT, sid)
+    assert "its id was noted" in reasons(delivery)[-1]
+    assert accepted(sandbox, "twilio") == 1
+
+
+def test_a_claim_clears_an_earlier_sends_provider_id_so_no_stale_note_counts(workspace, sandbox):
+    delivery = send_now(ingest_one(workspace))
+    assert delivery.provider_message_id
+    Delivery.objects.filter(pk=delivery.pk).update(status=DeliveryStatus.RETRYING)  # as after a soft bounce
+    token, claimed = deliveries_claim(delivery_ids=[str(delivery.pk)])
+    assert [d.pk for d in claimed] == [delivery.pk]
+    delivery.refresh_from_db()
+    assert delivery.provider_message_id == ""
+    # Its worker dies before any request: the sweeper re-queues it rather than calling it sent.
+    Delivery.objects.filter(pk=delivery.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    sweep()
+    delivery.refresh_from_db()
+    assert delivery.status == DeliveryStatus.QUEUED and delivery.in_doubt_since is not None
