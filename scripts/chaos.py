@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -146,10 +147,16 @@ class PrivatePostgres:
                 die("running as root, the campaign runs PostgreSQL as the 'postgres' user, which does not exist.")
             runuser = shutil.which("runuser") or die("running as root, the campaign needs runuser (util-linux).")
             self.as_user = [str(runuser), "-u", "postgres", "--"]
+            # The postgres user may not reach into this checkout (a private temporary clone):
+            # its cluster lives in the system's temporary directory, one per checkout and port.
+            checkout = hashlib.sha256(str(ROOT).encode()).hexdigest()[:12]
+            home = Path(tempfile.gettempdir()) / f"notify-chaos-{checkout}"
+            home.mkdir(mode=0o755, exist_ok=True)
+            self.directory = home / f"postgres-{port}"
 
     def pg_ctl(self, *args: str) -> None:
         command = [*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.directory), "-w", "-t", "120", *args]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd="/")
 
     def start(self) -> None:
         """Start the cluster: made on the first run, kept for the next ones."""
@@ -169,7 +176,7 @@ class PrivatePostgres:
                 "-E",
                 "UTF8",
             ]
-            subprocess.run([*self.as_user, *initdb, "--no-sync"], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run([*self.as_user, *initdb, "--no-sync"], check=True, stdout=subprocess.DEVNULL, cwd="/")
         elif (self.directory / "postmaster.pid").exists():
             # Left running by a run that was killed itself.
             subprocess.run(
