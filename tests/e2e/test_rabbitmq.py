@@ -38,6 +38,8 @@ def rabbitmqctl(*arguments: str, check: bool = True) -> None:
 def rabbitmq_url() -> str:
     """A virtual host of this test process's own (its queues are purged before each test)."""
     vhost = f"notify-test-{process_index()}"
+    # The node may still be starting (a restart by an earlier test or run): wait for it.
+    rabbitmqctl("await_startup")
     # Kept between runs (it may exist already): deleting a virtual host with quorum queues
     # takes the broker a while.
     rabbitmqctl("add_vhost", vhost, check=False)
