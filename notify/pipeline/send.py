@@ -235,7 +235,7 @@ class LeasedBatch:
         # What finished lets the next of each ordered scope go, without waiting for the sweeper.
         successors_publish(
             deliveries=[self.deliveries[o.delivery_id] for o in outcomes],
-            ordered_category_ids={pk for pk, c in self.context.categories.items() if c.ordered},
+            ordered_category_ids=self.context.ordered_category_ids,
         )
 
 
@@ -270,6 +270,10 @@ class BatchContext:
     @cached_property
     def category_rules(self) -> dict[int, CategoryRules]:
         return {pk: category_rules(category=category) for pk, category in self.categories.items()}
+
+    @cached_property
+    def ordered_category_ids(self) -> set[int]:
+        return {pk for pk, category in self.categories.items() if category.ordered}
 
     @cached_property
     def tenant_rules(self) -> dict[UUID, TenantRules]:
