@@ -225,19 +225,30 @@ def broker_queue_depths(*, queues: Iterable[str]) -> dict[str, int]:
     queue that does not exist yet is empty). Empty when the broker cannot be read."""
     depths: dict[str, int] = {}
     try:
-        with current_app.connection_for_read() as connection:
+        with _broker_connection() as connection:
+            on_rabbitmq = connection.transport.driver_type == "amqp"
             broker: Any = connection.default_channel  # kombu's channel for the transport
             for queue in queues:
                 try:
                     depths[queue] = broker.queue_declare(queue=queue, passive=True).message_count
                 except Exception:  # noqa: BLE001 - a queue that does not exist is empty
                     depths[queue] = 0
-                    # RabbitMQ closes a channel whose passive declare failed: go on with a new one.
-                    broker = connection.channel()
+                    if on_rabbitmq:  # RabbitMQ closes a channel whose passive declare failed
+                        broker = connection.channel()
     except Exception:  # noqa: BLE001 - with the broker down, publishing fails anyway
         logger.warning("could not read the broker's queue lengths", exc_info=True)
         return {}
     return depths
+
+
+def _broker_connection() -> Any:
+    """A broker connection to read queue lengths on. On Redis, one of the app's pooled
+    connections, whose channel and sockets live on between reads: a fresh connection each
+    read opened and dropped sockets at every backpressure check. On RabbitMQ a failed
+    passive declare closes the channel, so each read gets a connection of its own."""
+    if settings.BROKER_IS_AMQP:
+        return current_app.connection_for_read()
+    return current_app.pool.acquire(block=True)
 
 
 def queue_depths() -> dict[tuple[str, str], int]:

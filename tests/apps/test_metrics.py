@@ -127,6 +127,18 @@ def test_the_queue_depth_is_read_from_the_broker(db, metrics_token, stored_gauge
     assert value(text, "notify_queue_depth", queue="sms.normal") == 0
 
 
+def test_reading_the_queue_depths_again_opens_no_new_broker_connections(db, broker):
+    """The backpressure check reads the depths often; each read used to open and drop a socket
+    per queue, which a long soak saw as ever more open files."""
+    from notify.pipeline.dispatch import queue_depths
+
+    queue_depths()  # the pooled connection is made once
+    opened_before = broker.info("stats")["total_connections_received"]
+    for _ in range(20):
+        assert len(queue_depths()) == 15
+    assert broker.info("stats")["total_connections_received"] - opened_before <= 1
+
+
 def test_an_open_circuit_shows_as_two(db, metrics_token, stored_gauges):
     provider = Provider.objects.create(name="postmark-eu", channel="email")
     breaker = breaker_for(provider)
