@@ -13,8 +13,9 @@ from django.utils import timezone
 
 from apps.catalog.models import Category, CategoryKind, WhenInDoubt
 from apps.deliveries.models import DeadLetter, Delivery, DeliveryStatus
+from notify.channels.base import SendOutcome
 from notify.pipeline.dispatch import sweep
-from notify.pipeline.send import deliveries_claim
+from notify.pipeline.send import LeasedBatch, deliveries_claim
 from tests.helpers import wait_for
 from tests.notify.test_send import ingest_one, send_now
 from tests.notify.test_sms import send_sms, sms_category  # noqa: F401 - a fixture
@@ -164,6 +165,25 @@ def test_a_text_noted_as_taken_before_its_worker_died_is_recorded_sent_by_the_sw
     assert (delivery.status, delivery.provider_message_id) == (DeliveryStatus.SENT, sid)
     assert "its id was noted" in reasons(delivery)[-1]
     assert accepted(sandbox, "twilio") == 1
+
+
+def test_a_note_is_written_on_the_leased_row_only_and_at_once(workspace):
+    """The note's own statement: it lands on the row this lease holds, committed before the
+    chunk is recorded, and never on a row another worker's lease holds now."""
+    held, taken_away = ingest_one(workspace), ingest_one(workspace)
+    token, claimed = deliveries_claim(delivery_ids=[str(held.pk), str(taken_away.pk)])
+    Delivery.objects.filter(pk=taken_away.pk).update(lease_token=None)  # re-queued by the sweeper
+    batch = LeasedBatch(lease_token=token, deliveries={d.pk: d for d in claimed}, context=None)  # type: ignore[arg-type]
+    batch.taken_note(
+        outcomes=[
+            SendOutcome(delivery_id=held.pk, provider_message_id="SM-held"),
+            SendOutcome(delivery_id=taken_away.pk, provider_message_id="SM-taken-away"),
+        ]
+    )
+    held.refresh_from_db()
+    taken_away.refresh_from_db()
+    assert (held.status, held.provider_message_id) == (DeliveryStatus.SENDING, "SM-held")
+    assert taken_away.provider_message_id == ""
 
 
 def test_a_claim_clears_an_earlier_sends_provider_id_so_no_stale_note_counts(workspace, sandbox):
