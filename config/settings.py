@@ -387,6 +387,10 @@ NOTIFY_BATCH_SIZE = {
 }
 # A claimed delivery whose worker has not recorded an outcome by then is re-queued.
 NOTIFY_LEASE_SECONDS = env.float("NOTIFY_LEASE_SECONDS", default=300.0)
+# Critical work (one delivery a batch) has a shorter lease: an OTP whose worker died is
+# re-queued within this, not the bulk lease. It only needs to outlast one provider request;
+# one that lapses mid-request costs a reconciliation, never a duplicate.
+NOTIFY_CRITICAL_LEASE_SECONDS = env.float("NOTIFY_CRITICAL_LEASE_SECONDS", default=min(30.0, NOTIFY_LEASE_SECONDS))
 # An in-doubt delivery is looked for at its provider no sooner than this after the doubt
 # began, since a provider's message search shows a message a little after it took it.
 NOTIFY_RECONCILE_AFTER_SECONDS = env.float("NOTIFY_RECONCILE_AFTER_SECONDS", default=10.0)

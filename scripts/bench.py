@@ -13,6 +13,7 @@ Run it through `make bench`, which prepares the database, Redis and the virtuale
 import argparse
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,18 @@ def celery_worker(*, group: str, pool: tuple[str, ...] = ("--pool", "solo")) -> 
     return celery_command("worker", "--without-mingle", "--without-gossip", *pool, "-Q", queues, "-n", f"{group}@%h")
 
 
+def ports_check() -> None:
+    """Stop before anything starts when another server holds the run's ports (a benchmark or
+    soak still running, or one killed earlier): it would take this run's requests into its own
+    database, and its figures would be that server's."""
+    for port in (WEB_PORT, SANDBOX_PORT):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                raise SystemExit(
+                    f"port {port} is in use: stop what listens there, or set BENCH_WEB_PORT/BENCH_SANDBOX_PORT"
+                )
+
+
 class Processes:
     log_prefix = "bench"  # var/log/<prefix>-<n>.log, one a child
 
@@ -91,6 +104,10 @@ class Processes:
         )
         self.children: list[subprocess.Popen] = []
         self.labels: dict[int, str] = {}  # process group -> what it is, for the CPU breakdown
+        # The children run in process groups of their own: a run stopped with SIGTERM (as a
+        # timeout stops it) unwinds through its `finally`, which stops them, rather than
+        # leaving workers behind that would take the next run's tasks.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         self.env = {**os.environ, "LOG_LEVEL": "WARNING", "NOTIFY_METRICS_ENABLED": "true" if metrics else "false"}
         if sink == "memory":
             self.env["EMAIL_BACKEND"] = "django.core.mail.backends.dummy.EmailBackend"
@@ -539,6 +556,7 @@ def main() -> None:
     )
     parser.add_argument("--metrics-rounds", type=int, default=2, help="off/on rounds of --metrics-compare (default 2)")
     args = parser.parse_args()
+    ports_check()
 
     (ROOT / "var" / "log").mkdir(parents=True, exist_ok=True)
     api_key = settings.NOTIFY_DEMO_API_KEY

@@ -12,7 +12,6 @@ RSS of each process. Run it through `make bench ARGS="--broadcast 100000"`, whic
 the database, Redis and the virtualenv."""
 
 import argparse
-import socket
 import sys
 import tempfile
 import threading
@@ -23,13 +22,13 @@ import requests
 from bench import (
     FINAL,
     ROOT,
-    SANDBOX_PORT,
     WEB_PORT,
     CriticalProbe,
     Processes,
     bench_categories_ensure,
     final_count,
     percentile,
+    ports_check,
     reset_database,
 )
 from bench_baseline import BASELINE_QUEUE, BASELINE_TASK
@@ -50,17 +49,6 @@ BASE = f"http://127.0.0.1:{WEB_PORT}/api/v1"
 CATEGORY = "bench-email-bulk"
 DATA = {"headline": "News"}
 CELERY = [sys.executable, "-m", "celery", "-A", "config", "worker", "--without-mingle", "--without-gossip"]
-
-
-def ports_check() -> None:
-    """Stop before starting when another server holds the benchmark's ports (a benchmark
-    killed earlier can leave its own running): its figures would be that server's."""
-    for port in (WEB_PORT, SANDBOX_PORT):
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                raise SystemExit(
-                    f"port {port} is in use: stop what listens there, or set BENCH_WEB_PORT/BENCH_SANDBOX_PORT"
-                )
 
 
 def audience_import(*, headers: dict[str, str], rows: int) -> float:

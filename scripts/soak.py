@@ -150,6 +150,7 @@ def main() -> None:
     from apps.tenants.demo import demo_workspace_ensure
     from config.queues import CHANNELS, WORKER_GROUPS
 
+    bench.ports_check()
     (bench.ROOT / "var" / "log").mkdir(parents=True, exist_ok=True)
     api_key = settings.NOTIFY_DEMO_API_KEY
     tenant = demo_workspace_ensure(api_key=api_key)

@@ -18,7 +18,7 @@ from uuid import UUID
 from celery import current_app
 from django.conf import settings
 from django.db import transaction
-from django.db.models import CharField, Exists, OuterRef, Q, QuerySet, Value
+from django.db.models import Case, CharField, Exists, OuterRef, Q, QuerySet, Value, When
 from django.utils import timezone
 
 from apps.audiences.models import Broadcast, BroadcastState
@@ -155,6 +155,21 @@ def sweep(*, now: datetime | None = None) -> SweepReport:
     return SweepReport(leases_expired=expired, republished=republished)
 
 
+def lease_length(*, priority: str) -> timedelta:
+    """How long a claim holds a delivery of this priority before the sweeper re-queues it."""
+    if priority == Priority.CRITICAL:
+        return timedelta(seconds=settings.NOTIFY_CRITICAL_LEASE_SECONDS)
+    return timedelta(seconds=settings.NOTIFY_LEASE_SECONDS)
+
+
+def lease_expiry(*, now: datetime) -> Case:
+    """A claim's or a renewal's new lease_expires_at, each row by its own priority."""
+    return Case(
+        When(priority=Priority.CRITICAL, then=Value(now + lease_length(priority=Priority.CRITICAL))),
+        default=Value(now + lease_length(priority=Priority.NORMAL)),
+    )
+
+
 def _leases_expire(*, now: datetime) -> int:
     with transaction.atomic():
         deliveries = list(
@@ -167,7 +182,7 @@ def _leases_expire(*, now: datetime) -> int:
         for delivery in deliveries:
             # Its last claim or renewal is when an unrecorded request may have gone out.
             if delivery.in_doubt_since is None and delivery.lease_expires_at is not None:
-                delivery.in_doubt_since = delivery.lease_expires_at - timedelta(seconds=settings.NOTIFY_LEASE_SECONDS)
+                delivery.in_doubt_since = delivery.lease_expires_at - lease_length(priority=delivery.priority)
             delivery.lease_token = None
             delivery.lease_expires_at = None
             delivery.updated_at = now

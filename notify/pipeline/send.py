@@ -11,7 +11,6 @@ from datetime import datetime, timedelta
 from functools import cached_property
 from uuid import UUID
 
-from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -26,7 +25,7 @@ from notify.channels.base import Channel, OutboundMessage, RenderedContent, Send
 from notify.observability import metrics
 from notify.observability.tracing import send_span_annotate
 from notify.pipeline.bulk import PrimaryKeyPath, retry_lock_conflicts
-from notify.pipeline.dispatch import holds_read, recorded_publish
+from notify.pipeline.dispatch import holds_read, lease_expiry, lease_length, recorded_publish
 from notify.pipeline.ordering import held_behind_earlier, ordered_category_ids, successors_publish
 from notify.pipeline.plan import (
     content_render,
@@ -111,7 +110,7 @@ def deliveries_claim(*, delivery_ids: list[str]) -> tuple[UUID, list[Delivery]]:
             status=DeliveryStatus.SENDING,
             attempt_count=F("attempt_count") + 1,
             lease_token=token,
-            lease_expires_at=now + timedelta(seconds=settings.NOTIFY_LEASE_SECONDS),
+            lease_expires_at=lease_expiry(now=now),
             # Empty while this attempt runs, so that a provider id found on a leased row is
             # this attempt's note (LeasedBatch.taken_note), never an earlier send's.
             provider_message_id="",
@@ -192,14 +191,20 @@ class LeasedBatch:
     lease_token: UUID
     deliveries: dict[UUID, Delivery]
     context: "BatchContext"
-    renew_after: datetime = field(default_factory=lambda: timezone.now() + _lease() / 2)
+    renew_every: timedelta = field(init=False)
+    renew_after: datetime = field(init=False)
+
+    def __post_init__(self) -> None:
+        # The shortest lease among the batch's priorities sets when it is renewed.
+        self.renew_every = min(lease_length(priority=d.priority) for d in self.deliveries.values()) / 2
+        self.renew_after = timezone.now() + self.renew_every
 
     def still_held(self, *, deliveries: list[Delivery]) -> list[Delivery]:
         """Once half the lease is gone, extend it before sending more, and keep only the
         deliveries still held (the others were re-queued and are another worker's now)."""
         if timezone.now() <= self.renew_after:
             return deliveries
-        self.renew_after = timezone.now() + _lease() / 2
+        self.renew_after = timezone.now() + self.renew_every
         return _lease_renew(lease_token=self.lease_token, deliveries=deliveries)
 
     def taken_note(self, *, outcomes: list[SendOutcome]) -> None:
@@ -241,16 +246,12 @@ class LeasedBatch:
         )
 
 
-def _lease() -> timedelta:
-    return timedelta(seconds=settings.NOTIFY_LEASE_SECONDS)
-
-
 def _lease_renew(*, lease_token: UUID, deliveries: list[Delivery]) -> list[Delivery]:
     """Extend the lease on the deliveries still held and return them. Any whose lease
     expired were re-queued by the sweeper and are another worker's now: not sent here."""
     now = timezone.now()
     held = deliveries_held(delivery_ids=[d.id for d in deliveries], lease_token=lease_token)
-    renewed = held.update(lease_expires_at=now + timedelta(seconds=settings.NOTIFY_LEASE_SECONDS), updated_at=now)
+    renewed = held.update(lease_expires_at=lease_expiry(now=now), updated_at=now)
     if renewed == len(deliveries):
         return deliveries
     still_held = set(held.values_list("id", flat=True))

@@ -34,6 +34,24 @@ def test_a_lease_that_keeps_expiring_ends_in_the_dead_letter_queue(workspace):
     assert DeadLetter.objects.get(delivery=delivery).reason == "worker lost during each of 3 attempts"
 
 
+def test_critical_work_has_a_shorter_lease_so_a_lost_otp_is_requeued_sooner(workspace, settings):
+    settings.NOTIFY_LEASE_SECONDS = 300
+    settings.NOTIFY_CRITICAL_LEASE_SECONDS = 20
+    otp, welcome = ingest_one(workspace, category="otp"), ingest_one(workspace)
+    claimed_at = timezone.now()
+    deliveries_claim(delivery_ids=[str(otp.pk), str(welcome.pk)])
+    otp.refresh_from_db()
+    welcome.refresh_from_db()
+    assert otp.lease_expires_at - claimed_at == pytest.approx(timedelta(seconds=20), abs=timedelta(seconds=2))
+    assert welcome.lease_expires_at - claimed_at == pytest.approx(timedelta(seconds=300), abs=timedelta(seconds=2))
+    assert sweep(now=claimed_at + timedelta(seconds=25)).leases_expired == 1
+    otp.refresh_from_db()
+    assert otp.status == DeliveryStatus.QUEUED
+    # The doubt began when it was claimed: the lease's start, by its own length.
+    assert otp.in_doubt_since == pytest.approx(claimed_at, abs=timedelta(seconds=2))
+    assert Delivery.objects.get(pk=welcome.pk).status == DeliveryStatus.SENDING
+
+
 def test_a_live_lease_is_left_alone(workspace):
     delivery = ingest_one(workspace)
     deliveries_claim(delivery_ids=[str(delivery.pk)])
