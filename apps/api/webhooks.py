@@ -72,7 +72,7 @@ class WebhookEndpointCreatedSerializer(WebhookEndpointSerializer):
 class WebhookEndpointViewSet(QueryCheckedView, viewsets.ModelViewSet):
     """Where the service tells producers about deliveries, recipients and broadcasts."""
 
-    required_scopes = read_write(read=Scope.ADMIN, write=Scope.ADMIN)
+    required_scopes = read_write(read=Scope.WEBHOOKS_MANAGE, write=Scope.WEBHOOKS_MANAGE)
     serializer_class = WebhookEndpointSerializer
     pagination_class = CreatedCursorPagination
     queryset = WebhookEndpoint.objects.none()

@@ -91,6 +91,7 @@ class Scope(models.TextChoices):
     INBOX_TOKENS = "inbox:tokens", "Issue inbox tokens for recipients' browsers"
     ADMIN = "admin", "Change configuration: recurring sends"
     ANALYTICS_READ = "analytics:read", "Read delivery and engagement analytics"
+    WEBHOOKS_MANAGE = "webhooks:manage", "Register producer webhook endpoints and read their attempts"
 
 
 ALL_SCOPES = [scope.value for scope in Scope]

@@ -88,6 +88,13 @@ OPERATIONS = [
     ),
     ("patch", "/recurring-sends/1", {"enabled": False}, "admin"),
     ("delete", "/recurring-sends/1", None, "admin"),
+    ("get", "/webhook-endpoints", None, "webhooks:manage"),
+    (
+        "post",
+        "/webhook-endpoints",
+        {"url": "https://hooks.example.com/notify", "event_types": ["delivery.sent"]},
+        "webhooks:manage",
+    ),
 ]
 
 
