@@ -191,7 +191,9 @@ def provider_name_of(*, provider_status: str) -> str:
     ("<name>/<channel's status>", see notify.resilience.providers); "" for the configured
     default provider. Here, beside the model, so the ledger reads it without the senders."""
     name, slash, _ = provider_status.partition("/")
-    return name if slash else ""
+    # A Provider's name is a slug; a channel's own status ("postmark:Bounce/HardBounce") may
+    # hold a slash too, but always after its "<provider>:".
+    return name if slash and ":" not in name else ""
 
 
 def _sender_error(*, channel: str, config: dict) -> str:

@@ -47,7 +47,8 @@ _COUNTED = f"""
     SELECT date_trunc(%(grain)s, least(coalesce((e.detail->>'occurred_at')::timestamptz, e.created_at),
                                        e.created_at)) AS bucket,
            n.tenant_id, n.category_id, n.template_version_id, d.channel,
-           CASE WHEN position('/' IN coalesce(e.detail->>'provider_status', '')) > 0
+           CASE WHEN split_part(coalesce(e.detail->>'provider_status', ''), '/', 1) ~ '^[-a-zA-Z0-9_]+$'
+                 AND position('/' IN e.detail->>'provider_status') > 0
                 THEN left(split_part(e.detail->>'provider_status', '/', 1), 50) ELSE '' END AS provider,
            d.priority,
            CASE WHEN e.status = 'failed' AND e.reason LIKE 'opted out%%' THEN 'unsubscribed'

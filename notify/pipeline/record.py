@@ -524,7 +524,11 @@ def _feedback_apply(*, delivery: Delivery, feedback: Feedback) -> Recorded | Non
         return None
     now = timezone.now()
     recorded = Recorded(at=now)
-    detail: dict[str, Any] = {"provider_status": feedback.provider_status}
+    # Under the account that sent it, as the send was recorded: the dashboard counts a
+    # provider account's deliveries, opens and bounces with its sends.
+    sender = delivery_sender(delivery_id=delivery.id)
+    provider_status = f"{sender}/{feedback.provider_status}" if sender else feedback.provider_status
+    detail: dict[str, Any] = {"provider_status": provider_status}
     if feedback.occurred_at is not None:
         detail["occurred_at"] = feedback.occurred_at.isoformat()
     if feedback.normalized_status == "soft_bounced":

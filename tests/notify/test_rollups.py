@@ -10,15 +10,17 @@ from django.conf import settings
 from django.db.models import Sum
 from django.utils import timezone
 
-from apps.deliveries.models import Delivery, DeliveryEvent, DeliveryStatus
+from apps.deliveries.models import Delivery, DeliveryEvent, DeliveryStatus, Provider
 from apps.ops.models import DeliveryRollupHour, DeliveryRollupMinute, RollupCursor
 from notify.channels.email import EmailChannel
 from notify.observability.rollups import MINUTES_KEPT, rollups_advance
 from notify.pipeline.feedback import feedback_receive
 from notify.pipeline.record import Feedback
+from notify.pipeline.send import deliveries_send
 from tests.helpers import wait_for
 from tests.notify.test_email_feedback import webhooks  # noqa: F401 - a fixture
 from tests.notify.test_send import ingest_one
+from tests.notify.test_tenant_providers import due_now, postmark
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -157,3 +159,36 @@ def test_rollups_agree_after_the_providers_delivered_webhook(workspace, workers)
     rollups_advance(now=settled_now())
     assert rolled_up_counts() == raw_counts()
     assert DeliveryRollupMinute.objects.get(outcome="delivered").count == 1
+
+
+def test_feedback_counts_under_the_provider_account_that_sent_it(workspace, sandbox):
+    """A bounce's own status holds a slash ("postmark:Bounce/HardBounce"): it is no account's
+    name. Feedback counts under the account its delivery was sent through, and under none for
+    the configured provider."""
+    postmark(sandbox, name="postmark-eu", token="tenant-token", tenant=workspace.tenant)
+    through_account = ingest_one(workspace, email="eu@example.com")
+    assert deliveries_send(delivery_ids=due_now(through_account)) == 1
+    Provider.objects.filter(tenant=workspace.tenant).delete()
+    through_configured = ingest_one(workspace, email="default@example.com")
+    assert deliveries_send(delivery_ids=due_now(through_configured)) == 1
+    for delivery in (through_account, through_configured):
+        assert feedback_receive(
+            feedback=Feedback(
+                delivery_id=str(delivery.pk),
+                normalized_status="bounced",
+                provider_status="postmark:Bounce/HardBounce",
+                channel="email",
+            ),
+            address_for=EmailChannel().address_for,
+        )
+    rollups_advance(now=settled_now())
+    counted: Counter = Counter()
+    for provider, outcome, n in DeliveryRollupMinute.objects.values_list("provider", "outcome", "count"):
+        counted[(provider, outcome)] += n
+    assert counted == {
+        ("", "queued"): 2,
+        ("postmark-eu", "sent"): 1,
+        ("postmark-eu", "bounced"): 1,
+        ("", "sent"): 1,
+        ("", "bounced"): 1,
+    }
