@@ -383,6 +383,11 @@ def arguments() -> argparse.Namespace:
         default=120.0,
         help="how long a claimed delivery waits for its worker before it is sent again (default 120)",
     )
+    parser.add_argument(
+        "--critical-lease-seconds",
+        type=float,
+        help="the same for critical work, one OTP a batch (default 30, or --lease-seconds if shorter)",
+    )
     parser.add_argument("--otp-rate", type=float, default=2.0, help="critical OTPs a second (default 2)")
     parser.add_argument("--broker", choices=["redis", "rabbitmq"], default="redis")
     parser.add_argument("--drain-timeout", type=float, default=1800.0, help="seconds to wait for the drain")
@@ -395,6 +400,10 @@ def arguments() -> argparse.Namespace:
     if args.notifications < 1000:
         parser.error("--notifications: at least 1000")
     return args
+
+
+def critical_lease_seconds(*, args: argparse.Namespace) -> float:
+    return args.critical_lease_seconds or min(30.0, args.lease_seconds)
 
 
 def main() -> None:
@@ -425,6 +434,7 @@ def main() -> None:
                 },
                 **RETRY_ENVIRONMENT,
                 "NOTIFY_LEASE_SECONDS": str(args.lease_seconds),
+                "NOTIFY_CRITICAL_LEASE_SECONDS": str(critical_lease_seconds(args=args)),
             }
         )
         postgres.database_fresh()
@@ -802,6 +812,7 @@ class Campaign:
             + "; "
             + ", ".join(f"{name}={value}" for name, value in CLOCKS.items())
             + f", NOTIFY_LEASE_SECONDS={args.lease_seconds:g}"
+            + f", NOTIFY_CRITICAL_LEASE_SECONDS={critical_lease_seconds(args=args):g}"
             + f"; provider timeouts {PROVIDER_TIMEOUT_SECONDS:g} s"
         )
         self.processes = fleet_class()(
