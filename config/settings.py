@@ -460,6 +460,8 @@ CACHES = {
 # (mail clients may follow that one weeks after the email arrived).
 NOTIFY_PREFERENCE_LINK_SECONDS = env.int("NOTIFY_PREFERENCE_LINK_SECONDS", default=60 * 86400)
 NOTIFY_UNSUBSCRIBE_LINK_SECONDS = env.int("NOTIFY_UNSUBSCRIBE_LINK_SECONDS", default=365 * 86400)
+# How long after a web push is sent its click is still counted.
+NOTIFY_WEBPUSH_CLICK_LINK_SECONDS = env.int("NOTIFY_WEBPUSH_CLICK_LINK_SECONDS", default=30 * 86400)
 
 # --- In-app inbox -----------------------------------------------------------------------
 # Live updates go through a Redis channel layer (the broker's Redis unless told otherwise).

@@ -1,13 +1,15 @@
-"""Provider webhooks that anymail does not already receive."""
+"""Provider webhooks that anymail does not already receive, and the web push click report."""
 
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
+from apps.recipients.tokens import RecipientTokenInvalid
 from notify.channels.sms import BadSignature, sms_inbound, sms_status_callback
+from notify.channels.webpush import webpush_click_record
 
 
 def _twilio_signed(request: HttpRequest, *, handler: Callable[..., Any], answer: HttpResponse) -> HttpResponse:
@@ -35,3 +37,17 @@ def twilio_inbound(request: HttpRequest) -> HttpResponse:
     of SMS and back in. The empty TwiML reply leaves the confirmation text to Twilio, which
     sends its own for these keywords."""
     return _twilio_signed(request, handler=sms_inbound, answer=HttpResponse("<Response/>", content_type="text/xml"))
+
+
+@csrf_exempt
+@require_POST
+def webpush_click(request: HttpRequest, token: str) -> HttpResponse:
+    """A service worker reports the click on a web push message (its payload's click_url).
+    The signed token is the only credential; a repeated report changes nothing."""
+    try:
+        webpush_click_record(token=token)
+    except RecipientTokenInvalid as error:
+        return JsonResponse(
+            {"error": {"code": "invalid_token", "message": str(error), "fields": {"token": [str(error)]}}}, status=400
+        )
+    return HttpResponse(status=204)

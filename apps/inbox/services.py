@@ -21,6 +21,7 @@ from apps.deliveries.models import Delivery
 from apps.inbox.models import SEVERITY_OF_RANK, SEVERITY_RANK, UNREAD, UNSEEN, InboxEventOptions, InboxItem
 from apps.recipients.models import Recipient
 from apps.recipients.tokens import PREFERENCES, recipient_link
+from notify.pipeline.record import engagement_record
 from notify.pipeline.routing import escalations_cancel
 
 MARKS = {"read": "read_at", "seen": "seen_at", "archive": "archived_at"}
@@ -142,18 +143,29 @@ def inbox_item_mark(*, recipient_id: UUID, item_id: UUID, mark: str) -> InboxIte
     for field in fields:
         if getattr(item, field) is None:
             setattr(item, field, now)
+    newly_read = mark == "read" and item.read_at == now
     item.save(update_fields=fields)
     notification_ids = [item.delivery.notification_id]
+    read_delivery_ids = [item.delivery_id] if newly_read else []
     if item.group_key and not item.folded:
         folded = InboxItem.objects.filter(recipient_id=recipient_id, group_key=item.group_key, folded=True)
         for field in fields:
             changed = folded.filter(**{f"{field}__isnull": True})
-            if mark == "read":
-                notification_ids += list(changed.values_list("delivery__notification_id", flat=True))
+            if field == "read_at":
+                for notification_id, delivery_id in changed.values_list("delivery__notification_id", "delivery_id"):
+                    notification_ids.append(notification_id)
+                    read_delivery_ids.append(delivery_id)
             changed.update(**{field: now})
     if mark == "read":  # read: its escalations to other channels are not needed
         escalations_cancel(notification_ids=notification_ids)
+        _reads_record(delivery_ids=read_delivery_ids)
     return item
+
+
+def _reads_record(*, delivery_ids: list[UUID]) -> None:
+    """A read in-app item is its delivery opened: the in-app channel's engagement, as an
+    email's open is a provider's report."""
+    engagement_record(delivery_ids=delivery_ids, normalized_status="opened", provider_status="inapp:read")
 
 
 def inbox_item_snooze(*, recipient_id: UUID, item_id: UUID, until: datetime) -> InboxItem:
@@ -189,10 +201,14 @@ def inbox_mark_all_read(*, recipient_id: UUID, tab: InboxFilter = InboxFilter())
     """Mark every unread item of a tab read, with the items folded into them."""
     now = timezone.now()
     unread = _tab_with_folded(recipient_id=recipient_id, tab=tab, now=now).filter(read_at__isnull=True)
-    notification_ids = list(unread.values_list("delivery__notification_id", flat=True))
+    notification_ids, delivery_ids = [], []
+    for notification_id, delivery_id in unread.values_list("delivery__notification_id", "delivery_id"):
+        notification_ids.append(notification_id)
+        delivery_ids.append(delivery_id)
     unread.filter(seen_at__isnull=True).update(seen_at=now)
     updated = unread.update(read_at=now)
     escalations_cancel(notification_ids=notification_ids)
+    _reads_record(delivery_ids=delivery_ids)
     return updated
 
 

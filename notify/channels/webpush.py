@@ -24,8 +24,11 @@ from py_vapid.utils import b64urlencode
 from pywebpush import WebPushException, webpush
 
 from apps.recipients.models import WebPushSubscription
+from apps.recipients.tokens import WEBPUSH_CLICK, recipient_link, recipient_token_read
 from notify.channels.base import OutboundMessage, RegistryChannel, SendOutcome, timed_outcome
 from notify.observability.logs import message_scoped
+from notify.pipeline.feedback import feedback_receive
+from notify.pipeline.record import Feedback
 from notify.resilience.failures import FailureKind, failure_from_status
 from notify.resilience.outbound import HostUnresolved, OutboundRefused, OutboundSession
 
@@ -51,6 +54,20 @@ def webpush_topic(*, key: str) -> str:
         if str(UUID(key)) == key:
             return UUID(key).hex
     return base64.urlsafe_b64encode(hashlib.sha256(key.encode()).digest()).decode()[:32]
+
+
+def webpush_click_record(*, token: str) -> bool:
+    """Count the click a service worker reported with a message's click link: the delivery
+    becomes clicked, as an email's tracked click does. Raises RecipientTokenInvalid for a
+    link that was tampered with or has expired; False when the delivery is not there."""
+    reported = recipient_token_read(purpose=WEBPUSH_CLICK, token=token)
+    feedback = Feedback(
+        delivery_id=str(reported.extra.get("d", "")),
+        normalized_status="clicked",
+        provider_status="webpush:click",
+        channel="webpush",
+    )
+    return feedback_receive(feedback=feedback, address_for=None)  # a click suppresses nothing
 
 
 # Web push messages sent between two records of their outcomes.
@@ -97,6 +114,11 @@ class WebPushChannel(RegistryChannel):
                 "body": content.body,
                 "link": content.link,
                 "delivery_id": str(message.delivery_id),
+                # The service worker posts here when the person clicks: web push has no
+                # provider feedback, so this is how its clicks reach the engagement figures.
+                "click_url": recipient_link(
+                    purpose=WEBPUSH_CLICK, recipient_id=UUID(message.address), d=str(message.delivery_id)
+                ),
                 # The service worker shows it with this tag, so a repeat or a newer message
                 # with the same key replaces the notification shown.
                 "tag": message.collapse_key,

@@ -9,7 +9,7 @@ from notify.pipeline.record import AddressReader, Feedback, feedback_record
 from notify.pipeline.routing import chains_advance
 
 
-def feedback_receive(*, feedback: Feedback, address_for: AddressReader) -> bool:
+def feedback_receive(*, feedback: Feedback, address_for: AddressReader | None) -> bool:
     """Record what a provider reported about a delivery and act on what follows: a soft
     bounce's retry or dead letter is published with the record, then the delivery's fallback
     chain moves on. `address_for` is the reporting channel's (see feedback_record). Return

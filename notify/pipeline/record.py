@@ -501,6 +501,48 @@ def early_feedback_apply(*, delivery_ids: list[UUID]) -> Recorded:
     return recorded
 
 
+# Deliveries moved per transaction by engagement_record: "mark all read" can cover many.
+ENGAGEMENT_CHUNK = 1000
+# What the metrics' labels read of a delivery's notification.
+_LABEL_FIELDS = ("id", "tenant_id", "category_id", "created_at")
+
+
+def engagement_record(*, delivery_ids: Sequence[UUID], normalized_status: str, provider_status: str) -> int:
+    """Engagement that no provider reports, seen by our own surfaces (an in-app item read): the
+    deliveries still in a state it applies to move to it, with their history rows and the
+    producers' events, as provider feedback moves them. Return how many moved."""
+    new_status, applies_to = FEEDBACK_TRANSITIONS[normalized_status]
+    moved = 0
+    for start in range(0, len(delivery_ids), ENGAGEMENT_CHUNK):
+        now = timezone.now()
+        with transaction.atomic():
+            changed = list(
+                Delivery.objects.select_for_update(of=("self",))
+                .select_related("notification")
+                .only("id", "channel", "priority", "attempt_count", *(f"notification__{f}" for f in _LABEL_FIELDS))
+                .filter(id__in=delivery_ids[start : start + ENGAGEMENT_CHUNK], status__in=applies_to)
+            )
+            Delivery.objects.filter(id__in=[d.id for d in changed]).update(
+                status=new_status, status_reason="", updated_at=now
+            )
+            history_insert(
+                rows=[
+                    history_event(
+                        delivery=d,
+                        status=new_status,
+                        reason=provider_status,
+                        at=now,
+                        detail={"provider_status": provider_status},
+                    )
+                    for d in changed
+                ]
+            )
+        for delivery in changed:
+            metrics.feedback_count(delivery=delivery, state=new_status, provider_name="", now=now)
+        moved += len(changed)
+    return moved
+
+
 # Feedback kept in the history without changing the state (the provider is still trying).
 INFORMATIONAL_FEEDBACK = {"deferred": "the provider deferred it and is still trying"}
 

@@ -452,6 +452,8 @@ class Sandbox:
         repeat = False
         entry["delivery_id"] = str((shown or {}).get("delivery_id", ""))
         if shown is not None:
+            # What the sandbox browser shows, and where its service worker reports a click.
+            entry["shown"] = {key: shown.get(key) for key in ("title", "body", "tag", "link", "click_url")}
             # The browser shows what it decrypts; a notification with the same tag replaces it.
             identity = (str(shown.get("delivery_id") or shown.get("body", "")), subscription)
             repeat = self.state.sent.of("webpush").count_send(

@@ -13,7 +13,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from apps.catalog.models import Category
-from apps.deliveries.models import Delivery
+from apps.deliveries.models import Delivery, DeliveryEvent
 from apps.inbox.live import inbox_snoozes_return
 from apps.inbox.models import InboxItem
 from apps.inbox.services import inbox_expired_purge
@@ -237,3 +237,25 @@ def test_the_widget_learns_the_locale_and_a_preference_center_link(inbox, ada):
     assert profile["locale"] == "fr-CA"
     token = profile["preferences_url"].rstrip("/").rsplit("/", 1)[-1]
     assert recipient_token_read(purpose=PREFERENCES, token=token).recipient_id == ada.id
+
+
+def test_reading_an_item_opens_its_delivery_once_for_the_engagement_figures(api, inbox):
+    """In-app has no provider to report opens: a read is the open, for the item, the items of
+    its group, and everything "mark all read" reaches; reading again records nothing more."""
+    grouped = [send(api, data={"who": who, "text": "c"}, group_key="doc-9", actor=who)[0] for who in ("Ann", "Bo")]
+    [single] = send(api, data={"who": "Cy", "text": "alone"})
+    [later, last] = send(api, data={"who": "Di", "text": "one"}) + send(api, data={"who": "Ed", "text": "two"})
+    group_item = InboxItem.objects.get(delivery=grouped[-1])
+
+    inbox.post(f"/inbox/v1/items/{group_item.id}/read")
+    inbox.post(f"/inbox/v1/items/{group_item.id}/read")  # twice: still one open
+    assert statuses(*grouped, single) == ["opened", "opened", "sent"]
+    assert inbox.post("/inbox/v1/items/read-all").status_code == 200
+    assert statuses(single, later, last) == ["opened", "opened", "opened"]
+    opens = DeliveryEvent.objects.filter(status="opened", detail__provider_status="inapp:read")
+    assert sorted(opens.values_list("delivery_id", flat=True)) == sorted(d.pk for d in (*grouped, single, later, last))
+
+
+def statuses(*deliveries: Delivery) -> list[str]:
+    by_id = dict(Delivery.objects.filter(pk__in=[d.pk for d in deliveries]).values_list("id", "status"))
+    return [by_id[d.pk] for d in deliveries]

@@ -3,6 +3,7 @@
 import base64
 
 import pytest
+from django.conf import settings as django_settings
 from django.core.management import call_command
 from django.test import Client
 from django.urls import reverse
@@ -227,3 +228,22 @@ def test_an_endpoint_edited_in_the_admin_is_checked_too(admin_user, workspace, a
     assert "This endpoint is refused: 169.254.169.254 is a link-local address." in response.content.decode()
     subscription.refresh_from_db()
     assert subscription.endpoint.endswith("/webpush/sub-edit")
+
+
+def test_a_click_the_service_worker_reports_makes_the_delivery_clicked_once(workspace, alert, ada, sandbox):
+    subscribe(workspace, ada, sandbox, "sub-laptop")
+    delivery = push(workspace)
+    [request] = sandbox.requests_log(provider="webpush")
+    click_url = request["shown"]["click_url"]
+    assert click_url.startswith(f"{django_settings.NOTIFY_PUBLIC_URL}/webpush/clicks/")
+    path = click_url.removeprefix(django_settings.NOTIFY_PUBLIC_URL)
+    browser = Client()
+    assert browser.get(path).status_code == 405  # a report is a POST
+    assert browser.post(path).status_code == 204
+    assert browser.post(path).status_code == 204  # reported twice: still one click
+    delivery.refresh_from_db()
+    assert delivery.status == DeliveryStatus.CLICKED
+    assert delivery.events.filter(status="clicked", detail__provider_status="webpush:click").count() == 1
+    tampered = browser.post(path[:-2] + ("AA" if not path.endswith("AA") else "BB"))
+    assert tampered.status_code == 400
+    assert tampered.json()["error"]["fields"] == {"token": ["the click report link is not valid"]}
