@@ -450,7 +450,7 @@ if not NOTIFY_REDIS_URL:
     )
 CACHES = {
     "default": {
-        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "BACKEND": "config.cache.SharedPoolRedisCache",
         "LOCATION": NOTIFY_REDIS_URL,
         "KEY_PREFIX": "notify",
     }
