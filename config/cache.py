@@ -20,4 +20,6 @@ def _shared_client(servers: tuple[str, ...], options: tuple[tuple[str, Any], ...
 class SharedPoolRedisCache(RedisCache):
     @cached_property
     def _cache(self) -> RedisCacheClient:
-        return _shared_client(tuple(self._servers), tuple(sorted(self._options.items())))
+        # Django's own attributes, as its RedisCache makes its client from them (not in the stubs).
+        servers, options = self._servers, self._options  # type: ignore[attr-defined]
+        return _shared_client(tuple(servers), tuple(sorted(options.items())))
