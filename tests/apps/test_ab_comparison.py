@@ -272,3 +272,49 @@ def test_promoting_in_the_admin_needs_the_permission_to_add_versions(experiment)
     response = client.post(f"/admin/analytics/variants/?version={version.pk}&channel=email", {"promote": "b"})
     assert response.status_code == 403
     assert not TemplateVersion.objects.filter(template=version.template, number=2).exists()
+
+
+def test_the_admin_refuses_several_variants_of_one_channel_without_keys(experiment):
+    version = TemplateVersion.objects.get(template__key="alpha-promo")
+    staff = StaffUserFactory(
+        tenant=experiment.tenant,
+        permissions=[
+            f"catalog.{action}_{model}"
+            for action in ("add", "change")
+            for model in ("templateversion", "templatevariant")
+        ],
+    )
+    client = Client()
+    client.force_login(staff)
+    rows = list(version.variants.order_by("channel", "key"))
+    form = {
+        "template": version.template_id,
+        "note": "two unnamed subjects",
+        "variants-TOTAL_FORMS": str(len(rows)),
+        "variants-INITIAL_FORMS": str(len(rows)),
+        "variants-MIN_NUM_FORMS": "0",
+        "variants-MAX_NUM_FORMS": "1000",
+    }
+    for index, row in enumerate(rows):
+        form.update(
+            {
+                f"variants-{index}-id": row.pk,
+                f"variants-{index}-version": version.pk,
+                f"variants-{index}-channel": row.channel,
+                f"variants-{index}-locale": "",
+                f"variants-{index}-key": "" if row.key == "b" else row.key,
+                f"variants-{index}-weight": "100",
+                f"variants-{index}-subject": row.subject,
+                f"variants-{index}-data": "{}",
+            }
+        )
+    # "a" and an unnamed one: the control could not be told from content outside the test.
+    response = client.post(f"/admin/catalog/templateversion/{version.pk}/change/", form)
+    assert response.status_code == 200
+    assert "give each a key" in response.content.decode()
+    assert not TemplateVersion.objects.filter(template=version.template, number=2).exists()
+    form["variants-1-key"] = "c"
+    response = client.post(f"/admin/catalog/templateversion/{version.pk}/change/", form)
+    assert response.status_code == 302, response.content
+    saved = TemplateVersion.objects.get(template=version.template, number=2)
+    assert sorted(saved.variants.filter(channel="email").values_list("key", flat=True)) == ["a", "c"]
