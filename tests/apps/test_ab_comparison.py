@@ -241,6 +241,7 @@ def test_the_admin_compares_the_variants_and_promotes_the_winner(experiment):
     )
     client = Client()
     client.force_login(staff)
+    assert client.get("/admin/catalog/templateversion/add/").status_code == 200
     change_page = client.get(f"/admin/catalog/templateversion/{version.pk}/change/")
     assert f"/admin/analytics/variants/?version={version.pk}&amp;channel=email" in change_page.content.decode()
     page = client.get("/admin/analytics/variants/", {"version": version.pk, "channel": "email"})
