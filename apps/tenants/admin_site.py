@@ -29,6 +29,7 @@ from django_otp import user_has_device
 from django_otp.forms import OTPAuthenticationFormMixin
 
 from apps.catalog.models import Category, TemplateVersion
+from apps.catalog.services import PromoteError, template_variant_promote
 from apps.tenants.models import Tenant
 from apps.tenants.two_factor import (
     totp_device_confirm,
@@ -283,7 +284,6 @@ class NotifyAdminSite(admin.AdminSite):
     def variants_view(self, request: HttpRequest) -> HttpResponse:
         """A template version's A/B variants on one channel side by side, and a button that
         promotes one of them (a new version with only its content on the channel)."""
-        from apps.catalog.services import PromoteError, template_variant_promote  # imports the catalog's models
         from apps.ops.experiments import METRICS, variants_compare  # the ops app imports this module
 
         user = request.user
