@@ -23,12 +23,12 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='deliveryrolluphour',
             name='variant',
-            field=models.CharField(blank=True, default='', help_text='The A/B variant; empty: none.', max_length=20),
+            field=models.CharField(blank=True, db_default='', default='', help_text='The A/B variant; empty: none.', max_length=20),
         ),
         migrations.AddField(
             model_name='deliveryrollupminute',
             name='variant',
-            field=models.CharField(blank=True, default='', help_text='The A/B variant; empty: none.', max_length=20),
+            field=models.CharField(blank=True, db_default='', default='', help_text='The A/B variant; empty: none.', max_length=20),
         ),
         migrations.AddConstraint(
             model_name='deliveryrolluphour',
