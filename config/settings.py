@@ -542,9 +542,6 @@ NOTIFY_WEBPUSH_TIMEOUT_SECONDS = env.float("NOTIFY_WEBPUSH_TIMEOUT_SECONDS", def
 NOTIFY_WEBPUSH_CONNECT_TIMEOUT_SECONDS = env.float("NOTIFY_WEBPUSH_CONNECT_TIMEOUT_SECONDS", default=3.0)
 # Active subscriptions a recipient may have; a new one past it replaces their oldest.
 NOTIFY_WEBPUSH_MAX_SUBSCRIPTIONS_PER_RECIPIENT = env.int("NOTIFY_WEBPUSH_MAX_SUBSCRIPTIONS_PER_RECIPIENT", default=20)
-# How long a web push message's click report link stays valid: a notification may sit in the
-# browser's tray for weeks before it is clicked.
-NOTIFY_WEBPUSH_CLICK_LINK_SECONDS = env.int("NOTIFY_WEBPUSH_CLICK_LINK_SECONDS", default=60 * 86400)
 
 # --- Outbound requests to tenant-chosen URLs (notify/resilience/outbound.py) -------------
 # Such URLs must be https on public addresses, unless their host is named here ("host" or

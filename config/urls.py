@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from apps.deliveries.views import twilio_inbound, twilio_status_callback, webpush_click
+from apps.deliveries.views import twilio_inbound, twilio_status_callback
 from apps.recipients import demo_views
 from apps.recipients.preference_center import preference_center, preferences_from_email, unsubscribe_page
 
@@ -17,7 +17,6 @@ urlpatterns = [
     path("unsubscribe/<str:token>/preferences", preferences_from_email, name="preferences-from-email"),
     path("webhooks/twilio/status", twilio_status_callback, name="twilio-status"),
     path("webhooks/twilio/inbound", twilio_inbound, name="twilio-inbound"),
-    path("webpush/v1/clicks/<str:token>", webpush_click, name="webpush-click"),
     path("demo/inbox/", demo_views.inbox_page, name="demo-inbox"),
     path("demo/inbox/token", demo_views.inbox_token, name="demo-inbox-token"),
     path("demo/webpush/", demo_views.webpush_page, name="demo-webpush"),

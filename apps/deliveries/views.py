@@ -1,5 +1,4 @@
-"""Provider webhooks that anymail does not already receive, and the click reports of web push
-service workers."""
+"""Provider webhooks that anymail does not already receive."""
 
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -8,9 +7,7 @@ from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from apps.recipients.tokens import RecipientTokenInvalid
 from notify.channels.sms import BadSignature, sms_inbound, sms_status_callback
-from notify.channels.webpush import webpush_click_record
 
 
 def _twilio_signed(request: HttpRequest, *, handler: Callable[..., Any], answer: HttpResponse) -> HttpResponse:
@@ -38,15 +35,3 @@ def twilio_inbound(request: HttpRequest) -> HttpResponse:
     of SMS and back in. The empty TwiML reply leaves the confirmation text to Twilio, which
     sends its own for these keywords."""
     return _twilio_signed(request, handler=sms_inbound, answer=HttpResponse("<Response/>", content_type="text/xml"))
-
-
-@csrf_exempt
-@require_POST
-def webpush_click(request: HttpRequest, token: str) -> HttpResponse:
-    """A service worker reports that its notification was clicked (its message's click_url).
-    No CSRF token: the link is signed for the one delivery, and a repeat changes nothing."""
-    try:
-        found = webpush_click_record(token=token)
-    except RecipientTokenInvalid as error:
-        return HttpResponse(str(error), status=403, content_type="text/plain")
-    return HttpResponse(status=204 if found else 404)

@@ -21,12 +21,9 @@ from apps.deliveries.models import Delivery
 from apps.inbox.models import SEVERITY_OF_RANK, SEVERITY_RANK, UNREAD, UNSEEN, InboxEventOptions, InboxItem
 from apps.recipients.models import Recipient
 from apps.recipients.tokens import PREFERENCES, recipient_link
-from notify.pipeline.record import engagement_record
 from notify.pipeline.routing import escalations_cancel
 
 MARKS = {"read": "read_at", "seen": "seen_at", "archive": "archived_at"}
-# The history's reason when a read in the inbox counts as the in-app delivery's open.
-INBOX_READ = "read in the inbox"
 # Longer than any one batch takes to store: see inbox_items_after.
 CATCH_UP_LOOK_BACK = timedelta(seconds=60)
 GROUP_ACTORS_SHOWN = 3
@@ -147,19 +144,15 @@ def inbox_item_mark(*, recipient_id: UUID, item_id: UUID, mark: str) -> InboxIte
             setattr(item, field, now)
     item.save(update_fields=fields)
     notification_ids = [item.delivery.notification_id]
-    delivery_ids = [item.delivery_id]
     if item.group_key and not item.folded:
         folded = InboxItem.objects.filter(recipient_id=recipient_id, group_key=item.group_key, folded=True)
         for field in fields:
             changed = folded.filter(**{f"{field}__isnull": True})
             if mark == "read":
-                for delivery_id, notification_id in changed.values_list("delivery_id", "delivery__notification_id"):
-                    delivery_ids.append(delivery_id)
-                    notification_ids.append(notification_id)
+                notification_ids += list(changed.values_list("delivery__notification_id", flat=True))
             changed.update(**{field: now})
     if mark == "read":  # read: its escalations to other channels are not needed
         escalations_cancel(notification_ids=notification_ids)
-        engagement_record(delivery_ids=delivery_ids, engagement="opened", reason=INBOX_READ)
     return item
 
 
@@ -196,14 +189,10 @@ def inbox_mark_all_read(*, recipient_id: UUID, tab: InboxFilter = InboxFilter())
     """Mark every unread item of a tab read, with the items folded into them."""
     now = timezone.now()
     unread = _tab_with_folded(recipient_id=recipient_id, tab=tab, now=now).filter(read_at__isnull=True)
-    delivery_ids, notification_ids = [], []
-    for delivery_id, notification_id in unread.values_list("delivery_id", "delivery__notification_id"):
-        delivery_ids.append(delivery_id)
-        notification_ids.append(notification_id)
+    notification_ids = list(unread.values_list("delivery__notification_id", flat=True))
     unread.filter(seen_at__isnull=True).update(seen_at=now)
     updated = unread.update(read_at=now)
     escalations_cancel(notification_ids=notification_ids)
-    engagement_record(delivery_ids=delivery_ids, engagement="opened", reason=INBOX_READ)
     return updated
 
 

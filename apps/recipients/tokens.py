@@ -28,8 +28,6 @@ class Purpose:
 INBOX = Purpose("inbox", "inbox token", "NOTIFY_INBOX_TOKEN_SECONDS")
 PREFERENCES = Purpose("preferences", "preferences link", "NOTIFY_PREFERENCE_LINK_SECONDS", "preference-center")
 UNSUBSCRIBE = Purpose("unsubscribe", "unsubscribe link", "NOTIFY_UNSUBSCRIBE_LINK_SECONDS", "unsubscribe")
-# A web push message's service worker reports a click on it here (extra: "d", the delivery).
-WEBPUSH_CLICK = Purpose("webpush-click", "click report link", "NOTIFY_WEBPUSH_CLICK_LINK_SECONDS", "webpush-click")
 
 
 class RecipientTokenInvalid(Exception):

@@ -23,12 +23,9 @@ from py_vapid import Vapid, VapidException
 from py_vapid.utils import b64urlencode
 from pywebpush import WebPushException, webpush
 
-from apps.deliveries.models import Delivery
 from apps.recipients.models import WebPushSubscription
-from apps.recipients.tokens import WEBPUSH_CLICK, recipient_link, recipient_token_read
 from notify.channels.base import OutboundMessage, RegistryChannel, SendOutcome, timed_outcome
 from notify.observability.logs import message_scoped
-from notify.pipeline.record import engagement_record
 from notify.resilience.failures import FailureKind, failure_from_status
 from notify.resilience.outbound import HostUnresolved, OutboundRefused, OutboundSession
 
@@ -100,10 +97,6 @@ class WebPushChannel(RegistryChannel):
                 "body": content.body,
                 "link": content.link,
                 "delivery_id": str(message.delivery_id),
-                # The service worker POSTs here when the notification is clicked.
-                "click_url": recipient_link(
-                    purpose=WEBPUSH_CLICK, recipient_id=UUID(message.address), d=str(message.delivery_id)
-                ),
                 # The service worker shows it with this tag, so a repeat or a newer message
                 # with the same key replaces the notification shown.
                 "tag": message.collapse_key,
@@ -163,24 +156,6 @@ class WebPushChannel(RegistryChannel):
         return timed_outcome(
             message, started, failure=FailureKind.TRANSIENT if transient else FailureKind.PERMANENT, reason=reason
         )
-
-
-def webpush_click_record(*, token: str) -> bool:
-    """Record the click a service worker reports with a message's signed click link: the
-    delivery moves to clicked (once; a repeat changes nothing). False when the link names no
-    web push delivery of its recipient. Raises RecipientTokenInvalid for a forged or expired link."""
-    read = recipient_token_read(purpose=WEBPUSH_CLICK, token=token)
-    delivery_id = str(read.extra.get("d", ""))
-    try:
-        UUID(delivery_id)
-    except ValueError:
-        return False
-    own = Delivery.objects.filter(
-        id=delivery_id, channel="webpush", notification__recipient_id=read.recipient_id
-    ).exists()
-    if own:
-        engagement_record(delivery_ids=[UUID(delivery_id)], engagement="clicked", reason="clicked in the browser")
-    return own
 
 
 def _deactivate(subscription: WebPushSubscription, *, reason: str) -> None:

@@ -442,39 +442,6 @@ def feedback_record(*, feedback: Feedback, address_for: AddressReader | None) ->
     return recorded
 
 
-# What a recipient does with a message that no provider reports, but our own surfaces see: an
-# in-app item read in the inbox is opened; a web push notification clicked (the service worker
-# reports it) is clicked.
-ENGAGEMENTS = {"opened", "clicked"}
-
-
-def engagement_record(*, delivery_ids: Sequence[UUID], engagement: str, reason: str) -> int:
-    """Move each of the deliveries forward to `engagement` (opened or clicked), with its history
-    row and its producers' webhook event, as provider feedback would; return how many moved.
-    Idempotent: a delivery already there, or past it, is left as it is. A few statements
-    however many deliveries (an inbox's read-all)."""
-    if engagement not in ENGAGEMENTS:
-        raise ValueError(f"not an engagement: {engagement}")
-    if not delivery_ids:
-        return 0
-    new_status, applies_to = FEEDBACK_TRANSITIONS[engagement]
-    now = timezone.now()
-    with transaction.atomic():
-        # Locked first, so that of two reports of one read only one moves it.
-        moved = list(
-            Delivery.objects.select_for_update()
-            .filter(id__in=list(delivery_ids), status__in=applies_to)
-            .values_list("id", "attempt_count")
-        )
-        Delivery.objects.filter(id__in=[delivery_id for delivery_id, _ in moved]).update(
-            status=new_status, status_reason="", updated_at=now
-        )
-        history_insert(
-            rows=[HistoryRow(delivery_id, new_status, reason, attempt, {}, now) for delivery_id, attempt in moved]
-        )
-    return len(moved)
-
-
 def _reported_address(*, delivery: Delivery, feedback: Feedback, address_for: AddressReader) -> str:
     """The delivery's own address when the report is about it, else "": a report names the
     delivery it is about, and may suppress that delivery's address and no other."""

@@ -422,19 +422,18 @@ class Sandbox:
         with a VAPID Authorization header; 201 Created, or 404/410 for a dropped subscription."""
         faults = self.state.faults["webpush"]
         await faults.delay()
-        metadata: dict[str, Any] = {
-            "ttl": headers.get("ttl", ""),
-            "content_encoding": headers.get("content-encoding", ""),
-            "vapid": headers.get("authorization", "").split(" ", 1)[0],
-            "plaintext_visible": b"delivery_id" in body,
-        }
         entry = {
             "provider": "webpush",
             "to": subscription,
             "subject": "",
             "text": f"{len(body)} encrypted bytes",
             "delivery_id": "",  # known once decrypted
-            "metadata": metadata,
+            "metadata": {
+                "ttl": headers.get("ttl", ""),
+                "content_encoding": headers.get("content-encoding", ""),
+                "vapid": headers.get("authorization", "").split(" ", 1)[0],
+                "plaintext_visible": b"delivery_id" in body,
+            },
             # RFC 8030: the service keeps only the newest undelivered message with one Topic.
             "collapse_key": headers.get("topic", ""),
         }
@@ -452,7 +451,6 @@ class Sandbox:
         shown = _webpush_decrypt(headers=headers, body=body)
         repeat = False
         entry["delivery_id"] = str((shown or {}).get("delivery_id", ""))
-        metadata["shown"] = shown  # what the browser's service worker gets
         if shown is not None:
             # The browser shows what it decrypts; a notification with the same tag replaces it.
             identity = (str(shown.get("delivery_id") or shown.get("body", "")), subscription)
