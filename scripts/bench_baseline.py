@@ -28,7 +28,11 @@ def baseline_send(recipient_id: str, event_id: str, data: dict[str, Any]) -> Non
     assert version is not None
     locale = recipient.locale or category.tenant.default_locale
     variant = variant_resolve(
-        version_id=version.pk, channel="email", locale=locale, default_locale=category.tenant.default_locale
+        version_id=version.pk,
+        channel="email",
+        locale=locale,
+        default_locale=category.tenant.default_locale,
+        recipient_id=recipient.pk,
     )
     content = content_render(variant=variant, data=data, recipient=recipient, locale=locale)
     message = EmailMultiAlternatives(subject=content.subject, body=content.body, to=[recipient.email])

@@ -1,7 +1,7 @@
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from apps.api.analytics import AnalyticsView
+from apps.api.analytics import AnalyticsView, VariantComparisonView, VariantPromoteView
 from apps.api.audiences import BroadcastViewSet, SegmentViewSet, TopicSubscribersView, TopicViewSet
 from apps.api.imports import RecipientImportDetailView, RecipientImportView
 from apps.api.keys import ApiKeyRotateView, ApiKeySelfView
@@ -36,6 +36,8 @@ router.register("webhook-endpoints", WebhookEndpointViewSet, basename="webhook-e
 urlpatterns = [
     path("events", EventView.as_view(), name="events"),
     path("analytics", AnalyticsView.as_view(), name="analytics"),
+    path("analytics/variants", VariantComparisonView.as_view(), name="analytics-variants"),
+    path("analytics/variants/promote", VariantPromoteView.as_view(), name="analytics-variants-promote"),
     path("events/batch", EventBatchView.as_view(), name="events-batch"),
     path("inbox-tokens", InboxTokenView.as_view(), name="inbox-tokens"),
     path("topics/<slug:key>/subscribers", TopicSubscribersView.as_view(), name="topic-subscribers"),

@@ -94,11 +94,23 @@ class TemplateVersion(ImmutableModel):
 
 
 class TemplateVariant(ImmutableModel):
-    """The content of one version for one channel and one locale ("" is the default)."""
+    """The content of one version for one channel and one locale ("" is the default). Several
+    keyed, weighted variants of one channel and locale are an A/B test: each recipient gets one
+    of them, always the same (notify/pipeline/plan.py, variant_assign)."""
 
     version = models.ForeignKey(TemplateVersion, on_delete=models.CASCADE, related_name="variants")
     channel = models.CharField(max_length=16, choices=Channel.choices)
     locale = models.CharField(max_length=35, blank=True, default="", help_text="Empty for the default.")
+    key = models.SlugField(
+        max_length=20,
+        blank=True,
+        default="",
+        help_text="A/B test: this variant's name, e.g. 'a' or 'b' (the first by name is the control). "
+        "Empty when the channel has one variant.",
+    )
+    weight = models.PositiveIntegerField(
+        default=100, help_text="A/B test: this variant's share of recipients, relative to the others' (0: none)."
+    )
     subject = models.CharField(max_length=500, blank=True, default="", help_text="Email subject.")
     title = models.CharField(max_length=500, blank=True, default="", help_text="Push or in-app title.")
     body = models.TextField(blank=True, default="", help_text="Plain text: email text part, SMS, push or in-app body.")
@@ -107,10 +119,12 @@ class TemplateVariant(ImmutableModel):
     data = models.JSONField(default=dict, blank=True, help_text="Push data payload.")
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["version", "channel", "locale"], name="template_variant_unique")]
+        constraints = [
+            models.UniqueConstraint(fields=["version", "channel", "locale", "key"], name="template_variant_unique")
+        ]
 
     def __str__(self) -> str:
-        return f"{self.channel}/{self.locale or 'default'}"
+        return f"{self.channel}/{self.locale or 'default'}" + (f"/{self.key}" if self.key else "")
 
     def clean(self) -> None:
         """Refuse content that does not compile, naming the field, before it is saved."""

@@ -383,6 +383,10 @@ class Delivery(LeanLoading, models.Model):
     step = models.PositiveSmallIntegerField(null=True, blank=True)
     # Sent only if the notification is not read in time (notify/pipeline/routing.py).
     escalation = models.BooleanField(default=False)
+    # The A/B variant its content was rendered from (TemplateVariant.key), noted when it is
+    # sent; empty when its template version tests none. The database default serves the
+    # plans written in SQL.
+    variant = models.CharField(max_length=20, blank=True, default="", db_default="")
 
     class Meta:
         verbose_name_plural = "deliveries"

@@ -336,7 +336,12 @@ def line_chart_svg(*, title: str, series: dict[str, list[float]], width: int = 5
 
 # Engagement analytics: what each rate counts, over the deliveries sent in the group.
 ENGAGEMENT_OUTCOMES = ("delivered", "opened", "clicked", "unsubscribed", "complained")
-ANALYTICS_GROUPS = {"channel": "channel", "category": "category_id", "template_version": "template_version_id"}
+ANALYTICS_GROUPS = {
+    "channel": "channel",
+    "category": "category_id",
+    "template_version": "template_version_id",
+    "variant": "variant",
+}
 
 
 def engagement_rates(

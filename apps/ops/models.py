@@ -228,6 +228,10 @@ class DeliveryRollup(models.Model):
         "catalog.TemplateVersion", on_delete=models.DO_NOTHING, db_constraint=False, db_index=False, related_name="+"
     )
     channel = models.CharField(max_length=16, choices=Channel.choices)
+    # The database default serves rows written in SQL without it (benchmarks' seeds).
+    variant = models.CharField(
+        max_length=20, blank=True, default="", db_default="", help_text="The A/B variant; empty: none."
+    )
     provider = models.CharField(max_length=50, blank=True, default="", help_text="Empty: the configured default.")
     priority = models.CharField(max_length=16)
     outcome = models.CharField(max_length=16, help_text="The delivery state, or `unsubscribed` for an opt-out.")
@@ -245,6 +249,7 @@ ROLLUP_KEY = (
     "category",
     "template_version",
     "channel",
+    "variant",
     "provider",
     "priority",
     "outcome",

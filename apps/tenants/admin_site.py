@@ -10,12 +10,13 @@ from datetime import timedelta
 from typing import Any
 
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.admin import RelatedOnlyFieldListFilter
 from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.admin.utils import get_fields_from_path
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.contrib.auth.views import redirect_to_login
+from django.core.exceptions import PermissionDenied
 from django.db import models
 from django.db.models import QuerySet
 from django.forms import ModelChoiceField
@@ -27,7 +28,8 @@ from django_otp import login as otp_login
 from django_otp import user_has_device
 from django_otp.forms import OTPAuthenticationFormMixin
 
-from apps.catalog.models import Category
+from apps.catalog.models import Category, TemplateVersion
+from apps.catalog.services import PromoteError, template_variant_promote
 from apps.tenants.models import Tenant
 from apps.tenants.two_factor import (
     totp_device_confirm,
@@ -44,6 +46,13 @@ def staff_tenant(*, user: AbstractBaseUser | AnonymousUser) -> Tenant | None:
     """The tenant a staff user works for, or None (superusers need none)."""
     membership = getattr(user, "staff_membership", None)
     return membership.tenant if membership is not None else None
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(value or "")
+    except ValueError:
+        return None
 
 
 def tenant_rows(*, queryset: QuerySet, user: AbstractBaseUser | AnonymousUser, tenant_path: str) -> QuerySet:
@@ -237,6 +246,7 @@ class NotifyAdminSite(admin.AdminSite):
         return [
             path("two-factor/", self.two_factor_enrol_view, name="two_factor_enrol"),
             path("analytics/", self.admin_view(self.analytics_view), name="analytics"),
+            path("analytics/variants/", self.admin_view(self.variants_view), name="analytics_variants"),
             *super().get_urls(),
         ]
 
@@ -258,7 +268,7 @@ class NotifyAdminSite(admin.AdminSite):
             tenant_id=None if user.is_superuser else tenant.pk,  # type: ignore[union-attr]
             since=since,
             until=until,
-            group_by=["category", "channel", "template_version"],
+            group_by=["category", "channel", "template_version", "variant"],
         )
         categories = dict(
             tenant_rows(queryset=Category.objects.all(), user=user, tenant_path="tenant").values_list("id", "key")
@@ -270,6 +280,59 @@ class NotifyAdminSite(admin.AdminSite):
             "rows": [{**row, "category": categories.get(row["category"], row["category"])} for row in rows],
         }
         return TemplateResponse(request, "admin/analytics.html", context)
+
+    def variants_view(self, request: HttpRequest) -> HttpResponse:
+        """A template version's A/B variants on one channel side by side, and a button that
+        promotes one of them (a new version with only its content on the channel)."""
+        from apps.ops.experiments import METRICS, variants_compare  # the ops app imports this module
+
+        user = request.user
+        versions = tenant_rows(
+            queryset=TemplateVersion.objects.select_related("template"), user=user, tenant_path="template__tenant"
+        )
+        version = versions.filter(pk=_int_or_none(request.GET.get("version"))).first()
+        channel = request.GET.get("channel", "")
+        if version is None or not version.variants.filter(channel=channel).exists():
+            messages.error(request, "Choose a template version and one of its channels to compare.")
+            return HttpResponseRedirect(reverse("admin:catalog_templateversion_changelist", current_app=self.name))
+        if request.method == "POST":
+            if not user.has_perm("catalog.add_templateversion"):
+                raise PermissionDenied
+            try:
+                promoted = template_variant_promote(
+                    version=version, channel=channel, key=request.POST.get("promote", "")
+                )
+            except PromoteError as error:
+                messages.error(request, error.message)
+            else:
+                messages.success(request, f"{promoted} is published: {promoted.note}.")
+                return HttpResponseRedirect(
+                    reverse("admin:catalog_templateversion_change", args=[promoted.pk], current_app=self.name)
+                )
+        metric = request.GET.get("metric", "")
+        metric = metric if metric in METRICS else METRICS[0]
+        days = min(max(_int_or_none(request.GET.get("days")) or 30, 1), 92)
+        until = timezone.now()
+        since = (until - timedelta(days=days)).replace(minute=0, second=0, microsecond=0)
+        context = {
+            **self.each_context(request),
+            "title": f"A/B variants of {version} on {channel}",
+            "version": version,
+            "channel": channel,
+            "metric": metric,
+            "metrics": METRICS,
+            "days": days,
+            "can_promote": user.has_perm("catalog.add_templateversion"),
+            "variants": variants_compare(
+                tenant_id=version.template.tenant_id,
+                template_version_id=version.pk,
+                channel=channel,
+                metric=metric,
+                since=since,
+                until=until,
+            ),
+        }
+        return TemplateResponse(request, "admin/analytics_variants.html", context)
 
     def two_factor_enrol_view(self, request: HttpRequest) -> HttpResponse:
         """Enrol a TOTP device: show its key, confirm it with a code, and verify this session."""

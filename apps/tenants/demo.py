@@ -59,14 +59,18 @@ MENTION_VARIANTS = [
         "link": "/demo/inbox/",
     },
 ]
+# An A/B test of two subject lines, half the recipients each (README, "A/B tests").
 DIGEST_VARIANTS = [
     {
         "channel": "email",
         "locale": "",
-        "subject": "This week: {{ data.headline }}",
+        "key": key,
+        "weight": 50,
+        "subject": subject,
         "body": "{{ data.headline }}",
         "html": "<h1>{{ data.headline }}</h1>",
     }
+    for key, subject in (("a", "This week: {{ data.headline }}"), ("b", "{{ data.headline }}, and more this week"))
 ]
 
 ANNOUNCEMENT_VARIANTS = [

@@ -23,6 +23,8 @@ class RenderedContent:
     html: str = ""
     link: str = ""
     data: dict = field(default_factory=dict)
+    # The A/B variant it was rendered from (TemplateVariant.key); empty: no test.
+    variant: str = ""
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ MINUTES_KEPT = timedelta(days=2)
 _COUNTED = f"""
     SELECT date_trunc(%(grain)s, least(coalesce((e.detail->>'occurred_at')::timestamptz, e.created_at),
                                        e.created_at)) AS bucket,
-           n.tenant_id, n.category_id, n.template_version_id, d.channel,
+           n.tenant_id, n.category_id, n.template_version_id, d.channel, d.variant,
            CASE WHEN split_part(coalesce(e.detail->>'provider_status', ''), '/', 1) ~ '^[-a-zA-Z0-9_]+$'
                  AND position('/' IN e.detail->>'provider_status') > 0
                 THEN left(split_part(e.detail->>'provider_status', '/', 1), 50) ELSE '' END AS provider,
@@ -65,13 +65,15 @@ _COUNTED = f"""
                n.created_at))) * 1000))::bigint AS ms
     ) latency
     WHERE e.created_at >= %(start)s AND e.created_at < %(end)s
-    GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9
+    GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
 """
 _COLUMNS = (
-    "bucket, tenant_id, category_id, template_version_id, channel, provider, priority, outcome, "
+    "bucket, tenant_id, category_id, template_version_id, channel, variant, provider, priority, outcome, "
     "latency_bucket, count, latency_ms_sum"
 )
-_KEY = "bucket, tenant_id, category_id, template_version_id, channel, provider, priority, outcome, latency_bucket"
+_KEY = (
+    "bucket, tenant_id, category_id, template_version_id, channel, variant, provider, priority, outcome, latency_bucket"
+)
 
 
 def _add_sql(*, table: str) -> str:

@@ -3,6 +3,7 @@
 Planning pins the template version on the notification. Rendering that version is
 deterministic, so the send stage renders it then instead of storing the rendered text."""
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
@@ -257,13 +258,14 @@ def deliveries_supersede(*, event: Event, recipient_ids: Sequence[UUID | str], n
 
 
 @lru_cache(maxsize=512)
-def version_variants(*, version_id: int) -> dict[tuple[str, str], TemplateVariant]:
-    """A version's content by (channel, lower-cased locale). Versions are immutable, so the
-    cache never needs invalidating."""
-    return {
-        (variant.channel, variant.locale.lower()): variant
-        for variant in TemplateVariant.objects.filter(version_id=version_id)
-    }
+def version_variants(*, version_id: int) -> dict[tuple[str, str], list[TemplateVariant]]:
+    """A version's content by (channel, lower-cased locale): one variant, or an A/B test's
+    variants in the order of their keys (the first is the control). Versions are immutable, so
+    the cache never needs invalidating."""
+    variants: dict[tuple[str, str], list[TemplateVariant]] = {}
+    for variant in TemplateVariant.objects.filter(version_id=version_id).order_by("key"):
+        variants.setdefault((variant.channel, variant.locale.lower()), []).append(variant)
+    return variants
 
 
 def locale_chain(*, locale: str, default_locale: str) -> list[str]:
@@ -279,14 +281,37 @@ def locale_chain(*, locale: str, default_locale: str) -> list[str]:
     return chain
 
 
-def variant_resolve(*, version_id: int, channel: str, locale: str, default_locale: str) -> TemplateVariant:
+def variant_resolve(
+    *, version_id: int, channel: str, locale: str, default_locale: str, recipient_id: UUID | str
+) -> TemplateVariant:
+    """The content a recipient gets: the closest locale first (a person reads their own
+    language whatever the test), then, among that locale's A/B variants, the recipient's."""
     variants = version_variants(version_id=version_id)
     for tag in locale_chain(locale=locale, default_locale=default_locale):
-        variant = variants.get((channel, tag))
-        if variant is not None:
-            return variant
+        candidates = variants.get((channel, tag))
+        if candidates:
+            return variant_assign(variants=candidates, experiment=f"version:{version_id}", recipient_id=recipient_id)
     # Planning checked that the channel has content, so take any locale rather than fail.
-    return next(v for (c, _), v in sorted(variants.items()) if c == channel)
+    candidates = next(found for (c, _), found in sorted(variants.items()) if c == channel)
+    return variant_assign(variants=candidates, experiment=f"version:{version_id}", recipient_id=recipient_id)
+
+
+def variant_assign(
+    *, variants: Sequence[TemplateVariant], experiment: str, recipient_id: UUID | str
+) -> TemplateVariant:
+    """The recipient's variant in an experiment: a hash of the two picks a point in the sum of
+    the weights, so the same person always lands on the same variant, in any worker, on any
+    retry, while another experiment splits people afresh."""
+    total = sum(variant.weight for variant in variants)
+    if len(variants) == 1 or total == 0:
+        return variants[0]
+    digest = hashlib.sha256(f"{experiment}:{recipient_id}".encode()).digest()
+    point = int.from_bytes(digest[:8], "big") % total
+    for variant in variants:
+        if point < variant.weight:
+            return variant
+        point -= variant.weight
+    raise AssertionError("the point lies within the weights' sum")
 
 
 def variant_mentions_recipient(*, variant: TemplateVariant) -> bool:
@@ -335,6 +360,7 @@ def content_render(*, variant: TemplateVariant, data: dict, recipient: Recipient
             html=_render(variant.html, context, html=True),
             link=_render(variant.link, context),
             data=variant.data,
+            variant=variant.key,
         )
 
 

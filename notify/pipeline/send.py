@@ -162,6 +162,7 @@ def deliveries_send(*, delivery_ids: list[str]) -> int:
             continue
         prepared = _chunk_prepare(channel=channel, deliveries=chunk, context=context)
         batch.record(outcomes=prepared.outcomes)
+        batch.variants_note(variants=prepared.variants)
         # Each provider request's outcomes are recorded as soon as it returns. A request of
         # one message (a text) gets a one-row note of what the provider took instead, and the
         # chunk is recorded in full once: a transaction a message would cost most of the rate.
@@ -226,6 +227,16 @@ class LeasedBatch:
                     " FROM commit_mode WHERE id = %s AND lease_token = %s",
                     [outcome.provider_message_id[:255], outcome.delivery_id, self.lease_token],
                 )
+
+    def variants_note(self, *, variants: dict[UUID, str]) -> None:
+        """Note the A/B variant each delivery is about to be sent with, before it is sent, so
+        that its sending and its feedback are counted under it. A statement per variant, and
+        none for content that tests nothing."""
+        by_variant: dict[str, list[UUID]] = defaultdict(list)
+        for delivery_id, variant in variants.items():
+            by_variant[variant].append(delivery_id)
+        for variant, delivery_ids in by_variant.items():
+            deliveries_held(delivery_ids=delivery_ids, lease_token=self.lease_token).update(variant=variant)
 
     def record(self, *, outcomes: list[SendOutcome]) -> None:
         """The ledger records; what follows from it is published with the record, and the
@@ -304,10 +315,12 @@ class BatchContext:
             channel=channel,
             locale=notification.locale,
             default_locale=tenant.default_locale,
+            recipient_id=recipient.id,
         )
         locale = notification.locale or tenant.default_locale
         shared_key = None
         if not variant_mentions_recipient(variant=variant):
+            # The variant's own row (so its A/B variant too) is part of the key.
             shared_key = (variant.pk, notification.event_id, locale, recipient.timezone)
             if shared_key in self.shared_content:
                 return self.shared_content[shared_key]
@@ -327,6 +340,7 @@ def withheld_outcome(*, delivery: Delivery, decision: Verdict) -> SendOutcome:
 class PreparedChunk:
     outcomes: list[SendOutcome]  # of what is not sent: withheld, failed before sending, reconciled
     sends: list[tuple[list[Provider], list[OutboundMessage]]]  # the messages to send, by provider accounts
+    variants: dict[UUID, str]  # the A/B variant of each delivery to send whose content tests one
 
 
 def _chunk_prepare(*, channel: Channel, deliveries: list[Delivery], context: BatchContext) -> PreparedChunk:
@@ -357,6 +371,7 @@ def _chunk_prepare(*, channel: Channel, deliveries: list[Delivery], context: Bat
     )
     now = timezone.now()
     categories_by_delivery: dict[UUID, Category] = {}
+    variants: dict[UUID, str] = {}
     for delivery in deliveries:
         notification = delivery.notification
         recipient = notification.recipient
@@ -410,6 +425,8 @@ def _chunk_prepare(*, channel: Channel, deliveries: list[Delivery], context: Bat
         if channel.wants_links and category.kind != CategoryKind.CRITICAL:
             links = email_links(recipient_id=recipient.id, category_key=category.key, channel=channel.name)
         categories_by_delivery[delivery.id] = category
+        if content.variant:
+            variants[delivery.id] = content.variant
         providers = context.providers[notification.tenant_id]
         providers_key = tuple(p.pk for p in providers)
         providers_by_key[providers_key] = providers
@@ -442,7 +459,7 @@ def _chunk_prepare(*, channel: Channel, deliveries: list[Delivery], context: Bat
             messages = [m for m in messages if m.in_doubt_since is None] + reconciled.to_send
         if messages:
             sends.append((providers_by_key[providers_key], messages))
-    return PreparedChunk(outcomes=outcomes, sends=sends)
+    return PreparedChunk(outcomes=outcomes, sends=sends, variants=variants)
 
 
 def _messages_send(

@@ -75,6 +75,7 @@ def test_saving_a_template_version_creates_a_new_version(ops, workspace):
         "variants-0-version": version.pk,
         "variants-0-channel": "email",
         "variants-0-locale": "",
+        "variants-0-weight": "100",
         "variants-0-subject": "Howdy {{ data.name }}",
         "variants-0-body": "Hi",
         "variants-0-data": "{}",

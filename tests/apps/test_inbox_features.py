@@ -142,6 +142,9 @@ def test_events_with_one_group_key_form_one_item_and_reading_it_reads_the_group(
     inbox.post(f"/inbox/v1/items/{grouped['id']}/read")
     assert InboxItem.objects.filter(group_key="doc-7", read_at__isnull=True).count() == 0
     assert inbox.get("/inbox/v1/counts").json()["unread"] == 1
+    # Each of the group's in-app deliveries counts as opened in the analytics.
+    opened = Delivery.objects.filter(inbox_item__group_key="doc-7").values_list("status", flat=True)
+    assert list(opened) == ["opened"] * 4
 
     # After the group was read, the next comment starts a new one.
     send(api, data={"who": "Fa", "text": "Fa commented"}, group_key="doc-7", actor="Fa")

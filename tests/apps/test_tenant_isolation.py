@@ -37,6 +37,7 @@ OUTSIDE_THE_WALK = {
     "unsubscribe/<str:token>/preferences": "a recipient's own signed link; the token names one recipient",
     "webhooks/twilio/status": "Twilio's callback, signed by the account's auth token",
     "webhooks/twilio/inbound": "Twilio's callback, signed by the account's auth token",
+    "webpush/clicks/<str:token>": "a message's own signed link; the token names one recipient and delivery",
     "demo/inbox/": "demo page, on only with NOTIFY_DEMO_API_KEY",
     "demo/inbox/token": "demo page's token for the demo recipient, on only with NOTIFY_DEMO_API_KEY",
     "demo/webpush/": "demo page, on only with NOTIFY_DEMO_API_KEY",

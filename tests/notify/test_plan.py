@@ -24,7 +24,9 @@ def test_variant_resolution_follows_the_chain(locale, expected):
         variants={"": {"subject": "Hello"}, "es": {"subject": "Hola"}, "es-MX": {"subject": "Hola México"}},
     )
     version = TemplateVersion.objects.get(template=template)
-    variant = variant_resolve(version_id=version.pk, channel="email", locale=locale, default_locale="de")
+    variant = variant_resolve(
+        version_id=version.pk, channel="email", locale=locale, default_locale="de", recipient_id="someone"
+    )
     assert variant.subject == expected
 
 
