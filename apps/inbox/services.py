@@ -114,23 +114,30 @@ def inbox_counts_many(*, recipient_ids: Iterable[UUID]) -> dict[UUID, dict[str, 
 
 def inbox_items_after(*, recipient_id: UUID, item_id: UUID, limit: int) -> tuple[list[InboxItem], bool]:
     """What a reconnecting client may have missed since the newest item it holds, oldest first,
-    and whether there is more than `limit`.
-
-    Items are placed when a worker stores them (or when their snooze ends), so two workers can
-    commit a recipient's items slightly out of order. The look-back re-sends the items placed
-    shortly before the cursor as well; the client keeps items by id, so a repeat costs nothing
-    and a gap cannot happen."""
+    and whether there is more than `limit`. Raises InboxItem.DoesNotExist when the item is not
+    in this inbox."""
     cursor = InboxItem.objects.filter(recipient_id=recipient_id, id=item_id).values_list("sort_at", flat=True)
     since = cursor.first()
     if since is None:
         raise InboxItem.DoesNotExist
-    items = list(
-        inbox_items(recipient_id=recipient_id)
-        .filter(sort_at__gte=since - CATCH_UP_LOOK_BACK)
-        .exclude(id=item_id)
-        .order_by("sort_at", "id")[: limit + 1]
-    )
-    return items[:limit], len(items) > limit
+    return inbox_items_since(recipient_id=recipient_id, since=since, limit=limit, held_id=item_id)
+
+
+def inbox_items_since(
+    *, recipient_id: UUID, since: datetime, limit: int, held_id: UUID | None = None
+) -> tuple[list[InboxItem], bool]:
+    """The items placed since `since`, oldest first (but the one the client holds), and
+    whether there is more than `limit`: one range read of the inbox_recipient_recent index.
+
+    Items are placed when a worker stores them (or when their snooze ends), so two workers can
+    commit a recipient's items slightly out of order. The look-back re-sends the items placed
+    shortly before `since` as well; the client keeps items by id, so a repeat costs nothing
+    and a gap cannot happen."""
+    items = inbox_items(recipient_id=recipient_id).filter(sort_at__gte=since - CATCH_UP_LOOK_BACK)
+    if held_id is not None:
+        items = items.exclude(id=held_id)
+    found = list(items.order_by("sort_at", "id")[: limit + 1])
+    return found[:limit], len(found) > limit
 
 
 def inbox_item_mark(*, recipient_id: UUID, item_id: UUID, mark: str) -> InboxItem:
