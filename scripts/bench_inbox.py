@@ -29,6 +29,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from bench import (
 from django.conf import settings
 
 from apps.deliveries.models import Delivery
+from apps.inbox.models import InboxItem
 from apps.recipients.models import Recipient
 from apps.recipients.tokens import INBOX, recipient_token_issue
 from apps.tenants.demo import demo_workspace_ensure
@@ -204,14 +206,30 @@ def event_send(*, headers: dict[str, str], count: int, body: str) -> list[float]
     return accepted
 
 
-def latency_line(*, accepted: list[float], arrived: dict[int, float]) -> str:
-    latencies = [(arrived[i] - accepted[i]) * 1000 for i in arrived]
+def latency_line(*, started: list[float], arrived: dict[int, float]) -> str:
+    latencies = [(arrived[i] - started[i]) * 1000 for i in arrived if started[i]]
     if not latencies:
         return "none arrived"
     return (
         f"P50 {percentile(latencies, 0.5):,.0f} ms, P99 {percentile(latencies, 0.99):,.0f} ms, "
-        f"max {max(latencies):,.0f} ms; missed {len(accepted) - len(arrived)} of {len(accepted)}"
+        f"max {max(latencies):,.0f} ms; missed {len(started) - len(arrived)} of {len(started)}"
     )
+
+
+def spread_line(seconds: list[float]) -> str:
+    if not seconds:
+        return "-"
+    return f"P50 {percentile(seconds, 0.5):.1f} s, all {max(seconds):.1f} s"
+
+
+def stored_times(*, recipients: list[Recipient], since: float) -> list[float]:
+    """When each recipient's item stored since `since` was stored (by a worker), a Unix time."""
+    index = {recipient.id: i for i, recipient in enumerate(recipients)}
+    stored = [0.0] * len(recipients)
+    items = InboxItem.objects.filter(created_at__gte=datetime.fromtimestamp(since, tz=UTC))
+    for recipient_id, created_at in items.values_list("recipient_id", "created_at").iterator(chunk_size=5000):
+        stored[index[recipient_id]] = created_at.timestamp()
+    return stored
 
 
 def main() -> None:
@@ -303,7 +321,11 @@ def main() -> None:
         )
         wait_until(lambda: clients.received(live) >= count, timeout=args.timeout)
         arrived = clients.times("received", live)
-        print(f"live: from API acceptance to the socket, {latency_line(accepted=accepted, arrived=arrived)}")
+        print(f"live: from API acceptance to the socket, {latency_line(started=accepted, arrived=arrived)}")
+        stored = stored_times(recipients=recipients, since=sent_at)
+        print(
+            f"  of which from the item stored (by a worker) to the socket, {latency_line(started=stored, arrived=arrived)}"
+        )
         closes = clients.closes()
         print(f"closes before the restart: {dict(closes) or 'none'}; by a server error: {closes[SERVER_ERROR]}")
 
@@ -316,13 +338,13 @@ def main() -> None:
         restarted = time.time()
         processes.web_start()
         caught_up = wait_until(lambda: clients.received(away) >= count, timeout=args.timeout)
-        reopened = {i: t for i, t in clients.times("last_hello").items() if t > stopped}
-        caught = clients.times("received", away)
+        reopened = {i: t - restarted for i, t in clients.times("last_hello").items() if t > stopped}
+        caught = {i: t - restarted for i, t in clients.times("received", away).items()}
         print(
-            f"restart: {len(reopened)} of {count} reconnected in "
-            f"{max(reopened.values(), default=restarted) - restarted:.1f} s and {len(caught)} caught up with the "
-            f"event sent while the server was down in {max(caught.values(), default=restarted) - restarted:.1f} s "
-            f"from the server's start" + ("" if caught_up else f" (timed out after {args.timeout:.0f} s)")
+            f"restart: the server was down {restarted - stopped:.1f} s (the event sent meanwhile was stored); "
+            f"from its start, {len(reopened)} of {count} clients reconnected in {spread_line(list(reopened.values()))} "
+            f"and {len(caught)} caught up with that event in {spread_line(list(caught.values()))}"
+            + ("" if caught_up else f" (timed out after {args.timeout:.0f} s)")
         )
         restart_closes = clients.closes() - closes
         print(f"closes during the restart: {dict(restart_closes)}")

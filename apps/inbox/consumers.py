@@ -26,7 +26,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
 from apps.inbox.hub import inbox_hub
-from apps.inbox.live import inbox_item_json
+from apps.inbox.live import inbox_items_json
 from apps.inbox.models import InboxItem
 from apps.inbox.services import inbox_counts, inbox_items_after, inbox_items_since
 from apps.inbox.sockets import socket_slot_release, socket_slot_renew, socket_slot_take
@@ -206,4 +206,4 @@ def _catch_up(
             items, more = inbox_items_after(recipient_id=recipient_id, item_id=UUID(after), limit=CATCH_UP_LIMIT)
     except (InboxItem.DoesNotExist, ValueError):
         return [], True
-    return [inbox_item_json(item=item) for item in items], more
+    return inbox_items_json(items=items), more
