@@ -35,6 +35,7 @@ from typing import Any
 
 import requests
 from bench import (
+    CLOCK_TICKS,
     FINAL,
     ROOT,
     WEB_PORT,
@@ -165,19 +166,22 @@ def api_up() -> bool:
         return False
 
 
-def group_rss(process_group: int) -> int:
-    """The resident memory of every process in the group (uvicorn and its workers), in bytes."""
-    total = 0
+def group_usage(process_group: int) -> tuple[int, float]:
+    """The resident memory (bytes) and CPU time (seconds) of every process in the group
+    (uvicorn and its workers)."""
+    rss, cpu = 0, 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) != process_group:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != process_group:
                 continue
+            cpu += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
             for line in (stat.parent / "status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+                    rss += int(line.split()[1]) * 1024
         except (OSError, IndexError, ValueError):
             continue
-    return total
+    return rss, cpu
 
 
 def event_send(*, headers: dict[str, str], count: int, body: str) -> list[float]:
@@ -290,7 +294,7 @@ def main() -> None:
     clients: Clients | None = None
     try:
         assert processes.web is not None
-        rss_before = group_rss(processes.web.pid)
+        rss_before, cpu_before = group_usage(processes.web.pid)
         client_processes = args.client_processes or math.ceil(count / 10_000)
         print(
             f"inbox: {count} sockets to {args.web_processes} web process(es), from {client_processes} client "
@@ -305,8 +309,13 @@ def main() -> None:
             f"open: {len(opened_times)} of {count} sockets open (hello received) in {open_seconds:.1f} s"
             + ("" if all_open else f" (timed out after {args.timeout:.0f} s)")
         )
+        cpu_open = group_usage(processes.web.pid)[1] - cpu_before
         time.sleep(2)  # the server's buffers settle
-        rss_after = group_rss(processes.web.pid)
+        rss_after = group_usage(processes.web.pid)[0]
+        print(
+            f"  the web server's CPU while they opened: {cpu_open:.1f} s "
+            f"= {cpu_open / max(1, len(opened_times)) * 1e3:.2f} ms a connection"
+        )
         print(
             f"memory: web RSS {rss_before / 2**20:,.0f} MB before, {rss_after / 2**20:,.0f} MB with the sockets open "
             f"= {(rss_after - rss_before) / max(1, len(opened_times)) / 1024:,.1f} KB a connection"
@@ -337,6 +346,7 @@ def main() -> None:
         wait_until(lambda: Delivery.objects.filter(status__in=FINAL).count() >= 2 * count, timeout=args.timeout)
         restarted = time.time()
         processes.web_start()
+        print(f"  the restarted server answered HTTP {time.time() - restarted:.1f} s after its start")
         caught_up = wait_until(lambda: clients.received(away) >= count, timeout=args.timeout)
         reopened = {i: t - restarted for i, t in clients.times("last_hello").items() if t > stopped}
         caught = {i: t - restarted for i, t in clients.times("received", away).items()}

@@ -28,7 +28,7 @@ from django.conf import settings
 from apps.inbox.hub import inbox_hub
 from apps.inbox.live import inbox_items_json
 from apps.inbox.models import InboxItem
-from apps.inbox.services import inbox_counts, inbox_items_after, inbox_items_since
+from apps.inbox.services import inbox_items_after, inbox_items_since
 from apps.inbox.sockets import socket_slot_release, socket_slot_renew, socket_slot_take
 from apps.recipients.tokens import INBOX, RecipientTokenInvalid, recipient_token_read
 from notify.observability import metrics
@@ -131,9 +131,7 @@ class InboxConsumer(AsyncJsonWebsocketConsumer):
         # anything stored before is in the reads below (a repeat is dropped by id).
         await inbox_hub().join(recipient_id=self.recipient_id, socket=self)
         self.joined = True
-        await self.send_json(
-            {"type": "hello", "counts": await database_sync_to_async(inbox_counts)(recipient_id=self.recipient_id)}
-        )
+        await self.send_json({"type": "hello", "counts": await inbox_hub().counts(recipient_id=self.recipient_id)})
         if self.after:
             items, more = await database_sync_to_async(_catch_up)(recipient_id=self.recipient_id, after=self.after)
             await self.send_json({"type": "catch_up", "items": items, "more": more})
@@ -184,7 +182,7 @@ class InboxConsumer(AsyncJsonWebsocketConsumer):
             return
         recipient_id = self.recipient_id
         items, more = await database_sync_to_async(_catch_up)(recipient_id=recipient_id, since=since)
-        counts = await database_sync_to_async(inbox_counts)(recipient_id=recipient_id)
+        counts = await inbox_hub().counts(recipient_id=recipient_id)
         self.push(
             frames=[
                 json.dumps({"type": "catch_up", "items": items, "more": more}),

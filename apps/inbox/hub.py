@@ -25,9 +25,12 @@ from uuid import UUID
 
 import redis
 import redis.asyncio
+from channels.db import database_sync_to_async
 from django.conf import settings
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+
+from apps.inbox.services import inbox_counts_many
 
 logger = logging.getLogger(__name__)
 PING_SECONDS = 1.0
@@ -58,6 +61,9 @@ class InboxHub:
 
     def __init__(self) -> None:
         self.sockets: dict[str, set[LiveSocket]] = {}
+        # Recipients whose sockets wait for their counts, and the one read that serves them.
+        self.counts_wanted: dict[UUID, list[asyncio.Future[dict[str, Any]]]] = {}
+        self.counts_reader: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
         # Since when (a Unix time) a socket here may have missed pushes: set while the
         # subscription is lost, or while a socket that joined waits for the first one.
@@ -85,6 +91,31 @@ class InboxHub:
             sockets.discard(socket)
             if not sockets:
                 del self.sockets[str(recipient_id)]
+
+    async def counts(self, *, recipient_id: UUID) -> dict[str, Any]:
+        """The recipient's inbox counts, read together with those of every other socket that
+        asks meanwhile: when thousands of clients reconnect at once, one query serves hundreds
+        of them, and the process never runs more than one at a time."""
+        wanted = asyncio.get_running_loop().create_future()
+        self.counts_wanted.setdefault(recipient_id, []).append(wanted)
+        if self.counts_reader is None or self.counts_reader.done():
+            self.counts_reader = asyncio.create_task(self._read_counts())
+        return await wanted
+
+    async def _read_counts(self) -> None:
+        while self.counts_wanted:
+            batch, self.counts_wanted = self.counts_wanted, {}
+            try:
+                counts = await database_sync_to_async(inbox_counts_many)(recipient_ids=batch.keys())
+            except Exception as error:  # noqa: BLE001 - each waiting socket gets the failure
+                for waiting in _all_futures(batch.values()):
+                    if not waiting.done():
+                        waiting.set_exception(error)
+                continue
+            for recipient_id, waiting_sockets in batch.items():
+                for waiting in waiting_sockets:
+                    if not waiting.done():
+                        waiting.set_result(counts[recipient_id])
 
     def dispatch(self, *, data: bytes) -> None:
         """One published batch: [[recipient id, [frame, ...]], ...]; each to its sockets here."""
@@ -149,6 +180,10 @@ class InboxHub:
 
 def _all(groups: Iterable[set[LiveSocket]]) -> list[LiveSocket]:
     return [socket for group in groups for socket in group]
+
+
+def _all_futures(groups: Iterable[list[asyncio.Future[dict[str, Any]]]]) -> list[asyncio.Future[dict[str, Any]]]:
+    return [future for group in groups for future in group]
 
 
 async def _close_quietly(*, pubsub: Any, client: redis.asyncio.Redis) -> None:
