@@ -356,6 +356,12 @@ def main() -> None:
             f"and {len(caught)} caught up with that event in {spread_line(list(caught.values()))}"
             + ("" if caught_up else f" (timed out after {args.timeout:.0f} s)")
         )
+        assert processes.web is not None
+        cpu_restart = group_usage(processes.web.pid)[1]
+        print(
+            f"  the restarted server's CPU until then: {cpu_restart:.1f} s "
+            f"= {cpu_restart / max(1, len(caught)) * 1e3:.2f} ms a client reconnected and caught up (with its start-up)"
+        )
         restart_closes = clients.closes() - closes
         print(f"closes during the restart: {dict(restart_closes)}")
     finally:
