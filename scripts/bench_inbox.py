@@ -184,6 +184,18 @@ def group_usage(process_group: int) -> tuple[int, float]:
     return rss, cpu
 
 
+def open_files(process_group: int) -> int:
+    """The files (sockets included) the group's processes hold."""
+    count = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == process_group:
+                count += len(list((stat.parent / "fd").iterdir()))
+        except (OSError, IndexError, ValueError):
+            continue
+    return count
+
+
 def event_send(*, headers: dict[str, str], count: int, body: str) -> list[float]:
     """One in-app event to recipients 0..count-1, whose text is `body`, through the events API;
     returns each recipient's acceptance time (when its request was answered)."""
@@ -243,6 +255,12 @@ def main() -> None:
     parser.add_argument("--client-processes", type=int, default=0, help="default: one per 10,000 sockets")
     parser.add_argument("--open-concurrency", type=int, default=100, help="handshakes in flight a client process")
     parser.add_argument("--bulk-concurrency", type=int, default=3, help="bulk worker processes (default 3)")
+    parser.add_argument(
+        "--ws-per-message-deflate",
+        choices=["true", "false"],
+        default="true",
+        help="uvicorn's option of that name: compression, as browsers ask for it (default true, uvicorn's)",
+    )
     parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for each phase (default 180)")
     args = parser.parse_args()
     count = args.inbox_connections
@@ -274,7 +292,10 @@ def main() -> None:
         web_interface="asgi",
         # No cap on concurrent connections beyond the sockets asked for, and a listen queue
         # as long as the kernel allows (net.core.somaxconn), for the reconnect storm.
-        web_args=("--limit-concurrency", str(per_process + 1000), "--backlog", "4096"),
+        web_args=(
+            *("--limit-concurrency", str(per_process + 1000), "--backlog", "4096"),
+            *("--ws-per-message-deflate", args.ws_per_message_deflate),
+        ),
     )
     processes.start_web()
     processes.spawn(
@@ -318,7 +339,8 @@ def main() -> None:
         )
         print(
             f"memory: web RSS {rss_before / 2**20:,.0f} MB before, {rss_after / 2**20:,.0f} MB with the sockets open "
-            f"= {(rss_after - rss_before) / max(1, len(opened_times)) / 1024:,.1f} KB a connection"
+            f"= {(rss_after - rss_before) / max(1, len(opened_times)) / 1024:,.1f} KB a connection; "
+            f"{open_files(processes.web.pid)} files open in the web process group"
         )
 
         live = f"live-{int(began)}"
@@ -334,6 +356,11 @@ def main() -> None:
         stored = stored_times(recipients=recipients, since=sent_at)
         print(
             f"  of which from the item stored (by a worker) to the socket, {latency_line(started=stored, arrived=arrived)}"
+        )
+        rss_used = group_usage(processes.web.pid)[0]
+        print(
+            f"memory after the event: web RSS {rss_used / 2**20:,.0f} MB "
+            f"= {(rss_used - rss_before) / max(1, len(opened_times)) / 1024:,.1f} KB a connection"
         )
         closes = clients.closes()
         print(f"closes before the restart: {dict(closes) or 'none'}; by a server error: {closes[SERVER_ERROR]}")
