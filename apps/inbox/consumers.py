@@ -21,14 +21,14 @@ from typing import Any
 from urllib.parse import parse_qs
 from uuid import UUID, uuid4
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
-from apps.inbox.hub import inbox_hub
-from apps.inbox.live import inbox_items_json
-from apps.inbox.models import InboxItem
-from apps.inbox.services import inbox_items_after, inbox_items_since
+from apps.inbox.hub import CATCH_UP_LIMIT, CatchUp, inbox_hub
+from apps.inbox.serializers import inbox_items_json
+from apps.inbox.services import inbox_items_since
 from apps.inbox.sockets import socket_slot_release, socket_slot_renew, socket_slot_take
 from apps.recipients.tokens import INBOX, RecipientTokenInvalid, recipient_token_read
 from notify.observability import metrics
@@ -38,7 +38,6 @@ CLOSE_TOKEN_INVALID = 4001  # missing, late, in the URL or tampered: do not retr
 CLOSE_TOKEN_EXPIRED = 4002  # ask the application for a new token, then reconnect
 CLOSE_KEEP_ALIVE = 4008  # nothing heard for two ping intervals: reconnect
 CLOSE_TOO_MANY_SOCKETS = 4029  # the recipient has the most sockets allowed open: retry later
-CATCH_UP_LIMIT = 100
 SUBPROTOCOL = "notify-inbox"
 SUBPROTOCOL_TOKEN_PREFIX = "token."
 TOKEN_IN_URL = "the token belongs in the first message or the subprotocol, not in the URL, which logs record"
@@ -79,6 +78,15 @@ class InboxConsumer(AsyncJsonWebsocketConsumer):
                 await self._authenticate(token=protocol.removeprefix(SUBPROTOCOL_TOKEN_PREFIX).replace(".", ":"))
                 return
         self.watch = asyncio.create_task(self._close_without_token())
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels closes stale database connections before every message, a hop to the
+        # database thread each: for every socket's connect, token and keep-alive answer. This
+        # consumer reads the database only through database_sync_to_async, which does it.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message['type']}")
+        await handler(message)
 
     async def disconnect(self, code: int) -> None:
         if self.counted:
@@ -131,9 +139,9 @@ class InboxConsumer(AsyncJsonWebsocketConsumer):
         # anything stored before is in the reads below (a repeat is dropped by id).
         await inbox_hub().join(recipient_id=self.recipient_id, socket=self)
         self.joined = True
-        await self.send_json({"type": "hello", "counts": await inbox_hub().counts(recipient_id=self.recipient_id)})
+        await self.send_json({"type": "hello", "counts": await inbox_hub().counts.get(self.recipient_id)})
         if self.after:
-            items, more = await database_sync_to_async(_catch_up)(recipient_id=self.recipient_id, after=self.after)
+            items, more = await _catch_up_after(recipient_id=self.recipient_id, after=self.after)
             await self.send_json({"type": "catch_up", "items": items, "more": more})
         self.last_heard = time.monotonic()
         self.watch = asyncio.create_task(self._keep_alive(recipient_id=self.recipient_id))
@@ -181,8 +189,8 @@ class InboxConsumer(AsyncJsonWebsocketConsumer):
         if not self.joined or self.recipient_id is None:
             return
         recipient_id = self.recipient_id
-        items, more = await database_sync_to_async(_catch_up)(recipient_id=recipient_id, since=since)
-        counts = await inbox_hub().counts(recipient_id=recipient_id)
+        items, more = await database_sync_to_async(_catch_up_since)(recipient_id=recipient_id, since=since)
+        counts = await inbox_hub().counts.get(recipient_id)
         self.push(
             frames=[
                 json.dumps({"type": "catch_up", "items": items, "more": more}),
@@ -191,17 +199,16 @@ class InboxConsumer(AsyncJsonWebsocketConsumer):
         )
 
 
-def _catch_up(
-    *, recipient_id: UUID, after: str = "", since: datetime | None = None
-) -> tuple[list[dict[str, Any]], bool]:
-    """The missed items, after the item the client holds or since a time, and whether there
-    were more; `more` alone, with no items, when `after` names no item of this inbox: either
-    way the client reloads its list from the API."""
+async def _catch_up_after(*, recipient_id: UUID, after: str) -> CatchUp:
+    """What the client missed since the newest item it holds (read together with the other
+    clients that reconnect meanwhile)."""
     try:
-        if since is not None:
-            items, more = inbox_items_since(recipient_id=recipient_id, since=since, limit=CATCH_UP_LIMIT)
-        else:
-            items, more = inbox_items_after(recipient_id=recipient_id, item_id=UUID(after), limit=CATCH_UP_LIMIT)
-    except (InboxItem.DoesNotExist, ValueError):
+        held_id = UUID(after)
+    except ValueError:
         return [], True
+    return await inbox_hub().catch_ups.get((recipient_id, held_id))
+
+
+def _catch_up_since(*, recipient_id: UUID, since: datetime) -> CatchUp:
+    items, more = inbox_items_since(recipient_id=recipient_id, since=since, limit=CATCH_UP_LIMIT)
     return inbox_items_json(items=items), more

@@ -10,7 +10,11 @@ Redis is a transport, never the record. The reader pings Redis on its subscripti
 Redis fails or stops answering for STALL_SECONDS, the reader drops the connection and
 subscribes again with backoff, and the sockets stay open. Once it is subscribed again,
 every socket catches up from the database on what was stored since the last moment the
-subscription was known to be healthy (its sockets may have missed pushes in between)."""
+subscription was known to be healthy (its sockets may have missed pushes in between).
+
+The reads of a socket that opens (its counts, and what it missed since the item it holds)
+are batched across the sockets that open meanwhile, so a reconnect storm costs PostgreSQL a
+query per few hundred sockets (BatchedRead)."""
 
 import asyncio
 import json
@@ -18,8 +22,8 @@ import logging
 import random
 import time
 import weakref
-from collections.abc import Iterable
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import urlsplit
 from uuid import UUID
 
@@ -30,7 +34,8 @@ from django.conf import settings
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from apps.inbox.services import inbox_counts_many
+from apps.inbox.serializers import inbox_items_json
+from apps.inbox.services import inbox_counts_many, inbox_items_after_many
 
 logger = logging.getLogger(__name__)
 PING_SECONDS = 1.0
@@ -39,6 +44,9 @@ STALL_SECONDS = 3.0
 # A connection waits this long for a subscription being made before it reads the database.
 READY_SECONDS = 0.5
 RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.5, 10.0
+CATCH_UP_LIMIT = 100  # items sent on a reconnect; past it, `more` has the client reload its list
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 def live_channel(*, url: str) -> str:
@@ -61,9 +69,9 @@ class InboxHub:
 
     def __init__(self) -> None:
         self.sockets: dict[str, set[LiveSocket]] = {}
-        # Recipients whose sockets wait for their counts, and the one read that serves them.
-        self.counts_wanted: dict[UUID, list[asyncio.Future[dict[str, Any]]]] = {}
-        self.counts_reader: asyncio.Task[None] | None = None
+        # The reads of sockets that open: each batched across the sockets opening meanwhile.
+        self.counts: BatchedRead[UUID, dict[str, Any]] = BatchedRead(read_many=_counts_read)
+        self.catch_ups: BatchedRead[tuple[UUID, UUID], CatchUp] = BatchedRead(read_many=_catch_ups_read)
         self.subscribed = asyncio.Event()
         # Since when (a Unix time) a socket here may have missed pushes: set while the
         # subscription is lost, or while a socket that joined waits for the first one.
@@ -91,31 +99,6 @@ class InboxHub:
             sockets.discard(socket)
             if not sockets:
                 del self.sockets[str(recipient_id)]
-
-    async def counts(self, *, recipient_id: UUID) -> dict[str, Any]:
-        """The recipient's inbox counts, read together with those of every other socket that
-        asks meanwhile: when thousands of clients reconnect at once, one query serves hundreds
-        of them, and the process never runs more than one at a time."""
-        wanted = asyncio.get_running_loop().create_future()
-        self.counts_wanted.setdefault(recipient_id, []).append(wanted)
-        if self.counts_reader is None or self.counts_reader.done():
-            self.counts_reader = asyncio.create_task(self._read_counts())
-        return await wanted
-
-    async def _read_counts(self) -> None:
-        while self.counts_wanted:
-            batch, self.counts_wanted = self.counts_wanted, {}
-            try:
-                counts = await database_sync_to_async(inbox_counts_many)(recipient_ids=batch.keys())
-            except Exception as error:  # noqa: BLE001 - each waiting socket gets the failure
-                for waiting in _all_futures(batch.values()):
-                    if not waiting.done():
-                        waiting.set_exception(error)
-                continue
-            for recipient_id, waiting_sockets in batch.items():
-                for waiting in waiting_sockets:
-                    if not waiting.done():
-                        waiting.set_result(counts[recipient_id])
 
     def dispatch(self, *, data: bytes) -> None:
         """One published batch: [[recipient id, [frame, ...]], ...]; each to its sockets here."""
@@ -182,8 +165,57 @@ def _all(groups: Iterable[set[LiveSocket]]) -> list[LiveSocket]:
     return [socket for group in groups for socket in group]
 
 
-def _all_futures(groups: Iterable[list[asyncio.Future[dict[str, Any]]]]) -> list[asyncio.Future[dict[str, Any]]]:
-    return [future for group in groups for future in group]
+class BatchedRead(Generic[K, V]):
+    """A database read that sockets ask for one key at a time, made for every key asked for
+    meanwhile in one call of `read_many` on the database thread, one call at a time: when
+    thousands of clients reconnect at once, one query serves hundreds of them, and a web
+    process never runs more than one such query at once."""
+
+    def __init__(self, *, read_many: Callable[[list[K]], dict[K, V]]) -> None:
+        self.read_many = read_many
+        self.wanted: dict[K, list[asyncio.Future[V]]] = {}
+        self.reader: asyncio.Task[None] | None = None
+
+    async def get(self, key: K) -> V:
+        wanted: asyncio.Future[V] = asyncio.get_running_loop().create_future()
+        self.wanted.setdefault(key, []).append(wanted)
+        if self.reader is None or self.reader.done():
+            self.reader = asyncio.create_task(self._read())
+        return await wanted
+
+    async def _read(self) -> None:
+        while self.wanted:
+            batch, self.wanted = self.wanted, {}
+            try:
+                values = await database_sync_to_async(self.read_many)(list(batch))
+            except Exception as error:  # noqa: BLE001 - each waiting socket gets the failure
+                for waiting in (future for futures in batch.values() for future in futures):
+                    if not waiting.done():
+                        waiting.set_exception(error)
+                continue
+            for key, futures in batch.items():
+                for waiting in futures:
+                    if not waiting.done():
+                        waiting.set_result(values[key])
+
+
+# Items (as JSON) and whether there were more; `more` alone, with no items, when the client's
+# item is not in its inbox: either way the client reloads its list from the API.
+CatchUp = tuple[list[dict[str, Any]], bool]
+
+
+def _counts_read(recipient_ids: list[UUID]) -> dict[UUID, dict[str, Any]]:
+    return inbox_counts_many(recipient_ids=recipient_ids)
+
+
+def _catch_ups_read(cursors: list[tuple[UUID, UUID]]) -> dict[tuple[UUID, UUID], CatchUp]:
+    found = inbox_items_after_many(cursors=cursors, limit=CATCH_UP_LIMIT)
+    items = [item for result in found.values() if result for item in result[0]]
+    json_of = dict(zip((item.id for item in items), inbox_items_json(items=items), strict=True))
+    return {
+        cursor: ([json_of[item.id] for item in result[0]], result[1]) if result else ([], True)
+        for cursor, result in found.items()
+    }
 
 
 async def _close_quietly(*, pubsub: Any, client: redis.asyncio.Redis) -> None:

@@ -21,23 +21,13 @@ from redis.retry import Retry
 
 from apps.inbox.hub import live_channel
 from apps.inbox.models import InboxItem
-from apps.inbox.serializers import InboxItemSerializer
+from apps.inbox.serializers import inbox_item_json, inbox_items_json
 from apps.inbox.services import inbox_counts_many, inbox_snoozes_wake
 
 logger = logging.getLogger(__name__)
 # A slow Redis delays the worker's batch (or the request) by at most this; the push is dropped.
 PUBLISH_TIMEOUT_SECONDS = 0.5
 _publishers: dict[str, redis.Redis] = {}
-
-
-def inbox_item_json(*, item: InboxItem) -> dict[str, Any]:
-    return dict(InboxItemSerializer(item).data)
-
-
-def inbox_items_json(*, items: list[InboxItem]) -> list[dict[str, Any]]:
-    """Many items as the API shows them; the serializer's fields are built once, not an item
-    (building them is most of a ModelSerializer's cost)."""
-    return [dict(data) for data in InboxItemSerializer(items, many=True).data]
 
 
 def inbox_items_added(*, items: Iterable[InboxItem]) -> None:

@@ -140,6 +140,62 @@ def inbox_items_since(
     return found[:limit], len(found) > limit
 
 
+# inbox_items_since's read for many (recipient, held item) pairs: each pair's range of the
+# inbox_recipient_recent index, from its held item's place (less the look-back), oldest first.
+# A pair whose item is not in that inbox has no row; one with nothing newer, one row of NULL.
+_AFTER_MANY = f"""
+SELECT c.n, i.id
+FROM unnest(%(recipients)s::uuid[], %(held)s::uuid[]) WITH ORDINALITY AS c(recipient_id, held_id, n)
+JOIN inbox_inboxitem held ON held.id = c.held_id AND held.recipient_id = c.recipient_id
+LEFT JOIN LATERAL (
+  SELECT i.id, i.sort_at FROM inbox_inboxitem i
+  WHERE i.recipient_id = c.recipient_id AND i.archived_at IS NULL {_SHOWN}
+    AND i.sort_at >= held.sort_at - make_interval(secs => %(look_back)s) AND i.id <> c.held_id
+  ORDER BY i.sort_at, i.id LIMIT %(cap)s
+) i ON true
+ORDER BY c.n, i.sort_at, i.id
+"""
+
+
+def inbox_items_after_many(
+    *, cursors: list[tuple[UUID, UUID]], limit: int
+) -> dict[tuple[UUID, UUID], tuple[list[InboxItem], bool] | None]:
+    """inbox_items_after for many (recipient, held item) pairs in one query: what the clients
+    of a restarted server missed. None for a pair whose item is not in that inbox."""
+    if connection.vendor != "postgresql":  # the demo's SQLite: a few clients, one by one
+        found: dict[tuple[UUID, UUID], tuple[list[InboxItem], bool] | None] = {}
+        for recipient_id, item_id in cursors:
+            try:
+                found[(recipient_id, item_id)] = inbox_items_after(
+                    recipient_id=recipient_id, item_id=item_id, limit=limit
+                )
+            except InboxItem.DoesNotExist:
+                found[(recipient_id, item_id)] = None
+        return found
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _AFTER_MANY,
+            {
+                "recipients": [recipient_id for recipient_id, _ in cursors],
+                "held": [item_id for _, item_id in cursors],
+                "now": timezone.now(),
+                "look_back": CATCH_UP_LOOK_BACK.total_seconds(),
+                "cap": limit + 1,
+            },
+        )
+        rows = cursor.fetchall()
+    ids_of: dict[int, list[UUID]] = {}
+    for n, item_id in rows:
+        ids_of.setdefault(n, [])
+        if item_id is not None:
+            ids_of[n].append(item_id)
+    items = InboxItem.objects.in_bulk([item_id for ids in ids_of.values() for item_id in ids])
+    return {
+        pair: ([items[i] for i in ids_of[n][:limit]], len(ids_of[n]) > limit) if n in ids_of else None
+        for n, pair in enumerate(cursors, start=1)
+    }
+
+
 def inbox_item_mark(*, recipient_id: UUID, item_id: UUID, mark: str) -> InboxItem:
     """Mark one item read, seen or archived (reading also sees it), with the items of its
     group folded into it; idempotent. Raises InboxItem.DoesNotExist for another recipient's item."""
