@@ -182,7 +182,7 @@ class InboxConsumer(AsyncJsonWebsocketConsumer):
         try:
             while self.outbox:
                 await self.send(text_data=self.outbox.popleft())
-        except OSError:  # the client went away: its close is on its way to disconnect()
+        except (OSError, RuntimeError):  # the socket is closing: disconnect() is on its way
             self.outbox.clear()
 
     async def _catch_up_since(self, *, since: datetime) -> None:
