@@ -22,13 +22,10 @@ from urllib.parse import parse_qs
 from uuid import UUID, uuid4
 
 from channels.consumer import get_handler_name
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
-from apps.inbox.hub import CATCH_UP_LIMIT, CatchUp, inbox_hub
-from apps.inbox.serializers import inbox_items_json
-from apps.inbox.services import inbox_items_since
+from apps.inbox.hub import CatchUp, inbox_hub
 from apps.inbox.sockets import socket_slot_release, socket_slot_renew, socket_slot_take
 from apps.recipients.tokens import INBOX, RecipientTokenInvalid, recipient_token_read
 from notify.observability import metrics
@@ -189,7 +186,7 @@ class InboxConsumer(AsyncJsonWebsocketConsumer):
         if not self.joined or self.recipient_id is None:
             return
         recipient_id = self.recipient_id
-        items, more = await database_sync_to_async(_catch_up_since)(recipient_id=recipient_id, since=since)
+        items, more = await inbox_hub().catch_ups_since.get((recipient_id, since))
         counts = await inbox_hub().counts.get(recipient_id)
         self.push(
             frames=[
@@ -207,8 +204,3 @@ async def _catch_up_after(*, recipient_id: UUID, after: str) -> CatchUp:
     except ValueError:
         return [], True
     return await inbox_hub().catch_ups.get((recipient_id, held_id))
-
-
-def _catch_up_since(*, recipient_id: UUID, since: datetime) -> CatchUp:
-    items, more = inbox_items_since(recipient_id=recipient_id, since=since, limit=CATCH_UP_LIMIT)
-    return inbox_items_json(items=items), more

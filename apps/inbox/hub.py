@@ -22,7 +22,8 @@ import logging
 import random
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -35,7 +36,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from apps.inbox.serializers import inbox_items_json
-from apps.inbox.services import inbox_counts_many, inbox_items_after_many
+from apps.inbox.services import CatchUpFound, inbox_counts_many, inbox_items_after_many, inbox_items_since_many
 
 logger = logging.getLogger(__name__)
 PING_SECONDS = 1.0
@@ -72,6 +73,7 @@ class InboxHub:
         # The reads of sockets that open: each batched across the sockets opening meanwhile.
         self.counts: BatchedRead[UUID, dict[str, Any]] = BatchedRead(read_many=_counts_read)
         self.catch_ups: BatchedRead[tuple[UUID, UUID], CatchUp] = BatchedRead(read_many=_catch_ups_read)
+        self.catch_ups_since: BatchedRead[tuple[UUID, datetime], CatchUp] = BatchedRead(read_many=_catch_ups_since_read)
         self.subscribed = asyncio.Event()
         # Since when (a Unix time) a socket here may have missed pushes: set while the
         # subscription is lost, or while a socket that joined waits for the first one.
@@ -137,21 +139,23 @@ class InboxHub:
             delay = min(delay * 2, RETRY_MAX_SECONDS)
 
     async def _listen(self, *, pubsub: Any) -> None:
-        """Dispatch messages until Redis fails or has not answered a ping for STALL_SECONDS."""
-        heard = time.monotonic()
-        pinged = heard
+        """Dispatch messages until Redis fails or leaves a ping unanswered for STALL_SECONDS.
+        Only an unanswered ping counts: a process too busy to read for a while (a reconnect
+        storm) finds its answers waiting, and takes no silence of its own for Redis's."""
+        pinged = time.monotonic()
+        unanswered_since: float | None = None  # when the ping not yet answered was sent
         while True:
             message = await pubsub.get_message(timeout=PING_SECONDS)
             now = time.monotonic()
             if message is not None:
-                heard, self.heard_at = now, time.time()
+                unanswered_since, self.heard_at = None, time.time()
                 if message["type"] == "message":
                     self.dispatch(data=message["data"])
-            if now - heard > STALL_SECONDS:
+            elif unanswered_since is not None and now - unanswered_since > STALL_SECONDS:
                 raise TimeoutError(f"no answer from Redis for {STALL_SECONDS:g} s")
-            if now - pinged >= PING_SECONDS:
+            if unanswered_since is None and now - pinged >= PING_SECONDS:
                 await pubsub.ping()  # answered on the subscription, as a message
-                pinged = now
+                pinged = unanswered_since = now
 
     def _subscribed(self) -> None:
         since, self.lost_since = self.lost_since, None
@@ -209,7 +213,15 @@ def _counts_read(recipient_ids: list[UUID]) -> dict[UUID, dict[str, Any]]:
 
 
 def _catch_ups_read(cursors: list[tuple[UUID, UUID]]) -> dict[tuple[UUID, UUID], CatchUp]:
-    found = inbox_items_after_many(cursors=cursors, limit=CATCH_UP_LIMIT)
+    return _as_json(inbox_items_after_many(cursors=cursors, limit=CATCH_UP_LIMIT))
+
+
+def _catch_ups_since_read(cursors: list[tuple[UUID, datetime]]) -> dict[tuple[UUID, datetime], CatchUp]:
+    return _as_json(inbox_items_since_many(cursors=cursors, limit=CATCH_UP_LIMIT))
+
+
+def _as_json(found: Mapping[K, CatchUpFound]) -> dict[K, CatchUp]:
+    """Each client's items as JSON, all serialized at once."""
     items = [item for result in found.values() if result for item in result[0]]
     json_of = dict(zip((item.id for item in items), inbox_items_json(items=items), strict=True))
     return {

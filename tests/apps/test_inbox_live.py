@@ -6,6 +6,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -399,7 +400,12 @@ def test_a_reconnects_catch_up_and_counts_are_read_through_indexes(workspace, ad
 def test_the_catch_up_of_many_clients_at_once_is_each_ones_own(workspace, ada):
     """Read together, each reconnecting client gets what it would alone: the items after the
     one it holds, `more` past the limit, nothing for an item of another inbox."""
-    from apps.inbox.services import inbox_items_after, inbox_items_after_many
+    from apps.inbox.services import (
+        inbox_items_after,
+        inbox_items_after_many,
+        inbox_items_since,
+        inbox_items_since_many,
+    )
 
     bob = RecipientFactory(tenant=workspace.tenant, external_id="bob")
     adas = [notify(workspace, text=f"ada {n}").inbox_item for n in range(4)]
@@ -413,3 +419,12 @@ def test_the_catch_up_of_many_clients_at_once_is_each_ones_own(workspace, ada):
     # Within the look-back, the items placed just before the cursor come again (by id, harmless).
     assert found[(bob.id, bobs[1].id)] == ([bobs[0]], False)
     assert found[(bob.id, adas[0].id)] is None  # not bob's item: the client reloads its list
+
+    # From a time, as a web process catches its sockets up after losing its subscription.
+    since = adas[2].sort_at + timedelta(seconds=61)  # past the look-back: nothing
+    found_since = inbox_items_since_many(cursors=[(ada.id, adas[2].sort_at), (bob.id, since)], limit=2)
+    assert found_since[(ada.id, adas[2].sort_at)] == inbox_items_since(
+        recipient_id=ada.id, since=adas[2].sort_at, limit=2
+    )
+    assert found_since[(ada.id, adas[2].sort_at)][0][0] == adas[0]  # the look-back reaches it
+    assert found_since[(bob.id, since)] == ([], False)
