@@ -357,6 +357,8 @@ def main() -> None:
         print(
             f"  of which from the item stored (by a worker) to the socket, {latency_line(started=stored, arrived=arrived)}"
         )
+        stored_at = {i: t for i, t in enumerate(stored) if t}
+        print(f"  and from API acceptance to the item stored, {latency_line(started=accepted, arrived=stored_at)}")
         rss_used = group_usage(processes.web.pid)[0]
         print(
             f"memory after the event: web RSS {rss_used / 2**20:,.0f} MB "
