@@ -294,6 +294,7 @@ def main() -> None:
         # as long as the kernel allows (net.core.somaxconn), for the reconnect storm.
         web_args=(
             *("--limit-concurrency", str(per_process + 1000), "--backlog", "4096"),
+            *("--timeout-graceful-shutdown", "30"),  # a deploy's stop does not wait on every client
             *("--ws-per-message-deflate", args.ws_per_message_deflate),
         ),
     )
