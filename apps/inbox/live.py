@@ -38,7 +38,10 @@ def inbox_items_added(*, items: Iterable[InboxItem]) -> None:
     counts = inbox_counts_many(recipient_ids={item.recipient_id for item in items})
     _publish(
         [
-            (item.recipient_id, [_frame(type="item", item=item_json), _counts_frame(counts, item)])
+            (
+                item.recipient_id,
+                [_frame(type="item", item=item_json), _counts_frame(counts=counts, recipient_id=item.recipient_id)],
+            )
             for item, item_json in zip(items, inbox_items_json(items=items), strict=True)
         ]
     )
@@ -51,7 +54,10 @@ def inbox_item_changed(*, item: InboxItem) -> None:
         [
             (
                 item.recipient_id,
-                [_frame(type="item_updated", item=inbox_item_json(item=item)), _counts_frame(counts, item)],
+                [
+                    _frame(type="item_updated", item=inbox_item_json(item=item)),
+                    _counts_frame(counts=counts, recipient_id=item.recipient_id),
+                ],
             )
         ]
     )
@@ -74,8 +80,8 @@ def _frame(**message: Any) -> str:
     return json.dumps(message)
 
 
-def _counts_frame(counts: dict[UUID, dict[str, Any]], item: InboxItem) -> str:
-    return _frame(type="counts", counts=counts[item.recipient_id])
+def _counts_frame(*, counts: dict[UUID, dict[str, Any]], recipient_id: UUID) -> str:
+    return _frame(type="counts", counts=counts[recipient_id])
 
 
 def _publish(frames: list[tuple[UUID, list[str]]]) -> None:
