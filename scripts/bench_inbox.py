@@ -184,6 +184,13 @@ def group_usage(process_group: int) -> tuple[int, float]:
     return rss, cpu
 
 
+def web_log(processes: Processes) -> str:
+    """What the web server (the one running now) wrote to its log."""
+    assert processes.web is not None
+    number = processes.children.index(processes.web)
+    return (ROOT / "var" / "log" / f"{processes.log_prefix}-{number}.log").read_text(errors="replace")
+
+
 def open_files(process_group: int) -> int:
     """The files (sockets included) the group's processes hold."""
     count = 0
@@ -366,7 +373,10 @@ def main() -> None:
             f"= {(rss_used - rss_before) / max(1, len(opened_times)) / 1024:,.1f} KB a connection"
         )
         closes = clients.closes()
-        print(f"closes before the restart: {dict(closes) or 'none'}; by a server error: {closes[SERVER_ERROR]}")
+        print(
+            f"closes before the restart: {dict(closes) or 'none'}; by a server error: {closes[SERVER_ERROR]}; "
+            f"'Exception in ASGI application' in the web log: {web_log(processes).count('Exception in ASGI application')}"
+        )
 
         processes.web_stop()
         stopped = time.time()
