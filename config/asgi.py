@@ -1,5 +1,6 @@
 """ASGI entry point: Django's HTTP application, and the inbox WebSocket through Channels."""
 
+import logging
 import os
 
 from django.core.asgi import get_asgi_application
@@ -14,8 +15,13 @@ pool_default = "DATABASE_POOL" not in os.environ
 os.environ.setdefault("DATABASE_POOL", "true")
 # Before Django loads its middleware, which the Django instrumentation adds to (when on).
 tracing_setup(process_kind="web")
+# Uvicorn's --log-level is on its logger "uvicorn.error", which Django's logging config (it
+# configures "uvicorn") resets to inherit; put it back, or every WebSocket logs lines at INFO
+# whatever the level asked for: two a connection, a fifth of what opening one costs.
+uvicorn_level = logging.getLogger("uvicorn.error").level
 # Django is set up here, before the imports below touch models.
 http_application = get_asgi_application()
+logging.getLogger("uvicorn.error").setLevel(uvicorn_level)
 if pool_default:
     del os.environ["DATABASE_POOL"]
 

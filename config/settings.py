@@ -464,13 +464,10 @@ NOTIFY_UNSUBSCRIBE_LINK_SECONDS = env.int("NOTIFY_UNSUBSCRIBE_LINK_SECONDS", def
 NOTIFY_WEBPUSH_CLICK_LINK_SECONDS = env.int("NOTIFY_WEBPUSH_CLICK_LINK_SECONDS", default=30 * 86400)
 
 # --- In-app inbox -----------------------------------------------------------------------
-# Live updates go through a Redis channel layer (the broker's Redis unless told otherwise).
-CHANNEL_LAYERS = {
-    "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [env("CHANNEL_LAYER_URL", default=NOTIFY_REDIS_URL)], "prefix": "notify-inbox"},
-    }
-}
+# Live updates go through Redis pub/sub (the broker's Redis unless told otherwise): one
+# message a batch of items, one subscription a web process (apps/inbox/hub.py). No channel
+# layer: a consumer with one would hold a Redis read of its own.
+NOTIFY_INBOX_LIVE_URL = env("NOTIFY_INBOX_LIVE_URL", default=NOTIFY_REDIS_URL)
 # How long a recipient token from POST /api/v1/inbox-tokens stays valid.
 NOTIFY_INBOX_TOKEN_SECONDS = env.int("NOTIFY_INBOX_TOKEN_SECONDS", default=3600)
 NOTIFY_INBOX_PING_SECONDS = env.float("NOTIFY_INBOX_PING_SECONDS", default=25.0)

@@ -92,9 +92,11 @@ class Processes:
         web_interface: str,
         metrics: bool = True,
         sandbox_args: tuple[str, ...] = (),
+        web_args: tuple[str, ...] = (),
     ) -> None:
         self.web_workers = web_workers
         self.sandbox_args = sandbox_args
+        self.web_args = web_args  # more uvicorn options (the inbox benchmark's connection limits)
         # WSGI under uvicorn runs each request on its own thread, so a small request is not
         # queued behind a large one in the same process; ASGI runs sync views on one thread.
         self.web_app = (
@@ -103,6 +105,7 @@ class Processes:
             else ["--interface", "wsgi", "config.wsgi:application"]
         )
         self.children: list[subprocess.Popen] = []
+        self.web: subprocess.Popen | None = None
         self.labels: dict[int, str] = {}  # process group -> what it is, for the CPU breakdown
         # The children run in process groups of their own: a run stopped with SIGTERM (as a
         # timeout stops it) unwinds through its `finally`, which stops them, rather than
@@ -149,9 +152,13 @@ class Processes:
             str(SANDBOX_PORT),
             *self.sandbox_args,
         )
-        self.spawn(
+        self.web_start()
+
+    def web_start(self) -> None:
+        """The ASGI server, as the run command serves it; returns once it answers."""
+        self.web = self.spawn(
             "web",
-            python,
+            sys.executable,
             "-m",
             "uvicorn",
             *self.web_app,
@@ -162,6 +169,7 @@ class Processes:
             "warning",
             "--workers",
             str(self.web_workers),
+            *self.web_args,
         )
         SandboxClient(base_url=f"http://127.0.0.1:{SANDBOX_PORT}").wait_until_up()
         deadline = time.monotonic() + 30
@@ -171,6 +179,12 @@ class Processes:
                 break
             except requests.RequestException:
                 time.sleep(0.1)
+
+    def web_stop(self) -> None:
+        """Stop the ASGI server (and its worker processes) as a deploy does, with SIGTERM."""
+        assert self.web is not None
+        os.killpg(self.web.pid, signal.SIGTERM)
+        self.web.wait(timeout=60)
 
     def start_group(self, *, label: str, group: str, pool: str = "solo", concurrency: int = 1, nice: int = 0) -> None:
         """One Celery worker for a worker group of config/queues.py, named after the group."""

@@ -4,6 +4,7 @@
 # or, the drain rate with the metrics off and on: scripts/bench.sh --bulk 30000 --metrics-compare
 # or, for the recipient import: scripts/bench.sh --import 1000000
 # or, for a broadcast to an imported audience: scripts/bench.sh --broadcast 1000000
+# or, for the inbox's live connections: scripts/bench.sh --inbox-connections 20000
 source "$(dirname "$0")/lib.sh"
 
 # NOTIFY_METRICS_ENABLED=false runs it with the metrics off; --metrics-compare runs both.
@@ -15,5 +16,9 @@ fi
 # `--broadcast N` benchmarks an audience import and a broadcast to it (scripts/bench_broadcast.py).
 if [ "${1:-}" = "--broadcast" ]; then
     exec "$PY" -u scripts/bench_broadcast.py "$@"
+fi
+# `--inbox-connections N` benchmarks N inbox WebSockets (scripts/bench_inbox.py).
+if [ "${1:-}" = "--inbox-connections" ]; then
+    exec "$PY" -u scripts/bench_inbox.py "$@"
 fi
 exec "$PY" -u scripts/bench.py "$@"

@@ -6,8 +6,8 @@ in another's /metrics. Loaded with `-p` (pytest.ini), before Django reads its se
 import os
 from urllib.parse import urlsplit, urlunsplit
 
-# Redis URLs the settings read; the cache, caps and channel layer default to the broker's.
-REDIS_URL_SETTINGS = ("CELERY_BROKER_URL", "NOTIFY_REDIS_URL", "CHANNEL_LAYER_URL")
+# Redis URLs the settings read; the cache, caps and live inbox default to the broker's.
+REDIS_URL_SETTINGS = ("CELERY_BROKER_URL", "NOTIFY_REDIS_URL", "NOTIFY_INBOX_LIVE_URL")
 
 
 def redis_database_shifted(url: str, *, by: int) -> str:

@@ -13,18 +13,19 @@ A client silent for two ping intervals is closed as dead, and a socket is closed
 token expires; each close code tells the client what to do."""
 
 import asyncio
+import json
 import time
+from collections import deque
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
-from uuid import UUID
+from uuid import UUID, uuid4
 
-from channels.db import database_sync_to_async
+from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
-from apps.inbox.live import inbox_group, inbox_item_json
-from apps.inbox.models import InboxItem
-from apps.inbox.services import inbox_counts, inbox_items_after
+from apps.inbox.hub import CatchUp, inbox_hub
 from apps.inbox.sockets import socket_slot_release, socket_slot_renew, socket_slot_take
 from apps.recipients.tokens import INBOX, RecipientTokenInvalid, recipient_token_read
 from notify.observability import metrics
@@ -34,7 +35,6 @@ CLOSE_TOKEN_INVALID = 4001  # missing, late, in the URL or tampered: do not retr
 CLOSE_TOKEN_EXPIRED = 4002  # ask the application for a new token, then reconnect
 CLOSE_KEEP_ALIVE = 4008  # nothing heard for two ping intervals: reconnect
 CLOSE_TOO_MANY_SOCKETS = 4029  # the recipient has the most sockets allowed open: retry later
-CATCH_UP_LIMIT = 100
 SUBPROTOCOL = "notify-inbox"
 SUBPROTOCOL_TOKEN_PREFIX = "token."
 TOKEN_IN_URL = "the token belongs in the first message or the subprotocol, not in the URL, which logs record"
@@ -42,17 +42,22 @@ FIRST_MESSAGE = 'the first message must be {"type": "auth", "token": "<inbox tok
 
 
 class InboxConsumer(AsyncJsonWebsocketConsumer):
+    socket_id: str = ""
     recipient_id: UUID | None = None
     token_received: bool = False
     token_expires_at: float = 0.0  # a Unix time
     after: str = ""
-    group: str = ""
+    joined: bool = False  # takes pushes from this process's hub
     holds_slot: bool = False
     last_heard: float = 0.0
     watch: asyncio.Task[None] | None = None  # the token's deadline, then the keep-alive
     counted: bool = False  # in the open-connections gauge
+    outbox: deque[str]  # pushed frames not sent yet, in order
+    sender: asyncio.Task[None] | None = None
+    catching_up: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
+        self.socket_id, self.outbox = uuid4().hex, deque()
         query = parse_qs(self.scope["query_string"].decode(errors="replace"))
         offered: list[str] = self.scope.get("subprotocols") or []
         # Accept first: a close code can only be sent on an accepted connection.
@@ -71,16 +76,26 @@ class InboxConsumer(AsyncJsonWebsocketConsumer):
                 return
         self.watch = asyncio.create_task(self._close_without_token())
 
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels closes stale database connections before every message, a hop to the
+        # database thread each: for every socket's connect, token and keep-alive answer. This
+        # consumer reads the database only through database_sync_to_async, which does it.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message['type']}")
+        await handler(message)
+
     async def disconnect(self, code: int) -> None:
         if self.counted:
             metrics.websocket_closed()
             self.counted = False
         if self.watch:
             self.watch.cancel()
-        if self.group:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        if self.joined and self.recipient_id:
+            inbox_hub().leave(recipient_id=self.recipient_id, socket=self)
+            self.joined = False
         if self.holds_slot and self.recipient_id:
-            await socket_slot_release(recipient_id=self.recipient_id, socket_id=self.channel_name)
+            await socket_slot_release(recipient_id=self.recipient_id, socket_id=self.socket_id)
 
     @classmethod
     async def decode_json(cls, text_data: str) -> Any:
@@ -112,20 +127,18 @@ class InboxConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_TOKEN_EXPIRED if error.expired else CLOSE_TOKEN_INVALID, reason=str(error))
             return
         self.recipient_id, self.token_expires_at = read.recipient_id, read.expires_at.timestamp()
-        self.holds_slot = await socket_slot_take(recipient_id=self.recipient_id, socket_id=self.channel_name)
+        self.holds_slot = await socket_slot_take(recipient_id=self.recipient_id, socket_id=self.socket_id)
         if not self.holds_slot:
             cap = settings.NOTIFY_INBOX_MAX_SOCKETS_PER_RECIPIENT
             await self.close(code=CLOSE_TOO_MANY_SOCKETS, reason=f"too many open connections for this inbox ({cap})")
             return
         # Join before reading the database: whatever is stored from now on is pushed, and
         # anything stored before is in the reads below (a repeat is dropped by id).
-        self.group = inbox_group(recipient_id=self.recipient_id)
-        await self.channel_layer.group_add(self.group, self.channel_name)
-        await self.send_json(
-            {"type": "hello", "counts": await database_sync_to_async(inbox_counts)(recipient_id=self.recipient_id)}
-        )
+        await inbox_hub().join(recipient_id=self.recipient_id, socket=self)
+        self.joined = True
+        await self.send_json({"type": "hello", "counts": await inbox_hub().counts.get(self.recipient_id)})
         if self.after:
-            items, more = await database_sync_to_async(_catch_up)(recipient_id=self.recipient_id, after=self.after)
+            items, more = await _catch_up_after(recipient_id=self.recipient_id, after=self.after)
             await self.send_json({"type": "catch_up", "items": items, "more": more})
         self.last_heard = time.monotonic()
         self.watch = asyncio.create_task(self._keep_alive(recipient_id=self.recipient_id))
@@ -148,26 +161,46 @@ class InboxConsumer(AsyncJsonWebsocketConsumer):
                 await self.close(code=CLOSE_KEEP_ALIVE, reason="no pong: the connection looks dead")
                 return
             await self.send_json({"type": "ping"})
-            await socket_slot_renew(recipient_id=recipient_id, socket_id=self.channel_name)
+            await socket_slot_renew(recipient_id=recipient_id, socket_id=self.socket_id)
 
-    # Channel-layer messages from apps.inbox.live, one handler per message type.
-    async def inbox_item(self, message: dict[str, Any]) -> None:
-        await self.send_json({"type": "item", "item": message["item"]})
-        await self.inbox_counts(message)
+    # From this process's hub (apps.inbox.hub), which holds the socket while it is joined.
+    def push(self, *, frames: list[str]) -> None:
+        """Send the frames (encoded messages) in order, without making the hub wait for a slow
+        client: the socket's own task sends them."""
+        self.outbox.extend(frames)
+        if self.sender is None or self.sender.done():
+            self.sender = asyncio.create_task(self._send_outbox())
 
-    async def inbox_item_updated(self, message: dict[str, Any]) -> None:
-        await self.send_json({"type": "item_updated", "item": message["item"]})
-        await self.inbox_counts(message)
+    def catch_up_since(self, *, since: float) -> None:
+        """The hub's subscription was lost a while: send what was stored since `since`."""
+        self.catching_up = asyncio.create_task(self._catch_up_since(since=datetime.fromtimestamp(since, tz=UTC)))
 
-    async def inbox_counts(self, message: dict[str, Any]) -> None:
-        await self.send_json({"type": "counts", "counts": message["counts"]})
+    async def _send_outbox(self) -> None:
+        try:
+            while self.outbox:
+                await self.send(text_data=self.outbox.popleft())
+        except (OSError, RuntimeError):  # the socket is closing: disconnect() is on its way
+            self.outbox.clear()
+
+    async def _catch_up_since(self, *, since: datetime) -> None:
+        if not self.joined or self.recipient_id is None:
+            return
+        recipient_id = self.recipient_id
+        items, more = await inbox_hub().catch_ups_since.get((recipient_id, since))
+        counts = await inbox_hub().counts.get(recipient_id)
+        self.push(
+            frames=[
+                json.dumps({"type": "catch_up", "items": items, "more": more}),
+                json.dumps({"type": "counts", "counts": counts}),
+            ]
+        )
 
 
-def _catch_up(*, recipient_id: UUID, after: str) -> tuple[list[dict[str, Any]], bool]:
-    """The missed items and whether there were more; `more` alone, with no items, when `after`
-    names no item of this inbox: either way the client reloads its list from the API."""
+async def _catch_up_after(*, recipient_id: UUID, after: str) -> CatchUp:
+    """What the client missed since the newest item it holds (read together with the other
+    clients that reconnect meanwhile)."""
     try:
-        items, more = inbox_items_after(recipient_id=recipient_id, item_id=UUID(after), limit=CATCH_UP_LIMIT)
-    except (InboxItem.DoesNotExist, ValueError):
+        held_id = UUID(after)
+    except ValueError:
         return [], True
-    return [inbox_item_json(item=item) for item in items], more
+    return await inbox_hub().catch_ups.get((recipient_id, held_id))

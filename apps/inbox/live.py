@@ -1,34 +1,33 @@
-"""Live inbox updates: new items, changed items and fresh counts pushed through the channel
-layer to every open connection of a recipient (each tab or device joins the recipient's group).
+"""Live inbox updates: new items, changed items and fresh counts pushed to every open
+connection of a recipient (each tab or device), whichever web process holds it.
 
-The channel layer delivers at most once, so a push is a courtesy and never the record: the
-database is. A push that fails is logged and dropped; a client that missed it catches up from
-the database when it reconnects (see InboxConsumer)."""
+One Redis PUBLISH a batch carries every recipient's frames, ready to send as they are; each
+web process's hub (apps.inbox.hub) receives it on its one subscription and hands the frames to
+the sockets it holds. Pub/sub delivers at most once, so a push is a courtesy and never the
+record: the database is. A push that fails is logged and dropped; the sockets catch up from the
+database when the hub's subscription comes back, and clients when they reconnect."""
 
-import asyncio
+import json
 import logging
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
+import redis
+from django.conf import settings
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
+from apps.inbox.hub import live_channel
 from apps.inbox.models import InboxItem
-from apps.inbox.serializers import InboxItemSerializer
+from apps.inbox.serializers import inbox_item_json, inbox_items_json
 from apps.inbox.services import inbox_counts_many, inbox_snoozes_wake
 
 logger = logging.getLogger(__name__)
-BROADCAST_CONCURRENCY = 16
-
-
-def inbox_group(*, recipient_id: UUID) -> str:
-    return f"inbox.{recipient_id}"
-
-
-def inbox_item_json(*, item: InboxItem) -> dict[str, Any]:
-    return dict(InboxItemSerializer(item).data)
+# A slow Redis delays the worker's batch (or the request) by at most this; the push is dropped.
+PUBLISH_TIMEOUT_SECONDS = 0.5
+_publishers: dict[str, redis.Redis] = {}
 
 
 def inbox_items_added(*, items: Iterable[InboxItem]) -> None:
@@ -37,22 +36,30 @@ def inbox_items_added(*, items: Iterable[InboxItem]) -> None:
     if not items:
         return
     counts = inbox_counts_many(recipient_ids={item.recipient_id for item in items})
-    _broadcast(
+    _publish(
         [
             (
                 item.recipient_id,
-                {"type": "inbox.item", "item": inbox_item_json(item=item), "counts": counts[item.recipient_id]},
+                [_frame(type="item", item=item_json), _counts_frame(counts=counts, recipient_id=item.recipient_id)],
             )
-            for item in items
+            for item, item_json in zip(items, inbox_items_json(items=items), strict=True)
         ]
     )
 
 
 def inbox_item_changed(*, item: InboxItem) -> None:
     """Another tab marked an item read, seen or archived: show it everywhere."""
-    counts = inbox_counts_many(recipient_ids=[item.recipient_id])[item.recipient_id]
-    _broadcast(
-        [(item.recipient_id, {"type": "inbox.item_updated", "item": inbox_item_json(item=item), "counts": counts})]
+    counts = inbox_counts_many(recipient_ids=[item.recipient_id])
+    _publish(
+        [
+            (
+                item.recipient_id,
+                [
+                    _frame(type="item_updated", item=inbox_item_json(item=item)),
+                    _counts_frame(counts=counts, recipient_id=item.recipient_id),
+                ],
+            )
+        ]
     )
 
 
@@ -65,26 +72,30 @@ def inbox_snoozes_return(*, now: datetime) -> int:
 
 def inbox_counts_changed(*, recipient_id: UUID) -> None:
     counts = inbox_counts_many(recipient_ids=[recipient_id])[recipient_id]
-    _broadcast([(recipient_id, {"type": "inbox.counts", "counts": counts})])
+    _publish([(recipient_id, [_frame(type="counts", counts=counts)])])
 
 
-def _broadcast(messages: list[tuple[UUID, dict[str, Any]]]) -> None:
-    layer = get_channel_layer()
-    if layer is None or not messages:
-        return
+def _frame(**message: Any) -> str:
+    # As the consumer's send_json encodes a message: the web process sends it unchanged.
+    return json.dumps(message)
 
-    async def send_all() -> None:
-        # Several at once, as each is a Redis round trip and a bulk batch holds hundreds; but
-        # bounded, as each concurrent send may open its own connection.
-        for start in range(0, len(messages), BROADCAST_CONCURRENCY):
-            await asyncio.gather(
-                *(
-                    layer.group_send(inbox_group(recipient_id=recipient_id), message)
-                    for recipient_id, message in messages[start : start + BROADCAST_CONCURRENCY]
-                )
-            )
 
+def _counts_frame(*, counts: dict[UUID, dict[str, Any]], recipient_id: UUID) -> str:
+    return _frame(type="counts", counts=counts[recipient_id])
+
+
+def _publish(frames: list[tuple[UUID, list[str]]]) -> None:
+    """One message for the whole batch, to every web process's hub."""
+    url = settings.NOTIFY_INBOX_LIVE_URL
+    if url not in _publishers:
+        _publishers[url] = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=PUBLISH_TIMEOUT_SECONDS,
+            socket_timeout=PUBLISH_TIMEOUT_SECONDS,
+            retry=Retry(NoBackoff(), 0),
+        )
+    message = json.dumps([[str(recipient_id), recipient_frames] for recipient_id, recipient_frames in frames])
     try:
-        async_to_sync(send_all)()
-    except Exception:  # noqa: BLE001 - a lost push must never fail the delivery or the request
-        logger.warning("live inbox update not pushed; clients catch up when they reconnect", exc_info=True)
+        _publishers[url].publish(live_channel(url=url), message)
+    except (redis.RedisError, OSError):  # a lost push must never fail the delivery or the request
+        logger.warning("live inbox update not pushed; clients catch up from the database", exc_info=True)

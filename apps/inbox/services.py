@@ -115,23 +115,107 @@ def inbox_counts_many(*, recipient_ids: Iterable[UUID]) -> dict[UUID, dict[str, 
 
 def inbox_items_after(*, recipient_id: UUID, item_id: UUID, limit: int) -> tuple[list[InboxItem], bool]:
     """What a reconnecting client may have missed since the newest item it holds, oldest first,
-    and whether there is more than `limit`.
-
-    Items are placed when a worker stores them (or when their snooze ends), so two workers can
-    commit a recipient's items slightly out of order. The look-back re-sends the items placed
-    shortly before the cursor as well; the client keeps items by id, so a repeat costs nothing
-    and a gap cannot happen."""
+    and whether there is more than `limit`. Raises InboxItem.DoesNotExist when the item is not
+    in this inbox."""
     cursor = InboxItem.objects.filter(recipient_id=recipient_id, id=item_id).values_list("sort_at", flat=True)
     since = cursor.first()
     if since is None:
         raise InboxItem.DoesNotExist
-    items = list(
-        inbox_items(recipient_id=recipient_id)
-        .filter(sort_at__gte=since - CATCH_UP_LOOK_BACK)
-        .exclude(id=item_id)
-        .order_by("sort_at", "id")[: limit + 1]
-    )
-    return items[:limit], len(items) > limit
+    return inbox_items_since(recipient_id=recipient_id, since=since, limit=limit, held_id=item_id)
+
+
+def inbox_items_since(
+    *, recipient_id: UUID, since: datetime, limit: int, held_id: UUID | None = None
+) -> tuple[list[InboxItem], bool]:
+    """The items placed since `since`, oldest first (but the one the client holds), and
+    whether there is more than `limit`: one range read of the inbox_recipient_recent index.
+
+    Items are placed when a worker stores them (or when their snooze ends), so two workers can
+    commit a recipient's items slightly out of order. The look-back re-sends the items placed
+    shortly before `since` as well; the client keeps items by id, so a repeat costs nothing
+    and a gap cannot happen."""
+    items = inbox_items(recipient_id=recipient_id).filter(sort_at__gte=since - CATCH_UP_LOOK_BACK)
+    if held_id is not None:
+        items = items.exclude(id=held_id)
+    found = list(items.order_by("sort_at", "id")[: limit + 1])
+    return found[:limit], len(found) > limit
+
+
+# inbox_items_since's read for many clients at once: each client's range of the
+# inbox_recipient_recent index, from the place of the item it holds (or from a time), less the
+# look-back, oldest first. A client whose item is not in its inbox has no row; one with nothing
+# newer, one row of NULL.
+_SINCE_MANY = f"""
+SELECT c.n, i.id
+FROM unnest(%(recipients)s::uuid[], %(held)s::uuid[], %(since)s::timestamptz[])
+  WITH ORDINALITY AS c(recipient_id, held_id, since, n)
+LEFT JOIN inbox_inboxitem held ON held.id = c.held_id AND held.recipient_id = c.recipient_id
+LEFT JOIN LATERAL (
+  SELECT i.id, i.sort_at FROM inbox_inboxitem i
+  WHERE i.recipient_id = c.recipient_id AND i.archived_at IS NULL {_SHOWN}
+    AND i.sort_at >= coalesce(held.sort_at, c.since) - make_interval(secs => %(look_back)s)
+    AND i.id IS DISTINCT FROM c.held_id
+  ORDER BY i.sort_at, i.id LIMIT %(cap)s
+) i ON true
+WHERE c.held_id IS NULL OR held.id IS NOT NULL
+ORDER BY c.n, i.sort_at, i.id
+"""
+CatchUpFound = tuple[list[InboxItem], bool] | None
+
+
+def inbox_items_after_many(*, cursors: list[tuple[UUID, UUID]], limit: int) -> dict[tuple[UUID, UUID], CatchUpFound]:
+    """inbox_items_after for many (recipient, held item) pairs in one query: what the clients
+    of a restarted server missed. None for a pair whose item is not in that inbox."""
+    if connection.vendor != "postgresql":  # the demo's SQLite: a few clients, one by one
+        found: dict[tuple[UUID, UUID], CatchUpFound] = {}
+        for recipient_id, item_id in cursors:
+            try:
+                found[(recipient_id, item_id)] = inbox_items_after(
+                    recipient_id=recipient_id, item_id=item_id, limit=limit
+                )
+            except InboxItem.DoesNotExist:
+                found[(recipient_id, item_id)] = None
+        return found
+    starts: list[tuple[UUID, UUID | None, datetime | None]] = [(r, item_id, None) for r, item_id in cursors]
+    return dict(zip(cursors, _items_since_many(starts=starts, limit=limit), strict=True))
+
+
+def inbox_items_since_many(
+    *, cursors: list[tuple[UUID, datetime]], limit: int
+) -> dict[tuple[UUID, datetime], tuple[list[InboxItem], bool]]:
+    """inbox_items_since for many (recipient, time) pairs in one query: what the sockets of a
+    web process may have missed while its subscription was lost."""
+    if connection.vendor != "postgresql":
+        return {(r, since): inbox_items_since(recipient_id=r, since=since, limit=limit) for r, since in cursors}
+    starts: list[tuple[UUID, UUID | None, datetime | None]] = [(r, None, since) for r, since in cursors]
+    found = _items_since_many(starts=starts, limit=limit)
+    return {cursor: result or ([], False) for cursor, result in zip(cursors, found, strict=True)}
+
+
+def _items_since_many(*, starts: list[tuple[UUID, UUID | None, datetime | None]], limit: int) -> list[CatchUpFound]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _SINCE_MANY,
+            {
+                "recipients": [recipient_id for recipient_id, _, _ in starts],
+                "held": [item_id for _, item_id, _ in starts],
+                "since": [since for _, _, since in starts],
+                "now": timezone.now(),
+                "look_back": CATCH_UP_LOOK_BACK.total_seconds(),
+                "cap": limit + 1,
+            },
+        )
+        rows = cursor.fetchall()
+    ids_of: dict[int, list[UUID]] = {}
+    for n, item_id in rows:
+        ids_of.setdefault(n, [])
+        if item_id is not None:
+            ids_of[n].append(item_id)
+    items = InboxItem.objects.in_bulk([item_id for ids in ids_of.values() for item_id in ids])
+    return [
+        ([items[i] for i in ids_of[n][:limit]], len(ids_of[n]) > limit) if n in ids_of else None
+        for n in range(1, len(starts) + 1)
+    ]
 
 
 def inbox_item_mark(*, recipient_id: UUID, item_id: UUID, mark: str) -> InboxItem:

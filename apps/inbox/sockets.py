@@ -21,6 +21,7 @@ from redis.backoff import NoBackoff
 logger = logging.getLogger(__name__)
 # A slow Redis delays a new connection by at most this; the socket is then let in uncounted.
 REDIS_TIMEOUT_SECONDS = 0.5
+REDIS_CONNECTIONS = 32  # a web process's, for the slots
 # Pings that may be missed before a socket's slot lapses (a killed process renews nothing).
 LEASE_PINGS = 3
 
@@ -94,10 +95,15 @@ def _client() -> redis.asyncio.Redis:
     clients = _clients.setdefault(asyncio.get_running_loop(), {})
     url = settings.NOTIFY_REDIS_URL
     if url not in clients:
-        clients[url] = redis.asyncio.Redis.from_url(
+        # A reconnect storm opens thousands of sockets at once: their calls wait their turn for
+        # a connection (within the timeout) rather than failing open, or opening thousands.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
             url,
+            max_connections=REDIS_CONNECTIONS,
+            timeout=REDIS_TIMEOUT_SECONDS,
             socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
             socket_timeout=REDIS_TIMEOUT_SECONDS,
             retry=Retry(NoBackoff(), 0),  # the timeout above bounds the whole call: no retries in it
         )
+        clients[url] = redis.asyncio.Redis(connection_pool=pool)
     return clients[url]

@@ -16,6 +16,7 @@ from apps.inbox.models import InboxItem
 from apps.inbox.services import inbox_groups_fold, inbox_item_attributes, inbox_item_replace
 from apps.recipients.models import Recipient
 from notify.channels.base import Channel, OutboundMessage, SendOutcome, timed_outcome
+from notify.pipeline.bulk import rows_insert_new
 
 # Items written in one statement.
 IN_APP_BATCH = 250
@@ -43,7 +44,7 @@ class InAppChannel(Channel):
             m.delivery_id: _item(message=m, now=now, attributes=attributes.get(m.delivery_id, {})) for m in messages
         }
         # A re-send after a lost record finds the item there: one item per delivery.
-        InboxItem.objects.bulk_create([items[m.delivery_id] for m in messages if not m.replaces], ignore_conflicts=True)
+        rows_insert_new(objects=[items[m.delivery_id] for m in messages if not m.replaces])
         stale = set()
         # Oldest first, so that of one key's deliveries in this batch the newest ends up shown.
         for message in sorted((m for m in messages if m.replaces), key=lambda m: m.delivery_id):

@@ -1,4 +1,4 @@
-"""The inbox WebSocket, through the project's ASGI application and the Redis channel layer:
+"""The inbox WebSocket, through the project's ASGI application and Redis pub/sub:
 token checks and close codes, live items and counts in every tab, catch-up on reconnect,
 and the keep-alive that closes a silent connection."""
 
@@ -6,6 +6,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -200,18 +201,12 @@ def test_a_silent_client_is_closed_and_one_that_answers_stays(ada, settings):
     run(scenario)
 
 
-def test_with_the_channel_layer_down_the_item_is_still_stored_and_caught_up_later(workspace, ada, settings, caplog):
-    """The live push is a courtesy: Redis for the channel layer unreachable fails no delivery."""
-    from channels.layers import channel_layers
-
-    settings.CHANNEL_LAYERS = {
-        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": ["redis://127.0.0.1:1/0"]}}
-    }
-    channel_layers.backends.clear()  # built again from the settings above
-    try:
-        delivery = notify(workspace, text="while Redis was away")
-    finally:
-        channel_layers.backends.clear()
+def test_with_redis_for_live_updates_down_the_item_is_still_stored_and_caught_up_later(
+    workspace, ada, settings, caplog
+):
+    """The live push is a courtesy: Redis for live updates unreachable fails no delivery."""
+    settings.NOTIFY_INBOX_LIVE_URL = "redis://127.0.0.1:1/0"
+    delivery = notify(workspace, text="while Redis was away")
     assert delivery.status == DeliveryStatus.SENT
     assert delivery.inbox_item.body == "while Redis was away"
     assert "live inbox update not pushed" in caplog.text
@@ -366,3 +361,70 @@ def test_open_sockets_are_counted_until_they_close(ada, metrics_token):
     run(scenario)
     assert counts == [before + 2, before + 1]
     assert metric_value(metrics_scrape(), "notify_websocket_connections") == before
+
+
+def test_a_reconnects_catch_up_and_counts_are_read_through_indexes(workspace, ada):
+    """A restarting server's clients all come back at once: the reads that serve their
+    reconnects (the items since each one's newest, the counts; each for many clients at once)
+    must be index reads, never a scan of the table, and never a sort of a whole inbox."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from apps.inbox.services import inbox_counts_many, inbox_items_after_many
+
+    held = notify(workspace, text="held").inbox_item
+    notify(workspace, text="missed")
+    with CaptureQueriesContext(connection) as queries:
+        inbox_items_after_many(cursors=[(ada.id, held.id)], limit=100)
+        inbox_counts_many(recipient_ids=[ada.id])
+    items_sql, _, counts_sql = (query["sql"] for query in queries)  # the second loads the items by id
+    plans = []
+    with connection.cursor() as cursor:
+        # The test's table is tiny, where a scan is cheapest: make the planner show what it
+        # would do with a large one.
+        cursor.execute("SET enable_seqscan = off")
+        for sql in (items_sql, counts_sql):
+            cursor.execute(f"EXPLAIN {sql}")
+            plans.append("\n".join(row[0] for row in cursor.fetchall()))
+        cursor.execute("RESET enable_seqscan")
+    items_plan, counts_plan = plans
+    # Each client's items since its cursor, in order, straight off the index (the one sort
+    # left is of the few rows found, by client).
+    assert "Index Scan Backward using inbox_recipient_recent" in items_plan, items_plan
+    assert items_plan.count("Sort Key") == 1 and "Sort Key: c.n," in items_plan, items_plan
+    assert "inbox_unread" in counts_plan and "inbox_unseen" in counts_plan, counts_plan
+    for plan in plans:
+        assert "Seq Scan" not in plan, plan
+
+
+def test_the_catch_up_of_many_clients_at_once_is_each_ones_own(workspace, ada):
+    """Read together, each reconnecting client gets what it would alone: the items after the
+    one it holds, `more` past the limit, nothing for an item of another inbox."""
+    from apps.inbox.services import (
+        inbox_items_after,
+        inbox_items_after_many,
+        inbox_items_since,
+        inbox_items_since_many,
+    )
+
+    bob = RecipientFactory(tenant=workspace.tenant, external_id="bob")
+    adas = [notify(workspace, text=f"ada {n}").inbox_item for n in range(4)]
+    bobs = [notify(workspace, external_id="bob", text=f"bob {n}").inbox_item for n in range(2)]
+    cursors = [(ada.id, adas[0].id), (ada.id, adas[1].id), (bob.id, bobs[1].id), (bob.id, adas[0].id)]
+    found = inbox_items_after_many(cursors=cursors, limit=2)
+    for recipient_id, item_id in cursors[:3]:
+        items, more = inbox_items_after(recipient_id=recipient_id, item_id=item_id, limit=2)
+        assert found[(recipient_id, item_id)] == (items, more)
+    assert found[(ada.id, adas[0].id)] == (adas[1:3], True)
+    # Within the look-back, the items placed just before the cursor come again (by id, harmless).
+    assert found[(bob.id, bobs[1].id)] == ([bobs[0]], False)
+    assert found[(bob.id, adas[0].id)] is None  # not bob's item: the client reloads its list
+
+    # From a time, as a web process catches its sockets up after losing its subscription.
+    since = adas[2].sort_at + timedelta(seconds=61)  # past the look-back: nothing
+    found_since = inbox_items_since_many(cursors=[(ada.id, adas[2].sort_at), (bob.id, since)], limit=2)
+    assert found_since[(ada.id, adas[2].sort_at)] == inbox_items_since(
+        recipient_id=ada.id, since=adas[2].sort_at, limit=2
+    )
+    assert found_since[(ada.id, adas[2].sort_at)][0][0] == adas[0]  # the look-back reaches it
+    assert found_since[(bob.id, since)] == ([], False)

@@ -5,6 +5,8 @@ clear, in the real output of a web server and a worker."""
 import json
 import logging
 import logging.config
+import subprocess
+import sys
 
 import pytest
 import requests
@@ -17,7 +19,8 @@ from apps.deliveries.models import Event
 from config.queues import dead_letter_queue
 from notify.observability.logs import correlation_id_var
 from notify.pipeline.dispatch import DEAD_LETTER_TASK
-from tests.helpers import wait_for
+from tests.conftest import ROOT, process_env
+from tests.helpers import free_port, wait_for
 
 EMAIL, PHONE = "ada.lovelace@example.com", "+15555550006"
 API_KEY = "ntf_a1b2c3d4e5f6_SeCrEtPaRtOfTheKey0123456789abcd"
@@ -155,3 +158,34 @@ def test_a_real_request_and_task_log_json_lines_with_ids_and_nothing_in_clear(
     assert dead["correlation_id"] == "req-logs-2"
     assert dead["delivery_id"] == "0192f3a4-0000-7000-8000-000000000001"
     assert dead["task_id"] and {"timestamp", "level", "logger"} <= dead.keys()
+
+
+def test_uvicorns_log_level_holds_for_its_own_lines(transactional_db, sandbox, tmp_path):
+    """Django's logging config resets uvicorn's logger "uvicorn.error"; the ASGI module puts
+    --log-level back, or every WebSocket would log its lines at INFO whatever the level."""
+    from websockets.sync.client import connect
+
+    port, log_path = free_port(), tmp_path / "web.log"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "config.asgi:application", "--port", str(port), "--log-level", "warning"],
+        cwd=ROOT,
+        env=process_env(sandbox_url=sandbox.base_url),
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), what="the web server to answer")
+        with connect(f"ws://127.0.0.1:{port}/inbox/v1/ws"):
+            pass  # accepted, which uvicorn logs at INFO
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    log = log_path.read_text()
+    assert "WebSocket /inbox/v1/ws" not in log and "connection open" not in log, log
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
