@@ -68,11 +68,11 @@ def celery_worker(*, group: str, pool: tuple[str, ...] = ("--pool", "solo")) -> 
     return celery_command("worker", "--without-mingle", "--without-gossip", *pool, "-Q", queues, "-n", f"{group}@%h")
 
 
-def ports_check() -> None:
+def ports_check(*extra_ports: int) -> None:
     """Stop before anything starts when another server holds the run's ports (a benchmark or
     soak still running, or one killed earlier): it would take this run's requests into its own
     database, and its figures would be that server's."""
-    for port in (WEB_PORT, SANDBOX_PORT):
+    for port in (WEB_PORT, SANDBOX_PORT, *extra_ports):
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 raise SystemExit(

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import resource
-import socket
 import subprocess
 import sys
 import threading
@@ -278,10 +277,7 @@ def main() -> None:
     if per_process > hard - 50:
         print(f"warning: {per_process} sockets a web process is more than this machine's file limit ({hard}) allows")
 
-    ports_check()
-    with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", API_PORT)) == 0:
-            raise SystemExit(f"port {API_PORT} is in use: stop what listens there, or set BENCH_WEB_PORT")
+    ports_check(API_PORT)
     (ROOT / "var" / "log").mkdir(parents=True, exist_ok=True)
     api_key = settings.NOTIFY_DEMO_API_KEY
     tenant = demo_workspace_ensure(api_key=api_key)
