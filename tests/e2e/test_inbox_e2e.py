@@ -369,9 +369,11 @@ def test_the_inbox_element_severity_tabs_groups_expiry_snooze_bounded_badge_and_
             page.keyboard.press("ArrowLeft")
 
             # Snoozed (through the API, for seconds): gone at once, back when its time comes.
+            # The element shows it again at `until` by its own clock, so the snooze is long
+            # enough that the push reaches it well before then on a loaded machine.
             disk = page.locator(".ntf-item", has_text="Disk full")
             item_id = disk.get_attribute("data-id")
-            until = datetime.now(UTC) + timedelta(seconds=3)
+            until = datetime.now(UTC) + timedelta(seconds=8)
             snoozed = requests.post(
                 f"{server.url}/inbox/v1/items/{item_id}/snooze",
                 json={"until": until.isoformat()},
