@@ -476,6 +476,10 @@ NOTIFY_INBOX_AUTH_SECONDS = env.float("NOTIFY_INBOX_AUTH_SECONDS", default=5.0)
 # Open WebSockets per recipient across all web processes (counted in NOTIFY_REDIS_URL's Redis);
 # one more is refused with close code 4029. 0: no cap.
 NOTIFY_INBOX_MAX_SOCKETS_PER_RECIPIENT = env.int("NOTIFY_INBOX_MAX_SOCKETS_PER_RECIPIENT", default=10)
+# Frames waiting to be sent to one socket whose client reads too slowly: past this many, the
+# socket is closed (4013) and its client reconnects and catches up from the database, so a
+# stalled client never holds an unbounded queue in the web process.
+NOTIFY_INBOX_SEND_QUEUE_FRAMES = env.int("NOTIFY_INBOX_SEND_QUEUE_FRAMES", default=1000)
 # Unread and unseen counts stop at this many plus one (shown "99+"), so they stay cheap however
 # many items a recipient holds.
 NOTIFY_INBOX_COUNT_LIMIT = env.int("NOTIFY_INBOX_COUNT_LIMIT", default=99)

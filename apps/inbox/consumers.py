@@ -34,6 +34,7 @@ from notify.observability import metrics
 CLOSE_TOKEN_INVALID = 4001  # missing, late, in the URL or tampered: do not retry with this token
 CLOSE_TOKEN_EXPIRED = 4002  # ask the application for a new token, then reconnect
 CLOSE_KEEP_ALIVE = 4008  # nothing heard for two ping intervals: reconnect
+CLOSE_TOO_SLOW = 4013  # the client fell too far behind the pushes: reconnect, and catch up
 CLOSE_TOO_MANY_SOCKETS = 4029  # the recipient has the most sockets allowed open: retry later
 SUBPROTOCOL = "notify-inbox"
 SUBPROTOCOL_TOKEN_PREFIX = "token."
@@ -54,6 +55,8 @@ class InboxConsumer(AsyncJsonWebsocketConsumer):
     counted: bool = False  # in the open-connections gauge
     outbox: deque[str]  # pushed frames not sent yet, in order
     sender: asyncio.Task[None] | None = None
+    falling_behind: bool = False  # closed for a send queue past its cap; pushes are dropped
+    closing: asyncio.Task[None] | None = None
     catching_up: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
@@ -167,6 +170,18 @@ class InboxConsumer(AsyncJsonWebsocketConsumer):
     def push(self, *, frames: list[str]) -> None:
         """Send the frames (encoded messages) in order, without making the hub wait for a slow
         client: the socket's own task sends them."""
+        if self.falling_behind:
+            return
+        if len(self.outbox) + len(frames) > settings.NOTIFY_INBOX_SEND_QUEUE_FRAMES:
+            # The database holds every item: a client this far behind reconnects and catches
+            # up from there, rather than holding the process's memory for frames it can't take.
+            self.falling_behind = True
+            self.outbox.clear()
+            cap = settings.NOTIFY_INBOX_SEND_QUEUE_FRAMES
+            self.closing = asyncio.create_task(
+                self.close(code=CLOSE_TOO_SLOW, reason=f"more than {cap} messages waiting: reconnect and catch up")
+            )
+            return
         self.outbox.extend(frames)
         if self.sender is None or self.sender.done():
             self.sender = asyncio.create_task(self._send_outbox())

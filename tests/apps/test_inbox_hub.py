@@ -5,16 +5,21 @@ item arrives, live or through the catch-up that follows when Redis answers again
 
 import asyncio
 import json
+import secrets
 import signal
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import redis
 from asgiref.sync import sync_to_async
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from apps.deliveries.models import Delivery
-from apps.inbox.hub import STALL_SECONDS
+from apps.inbox.hub import STALL_SECONDS, live_channel
 from apps.recipients.models import Recipient
 from apps.recipients.tokens import INBOX, recipient_token_issue
 from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
@@ -154,3 +159,59 @@ def test_a_stalled_redis_closes_no_socket_and_every_item_arrives(
     log = (tmp_path / "web-0.log").read_text()
     assert "live inbox subscription lost" in log
     assert "Traceback" not in log
+
+
+def test_a_client_too_slow_to_read_is_closed_to_catch_up_and_slows_no_one_else(
+    workspace, inbox_category, web_server_start, live_redis, tmp_path
+):
+    """A client that stops reading while pushes keep coming: its socket's queue stops at the cap,
+    and the socket is closed with 4013 (reconnect, catch up from the database), while another
+    recipient's socket on the same process gets every push."""
+    cap = 20
+    base_url = web_server_start(
+        env={"NOTIFY_INBOX_LIVE_URL": live_redis.url, "NOTIFY_INBOX_SEND_QUEUE_FRAMES": str(cap)}
+    )
+    slow_recipient, brisk_recipient = (
+        RecipientFactory(tenant=workspace.tenant, external_id=n) for n in ("slow", "brisk")
+    )
+    publisher = redis.Redis.from_url(live_redis.url)
+    # Random, so that per-message deflate cannot shrink it.
+    big_frame = json.dumps({"type": "item", "item": {"body": secrets.token_urlsafe(150_000)}})
+    batches = 30
+
+    async def scenario() -> None:
+        brisk = await open_tab(base_url=base_url, recipient=brisk_recipient)
+        # Reads the hello, then nothing: with a one-message queue the client stops taking bytes
+        # from the connection, and the kernel's buffers (made small, as autotuning would let
+        # them take tens of megabytes on loopback) fill.
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        raw.connect(("127.0.0.1", urlsplit(base_url).port))
+        slow = await connect(f"{base_url.replace('http', 'ws')}/inbox/v1/ws", max_queue=1, sock=raw)
+        await slow.send(
+            json.dumps({"type": "auth", "token": recipient_token_issue(purpose=INBOX, recipient_id=slow_recipient.id)})
+        )
+        assert json.loads(await slow.recv())["type"] == "hello"
+        for n in range(batches):  # 5 frames of 200 KB a batch for the slow one, a small one for the other
+            message = [
+                [str(slow_recipient.id), [big_frame] * 5],
+                [str(brisk_recipient.id), [json.dumps({"type": "n", "n": n})]],
+            ]
+            await sync_to_async(publisher.publish)(live_channel(url=live_redis.url), json.dumps(message))
+        await brisk.until(
+            lambda: sum(m["type"] == "n" for m in brisk.messages) == batches, "every push to the other one"
+        )
+
+        received = 0
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(TIMEOUT):
+                while True:
+                    await slow.recv()
+                    received += 1
+        assert slow.close_code == 4013, slow.close_code
+        assert received < batches * 5  # the rest was dropped: the client catches up from the database
+        assert brisk.socket.close_code is None
+        await brisk.socket.close()
+
+    run(scenario)
+    assert "Traceback" not in (tmp_path / "web-0.log").read_text()
