@@ -1,3 +1,4 @@
+from datetime import UTC, datetime
 from typing import Any
 
 from rest_framework import serializers
@@ -53,6 +54,37 @@ def inbox_item_json(*, item: InboxItem) -> dict[str, Any]:
 
 
 def inbox_items_json(*, items: list[InboxItem]) -> list[dict[str, Any]]:
-    """Many items as the API shows them; the serializer's fields are built once, not an item
-    (building them is most of a ModelSerializer's cost)."""
-    return [dict(data) for data in InboxItemSerializer(items, many=True).data]
+    """Many items as the API shows them (the serializer's fields and formats; a test holds the
+    two equal), built directly: DRF's per-field machinery took 30 µs an item, and a broadcast
+    pushes one item to each of tens of thousands of recipients."""
+    return [
+        {
+            "id": str(item.id),
+            "title": item.title,
+            "body": item.body,
+            "link": item.link,
+            "data": item.data,
+            "created_at": _timestamp(item.created_at),
+            "sort_at": _timestamp(item.sort_at),
+            "seen": item.seen_at is not None,
+            "read": item.read_at is not None,
+            "archived": item.archived_at is not None,
+            "category": item.category,
+            "tags": item.tags,
+            "severity": SEVERITY_OF_RANK.get(item.severity, Severity.MEDIUM).value,
+            "group_key": item.group_key,
+            "group_count": item.group_count,
+            "actors": item.actors,
+            "expires_at": _timestamp(item.expires_at),
+            "snoozed_until": _timestamp(item.snoozed_until),
+        }
+        for item in items
+    ]
+
+
+def _timestamp(value: datetime | None) -> str | None:
+    """As DRF's DateTimeField writes it with TIME_ZONE = "UTC": ISO 8601, in UTC, with a Z."""
+    if value is None:
+        return None
+    text = value.astimezone(UTC).isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text

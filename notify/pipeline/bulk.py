@@ -8,7 +8,7 @@ from typing import Any, Self, cast
 from uuid import UUID
 
 from django.core.exceptions import EmptyResultSet
-from django.db import OperationalError, connection, models
+from django.db import DEFAULT_DB_ALIAS, OperationalError, connection, connections, models
 from django.db.models.base import ModelState
 from django.db.models.lookups import In
 from psycopg.types.json import Jsonb
@@ -179,7 +179,10 @@ def rows_insert_new(*, objects: Sequence[models.Model]) -> None:
         f"INSERT INTO {connection.ops.quote_name(str(model._meta.db_table))} ({columns}) "
         f"VALUES ({', '.join(['%s'] * len(fields))}) ON CONFLICT DO NOTHING"
     )
-    rows = [[f.get_db_prep_save(f.pre_save(obj, add=True), connection) for f in fields] for obj in objects]
+    # The connection itself, not django.db.connection: each attribute read through that proxy
+    # goes through a context-local lookup, and preparing a value reads several (half the cost).
+    database = connections[DEFAULT_DB_ALIAS]
+    rows = [[f.get_db_prep_save(f.pre_save(obj, add=True), database) for f in fields] for obj in objects]
     with connection.cursor() as cursor:
         cursor.executemany(statement, rows)
 

@@ -16,6 +16,7 @@ from apps.catalog.models import Category
 from apps.deliveries.models import Delivery, DeliveryEvent
 from apps.inbox.live import inbox_snoozes_return
 from apps.inbox.models import InboxItem
+from apps.inbox.serializers import InboxItemSerializer, inbox_items_json
 from apps.inbox.services import inbox_expired_purge
 from apps.recipients.tokens import INBOX, PREFERENCES, recipient_token_issue, recipient_token_read
 from notify.pipeline.send import deliveries_send
@@ -262,3 +263,32 @@ def test_reading_an_item_opens_its_delivery_once_for_the_engagement_figures(api,
 def statuses(*deliveries: Delivery) -> list[str]:
     by_id = dict(Delivery.objects.filter(pk__in=[d.pk for d in deliveries]).values_list("id", "status"))
     return [by_id[d.pk] for d in deliveries]
+
+
+def test_pushed_items_have_the_shape_and_formats_of_the_api():
+    """What the live push and the catch-up send (inbox_items_json) is what the inbox API
+    shows (its serializer), field for field, whatever each item holds."""
+    now = timezone.now()
+    bare = InboxItem(title="t", body="b", created_at=now, sort_at=now)
+    full = InboxItem(
+        created_at=now - timedelta(microseconds=1),
+        title="Bo mentioned you",
+        body="Look",
+        link="https://example.com/c/1",
+        data={"n": 1, "nested": {"x": [1, 2]}},
+        sort_at=now + timedelta(hours=1),
+        snoozed_until=now + timedelta(hours=1),
+        seen_at=now,
+        read_at=now,
+        archived_at=now,
+        expires_at=now + timedelta(days=1, microseconds=1),
+        category="mention",
+        tags=["ops", "db"],
+        severity=3,
+        group_key="launch",
+        group_count=3,
+        actors=["Ann", "Bo"],
+    )
+    items = [bare, full]
+    assert inbox_items_json(items=items) == [dict(InboxItemSerializer(item).data) for item in items]
+    assert inbox_items_json(items=items)[1]["expires_at"].endswith("Z")
