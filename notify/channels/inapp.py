@@ -7,6 +7,7 @@ moves to the newest delivery) instead of adding a second one."""
 
 import time
 from datetime import datetime
+from uuid import UUID
 
 from django.utils import timezone
 
@@ -44,7 +45,8 @@ class InAppChannel(Channel):
             m.delivery_id: _item(message=m, now=now, attributes=attributes.get(m.delivery_id, {})) for m in messages
         }
         # A re-send after a lost record finds the item there: one item per delivery.
-        rows_insert_new(objects=[items[m.delivery_id] for m in messages if not m.replaces])
+        fresh = [items[m.delivery_id] for m in messages if not m.replaces]
+        inserted = rows_insert_new(objects=fresh)
         stale = set()
         # Oldest first, so that of one key's deliveries in this batch the newest ends up shown.
         for message in sorted((m for m in messages if m.replaces), key=lambda m: m.delivery_id):
@@ -61,6 +63,11 @@ class InAppChannel(Channel):
             else timed_outcome(m, started, provider_status="inapp:stored")
             for m in messages
         ]
+        if inserted == len(messages) and not any(item.group_key for item in fresh):
+            # The usual batch (a broadcast's): every item new, none replacing or grouped, so
+            # what was stored is what is in hand, and pushing it needs no read.
+            inbox_items_added(items=fresh)
+            return outcomes
         # Read back: with ignore_conflicts the objects above lack the ids of items stored
         # before; an item replaced by key now belongs to its newest delivery, so is read too.
         stored = list(InboxItem.objects.filter(delivery_id__in=delivery_ids))
@@ -73,7 +80,7 @@ class InAppChannel(Channel):
 
 def _item(*, message: OutboundMessage, now: datetime, attributes: dict) -> InboxItem:
     return InboxItem(
-        recipient_id=message.address,
+        recipient_id=UUID(message.address),  # as read from the database: the push keys counts by it
         delivery_id=message.delivery_id,
         title=message.content.title,
         body=message.content.body,

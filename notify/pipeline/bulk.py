@@ -164,14 +164,15 @@ def rows_insert(*, objects: Sequence[models.Model]) -> None:
         obj._state.db = connection.alias
 
 
-def rows_insert_new(*, objects: Sequence[models.Model]) -> None:
+def rows_insert_new(*, objects: Sequence[models.Model]) -> int:
     """Insert new model instances, skipping any whose unique key a row holds already: what
     bulk_create(ignore_conflicts=True) does, as one short statement run for every row (psycopg
     pipelines them) rather than one statement with a parameter per value, which psycopg parses
     and Django builds value by value: about 3x cheaper at 250 rows of 20 columns. The values are
-    prepared as bulk_create prepares them (encrypted fields included)."""
+    prepared as bulk_create prepares them (encrypted fields included). Returns how many rows
+    were inserted."""
     if not objects:
-        return
+        return 0
     model = type(objects[0])
     fields = [f for f in model._meta.concrete_fields if not isinstance(f, models.AutoField)]
     columns = ", ".join(connection.ops.quote_name(str(f.column)) for f in fields)
@@ -185,6 +186,7 @@ def rows_insert_new(*, objects: Sequence[models.Model]) -> None:
     rows = [[f.get_db_prep_save(f.pre_save(obj, add=True), database) for f in fields] for obj in objects]
     with connection.cursor() as cursor:
         cursor.executemany(statement, rows)
+        return cursor.rowcount  # psycopg sums it over the statements
 
 
 def rows_copy(*, model: type[models.Model], fields: Sequence[Any], rows: Iterable[Sequence[Any]]) -> None:
