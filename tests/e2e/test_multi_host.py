@@ -172,7 +172,10 @@ def test_an_event_accepted_by_the_web_host_is_delivered_by_worker_hosts_on_every
         "webpush": DeliveryStatus.SENT,
         "inapp": DeliveryStatus.SENT,
     }
-    wait_for(lambda: statuses() == wanted, timeout=30, what=f"every channel delivered (now {statuses()})")
+    try:
+        wait_for(lambda: statuses() == wanted, timeout=30, what="every channel delivered")
+    except AssertionError:
+        raise AssertionError(f"not every channel delivered: {statuses()}") from None
 
     log = {entry["provider"]: entry for entry in sandbox.requests_log() if entry["outcome"] == "accepted"}
     assert set(log) == {"postmark", "twilio", "fcm", "webpush"}
