@@ -10,7 +10,7 @@ inbox, whose live push reaches a WebSocket held by the web host."""
 
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -79,22 +79,14 @@ def gateway_sandbox(network: Network, tmp_path: Path) -> Iterator[SandboxClient]
         process.wait(timeout=10)
 
 
-def on_gateway(url: str, *, gateway: str) -> str:
-    """The same service's URL, reached from a host: through the gateway's forwarder."""
-    parts = urlsplit(url)
-    credentials = parts.netloc.rpartition("@")[0]
-    netloc = f"{credentials}@" if credentials else ""
-    return urlunsplit(parts._replace(netloc=f"{netloc}{gateway}:{parts.port}"))
-
-
 def host_environment(*, network: Network, sandbox_url: str, web_url: str) -> dict[str, str]:
     """What every host is told: where PostgreSQL, Redis, the providers and the web host are."""
     database = connection.settings_dict
     return {
         "DATABASE_URL": f"postgres://{database['USER']}@{network.gateway}:{database['PORT']}/{database['NAME']}",
-        "CELERY_BROKER_URL": on_gateway(settings.CELERY_BROKER_URL, gateway=network.gateway),
-        "NOTIFY_REDIS_URL": on_gateway(settings.NOTIFY_REDIS_URL, gateway=network.gateway),
-        "NOTIFY_INBOX_LIVE_URL": on_gateway(settings.NOTIFY_INBOX_LIVE_URL, gateway=network.gateway),
+        "CELERY_BROKER_URL": network.reach(settings.CELERY_BROKER_URL),
+        "NOTIFY_REDIS_URL": network.reach(settings.NOTIFY_REDIS_URL),
+        "NOTIFY_INBOX_LIVE_URL": network.reach(settings.NOTIFY_INBOX_LIVE_URL),
         **provider_settings(sandbox_url=sandbox_url),
         "NOTIFY_PUBLIC_URL": web_url,
         "DJANGO_ALLOWED_HOSTS": urlsplit(web_url).hostname or "",
