@@ -9,11 +9,15 @@ PostgreSQL's pg_hba (trust on 127.0.0.1) and Redis' protected mode refuse, where
 forwarder connects from loopback, and it needs neither iptables nor a change to either server.
 
 Every name made here starts with NAME_PREFIX; `Network.up()` first removes what a crashed
-earlier run left, and `Network.down()` removes it all. Needs root and iproute2's `ip netns`."""
+earlier run left, and `Network.down()` removes it all. One run at a time holds the names (a
+lock that the kernel releases when its holder dies), so that two test runs or a test and a
+benchmark on one machine wait for each other instead of removing each other's hosts. Needs
+root and iproute2's `ip netns`."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
 import signal
@@ -29,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NAME_PREFIX = "ntfh"
 BRIDGE = f"{NAME_PREFIX}-br"
 SUBNET = "10.231.7"  # a /24 that this machine's networks do not use
+LOCK_PATH = Path("/run/lock") / f"{NAME_PREFIX}-hosts.lock"
 # What each host needs of the source tree: its own copy, so that a file one host writes under
 # the project's directory (var/) is not there for another.
 SOURCE = ("apps", "config", "notify", "templates", "manage.py")
@@ -92,6 +97,7 @@ class Network:
             for index, name in enumerate(names)
         }
         self.forwarder: subprocess.Popen | None = None
+        self._lock: int | None = None
 
     def __getitem__(self, name: str) -> Host:
         return self.hosts[name]
@@ -104,8 +110,9 @@ class Network:
         netloc = f"{credentials}@{self.gateway}" if credentials else self.gateway
         return urlunsplit(parts._replace(netloc=f"{netloc}:{parts.port}" if parts.port else netloc))
 
-    def up(self) -> Network:
-        self.down()
+    def up(self, *, wait_seconds: float = 300.0) -> Network:
+        self._lock_take(wait_seconds=wait_seconds)
+        self._remove()
         _ip("link", "add", BRIDGE, "type", "bridge")
         _ip("addr", "add", f"{self.gateway}/24", "dev", BRIDGE)
         _ip("link", "set", BRIDGE, "up")
@@ -128,6 +135,33 @@ class Network:
         return self
 
     def down(self) -> None:
+        """Remove every namespace and the bridge, and let the next run have them."""
+        try:
+            self._remove()
+        finally:
+            if self._lock is not None:
+                os.close(self._lock)  # closing it releases the lock
+                self._lock = None
+
+    def _lock_take(self, *, wait_seconds: float) -> None:
+        LOCK_PATH.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(self._lock)
+                    self._lock = None
+                    raise RuntimeError(
+                        f"another run has held the test hosts for {wait_seconds:.0f}s ({LOCK_PATH}); "
+                        "wait for it to finish, or end it"
+                    ) from None
+                time.sleep(0.2)
+
+    def _remove(self) -> None:
         """Remove every namespace and the bridge of this or an earlier run, ending the
         processes left inside those namespaces (they were started in them by a run of this)."""
         if self.forwarder is not None and self.forwarder.poll() is None:
