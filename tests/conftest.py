@@ -174,10 +174,15 @@ class WorkerPool:
             host=host,
         )
 
-    def start_beat(self) -> WorkerProcess:
-        """Start celery beat with the DatabaseScheduler, sweeping every second."""
+    def start_beat(self, *, env: dict[str, str] | None = None, host: Host | None = None) -> WorkerProcess:
+        """Start celery beat with the DatabaseScheduler, sweeping every second (with `env` added,
+        and on `host` when given)."""
         return self._spawn(
-            "beat", ["beat", "--pidfile="], ready="beat: Starting", env={"NOTIFY_SWEEP_INTERVAL_SECONDS": "1"}
+            "beat",
+            ["beat", "--pidfile="],
+            ready="beat: Starting",
+            env={"NOTIFY_SWEEP_INTERVAL_SECONDS": "1", **(env or {})},
+            host=host,
         )
 
     def _spawn(

@@ -6,8 +6,10 @@ temporary directory and metrics directory, so that a file one process writes for
 
 An event accepted by the web host is delivered by the worker hosts on every channel: email,
 SMS (whose status callback goes back to the web host), mobile push, web push, and the in-app
-inbox, whose live push reaches a WebSocket held by the web host."""
+inbox, whose live push reaches a WebSocket held by the web host. Beat, on a worker host, has the
+gauges computed there, and the web host serves them."""
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -132,9 +134,11 @@ def test_an_event_accepted_by_the_web_host_is_delivered_by_worker_hosts_on_every
     web_url = f"http://{network['web'].address}:{WEB_PORT}"
     environment = host_environment(network=network, sandbox_url=sandbox.base_url, web_url=web_url)
     assert web_server_start(host=network["web"], port=WEB_PORT, env=environment) == web_url
-    for name in ("work-a", "work-b"):
+    started = time.time()
+    for name, groups in (("work-a", ["normal"]), ("work-b", ["normal", "maintenance"])):
         host = network[name]
-        workers.start("normal", host=host, env={**environment, "NOTIFY_WORKER_METRICS_ADDRESS": host.address})
+        workers.start(*groups, host=host, env={**environment, "NOTIFY_WORKER_METRICS_ADDRESS": host.address})
+    workers.start_beat(host=network["work-b"], env={**environment, "NOTIFY_GAUGES_INTERVAL_SECONDS": "2"})
     # Email's "delivered" comes back from the provider to the web host, as SMS' does.
     sandbox.webhooks_set(
         postmark=f"http://sandbox:sandbox-webhook-secret@{network['web'].address}:{WEB_PORT}/anymail/postmark/tracking/"
@@ -192,8 +196,18 @@ def test_an_event_accepted_by_the_web_host_is_delivered_by_worker_hosts_on_every
         return total
 
     wait_for(lambda: sent_counted() == len(CHANNELS), timeout=10, what="the worker hosts' metrics to count 5 sends")
-    web_metrics = requests.get(f"{web_url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=10)
-    assert metric_value(web_metrics.text, "notify_deliveries_total", state="sent") == 0
+
+    def web_metrics() -> str:
+        headers = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+        return requests.get(f"{web_url}/metrics", headers=headers, timeout=10).text
+
+    assert metric_value(web_metrics(), "notify_deliveries_total", state="sent") == 0
+    # The gauges beat has a worker host compute are kept in Redis, where the web host reads them.
+    wait_for(
+        lambda: metric_value(web_metrics(), "notify_gauges_computed_timestamp_seconds") > started,
+        timeout=20,
+        what="the web host to serve the gauges a worker host computed",
+    )
     # Each host's metrics stayed in its own directory.
     assert not list((network["web"].directory / "metrics").glob("worker-*"))
     assert all(list((network[name].directory / "metrics").glob("worker-*")) for name in ("work-a", "work-b"))
