@@ -9,6 +9,8 @@ SMS (whose status callback goes back to the web host), mobile push, web push, an
 inbox, whose live push reaches a WebSocket held by the web host. Beat, on a worker host, has the
 gauges computed there, and the web host serves them."""
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from apps.deliveries.models import Delivery, DeliveryStatus
 from apps.recipients.models import Device, Recipient, WebPushSubscription
 from apps.tenants.demo import demo_workspace_ensure
 from notify.sandbox.client import SandboxClient, browser_subscription_keys
+from tests.conftest import ROOT
 from tests.e2e.test_inbox_e2e import Producer, authenticated, next_message
 from tests.factories import CategoryFactory, RecipientFactory, TemplateFactory
 from tests.helpers import METRICS_TOKEN, free_port, metric_value, provider_settings, wait_for
@@ -58,11 +61,6 @@ def network(tmp_path: Path) -> Iterator[Network]:
 @pytest.fixture
 def gateway_sandbox(network: Network, tmp_path: Path) -> Iterator[SandboxClient]:
     """The provider sandbox on the machine's side of the subnet, allowed to call the hosts back."""
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     url = f"http://{network.gateway}:{free_port()}"
     log = (tmp_path / "sandbox.log").open("w")
     process = subprocess.Popen(
