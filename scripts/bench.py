@@ -45,6 +45,7 @@ from apps.recipients.models import Device, Recipient, WebPushSubscription  # noq
 from apps.tenants.demo import demo_workspace_ensure  # noqa: E402
 from config.queues import CHANNELS, WORKER_GROUPS  # noqa: E402
 from notify.sandbox.client import SandboxClient, browser_subscription_keys  # noqa: E402
+from tests.hosts import Host  # noqa: E402
 
 WEB_PORT = int(os.environ.get("BENCH_WEB_PORT", "8100"))
 SANDBOX_PORT = int(os.environ.get("BENCH_SANDBOX_PORT", "8125"))
@@ -126,10 +127,16 @@ class Processes:
         self.env["NOTIFY_WEBPUSH_ALLOWED_HOSTS"] = f"127.0.0.1:{SANDBOX_PORT}"
         self.bulk_concurrency = bulk_concurrency
 
-    def spawn(self, label: str, *command: str) -> subprocess.Popen:
+    def spawn(self, label: str, *command: str, host: Host | None = None) -> subprocess.Popen:
+        """Start a child; with `host`, in that host's network namespace and working directory."""
         log = open(ROOT / "var" / "log" / f"{self.log_prefix}-{len(self.children)}.log", "w")
         child = subprocess.Popen(
-            command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            host.command(*command) if host else command,
+            cwd=host.directory if host else ROOT,
+            env={**self.env, **host.environment()} if host else self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.children.append(child)
         # Each child leads a process group of its own, which its worker processes join.
@@ -244,7 +251,9 @@ def reset_database() -> None:
         )
 
 
-def endpoints_register(*, tenant_id: object, channel: str, count: int, prefix: str) -> None:
+def endpoints_register(
+    *, tenant_id: object, channel: str, count: int, prefix: str, sandbox_url: str = f"http://127.0.0.1:{SANDBOX_PORT}"
+) -> None:
     """Push and web push reach recipients through registered devices or subscriptions, which
     must exist before the events are planned: make the recipients and one of each for them."""
     if channel not in ("push", "webpush"):
@@ -267,7 +276,7 @@ def endpoints_register(*, tenant_id: object, channel: str, count: int, prefix: s
             WebPushSubscription(
                 tenant_id=tenant_id,
                 recipient=r,
-                endpoint=f"http://127.0.0.1:{SANDBOX_PORT}/webpush/{r.external_id}",
+                endpoint=f"{sandbox_url}/webpush/{r.external_id}",
                 **keys,
             )
             for r in recipients
@@ -305,6 +314,7 @@ def ingest_bulk(
     threads: int,
     channel: str,
     spread_seconds: float = 0.0,
+    api: str = API,
 ) -> float:
     """Post `count` bulk notifications, 1,000 recipients a request; return seconds taken.
     With `spread_seconds`, the requests start evenly over that span instead of at once."""
@@ -320,7 +330,7 @@ def ingest_bulk(
             for i in range(start, start + size)
         ]
         response = session.post(
-            API,
+            api,
             json={
                 "category": f"bench-{channel}-bulk",
                 "recipients": recipients,

@@ -5,6 +5,7 @@
 # or, for the recipient import: scripts/bench.sh --import 1000000
 # or, for a broadcast to an imported audience: scripts/bench.sh --broadcast 1000000
 # or, for the inbox's live connections: scripts/bench.sh --inbox-connections 20000
+# or, for workers on one host against two (as root): scripts/bench.sh --hosts 2 --provider-latency-ms 50
 source "$(dirname "$0")/lib.sh"
 
 # NOTIFY_METRICS_ENABLED=false runs it with the metrics off; --metrics-compare runs both.
@@ -20,5 +21,9 @@ fi
 # `--inbox-connections N` benchmarks N inbox WebSockets (scripts/bench_inbox.py).
 if [ "${1:-}" = "--inbox-connections" ]; then
     exec "$PY" -u scripts/bench_inbox.py "$@"
+fi
+# `--hosts N` compares the drain of 1 and N worker hosts (scripts/bench_hosts.py).
+if [ "${1:-}" = "--hosts" ]; then
+    exec "$PY" -u scripts/bench_hosts.py "$@"
 fi
 exec "$PY" -u scripts/bench.py "$@"

@@ -17,6 +17,7 @@ from apps.tenants.models import ApiKey, Tenant
 from notify.sandbox.client import SandboxClient
 from tests.factories import ApiKeyFactory, CategoryFactory, TemplateFactory
 from tests.helpers import METRICS_TOKEN, SANDBOX_ALLOW_LISTS, free_port, provider_settings, wait_for
+from tests.hosts import Host
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,9 +146,11 @@ class WorkerPool:
     log_dir: Path
     workers: list[WorkerProcess] = field(default_factory=list)
 
-    def start(self, *groups: str, concurrency: int = 1, env: dict[str, str] | None = None) -> WorkerProcess:
-        """Start a worker on the groups' queues (with `env` added to its environment) and wait
-        until it is ready."""
+    def start(
+        self, *groups: str, concurrency: int = 1, env: dict[str, str] | None = None, host: Host | None = None
+    ) -> WorkerProcess:
+        """Start a worker on the groups' queues (with `env` added to its environment, and on
+        `host`'s network namespace and working directory when given) and wait until it is ready."""
         queues = subprocess.run(
             [sys.executable, "-m", "config.queues", *groups], cwd=ROOT, check=True, capture_output=True, text=True
         ).stdout.strip()
@@ -168,22 +171,35 @@ class WorkerPool:
             ],
             ready=" ready.",
             env=env,
+            host=host,
         )
 
-    def start_beat(self) -> WorkerProcess:
-        """Start celery beat with the DatabaseScheduler, sweeping every second."""
+    def start_beat(self, *, env: dict[str, str] | None = None, host: Host | None = None) -> WorkerProcess:
+        """Start celery beat with the DatabaseScheduler, sweeping every second (with `env` added,
+        and on `host` when given)."""
         return self._spawn(
-            "beat", ["beat", "--pidfile="], ready="beat: Starting", env={"NOTIFY_SWEEP_INTERVAL_SECONDS": "1"}
+            "beat",
+            ["beat", "--pidfile="],
+            ready="beat: Starting",
+            env={"NOTIFY_SWEEP_INTERVAL_SECONDS": "1", **(env or {})},
+            host=host,
         )
 
     def _spawn(
-        self, name: str, arguments: list[str], *, ready: str, env: dict[str, str] | None = None
+        self,
+        name: str,
+        arguments: list[str],
+        *,
+        ready: str,
+        env: dict[str, str] | None = None,
+        host: Host | None = None,
     ) -> WorkerProcess:
         log_path = self.log_dir / f"{name}.log"
+        command = [sys.executable, "-m", "celery", "-A", "config", *arguments, "-l", "info"]
         process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "config", *arguments, "-l", "info"],
-            cwd=ROOT,
-            env={**process_env(sandbox_url=self.sandbox_url), **(env or {})},
+            host.command(*command) if host else command,
+            cwd=host.directory if host else ROOT,
+            env={**process_env(sandbox_url=self.sandbox_url), **(host.environment() if host else {}), **(env or {})},
             stdout=log_path.open("w"),
             stderr=subprocess.STDOUT,
         )
@@ -219,17 +235,20 @@ def workers(
 @pytest.fixture
 def web_server_start(transactional_db: None, sandbox: SandboxClient, tmp_path: Path) -> Iterator[Callable[..., str]]:
     """Start the ASGI application under uvicorn, as the run command serves it (HTTP and
-    WebSocket), on this test's database unless `env` says otherwise, with the demo pages on;
-    returns its base URL. Every server started stops afterwards."""
+    WebSocket), on this test's database unless `env` says otherwise, with the demo pages on,
+    on `host`'s network namespace and working directory when given; returns its base URL.
+    Every server started stops afterwards."""
     processes: list[subprocess.Popen] = []
 
-    def start(*, env: dict[str, str] | None = None) -> str:
-        port = free_port()
+    def start(*, env: dict[str, str] | None = None, host: Host | None = None, port: int = 0) -> str:
+        port = port or free_port()
+        address = host.address if host else "127.0.0.1"
         log_path = tmp_path / f"web-{len(processes)}.log"
+        command = [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", address, "--port", str(port)]
         process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env={**process_env(sandbox_url=sandbox.base_url), **(env or {})},
+            host.command(*command) if host else command,
+            cwd=host.directory if host else ROOT,
+            env={**process_env(sandbox_url=sandbox.base_url), **(host.environment() if host else {}), **(env or {})},
             stdout=log_path.open("w"),
             stderr=subprocess.STDOUT,
         )
@@ -241,7 +260,7 @@ def web_server_start(transactional_db: None, sandbox: SandboxClient, tmp_path: P
         )
         if process.poll() is not None:
             raise AssertionError(f"the web server exited:\n{log_path.read_text()}")
-        return f"http://127.0.0.1:{port}"
+        return f"http://{address}:{port}"
 
     yield start
     for process in processes:

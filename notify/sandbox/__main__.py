@@ -6,7 +6,7 @@ import json
 import uvicorn
 
 from notify.sandbox.sent import STORE_SIZE
-from notify.sandbox.server import LOG_SIZE, Sandbox, is_loopback_url
+from notify.sandbox.server import LOG_SIZE, Sandbox, callback_network_parse
 
 
 def main() -> None:
@@ -32,12 +32,32 @@ def main() -> None:
         default=STORE_SIZE,
         help=f"accepted messages each provider keeps for search and duplicate counting (default {STORE_SIZE})",
     )
+    parser.add_argument(
+        "--callback-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="a private network, besides loopback, that status callbacks and webhooks may go to "
+        "(e.g. 10.231.7.0/24 for services on network namespaces of this machine)",
+    )
     args = parser.parse_args()
+    for network in args.callback_network:
+        try:
+            callback_network_parse(network)
+        except ValueError as error:
+            parser.error(f"--callback-network {network}: {error} (give a private network such as 10.0.0.0/24)")
     webhooks = dict(item.split("=", 1) for item in args.webhook)
-    if not all(is_loopback_url(url) for url in webhooks.values()):
-        parser.error("webhook URLs must be on loopback (127.0.0.0/8, localhost or ::1)")
+    sandbox = Sandbox(
+        faults=json.loads(args.faults),
+        webhooks=webhooks,
+        log_size=args.log_size,
+        store_size=args.store_size,
+        callback_networks=tuple(args.callback_network),
+    )
+    if not all(sandbox.callback_allowed(url) for url in webhooks.values()):
+        parser.error("webhook URLs must be on loopback (127.0.0.0/8, localhost or ::1) or a --callback-network")
     uvicorn.run(
-        Sandbox(faults=json.loads(args.faults), webhooks=webhooks, log_size=args.log_size, store_size=args.store_size),
+        sandbox,
         host=args.host,
         port=args.port,
         lifespan="off",

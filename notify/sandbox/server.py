@@ -56,6 +56,7 @@ import base64
 import email.utils
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -185,8 +186,12 @@ class Sandbox:
         webhooks: dict[str, str] | None = None,
         log_size: int = LOG_SIZE,
         store_size: int = STORE_SIZE,
+        callback_networks: tuple[str, ...] = (),
     ) -> None:
         self.log_size, self.store_size = log_size, store_size
+        # Private networks, besides loopback, that callbacks may go to: the service's hosts in
+        # a test that runs them in network namespaces of its own.
+        self.callback_networks = tuple(callback_network_parse(network) for network in callback_networks)
         self.initial_webhooks = webhooks or {}
         self.webhooks = dict(self.initial_webhooks)
         self.state = self._fresh_state()
@@ -432,6 +437,8 @@ class Sandbox:
                 "ttl": headers.get("ttl", ""),
                 "content_encoding": headers.get("content-encoding", ""),
                 "vapid": headers.get("authorization", "").split(" ", 1)[0],
+                # The sender's public key (RFC 8292's k=), which the browser subscribed with.
+                "vapid_key": _vapid_public_key(headers.get("authorization", "")),
                 "plaintext_visible": b"delivery_id" in body,
             },
             # RFC 8030: the service keeps only the newest undelivered message with one Topic.
@@ -556,7 +563,7 @@ class Sandbox:
         repeat = sent.count_send(identity=(to, text))
         self.state.record(**entry, status=201, outcome="accepted", message_id=sid, repeat=repeat)
         callback = form.get("StatusCallback")
-        if callback and is_loopback_url(callback):
+        if callback and self.callback_allowed(callback):
             asyncio.get_running_loop().create_task(
                 self.twilio_callbacks(url=callback, auth_token=auth_token, sid=sid, account=account, form=form)
             )
@@ -660,6 +667,17 @@ class Sandbox:
                 retry_http_errors=False,
             )
 
+    def callback_allowed(self, url: str) -> bool:
+        """Whether a callback or webhook may go to this URL: loopback, or an address in one of
+        the private networks given with --callback-network."""
+        if is_loopback_url(url):
+            return True
+        try:
+            address = ipaddress.ip_address(urlparse(url).hostname or "")
+        except ValueError:
+            return False
+        return any(address in network for network in self.callback_networks)
+
     async def webhook_send(
         self,
         *,
@@ -709,7 +727,7 @@ class Sandbox:
         except ValueError as error:
             return 400, {"error": f"bad webhook settings: {error}"}
         unknown = set(webhooks) - set(PROVIDERS)
-        if unknown or not all(is_loopback_url(url) for url in webhooks.values()):
+        if unknown or not all(self.callback_allowed(url) for url in webhooks.values()):
             return 400, {"error": "give {provider: url} with known providers and loopback URLs only"}
         self.webhooks.update(webhooks)
         return 200, {"webhooks": self.webhooks}
@@ -805,6 +823,16 @@ def _webpush_decrypt(*, headers: dict[str, str], body: bytes) -> dict[str, Any] 
     return shown if isinstance(shown, dict) else None
 
 
+def _vapid_public_key(authorization: str) -> str:
+    """The k= parameter of a VAPID Authorization header ("vapid t=<jwt>,k=<key>"), or ""."""
+    _, _, parameters = authorization.partition(" ")
+    for parameter in parameters.split(","):
+        name, _, value = parameter.strip().partition("=")
+        if name == "k":
+            return value
+    return ""
+
+
 def _rfc2822(epoch: float) -> str:
     return email.utils.format_datetime(datetime.fromtimestamp(epoch, UTC))
 
@@ -870,6 +898,14 @@ def is_loopback_url(url: str) -> bool:
     """The sandbox never sends traffic off this machine."""
     host = urlparse(url).hostname or ""
     return host.startswith("127.") or host in ("localhost", "::1")
+
+
+def callback_network_parse(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A private network callbacks may go to, e.g. 10.231.7.0/24; ValueError for any other."""
+    network = ipaddress.ip_network(text, strict=False)
+    if not network.is_private:
+        raise ValueError(f"{text} is not a private network")
+    return network
 
 
 async def _respond(

@@ -14,7 +14,9 @@ from pywebpush import webpush
 from twilio.rest import Client as TwilioClient
 
 from notify.channels.sms import _ConfiguredHostHttpClient
+from notify.channels.webpush import vapid_application_server_key
 from notify.sandbox.client import SandboxClient, browser_subscription_keys
+from notify.sandbox.server import Sandbox
 from tests.helpers import free_port
 
 
@@ -140,6 +142,34 @@ def test_a_repeated_push_is_a_duplicate_and_visible_unless_it_replaces_the_shown
     assert stats["duplicates"] == {**NO_DUPLICATES, "fcm": 2, "webpush": 2}
     assert stats["visible_duplicates"] == {**NO_DUPLICATES, "fcm": 1, "webpush": 1}
     assert [r["delivery_id"] for r in sandbox.requests_log(provider="webpush")] == ["w1", "w1", "w2", "w2"]
+
+
+def test_a_web_push_logs_the_public_key_it_was_signed_with(sandbox):
+    """So that a test can tell a sender's key from the one browsers subscribed with."""
+    webpush_send(sandbox, payload={"delivery_id": "w1", "title": "t", "body": "b"})
+    [entry] = sandbox.requests_log(provider="webpush")
+    assert entry["metadata"]["vapid_key"] == vapid_application_server_key()
+
+
+def test_callbacks_go_to_loopback_and_to_the_private_networks_named_only():
+    sandbox = Sandbox(callback_networks=("10.231.7.0/24",))
+    assert sandbox.callback_allowed("http://127.0.0.1:8000/webhooks/twilio/status")
+    assert sandbox.callback_allowed("http://10.231.7.2:8000/webhooks/twilio/status")
+    assert not sandbox.callback_allowed("http://10.231.8.2:8000/webhooks/twilio/status")
+    assert not sandbox.callback_allowed("http://example.com/webhooks/twilio/status")
+    assert not Sandbox().callback_allowed("http://10.231.7.2:8000/webhooks/twilio/status")
+
+
+def test_a_public_callback_network_is_refused_with_the_fix():
+    started = subprocess.run(
+        [sys.executable, "-m", "notify.sandbox", "--callback-network", "8.8.8.0/24"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert started.returncode == 2
+    assert "--callback-network 8.8.8.0/24: 8.8.8.0/24 is not a private network" in started.stderr
+    assert "give a private network" in started.stderr
 
 
 def test_injected_faults(sandbox):
