@@ -37,31 +37,34 @@ for port in 61432 61379 61800 61801 61825; do
     fi
 done
 
-# The stack as one file with the published ports left out: they mean nothing on the host's
-# network, and Compose v1 refuses them there, while an override file can only add to a list.
-RENDERED="$(mktemp /tmp/notify-compose-smoke.XXXXXX.yaml)"
-"${COMPOSE[@]}" -p "$PROJECT" "${FILES[@]}" config \
-    | awk '/^    ports:$/ {skip = 1; next} skip && (/^     / || /^    - /) {next} {skip = 0; print}' >"$RENDERED" \
-    || { rm -f "$RENDERED"; die "docker compose could not read the compose files (above)."; }
-COMPOSE+=(-p "$PROJECT" -f "$RENDERED")
-
 STARTED=$SECONDS
+RENDERED=""
 teardown() {
     local status=$?
     trap - EXIT INT TERM
-    if [ "$status" != 0 ]; then
-        say "failed: the services' state and their last log lines"
-        "${COMPOSE[@]}" ps || true
-        "${COMPOSE[@]}" logs --no-color --tail 30 || true
+    if [ -s "$RENDERED" ]; then
+        if [ "$status" != 0 ]; then
+            say "failed: the services' state and their last log lines"
+            "${COMPOSE[@]}" ps || true
+            "${COMPOSE[@]}" logs --no-color --tail 30 || true
+        fi
+        say "tearing down (containers and volumes)"
+        "${COMPOSE[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
     fi
-    say "tearing down (containers and volumes)"
-    "${COMPOSE[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
     rm -f "$RENDERED"
     say "$([ "$status" = 0 ] && echo passed || echo FAILED) in $((SECONDS - STARTED)) s"
     exit "$status"
 }
 trap teardown EXIT
 trap 'exit 130' INT TERM
+
+# The stack as one file with the published ports left out: they mean nothing on the host's
+# network, and Compose v1 refuses them there, while an override file can only add to a list.
+RENDERED="$(mktemp /tmp/notify-compose-smoke.XXXXXX.yaml)"
+"${COMPOSE[@]}" -p "$PROJECT" "${FILES[@]}" config \
+    | awk '/^    ports:$/ {skip = 1; next} skip && (/^     / || /^    - /) {next} {skip = 0; print}' >"$RENDERED" \
+    || { : >"$RENDERED"; die "docker compose could not read the compose files (above)."; }
+COMPOSE+=(-p "$PROJECT" -f "$RENDERED")
 
 for image in "${BASE_IMAGES[@]}"; do
     docker image inspect "$image" >/dev/null 2>&1 && continue
