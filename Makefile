@@ -1,4 +1,4 @@
-.PHONY: run test bench soak chaos
+.PHONY: run test bench soak chaos compose-smoke compose-standins
 
 # Set up everything and run the service with its demo.
 run:
@@ -19,3 +19,12 @@ soak:
 # Run the fault campaign under load and print one summary line; exits 1 when a target is missed.
 chaos:
 	@bash scripts/chaos.sh $(ARGS)
+
+# Build the images, start the compose stack with the demo on loopback, send one notification on
+# every channel, wait until each is delivered or sent, then tear it all down (Docker needed).
+compose-smoke:
+	@bash scripts/compose-smoke.sh
+
+# Build local stand-ins for python:3.11-slim, postgres:15 and redis:7 from Debian packages (root).
+compose-standins:
+	@bash scripts/compose-standins.sh $(ARGS)

@@ -156,6 +156,11 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 
 # --- Admin login --------------------------------------------------------------------------
+# The first admin login, made by `manage.py admin_ensure` (the compose stack's migrate step)
+# when no user of that name exists yet.
+NOTIFY_ADMIN_USERNAME = env("NOTIFY_ADMIN_USERNAME", default="")
+NOTIFY_ADMIN_EMAIL = env("NOTIFY_ADMIN_EMAIL", default="")
+NOTIFY_ADMIN_PASSWORD = env("NOTIFY_ADMIN_PASSWORD", default="")
 # django-axes checks every login first and refuses one for a username from an address after
 # too many failures, even with the right password, until the cool-off has passed.
 AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]

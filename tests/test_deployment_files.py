@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 APP_SERVICES = (
     "migrate",
     "web",
+    "web-critical",
     "worker-critical",
     "worker-normal",
     "worker-bulk",
@@ -40,6 +41,101 @@ def test_the_demo_override_runs_with_debug_on():
     for name in APP_SERVICES:
         assert demo["services"][name]["environment"]["DJANGO_DEBUG"] == "1"
     assert demo["services"]["sandbox"]["ports"] == ["127.0.0.1:8025:8025"]
+
+
+def _compose(name: str) -> dict:
+    return yaml.safe_load((ROOT / "docker" / name).read_text())
+
+
+def test_every_long_running_service_has_a_healthcheck_and_only_migrate_runs_once():
+    services = _compose("compose.yaml")["services"]
+    assert set(APP_SERVICES) | {"postgres", "redis"} == set(services)
+    for name, service in services.items():
+        if name == "migrate":
+            # A one-shot: the others wait for it to exit successfully, not to be healthy.
+            assert service["restart"] == "no" and "healthcheck" not in service
+            continue
+        assert service["healthcheck"]["test"], name
+        if name in APP_SERVICES:
+            assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully", name
+            assert service["healthcheck"]["start_period"], name
+    assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
+    assert "redis-cli" in services["redis"]["healthcheck"]["test"]
+    assert _compose("compose.demo.yaml")["services"]["sandbox"]["healthcheck"]["test"]
+
+
+def test_the_data_lives_in_named_volumes_and_redis_appends_every_write():
+    compose = _compose("compose.yaml")
+    services = compose["services"]
+    assert services["postgres"]["volumes"] == ["postgres-data:/var/lib/postgresql/data"]
+    assert services["redis"]["volumes"] == ["redis-data:/data"]
+    assert {"postgres-data", "redis-data"} <= set(compose["volumes"])
+    command = services["redis"]["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+
+
+def test_migrate_creates_the_admin_login_from_required_variables():
+    migrate = _compose("compose.yaml")["services"]["migrate"]
+    assert "manage.py migrate" in " ".join(migrate["command"])
+    assert "manage.py admin_ensure" in " ".join(migrate["command"])
+    for variable in ("NOTIFY_ADMIN_USERNAME", "NOTIFY_ADMIN_EMAIL", "NOTIFY_ADMIN_PASSWORD"):
+        assert str(migrate["environment"][variable]).startswith(f"${{{variable}:?"), variable
+        # The password is for the migrate step alone, not every container's environment.
+        assert variable not in _compose("compose.yaml")["services"]["web"]["environment"]
+
+
+def _required_in(text: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"\$\{([A-Z0-9_]+):\?", text))
+
+
+def test_the_env_example_lists_every_required_secret_with_no_value():
+    required = _required_in((ROOT / "docker" / "compose.yaml").read_text())
+    assert {"DJANGO_SECRET_KEY", "POSTGRES_PASSWORD", "NOTIFY_ADMIN_PASSWORD"} <= required
+    example = {}
+    for line in (ROOT / "docker" / ".env.example").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            example[name] = value
+    assert set(example) == required
+    assert all(value == "" for value in example.values()), example
+    # No secret falls back to a default anywhere in the deployment file.
+    assert "${POSTGRES_PASSWORD:-" not in (ROOT / "docker" / "compose.yaml").read_text()
+    assert "notify:notify@" not in (ROOT / "docker" / "compose.yaml").read_text()
+
+
+def test_the_demo_env_gives_every_required_value():
+    required = _required_in((ROOT / "docker" / "compose.yaml").read_text())
+    lines = (ROOT / "docker" / "demo.env").read_text().splitlines()
+    given = {line.partition("=")[0] for line in lines if line.strip() and not line.startswith("#")}
+    assert required <= given, sorted(required - given)
+
+
+def test_the_host_network_override_keeps_every_service_on_loopback_away_from_the_usual_ports():
+    hostnet = _compose("compose.hostnet.yaml")["services"]
+    demo = _compose("compose.demo.yaml")["services"]
+    assert set(hostnet) == set(_compose("compose.yaml")["services"]) | set(demo)
+    for name, service in hostnet.items():
+        assert service["network_mode"] == "host", name
+    text = (ROOT / "docker" / "compose.hostnet.yaml").read_text()
+    for usual in (":5432/", ":6379/", ":8000", ":8025", ":5672"):
+        assert usual not in text, usual
+    assert "listen_addresses=127.0.0.1" in hostnet["postgres"]["command"]
+    assert hostnet["redis"]["command"][hostnet["redis"]["command"].index("--bind") + 1] == "127.0.0.1"
+    for name in ("web", "web-critical", "sandbox"):
+        command = hostnet[name]["command"]
+        assert command[command.index("--host") + 1] == "127.0.0.1", name
+
+
+def test_the_stand_ins_are_tagged_as_the_official_images_and_the_dockerfile_keeps_its_base():
+    assert (ROOT / "docker" / "Dockerfile").read_text().splitlines()[0] == "FROM python:3.11-slim"
+    script = (ROOT / "scripts" / "compose-standins.sh").read_text()
+    for image, recipe in (("python:3.11-slim", "python"), ("postgres:15", "postgres"), ("redis:7", "redis")):
+        assert f"{image}) recipe={recipe}" in script
+        assert (ROOT / "docker" / "standins" / f"{recipe}.Dockerfile").exists()
+    images = {service.get("image") for service in _compose("compose.yaml")["services"].values()}
+    assert {"postgres:15", "redis:7"} <= images
 
 
 def test_the_image_gets_no_history_virtualenv_or_local_state():

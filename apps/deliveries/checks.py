@@ -33,6 +33,9 @@ KNOWN_CREDENTIALS = frozenset(
         "ntf_demo_0123456789abcdefDEMO",
         "ntf_bench_0123456789abcdefBENCH",
         "demo-metrics-token",
+        # docker/compose.demo.yaml's VAPID key for web push.
+        "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgS4cbdNnphuAwBY7vX3OUR6px80cdKr3taU_2XpwmJjuhRANCAAR7D-jg1Je"
+        "YChoxxmAkPuVIUkj3ySz-FIL2NoG0QYBQ0zc4n5QYRSiP5JjTcc9J-ctH5w2n52ZcxizNTZDwYhPZ",
     }
 )
 KNOWN_SECRET_KEYS = frozenset(
@@ -54,6 +57,7 @@ CREDENTIAL_SETTINGS = (
     "FCM_PROJECT_ID",
     "NOTIFY_DEMO_API_KEY",
     "NOTIFY_METRICS_TOKEN",
+    "WEBPUSH_VAPID_PRIVATE_KEY",
 )
 URL_SETTINGS = ("POSTMARK_API_URL", "TWILIO_API_BASE", "FCM_API_BASE", "FCM_TOKEN_URI")
 # The fake providers' routes (notify/sandbox/server.py).

@@ -1,8 +1,11 @@
-"""API key lifecycle: create, rotate. The raw key is returned once and never stored."""
+"""API key lifecycle: create, rotate (the raw key is returned once and never stored); and the
+installation's first admin login."""
 
 import secrets
 from datetime import datetime, timedelta
 
+from django.contrib.auth import get_user_model
+from django.contrib.auth.password_validation import validate_password
 from django.db import transaction
 from django.utils import timezone
 
@@ -51,3 +54,16 @@ def api_key_rotate(*, api_key: ApiKey, grace: timedelta = ROTATION_GRACE_DEFAULT
     api_key.digest, api_key.previous_digest = locked.digest, locked.previous_digest
     api_key.previous_expires_at = locked.previous_expires_at
     return f"{KEY_PREFIX}_{locked.lookup}_{secret}"
+
+
+def admin_user_ensure(*, username: str, email: str, password: str) -> bool:
+    """Create the installation's first admin login unless a user of that name exists; returns
+    whether it was created. An existing user is left as it is, so that a password changed in the
+    admin survives every later deploy. Raises ValidationError naming the weak password's faults."""
+    User = get_user_model()
+    if User.objects.filter(username=username).exists():
+        return False
+    candidate = User(username=username, email=email, is_staff=True, is_superuser=True)
+    validate_password(password, user=candidate)
+    User.objects.create_superuser(username=username, email=email, password=password)
+    return True

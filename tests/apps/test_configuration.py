@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 import psycopg
 import pytest
+import yaml
 from cryptography.fernet import Fernet
 from django.core.checks import run_checks
 from django.db import connection
@@ -21,6 +22,10 @@ from apps.tenants.demo import demo_workspace_ensure
 from tests.helpers import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent.parent
+# The demo compose stack's published VAPID key.
+DEMO_VAPID_KEY = yaml.safe_load((ROOT / "docker" / "compose.demo.yaml").read_text())["x-demo-env"][
+    "WEBPUSH_VAPID_PRIVATE_KEY"
+]
 SANDBOX_ENV = (
     "POSTMARK_SERVER_TOKEN",
     "POSTMARK_API_URL",
@@ -241,6 +246,7 @@ def test_a_provider_url_on_the_sandbox_is_refused(production, setting, value):
         ("TWILIO_AUTH_TOKEN", "sandbox-twilio-auth-token"),
         ("FCM_PROJECT_ID", "notify-sandbox"),
         ("NOTIFY_DEMO_API_KEY", "ntf_demo_0123456789abcdefDEMO"),
+        ("WEBPUSH_VAPID_PRIVATE_KEY", DEMO_VAPID_KEY),
     ],
 )
 def test_a_published_credential_is_refused(production, setting, value):
