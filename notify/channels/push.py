@@ -24,6 +24,8 @@ from notify.channels.base import OutboundMessage, RegistryChannel, SendOutcome
 from notify.resilience.failures import FailureKind
 
 FCM_HOST = "https://fcm.googleapis.com"
+# Where google-auth looks up a service account's allowed regions after each new token.
+IAM_HOST = "https://iamcredentials.googleapis.com"
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
 # FCM refuses messages over 4 KB; the body is shortened, with an ellipsis, to fit.
 PAYLOAD_LIMIT_BYTES = 4096
@@ -56,12 +58,19 @@ def push_payload_fit(*, title: str, body: str, data: dict[str, str]) -> str:
 
 
 class _ConfiguredHostAdapter(requests.adapters.HTTPAdapter):
-    """Sends FCM's requests to FCM_API_BASE instead of fcm.googleapis.com, so the real SDK
-    code path runs against the sandbox in tests and the demo."""
+    """Sends a Google host's requests to FCM_API_BASE instead, so the real SDK code path runs
+    against the sandbox in tests and the demo."""
+
+    # What pickling and deepcopy keep: google-auth copies the token session for its thread.
+    __attrs__ = [*requests.adapters.HTTPAdapter.__attrs__, "host"]
+
+    def __init__(self, *, host: str) -> None:
+        super().__init__()
+        self.host = host
 
     def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
-        if request.url and request.url.startswith(FCM_HOST):
-            request.url = settings.FCM_API_BASE.rstrip("/") + request.url[len(FCM_HOST) :]
+        if request.url and request.url.startswith(self.host):
+            request.url = settings.FCM_API_BASE.rstrip("/") + request.url[len(self.host) :]
         return super().send(request, *args, **kwargs)
 
 
@@ -119,7 +128,11 @@ class PushChannel(RegistryChannel):
             self._app = firebase_admin.initialize_app(cert, options=options, name=f"notify-{id(self)}")
             # firebase-admin has no setting for its FCM host; its session is where it sends.
             service = messaging._get_messaging_service(self._app)
-            service._client.session.mount(FCM_HOST, _ConfiguredHostAdapter())
+            service._client.session.mount(FCM_HOST, _ConfiguredHostAdapter(host=FCM_HOST))
+            if settings.FCM_API_BASE.rstrip("/") != FCM_HOST:
+                # Against the sandbox, google-auth's region lookup (made on the session that
+                # fetches tokens) goes there too: nothing of the sandbox's leaves the machine.
+                service._client.session._auth_request_session.mount(IAM_HOST, _ConfiguredHostAdapter(host=IAM_HOST))
         return self._app
 
     def send_batch(self, *, messages: list[OutboundMessage]) -> list[SendOutcome]:

@@ -82,6 +82,9 @@ from notify.sandbox.sent import STORE_SIZE, Sent
 Scope = dict[str, Any]
 PROVIDERS = ("postmark", "twilio", "fcm", "webpush")
 FCM_SEND = re.compile(r"^/fcm/v1/projects/(?P<project>[^/]+)/messages:send$")
+# google-auth's lookup of a service account's allowed regions (iamcredentials.googleapis.com),
+# which the push channel sends to the sandbox with FCM's own requests.
+IAM_ALLOWED_LOCATIONS = re.compile(r"^/fcm/v1/projects/-/serviceAccounts/(?P<account>[^/]+)/allowedLocations$")
 # FCM's error statuses and the FcmError code it names for each injected HTTP status.
 FCM_ERRORS = {
     400: ("INVALID_ARGUMENT", "INVALID_ARGUMENT", "The registration token is not a valid FCM registration token"),
@@ -153,6 +156,7 @@ class SandboxState:
     log_size: int = LOG_SIZE
     log: deque[dict[str, Any]] = field(init=False)
     recorded: int = 0  # every request since the start or the last reset, kept in the log or not
+    iam_lookups: int = 0  # google-auth's allowed-regions lookups (not messages: not in the log)
     counts: Counter[str] = field(default_factory=Counter)  # by "provider.outcome"
     faults: dict[str, Faults] = field(default_factory=lambda: {p: Faults() for p in PROVIDERS})
     store_size: int = STORE_SIZE
@@ -225,6 +229,8 @@ class Sandbox:
             status, payload = self.twilio_list(account=match["account"], headers=headers, query=query)
         elif method == "POST" and path == "/google/token":
             status, payload = self.google_token(body=body)
+        elif method == "GET" and (match := IAM_ALLOWED_LOCATIONS.match(path)):
+            status, payload = self.iam_allowed_locations(account=match["account"])
         elif method == "POST" and (match := FCM_SEND.match(path)):
             status, payload = await self.fcm_send(project=match["project"], headers=headers, body=body)
         elif method == "POST" and (match := TWILIO_MESSAGES.match(path)):
@@ -476,6 +482,12 @@ class Sandbox:
             return 400, {"error": "invalid_grant", "error_description": "Expected a JWT bearer assertion."}
         return 200, {"access_token": "sandbox-" + uuid.uuid4().hex, "expires_in": 3600, "token_type": "Bearer"}
 
+    def iam_allowed_locations(self, *, account: str) -> tuple[int, Any]:
+        """The sandbox's service accounts exist nowhere at Google, which answers a lookup of an
+        unknown account with 404; google-auth then sends without the regions header."""
+        self.state.iam_lookups += 1
+        return 404, {"error": {"code": 404, "message": f"Service account {account} not found.", "status": "NOT_FOUND"}}
+
     async def fcm_send(self, *, project: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
         """FCM HTTP v1: POST /v1/projects/{project}/messages:send with a bearer token."""
         faults = self.state.faults["fcm"]
@@ -708,7 +720,12 @@ class Sandbox:
         return {"requests": entries, "last_seq": self.state.recorded}
 
     def stats(self) -> dict[str, Any]:
-        return {"total": self.state.recorded, "by_outcome": dict(self.state.counts), **self.state.sent.stats()}
+        return {
+            "total": self.state.recorded,
+            "by_outcome": dict(self.state.counts),
+            "iam_lookups": self.state.iam_lookups,
+            **self.state.sent.stats(),
+        }
 
     def faults_set(self, *, body: bytes) -> tuple[int, dict[str, Any]]:
         try:

@@ -11,6 +11,7 @@ from notify.channels.push import PAYLOAD_LIMIT_BYTES, push_payload_fit
 from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
 from notify.pipeline.send import deliveries_send
 from tests.factories import CategoryFactory, RecipientFactory, TemplateFactory
+from tests.helpers import wait_for
 
 
 @pytest.fixture
@@ -54,6 +55,15 @@ def test_a_push_reaches_every_active_device(workspace, push_category, ada, sandb
     assert {r["text"] for r in log} == {"Server down"}
     assert log[0]["metadata"] == {"screen": "alerts", "delivery_id": str(delivery.pk)}
     assert delivery.provider_message_id.startswith("projects/notify-sandbox/messages/")
+
+
+def test_google_auths_region_lookup_goes_to_the_sandbox_too(workspace, push_category, ada, sandbox):
+    """After each new token google-auth looks up the service account's allowed regions at
+    iamcredentials.googleapis.com, on a thread of its own. Against the sandbox that lookup is
+    sent there as well: nothing leaves the machine, not even a DNS query for Google."""
+    device(workspace, ada, "token-phone")
+    assert push(workspace).status == DeliveryStatus.SENT
+    wait_for(lambda: sandbox.stats()["iam_lookups"] >= 1, what="the region lookup, at the sandbox")
 
 
 def test_a_transient_error_is_retried(workspace, push_category, ada, sandbox):
