@@ -1,4 +1,4 @@
-.PHONY: run test bench soak chaos
+.PHONY: run test bench soak chaos bare-machine-check
 
 # Set up everything and run the service with its demo.
 run:
@@ -19,3 +19,7 @@ soak:
 # Run the fault campaign under load and print one summary line; exits 1 when a target is missed.
 chaos:
 	@bash scripts/chaos.sh $(ARGS)
+
+# Both commands on a fresh Debian root without Redis or PostgreSQL, sealed off from this machine's (root).
+bare-machine-check:
+	@bash scripts/bare-machine-check.sh $(ARGS)
