@@ -157,6 +157,7 @@ PROXY_PID=""
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
+    set +e
     [ -n "$PROXY_PID" ] && kill "$PROXY_PID" 2>/dev/null && wait "$PROXY_PID" 2>/dev/null
     ip link del "$HOST_END" 2>/dev/null || true
     ip netns del "$NAMESPACE" 2>/dev/null || true

@@ -163,14 +163,14 @@ postgres_ensure() {
         pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
     fi
     for _ in $(seq 50); do
-        if port_open "$host" "$port"; then
-            [ "$installed" = 1 ] && [ "$user" != postgres ] && runuser -u postgres -- psql -q -p "$port" \
-                -c "create role \"$user\" superuser login" >/dev/null
-            return
-        fi
+        port_open "$host" "$port" && break
         sleep 0.2
     done
-    die "PostgreSQL $version did not start on port $port; see /var/log/postgresql/. Or set DATABASE_URL to a running PostgreSQL."
+    port_open "$host" "$port" || die "PostgreSQL $version did not start on port $port; see /var/log/postgresql/. Or set DATABASE_URL to a running PostgreSQL."
+    if [ "$installed" = 1 ] && [ "$user" != postgres ]; then
+        runuser -u postgres -- psql -q -p "$port" -c "create role \"$user\" superuser login" >/dev/null
+    fi
+    return 0
 }
 
 rabbitmq_ensure() {
