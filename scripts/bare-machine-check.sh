@@ -4,7 +4,7 @@
 # `make run` until /readyz answers, then `make test` with a few tests that use PostgreSQL, Redis,
 # RabbitMQ and Celery workers. Each command must install what it misses.
 #
-# The machine is a chroot in network, mount and PID namespaces of its own: its loopback is
+# The machine is a Debian root in network, mount and PID namespaces of its own: its loopback is
 # private (this machine's PostgreSQL and Redis are out of its sight), its only way out is a
 # proxy to the package registries (scripts/registry_proxy.py, on the host end of a veth pair),
 # and everything it starts or mounts ends with it. Needs root and debootstrap.
@@ -71,7 +71,15 @@ EOF
     cp "$CA_BUNDLE" "$MERGED/etc/registry-ca.crt"
     printf '[global]\nproxy = %s\ncert = /etc/registry-ca.crt\n' "$PROXY" >"$MERGED/etc/pip.conf"
     git clone --quiet "$ROOT" "$MERGED/root/notify"
-    exec chroot "$MERGED" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    # Its root becomes this mount namespace's root, as in a container (a chroot could not make
+    # user namespaces, which the set-up tests use); this machine's file system is let go.
+    mkdir -p "$MERGED/.host"
+    cd "$MERGED"
+    pivot_root . .host
+    cd /
+    umount -l /.host
+    rmdir /.host
+    exec /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         HOME=/root LANG=C.UTF-8 TERM=dumb bash -s -- "$@" <<'MACHINE'
 set -euo pipefail
 cd /root/notify
@@ -108,8 +116,8 @@ say "make test passed after $(($(date +%s) - started)) s"
 MACHINE
 fi
 
-[ "$(id -u)" = 0 ] || die "the check builds a chroot in namespaces of its own, which needs root: sudo $0"
-for tool in ip unshare chroot; do command -v "$tool" >/dev/null || die "the check needs $tool (apt-get install iproute2 util-linux)."; done
+[ "$(id -u)" = 0 ] || die "the check builds a machine in namespaces of its own, which needs root: sudo $0"
+for tool in ip unshare pivot_root; do command -v "$tool" >/dev/null || die "the check needs $tool (apt-get install iproute2 util-linux)."; done
 if ! command -v debootstrap >/dev/null; then
     command -v apt-get >/dev/null || die "the check needs debootstrap, which builds the Debian root."
     say "installing debootstrap (apt-get install debootstrap)"
@@ -185,7 +193,7 @@ done
 CA_BUNDLE="${PIP_CERT:-$(python3 -c 'import ssl; print(ssl.get_default_verify_paths().openssl_cafile)')}"
 export CA_BUNDLE
 say "the machine: namespace $NAMESPACE, $SUBNET.2, out only through $PROXY"
-# PID 1 of the new PID namespace is the chroot's shell: when it ends, all it started ends, and
+# PID 1 of the new PID namespace is the machine's shell: when it ends, all it started ends, and
 # the mount namespace with the machine's mounts goes with it.
 ip netns exec "$NAMESPACE" unshare --mount --pid --fork --kill-child --propagation private \
     bash "$0" --inside "$RUN/merged" "$RUN" "$@"
