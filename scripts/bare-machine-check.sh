@@ -39,6 +39,8 @@ if [ "${1:-}" = --inside ]; then
     # Second stage, in the new namespaces: mount the machine, then run the commands in it.
     MERGED="$2" UPPER="$3"
     shift 3
+    # What the machine writes stays in memory, and goes with the mount namespace.
+    mount -t tmpfs -o mode=755 machine "$UPPER"
     mkdir -p "$UPPER/upper" "$UPPER/work" "$MERGED"
     mount -t overlay overlay -o "lowerdir=$BASE,upperdir=$UPPER/upper,workdir=$UPPER/work" "$MERGED"
     mount -t proc proc "$MERGED/proc"
@@ -195,6 +197,7 @@ export CA_BUNDLE
 say "the machine: namespace $NAMESPACE, $SUBNET.2, out only through $PROXY"
 # PID 1 of the new PID namespace is the machine's shell: when it ends, all it started ends, and
 # the mount namespace with the machine's mounts goes with it.
+mkdir -p "$RUN"
 ip netns exec "$NAMESPACE" unshare --mount --pid --fork --kill-child --propagation private \
     bash "$0" --inside "$RUN/merged" "$RUN" "$@"
 say "bare machine check passed; the proxy let through $(grep -vc '^refused\|^registry proxy' "$WORK/proxy.log") requests, refused $(grep -c '^refused' "$WORK/proxy.log" || true)"

@@ -141,6 +141,10 @@ postgres_ensure() {
     port_open "$host" "$port" && return
     is_loopback "$host" || die "PostgreSQL is not reachable at $host:$port. Start it there, or set DATABASE_URL."
     if ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || ! command -v pg_ctlcluster >/dev/null; then
+        # Installed the way of another system: starting it is that system's business.
+        if command -v postgres >/dev/null || command -v pg_ctl >/dev/null; then
+            die "PostgreSQL is installed but not running on port $port. Start it, with trust auth for user postgres on 127.0.0.1, or set DATABASE_URL."
+        fi
         package_ensure postgresql "the database"
         installed=1
     fi
