@@ -206,7 +206,14 @@ try:
         if not conn.execute("select 1 from pg_database where datname = %s", (name,)).fetchone():
             conn.execute(f'create database "{name}"')
 except psycopg.OperationalError as error:
-    sys.exit(f"error: cannot connect to PostgreSQL at {url.hostname}:{url.port}: {error}".strip())
+    advice = ""
+    if "password" in str(error):
+        # A packaged PostgreSQL asks for passwords over TCP; the default URL has none.
+        advice = (f"\nLet {url.username} log in over loopback: put 'host all {url.username} 127.0.0.1/32 trust'"
+                  " first in pg_hba.conf and reload PostgreSQL, or give DATABASE_URL a password.")
+    sys.exit(f"error: cannot connect to PostgreSQL at {url.hostname}:{url.port}: {str(error).strip()}{advice}")
+except psycopg.Error as error:
+    sys.exit(f"error: cannot create the database {name} as {url.username}: {str(error).strip()}")
 PYEOF
 }
 

@@ -1,9 +1,9 @@
 """The run and test commands' set-up (scripts/lib.sh) on machines that lack a service: as root on
 Debian it installs it (scripts/bare-machine-check.sh proves that on a bare machine); anywhere
 else it names the one command that installs it and stops, without a traceback. Where the
-services run, it does nothing. Each case is a real machine state, made in namespaces of its own:
-a user namespace for "not root", a mount namespace for another distribution or a missing
-PostgreSQL, and a PATH that holds only the base system's tools."""
+services run, it does nothing; a database it may not use is an error, never a traceback. Each
+case is a real machine state: a user namespace for "not root", a mount namespace for another
+distribution or a missing PostgreSQL, a PATH that holds only the base system's tools."""
 
 import contextlib
 import os
@@ -12,7 +12,9 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 import pytest
 import redis
 
@@ -20,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # What the set-up runs besides bash builtins and the project's Python; no redis-server, no apt-get.
 BASE_TOOLS = ("dirname", "id", "uname", "cat", "ls", "sort", "tail", "seq", "sleep", "sha256sum", "cut")
 
-pytestmark = pytest.mark.skipif(
+needs_namespaces = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root to make namespaces (util-linux unshare)"
 )
 
@@ -62,6 +64,7 @@ def set_up(
     )
 
 
+@needs_namespaces
 def test_not_root_on_debian_a_missing_redis_is_named_with_its_install_command(base_path):
     env = {"PATH": base_path, "CELERY_BROKER_URL": f"redis://127.0.0.1:{closed_port()}/0"}
     user = [tool("unshare"), "--user", "--map-user=1000", "--map-group=1000"]
@@ -72,6 +75,7 @@ def test_not_root_on_debian_a_missing_redis_is_named_with_its_install_command(ba
     assert "done" not in result.stdout and "Traceback" not in result.stderr
 
 
+@needs_namespaces
 def test_as_root_on_another_distribution_a_missing_postgresql_is_named_with_its_install_command(base_path, tmp_path):
     fedora = tmp_path / "os-release"
     fedora.write_text('NAME="Fedora Linux"\nID=fedora\nVERSION_ID=41\n')
@@ -126,3 +130,20 @@ def test_an_installed_redis_that_is_not_running_is_started_on_the_port_its_url_n
     finally:
         with contextlib.suppress(redis.ConnectionError):
             redis.Redis(port=port).shutdown(nosave=True)
+
+
+def test_a_database_user_that_may_not_create_the_database_gets_an_error_not_a_traceback():
+    admin = os.environ["DATABASE_URL"]
+    parts = urlsplit(admin)
+    role = f"setup_check_{os.getpid()}"
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f'create role "{role}" login')
+    try:
+        limited = urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port or 5432}", path=f"/{role}"))
+        result = set_up("database_create", env={**os.environ, "DATABASE_URL": limited}, namespace=[])
+        assert result.returncode == 1
+        assert f"error: cannot create the database {role} as {role}: permission denied" in result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(f'drop role "{role}"')
