@@ -200,4 +200,4 @@ say "the machine: namespace $NAMESPACE, $SUBNET.2, out only through $PROXY"
 mkdir -p "$RUN"
 ip netns exec "$NAMESPACE" unshare --mount --pid --fork --kill-child --propagation private \
     bash "$0" --inside "$RUN/merged" "$RUN" "$@"
-say "bare machine check passed; the proxy let through $(grep -vc '^refused\|^registry proxy' "$WORK/proxy.log") requests, refused $(grep -c '^refused' "$WORK/proxy.log" || true)"
+say "bare machine check passed; the proxy forwarded $(grep -c '^GET\|^CONNECT' "$WORK/proxy.log") requests and tunnels to the registries, refused $(grep -c '^refused' "$WORK/proxy.log" || true)"
