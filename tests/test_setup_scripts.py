@@ -137,9 +137,12 @@ def test_a_database_user_that_may_not_create_the_database_gets_an_error_not_a_tr
     parts = urlsplit(admin)
     role = f"setup_check_{os.getpid()}"
     with psycopg.connect(admin, autocommit=True) as connection:
-        connection.execute(f'create role "{role}" login')
+        # With a password, so that it logs in whatever pg_hba.conf asks of it.
+        connection.execute(f"create role \"{role}\" login password '{role}'")
     try:
-        limited = urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port or 5432}", path=f"/{role}"))
+        limited = urlunsplit(
+            parts._replace(netloc=f"{role}:{role}@{parts.hostname}:{parts.port or 5432}", path=f"/{role}")
+        )
         result = set_up("database_create", env={**os.environ, "DATABASE_URL": limited}, namespace=[])
         assert result.returncode == 1
         assert f"error: cannot create the database {role} as {role}: permission denied" in result.stderr
