@@ -1,4 +1,4 @@
-.PHONY: run test bench soak chaos compose-smoke compose-standins
+.PHONY: run test bench soak chaos compose-smoke compose-standins bare-machine-check
 
 # Set up everything and run the service with its demo.
 run:
@@ -28,3 +28,7 @@ compose-smoke:
 # Build local stand-ins for python:3.11-slim, postgres:15 and redis:7 from Debian packages (root).
 compose-standins:
 	@bash scripts/compose-standins.sh $(ARGS)
+
+# Both commands on a fresh Debian root without Redis or PostgreSQL, sealed off from this machine's (root).
+bare-machine-check:
+	@bash scripts/bare-machine-check.sh $(ARGS)

@@ -30,59 +30,166 @@ venv_ensure() {
     fi
 }
 
-redis_ensure() {
-    local url="${CELERY_BROKER_URL:-redis://127.0.0.1:6379/0}"
-    if "$PY" -c "import redis,sys; redis.Redis.from_url('$url', socket_connect_timeout=1).ping()" 2>/dev/null; then
+# Missing system packages. As root on Debian or Ubuntu they are installed with apt-get, as
+# Chromium is for the browser tests; elsewhere the error names the one command that installs them.
+package_manager() {
+    if [ "$(uname -s)" = Darwin ]; then echo brew; return; fi
+    local ids
+    ids="$( . /etc/os-release 2>/dev/null; echo "${ID:-} ${ID_LIKE:-}")"
+    case " $ids " in
+        *" debian "* | *" ubuntu "*) echo apt-get ;;
+        *" fedora "* | *" rhel "* | *" centos "*) echo dnf ;;
+        *" alpine "*) echo apk ;;
+        *" arch "*) echo pacman ;;
+        *" suse "* | *" opensuse "*) echo zypper ;;
+        *) echo unknown ;;
+    esac
+}
+
+package_name() {
+    # The package that provides part $1 (redis, postgresql, rabbitmq, chromium, curl) for manager $2.
+    case "$1:$2" in
+        redis:apt-get) echo redis-server ;;
+        postgresql:brew) echo postgresql@16 ;;
+        postgresql:dnf | postgresql:zypper) echo postgresql-server ;;
+        rabbitmq:apt-get | rabbitmq:dnf | rabbitmq:apk) echo rabbitmq-server ;;
+        *) echo "$1" ;;
+    esac
+}
+
+install_command() {
+    # The one command that installs part $1 on this machine.
+    local manager sudo="sudo "
+    manager="$(package_manager)"
+    [ "$(id -u)" = 0 ] && sudo=""
+    local package
+    package="$(package_name "$1" "$manager")"
+    case "$manager" in
+        apt-get) echo "${sudo}apt-get install -y $package" ;;
+        dnf) echo "${sudo}dnf install -y $package" ;;
+        apk) echo "${sudo}apk add $package" ;;
+        pacman) echo "${sudo}pacman -S --noconfirm $package" ;;
+        zypper) echo "${sudo}zypper install -y $package" ;;
+        brew) echo "brew install $package" ;;
+        *) echo "install $1 with your system's package manager" ;;
+    esac
+}
+
+can_apt_install() {
+    [ "$(id -u)" = 0 ] && [ "$(package_manager)" = apt-get ] && command -v apt-get >/dev/null
+}
+
+apt_install() {
+    # Install Debian packages quietly; the package lists are refreshed only when they are stale.
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q "$@" >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null && apt-get install -y -q "$@" >/dev/null; } \
+        || die "apt-get could not install $*; install it by hand (apt-get install $*)."
+}
+
+package_ensure() {
+    # Install part $1, needed for $2, or stop with the command that installs it.
+    local package
+    package="$(package_name "$1" apt-get)"
+    if can_apt_install; then
+        say "installing $1 for $2 (apt-get install $package)"
+        apt_install "$package"
         return
     fi
-    if command -v redis-server >/dev/null; then
-        say "starting Redis on 127.0.0.1:6379"
-        redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
-        for _ in $(seq 50); do
-            "$PY" -c "import redis; redis.Redis.from_url('$url').ping()" 2>/dev/null && return
-            sleep 0.1
-        done
+    die "$1 is needed for $2 and is not installed. Install it: $(install_command "$1")"
+}
+
+url_address() {
+    # "host port" of URL $1 ($2: the default port); a URL without a host means this machine.
+    "$PY" -c 'import sys; from urllib.parse import urlsplit; u = urlsplit(sys.argv[1]); print(u.hostname or "127.0.0.1", u.port or sys.argv[2])' "$1" "$2"
+}
+
+is_loopback() { case "$1" in 127.* | localhost | ::1) return 0 ;; *) return 1 ;; esac; }
+
+port_open() {
+    "$PY" -c 'import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1).close()' "$1" "$2" 2>/dev/null
+}
+
+curl_ensure() {
+    # The run command checks its own endpoints with curl, and prints curl lines to try.
+    command -v curl >/dev/null || package_ensure curl "the run command"
+}
+
+redis_ensure() {
+    local url="${CELERY_BROKER_URL:-redis://127.0.0.1:6379/0}" host port
+    redis_up() { "$PY" -c "import redis; redis.Redis.from_url('$url', socket_connect_timeout=1).ping()" 2>/dev/null; }
+    redis_up && return
+    read -r host port <<<"$(url_address "$url" 6379)"
+    is_loopback "$host" || die "Redis is not reachable at $url. Start it there, or set CELERY_BROKER_URL to a running Redis."
+    if ! command -v redis-server >/dev/null; then
+        package_ensure redis "the broker, caps and limits"
+        # The package may have started its own server on the default port.
+        redis_up && return
     fi
-    die "Redis is not reachable at $url. Install it (Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis) and start it, or set CELERY_BROKER_URL to a running Redis."
+    say "starting Redis on 127.0.0.1:$port"
+    redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no >/dev/null || true
+    for _ in $(seq 50); do
+        redis_up && return
+        sleep 0.1
+    done
+    die "Redis is not reachable at $url, and redis-server did not start on port $port. Start it, or set CELERY_BROKER_URL to a running Redis."
 }
 
 postgres_ensure() {
-    if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
-        return
+    local url="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/notify}" host port user version installed=0
+    read -r host port <<<"$(url_address "$url" 5432)"
+    port_open "$host" "$port" && return
+    is_loopback "$host" || die "PostgreSQL is not reachable at $host:$port. Start it there, or set DATABASE_URL."
+    if ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || ! command -v pg_ctlcluster >/dev/null; then
+        # Installed the way of another system: starting it is that system's business.
+        if command -v postgres >/dev/null || command -v pg_ctl >/dev/null; then
+            die "PostgreSQL is installed but not running on port $port. Start it, with trust auth for user postgres on 127.0.0.1, or set DATABASE_URL."
+        fi
+        package_ensure postgresql "the database"
+        installed=1
     fi
-    if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then
-        say "starting PostgreSQL"
-        pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
-        for _ in $(seq 50); do
-            pg_isready -q -h 127.0.0.1 -p 5432 && return
-            sleep 0.2
-        done
+    version="$(ls /usr/lib/postgresql | sort -V | tail -1)"
+    [ "$(id -u)" = 0 ] || die "PostgreSQL $version is installed but not running on port $port. Start it: sudo pg_ctlcluster $version main start"
+    [ -d "/etc/postgresql/$version/main" ] || pg_createcluster "$version" main --port "$port" >/dev/null
+    if [ "$installed" = 1 ]; then
+        # A new cluster, ours to set up: its superuser logs in over loopback without a password, as
+        # the default DATABASE_URL does (a development machine's database, never a server's).
+        user="$("$PY" -c 'import sys; from urllib.parse import urlsplit; print(urlsplit(sys.argv[1]).username or "postgres")' "$url")"
+        local hba="/etc/postgresql/$version/main/pg_hba.conf"
+        { printf '# The development database: %s logs in over loopback without a password.\n' "$user"
+          printf 'host all %s 127.0.0.1/32 trust\nhost all %s ::1/128 trust\n' "$user" "$user"
+          cat "$hba"; } >"$hba.new" && mv "$hba.new" "$hba" && chown postgres:postgres "$hba"
     fi
-    die "PostgreSQL is not reachable on 127.0.0.1:5432. Install it (Debian/Ubuntu: apt-get install postgresql) and start it, with trust auth for user postgres on 127.0.0.1, or set DATABASE_URL."
+    if pg_ctlcluster "$version" main status >/dev/null 2>&1; then
+        pg_ctlcluster "$version" main reload >/dev/null
+    else
+        say "starting PostgreSQL $version on port $port"
+        pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    fi
+    for _ in $(seq 50); do
+        port_open "$host" "$port" && break
+        sleep 0.2
+    done
+    port_open "$host" "$port" || die "PostgreSQL $version did not start on port $port; see /var/log/postgresql/. Or set DATABASE_URL to a running PostgreSQL."
+    if [ "$installed" = 1 ] && [ "$user" != postgres ]; then
+        runuser -u postgres -- psql -q -p "$port" -c "create role \"$user\" superuser login" >/dev/null
+    fi
+    return 0
 }
 
 rabbitmq_ensure() {
     # The broker tests also run the service on RabbitMQ (tests/e2e/test_rabbitmq.py).
     local address="${TEST_RABBITMQ_ADDRESS:-guest:guest@127.0.0.1:5672}"
     local port="${address##*:}"
-    rabbitmq_up() { "$PY" -c "import socket; socket.create_connection(('127.0.0.1', $port), timeout=1).close()" 2>/dev/null; }
-    rabbitmq_up && return
-    if ! command -v rabbitmq-server >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        say "installing RabbitMQ for the broker tests (apt-get install rabbitmq-server)"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get install -y -q rabbitmq-server >/dev/null 2>&1 \
-            || { apt-get update -q >/dev/null && apt-get install -y -q rabbitmq-server >/dev/null; } \
-            || die "apt-get could not install rabbitmq-server; install it by hand (apt-get install rabbitmq-server)."
-    fi
-    if command -v rabbitmq-server >/dev/null; then
-        say "starting RabbitMQ on 127.0.0.1:$port"
-        rabbitmq-server -detached >/dev/null 2>&1 || true
-        for _ in $(seq 120); do
-            rabbitmq_up && return
-            sleep 0.5
-        done
-    fi
-    die "RabbitMQ is not reachable on 127.0.0.1:$port. Install and start it (Debian/Ubuntu: apt-get install rabbitmq-server; then rabbitmq-server -detached), or set TEST_RABBITMQ_ADDRESS=user:password@host:port."
+    port_open 127.0.0.1 "$port" && return
+    command -v rabbitmq-server >/dev/null || package_ensure rabbitmq "the broker tests"
+    say "starting RabbitMQ on 127.0.0.1:$port"
+    rabbitmq-server -detached >/dev/null 2>&1 || true
+    for _ in $(seq 120); do
+        port_open 127.0.0.1 "$port" && return
+        sleep 0.5
+    done
+    die "RabbitMQ is not reachable on 127.0.0.1:$port. Start it (rabbitmq-server -detached), or set TEST_RABBITMQ_ADDRESS=user:password@host:port."
 }
 
 database_create() {
@@ -99,7 +206,14 @@ try:
         if not conn.execute("select 1 from pg_database where datname = %s", (name,)).fetchone():
             conn.execute(f'create database "{name}"')
 except psycopg.OperationalError as error:
-    sys.exit(f"error: cannot connect to PostgreSQL at {url.hostname}:{url.port}: {error}".strip())
+    advice = ""
+    if "password" in str(error):
+        # A packaged PostgreSQL asks for passwords over TCP; the default URL has none.
+        advice = (f"\nLet {url.username} log in over loopback: put 'host all {url.username} 127.0.0.1/32 trust'"
+                  " first in pg_hba.conf and reload PostgreSQL, or give DATABASE_URL a password.")
+    sys.exit(f"error: cannot connect to PostgreSQL at {url.hostname}:{url.port}: {str(error).strip()}{advice}")
+except psycopg.Error as error:
+    sys.exit(f"error: cannot create the database {name} as {url.username}: {str(error).strip()}")
 PYEOF
 }
 
@@ -161,13 +275,9 @@ chromium_ensure() {
     # browser here). As root on Debian it is installed; otherwise say how, and go on: only
     # the browser tests need it, and they fail with the same advice.
     [ -x /usr/bin/chromium ] && return
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        say "installing Chromium for the browser tests (apt-get install chromium)"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get install -y -q chromium >/dev/null 2>&1 \
-            || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
-            || die "apt-get could not install chromium; install it by hand (apt-get install chromium)."
+    if can_apt_install; then
+        package_ensure chromium "the browser tests"
         return
     fi
-    printf '\033[33mwarning:\033[0m the browser tests need Chromium at /usr/bin/chromium. Install it: sudo apt-get install chromium\n' >&2
+    printf '\033[33mwarning:\033[0m the browser tests need Chromium at /usr/bin/chromium. Install it: %s\n' "$(install_command chromium)" >&2
 }

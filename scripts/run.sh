@@ -46,6 +46,7 @@ export NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION="${NOTIFY_CANARY_WEBPUSH_SUBSCRIPTION:
 export NOTIFY_CANARY_INAPP="${NOTIFY_CANARY_INAPP:-1}"
 
 venv_ensure
+curl_ensure
 redis_ensure
 if [ -n "${DATABASE_URL:-}" ]; then
     case "$DATABASE_URL" in postgres*) postgres_ensure; database_create ;; esac
