@@ -125,7 +125,7 @@ if ! command -v debootstrap >/dev/null; then
     say "installing debootstrap (apt-get install debootstrap)"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >/dev/null
 fi
-ip -o addr | grep -q " $SUBNET\." && die "$SUBNET.0/30 is in use here; set BARE_MACHINE_SUBNET to another a.b.c prefix."
+ip -o addr | grep " $SUBNET\." >/dev/null && die "$SUBNET.0/30 is in use here; set BARE_MACHINE_SUBNET to another a.b.c prefix."
 
 REBUILD=0
 while [ $# -gt 0 ]; do

@@ -195,7 +195,9 @@ if [ "$SMOKE" = 1 ]; then
     # FCM reports nothing after accepting a message, so "sent" is as far as push goes.
     reaches "$PUSH_CURL" sent || die "the demo push was not sent; see var/log/"
     reaches "$WEBPUSH_CURL" sent || die "the demo web push was not sent; see var/log/"
-    curl -sf "$PREFERENCES_URL" | grep -q "Notification preferences" || die "the preference center did not open"
+    # Read whole, then searched: grep -q leaving a pipe early fails curl (and, with pipefail, the check).
+    preferences_page="$(curl -sf "$PREFERENCES_URL")" || die "the preference center did not open"
+    grep -q "Notification preferences" <<<"$preferences_page" || die "the preference center did not open"
     reaches "$INBOX_CURL" sent || die "the demo in-app notification was not stored; see var/log/"
     broadcasted "$BROADCAST_CURL" || die "the demo broadcast did not complete; see var/log/"
     curl -s "http://127.0.0.1:$SANDBOX_PORT/_sandbox/stats"; echo
