@@ -16,7 +16,7 @@ import pytest
 import requests
 from kombu import Connection
 
-from apps.deliveries.models import DeliveryStatus
+from apps.deliveries.models import DeadLetter, Delivery, DeliveryStatus
 from config.queues import ALL_QUEUES
 from notify.pipeline.send import RECORD_CHUNK
 from tests.e2e.test_delivery_guarantees import assert_each_accepted_exactly_once, statuses, wait_for_status
@@ -123,3 +123,33 @@ def test_a_worker_killed_mid_batch_on_rabbitmq_loses_and_duplicates_nothing(post
     workers.start_beat()
     wait_for_status(notification_ids, DeliveryStatus.SENT, timeout=90)
     assert_each_accepted_exactly_once(sandbox, notification_ids)
+
+
+def test_a_transient_failure_on_rabbitmq_is_retried_from_the_database_then_succeeds(post_events, workers, sandbox):
+    """On RabbitMQ no retry rides a broker countdown: each waits in the database until the
+    sweeper publishes it again, and the delivery is sent once, on its third attempt."""
+    sandbox.faults_set(fail_next=[503, 503])
+    workers.start("critical")
+    workers.start("maintenance")
+    workers.start_beat()
+    [notification_id] = post_events(category="otp", count=1)
+    wait_for_status([notification_id], DeliveryStatus.SENT, timeout=60)
+    delivery = Delivery.objects.get(notification_id=notification_id)
+    assert delivery.attempt_count == 3
+    assert list(delivery.events.values_list("status", flat=True)) == ["queued", "retrying", "retrying", "sent"]
+    assert [r["status"] for r in sandbox.requests_log()] == [503, 503, 200]
+
+
+def test_exhausted_retries_on_rabbitmq_become_a_dead_letter(post_events, workers, sandbox):
+    """The dead-letter path runs through RabbitMQ's own dead-letter queue to the maintenance
+    worker, as on Redis."""
+    sandbox.faults_set(fail_next=[500, 500, 500])
+    workers.start("critical")
+    maintenance = workers.start("maintenance")
+    workers.start_beat()
+    [notification_id] = post_events(category="otp", count=1)
+    wait_for_status([notification_id], DeliveryStatus.DEAD, timeout=60)
+    dead_letter = DeadLetter.objects.get(delivery__notification_id=notification_id)
+    assert dead_letter.attempts == 3
+    assert [r["status"] for r in sandbox.requests_log()] == [500, 500, 500]
+    wait_for(lambda: f"delivery {dead_letter.delivery_id} on email is dead" in maintenance.log(), what="the DLQ notice")
