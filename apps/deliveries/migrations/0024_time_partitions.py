@@ -68,15 +68,15 @@ def table_facts(cursor: Any, table: str) -> dict[str, Any]:
     return {"indexes": indexes, "outgoing": outgoing, "incoming": incoming, "primary_key": primary_key}
 
 
-def table_rebuild(cursor: Any, *, table: str, primary_key_columns: str, partition_by: str | None,
-                  partitions: list[tuple[str, str]]) -> None:
+def table_rebuild(
+    cursor: Any, *, table: str, primary_key_columns: str, partition_by: str | None, partitions: list[tuple[str, str]]
+) -> None:
     """Rebuild `table` as partitioned by `partition_by` (or, going back, as a plain table)."""
     facts = table_facts(cursor, table)
     twin = f"{table}_rebuilt"
     partitioning = f" PARTITION BY RANGE ({partition_by})" if partition_by else ""
     cursor.execute(
-        f"CREATE TABLE {twin} (LIKE {table} INCLUDING DEFAULTS INCLUDING IDENTITY INCLUDING CONSTRAINTS)"
-        f"{partitioning}"
+        f"CREATE TABLE {twin} (LIKE {table} INCLUDING DEFAULTS INCLUDING IDENTITY INCLUDING CONSTRAINTS){partitioning}"
     )
     for suffix, bound in partitions:
         cursor.execute(f"CREATE TABLE {table}_{suffix} PARTITION OF {twin} {bound}")
