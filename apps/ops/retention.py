@@ -53,8 +53,10 @@ class PurgeReport:
     deliveries: int = 0
     events: int = 0
     batches: int = 0
-    # Months dropped whole, by their notifications partition's name.
+    # Months dropped whole, by their notifications partition's name, and the longest of those
+    # drops' transactions (the partitioned tables are locked for its length).
     partitions: list[str] = field(default_factory=list)
+    partition_drop_seconds: float = 0.0
     # Tenants whose purge stopped early (the run's budget, or a lock that did not come).
     unfinished: list[str] = field(default_factory=list)
 
@@ -105,7 +107,10 @@ def _partitions_drop(*, cutoffs: dict[UUID, datetime], deadline: float, report: 
             continue
         try:
             if _partition_expired(partition=partition, deliveries=deliveries[bounds], cutoffs=cutoffs):
+                started = time.monotonic()
                 _partition_drop(partition=partition, deliveries=deliveries[bounds], history=history[bounds])
+                elapsed = time.monotonic() - started
+                report.partition_drop_seconds = max(report.partition_drop_seconds, elapsed)
                 report.partitions.append(partition.name)
         except DatabaseError as error:  # the lock timeout: the batches take this month's rows
             logger.warning("retention could not drop partition %s: %s", partition.name, error)
