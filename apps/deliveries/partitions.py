@@ -135,6 +135,8 @@ def _month_ensure(*, start: datetime, end: datetime) -> list[str]:
         for table, key in PARTITIONED_TABLES:
             default = listed[table][1]
             if default:
+                # Held until the month is made: a row written meanwhile would make it fail.
+                cursor.execute(f"LOCK TABLE {default} IN SHARE ROW EXCLUSIVE MODE")
                 cursor.execute(f"SELECT DISTINCT {key} FROM {default} WHERE {key} >= %s AND {key} < %s", [lower, upper])
                 taken.update(row[0].int for row in cursor.fetchall())
         ranges = _gaps(lower=lower.int, upper=upper.int, taken=sorted(taken))

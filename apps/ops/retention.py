@@ -168,10 +168,15 @@ def _partition_drop(*, partition: Partition, deliveries: str, history: str) -> N
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
         in_range, params = _range_condition(column="notification_id", lower=partition.lower, upper=partition.upper)
-        in_month, month_params = _range_condition(column="id", lower=partition.lower, upper=partition.upper)
+        # Spelled so that the month's own deliveries partition is pruned from the scan.
+        outside, outside_params = (
+            ("id >= %s", [partition.upper])
+            if partition.lower is None
+            else ("(id < %s OR id >= %s)", [partition.lower, partition.upper])
+        )
         cursor.execute(
-            f"SELECT id FROM {_table(Delivery)} WHERE {in_range} AND NOT ({in_month}) FOR UPDATE",
-            [*params, *month_params],
+            f"SELECT id FROM {_table(Delivery)} WHERE {in_range} AND {outside} FOR UPDATE",
+            [*params, *outside_params],
         )
         later = [row[0] for row in cursor.fetchall()]
         if later:
