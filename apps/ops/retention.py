@@ -90,6 +90,10 @@ def retention_purge(*, now: datetime, deadline: float | None = None, partitions:
     return report
 
 
+class MonthInFlight(Exception):
+    """A delivery of the month went back in flight while it was being dropped."""
+
+
 def _partitions_drop(*, cutoffs: dict[UUID, datetime], deadline: float, report: PurgeReport) -> None:
     """Drop, oldest first, each month that retention lets go whole."""
     latest_cutoff = max(cutoffs.values())
@@ -112,7 +116,7 @@ def _partitions_drop(*, cutoffs: dict[UUID, datetime], deadline: float, report: 
                 elapsed = time.monotonic() - started
                 report.partition_drop_seconds = max(report.partition_drop_seconds, elapsed)
                 report.partitions.append(partition.name)
-        except DatabaseError as error:  # the lock timeout: the batches take this month's rows
+        except (DatabaseError, MonthInFlight) as error:  # a lock timeout: the batches take its rows
             logger.warning("retention could not drop partition %s: %s", partition.name, error)
 
 
@@ -186,6 +190,15 @@ def _partition_drop(*, partition: Partition, deliveries: str, history: str) -> N
         _references_clear_range(cursor=cursor, model=Notification, partition=partition, besides=Delivery)
         for parent, name in ((DeliveryEvent, history), (Delivery, deliveries), (Notification, partition.name)):
             cursor.execute(f"ALTER TABLE {_table(parent)} DETACH PARTITION {name}")
+        # Detached, the month is out of every writer's reach: a delivery put back in flight
+        # since it was checked (a replayed dead letter) keeps the month after all.
+        cursor.execute(
+            f"SELECT 1 FROM {deliveries} WHERE status = ANY(%s) OR status = 'sending' OR status = 'standby' LIMIT 1",
+            [[str(status) for status in CLAIMABLE_STATUSES]],
+        )
+        if cursor.fetchone():
+            raise MonthInFlight(partition.name)
+        for name in (history, deliveries, partition.name):
             cursor.execute(f"DROP TABLE {name}")
 
 
