@@ -188,18 +188,24 @@ def _partition_drop(*, partition: Partition, deliveries: str, history: str) -> N
             cursor.execute(f"DELETE FROM {_table(Delivery)} WHERE id = ANY(%s)", [later])
         _references_clear_range(cursor=cursor, model=Delivery, partition=partition, besides=DeliveryEvent)
         _references_clear_range(cursor=cursor, model=Notification, partition=partition, besides=Delivery)
+        # Children first, each dropped before the next is detached: a detached history
+        # partition would still point at the deliveries it held.
         for parent, name in ((DeliveryEvent, history), (Delivery, deliveries), (Notification, partition.name)):
             cursor.execute(f"ALTER TABLE {_table(parent)} DETACH PARTITION {name}")
-        # Detached, the month is out of every writer's reach: a delivery put back in flight
-        # since it was checked (a replayed dead letter) keeps the month after all.
-        cursor.execute(
-            f"SELECT 1 FROM {deliveries} WHERE status = ANY(%s) OR status = 'sending' OR status = 'standby' LIMIT 1",
-            [[str(status) for status in CLAIMABLE_STATUSES]],
-        )
-        if cursor.fetchone():
-            raise MonthInFlight(partition.name)
-        for name in (history, deliveries, partition.name):
+            if parent is Delivery:
+                _in_flight_refuse(cursor=cursor, deliveries=deliveries, month=partition.name)
             cursor.execute(f"DROP TABLE {name}")
+
+
+def _in_flight_refuse(*, cursor: Any, deliveries: str, month: str) -> None:
+    """Detached, the month's deliveries are out of every writer's reach: one put back in flight
+    since the month was checked (a replayed dead letter) keeps the month after all."""
+    cursor.execute(
+        f"SELECT 1 FROM {deliveries} WHERE status = ANY(%s) OR status = 'sending' OR status = 'standby' LIMIT 1",
+        [[str(status) for status in CLAIMABLE_STATUSES]],
+    )
+    if cursor.fetchone():
+        raise MonthInFlight(month)
 
 
 def _references_clear_range(
