@@ -11,7 +11,7 @@ The partitions: `before` holds every id below this month's (older time-ordered i
 random ids that sort low), one partition a month for this month and the next three, `beyond`
 holds the random ids that sort above 2100, and the default partition the few random ids that
 fall among the months. The tables are locked while they are copied: on a large installation
-this migration takes a maintenance window (about a minute per few million rows)."""
+this migration takes a maintenance window."""
 
 from datetime import UTC, datetime
 from typing import Any
