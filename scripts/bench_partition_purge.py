@@ -8,15 +8,18 @@ N/4 notifications, one delivery each, and four history rows a delivery (N in all
 the following month that are not yet expired. Then it purges the expired month twice, from the
 same generated rows: once in batches of NOTIFY_RETENTION_BATCH notifications (without the
 pauses between batches that a running installation takes), once by dropping the month's
-partitions. Prints the time of each, the rows a second, and how long the drop held its locks.
+partitions. Prints the time of each, the rows a second, how long the drop held its locks, and
+the drop's statements that took 50 ms or more.
 Run it through `make bench ARGS="--partition-purge 10000000"`, which prepares the database."""
 
 import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -108,6 +111,19 @@ def world_ensure() -> dict[str, object]:
     }
 
 
+def statement_timer(statements: list[tuple[float, str]]) -> Callable[..., Any]:
+    """A connection wrapper that notes each statement's time (the drop's, to show where it goes)."""
+
+    def timed(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
+        started = time.monotonic()
+        try:
+            return execute(sql, params, many, context)
+        finally:
+            statements.append((time.monotonic() - started, " ".join(sql.split())[:100]))
+
+    return timed
+
+
 def history_count() -> int:
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM deliveries_deliveryevent")
@@ -148,8 +164,10 @@ def main() -> None:
         rows_generate(start=expired_month, span=timedelta(days=28), count=history_rows // 4, tag="e", ids=ids)
         print(f"generated the expired month in {time.monotonic() - started:.1f} s")
         before = history_count()
+        statements: list[tuple[float, str]] = []
         started = time.monotonic()
-        report = retention_purge(now=now, deadline=float("inf"), partitions=mode == "partitions")
+        with connection.execute_wrapper(statement_timer(statements)):
+            report = retention_purge(now=now, deadline=float("inf"), partitions=mode == "partitions")
         elapsed = time.monotonic() - started
         purged = before - history_count()
         assert purged == history_rows, f"{mode}: {purged:,} history rows purged, {history_rows:,} expected"
@@ -162,6 +180,10 @@ def main() -> None:
         print(
             f"purge by {mode}: {purged:,} history rows in {elapsed:.2f} s = {purged / elapsed:,.0f} rows/s ({detail})"
         )
+        if mode == "partitions":
+            for seconds, sql in statements:
+                if seconds >= 0.05:
+                    print(f"  {seconds:6.2f} s  {sql}")
     print(f"dropping the month is {results['batches'] / results['partitions']:,.0f}x faster than the batches")
     with connection.cursor() as cursor:
         cursor.execute(f"TRUNCATE {TABLES} CASCADE")
