@@ -376,6 +376,16 @@ if NOTIFY_RETENTION_INTERVAL_SECONDS:
         task="notify.retention_purge", seconds=NOTIFY_RETENTION_INTERVAL_SECONDS
     )
 
+# --- Partitioned tables (apps/deliveries/partitions.py) -----------------------------------
+# Notifications, deliveries and their history are partitioned by month; beat makes sure this
+# month's partitions and the next ones exist, so that rows never wait on a missing partition.
+NOTIFY_PARTITION_MONTHS_AHEAD = env.int("NOTIFY_PARTITION_MONTHS_AHEAD", default=3)
+NOTIFY_PARTITION_INTERVAL_SECONDS = env.float("NOTIFY_PARTITION_INTERVAL_SECONDS", default=21600.0)
+if NOTIFY_PARTITION_INTERVAL_SECONDS:
+    CELERY_BEAT_SCHEDULE["notify-partitions"] = periodic_task(
+        task="notify.partitions_ensure", seconds=NOTIFY_PARTITION_INTERVAL_SECONDS
+    )
+
 # --- Rollups and the dashboard (notify/observability/rollups.py) ---------------------------
 # How often beat counts the new delivery history into the per-minute and per-hour rollups.
 NOTIFY_ROLLUP_INTERVAL_SECONDS = env.float("NOTIFY_ROLLUP_INTERVAL_SECONDS", default=30.0)

@@ -5,6 +5,7 @@ from uuid import UUID
 
 import sentry_sdk
 from celery import shared_task
+from django.conf import settings
 from django.utils import timezone
 
 from apps.inbox.live import inbox_snoozes_return
@@ -95,7 +96,20 @@ def retention_purge() -> dict[str, int]:
     from apps.ops.retention import retention_purge
 
     report = retention_purge(now=timezone.now())
-    return {"notifications": report.notifications, "events": report.events, "unfinished": len(report.unfinished)}
+    return {
+        "notifications": report.notifications,
+        "events": report.events,
+        "partitions": len(report.partitions),
+        "unfinished": len(report.unfinished),
+    }
+
+
+@shared_task(name="notify.partitions_ensure")
+def partitions_ensure() -> list[str]:
+    """Create the partitions of this month and the months ahead that are still missing."""
+    from apps.deliveries.partitions import partitions_ensure
+
+    return partitions_ensure(now=timezone.now(), months_ahead=settings.NOTIFY_PARTITION_MONTHS_AHEAD)
 
 
 @shared_task(name="notify.metrics_gauges")

@@ -6,6 +6,7 @@
 # or, for a broadcast to an imported audience: scripts/bench.sh --broadcast 1000000
 # or, for the inbox's live connections: scripts/bench.sh --inbox-connections 20000
 # or, for workers on one host against two (as root): scripts/bench.sh --hosts 2 --provider-latency-ms 50
+# or, for the retention purge of a month of history: scripts/bench.sh --partition-purge 10000000
 source "$(dirname "$0")/lib.sh"
 
 # NOTIFY_METRICS_ENABLED=false runs it with the metrics off; --metrics-compare runs both.
@@ -17,6 +18,11 @@ fi
 # `--broadcast N` benchmarks an audience import and a broadcast to it (scripts/bench_broadcast.py).
 if [ "${1:-}" = "--broadcast" ]; then
     exec "$PY" -u scripts/bench_broadcast.py "$@"
+fi
+# `--partition-purge N` benchmarks purging a month of N history rows: batches against dropping
+# the month's partitions (scripts/bench_partition_purge.py).
+if [ "${1:-}" = "--partition-purge" ]; then
+    exec "$PY" -u scripts/bench_partition_purge.py "$@"
 fi
 # `--inbox-connections N` benchmarks N inbox WebSockets (scripts/bench_inbox.py).
 if [ "${1:-}" = "--inbox-connections" ]; then

@@ -7,7 +7,15 @@ follows each batch. A notification goes only when none of its deliveries is in f
 sending, retrying, deferred, standby), checked again under the deliveries' row locks, which
 it takes with SKIP LOCKED: a delivery a sender holds keeps its notification for a later run.
 The rows are deleted by statements on id arrays rather than Django's cascade, which would load
-every row first."""
+every row first.
+
+Before that, whole months go at once: on PostgreSQL the notifications, deliveries and delivery
+history are partitioned by month (apps/deliveries/partitions.py), and a month whose every
+notification is past its tenant's retention, with none of its deliveries in flight, is dropped
+as three partitions rather than deleted row by row. The rows that point into it from elsewhere
+go first: deliveries of its notifications made in a later month (a fallback step, a resend
+just past midnight) with their history, and the dead letters, early feedback, inbox items and
+canary runs of its deliveries. A month that straddles a cutoff is left to the batches."""
 
 import logging
 import time
@@ -21,12 +29,15 @@ from django.db import DatabaseError, connection, models, transaction
 from django.db.models import ForeignObjectRel
 
 from apps.deliveries.models import (
+    CLAIMABLE_STATUSES,
     Delivery,
+    DeliveryEvent,
     Digest,
     DigestEntry,
     Event,
     Notification,
 )
+from apps.deliveries.partitions import Partition, partitions_list, tables_partitioned, uuid7_time
 from apps.deliveries.selectors import PENDING_STATUSES
 from apps.ops.models import RetentionPolicy
 from apps.tenants.models import Tenant
@@ -42,6 +53,10 @@ class PurgeReport:
     deliveries: int = 0
     events: int = 0
     batches: int = 0
+    # Months dropped whole, by their notifications partition's name, and the longest of those
+    # drops' transactions (the partitioned tables are locked for its length).
+    partitions: list[str] = field(default_factory=list)
+    partition_drop_seconds: float = 0.0
     # Tenants whose purge stopped early (the run's budget, or a lock that did not come).
     unfinished: list[str] = field(default_factory=list)
 
@@ -58,16 +73,157 @@ def retention_cutoffs(*, now: datetime) -> dict[UUID, datetime]:
     return cutoffs
 
 
-def retention_purge(*, now: datetime, deadline: float | None = None) -> PurgeReport:
-    """Purge every tenant's expired rows, batch by batch, until done or past the deadline."""
+def retention_purge(*, now: datetime, deadline: float | None = None, partitions: bool = True) -> PurgeReport:
+    """Purge every tenant's expired rows: whole months where they can go (unless `partitions`
+    is off), then batch by batch, until done or past the deadline."""
     deadline = deadline if deadline is not None else time.monotonic() + settings.NOTIFY_RETENTION_RUN_SECONDS
     report = PurgeReport()
-    for tenant_id, cutoff in retention_cutoffs(now=now).items():
+    cutoffs = retention_cutoffs(now=now)
+    if partitions and cutoffs and tables_partitioned():
+        _partitions_drop(cutoffs=cutoffs, deadline=deadline, report=report)
+    for tenant_id, cutoff in cutoffs.items():
         if not _tenant_purge(tenant_id=tenant_id, cutoff=cutoff, deadline=deadline, report=report):
             report.unfinished.append(str(tenant_id))
     for kind in ("notifications", "deliveries", "events"):
         metrics.retention_purged.labels(kind=kind).inc(getattr(report, kind))
+    metrics.retention_purged.labels(kind="partitions").inc(len(report.partitions))
     return report
+
+
+class MonthInFlight(Exception):
+    """A delivery of the month went back in flight while it was being dropped."""
+
+
+def _partitions_drop(*, cutoffs: dict[UUID, datetime], deadline: float, report: PurgeReport) -> None:
+    """Drop, oldest first, each month that retention lets go whole."""
+    latest_cutoff = max(cutoffs.values())
+    notifications, _ = partitions_list(table=Notification._meta.db_table)
+    deliveries = _by_bounds(partitions_list(table=Delivery._meta.db_table)[0])
+    history = _by_bounds(partitions_list(table=DeliveryEvent._meta.db_table)[0])
+    for partition in notifications:
+        # Only months that ended before the latest cutoff can be past every tenant's retention.
+        if partition.upper is None or uuid7_time(value=partition.upper) > latest_cutoff:
+            break
+        if time.monotonic() > deadline:
+            return
+        bounds = (partition.lower, partition.upper)
+        if bounds not in deliveries or bounds not in history:
+            continue
+        try:
+            if _partition_expired(partition=partition, deliveries=deliveries[bounds], cutoffs=cutoffs):
+                started = time.monotonic()
+                _partition_drop(partition=partition, deliveries=deliveries[bounds], history=history[bounds])
+                elapsed = time.monotonic() - started
+                report.partition_drop_seconds = max(report.partition_drop_seconds, elapsed)
+                report.partitions.append(partition.name)
+        except (DatabaseError, MonthInFlight) as error:  # a lock timeout: the batches take its rows
+            logger.warning("retention could not drop partition %s: %s", partition.name, error)
+
+
+def _by_bounds(partitions: list[Partition]) -> dict[tuple[UUID | None, UUID | None], str]:
+    return {(p.lower, p.upper): p.name for p in partitions}
+
+
+def _range_condition(*, column: str, lower: UUID | None, upper: UUID | None) -> tuple[str, list[Any]]:
+    if lower is None:
+        return f"{column} < %s", [upper]
+    return f"{column} >= %s AND {column} < %s", [lower, upper]
+
+
+def _partition_expired(*, partition: Partition, deliveries: str, cutoffs: dict[UUID, datetime]) -> bool:
+    """Whether every notification in the partition is past its tenant's retention (a tenant
+    kept forever keeps the month), none of their deliveries is in flight, and no delivery of
+    the month belongs to an older notification (the batches take that one with its own)."""
+    in_range, params = _range_condition(column="d.notification_id", lower=partition.lower, upper=partition.upper)
+    claimable = [str(status) for status in CLAIMABLE_STATUSES]
+    with connection.cursor() as cursor:
+        # An empty month has nothing to purge: it stays for rows still to come.
+        cursor.execute(f"SELECT 1 FROM {partition.name} LIMIT 1")
+        if cursor.fetchone() is None:
+            return False
+        # Each tenant's newest row in the partition: one probe of its (tenant, created_at) index.
+        cursor.execute(
+            f"""SELECT 1 FROM {_table(Tenant)} t
+            LEFT JOIN unnest(%s::uuid[], %s::timestamptz[]) AS c(tenant_id, cutoff) ON c.tenant_id = t.id
+            CROSS JOIN LATERAL (SELECT max(n.created_at) AS newest FROM {partition.name} n WHERE n.tenant_id = t.id) m
+            WHERE m.newest IS NOT NULL AND (c.cutoff IS NULL OR m.newest >= c.cutoff) LIMIT 1""",
+            [list(cutoffs), list(cutoffs.values())],
+        )
+        if cursor.fetchone():
+            return False
+        # In flight: spelled as the partial indexes' conditions, which hold only unfinished work.
+        cursor.execute(
+            f"""SELECT 1 FROM {_table(Delivery)} d WHERE {in_range}
+              AND (d.status = ANY(%s) OR d.status = 'sending' OR d.status = 'standby') LIMIT 1""",
+            [*params, claimable],
+        )
+        if cursor.fetchone():
+            return False
+        if partition.lower is not None:
+            cursor.execute(f"SELECT 1 FROM {deliveries} WHERE notification_id < %s LIMIT 1", [partition.lower])
+            if cursor.fetchone():
+                return False
+    return True
+
+
+def _partition_drop(*, partition: Partition, deliveries: str, history: str) -> None:
+    """Delete what points into the month from outside it, then detach and drop its partitions,
+    children first, in one transaction."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        in_range, params = _range_condition(column="notification_id", lower=partition.lower, upper=partition.upper)
+        # Spelled so that the month's own deliveries partition is pruned from the scan.
+        outside, outside_params = (
+            ("id >= %s", [partition.upper])
+            if partition.lower is None
+            else ("(id < %s OR id >= %s)", [partition.lower, partition.upper])
+        )
+        cursor.execute(
+            f"SELECT id FROM {_table(Delivery)} WHERE {in_range} AND {outside} FOR UPDATE",
+            [*params, *outside_params],
+        )
+        later = [row[0] for row in cursor.fetchall()]
+        if later:
+            _references_clear(cursor=cursor, model=Delivery, ids=later)
+            cursor.execute(f"DELETE FROM {_table(Delivery)} WHERE id = ANY(%s)", [later])
+        _references_clear_range(cursor=cursor, model=Delivery, partition=partition, besides=DeliveryEvent)
+        _references_clear_range(cursor=cursor, model=Notification, partition=partition, besides=Delivery)
+        # Children first, each dropped before the next is detached: a detached history
+        # partition would still point at the deliveries it held.
+        for parent, name in ((DeliveryEvent, history), (Delivery, deliveries), (Notification, partition.name)):
+            cursor.execute(f"ALTER TABLE {_table(parent)} DETACH PARTITION {name}")
+            if parent is Delivery:
+                _in_flight_refuse(cursor=cursor, deliveries=deliveries, month=partition.name)
+            cursor.execute(f"DROP TABLE {name}")
+
+
+def _in_flight_refuse(*, cursor: Any, deliveries: str, month: str) -> None:
+    """Detached, the month's deliveries are out of every writer's reach: one put back in flight
+    since the month was checked (a replayed dead letter) keeps the month after all."""
+    cursor.execute(
+        f"SELECT 1 FROM {deliveries} WHERE status = ANY(%s) OR status = 'sending' OR status = 'standby' LIMIT 1",
+        [[str(status) for status in CLAIMABLE_STATUSES]],
+    )
+    if cursor.fetchone():
+        raise MonthInFlight(month)
+
+
+def _references_clear_range(
+    *, cursor: Any, model: type[models.Model], partition: Partition, besides: type[models.Model]
+) -> None:
+    """_references_clear for every row of a partition, by its key range; `besides` is the
+    partitioned child dropped with it."""
+    for relation in model._meta.get_fields(include_hidden=True):
+        if not isinstance(relation, ForeignObjectRel) or relation.many_to_many or relation.related_model is None:
+            continue
+        if relation.related_model is besides:
+            continue
+        table, column = _table(relation.related_model), connection.ops.quote_name(str(relation.field.column))
+        in_range, params = _range_condition(column=column, lower=partition.lower, upper=partition.upper)
+        if relation.on_delete is models.SET_NULL:
+            cursor.execute(f"UPDATE {table} SET {column} = NULL WHERE {in_range}", params)
+        else:
+            cursor.execute(f"DELETE FROM {table} WHERE {in_range}", params)
 
 
 def _tenant_purge(*, tenant_id: UUID, cutoff: datetime, deadline: float, report: PurgeReport) -> bool:

@@ -1,0 +1,162 @@
+"""Monthly partitions of the notifications, deliveries and delivery history tables.
+
+The three tables are range-partitioned on UUIDv7 keys, which begin with their creation time in
+milliseconds: notifications and deliveries on their own ids, the history on its delivery's id,
+so that a delivery's history lives in the partition of the same months as the delivery. A month
+is the range of ids from the first UUIDv7 of its first instant to the first of the next month's,
+and all three tables share the same bounds. Keeping the primary key on the id alone lets the
+other tables' foreign keys point at the partitioned tables, and a lookup by id reads one
+partition. Rows from before the ids were time-ordered (random UUIDv4 ids) live in the
+`before` and `beyond` partitions below and above the months, or in the default partition when
+they fall among the months (docs/architecture.md, "Partitioned tables")."""
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from uuid import UUID
+
+from django.db import connection, transaction
+
+# (table, partition key). Parents before children: that is the order of creation.
+PARTITIONED_TABLES = (
+    ("deliveries_notification", "id"),
+    ("deliveries_delivery", "id"),
+    ("deliveries_deliveryevent", "delivery_id"),
+)
+# Months are created up to here; anything above (random ids) lies in the `beyond` partition.
+MONTHS_END = datetime(2100, 1, 1, tzinfo=UTC)
+# A month whose range holds rows of the default partition (ids made before time-ordered ids,
+# or rows written while the month had no partition yet) is made of the gaps between them; gaps
+# shorter than this stay in the default partition rather than becoming tiny partitions.
+GAP_MIN_MILLISECONDS = 3_600_000
+LOCK_TIMEOUT = "5s"
+# One creator at a time (two beat runs, or a run beside a migration).
+ADVISORY_LOCK = 0x70617274  # "part"
+
+_BOUND = re.compile(r"FOR VALUES FROM \((?P<lower>[^)]*)\) TO \((?P<upper>[^)]*)\)")
+
+
+@dataclass(frozen=True)
+class Partition:
+    name: str
+    # None: MINVALUE / MAXVALUE.
+    lower: UUID | None
+    upper: UUID | None
+
+
+def uuid7_floor(*, at: datetime) -> UUID:
+    """The smallest UUIDv7 that can be made at or after this instant."""
+    return UUID(int=int(at.timestamp() * 1000) << 80)
+
+
+def uuid7_time(*, value: UUID) -> datetime:
+    """When a UUIDv7 was made (for a random id, a meaningless time)."""
+    return datetime.fromtimestamp((value.int >> 80) / 1000, tz=UTC)
+
+
+def month_start(*, at: datetime) -> datetime:
+    return at.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def month_next(*, start: datetime) -> datetime:
+    return start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+
+
+def tables_partitioned() -> bool:
+    """Whether this database has the partitioned tables (PostgreSQL; the demo's SQLite does not)."""
+    if connection.vendor != "postgresql":
+        return False
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)", [PARTITIONED_TABLES[0][0]])
+        row = cursor.fetchone()
+    return row is not None and row[0] == "p"
+
+
+def partitions_list(*, table: str) -> tuple[list[Partition], str | None]:
+    """The table's range partitions, lowest first, and the name of its default partition."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i
+            JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = to_regclass(%s)""",
+            [table],
+        )
+        rows = cursor.fetchall()
+    ranges, default = [], None
+    for name, bound in rows:
+        match = _BOUND.search(bound)
+        if match is None:  # FOR VALUES DEFAULT
+            default = name
+            continue
+        ranges.append(Partition(name=name, lower=_bound_value(match["lower"]), upper=_bound_value(match["upper"])))
+    ranges.sort(key=lambda p: -1 if p.lower is None else p.lower.int)
+    return ranges, default
+
+
+def _bound_value(text: str) -> UUID | None:
+    text = text.strip()
+    return None if text in ("MINVALUE", "MAXVALUE") else UUID(text.strip("'"))
+
+
+def _overlaps(partition: Partition, *, lower: UUID, upper: UUID) -> bool:
+    starts_before_end = partition.lower is None or partition.lower.int < upper.int
+    ends_after_start = partition.upper is None or partition.upper.int > lower.int
+    return starts_before_end and ends_after_start
+
+
+def partitions_ensure(*, now: datetime, months_ahead: int) -> list[str]:
+    """Create this month's partitions and the next `months_ahead` months' where they are
+    missing, in all the partitioned tables at once; returns the partitions created."""
+    if not tables_partitioned():
+        return []
+    created: list[str] = []
+    start = month_start(at=now)
+    for _ in range(months_ahead + 1):
+        end = month_next(start=start)
+        if end > MONTHS_END:
+            break
+        created += _month_ensure(start=start, end=end)
+        start = end
+    return created
+
+
+def _month_ensure(*, start: datetime, end: datetime) -> list[str]:
+    lower, upper = uuid7_floor(at=start), uuid7_floor(at=end)
+    created = []
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [ADVISORY_LOCK])
+        # A creator waits on nobody for long, and makes nobody wait long: the next run retries.
+        cursor.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        listed = {table: partitions_list(table=table) for table, _ in PARTITIONED_TABLES}
+        if any(_overlaps(p, lower=lower, upper=upper) for p in listed[PARTITIONED_TABLES[0][0]][0]):
+            return []
+        # Rows already in a default partition inside the month stay there: the month is made
+        # of the ranges between them (a new partition may hold no row its default holds).
+        taken: set[int] = set()
+        for table, key in PARTITIONED_TABLES:
+            default = listed[table][1]
+            if default:
+                # Held until the month is made: a row written meanwhile would make it fail.
+                cursor.execute(f"LOCK TABLE {default} IN SHARE ROW EXCLUSIVE MODE")
+                cursor.execute(f"SELECT DISTINCT {key} FROM {default} WHERE {key} >= %s AND {key} < %s", [lower, upper])
+                taken.update(row[0].int for row in cursor.fetchall())
+        ranges = _gaps(lower=lower.int, upper=upper.int, taken=sorted(taken))
+        for table, _ in PARTITIONED_TABLES:
+            for index, (gap_lower, gap_upper) in enumerate(ranges):
+                suffix = f"_{index}" if len(ranges) > 1 else ""
+                name = f"{table}_p{start:%Y_%m}{suffix}"
+                cursor.execute(
+                    f"CREATE TABLE {name} PARTITION OF {table} FOR VALUES FROM (%s) TO (%s)",
+                    [str(UUID(int=gap_lower)), str(UUID(int=gap_upper))],
+                )
+                created.append(name)
+    return created
+
+
+def _gaps(*, lower: int, upper: int, taken: list[int]) -> list[tuple[int, int]]:
+    gap_min = GAP_MIN_MILLISECONDS << 80
+    ranges, start = [], lower
+    for value in [*taken, upper]:
+        if value - start >= gap_min or (value == upper and start == lower):
+            ranges.append((start, value))
+        start = value + 1
+    return ranges
