@@ -172,13 +172,13 @@ class InboxConsumer(AsyncJsonWebsocketConsumer):
         client: the socket's own task sends them."""
         if self.falling_behind:
             return
-        if len(self.outbox) + len(frames) > settings.NOTIFY_INBOX_SEND_QUEUE_FRAMES:
+        cap = settings.NOTIFY_INBOX_SEND_QUEUE_FRAMES
+        if len(self.outbox) + len(frames) > cap:
             # The database holds every item: a client this far behind reconnects and catches
             # up from there, rather than holding the process's memory for frames it can't take.
             self.falling_behind = True
             self.outbox.clear()
-            cap = settings.NOTIFY_INBOX_SEND_QUEUE_FRAMES
-            self.closing = asyncio.create_task(
+            self.closing = asyncio.create_task(  # held, so that the task is not collected
                 self.close(code=CLOSE_TOO_SLOW, reason=f"more than {cap} messages waiting: reconnect and catch up")
             )
             return
