@@ -47,8 +47,9 @@ package_manager() {
 }
 
 package_name() {
-    # The package that provides part $1 (redis, postgresql, rabbitmq, chromium, curl) for manager $2.
+    # The package that provides part $1 (redis, postgresql, rabbitmq, chromium, curl, iproute2) for manager $2.
     case "$1:$2" in
+        iproute2:dnf) echo iproute ;;
         redis:apt-get) echo redis-server ;;
         postgresql:brew) echo postgresql@16 ;;
         postgresql:dnf | postgresql:zypper) echo postgresql-server ;;
@@ -268,6 +269,17 @@ vapid_key_ensure() {
         keys="$("$PY" manage.py vapid_keys)"
     fi
     export WEBPUSH_VAPID_PRIVATE_KEY="$(echo "$keys" | sed -n 's/^WEBPUSH_VAPID_PRIVATE_KEY=//p')"
+}
+
+iproute2_ensure() {
+    # The multi-host test builds its hosts with iproute2's `ip` (as root). As root on Debian
+    # it is installed; otherwise say how, and go on: that test alone skips without it.
+    command -v ip >/dev/null && return
+    if can_apt_install; then
+        package_ensure iproute2 "the multi-host test"
+        return
+    fi
+    printf '\033[33mwarning:\033[0m the multi-host test needs iproute2'"'"'s ip. Install it: %s\n' "$(install_command iproute2)" >&2
 }
 
 chromium_ensure() {

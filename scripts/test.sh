@@ -34,6 +34,7 @@ rabbitmq_ensure
 database_create
 vapid_key_ensure
 chromium_ensure
+iproute2_ensure
 curl_ensure
 
 # Two processes by default, one per core; each has its own database and Redis database

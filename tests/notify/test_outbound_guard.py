@@ -31,9 +31,17 @@ REFUSED = [
     ("https://100.64.0.1/x", "100.64.0.1 is a shared (carrier-grade NAT) address"),
     ("https://0.0.0.0/x", "0.0.0.0 is an unspecified address"),
     ("https://224.0.0.1/x", "224.0.0.1 is a multicast address"),
-    ("https://192.0.0.8/x", "192.0.0.8 is not a public address"),
+    # Python's address tables differ between patch releases (3.11.4 reclassified 192.0.0.0/24).
+    ("https://192.0.0.8/x", ("192.0.0.8 is not a public address", "192.0.0.8 is a private address")),
     ("https://198.18.0.1/x", "198.18.0.1 is a private address"),
-    ("https://localhost:9200/x", "localhost resolves to 127.0.0.1, which is a loopback address"),
+    # Which loopback comes first is the machine's resolver's choice.
+    (
+        "https://localhost:9200/x",
+        (
+            "localhost resolves to 127.0.0.1, which is a loopback address",
+            "localhost resolves to ::1, which is a loopback address",
+        ),
+    ),
     ("ftp://8.8.8.8/x", "not an http(s) URL with a host"),
     ("https:///x", "not an http(s) URL with a host"),
 ]
@@ -43,7 +51,8 @@ REFUSED = [
 def test_internal_and_plain_http_urls_are_refused_with_a_reason(url, reason):
     with pytest.raises(OutboundRefused) as refused:
         outbound_url_check(url=url, allowed_hosts=[])
-    assert reason in refused.value.reason
+    reasons = (reason,) if isinstance(reason, str) else reason
+    assert any(expected in refused.value.reason for expected in reasons), refused.value.reason
 
 
 @pytest.mark.parametrize(
