@@ -31,7 +31,7 @@ REFUSED = [
     ("https://100.64.0.1/x", "100.64.0.1 is a shared (carrier-grade NAT) address"),
     ("https://0.0.0.0/x", "0.0.0.0 is an unspecified address"),
     ("https://224.0.0.1/x", "224.0.0.1 is a multicast address"),
-    # Python's address tables differ between patch releases (3.11.4 reclassified 192.0.0.0/24).
+    # Python's address tables for 192.0.0.0/24 differ between releases and distributions' builds.
     ("https://192.0.0.8/x", ("192.0.0.8 is not a public address", "192.0.0.8 is a private address")),
     ("https://198.18.0.1/x", "198.18.0.1 is a private address"),
     # Which loopback comes first is the machine's resolver's choice.
