@@ -50,7 +50,8 @@ class InboxItemSerializer(serializers.ModelSerializer):
 
 
 def inbox_item_json(*, item: InboxItem) -> dict[str, Any]:
-    return dict(InboxItemSerializer(item).data)
+    [item_json] = inbox_items_json(items=[item])  # one way to build what is pushed
+    return item_json
 
 
 def inbox_items_json(*, items: list[InboxItem]) -> list[dict[str, Any]]:
