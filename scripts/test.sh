@@ -38,6 +38,6 @@ iproute2_ensure
 curl_ensure
 
 # Two processes by default, one per core; each has its own database and Redis database
-# (tests/processes.py). TEST_PROCESSES=0 runs everything in this one process. Tests marked
-# with one xdist_group (those that restart RabbitMQ) run one after the other in one process.
-exec "$PY" -m pytest -n "${TEST_PROCESSES:-2}" --dist loadgroup "$@"
+# (tests/processes.py), which also picks the order: test by test, except the modules that
+# restart RabbitMQ, which run whole in one process. TEST_PROCESSES=0 runs all in this process.
+exec "$PY" -m pytest -n "${TEST_PROCESSES:-2}" "$@"

@@ -4,7 +4,14 @@ queue never touches another's, and its own metrics directory, so that one's coun
 in another's /metrics. Loaded with `-p` (pytest.ini), before Django reads its settings."""
 
 import os
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+# Test modules whose tests restart a service every process shares (RabbitMQ): each module runs
+# whole, in one process, one test after the other.
+SERIAL_MODULES = ("tests/e2e/test_rabbitmq.py",)
 
 # Redis URLs the settings read; the cache, caps and live inbox default to the broker's.
 REDIS_URL_SETTINGS = ("CELERY_BROKER_URL", "NOTIFY_REDIS_URL", "NOTIFY_INBOX_LIVE_URL")
@@ -28,3 +35,18 @@ for _name in REDIS_URL_SETTINGS:
         os.environ[_name] = redis_database_shifted(os.environ[_name], by=process_index())
 if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], str(process_index()))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Spread the tests one by one, except those of SERIAL_MODULES, which go to one process as
+    a unit. Written here because pytest-xdist's xdist_group mark no longer groups under
+    pytest 9: it renames each item through an attribute pytest stopped reading."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SerialModulesScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in SERIAL_MODULES else nodeid
+
+    return SerialModulesScheduling(config, log)

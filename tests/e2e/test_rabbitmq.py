@@ -3,8 +3,10 @@ acknowledged survives a broker restart, and the delivery guarantees hold as on R
 
 Every process here (the web server, the workers, beat) runs on RabbitMQ, in a virtual host of
 this test process's own; Redis still keeps the caps, limits and circuits. The tests restart
-the broker, so they run one after the other in one test process (xdist_group)."""
+the broker, so they run one after the other in one test process (SERIAL_MODULES in
+tests/processes.py)."""
 
+import fcntl
 import json
 import os
 import shutil
@@ -23,7 +25,7 @@ from tests.e2e.test_delivery_guarantees import assert_each_accepted_exactly_once
 from tests.helpers import wait_for
 from tests.processes import process_index
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker, pytest.mark.xdist_group("rabbitmq")]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
 
 AMQP_ADDRESS = os.environ.get("TEST_RABBITMQ_ADDRESS", "guest:guest@127.0.0.1:5672")
 
@@ -35,9 +37,19 @@ def rabbitmqctl(*arguments: str, check: bool = True) -> None:
 
 
 @pytest.fixture(scope="session")
-def rabbitmq_url() -> str:
+def rabbitmq_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A virtual host of this test process's own (its queues are purged before each test)."""
-    vhost = f"notify-test-{process_index()}"
+    # One process of the run at a time may hold the broker: another would see it restarted
+    # under its feet. The lock lives in the run's shared base temp directory.
+    with open(tmp_path_factory.getbasetemp().parent / "rabbitmq.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pytest.fail("the RabbitMQ tests were spread over two test processes; see SERIAL_MODULES")
+        yield rabbitmq_vhost_ready(f"notify-test-{process_index()}")
+
+
+def rabbitmq_vhost_ready(vhost: str) -> str:
     # The node may still be starting (a restart by an earlier test or run): wait for it.
     rabbitmqctl("await_startup")
     # Kept between runs (it may exist already): deleting a virtual host with quorum queues
