@@ -43,6 +43,7 @@ from apps.catalog.models import Category, Priority, Template, TemplateVariant, T
 from apps.deliveries.models import Delivery, DeliveryStatus  # noqa: E402
 from apps.recipients.models import Device, Recipient, WebPushSubscription  # noqa: E402
 from apps.tenants.demo import demo_workspace_ensure  # noqa: E402
+from apps.tenants.models import Tenant  # noqa: E402
 from config.queues import CHANNELS, WORKER_GROUPS  # noqa: E402
 from notify.sandbox.client import SandboxClient, browser_subscription_keys  # noqa: E402
 from tests.hosts import Host  # noqa: E402
@@ -125,6 +126,9 @@ class Processes:
         self.env["FCM_TOKEN_URI"] = f"http://127.0.0.1:{SANDBOX_PORT}/google/token"
         # The web push subscriptions point at the sandbox, on loopback over http.
         self.env["NOTIFY_WEBPUSH_ALLOWED_HOSTS"] = f"127.0.0.1:{SANDBOX_PORT}"
+        # One producer sending many times its audience on purpose: the runaway-send guard
+        # would pause it (the second phase starts again from an empty recipients table).
+        self.env["NOTIFY_RUNAWAY_MULTIPLE"] = "0"
         self.bulk_concurrency = bulk_concurrency
 
     def spawn(self, label: str, *command: str, host: Host | None = None) -> subprocess.Popen:
@@ -586,6 +590,8 @@ def main() -> None:
     api_key = settings.NOTIFY_DEMO_API_KEY
     tenant = demo_workspace_ensure(api_key=api_key)
     bench_categories_ensure(tenant_id=tenant.id)
+    # A runaway-send pause left by an earlier run (the guard is off in this run's processes).
+    Tenant.objects.filter(pk=tenant.pk).update(runaway_paused_at=None, runaway_reason="")
     headers = {"Authorization": f"Bearer {api_key}"}
     if args.metrics_compare:
         metrics_compare(args=args, tenant_id=tenant.id, headers=headers)

@@ -12,8 +12,10 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from apps.deliveries.models import Delivery
+from apps.inbox.models import InboxItem
 from apps.recipients.models import PreferenceSet, Recipient
 from notify.channels.base import SendOutcome
+from notify.pipeline.bulk import rows_insert_new
 from notify.pipeline.record import outcomes_record
 from notify.pipeline.send import deliveries_claim
 from tests.notify.test_send import ingest_many, ingest_one
@@ -141,3 +143,34 @@ def test_the_claim_and_the_sent_update_do_not_go_through_the_partial_indexes(wor
     claim, sent = [q["sql"] for q in queries if q["sql"].startswith("UPDATE")]
     for plan in (_plan(claim), _plan(sent)):
         assert not any(index in plan for index in PARTIAL_INDEXES_ON_STATUS), plan
+
+
+def test_new_rows_go_in_as_one_statement_with_their_arrays_whole_and_known_keys_are_skipped(workspace):
+    ids = ingest_many(workspace, category="digest", emails={f"i{n}": f"i{n}@example.com" for n in range(3)})
+    deliveries = list(Delivery.objects.filter(id__in=ids).select_related("notification").order_by("id"))
+    awkward_tags = ['say "hi"', "back\\slash", "a,b", "{braces}", "NULL", "", "naïve ✓"]
+
+    def item(delivery: Delivery, *, title: str, tags: list[str]) -> InboxItem:
+        return InboxItem(
+            recipient_id=delivery.notification.recipient_id,
+            delivery=delivery,
+            title=title,
+            data={"n": 1},
+            tags=tags,
+            actors=[],
+        )
+
+    with CaptureQueriesContext(connection) as queries:
+        inserted = rows_insert_new(objects=[item(d, title="first", tags=awkward_tags) for d in deliveries[:2]])
+    assert inserted == 2
+    assert len(queries) == 1
+    # One delivery already has its item: that one is skipped, the other goes in.
+    inserted = rows_insert_new(objects=[item(d, title="second", tags=["x"]) for d in deliveries[1:]])
+    assert inserted == 1
+
+    stored = {i.delivery_id: i for i in InboxItem.objects.all()}
+    assert [stored[d.id].title for d in deliveries] == ["first", "first", "second"]
+    assert stored[deliveries[0].id].tags == awkward_tags
+    assert stored[deliveries[2].id].tags == ["x"]
+    assert stored[deliveries[0].id].data == {"n": 1}
+    assert InboxItem.objects.filter(tags__contains=['say "hi"']).count() == 2
