@@ -45,7 +45,7 @@ def rabbitmq_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pytest.fail("the RabbitMQ tests were spread over two test processes; see SERIAL_MODULES")
+            pytest.fail("another test process holds RabbitMQ: its tests must all run in one (SERIAL_MODULES)")
         yield rabbitmq_vhost_ready(f"notify-test-{process_index()}")
 
 
