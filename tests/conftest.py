@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -56,6 +57,45 @@ class Workspace:
     @property
     def auth_header(self) -> str:
         return f"Bearer {self.api_key.raw_key}"
+
+
+# A table a test filled with more rows than this is truncated between tests; the others have
+# their rows deleted.
+TRUNCATE_FROM_ROWS = 10_000
+
+
+@pytest.fixture(scope="session", autouse=True)
+def flush_by_delete() -> Iterator[None]:
+    """After each transactional test Django empties every table with one TRUNCATE, which makes
+    each of the hundred-odd tables and their indexes anew: an empty test's teardown took
+    0.85-0.92 s, and 0.17-0.23 s with deletes (a minute of the suite's wall time). A test leaves
+    a few rows behind. The foreign keys are all deferrable, so the deletes' order is free."""
+    ops = connection.ops
+    truncate_all = ops.sql_flush
+
+    def sql_flush(
+        style: Any, tables: list[str], *, reset_sequences: bool = False, allow_cascade: bool = False
+    ) -> list[str]:
+        if reset_sequences or not tables:
+            return truncate_all(style, tables, reset_sequences=reset_sequences, allow_cascade=allow_cascade)
+        quote = ops.quote_name
+        sizes = " UNION ALL ".join(
+            f"SELECT %s, (SELECT count(*) FROM (SELECT 1 FROM {quote(t)} LIMIT {TRUNCATE_FROM_ROWS + 1}) s)"
+            for t in tables
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(sizes, tables)
+            rows = dict(cursor.fetchall())
+        big = [t for t in tables if rows[t] > TRUNCATE_FROM_ROWS]
+        statements = ["SET CONSTRAINTS ALL DEFERRED"]
+        statements += [f"DELETE FROM {quote(t)}" for t in tables if 0 < rows[t] <= TRUNCATE_FROM_ROWS]
+        if big:
+            statements.append(f"TRUNCATE {', '.join(quote(t) for t in big)} CASCADE")
+        return statements
+
+    ops.sql_flush = sql_flush  # type: ignore[method-assign]
+    yield
+    del ops.sql_flush
 
 
 @pytest.fixture
