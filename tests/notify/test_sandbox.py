@@ -93,9 +93,12 @@ def test_twilio_lists_an_accounts_messages_newest_first_as_its_sdk_reads_them(sa
     listed = client.messages.list(to="+15005550006", page_size=2)
     assert [m.body for m in listed] == ["first", "second", "first"]  # three pages' worth, newest first
     assert sandbox.stats()["duplicates"] == sandbox.stats()["visible_duplicates"] == {**NO_DUPLICATES, "twilio": 1}
-    # A message is dated sent only once it left the queue.
-    assert client.messages.list(to="+15005550006", date_sent_after=datetime.now(UTC) - timedelta(hours=1)) == []
+    # A message is dated sent only once it left the queue (0.2 s after it was taken): asked
+    # for at once, the one just taken is not listed yet.
+    client.messages.create(to="+15005550008", from_="+15005550001", body="just taken")
+    assert client.messages.list(to="+15005550008", date_sent_after=datetime.now(UTC) - timedelta(hours=1)) == []
     time.sleep(0.3)
+    assert len(client.messages.list(to="+15005550008", date_sent_after=datetime.now(UTC) - timedelta(hours=1))) == 1
     sent = client.messages.list(to="+15005550006", date_sent_after=datetime.now(UTC) - timedelta(hours=1))
     assert len(sent) == 3 and {m.status for m in sent} == {"sent"}
     other_account = TwilioClient(
