@@ -271,25 +271,24 @@ vapid_key_ensure() {
     export WEBPUSH_VAPID_PRIVATE_KEY="$(echo "$keys" | sed -n 's/^WEBPUSH_VAPID_PRIVATE_KEY=//p')"
 }
 
-iproute2_ensure() {
-    # The multi-host test builds its hosts with iproute2's `ip` (as root). As root on Debian
-    # it is installed; otherwise say how, and go on: that test alone skips without it.
-    command -v ip >/dev/null && return
+optional_package_ensure() {
+    # Part $1, which only $2 need: installed as root on Debian; otherwise a warning says what
+    # $2 miss ($3) and how to install it, and the set-up goes on (those tests say so too).
     if can_apt_install; then
-        package_ensure iproute2 "the multi-host test"
+        package_ensure "$1" "$2"
         return
     fi
-    printf '\033[33mwarning:\033[0m the multi-host test needs iproute2'"'"'s ip. Install it: %s\n' "$(install_command iproute2)" >&2
+    printf '\033[33mwarning:\033[0m %s need %s. Install it: %s\n' "$2" "$3" "$(install_command "$1")" >&2
+}
+
+iproute2_ensure() {
+    # The multi-host test builds its hosts with iproute2's `ip` (as root); it skips without it.
+    command -v ip >/dev/null || optional_package_ensure iproute2 "the multi-host tests" "iproute2's ip"
 }
 
 chromium_ensure() {
     # The browser tests drive Debian's Chromium through Playwright (which cannot download a
     # browser here). As root on Debian it is installed; otherwise say how, and go on: only
     # the browser tests need it, and they fail with the same advice.
-    [ -x /usr/bin/chromium ] && return
-    if can_apt_install; then
-        package_ensure chromium "the browser tests"
-        return
-    fi
-    printf '\033[33mwarning:\033[0m the browser tests need Chromium at /usr/bin/chromium. Install it: %s\n' "$(install_command chromium)" >&2
+    [ -x /usr/bin/chromium ] || optional_package_ensure chromium "the browser tests" "Chromium at /usr/bin/chromium"
 }

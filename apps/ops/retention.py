@@ -90,6 +90,15 @@ def retention_purge(*, now: datetime, deadline: float | None = None, partitions:
     return report
 
 
+# A delivery in flight (PENDING_STATUSES), spelled as the partial indexes' conditions, which
+# hold only unfinished work, so that the check reads them; its parameter is _claimable().
+IN_FLIGHT = "(status = ANY(%s) OR status = 'sending' OR status = 'standby')"
+
+
+def _claimable() -> list[str]:
+    return [str(status) for status in CLAIMABLE_STATUSES]
+
+
 class MonthInFlight(Exception):
     """A delivery of the month went back in flight while it was being dropped."""
 
@@ -135,7 +144,6 @@ def _partition_expired(*, partition: Partition, deliveries: str, cutoffs: dict[U
     kept forever keeps the month), none of their deliveries is in flight, and no delivery of
     the month belongs to an older notification (the batches take that one with its own)."""
     in_range, params = _range_condition(column="d.notification_id", lower=partition.lower, upper=partition.upper)
-    claimable = [str(status) for status in CLAIMABLE_STATUSES]
     with connection.cursor() as cursor:
         # An empty month has nothing to purge: it stays for rows still to come.
         cursor.execute(f"SELECT 1 FROM {partition.name} LIMIT 1")
@@ -151,11 +159,8 @@ def _partition_expired(*, partition: Partition, deliveries: str, cutoffs: dict[U
         )
         if cursor.fetchone():
             return False
-        # In flight: spelled as the partial indexes' conditions, which hold only unfinished work.
         cursor.execute(
-            f"""SELECT 1 FROM {_table(Delivery)} d WHERE {in_range}
-              AND (d.status = ANY(%s) OR d.status = 'sending' OR d.status = 'standby') LIMIT 1""",
-            [*params, claimable],
+            f"SELECT 1 FROM {_table(Delivery)} d WHERE {in_range} AND {IN_FLIGHT} LIMIT 1", [*params, _claimable()]
         )
         if cursor.fetchone():
             return False
@@ -200,10 +205,7 @@ def _partition_drop(*, partition: Partition, deliveries: str, history: str) -> N
 def _in_flight_refuse(*, cursor: Any, deliveries: str, month: str) -> None:
     """Detached, the month's deliveries are out of every writer's reach: one put back in flight
     since the month was checked (a replayed dead letter) keeps the month after all."""
-    cursor.execute(
-        f"SELECT 1 FROM {deliveries} WHERE status = ANY(%s) OR status = 'sending' OR status = 'standby' LIMIT 1",
-        [[str(status) for status in CLAIMABLE_STATUSES]],
-    )
+    cursor.execute(f"SELECT 1 FROM {deliveries} WHERE {IN_FLIGHT} LIMIT 1", [_claimable()])
     if cursor.fetchone():
         raise MonthInFlight(month)
 
