@@ -67,7 +67,7 @@ class InboxItem(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     recipient = models.ForeignKey(Recipient, on_delete=models.CASCADE, related_name="inbox_items", db_index=False)
-    delivery = models.OneToOneField(Delivery, on_delete=models.CASCADE, related_name="inbox_item")
+    delivery = models.OneToOneField(Delivery, on_delete=models.CASCADE, related_name="inbox_item", db_constraint=False)
     # Encrypted for tenants with encrypt_content (apps/tenants/encryption.py); the title is a
     # text column because its ciphertext is longer than the 500 characters it may hold.
     title = SealedTextField(max_length=500, blank=True, default="")

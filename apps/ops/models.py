@@ -34,7 +34,7 @@ class CanaryRun(models.Model):
     # any event or delivery (a tenant's, too) looks here for runs to unlink.
     event = models.ForeignKey("deliveries.Event", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     delivery = models.ForeignKey(
-        "deliveries.Delivery", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+        "deliveries.Delivery", on_delete=models.SET_NULL, null=True, blank=True, related_name="+", db_constraint=False
     )
 
     class Meta:

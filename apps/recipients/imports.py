@@ -57,6 +57,8 @@ CSV_COLUMNS = ("external_id", *RECIPIENT_FIELDS)
 IGNORED_FIELDS = frozenset({"created_at", "updated_at"})
 # A longer line is refused without being read into memory whole.
 MAX_LINE_BYTES = 64 * 1024
+# An import that created this many recipients refreshes the planner's statistics at its end.
+ANALYZE_AFTER_CREATED = 10_000
 STAGE_BATCH = 2000  # lines per INSERT where COPY is not available (the demo's SQLite)
 
 
@@ -347,9 +349,15 @@ def _import_finish_if_done(*, import_id: UUID, now: datetime) -> None:
     worker is processing now: that worker finishes it, and the import, after its commit)."""
     if RecipientImportLine.objects.filter(recipient_import_id=import_id).exists():
         return
-    RecipientImport.objects.filter(id=import_id, status__in=[ImportStatus.QUEUED, ImportStatus.RUNNING]).update(
-        status=ImportStatus.COMPLETED, finished_at=now, heartbeat_at=now
-    )
+    finished = RecipientImport.objects.filter(
+        id=import_id, status__in=[ImportStatus.QUEUED, ImportStatus.RUNNING]
+    ).update(status=ImportStatus.COMPLETED, finished_at=now, heartbeat_at=now)
+    created = RecipientImport.objects.filter(id=import_id).values_list("created", flat=True).first() or 0
+    if finished and created >= ANALYZE_AFTER_CREATED and connection.vendor == "postgresql":
+        # Fresh statistics before the broadcast that often follows: with the table's old
+        # row count, the planner reads a whole audience to find one chunk of it.
+        with connection.cursor() as cursor:
+            cursor.execute(f"ANALYZE {Recipient._meta.db_table}, {TopicMembership._meta.db_table}")
 
 
 def _staging_clear(*, import_id: UUID) -> None:

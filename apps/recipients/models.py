@@ -47,6 +47,8 @@ class Recipient(LeanLoading, models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["tenant", "external_id"], name="recipient_external_id_unique")]
+        # A broadcast walks its audience in id order from a stored cursor: a range of this index.
+        indexes = [models.Index(fields=["tenant", "id"], name="recipient_tenant_id")]
 
     def __str__(self) -> str:
         return self.external_id

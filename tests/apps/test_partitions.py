@@ -164,15 +164,18 @@ def test_the_migration_partitions_a_populated_database_and_keeps_its_rows_and_ke
         assert partition_of(DELIVERIES, "id", fresh.id) == f"{DELIVERIES}_p{this_month:%Y_%m}"
         # The history's ids go on from the last one.
         assert DeliveryEvent.objects.get(delivery=fresh).id > last_history_id
-        # The foreign keys hold, into and out of the partitioned tables.
+        # The relations into the partitioned tables hold, kept by the code rather than checked
+        # by the database (deliveries.0025); the keys out of them are still checked.
         assert DeadLetter.objects.get().delivery_id == made["this month"][1].id
         assert InboxItem.objects.get().delivery.notification_id == made["random low"][0].id
-        for orphan in (
-            lambda: DeadLetter.objects.create(delivery_id=uuid.uuid4(), channel="email", reason="x", attempts=1),
-            lambda: world.delivery(notification=Notification(id=uuid7_at(this_month)), at=this_month),
-        ):
-            with pytest.raises(IntegrityError), transaction.atomic():
-                orphan()
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT conrelid::regclass::text FROM pg_constraint WHERE contype = 'f' AND confrelid = ANY(%s::regclass[])",
+                [[NOTIFICATIONS, DELIVERIES, HISTORY]],
+            )
+            assert cursor.fetchall() == []
+        with pytest.raises(IntegrityError), transaction.atomic():
+            Notification.objects.filter(id=made["this month"][0].id).update(recipient_id=uuid.uuid4())
         # A month made later around the old random id in its range leaves that row where it is.
         created = partitions_ensure(now=far_month, months_ahead=0)
         assert sorted(created) == sorted(
