@@ -14,7 +14,7 @@ from django.utils import timezone
 from apps.catalog.models import Priority
 from apps.deliveries.models import DeadLetter, Delivery, DeliveryStatus
 from notify.channels.base import OutboundMessage, RenderedContent, SendOutcome
-from notify.channels.email import _BatchPayload, _email, _to_list
+from notify.channels.email import _BatchPayload, _email, _email_parts, _PayloadTemplate, _postmark_payloads, _to_list
 from notify.pipeline.control import dead_letters_replay
 from notify.pipeline.dispatch import recorded_publish
 from notify.pipeline.ingest import EventRequest, RecipientRef, events_ingest
@@ -305,6 +305,78 @@ def test_a_batch_payload_is_what_anymail_builds_for_the_same_message(address):
     anymails = PostmarkPayload(email, connection.send_defaults, connection).data
     assert ours == anymails
     assert address.rpartition("<")[2].rstrip(">") in ours["To"]
+
+
+def batch_message(*, address: str, subject: str, body: str, html: str, unsubscribe: bool, tag: str = "news"):
+    return OutboundMessage(
+        delivery_id=uuid.uuid4(),
+        resend_round=1,
+        address=address,
+        content=RenderedContent(subject=subject, title="", body=body, html=html, link="", data={}),
+        category_key=tag,
+        unsubscribe_url=f"http://example.com/u/{uuid.uuid4()}" if unsubscribe else "",
+        preferences_url="http://example.com/u/t/preferences" if unsubscribe else "",
+    )
+
+
+def anymail_payload(message: OutboundMessage, connection) -> dict:
+    email = _email(message=message, connection=connection, from_email=django_settings.DEFAULT_FROM_EMAIL)
+    return PostmarkPayload(email, connection.send_defaults, connection).data
+
+
+def test_a_batch_payload_made_from_the_first_messages_is_anymails_for_each_message():
+    connection = get_connection("anymail.backends.postmark.EmailBackend", server_token="token")
+    first = batch_message(address="ada@example.com", subject="Hi", body="Hello", html="<p>Hi</p>", unsubscribe=True)
+    template = _PayloadTemplate(data=anymail_payload(first, connection), parts=_email_parts(message=first))
+    same_shape = [
+        batch_message(
+            address="bob@example.org", subject="Ça va? «news»", body="Line\r\nnext", html="<b>é</b>", unsubscribe=True
+        ),
+        batch_message(
+            address="o'brien+x@mail.example.co.uk",
+            subject="",
+            body="",
+            html="<html><body>x</body></html>",
+            unsubscribe=True,
+        ),
+        batch_message(
+            address="c@example.com",
+            subject='Quotes " and \\ and\nnewline',
+            body="{}",
+            html="<p>{}</p>",
+            unsubscribe=True,
+        ),
+    ]
+    for message in same_shape:
+        made = template.payload_for(message=message, parts=_email_parts(message=message))
+        assert made is not None
+        assert made == anymail_payload(message, connection)
+    other_shapes = [
+        batch_message(address="d@example.com", subject="Hi", body="Hello", html="", unsubscribe=True),
+        batch_message(address="d@example.com", subject="Hi", body="Hello", html="<p>Hi</p>", unsubscribe=False),
+        batch_message(address="d@example.com", subject="Hi", body="Hello", html="<p>Hi</p>", unsubscribe=True, tag="x"),
+        batch_message(address="Dee <d@example.com>", subject="Hi", body="Hello", html="<p>Hi</p>", unsubscribe=True),
+    ]
+    for message in other_shapes:
+        assert template.payload_for(message=message, parts=_email_parts(message=message)) is None
+
+
+def test_a_mixed_batchs_payloads_are_anymails_and_a_refused_address_is_refused_alone():
+    connection = get_connection("anymail.backends.postmark.EmailBackend", server_token="token")
+    messages = [
+        batch_message(address="ünïcode@example.com", subject="a", body="b", html="", unsubscribe=False),
+        batch_message(address="ada@example.com", subject="Hi", body="Hello", html="<p>Hi</p>", unsubscribe=True),
+        batch_message(address="=?utf-8?q?abc?=@example.com", subject="x", body="y", html="", unsubscribe=False),
+        batch_message(address="bob@example.com", subject="Hi Bob", body="Hello", html="<p>Bob</p>", unsubscribe=True),
+        batch_message(address="cy@example.com", subject="Plain", body="Text only", html="", unsubscribe=True),
+        batch_message(address="Dee <dee@example.com>", subject="Hi", body="Hello", html="<p>Hi</p>", unsubscribe=True),
+    ]
+    payloads, refused = _postmark_payloads(
+        connection=connection, messages=messages, from_email=django_settings.DEFAULT_FROM_EMAIL, started=0.0
+    )
+    assert list(refused) == [2]
+    assert refused[2].failure == FailureKind.PERMANENT
+    assert payloads == [anymail_payload(m, connection) for i, m in enumerate(messages) if i != 2]
 
 
 def test_an_address_starting_with_an_encoded_word_is_refused_as_anymail_refuses_it():
