@@ -56,8 +56,11 @@ RESUME_TASK = "notify.broadcast_resume"
 TASK_BUDGET_SECONDS = 10.0
 # Rows a cancel or a resume walks per statement.
 WALK_CHUNK = 5000
-# The rollup of a broadcast's delivery states is refreshed at most this often.
+# The rollup of a broadcast's delivery states is refreshed at most this often, and a large
+# broadcast less often: a rollup reads every delivery of the broadcast (about 1.2 s of a core
+# at a million), so counting one every 5 s took a quarter of a core away from its sending.
 ROLLUP_EVERY = timedelta(seconds=5)
+ROLLUP_DELIVERIES_PER_SECOND = 40_000
 
 PENDING = (*CLAIMABLE_STATUSES, DeliveryStatus.SENDING)
 HELD_STATES = (DeliveryStatus.QUEUED, DeliveryStatus.RETRYING, DeliveryStatus.DEFERRED, DeliveryStatus.STANDBY)
@@ -550,10 +553,16 @@ def broadcasts_advance(*, now: datetime) -> int:
     moving = Broadcast.objects.filter(
         Q(counts_at__isnull=True) | Q(counts_at__lt=now - ROLLUP_EVERY),
         Q(state__in=[BroadcastState.FANNING_OUT, BroadcastState.SENDING, BroadcastState.PAUSED]) | cancelled_moving,
-    ).only("id", "event_id", "state", "fanned_out_at")
+    ).only("id", "event_id", "state", "fanned_out_at", "counts_at", "planned_count")
     for broadcast in moving:
-        broadcast_roll_up(broadcast=broadcast, now=now)
+        if broadcast.counts_at is None or broadcast.counts_at <= now - rollup_interval(broadcast=broadcast):
+            broadcast_roll_up(broadcast=broadcast, now=now)
     return queued
+
+
+def rollup_interval(*, broadcast: Broadcast) -> timedelta:
+    """How long a broadcast's counts stand before they are counted again."""
+    return max(ROLLUP_EVERY, timedelta(seconds=broadcast.planned_count / ROLLUP_DELIVERIES_PER_SECOND))
 
 
 def broadcast_roll_up(*, broadcast: Broadcast, now: datetime) -> dict[str, int]:

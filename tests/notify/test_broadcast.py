@@ -16,6 +16,7 @@ from notify.pipeline.broadcast import (
     broadcast_pause,
     broadcast_resume,
     broadcast_roll_up,
+    broadcasts_advance,
     cancel_finish,
     fan_out,
     fan_out_chunk,
@@ -239,8 +240,6 @@ def test_spread_over_seconds_paces_by_the_audience_size(api, workspace):
 
 
 def test_a_scheduled_broadcast_waits_for_its_time(api, workspace):
-    from notify.pipeline.broadcast import broadcasts_advance
-
     people(workspace, 1)
     send_at = datetime(2031, 1, 1, tzinfo=UTC)
     body = broadcast(api, {"category": "welcome", "audience": {"all": True}, "send_at": send_at.isoformat()})
@@ -340,3 +339,21 @@ def test_another_tenants_broadcasts_and_audiences_are_out_of_reach(api, workspac
     assert stranger.get("/api/v1/topics/news").status_code == 404
     refused = broadcast(stranger, {"category": "welcome", "audience": {"topic": "news"}}, expect=400)
     assert list(refused["error"]["fields"]) == ["category"]
+
+
+def test_a_large_broadcast_is_counted_less_often(api, workspace):
+    people(workspace, 2)
+    small = broadcast(api, {"category": "welcome", "audience": {"all": True}})
+    large = broadcast(api, {"category": "welcome", "audience": {"all": True}, "idempotency_key": "large"})
+    for body in (small, large):
+        fan_out(broadcast_id=body["id"])
+    now = timezone.now()
+    ten_seconds_ago = now - timedelta(seconds=10)
+    Broadcast.objects.filter(pk=small["id"]).update(counts_at=ten_seconds_ago)
+    # A million planned: counted every 25 s, so not yet.
+    Broadcast.objects.filter(pk=large["id"]).update(counts_at=ten_seconds_ago, planned_count=1_000_000)
+    broadcasts_advance(now=now)
+    assert Broadcast.objects.get(pk=small["id"]).counts_at == now
+    assert Broadcast.objects.get(pk=large["id"]).counts_at == ten_seconds_ago
+    broadcasts_advance(now=now + timedelta(seconds=16))
+    assert Broadcast.objects.get(pk=large["id"]).counts_at == now + timedelta(seconds=16)
