@@ -7,7 +7,9 @@ through the sandbox (or an in-process sink) and record every status in PostgreSQ
 Prints sustained bulk notifications/s, then the end-to-end latency of critical
 notifications (API call -> provider accepted and recorded) sent while a bulk backlog drains.
 With --metrics-compare it drains the same bulk backlog twice, with the Prometheus metrics
-off (NOTIFY_METRICS_ENABLED=false) and on, and prints both drain rates.
+off (NOTIFY_METRICS_ENABLED=false) and on, and prints both drain rates. With --critical-pool
+the critical probe goes through a web pool of its own (NOTIFY_WEB_POOL=critical), as
+docs/operations.md deploys one, while the bulk producers keep to the main pool.
 Run it through `make bench`, which prepares the database, Redis and the virtualenv."""
 
 import argparse
@@ -50,7 +52,10 @@ from tests.hosts import Host  # noqa: E402
 
 WEB_PORT = int(os.environ.get("BENCH_WEB_PORT", "8100"))
 SANDBOX_PORT = int(os.environ.get("BENCH_SANDBOX_PORT", "8125"))
+# The web pool kept for critical events (`--critical-pool`; docs/operations.md).
+CRITICAL_WEB_PORT = int(os.environ.get("BENCH_CRITICAL_WEB_PORT", "8101"))
 API = f"http://127.0.0.1:{WEB_PORT}/api/v1/events"
+CRITICAL_POOL_API = f"http://127.0.0.1:{CRITICAL_WEB_PORT}/api/v1/events"
 # Every state a delivery reaches once the pipeline is done with it (feedback may follow).
 FINAL = tuple(
     status
@@ -131,13 +136,16 @@ class Processes:
         self.env["NOTIFY_RUNAWAY_MULTIPLE"] = "0"
         self.bulk_concurrency = bulk_concurrency
 
-    def spawn(self, label: str, *command: str, host: Host | None = None) -> subprocess.Popen:
-        """Start a child; with `host`, in that host's network namespace and working directory."""
+    def spawn(
+        self, label: str, *command: str, host: Host | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
+        """Start a child; with `host`, in that host's network namespace and working directory;
+        `env` adds to the run's environment."""
         log = open(ROOT / "var" / "log" / f"{self.log_prefix}-{len(self.children)}.log", "w")
         child = subprocess.Popen(
             host.command(*command) if host else command,
             cwd=host.directory if host else ROOT,
-            env={**self.env, **host.environment()} if host else self.env,
+            env={**self.env, **(env or {}), **(host.environment() if host else {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -190,6 +198,31 @@ class Processes:
                 break
             except requests.RequestException:
                 time.sleep(0.1)
+
+    def critical_web_start(self) -> None:
+        """A web pool of one process that takes only critical events, as docs/operations.md
+        deploys it; returns once it answers."""
+        self.spawn(
+            "critical web",
+            sys.executable,
+            "-m",
+            "uvicorn",
+            *self.web_app,
+            "--port",
+            str(CRITICAL_WEB_PORT),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            env={"NOTIFY_WEB_POOL": "critical"},
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                requests.get(CRITICAL_POOL_API, timeout=1)  # any answer will do
+                return
+            except requests.RequestException:
+                time.sleep(0.1)
+        raise SystemExit(f"the critical web pool did not answer on port {CRITICAL_WEB_PORT}")
 
     def web_stop(self) -> None:
         """Stop the ASGI server (and its worker processes) as a deploy does, with SIGTERM."""
@@ -370,8 +403,8 @@ class CriticalProbe:
     """Sends critical notifications one at a time at a steady rate and measures each from
     the API call to its delivery being sent and recorded."""
 
-    def __init__(self, *, headers: dict[str, str], count: int, rate: float, prefix: str) -> None:
-        self.headers, self.count, self.rate, self.prefix = headers, count, rate, prefix
+    def __init__(self, *, headers: dict[str, str], count: int, rate: float, prefix: str, api: str = API) -> None:
+        self.headers, self.count, self.rate, self.prefix, self.api = headers, count, rate, prefix, api
         self.totals_ms: list[float] = []
         self.api_ms: list[float] = []
         self.backlog_at_end = 0
@@ -380,7 +413,7 @@ class CriticalProbe:
         for i in range(self.count):
             began = time.time()
             response = requests.post(  # a new connection each time, as independent producers make
-                API,
+                self.api,
                 json={
                     "category": "bench-email-critical",
                     "recipient": {"external_id": f"{self.prefix}{i}", "email": f"otp{i}@example.com"},
@@ -583,8 +616,14 @@ def main() -> None:
         "--metrics-compare", action="store_true", help="drain rate with the Prometheus metrics off, then on"
     )
     parser.add_argument("--metrics-rounds", type=int, default=2, help="off/on rounds of --metrics-compare (default 2)")
+    parser.add_argument(
+        "--critical-pool",
+        action="store_true",
+        help="send the critical probe through a web pool of its own (NOTIFY_WEB_POOL=critical)",
+    )
     args = parser.parse_args()
-    ports_check()
+    ports_check(*([CRITICAL_WEB_PORT] if args.critical_pool else []))
+    critical_api = CRITICAL_POOL_API if args.critical_pool else API
 
     (ROOT / "var" / "log").mkdir(parents=True, exist_ok=True)
     api_key = settings.NOTIFY_DEMO_API_KEY
@@ -604,11 +643,14 @@ def main() -> None:
         web_interface=args.web_interface,
     )
     processes.start_web()
+    if args.critical_pool:
+        processes.critical_web_start()
     session = producer_session()
     try:
         print(
             f"machine: {os.cpu_count()} cores; bulk channel: {args.channel}; sink: {args.sink}; bulk batch {settings.NOTIFY_BATCH_SIZE['bulk']}; "
             f"bulk worker processes: {args.bulk_concurrency}; web: {args.web_workers} {args.web_interface} processes"
+            + ("; critical events through a web pool of one process" if args.critical_pool else "")
         )
 
         # 1. Ingest alone; then the workers drain that backlog while critical notifications
@@ -631,7 +673,9 @@ def main() -> None:
             time.sleep(0.01)
         cpu.start()
         drain_started = time.perf_counter()
-        probe = CriticalProbe(headers=headers, count=args.critical, rate=args.critical_rate, prefix="p1-")
+        probe = CriticalProbe(
+            headers=headers, count=args.critical, rate=args.critical_rate, prefix="p1-", api=critical_api
+        )
         probe.run()
         drained_at = wait_until_final(total=args.bulk + args.critical, timeout=1800)
         cpu_report = cpu.report(count=args.bulk, seconds=drained_at - drain_started)
@@ -663,7 +707,9 @@ def main() -> None:
         backlog.start()
         while final_count() == 0:
             time.sleep(0.01)
-        probe = CriticalProbe(headers=headers, count=args.critical, rate=args.critical_rate, prefix="p2-")
+        probe = CriticalProbe(
+            headers=headers, count=args.critical, rate=args.critical_rate, prefix="p2-", api=critical_api
+        )
         probe.run()
         backlog.join()
         elapsed = wait_until_final(total=args.bulk + args.critical, timeout=1800) - started
