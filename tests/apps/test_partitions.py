@@ -2,12 +2,15 @@
 tables on a database with rows in it, the periodic creation of the months ahead, and the
 retention purge dropping whole months (apps/deliveries/partitions.py, apps/ops/retention.py)."""
 
+import io
 import random
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
 from django.db import IntegrityError, connection, transaction
 from django.db.migrations.executor import MigrationExecutor
 
@@ -314,3 +317,25 @@ def test_without_partitions_the_purge_deletes_the_same_rows_in_batches(two_month
     assert (report.partitions, report.notifications, report.deliveries) == ([], 2, 2)
     assert f"{NOTIFICATIONS}_p{first:%Y_%m}" in {p.name for p in partitions_list(table=NOTIFICATIONS)[0]}
     assert not DeliveryEvent.objects.filter(delivery_id__gte=uuid7_floor(at=first)).exists()
+
+
+def test_orphans_check_finds_a_row_naming_a_delivery_that_does_not_exist(db):
+    world = World()
+    at = datetime.now(tz=UTC)
+    delivery = world.delivery(notification=world.notification(at=at), at=at)
+    DeadLetter.objects.create(delivery=delivery, channel="email", reason="x", attempts=3)
+    out = io.StringIO()
+    call_command("orphans_check", stdout=out)
+    # Every key into the partitioned tables is checked, and none names a missing row.
+    assert sorted(line.split(":")[0] for line in out.getvalue().splitlines()) == [
+        "deliveries_deadletter.delivery_id",
+        "deliveries_delivery.notification_id",
+        "deliveries_deliveryevent.delivery_id",
+        "deliveries_earlyfeedback.delivery_id",
+        "inbox_inboxitem.delivery_id",
+        "ops_canaryrun.delivery_id",
+    ]
+    assert " 0 orphans" in out.getvalue()
+    DeadLetter.objects.create(delivery_id=uuid.uuid4(), channel="email", reason="x", attempts=1)
+    with pytest.raises(CommandError, match=r"deliveries_deadletter\.delivery_id \(1\)"):
+        call_command("orphans_check", stdout=io.StringIO())
