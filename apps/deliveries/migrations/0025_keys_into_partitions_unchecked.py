@@ -5,9 +5,10 @@ delivery) are no longer checked by PostgreSQL; the relations stay, and Django st
 A key checked against a partitioned table costs 30-55 µs a row, seven times the insert it
 guards, because each check locks every partition and its indexes; a delivery pays it three
 times (its own row and two history rows), a broadcast's fan-out for every recipient, and it
-grows with the number of months. The rows on both ends are written by the pipeline, together;
+grows with the number of months. The pipeline writes each child row while its parent exists;
 retention deletes what points at a row before the row (apps/ops/retention.py), and a month's
 partitions detach without PostgreSQL scanning every table that could point into them.
+`manage.py orphans_check` counts any row that names a missing one.
 
 Dropping a constraint takes a brief lock and scans nothing. The demo's SQLite keeps its keys.
 All six keys are dropped here, including those of the inbox and ops tables, whose migrations
