@@ -175,54 +175,36 @@ class Processes:
 
     def web_start(self) -> None:
         """The ASGI server, as the run command serves it; returns once it answers."""
-        self.web = self.spawn(
-            "web",
-            sys.executable,
-            "-m",
-            "uvicorn",
-            *self.web_app,
-            "--port",
-            str(WEB_PORT),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-            "--workers",
-            str(self.web_workers),
-            *self.web_args,
+        self.web = self._uvicorn_spawn(
+            label="web", port=WEB_PORT, options=("--workers", str(self.web_workers), *self.web_args)
         )
         SandboxClient(base_url=f"http://127.0.0.1:{SANDBOX_PORT}").wait_until_up()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                requests.get(f"http://127.0.0.1:{WEB_PORT}/api/schema/", timeout=1)
-                break
-            except requests.RequestException:
-                time.sleep(0.1)
+        _answer_wait(url=f"http://127.0.0.1:{WEB_PORT}/api/schema/")
 
     def critical_web_start(self) -> None:
         """A web pool of one process that takes only critical events, as docs/operations.md
         deploys it; returns once it answers."""
-        self.spawn(
-            "critical web",
+        self._uvicorn_spawn(label="critical web", port=CRITICAL_WEB_PORT, env={"NOTIFY_WEB_POOL": "critical"})
+        if not _answer_wait(url=CRITICAL_POOL_API):  # any answer will do
+            raise SystemExit(f"the critical web pool did not answer on port {CRITICAL_WEB_PORT}")
+
+    def _uvicorn_spawn(
+        self, *, label: str, port: int, options: tuple[str, ...] = (), env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
+        return self.spawn(
+            label,
             sys.executable,
             "-m",
             "uvicorn",
             *self.web_app,
             "--port",
-            str(CRITICAL_WEB_PORT),
+            str(port),
             "--no-access-log",
             "--log-level",
             "warning",
-            env={"NOTIFY_WEB_POOL": "critical"},
+            *options,
+            env=env,
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                requests.get(CRITICAL_POOL_API, timeout=1)  # any answer will do
-                return
-            except requests.RequestException:
-                time.sleep(0.1)
-        raise SystemExit(f"the critical web pool did not answer on port {CRITICAL_WEB_PORT}")
 
     def web_stop(self) -> None:
         """Stop the ASGI server (and its worker processes) as a deploy does, with SIGTERM."""
@@ -397,6 +379,18 @@ def wait_until_final(*, total: int, timeout: float) -> float:
             raise SystemExit(f"timed out: {done}/{total} deliveries final after {timeout:.0f}s")
         time.sleep(0.5)  # a count over the whole table: not too often, it costs the workers CPU
     return time.perf_counter()
+
+
+def _answer_wait(*, url: str, seconds: float = 30) -> bool:
+    """Wait until a server answers `url` (with any status); False if it never did."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            requests.get(url, timeout=1)
+            return True
+        except requests.RequestException:
+            time.sleep(0.1)
+    return False
 
 
 class CriticalProbe:

@@ -277,8 +277,8 @@ class _PayloadTemplate:
     def _shape(parts: _EmailParts) -> tuple[bool, tuple[str, ...], str]:
         return bool(parts.html), tuple(parts.headers), parts.tag
 
-    @classmethod
-    def usable(cls, *, connection: PostmarkBackend, message: OutboundMessage) -> bool:
+    @staticmethod
+    def usable(*, connection: PostmarkBackend, message: OutboundMessage) -> bool:
         # Defaults (anymail's SEND_DEFAULTS) would be merged into each message's own parts,
         # and an address other than a plain dot-atom is anymail's to format or refuse.
         return not connection.send_defaults and _DOT_ATOM_ADDRESS.fullmatch(message.address) is not None
