@@ -896,7 +896,8 @@ def fleet_class() -> type:
         def __init__(self, *, web_port: int, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.log_prefix = f"chaos-{web_port}"
-            self.commands: dict[str, tuple[str, ...]] = {}
+            # What each process was started with, to start it again the same way.
+            self.commands: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {}
             self.current: dict[str, subprocess.Popen] = {}
             self.killed: set[int] = set()  # leaders the campaign killed
             self.crashes: list[str] = []
@@ -907,9 +908,9 @@ def fleet_class() -> type:
         def leaders(self) -> dict[str, int]:
             return {label: child.pid for label, child in self.current.items()}
 
-        def spawn(self, label: str, *command: str) -> subprocess.Popen:
-            child = super().spawn(label, *command)
-            self.commands[label], self.current[label] = command, child
+        def spawn(self, label: str, *command: str, **options: Any) -> subprocess.Popen:
+            child = super().spawn(label, *command, **options)
+            self.commands[label], self.current[label] = (command, options), child
             return child
 
         def start_others(self) -> None:
@@ -941,7 +942,8 @@ def fleet_class() -> type:
                         # Whatever its pool left behind goes with it.
                         with suppress(ProcessLookupError):
                             os.killpg(child.pid, signal.SIGKILL)
-                        self.spawn(label, *self.commands[label])
+                        command, options = self.commands[label]
+                        self.spawn(label, *command, **options)
                 time.sleep(0.5)
 
         def stop(self) -> None:
