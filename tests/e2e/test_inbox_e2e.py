@@ -6,9 +6,11 @@ the cap on one recipient's sockets holds across server processes, one of them ki
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -296,7 +298,7 @@ def test_the_inbox_element_severity_tabs_groups_expiry_snooze_bounded_badge_and_
     items and count, a group shows as one item with its count, an announcement vanishes when
     it expires, a snoozed item comes back when its time comes, the badge stops at 99+, and
     the whole thing works from the keyboard."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import APIResponse, Route, expect, sync_playwright
 
     from apps.inbox.live import inbox_snoozes_return
 
@@ -365,8 +367,17 @@ def test_the_inbox_element_severity_tabs_groups_expiry_snooze_bounded_badge_and_
             expect(page.locator(".ntf-tab[aria-selected=true]")).to_have_text("Ops1")
             expect(page.locator(".ntf-item")).to_have_count(1)
             expect(page.locator(".ntf-item")).to_contain_text("Disk full")
+            # Back to "Alle". Each tab reads its page; these two answers are held until after
+            # the snooze below has been pushed, as a slow answer would be: a page read before a
+            # change must not undo the change's push.
+            held: list[tuple[Route, APIResponse]] = []
+            page.route(re.compile(r"/inbox/v1/items(\?|$)"), lambda route: held.append((route, route.fetch())))
             page.keyboard.press("ArrowLeft")
             page.keyboard.press("ArrowLeft")
+            deadline = time.monotonic() + 10
+            while len(held) < 2 and time.monotonic() < deadline:
+                page.wait_for_timeout(50)  # Playwright runs the route handler while it waits
+            assert len(held) == 2, held
 
             # Snoozed (through the API, for seconds): gone at once, back when its time comes.
             # The element shows it again at `until` by its own clock, so the snooze is long
@@ -381,6 +392,13 @@ def test_the_inbox_element_severity_tabs_groups_expiry_snooze_bounded_badge_and_
                 timeout=10,
             )
             assert snoozed.status_code == 200, snoozed.text
+            expect(disk).to_have_count(0)
+            with page.expect_event("requestfinished") as answered:
+                for route, response in held:
+                    route.fulfill(response=response)
+            assert "Disk full" in answered.value.response().text()  # the page from before the snooze
+            page.unroute_all()
+            page.evaluate("() => new Promise((resolve) => setTimeout(resolve, 300))")  # merged by now
             expect(disk).to_have_count(0)
             expect(badge).to_have_attribute("data-severity", "medium")
             wait_for(lambda: datetime.now(UTC) > until, what="the snooze to end")

@@ -188,6 +188,10 @@
     constructor() {
       super();
       this.items = new Map();
+      // Each push is numbered, so that a page read from the API cannot undo one that overtook it.
+      this.pushes = 0;
+      this.pushedAt = new Map();
+      this.countsPushedAt = 0;
       this.counts = { unread: 0, unseen: 0, limit: 99, severity: null };
       this.tabCounts = new Map();
       this.tabIndex = 0;
@@ -264,13 +268,25 @@
 
     async reload() {
       if (!this.profile) this.profile = await this.api("profile").catch(() => null);
-      // Merged, not replaced: an item pushed while this request was under way stays.
       const tab = this.tabs[this.tabIndex];
-      const [page, counts] = await Promise.all([this.api(`items${tabQuery(tab, true)}`), this.api("counts")]);
-      page.results.forEach((item) => this.keep(item));
-      this.counts = counts;
+      const started = this.pushes;
+      const [, counts] = await Promise.all([this.readPage(tabQuery(tab, true)), this.api("counts")]);
+      if (this.countsPushedAt <= started) this.counts = counts;
       this.update();
       this.refreshTabCounts();
+    }
+
+    async readPage(query) {
+      // Merged, not replaced, and a push that arrived while the request was under way wins:
+      // the page may have been read before the change it pushed (a snooze from another tab).
+      const started = this.pushes;
+      const page = await this.api(`items${query}`);
+      page.results.forEach((item) => { if ((this.pushedAt.get(item.id) || 0) <= started) this.keep(item); });
+    }
+
+    pushed(item) {
+      this.pushedAt.set(item.id, ++this.pushes);
+      this.keep(item);
     }
 
     refreshTabCounts() {
@@ -322,6 +338,7 @@
         for (const [id, held] of this.items) {
           if (id !== item.id && held.group_key === item.group_key && !held.archived && held.sort_at <= item.sort_at) {
             this.items.delete(id);
+            this.pushedAt.delete(id);
           }
         }
       }
@@ -338,19 +355,20 @@
           if (needsList) this.reload().catch(() => this.showStatus(this.t("unavailable")));
           break;
         case "catch_up":
-          message.items.forEach((item) => this.keep(item));
+          message.items.forEach((item) => this.pushed(item));
           if (message.more) this.reload().catch(() => {});
           break;
         case "item":
-          this.keep(message.item);
+          this.pushed(message.item);
           this.announce(message.item);
           this.emit("notify-inbox-item", { item: message.item });
           break;
         case "item_updated":
-          this.keep(message.item);
+          this.pushed(message.item);
           break;
         case "counts":
           this.counts = message.counts;
+          this.countsPushedAt = ++this.pushes;
           this.emit("notify-inbox-counts", { counts: message.counts });
           this.refreshTabCounts();
           break;
@@ -440,9 +458,7 @@
       this.update();
       if (focus) this.tabButtons[this.tabIndex].focus();
       const tab = this.tabs[this.tabIndex];
-      this.api(`items${tabQuery(tab, true)}`)
-        .then((page) => { page.results.forEach((item) => this.keep(item)); this.update(); })
-        .catch(() => {});
+      this.readPage(tabQuery(tab, true)).then(() => this.update()).catch(() => {});
     }
 
     // --- rendering -------------------------------------------------------------------------
