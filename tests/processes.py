@@ -13,6 +13,10 @@ import pytest
 # whole, in one process, one test after the other.
 SERIAL_MODULES = ("tests/e2e/test_rabbitmq.py",)
 
+# The longest modules start first: at the end of the run each would leave the other processes
+# idle for as long as it takes.
+LONGEST_MODULES = ("tests/e2e/test_chaos_command.py", "tests/test_soak.py", "tests/e2e/test_run_command.py")
+
 # Redis URLs the settings read; the cache, caps and live inbox default to the broker's.
 REDIS_URL_SETTINGS = ("CELERY_BROKER_URL", "NOTIFY_REDIS_URL", "NOTIFY_INBOX_LIVE_URL")
 
@@ -50,3 +54,9 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             return module if module in SERIAL_MODULES else nodeid
 
     return SerialModulesScheduling(config, log)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-django's own ordering
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A stable sort: the rest keep their order.
+    items.sort(key=lambda item: item.nodeid.split("::", 1)[0] not in LONGEST_MODULES)
