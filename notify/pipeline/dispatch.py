@@ -173,9 +173,9 @@ def lease_expiry(*, now: datetime) -> Case:
 def _leases_expire(*, now: datetime) -> int:
     with transaction.atomic():
         deliveries = list(
-            Delivery.objects.select_for_update(skip_locked=True).filter(
-                status=DeliveryStatus.SENDING, lease_expires_at__lt=now
-            )[: settings.NOTIFY_SWEEP_CHUNK]
+            Delivery.objects.select_for_update(skip_locked=True, of=("self",))
+            .select_related("notification")  # for the metrics' labels
+            .filter(status=DeliveryStatus.SENDING, lease_expires_at__lt=now)[: settings.NOTIFY_SWEEP_CHUNK]
         )
         history = []
         dead_letters = []
@@ -227,6 +227,16 @@ def _leases_expire(*, now: datetime) -> int:
         if dead_letters:
             DeadLetter.objects.bulk_create(dead_letters)
             dead_letters_announce(dead_letters=dead_letters)
+    # What the sweeper finished counts as the send stage's would (under provider "none": the
+    # row does not say which account took a noted send). A re-queue is not a state reached;
+    # the next attempt's outcome is.
+    finished = {DeliveryStatus.SENT, DeliveryStatus.DEAD}
+    metrics.outcomes_count(
+        recorded=[row for row in history if row.status in finished],
+        deliveries={delivery.pk: delivery for delivery in deliveries},
+        outcomes=[],
+        now=now,
+    )
     return len(deliveries)
 
 

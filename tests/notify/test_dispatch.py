@@ -7,16 +7,20 @@ from apps.deliveries.models import DeadLetter, Delivery, DeliveryStatus
 from notify.pipeline.control import channel_pause, channel_resume
 from notify.pipeline.dispatch import publish, sweep
 from notify.pipeline.send import deliveries_claim
+from tests.helpers import metric_value, metrics_scrape
 from tests.notify.test_send import ingest_one
 
 
-def test_an_expired_lease_is_requeued_and_published(workspace, django_capture_on_commit_callbacks):
+def test_an_expired_lease_is_requeued_and_published(workspace, django_capture_on_commit_callbacks, metrics_token):
     delivery = ingest_one(workspace)
     deliveries_claim(delivery_ids=[str(delivery.pk)])
     later = timezone.now() + timedelta(seconds=5)  # past the 4 s test lease
+    before = metric_value(metrics_scrape(), "notify_deliveries_total")
     with django_capture_on_commit_callbacks(execute=False) as published:
         report = sweep(now=later)
     assert report.leases_expired == 1
+    # Not a state reached: the next attempt's outcome is counted.
+    assert metric_value(metrics_scrape(), "notify_deliveries_total") == before
     delivery.refresh_from_db()
     assert delivery.status == DeliveryStatus.QUEUED
     assert delivery.lease_token is None
@@ -24,14 +28,23 @@ def test_an_expired_lease_is_requeued_and_published(workspace, django_capture_on
     assert len(published) == 1
 
 
-def test_a_lease_that_keeps_expiring_ends_in_the_dead_letter_queue(workspace):
+def test_a_lease_that_keeps_expiring_ends_in_the_dead_letter_queue(workspace, metrics_token):
     delivery = ingest_one(workspace)
     deliveries_claim(delivery_ids=[str(delivery.pk)])
     Delivery.objects.filter(pk=delivery.pk).update(attempt_count=3)
+    before = metrics_scrape()
     sweep(now=timezone.now() + timedelta(seconds=5))
     delivery.refresh_from_db()
     assert delivery.status == DeliveryStatus.DEAD
     assert DeadLetter.objects.get(delivery=delivery).reason == "worker lost during each of 3 attempts"
+    # Counted as the send stage counts a dead letter, with the delivery's own labels.
+    labels = {"channel": "email", "tenant": workspace.tenant.slug, "state": "dead"}
+    after = metrics_scrape()
+    assert (
+        metric_value(after, "notify_deliveries_total", **labels)
+        - metric_value(before, "notify_deliveries_total", **labels)
+        == 1
+    )
 
 
 def test_critical_work_has_a_shorter_lease_so_a_lost_otp_is_requeued_sooner(workspace, settings):

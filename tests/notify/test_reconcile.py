@@ -16,7 +16,7 @@ from apps.deliveries.models import DeadLetter, Delivery, DeliveryStatus
 from notify.channels.base import SendOutcome
 from notify.pipeline.dispatch import sweep
 from notify.pipeline.send import LeasedBatch, deliveries_claim
-from tests.helpers import wait_for
+from tests.helpers import metric_value, metrics_scrape, wait_for
 from tests.notify.test_send import ingest_one, send_now
 from tests.notify.test_sms import send_sms, sms_category  # noqa: F401 - a fixture
 
@@ -150,6 +150,7 @@ def test_a_text_noted_as_taken_before_its_worker_died_is_recorded_sent_by_the_sw
     workspace,
     sms_category,  # noqa: F811
     sandbox,
+    metrics_token,
 ):
     """A text is one request: its provider id is noted on the row as Twilio answers, so the
     sweeper records the send of a worker that died before recording the chunk."""
@@ -160,11 +161,14 @@ def test_a_text_noted_as_taken_before_its_worker_died_is_recorded_sent_by_the_sw
     Delivery.objects.filter(pk=delivery.pk).update(
         status=DeliveryStatus.SENDING, lease_expires_at=timezone.now() - timedelta(seconds=1)
     )
+    sent = {"channel": "sms", "tenant": workspace.tenant.slug, "state": "sent"}
+    before = metric_value(metrics_scrape(), "notify_deliveries_total", **sent)
     assert sweep().leases_expired == 1
     delivery.refresh_from_db()
     assert (delivery.status, delivery.provider_message_id) == (DeliveryStatus.SENT, sid)
     assert "its id was noted" in reasons(delivery)[-1]
     assert accepted(sandbox, "twilio") == 1
+    assert metric_value(metrics_scrape(), "notify_deliveries_total", **sent) == before + 1  # as a send is counted
 
 
 def test_a_note_is_written_on_the_leased_row_only_and_at_once(workspace):
