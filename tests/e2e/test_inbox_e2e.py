@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -296,8 +296,9 @@ def test_the_inbox_element_severity_tabs_groups_expiry_snooze_bounded_badge_and_
     """One page of the demo, the <notify-inbox> element in headless Chromium, driven through
     each feature: the badge takes the highest unread severity's colour, a tag's tab shows its
     items and count, a group shows as one item with its count, an announcement vanishes when
-    it expires, a snoozed item comes back when its time comes, the badge stops at 99+, and
-    the whole thing works from the keyboard."""
+    it expires, a snoozed item comes back when its time comes, a page answered late undoes
+    no change pushed or made meanwhile, the badge stops at 99+, and the whole thing works
+    from the keyboard."""
     from playwright.sync_api import APIResponse, Route, expect, sync_playwright
 
     from apps.inbox.live import inbox_snoozes_return
@@ -326,6 +327,13 @@ def test_the_inbox_element_severity_tabs_groups_expiry_snooze_bounded_badge_and_
             page.goto(f"{server.url}/demo/inbox/")
             expect(page.locator("#inbox[data-connected=true]")).to_be_attached()
             badge, bell = page.locator(".ntf-badge"), page.locator(".ntf-bell")
+
+            def pump_until(condition: Callable[[], bool]) -> None:
+                """Wait while Playwright runs the route handlers (a sleep would hold them up)."""
+                deadline = time.monotonic() + 10
+                while not condition() and time.monotonic() < deadline:
+                    page.wait_for_timeout(50)
+                assert condition()
 
             event("Disk full", severity="high", tags=["ops"])
             for who in ("Ann", "Bo", "Cy"):
@@ -374,10 +382,7 @@ def test_the_inbox_element_severity_tabs_groups_expiry_snooze_bounded_badge_and_
             page.route(re.compile(r"/inbox/v1/items(\?|$)"), lambda route: held.append((route, route.fetch())))
             page.keyboard.press("ArrowLeft")
             page.keyboard.press("ArrowLeft")
-            deadline = time.monotonic() + 10
-            while len(held) < 2 and time.monotonic() < deadline:
-                page.wait_for_timeout(50)  # Playwright runs the route handler while it waits
-            assert len(held) == 2, held
+            pump_until(lambda: len(held) == 2)
 
             # Snoozed (through the API, for seconds): gone at once, back when its time comes.
             # The element shows it again at `until` by its own clock, so the snooze is long
@@ -393,23 +398,38 @@ def test_the_inbox_element_severity_tabs_groups_expiry_snooze_bounded_badge_and_
             )
             assert snoozed.status_code == 200, snoozed.text
             expect(disk).to_have_count(0)
+            expect(badge).to_have_attribute("data-severity", "medium")
+            # Reading the group from the keyboard reads it (Enter on the focused item), shown at
+            # once; its request is held too, so that no push confirms it yet. The page handles
+            # the opening itself, as the element's event allows, and stays.
+            page.evaluate(
+                "document.querySelector('notify-inbox')"
+                ".addEventListener('notify-inbox-open', (event) => event.preventDefault())"
+            )
+            reads: list[Route] = []
+            page.route(re.compile(r"/inbox/v1/items/[^/]+/read$"), lambda route: reads.append(route))
+            grouped.focus()
+            page.keyboard.press("Enter")
+            pump_until(lambda: len(reads) == 1)
+            expect(grouped).not_to_have_class(re.compile("ntf-unread"))
+
+            # The pages read before both changes answer now, and undo neither.
             with page.expect_event("requestfinished") as answered:
                 for route, response in held:
                     route.fulfill(response=response)
             assert "Disk full" in answered.value.response().text()  # the page from before the snooze
-            page.unroute_all()
             page.evaluate("() => new Promise((resolve) => setTimeout(resolve, 300))")  # merged by now
             expect(disk).to_have_count(0)
-            expect(badge).to_have_attribute("data-severity", "medium")
+            expect(grouped).not_to_have_class(re.compile("ntf-unread"))
+            reads[0].continue_()
+            page.unroute_all()
+            expect(badge).to_be_hidden()  # nothing unread: the group read, the other snoozed
+
             wait_for(lambda: datetime.now(UTC) > until, what="the snooze to end")
             # What the sweeper does, on a thread: Playwright's loop runs on this one.
             assert ThreadPoolExecutor(1).submit(snoozes_return).result() == 1
             expect(disk).to_have_count(1)
             expect(badge).to_have_attribute("data-severity", "high")
-
-            # Reading the group from the keyboard reads it (Enter on the focused item).
-            grouped.focus()
-            page.keyboard.press("Enter")
             expect(badge).to_have_text("1")
 
             # Past the limit, the badge says so.

@@ -188,10 +188,11 @@
     constructor() {
       super();
       this.items = new Map();
-      // Each push is numbered, so that a page read from the API cannot undo one that overtook it.
-      this.pushes = 0;
-      this.pushedAt = new Map();
-      this.countsPushedAt = 0;
+      // Each change pushed or made here is numbered, so that a page read from the API before
+      // it cannot undo it.
+      this.changes = 0;
+      this.changedAt = new Map();
+      this.countsChangedAt = 0;
       this.counts = { unread: 0, unseen: 0, limit: 99, severity: null };
       this.tabCounts = new Map();
       this.tabIndex = 0;
@@ -269,23 +270,23 @@
     async reload() {
       if (!this.profile) this.profile = await this.api("profile").catch(() => null);
       const tab = this.tabs[this.tabIndex];
-      const started = this.pushes;
+      const started = this.changes;
       const [, counts] = await Promise.all([this.readPage(tabQuery(tab, true)), this.api("counts")]);
-      if (this.countsPushedAt <= started) this.counts = counts;
+      if (this.countsChangedAt <= started) this.counts = counts;
       this.update();
       this.refreshTabCounts();
     }
 
     async readPage(query) {
-      // Merged, not replaced, and a push that arrived while the request was under way wins:
-      // the page may have been read before the change it pushed (a snooze from another tab).
-      const started = this.pushes;
+      // Merged, not replaced, and a change pushed or made while the request was under way
+      // wins: the page may have been read before it (a snooze from another tab, say).
+      const started = this.changes;
       const page = await this.api(`items${query}`);
-      page.results.forEach((item) => { if ((this.pushedAt.get(item.id) || 0) <= started) this.keep(item); });
+      page.results.forEach((item) => { if ((this.changedAt.get(item.id) || 0) <= started) this.keep(item); });
     }
 
-    pushed(item) {
-      this.pushedAt.set(item.id, ++this.pushes);
+    keepChange(item) {
+      this.changedAt.set(item.id, ++this.changes);
       this.keep(item);
     }
 
@@ -338,7 +339,7 @@
         for (const [id, held] of this.items) {
           if (id !== item.id && held.group_key === item.group_key && !held.archived && held.sort_at <= item.sort_at) {
             this.items.delete(id);
-            this.pushedAt.delete(id);
+            this.changedAt.delete(id);
           }
         }
       }
@@ -355,20 +356,20 @@
           if (needsList) this.reload().catch(() => this.showStatus(this.t("unavailable")));
           break;
         case "catch_up":
-          message.items.forEach((item) => this.pushed(item));
+          message.items.forEach((item) => this.keepChange(item));
           if (message.more) this.reload().catch(() => {});
           break;
         case "item":
-          this.pushed(message.item);
+          this.keepChange(message.item);
           this.announce(message.item);
           this.emit("notify-inbox-item", { item: message.item });
           break;
         case "item_updated":
-          this.pushed(message.item);
+          this.keepChange(message.item);
           break;
         case "counts":
           this.counts = message.counts;
-          this.countsPushedAt = ++this.pushes;
+          this.countsChangedAt = ++this.changes;
           this.emit("notify-inbox-counts", { counts: message.counts });
           this.refreshTabCounts();
           break;
@@ -410,7 +411,9 @@
     async open(item) {
       if (!item.read) {
         item.read = item.seen = true;  // at once; the server's item_updated and counts follow
+        this.keepChange(item);
         this.counts.unread = Math.max(0, this.counts.unread - 1);
+        this.countsChangedAt = this.changes;
         this.update();
         await this.api(`items/${item.id}/read`, "POST").catch(() => {});
       }
@@ -422,7 +425,7 @@
       const minutes = Number(this.getAttribute("snooze-minutes")) || 60;
       const until = new Date(Date.now() + minutes * 60000).toISOString();
       const next = this.focusAfterRemoving(item);
-      this.keep(Object.assign({}, item, { sort_at: until, snoozed_until: until }));
+      this.keepChange(Object.assign({}, item, { sort_at: until, snoozed_until: until }));
       this.update();
       const target = next && next();
       (target || this.tabButtons[this.tabIndex]).focus();
@@ -439,7 +442,11 @@
 
     async readTab() {
       const tab = this.tabs[this.tabIndex];
-      this.items.forEach((item) => { if (tabShows(Object.assign({}, tab, { read: null }), item)) item.read = item.seen = true; });
+      this.items.forEach((item) => {
+        if (!tabShows(Object.assign({}, tab, { read: null }), item)) return;
+        item.read = item.seen = true;
+        this.changedAt.set(item.id, ++this.changes);
+      });
       this.update();
       await this.api(`items/read-all${tabQuery(tab, false)}`, "POST").catch(() => {});
     }
@@ -447,7 +454,9 @@
     async archiveRead() {
       const tab = this.tabs[this.tabIndex];
       this.items.forEach((item) => {
-        if (item.read && tabShows(Object.assign({}, tab, { read: null, archived: false }), item)) item.archived = true;
+        if (!item.read || !tabShows(Object.assign({}, tab, { read: null, archived: false }), item)) return;
+        item.archived = true;
+        this.changedAt.set(item.id, ++this.changes);
       });
       this.update();
       await this.api(`items/archive-read${tabQuery(tab, false)}`, "POST").catch(() => {});
