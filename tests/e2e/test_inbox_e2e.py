@@ -330,10 +330,9 @@ def test_the_inbox_element_severity_tabs_groups_expiry_snooze_bounded_badge_and_
 
             def pump_until(condition: Callable[[], bool]) -> None:
                 """Wait while Playwright runs the route handlers (a sleep would hold them up)."""
-                deadline = time.monotonic() + 10
+                deadline = time.monotonic() + 30
                 while not condition() and time.monotonic() < deadline:
                     page.wait_for_timeout(50)
-                assert condition()
 
             event("Disk full", severity="high", tags=["ops"])
             for who in ("Ann", "Bo", "Cy"):
@@ -382,7 +381,8 @@ def test_the_inbox_element_severity_tabs_groups_expiry_snooze_bounded_badge_and_
             page.route(re.compile(r"/inbox/v1/items(\?|$)"), lambda route: held.append((route, route.fetch())))
             page.keyboard.press("ArrowLeft")
             page.keyboard.press("ArrowLeft")
-            pump_until(lambda: len(held) == 2)
+            pump_until(lambda: len(held) >= 2)
+            assert len(held) >= 2, held  # and more if the socket reconnected meanwhile and reloaded
 
             # Snoozed (through the API, for seconds): gone at once, back when its time comes.
             # The element shows it again at `until` by its own clock, so the snooze is long
@@ -411,6 +411,7 @@ def test_the_inbox_element_severity_tabs_groups_expiry_snooze_bounded_badge_and_
             grouped.focus()
             page.keyboard.press("Enter")
             pump_until(lambda: len(reads) == 1)
+            assert len(reads) == 1, reads
             expect(grouped).not_to_have_class(re.compile("ntf-unread"))
 
             # The pages read before both changes answer now, and undo neither.
