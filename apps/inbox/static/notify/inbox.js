@@ -285,8 +285,12 @@
       page.results.forEach((item) => { if ((this.changedAt.get(item.id) || 0) <= started) this.keep(item); });
     }
 
+    changed(id) {
+      this.changedAt.set(id, ++this.changes);
+    }
+
     keepChange(item) {
-      this.changedAt.set(item.id, ++this.changes);
+      this.changed(item.id);
       this.keep(item);
     }
 
@@ -411,7 +415,7 @@
     async open(item) {
       if (!item.read) {
         item.read = item.seen = true;  // at once; the server's item_updated and counts follow
-        this.keepChange(item);
+        this.changed(item.id);  // held already: only its state changes
         this.counts.unread = Math.max(0, this.counts.unread - 1);
         this.countsChangedAt = this.changes;
         this.update();
@@ -445,7 +449,7 @@
       this.items.forEach((item) => {
         if (!tabShows(Object.assign({}, tab, { read: null }), item)) return;
         item.read = item.seen = true;
-        this.changedAt.set(item.id, ++this.changes);
+        this.changed(item.id);
       });
       this.update();
       await this.api(`items/read-all${tabQuery(tab, false)}`, "POST").catch(() => {});
@@ -456,7 +460,7 @@
       this.items.forEach((item) => {
         if (!item.read || !tabShows(Object.assign({}, tab, { read: null, archived: false }), item)) return;
         item.archived = true;
-        this.changedAt.set(item.id, ++this.changes);
+        this.changed(item.id);
       });
       this.update();
       await this.api(`items/archive-read${tabQuery(tab, false)}`, "POST").catch(() => {});
