@@ -301,14 +301,21 @@ class Notification(LeanLoading, models.Model):
     # different page for nearly every row (and, after each checkpoint, the first change to a
     # page writes the whole page to the WAL).
     id = models.UUIDField(primary_key=True, default=uuid7, editable=False)
-    # tenant and recipient are indexed through the composite indexes below.
-    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="notifications", db_index=False)
+    # tenant and recipient are indexed through the composite indexes below. The tenant, the
+    # category and the template version are the event's (or its broadcast's), whose own keys
+    # PostgreSQL checks, so it does not check them again here: a broadcast's fan-out paid
+    # those checks for every recipient (migration deliveries.0026).
+    tenant = models.ForeignKey(
+        Tenant, on_delete=models.CASCADE, related_name="notifications", db_index=False, db_constraint=False
+    )
     event = models.ForeignKey(Event, on_delete=models.CASCADE, related_name="notifications")
     recipient = models.ForeignKey(Recipient, on_delete=models.CASCADE, related_name="notifications", db_index=False)
-    category = models.ForeignKey(Category, on_delete=models.PROTECT, related_name="notifications")
+    category = models.ForeignKey(Category, on_delete=models.PROTECT, related_name="notifications", db_constraint=False)
     # The exact content this notification is rendered with, chosen when it was planned.
     # Not indexed: versions are never deleted, and nothing looks notifications up by version.
-    template_version = models.ForeignKey(TemplateVersion, on_delete=models.PROTECT, related_name="+", db_index=False)
+    template_version = models.ForeignKey(
+        TemplateVersion, on_delete=models.PROTECT, related_name="+", db_index=False, db_constraint=False
+    )
     locale = models.CharField(max_length=35, blank=True, default="")
     priority = models.CharField(max_length=16, choices=Priority.choices)
     send_at = models.DateTimeField(null=True, blank=True)

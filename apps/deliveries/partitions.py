@@ -166,13 +166,15 @@ def _gaps(*, lower: int, upper: int, taken: list[int]) -> list[tuple[int, int]]:
 
 
 def unchecked_keys() -> list[tuple[type[models.Model], models.ForeignKey]]:
-    """The foreign keys into the partitioned tables, which PostgreSQL does not check
-    (migration deliveries.0025): the code that writes both rows keeps them."""
+    """The foreign keys PostgreSQL does not check into the partitioned tables (migration
+    deliveries.0025) and out of the notifications (0026): the code that writes the rows keeps
+    them."""
     return [
         (model, field)
         for model in django_apps.get_models()
         for field in model._meta.concrete_fields
-        if isinstance(field, models.ForeignKey) and field.related_model in (Notification, Delivery)
+        if isinstance(field, models.ForeignKey)
+        and (field.related_model in (Notification, Delivery) or model is Notification)
         if not field.db_constraint  # type: ignore[attr-defined]  # set by ForeignKey.__init__, not in the stubs
     ]
 

@@ -1,4 +1,5 @@
-"""Count the rows whose key into the partitioned tables names no row (exit status 1 if any)."""
+"""Count the rows whose unchecked key (into the partitioned tables, or out of a notification)
+names no row (exit status 1 if any)."""
 
 from django.core.management.base import BaseCommand, CommandError
 
@@ -7,7 +8,8 @@ from apps.deliveries.partitions import orphans_count
 
 class Command(BaseCommand):
     help = (
-        "Check the foreign keys that PostgreSQL does not check (into notifications and deliveries): "
+        "Check the foreign keys that PostgreSQL does not check (into notifications and deliveries, and a "
+        "notification's tenant, category and template version): "
         "every row they name exists (exit status 0) or not (1). Reads each table whole."
     )
 
