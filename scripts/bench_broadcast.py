@@ -29,6 +29,7 @@ from bench import (
     final_count,
     percentile,
     ports_check,
+    provider_split,
     reset_database,
 )
 from bench_baseline import BASELINE_QUEUE, BASELINE_TASK
@@ -87,6 +88,7 @@ class ProbeLoop:
         self.headers, self.rate = headers, rate
         self.totals_ms: list[float] = []
         self.api_ms: list[float] = []
+        self.provider_ms: list[float] = []
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -97,6 +99,7 @@ class ProbeLoop:
             probe.run()
             self.totals_ms.extend(probe.totals_ms)
             self.api_ms.extend(probe.api_ms)
+            self.provider_ms.extend(probe.provider_ms)
             round_number += 1
 
     def summary(self) -> str:
@@ -110,7 +113,8 @@ class ProbeLoop:
             f"{len(totals)} sent, P50 {percentile(totals, 0.5):.0f} ms, P95 {percentile(totals, 0.95):.0f} ms, "
             f"P99 {percentile(totals, 0.99):.0f} ms, max {max(totals):.0f} ms; of which the API call "
             f"P50 {percentile(api, 0.5):.0f} ms, P99 {percentile(api, 0.99):.0f} ms, and after its answer "
-            f"P50 {percentile(after, 0.5):.0f} ms, P99 {percentile(after, 0.99):.0f} ms"
+            f"P50 {percentile(after, 0.5):.0f} ms, P99 {percentile(after, 0.99):.0f} ms; "
+            + provider_split(totals_ms=totals, provider_ms=self.provider_ms)
         )
 
 
