@@ -18,8 +18,6 @@ from uuid import UUID
 from django.apps import apps as django_apps
 from django.db import connection, models, transaction
 
-from apps.deliveries.models import Delivery, Notification
-
 # (table, partition key). Parents before children: that is the order of creation.
 PARTITIONED_TABLES = (
     ("deliveries_notification", "id"),
@@ -166,15 +164,15 @@ def _gaps(*, lower: int, upper: int, taken: list[int]) -> list[tuple[int, int]]:
 
 
 def unchecked_keys() -> list[tuple[type[models.Model], models.ForeignKey]]:
-    """The foreign keys PostgreSQL does not check into the partitioned tables (migration
-    deliveries.0025) and out of the notifications (0026): the code that writes the rows keeps
-    them."""
+    """The foreign keys PostgreSQL does not check and the code keeps: into the partitioned
+    tables (migration deliveries.0025), a notification's tenant, category and version (0026),
+    a reached row's broadcast (audiences.0003). A key that may name a row gone since
+    (an audit entry's tenant, a rollup's category) says so with DO_NOTHING, and is left out."""
     return [
         (model, field)
         for model in django_apps.get_models()
         for field in model._meta.concrete_fields
-        if isinstance(field, models.ForeignKey)
-        and (field.related_model in (Notification, Delivery) or model is Notification)
+        if isinstance(field, models.ForeignKey) and field.remote_field.on_delete is not models.DO_NOTHING
         if not field.db_constraint  # type: ignore[attr-defined]  # set by ForeignKey.__init__, not in the stubs
     ]
 

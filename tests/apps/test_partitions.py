@@ -328,6 +328,7 @@ def test_orphans_check_finds_a_row_naming_a_delivery_that_does_not_exist(db):
     call_command("orphans_check", stdout=out)
     # Every key PostgreSQL does not check is, and none names a missing row.
     assert sorted(line.split(":")[0] for line in out.getvalue().splitlines()) == [
+        "audiences_broadcastrecipient.broadcast_id",
         "deliveries_deadletter.delivery_id",
         "deliveries_delivery.notification_id",
         "deliveries_deliveryevent.delivery_id",

@@ -1,5 +1,5 @@
-"""Count the rows whose unchecked key (into the partitioned tables, or out of a notification)
-names no row (exit status 1 if any)."""
+"""Count the rows whose unchecked key (into the partitioned tables, out of a notification, a
+reached row's broadcast) names no row (exit status 1 if any)."""
 
 from django.core.management.base import BaseCommand, CommandError
 
@@ -8,8 +8,8 @@ from apps.deliveries.partitions import orphans_count
 
 class Command(BaseCommand):
     help = (
-        "Check the foreign keys that PostgreSQL does not check (into notifications and deliveries, and a "
-        "notification's tenant, category and template version): "
+        "Check the foreign keys that PostgreSQL does not check (into notifications and deliveries, a "
+        "notification's tenant, category and template version, a broadcast's reached rows): "
         "every row they name exists (exit status 0) or not (1). Reads each table whole."
     )
 
