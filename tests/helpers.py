@@ -83,3 +83,31 @@ def metric_value(text: str, name: str, **labels: str) -> float:
             if sample.name == name and labels.items() <= sample.labels.items():
                 total += sample.value
     return total
+
+
+def inbox_history_analyze(*, item: Any, older_items: int = 3000, read: bool = False) -> None:
+    """Copy `item` into a long history of older items in a few categories (read and seen, with
+    `read`), and refresh the table's statistics, before a test reads a query's plan. With only
+    a test's few rows the planner's estimates for two indexes tie, and whatever statistics the
+    table last had (from other tests; autovacuum may be off) decide between them."""
+    from django.db import connection
+
+    from apps.inbox.models import InboxItem
+
+    fresh = {
+        "id": "gen_random_uuid()",
+        "delivery_id": "gen_random_uuid()",
+        "sort_at": "sort_at - n * interval '1 minute'",
+        "created_at": "created_at - n * interval '1 minute'",
+        "category": "'category-' || mod(n, 4)",
+        **({"read_at": "now()", "seen_at": "now()"} if read else {}),
+    }
+    columns = [field.column for field in InboxItem._meta.concrete_fields]
+    values = ", ".join(fresh.get(column, column) for column in columns)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO inbox_inboxitem ({', '.join(columns)}) SELECT {values}"
+            " FROM inbox_inboxitem, generate_series(1, %s) AS n WHERE id = %s",
+            [older_items, item.id],
+        )
+        cursor.execute("ANALYZE inbox_inboxitem")

@@ -28,6 +28,7 @@ from apps.recipients.tokens import INBOX, recipient_token_issue
 from config.asgi import application
 from tests.apps.test_inbox import notify
 from tests.factories import RecipientFactory
+from tests.helpers import inbox_history_analyze
 
 pytestmark = pytest.mark.django_db(transaction=True)
 TIMEOUT = 5
@@ -363,32 +364,6 @@ def test_open_sockets_are_counted_until_they_close(ada, metrics_token):
     assert metric_value(metrics_scrape(), "notify_websocket_connections") == before
 
 
-def _give_the_planner_a_long_history(*, item: Any, older_items: int = 3000) -> None:
-    """Copies `item` into a long history of older items in a few categories, and refreshes the
-    table's statistics. With only the test's few rows, the planner's estimates are a tie that
-    whatever statistics the table last had (from other tests) decide, either way."""
-    from django.db import connection
-
-    from apps.inbox.models import InboxItem
-
-    fresh = {
-        "id": "gen_random_uuid()",
-        "delivery_id": "gen_random_uuid()",
-        "sort_at": "sort_at - n * interval '1 minute'",
-        "created_at": "created_at - n * interval '1 minute'",
-        "category": "'category-' || mod(n, 4)",
-    }
-    columns = [field.column for field in InboxItem._meta.concrete_fields]
-    values = ", ".join(fresh.get(column, column) for column in columns)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO inbox_inboxitem ({', '.join(columns)}) SELECT {values}"
-            " FROM inbox_inboxitem, generate_series(1, %s) AS n WHERE id = %s",
-            [older_items, item.id],
-        )
-        cursor.execute("ANALYZE inbox_inboxitem")
-
-
 def test_a_reconnects_catch_up_and_counts_are_read_through_indexes(workspace, ada):
     """A restarting server's clients all come back at once: the reads that serve their
     reconnects (the items since each one's newest, the counts; each for many clients at once)
@@ -400,7 +375,7 @@ def test_a_reconnects_catch_up_and_counts_are_read_through_indexes(workspace, ad
 
     held = notify(workspace, text="held").inbox_item
     notify(workspace, text="missed")
-    _give_the_planner_a_long_history(item=held)
+    inbox_history_analyze(item=held)
     with CaptureQueriesContext(connection) as queries:
         inbox_items_after_many(cursors=[(ada.id, held.id)], limit=100)
         inbox_counts_many(recipient_ids=[ada.id])
