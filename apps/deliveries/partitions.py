@@ -11,12 +11,14 @@ partition. Rows from before the ids were time-ordered (random UUIDv4 ids) live i
 they fall among the months (docs/architecture.md, "Partitioned tables")."""
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 from django.apps import apps as django_apps
-from django.db import connection, models, transaction
+from django.db import connection, migrations, models, transaction
 
 # (table, partition key). Parents before children: that is the order of creation.
 PARTITIONED_TABLES = (
@@ -161,6 +163,39 @@ def _gaps(*, lower: int, upper: int, taken: list[int]) -> list[tuple[int, int]]:
             ranges.append((start, value))
         start = value + 1
     return ranges
+
+
+def keys_unchecked_operation(*, keys: Sequence[tuple[str, str, str]]) -> migrations.RunPython:
+    """A migration's operation that stops PostgreSQL checking each (table, column, table it
+    points at) foreign key, and checks it again when reversed. PostgreSQL only: the demo's
+    SQLite keeps its keys."""
+
+    def drop(apps: Any, schema_editor: Any) -> None:
+        if schema_editor.connection.vendor != "postgresql":
+            return
+        with schema_editor.connection.cursor() as cursor:
+            for table, _, target in keys:
+                # The top-level constraint only: on a partitioned table, dropping it drops its
+                # copies on each partition.
+                cursor.execute(
+                    """SELECT conname FROM pg_constraint WHERE conrelid = %s::regclass
+                    AND confrelid = %s::regclass AND contype = 'f' AND conparentid = 0""",
+                    [table, target],
+                )
+                for (name,) in cursor.fetchall():
+                    cursor.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
+
+    def add(apps: Any, schema_editor: Any) -> None:
+        if schema_editor.connection.vendor != "postgresql":
+            return
+        with schema_editor.connection.cursor() as cursor:
+            for table, column, target in keys:
+                cursor.execute(
+                    f"ALTER TABLE {table} ADD CONSTRAINT {table}_{column}_fk FOREIGN KEY ({column})"
+                    f" REFERENCES {target} (id) DEFERRABLE INITIALLY DEFERRED"
+                )
+
+    return migrations.RunPython(drop, add)
 
 
 def unchecked_keys() -> list[tuple[type[models.Model], models.ForeignKey]]:

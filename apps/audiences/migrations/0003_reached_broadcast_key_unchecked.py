@@ -8,34 +8,9 @@ naming nobody; `manage.py orphans_check` counts them.
 
 Dropping a constraint takes a brief lock and scans nothing. The demo's SQLite keeps its key."""
 
-from typing import Any
-
 from django.db import migrations, models
 
-TABLE, COLUMN, TARGET = "audiences_broadcastrecipient", "broadcast_id", "audiences_broadcast"
-
-
-def key_drop(apps: Any, schema_editor: Any) -> None:
-    if schema_editor.connection.vendor != "postgresql":
-        return
-    with schema_editor.connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT conname FROM pg_constraint WHERE conrelid = %s::regclass AND confrelid = %s::regclass"
-            " AND contype = 'f'",
-            [TABLE, TARGET],
-        )
-        for (name,) in cursor.fetchall():
-            cursor.execute(f'ALTER TABLE {TABLE} DROP CONSTRAINT "{name}"')
-
-
-def key_add(apps: Any, schema_editor: Any) -> None:
-    if schema_editor.connection.vendor != "postgresql":
-        return
-    with schema_editor.connection.cursor() as cursor:
-        cursor.execute(
-            f"ALTER TABLE {TABLE} ADD CONSTRAINT {TABLE}_{COLUMN}_fk FOREIGN KEY ({COLUMN})"
-            f" REFERENCES {TARGET} (id) DEFERRABLE INITIALLY DEFERRED"
-        )
+from apps.deliveries.partitions import keys_unchecked_operation
 
 
 class Migration(migrations.Migration):
@@ -56,6 +31,8 @@ class Migration(migrations.Migration):
                     ),
                 ),
             ],
-            database_operations=[migrations.RunPython(key_drop, key_add)],
+            database_operations=[
+                keys_unchecked_operation(keys=[("audiences_broadcastrecipient", "broadcast_id", "audiences_broadcast")])
+            ],
         )
     ]

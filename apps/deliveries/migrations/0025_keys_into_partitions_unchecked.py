@@ -14,9 +14,9 @@ Dropping a constraint takes a brief lock and scans nothing. The demo's SQLite ke
 All six keys are dropped here, including those of the inbox and ops tables, whose migrations
 record the change in their state only."""
 
-from typing import Any
-
 from django.db import migrations, models
+
+from apps.deliveries.partitions import keys_unchecked_operation
 
 # (table, column, the partitioned table it points at)
 KEYS = (
@@ -27,32 +27,6 @@ KEYS = (
     ("inbox_inboxitem", "delivery_id", "deliveries_delivery"),
     ("ops_canaryrun", "delivery_id", "deliveries_delivery"),
 )
-
-
-def keys_drop(apps: Any, schema_editor: Any) -> None:
-    if schema_editor.connection.vendor != "postgresql":
-        return
-    with schema_editor.connection.cursor() as cursor:
-        for table, _, target in KEYS:
-            # The top-level constraint only: dropping it drops its copies on each partition.
-            cursor.execute(
-                """SELECT conname FROM pg_constraint
-                WHERE conrelid = %s::regclass AND confrelid = %s::regclass AND contype = 'f' AND conparentid = 0""",
-                [table, target],
-            )
-            for (name,) in cursor.fetchall():
-                cursor.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
-
-
-def keys_add(apps: Any, schema_editor: Any) -> None:
-    if schema_editor.connection.vendor != "postgresql":
-        return
-    with schema_editor.connection.cursor() as cursor:
-        for table, column, target in KEYS:
-            cursor.execute(
-                f"ALTER TABLE {table} ADD CONSTRAINT {table}_{column}_fk FOREIGN KEY ({column})"
-                f" REFERENCES {target} (id) DEFERRABLE INITIALLY DEFERRED"
-            )
 
 
 class Migration(migrations.Migration):
@@ -106,6 +80,6 @@ class Migration(migrations.Migration):
                     ),
                 ),
             ],
-            database_operations=[migrations.RunPython(keys_drop, keys_add)],
+            database_operations=[keys_unchecked_operation(keys=KEYS)],
         )
     ]

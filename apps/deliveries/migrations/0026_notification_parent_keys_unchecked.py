@@ -12,43 +12,16 @@ counts any notification that names a missing tenant, category or version.
 
 Dropping a constraint takes a brief lock and scans nothing. The demo's SQLite keeps its keys."""
 
-from typing import Any
-
 from django.db import migrations, models
 
-# (column, the table it points at)
+from apps.deliveries.partitions import keys_unchecked_operation
+
+# (table, column, the table it points at)
 KEYS = (
-    ("tenant_id", "tenants_tenant"),
-    ("category_id", "catalog_category"),
-    ("template_version_id", "catalog_templateversion"),
+    ("deliveries_notification", "tenant_id", "tenants_tenant"),
+    ("deliveries_notification", "category_id", "catalog_category"),
+    ("deliveries_notification", "template_version_id", "catalog_templateversion"),
 )
-TABLE = "deliveries_notification"
-
-
-def keys_drop(apps: Any, schema_editor: Any) -> None:
-    if schema_editor.connection.vendor != "postgresql":
-        return
-    with schema_editor.connection.cursor() as cursor:
-        for _, target in KEYS:
-            # The partitioned table's constraint only: dropping it drops its copies on each partition.
-            cursor.execute(
-                """SELECT conname FROM pg_constraint
-                WHERE conrelid = %s::regclass AND confrelid = %s::regclass AND contype = 'f' AND conparentid = 0""",
-                [TABLE, target],
-            )
-            for (name,) in cursor.fetchall():
-                cursor.execute(f'ALTER TABLE {TABLE} DROP CONSTRAINT "{name}"')
-
-
-def keys_add(apps: Any, schema_editor: Any) -> None:
-    if schema_editor.connection.vendor != "postgresql":
-        return
-    with schema_editor.connection.cursor() as cursor:
-        for column, target in KEYS:
-            cursor.execute(
-                f"ALTER TABLE {TABLE} ADD CONSTRAINT {TABLE}_{column}_fk FOREIGN KEY ({column})"
-                f" REFERENCES {target} (id) DEFERRABLE INITIALLY DEFERRED"
-            )
 
 
 class Migration(migrations.Migration):
@@ -94,6 +67,6 @@ class Migration(migrations.Migration):
                     ),
                 ),
             ],
-            database_operations=[migrations.RunPython(keys_drop, keys_add)],
+            database_operations=[keys_unchecked_operation(keys=KEYS)],
         )
     ]
