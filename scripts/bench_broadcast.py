@@ -27,9 +27,9 @@ from bench import (
     Processes,
     bench_categories_ensure,
     final_count,
+    latency_split,
     percentile,
     ports_check,
-    provider_split,
     reset_database,
 )
 from bench_baseline import BASELINE_QUEUE, BASELINE_TASK
@@ -103,18 +103,13 @@ class ProbeLoop:
             round_number += 1
 
     def summary(self) -> str:
-        totals, api = self.totals_ms, self.api_ms
+        totals = self.totals_ms
         if not totals:
             return "no critical notification was sent"
-        # Where the tail is: the API call (web process, its transaction) or after its answer
-        # (the queue, the critical worker, the provider and the record).
-        after = [total - call for total, call in zip(totals, api, strict=True)]
         return (
             f"{len(totals)} sent, P50 {percentile(totals, 0.5):.0f} ms, P95 {percentile(totals, 0.95):.0f} ms, "
-            f"P99 {percentile(totals, 0.99):.0f} ms, max {max(totals):.0f} ms; of which the API call "
-            f"P50 {percentile(api, 0.5):.0f} ms, P99 {percentile(api, 0.99):.0f} ms, and after its answer "
-            f"P50 {percentile(after, 0.5):.0f} ms, P99 {percentile(after, 0.99):.0f} ms; "
-            + provider_split(totals_ms=totals, provider_ms=self.provider_ms)
+            f"P99 {percentile(totals, 0.99):.0f} ms, max {max(totals):.0f} ms; "
+            + latency_split(totals_ms=totals, api_ms=self.api_ms, provider_ms=self.provider_ms)
         )
 
 
