@@ -23,6 +23,7 @@ from bench import (
     FINAL,
     ROOT,
     WEB_PORT,
+    CpuMeter,
     CriticalProbe,
     Processes,
     bench_categories_ensure,
@@ -113,10 +114,11 @@ class ProbeLoop:
         )
 
 
-def broadcast_run(*, headers: dict[str, str], audience: int) -> tuple[float, Broadcast]:
-    """One email broadcast to everyone: print the fan-out time, return the delivery seconds
-    from the call."""
+def broadcast_run(*, headers: dict[str, str], audience: int, cpu: CpuMeter) -> tuple[float, Broadcast]:
+    """One email broadcast to everyone: print the fan-out time and the CPU each phase took,
+    return the delivery seconds from the call."""
     baseline_final = final_count()
+    cpu.start()
     started = time.time()
     response = requests.post(
         f"{BASE}/broadcasts",
@@ -136,6 +138,9 @@ def broadcast_run(*, headers: dict[str, str], audience: int) -> tuple[float, Bro
     print(
         f"fan-out: {audience} notifications planned {fanned_out:.1f} s after the API call = {audience / fanned_out:,.0f}/s"
     )
+    print(f"  while fanning out (sending too), per notification of the audience, {cpu.report(count=audience, seconds=time.time() - started)}")
+    cpu.start()
+    fanned_out_seen = time.time()
     # Until no bulk delivery waits or is being sent. Each question reads one partial index: a
     # count of the final ones read the whole table every second, taking CPU from the broadcast.
     bulk = Delivery.objects.filter(priority="bulk")
@@ -148,6 +153,7 @@ def broadcast_run(*, headers: dict[str, str], audience: int) -> tuple[float, Bro
         .aggregate(last=Max("sent_at"))["last"]
         .timestamp()
     )
+    print(f"  after the fan-out until the last send, per notification of the audience, {cpu.report(count=audience, seconds=time.time() - fanned_out_seen)}")
     return last_sent - started, broadcast
 
 
@@ -239,7 +245,9 @@ def main() -> None:
 
         probe = ProbeLoop(headers=headers, rate=args.critical_rate)
         probe.thread.start()
-        delivered, broadcast = broadcast_run(headers=headers, audience=audience)
+        delivered, broadcast = broadcast_run(
+            headers=headers, audience=audience, cpu=CpuMeter(labels=processes.labels)
+        )
         probe.stopped.set()
         probe.thread.join()
         print(

@@ -17,7 +17,7 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from apps.catalog.models import Severity
-from apps.deliveries.models import Delivery
+from apps.deliveries.models import Event
 from apps.inbox.models import SEVERITY_OF_RANK, SEVERITY_RANK, UNREAD, UNSEEN, InboxEventOptions, InboxItem
 from apps.recipients.models import Recipient
 from apps.recipients.tokens import PREFERENCES, recipient_link
@@ -330,30 +330,32 @@ def inbox_event_options_save(
         )
 
 
-def inbox_item_attributes(*, delivery_ids: list[UUID]) -> dict[UUID, dict[str, Any]]:
-    """Each delivery's item attributes from its event and category, in one query."""
-    event = "notification__event__"
-    rows = Delivery.objects.filter(id__in=delivery_ids).values(
+def inbox_item_attributes(*, event_ids: Iterable[UUID | None]) -> dict[UUID | None, dict[str, Any]]:
+    """The attributes of each event's items, from its category and inbox options, in one
+    query. By event, not by delivery: a batch holds one event's items or a few, and joining
+    each delivery through its notification (partitioned tables) cost more than storing the
+    items."""
+    rows = Event.objects.filter(id__in={event_id for event_id in event_ids if event_id is not None}).values(
         "id",
-        f"{event}category__key",
-        f"{event}category__severity",
-        f"{event}inbox_options__tags",
-        f"{event}inbox_options__severity",
-        f"{event}inbox_options__group_key",
-        f"{event}inbox_options__actor",
-        f"{event}inbox_options__expires_at",
+        "category__key",
+        "category__severity",
+        "inbox_options__tags",
+        "inbox_options__severity",
+        "inbox_options__group_key",
+        "inbox_options__actor",
+        "inbox_options__expires_at",
     )
-    attributes = {}
+    attributes: dict[UUID | None, dict[str, Any]] = {}
     for row in rows:
-        severity = row[f"{event}inbox_options__severity"] or row[f"{event}category__severity"] or Severity.MEDIUM
-        actor = row[f"{event}inbox_options__actor"] or ""
+        severity = row["inbox_options__severity"] or row["category__severity"] or Severity.MEDIUM
+        actor = row["inbox_options__actor"] or ""
         attributes[row["id"]] = {
-            "category": row[f"{event}category__key"],
+            "category": row["category__key"],
             "severity": SEVERITY_RANK[Severity(severity)],
-            "tags": row[f"{event}inbox_options__tags"] or [],
-            "group_key": row[f"{event}inbox_options__group_key"] or "",
+            "tags": row["inbox_options__tags"] or [],
+            "group_key": row["inbox_options__group_key"] or "",
             "actors": [actor] if actor else [],
-            "expires_at": row[f"{event}inbox_options__expires_at"],
+            "expires_at": row["inbox_options__expires_at"],
         }
     return attributes
 

@@ -40,6 +40,8 @@ class OutboundMessage:
     preferences_url: str = ""
     # For the provider call's trace span and log lines.
     notification_id: UUID | None = None
+    # The event it comes from: the in-app channel reads the event's inbox options by it.
+    event_id: UUID | None = None
     # Set when an earlier attempt may have reached the provider: from when to look for it.
     in_doubt_since: datetime | None = None
     # What a repeat or a newer message replaces on the device rather than adds to: the

@@ -40,10 +40,8 @@ class InAppChannel(Channel):
         started = time.perf_counter()
         now = timezone.now()
         delivery_ids = [message.delivery_id for message in messages]
-        attributes = inbox_item_attributes(delivery_ids=delivery_ids)
-        items = {
-            m.delivery_id: _item(message=m, now=now, attributes=attributes.get(m.delivery_id, {})) for m in messages
-        }
+        attributes = inbox_item_attributes(event_ids={m.event_id for m in messages})
+        items = {m.delivery_id: _item(message=m, now=now, attributes=attributes.get(m.event_id, {})) for m in messages}
         # A re-send after a lost record finds the item there: one item per delivery.
         fresh = [items[m.delivery_id] for m in messages if not m.replaces]
         inserted = rows_insert_new(objects=fresh)

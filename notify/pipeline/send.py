@@ -434,6 +434,7 @@ def _chunk_prepare(*, channel: Channel, deliveries: list[Delivery], context: Bat
             OutboundMessage(
                 delivery_id=delivery.id,
                 notification_id=notification.id,
+                event_id=notification.event_id,
                 resend_round=delivery.resend_round,
                 in_doubt_since=delivery.in_doubt_since,
                 address=address,

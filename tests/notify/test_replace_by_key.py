@@ -38,6 +38,7 @@ def in_app_message(*, delivery: Delivery, recipient, body: str) -> OutboundMessa
     """The in-app message a worker sends for the delivery."""
     return OutboundMessage(
         delivery_id=delivery.id,
+        event_id=delivery.notification.event_id,
         address=str(recipient.id),
         content=RenderedContent(title="Your ride", body=body),
         category_key="ride",
