@@ -4,7 +4,8 @@ email to all of it, and send the same audience the textbook way for comparison.
   python scripts/bench_broadcast.py --broadcast 100000 [--baseline-limit 100000]
 
 Prints the import time; for the broadcast, the fan-out time (API call -> last notification
-planned) and the delivery time (API call -> last delivery sent and recorded); the critical
+planned) and the delivery time (API call -> last delivery sent and recorded), each with the
+CPU its phase took by process (what each notification cost, where the time goes); the critical
 P99 (API call -> provider) of OTPs sent while the broadcast runs; then the textbook baseline
 (one Celery task per notification, scripts/bench_baseline.py) on the first
 `--baseline-limit` recipients of the same audience, the ratio of the two rates, and the peak
@@ -138,7 +139,8 @@ def broadcast_run(*, headers: dict[str, str], audience: int, cpu: CpuMeter) -> t
     print(
         f"fan-out: {audience} notifications planned {fanned_out:.1f} s after the API call = {audience / fanned_out:,.0f}/s"
     )
-    print(f"  while fanning out (sending too), per notification of the audience, {cpu.report(count=audience, seconds=time.time() - started)}")
+    # CPU a notification of the audience, by process: while fanning out (and sending), then after.
+    print(f"  while fanning out (sending too), {cpu.report(count=audience, seconds=time.time() - started)}")
     cpu.start()
     fanned_out_seen = time.time()
     # Until no bulk delivery waits or is being sent. Each question reads one partial index: a
@@ -153,7 +155,9 @@ def broadcast_run(*, headers: dict[str, str], audience: int, cpu: CpuMeter) -> t
         .aggregate(last=Max("sent_at"))["last"]
         .timestamp()
     )
-    print(f"  after the fan-out until the last send, per notification of the audience, {cpu.report(count=audience, seconds=time.time() - fanned_out_seen)}")
+    print(
+        f"  after the fan-out until the last send, {cpu.report(count=audience, seconds=time.time() - fanned_out_seen)}"
+    )
     return last_sent - started, broadcast
 
 
@@ -245,9 +249,7 @@ def main() -> None:
 
         probe = ProbeLoop(headers=headers, rate=args.critical_rate)
         probe.thread.start()
-        delivered, broadcast = broadcast_run(
-            headers=headers, audience=audience, cpu=CpuMeter(labels=processes.labels)
-        )
+        delivered, broadcast = broadcast_run(headers=headers, audience=audience, cpu=CpuMeter(labels=processes.labels))
         probe.stopped.set()
         probe.thread.join()
         print(
