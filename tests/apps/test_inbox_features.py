@@ -90,6 +90,32 @@ def test_the_badge_shows_the_highest_unread_severity_from_the_category_or_the_ev
     assert refused.status_code == 400 and "severity" in refused.json()["error"]["fields"]
 
 
+def test_one_batch_of_several_events_gives_each_item_its_events_attributes(api, inbox, security_category):
+    # As a sweep or a resume sends them: the deliveries of three events claimed in one batch.
+    bodies_and_fields = [
+        ("low", {"severity": "low", "tags": ["launch"]}),
+        ("default", {}),
+        ("sign-in", {"category": "security", "tags": ["account"]}),
+    ]
+    delivery_ids = []
+    for text, fields in bodies_and_fields:
+        body = {"category": "mention", "recipient": "ada", "data": {"who": "Bo", "text": text}, **fields}
+        response = api.post("/api/v1/events", body, format="json")
+        assert response.status_code == 202, response.json()
+        notification_ids = response.json()["notification_ids"]
+        delivery_ids += [
+            str(d) for d in Delivery.objects.filter(notification_id__in=notification_ids).values_list("id", flat=True)
+        ]
+    assert deliveries_send(delivery_ids=delivery_ids) == 3
+    items = {item["body"]: item for item in inbox.get("/inbox/v1/items").json()["results"]}
+    shown = {body: (item["category"], item["severity"], item["tags"]) for body, item in items.items()}
+    assert shown == {
+        "low": ("mention", "low", ["launch"]),
+        "default": ("mention", "medium", []),
+        "sign-in": ("security", "high", ["account"]),
+    }
+
+
 def test_tabs_filter_by_category_tag_and_state_with_their_own_counts(api, inbox, security_category):
     send(api, data={"who": "Bo", "text": "comment"}, tags=["comments", "launch"])
     send(api, data={"who": "Bo", "text": "review"}, tags=["reviews"])
