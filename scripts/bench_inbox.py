@@ -38,6 +38,7 @@ from bench import (
     FINAL,
     ROOT,
     WEB_PORT,
+    CpuMeter,
     Processes,
     bench_categories_ensure,
     percentile,
@@ -74,6 +75,7 @@ class ClientProcess:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # a process group of its own, which the CPU breakdown names
         )
         self.progress: dict[str, Any] = {"opened": 0, "connected": 0, "received": {}, "closes": {}}
         self.reports: list[dict[str, Any]] = []
@@ -264,8 +266,8 @@ def main() -> None:
     parser.add_argument(
         "--ws-per-message-deflate",
         choices=["true", "false"],
-        default="true",
-        help="uvicorn's option of that name: compression, as browsers ask for it (default true, uvicorn's)",
+        default="false",
+        help="uvicorn's option of that name (default false, as the run command serves the inbox)",
     )
     parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for each phase (default 180)")
     args = parser.parse_args()
@@ -327,6 +329,7 @@ def main() -> None:
         )
         began = time.time()
         clients = Clients(tokens=tokens, processes=client_processes, open_concurrency=args.open_concurrency)
+        processes.labels.update({client.process.pid: "socket clients" for client in clients.each})
         all_open = wait_until(lambda: clients.total("opened") >= count, timeout=args.timeout)
         opened_times = clients.times("first_hello")
         open_seconds = max(opened_times.values(), default=began) - began
@@ -348,6 +351,8 @@ def main() -> None:
         )
 
         live = f"live-{int(began)}"
+        cpu = CpuMeter(labels=processes.labels)
+        cpu.start()
         sent_at = time.time()
         accepted = event_send(headers=headers, count=count, body=live)
         print(
@@ -357,6 +362,8 @@ def main() -> None:
         wait_until(lambda: clients.received(live) >= count, timeout=args.timeout)
         arrived = clients.times("received", live)
         print(f"live: from API acceptance to the socket, {latency_line(started=accepted, arrived=arrived)}")
+        # Where the time went: the API, the workers storing, PostgreSQL, the socket server, the clients.
+        print(f"  until the last arrived, {cpu.report(count=count, seconds=time.time() - sent_at)}")
         stored = stored_times(recipients=recipients, since=sent_at)
         print(
             f"  of which from the item stored (by a worker) to the socket, {latency_line(started=stored, arrived=arrived)}"
