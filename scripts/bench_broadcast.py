@@ -1,7 +1,7 @@
 """Benchmark a broadcast end to end: import an audience through the import API, broadcast one
 email to all of it, and send the same audience the textbook way for comparison.
 
-  python scripts/bench_broadcast.py --broadcast 100000 [--baseline-limit 100000]
+  python scripts/bench_broadcast.py --broadcast 100000 [--baseline-limit 100000] [--beat]
 
 Prints the import time; for the broadcast, the fan-out time (API call -> last notification
 planned) and the delivery time (API call -> last delivery sent and recorded), each with the
@@ -9,7 +9,8 @@ CPU its phase took by process (what each notification cost, where the time goes)
 P99 (API call -> provider) of OTPs sent while the broadcast runs; then the textbook baseline
 (one Celery task per notification, scripts/bench_baseline.py) on the first
 `--baseline-limit` recipients of the same audience, the ratio of the two rates, and the peak
-RSS of each process. Run it through `make bench ARGS="--broadcast 100000"`, which prepares
+RSS of each process. Without --beat no periodic task runs (sweeper, rollups, gauges), so the
+figures leave out what they cost a deployment. Run it through `make bench ARGS="--broadcast 100000"`, which prepares
 the database, Redis and the virtualenv."""
 
 import argparse
@@ -205,6 +206,11 @@ def main() -> None:
     parser.add_argument("--bulk-concurrency", type=int, default=3, help="bulk worker processes (default 3)")
     parser.add_argument("--web-workers", type=int, default=3, help="uvicorn worker processes (default 3)")
     parser.add_argument("--critical-rate", type=float, default=20.0, help="critical sends per second (default 20)")
+    parser.add_argument(
+        "--beat",
+        action="store_true",
+        help="run Celery beat too, as a deployment does: the sweeper's and the dashboard's periodic work",
+    )
     args = parser.parse_args()
     audience = args.broadcast
     baseline_limit = min(args.baseline_limit or audience, audience)
@@ -226,6 +232,8 @@ def main() -> None:
     )
     processes.start_web()
     processes.start_workers()
+    if args.beat:
+        processes.start_beat()
     processes.spawn(
         "maintenance worker",
         *CELERY,
@@ -242,7 +250,7 @@ def main() -> None:
         print(
             f"broadcast of {audience} emails; bulk batch {settings.NOTIFY_BATCH_SIZE['bulk']}, fan-out chunk "
             f"{settings.NOTIFY_BROADCAST_CHUNK}; bulk worker processes {args.bulk_concurrency}, "
-            f"web processes {args.web_workers}"
+            f"web processes {args.web_workers}; beat {'on' if args.beat else 'off'}"
         )
         imported = audience_import(headers=headers, rows=audience)
         print(f"import: {audience} recipients in {imported:.1f} s = {audience / imported:,.0f}/s")
