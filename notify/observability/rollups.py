@@ -44,7 +44,7 @@ CHUNKS_PER_RUN = 48
 MINUTES_KEPT = timedelta(days=2)
 
 _COUNTED = f"""
-    SELECT date_trunc(%(grain)s, least(coalesce((e.detail->>'occurred_at')::timestamptz, e.created_at),
+    SELECT date_trunc('minute', least(coalesce((e.detail->>'occurred_at')::timestamptz, e.created_at),
                                        e.created_at)) AS bucket,
            n.tenant_id, n.category_id, n.template_version_id, d.channel, d.variant,
            CASE WHEN split_part(coalesce(e.detail->>'provider_status', ''), '/', 1) ~ '^[-a-zA-Z0-9_]+$'
@@ -76,12 +76,25 @@ _KEY = (
 )
 
 
-def _add_sql(*, table: str) -> str:
+def _on_conflict_add(*, table: str) -> str:
     return (
-        f"INSERT INTO {table} ({_COLUMNS}) {_COUNTED} "
         f"ON CONFLICT ({_KEY}) DO UPDATE SET count = {table}.count + EXCLUDED.count, "
         f"latency_ms_sum = {table}.latency_ms_sum + EXCLUDED.latency_ms_sum"
     )
+
+
+_MINUTES, _HOURS = DeliveryRollupMinute._meta.db_table, DeliveryRollupHour._meta.db_table
+# One read of the history for both grains: the hours are the minutes summed, since every count
+# adds up and an hour is whole minutes. Counting each grain from the history read it twice, and
+# these reads were the largest part of what beat's work cost a broadcast.
+_ADD_SQL = f"""
+    WITH minutes AS MATERIALIZED ({_COUNTED}),
+    added AS (INSERT INTO {_MINUTES} ({_COLUMNS}) SELECT {_COLUMNS} FROM minutes {_on_conflict_add(table=_MINUTES)})
+    INSERT INTO {_HOURS} ({_COLUMNS})
+    SELECT date_trunc('hour', bucket), {_KEY.partition(", ")[2]}, sum(count), sum(latency_ms_sum)
+    FROM minutes GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+    {_on_conflict_add(table=_HOURS)}
+"""
 
 
 def rollups_horizon(*, now: datetime) -> datetime:
@@ -106,8 +119,7 @@ def rollups_advance(*, now: datetime | None = None) -> int:
             end = min(start + CHUNK, horizon)
             params: dict[str, Any] = {"start": start, "end": end, "bounds": list(LATENCY_BOUNDS_MS)}
             with connection.cursor() as cursor:
-                cursor.execute(_add_sql(table=DeliveryRollupMinute._meta.db_table), {**params, "grain": "minute"})
-                cursor.execute(_add_sql(table=DeliveryRollupHour._meta.db_table), {**params, "grain": "hour"})
+                cursor.execute(_ADD_SQL, params)
             cursor_row.counted_until = end
             cursor_row.save(update_fields=["counted_until", "updated_at"])
         chunks += 1

@@ -117,6 +117,27 @@ def test_rollups_agree_with_the_history_after_a_real_run_and_late_feedback(works
     assert DeliveryRollupHour.objects.aggregate(n=Sum("count"))["n"] == hours_before
 
 
+def test_an_hour_counts_every_minute_in_it(workspace):
+    # The hours are summed from the minutes of the same run: rows in two minutes of one hour.
+    delivery = ingest_one(workspace, email="hours@example.com")
+    hour = (timezone.now() - timedelta(hours=3)).replace(minute=0, second=0, microsecond=0)
+    for minute in (10, 40, 40):
+        DeliveryEvent.objects.create(
+            delivery=delivery,
+            status=DeliveryStatus.SENT,
+            reason="accepted by the provider",
+            attempt=1,
+            detail={},
+            created_at=hour + timedelta(minutes=minute),
+        )
+    rollups_advance()
+    sent_minutes = DeliveryRollupMinute.objects.filter(outcome="sent").values_list("bucket").annotate(n=Sum("count"))
+    assert dict(sent_minutes.order_by()) == {hour + timedelta(minutes=10): 1, hour + timedelta(minutes=40): 2}
+    sent_hours = DeliveryRollupHour.objects.filter(outcome="sent").values_list("bucket").annotate(n=Sum("count"))
+    assert dict(sent_hours.order_by()) == {hour: 3}
+    assert hour_totals_match_minutes()
+
+
 def test_rows_not_yet_settled_wait_for_a_later_run(workspace, workers):
     workers.start("normal")
     delivery = ingest_one(workspace)
