@@ -266,8 +266,8 @@ def main() -> None:
     parser.add_argument(
         "--ws-per-message-deflate",
         choices=["true", "false"],
-        default="false",
-        help="uvicorn's option of that name (default false, as the run command serves the inbox)",
+        default="true",
+        help="uvicorn's option of that name: compression, as browsers ask for it (default true, uvicorn's)",
     )
     parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for each phase (default 180)")
     args = parser.parse_args()

@@ -81,9 +81,7 @@ start() {
 }
 
 start sandbox "$PY" -m notify.sandbox --port "$SANDBOX_PORT" --webhook "postmark=$WEBHOOK_URL"
-# No per-message compression on the inbox's sockets: docs/inbox.md, "Scale".
-start web "$VENV/bin/uvicorn" config.asgi:application --host 127.0.0.1 --port "$WEB_PORT" --no-access-log \
-    --ws-per-message-deflate false
+start web "$VENV/bin/uvicorn" config.asgi:application --host 127.0.0.1 --port "$WEB_PORT" --no-access-log
 for group in critical normal bulk maintenance webhooks; do
     start "worker-$group" "$VENV/bin/celery" -A config worker --pool solo --without-mingle --without-gossip \
         -Q "$("$PY" -m config.queues "$group")" -n "$group@%h" -l info

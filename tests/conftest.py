@@ -293,7 +293,6 @@ def web_server_start(transactional_db: None, sandbox: SandboxClient, tmp_path: P
         address = host.address if host else "127.0.0.1"
         log_path = tmp_path / f"web-{len(processes)}.log"
         command = [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", address, "--port", str(port)]
-        command += ["--ws-per-message-deflate", "false"]
         process = subprocess.Popen(
             host.command(*command) if host else command,
             cwd=host.directory if host else ROOT,
