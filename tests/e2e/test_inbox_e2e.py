@@ -374,15 +374,22 @@ def test_the_inbox_element_severity_tabs_groups_expiry_snooze_bounded_badge_and_
             expect(page.locator(".ntf-tab[aria-selected=true]")).to_have_text("Ops1")
             expect(page.locator(".ntf-item")).to_have_count(1)
             expect(page.locator(".ntf-item")).to_contain_text("Disk full")
-            # Back to "Alle". Each tab reads its page; these two answers are held until after
+            # Back to "Alle". Each tab reads its page; these answers are held until after
             # the snooze below has been pushed, as a slow answer would be: a page read before a
             # change must not undo the change's push.
             held: list[tuple[Route, APIResponse]] = []
             page.route(re.compile(r"/inbox/v1/items(\?|$)"), lambda route: held.append((route, route.fetch())))
             page.keyboard.press("ArrowLeft")
             page.keyboard.press("ArrowLeft")
-            pump_until(lambda: len(held) >= 2)
-            assert len(held) >= 2, held  # and more if the socket reconnected meanwhile and reloaded
+            expect(page.locator(".ntf-tab[aria-selected=true]")).to_have_text(re.compile("^Alle"))
+
+            # The read of the page now shown is held. ("Ungelesen"'s, passed on the way, was seen
+            # to go unheld on a loaded machine, so it is not counted on.)
+            def shown_page_held() -> bool:
+                return any(route.request.url.endswith("/inbox/v1/items") for route, _ in held)
+
+            pump_until(shown_page_held)
+            assert shown_page_held(), held
 
             # Snoozed (through the API, for seconds): gone at once, back when its time comes.
             # The element shows it again at `until` by its own clock, so the snooze is long
