@@ -71,9 +71,11 @@ _COLUMNS = (
     "bucket, tenant_id, category_id, template_version_id, channel, variant, provider, priority, outcome, "
     "latency_bucket, count, latency_ms_sum"
 )
-_KEY = (
-    "bucket, tenant_id, category_id, template_version_id, channel, variant, provider, priority, outcome, latency_bucket"
+# A rollup row's key: its bucket, then what it is counted by.
+_COUNTED_BY = (
+    "tenant_id, category_id, template_version_id, channel, variant, provider, priority, outcome, latency_bucket"
 )
+_KEY = f"bucket, {_COUNTED_BY}"
 
 
 def _on_conflict_add(*, table: str) -> str:
@@ -91,7 +93,7 @@ _ADD_SQL = f"""
     WITH minutes AS MATERIALIZED ({_COUNTED}),
     added AS (INSERT INTO {_MINUTES} ({_COLUMNS}) SELECT {_COLUMNS} FROM minutes {_on_conflict_add(table=_MINUTES)})
     INSERT INTO {_HOURS} ({_COLUMNS})
-    SELECT date_trunc('hour', bucket), {_KEY.partition(", ")[2]}, sum(count), sum(latency_ms_sum)
+    SELECT date_trunc('hour', bucket), {_COUNTED_BY}, sum(count), sum(latency_ms_sum)
     FROM minutes GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
     {_on_conflict_add(table=_HOURS)}
 """

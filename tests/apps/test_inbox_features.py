@@ -28,12 +28,17 @@ from tests.helpers import inbox_history_analyze, metric_value, metrics_scrape, w
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def send(api: APIClient, **fields: Any) -> list[Delivery]:
-    """One event through the producer API to ada (unless told otherwise), stored in her inbox."""
+def post(api: APIClient, **fields: Any) -> list[Delivery]:
+    """One event through the producer API to ada (unless told otherwise); its deliveries."""
     body = {"category": "mention", "recipient": "ada", "data": {"who": "Bo", "text": "hello"}, **fields}
     response = api.post("/api/v1/events", body, format="json")
     assert response.status_code == 202, response.json()
-    deliveries = list(Delivery.objects.filter(notification_id__in=response.json()["notification_ids"]))
+    return list(Delivery.objects.filter(notification_id__in=response.json()["notification_ids"]))
+
+
+def send(api: APIClient, **fields: Any) -> list[Delivery]:
+    """One event to ada (unless told otherwise), stored in her inbox."""
+    deliveries = post(api, **fields)
     deliveries_send(delivery_ids=[str(d.pk) for d in deliveries])
     return deliveries
 
@@ -97,15 +102,11 @@ def test_one_batch_of_several_events_gives_each_item_its_events_attributes(api, 
         ("default", {}),
         ("sign-in", {"category": "security", "tags": ["account"]}),
     ]
-    delivery_ids = []
-    for text, fields in bodies_and_fields:
-        body = {"category": "mention", "recipient": "ada", "data": {"who": "Bo", "text": text}, **fields}
-        response = api.post("/api/v1/events", body, format="json")
-        assert response.status_code == 202, response.json()
-        notification_ids = response.json()["notification_ids"]
-        delivery_ids += [
-            str(d) for d in Delivery.objects.filter(notification_id__in=notification_ids).values_list("id", flat=True)
-        ]
+    delivery_ids = [
+        str(delivery.pk)
+        for text, fields in bodies_and_fields
+        for delivery in post(api, data={"who": "Bo", "text": text}, **fields)
+    ]
     assert deliveries_send(delivery_ids=delivery_ids) == 3
     items = {item["body"]: item for item in inbox.get("/inbox/v1/items").json()["results"]}
     shown = {body: (item["category"], item["severity"], item["tags"]) for body, item in items.items()}
