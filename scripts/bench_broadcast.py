@@ -234,13 +234,14 @@ def main() -> None:
     processes.start_workers()
     if args.beat:
         processes.start_beat()
+    fan_out_tasks = settings.NOTIFY_BROADCAST_FAN_OUT_TASKS
     processes.spawn(
         "maintenance worker",
         *CELERY,
         "-l",
         "warning",
-        "--pool",
-        "solo",
+        # A process for each fan-out task a broadcast starts, as the compose file runs them.
+        *(("--pool", "solo") if fan_out_tasks == 1 else ("--pool", "prefork", "--concurrency", str(fan_out_tasks))),
         "-Q",
         ",".join(WORKER_GROUPS["maintenance"]),
         "-n",
@@ -249,7 +250,7 @@ def main() -> None:
     try:
         print(
             f"broadcast of {audience} emails; bulk batch {settings.NOTIFY_BATCH_SIZE['bulk']}, fan-out chunk "
-            f"{settings.NOTIFY_BROADCAST_CHUNK}; bulk worker processes {args.bulk_concurrency}, "
+            f"{settings.NOTIFY_BROADCAST_CHUNK}, {fan_out_tasks} at once; bulk worker processes {args.bulk_concurrency}, "
             f"web processes {args.web_workers}; beat {'on' if args.beat else 'off'}"
         )
         imported = audience_import(headers=headers, rows=audience)

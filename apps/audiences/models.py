@@ -71,8 +71,9 @@ class BroadcastState(models.TextChoices):
 
 class Broadcast(models.Model):
     """One event for a whole audience. Fan-out (notify/pipeline/broadcast.py) turns the
-    audience into the event's notifications and deliveries in chunks, storing `cursor` (the
-    last recipient id done) with each chunk; from there the ordinary pipeline sends them."""
+    audience into the event's notifications and deliveries in chunks: `cursor` is the last
+    recipient id claimed as a chunk (BroadcastChunk), and each chunk is planned on its own,
+    several at a time; from there the ordinary pipeline sends them."""
 
     id = models.UUIDField(primary_key=True, default=uuid7, editable=False)
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="broadcasts", db_index=False)
@@ -93,8 +94,10 @@ class Broadcast(models.Model):
     max_per_second = models.PositiveIntegerField(null=True, blank=True)
     spread_over_seconds = models.PositiveIntegerField(null=True, blank=True)
     state = models.CharField(max_length=16, choices=BroadcastState.choices, default=BroadcastState.SCHEDULED)
-    # Fan-out progress: the last recipient id turned into a notification (None: not started).
+    # Fan-out progress: the last recipient id claimed as a chunk (None: not started), and how
+    # many of the audience were claimed, which places a paced chunk's recipients in time.
     cursor = models.UUIDField(null=True, blank=True)
+    claimed_count = models.PositiveIntegerField(default=0)
     fanout_lease_expires_at = models.DateTimeField(null=True, blank=True)
     fanned_out_at = models.DateTimeField(null=True, blank=True)
     audience_count = models.PositiveIntegerField(null=True, blank=True)
@@ -149,3 +152,25 @@ class BroadcastRecipient(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["broadcast", "recipient"], name="broadcast_recipient_unique")]
+
+
+class BroadcastChunk(models.Model):
+    """A range of a broadcast's audience claimed for fan-out: the recipients whose ids lie in
+    (after, until], planned in one transaction by whichever fan-out task holds its lease.
+    Claiming is quick and one at a time; planning, the long part, runs for several chunks at
+    once. A chunk whose task died is claimed again once its lease has run out; a planned
+    chunk notes how many it reached until the next claim adds them to the broadcast's count
+    and deletes it."""
+
+    id = models.BigAutoField(primary_key=True)
+    broadcast = models.ForeignKey(Broadcast, on_delete=models.CASCADE, related_name="chunks")
+    after = models.UUIDField(null=True, blank=True)
+    until = models.UUIDField()
+    # Audience members claimed before this chunk: where a paced broadcast's chunk starts.
+    position = models.PositiveIntegerField()
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    planned_at = models.DateTimeField(null=True, blank=True)
+    planned = models.PositiveIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"chunk {self.id} of broadcast {self.broadcast_id}"

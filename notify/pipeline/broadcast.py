@@ -23,7 +23,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, F, Q
 from django.utils import timezone
 
-from apps.audiences.models import Broadcast, BroadcastRecipient, BroadcastState
+from apps.audiences.models import Broadcast, BroadcastChunk, BroadcastRecipient, BroadcastState
 from apps.catalog.models import Category
 from apps.deliveries.models import CLAIMABLE_STATUSES, Delivery, DeliveryStatus, Event, Notification
 from apps.recipients.models import Recipient
@@ -187,8 +187,14 @@ def _category_resolve(*, tenant: Tenant, api_key: ApiKey, category_key: str) -> 
 
 
 def fan_out_publish_on_commit(*, broadcast_id: UUID) -> None:
-    """Queue the broadcast's fan-out once the transaction commits."""
-    transaction.on_commit(partial(_task_publish, name=FAN_OUT_TASK, broadcast_id=broadcast_id))
+    """Queue the broadcast's fan-out tasks once the transaction commits."""
+    transaction.on_commit(partial(_fan_out_tasks_publish, broadcast_id=broadcast_id))
+
+
+def _fan_out_tasks_publish(*, broadcast_id: UUID) -> None:
+    """NOTIFY_BROADCAST_FAN_OUT_TASKS tasks, which plan that many chunks at once."""
+    for _ in range(settings.NOTIFY_BROADCAST_FAN_OUT_TASKS):
+        _task_publish(name=FAN_OUT_TASK, broadcast_id=broadcast_id)
 
 
 def _task_publish(*, name: str, broadcast_id: UUID) -> None:
@@ -216,42 +222,164 @@ def fan_out(*, broadcast_id: UUID, budget_seconds: float = TASK_BUDGET_SECONDS) 
 @dataclass(frozen=True)
 class ChunkOutcome:
     planned: int
-    done: bool  # nothing more to do now: finished, paused or cancelled
+    # Nothing more for this task now: the fan-out finished, paused or was cancelled, or what
+    # is left is being planned by other tasks.
+    done: bool
 
 
 def fan_out_chunk(*, broadcast_id: UUID) -> ChunkOutcome:
-    """Plan the next chunk of the audience, in one transaction with the cursor it advances."""
+    """Claim the next chunk of the audience, then plan it."""
+    claim = chunk_claim(broadcast_id=broadcast_id)
+    if claim is None:
+        return ChunkOutcome(planned=0, done=True)
+    return ChunkOutcome(planned=chunk_fan_out(broadcast_id=broadcast_id, claim=claim), done=False)
+
+
+@dataclass(frozen=True)
+class ChunkClaim:
+    chunk: BroadcastChunk
+    at: datetime
+
+
+def chunk_claim(*, broadcast_id: UUID) -> ChunkClaim | None:
+    """In one short transaction: take back a chunk whose task died, or claim the next range
+    after the cursor; add what planned chunks reached to the broadcast's count; and finish the
+    fan-out once every chunk is planned. None when this task has nothing left to do."""
     now = timezone.now()
+    lease = now + timedelta(seconds=settings.NOTIFY_BROADCAST_LEASE_SECONDS)
     with transaction.atomic():
-        if connection.vendor == "postgresql":
-            # A chunk's commit need not wait for its WAL to reach the disk: a crash can lose
-            # only whole chunks, each with the cursor it advanced, so the fan-out plans them
-            # again (a send task published for a lost delivery finds nothing to claim).
-            with connection.cursor() as cursor:
-                cursor.execute("SET LOCAL synchronous_commit TO OFF")
-        # Held until commit: two fan-outs of one broadcast (a retried task, the sweeper's
-        # restart) take turns, and each sees the cursor the other stored.
+        # FOR NO KEY UPDATE: claims take turns, while chunks being planned (each holding the
+        # row FOR KEY SHARE) go on; a pause or a cancel (FOR UPDATE) waits for both.
         broadcast = (
-            Broadcast.objects.select_for_update(of=("self",))
-            .select_related("event__tenant", "category__template", "template_version")
+            Broadcast.objects.select_for_update(no_key=True, of=("self",))
+            .select_related("event__tenant")
             .filter(pk=broadcast_id)
             .first()
         )
         if broadcast is None or broadcast.state != BroadcastState.FANNING_OUT:
-            return ChunkOutcome(planned=0, done=True)
+            return None
         try:
             audience = audience_recipients(tenant=broadcast.event.tenant, audience=broadcast.audience)
         except AudienceError as error:
             # Its topic or segment was deleted since it was accepted: retrying cannot help.
             _stopped(broadcast=broadcast, note=f"stopped: {error.field}: {error.message}", now=now)
-            return ChunkOutcome(planned=0, done=True)
+            return None
         if broadcast.started_at is None:
             broadcast.started_at = now
             broadcast.audience_count = audience.count()
-        chunk = audience.order_by("id")
-        if broadcast.cursor is not None:
-            chunk = chunk.filter(id__gt=broadcast.cursor)
-        last_id, selected, reached_ids = _chunk_reach(broadcast=broadcast, chunk=chunk)
+        unplanned = BroadcastChunk.objects.filter(broadcast_id=broadcast_id, planned_at__isnull=True)
+        chunk = (
+            unplanned.filter(Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now))
+            .select_for_update(skip_locked=True)
+            .order_by("id")
+            .first()
+        )
+        if chunk is not None:  # its task died, or stopped at a pause
+            chunk.lease_expires_at = lease
+            chunk.save(update_fields=["lease_expires_at"])
+        else:
+            chunk = _range_claim(broadcast=broadcast, audience=audience, lease=lease)
+        if chunk is None and not unplanned.exists():
+            broadcast.state = BroadcastState.SENDING
+            broadcast.fanned_out_at = now
+        # Counted after the decision above: a chunk planned since then is counted here.
+        _planned_fold(broadcast=broadcast)
+        broadcast.fanout_lease_expires_at = None if broadcast.fanned_out_at else lease
+        broadcast.save(
+            update_fields=[
+                "started_at",
+                "audience_count",
+                "planned_count",
+                "cursor",
+                "claimed_count",
+                "fanout_lease_expires_at",
+                "state",
+                "fanned_out_at",
+            ]
+        )
+    return None if chunk is None else ChunkClaim(chunk=chunk, at=now)
+
+
+def _range_claim(*, broadcast: Broadcast, audience: Any, lease: datetime) -> BroadcastChunk | None:
+    """A chunk of the next NOTIFY_BROADCAST_CHUNK audience members after the cursor, which
+    moves past them; None when none is left."""
+    members = audience.order_by("id")
+    if broadcast.cursor is not None:
+        members = members.filter(id__gt=broadcast.cursor)
+    window = members.values_list("id", flat=True)[: settings.NOTIFY_BROADCAST_CHUNK]
+    if connection.vendor == "postgresql":
+        window_sql, window_params = window.query.sql_with_params()
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"WITH window_ids AS ({window_sql}) SELECT (SELECT count(*) FROM window_ids),"
+                " (SELECT id FROM window_ids ORDER BY id DESC LIMIT 1)",
+                window_params,
+            )
+            claimed, last_id = cursor.fetchone()
+    else:  # the demo's SQLite
+        ids = list(window)
+        claimed, last_id = len(ids), (ids[-1] if ids else None)
+    if not claimed:
+        return None
+    chunk = BroadcastChunk.objects.create(
+        broadcast=broadcast,
+        after=broadcast.cursor,
+        until=last_id,
+        position=broadcast.claimed_count,
+        lease_expires_at=lease,
+    )
+    broadcast.cursor = last_id
+    broadcast.claimed_count += claimed
+    return chunk
+
+
+def _planned_fold(*, broadcast: Broadcast) -> None:
+    """Add the planned chunks' reached counts to the broadcast's, and drop those chunks. The
+    caller holds the broadcast's row and saves it."""
+    planned = list(
+        BroadcastChunk.objects.filter(broadcast_id=broadcast.id, planned_at__isnull=False).values_list("id", "planned")
+    )
+    if planned:
+        broadcast.planned_count += sum(count for _, count in planned)
+        BroadcastChunk.objects.filter(id__in=[chunk_id for chunk_id, _ in planned]).delete()
+
+
+def chunk_fan_out(*, broadcast_id: UUID, claim: ChunkClaim) -> int:
+    """Plan a claimed chunk's recipients, in one transaction that notes the chunk planned;
+    return how many it reached for the first time. It is planned as of its claim, which
+    set a paced broadcast's start when it was the first."""
+    now, chunk = claim.at, claim.chunk
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            # A chunk's commit need not wait for its WAL to reach the disk: a crash can lose
+            # only whole chunks, each still unplanned, so a fan-out plans them again (a send
+            # task published for a lost delivery finds nothing to claim).
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL synchronous_commit TO OFF")
+        if not _still_fanning_out(broadcast_id=broadcast_id):
+            # Paused or cancelled since the claim: a resumed fan-out takes the chunk at once.
+            BroadcastChunk.objects.filter(pk=chunk.pk).update(lease_expires_at=None)
+            return 0
+        # Held until commit; skipped when another task holds it (it took the chunk over once
+        # the lease ran out), and gone when that task planned it.
+        if (
+            BroadcastChunk.objects.select_for_update(skip_locked=True)
+            .filter(pk=chunk.pk, planned_at__isnull=True)
+            .first()
+            is None
+        ):
+            return 0
+        broadcast = Broadcast.objects.select_related("event__tenant", "category__template", "template_version").get(
+            pk=broadcast_id
+        )
+        try:
+            audience = audience_recipients(tenant=broadcast.event.tenant, audience=broadcast.audience)
+        except AudienceError:
+            return 0  # the next claim stops the broadcast and says why
+        members = audience.order_by("id").filter(id__lte=chunk.until)
+        if chunk.after is not None:
+            members = members.filter(id__gt=chunk.after)
+        reached_ids = _chunk_reach(broadcast=broadcast, members=members)
         deliveries_supersede(event=broadcast.event, recipient_ids=reached_ids, now=now)
         if sql_plannable(category=broadcast.category):
             chunk_plan_sql(
@@ -259,31 +387,25 @@ def fan_out_chunk(*, broadcast_id: UUID) -> ChunkOutcome:
                 recipient_ids=reached_ids,
                 rate=broadcast_rate(broadcast=broadcast),
                 start=_pace_start(broadcast=broadcast, now=now),
+                position=chunk.position,
                 now=now,
             )
         else:
-            _chunk_plan(broadcast=broadcast, recipient_ids=reached_ids, now=now)
-        broadcast.planned_count += len(reached_ids)
-        broadcast.fanout_lease_expires_at = now + timedelta(seconds=settings.NOTIFY_BROADCAST_LEASE_SECONDS)
-        if last_id is not None:
-            broadcast.cursor = last_id
-        done = selected < settings.NOTIFY_BROADCAST_CHUNK
-        if done:
-            broadcast.state = BroadcastState.SENDING
-            broadcast.fanned_out_at = now
-            broadcast.fanout_lease_expires_at = None
-        broadcast.save(
-            update_fields=[
-                "started_at",
-                "audience_count",
-                "planned_count",
-                "cursor",
-                "fanout_lease_expires_at",
-                "state",
-                "fanned_out_at",
-            ]
-        )
-    return ChunkOutcome(planned=len(reached_ids), done=done)
+            _chunk_plan(broadcast=broadcast, recipient_ids=reached_ids, position=chunk.position, now=now)
+        BroadcastChunk.objects.filter(pk=chunk.pk).update(planned_at=now, planned=len(reached_ids))
+    return len(reached_ids)
+
+
+def _still_fanning_out(*, broadcast_id: UUID) -> bool:
+    """Whether the broadcast is fanning out, holding its row FOR KEY SHARE until commit: other
+    chunks and claims go on meanwhile, and a pause or a cancel waits for this chunk."""
+    broadcasts = Broadcast.objects.filter(pk=broadcast_id, state=BroadcastState.FANNING_OUT)
+    if connection.vendor != "postgresql":  # the demo's SQLite: one writer at a time anyway
+        return broadcasts.exists()
+    sql, params = broadcasts.values_list("id").query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute(f"{sql} FOR KEY SHARE", params)
+        return cursor.fetchone() is not None
 
 
 def _stopped(*, broadcast: Broadcast, note: str, now: datetime) -> None:
@@ -297,13 +419,13 @@ def _stopped(*, broadcast: Broadcast, note: str, now: datetime) -> None:
     transaction.on_commit(partial(_task_publish, name=CANCEL_TASK, broadcast_id=broadcast.id))
 
 
-def _chunk_plan(*, broadcast: Broadcast, recipient_ids: list[str], now: datetime) -> None:
+def _chunk_plan(*, broadcast: Broadcast, recipient_ids: list[str], position: int, now: datetime) -> None:
     """Plan the chunk's recipients through notifications_plan(), as an event's are: the
     demo's SQLite, and categories the database cannot plan (plan_sql.py)."""
     if not recipient_ids:
         return
     recipients = list(Recipient.objects.filter(id__any_of=recipient_ids).only(*PLANNED_RECIPIENT_FIELDS).order_by("id"))
-    for send_at, group in _paced_groups(broadcast=broadcast, recipients=recipients, now=now):
+    for send_at, group in _paced_groups(broadcast=broadcast, recipients=recipients, position=position, now=now):
         plan = notifications_plan(
             event=broadcast.event,
             category=broadcast.category,
@@ -318,12 +440,10 @@ def _chunk_plan(*, broadcast: Broadcast, recipient_ids: list[str], now: datetime
         plan_save(plan=plan, now=now)
 
 
-def _chunk_reach(*, broadcast: Broadcast, chunk: Any) -> tuple[UUID | None, int, list[str]]:
-    """Take the next chunk of the audience and record its recipients as reached; return the
-    chunk's last recipient id, its size, and the ids reached for the first time."""
-    limit = settings.NOTIFY_BROADCAST_CHUNK
+def _chunk_reach(*, broadcast: Broadcast, members: Any) -> list[str]:
+    """Record the chunk's audience members as reached; return the ids reached for the first time."""
     if connection.vendor != "postgresql":  # the demo's SQLite: the same, in three statements
-        ids = list(chunk.values_list("id", flat=True)[:limit])
+        ids = list(members.values_list("id", flat=True))
         seen = set(
             BroadcastRecipient.objects.filter(broadcast=broadcast, recipient_id__in=ids).values_list(
                 "recipient_id", flat=True
@@ -331,32 +451,29 @@ def _chunk_reach(*, broadcast: Broadcast, chunk: Any) -> tuple[UUID | None, int,
         )
         new = [i for i in ids if i not in seen]
         BroadcastRecipient.objects.bulk_create([BroadcastRecipient(broadcast=broadcast, recipient_id=i) for i in new])
-        return (ids[-1] if ids else None), len(ids), [str(i) for i in new]
-    chunk_sql, chunk_params = chunk.values_list("id")[:limit].query.sql_with_params()
+        return [str(i) for i in new]
+    members_sql, members_params = members.values_list("id").query.sql_with_params()
     with connection.cursor() as cursor:
-        # One statement: pick the chunk, skip whoever was reached before (a retried chunk, a
-        # recipient in two topics), and say who is new.
+        # One statement: skip whoever was reached before (a retried chunk, a recipient in two
+        # topics), and say who is new.
         cursor.execute(
             f"""
-            WITH chunk AS ({chunk_sql}),
-            reached AS (
+            WITH reached AS (
                 INSERT INTO {BroadcastRecipient._meta.db_table} (broadcast_id, recipient_id)
-                SELECT %s, id FROM chunk ORDER BY id
+                SELECT %s, id FROM ({members_sql}) AS members ORDER BY id
                 ON CONFLICT (broadcast_id, recipient_id) DO NOTHING
                 RETURNING recipient_id
             )
-            SELECT (SELECT id FROM chunk ORDER BY id DESC LIMIT 1),
-                   (SELECT count(*) FROM chunk),
-                   ARRAY(SELECT recipient_id::text FROM reached)
+            SELECT ARRAY(SELECT recipient_id::text FROM reached)
             """,
-            [*chunk_params, broadcast.id],
+            [broadcast.id, *members_params],
         )
-        last_id, selected, reached_ids = cursor.fetchone()
-    return last_id, selected, reached_ids
+        (reached_ids,) = cursor.fetchone()
+    return reached_ids
 
 
 def _paced_groups(
-    *, broadcast: Broadcast, recipients: list[Recipient], now: datetime
+    *, broadcast: Broadcast, recipients: list[Recipient], position: int, now: datetime
 ) -> list[tuple[datetime | None, list[Recipient]]]:
     """The chunk's recipients with the time each may be sent: the broadcast's send_at, or
     with a pace, one second's worth of recipients after another from the start."""
@@ -365,7 +482,6 @@ def _paced_groups(
         return [(broadcast.send_at, recipients)] if recipients else []
     start = _pace_start(broadcast=broadcast, now=now)
     groups: list[tuple[datetime | None, list[Recipient]]] = []
-    position = broadcast.planned_count
     index = 0
     while index < len(recipients):
         second = (position + index) // rate
@@ -526,16 +642,16 @@ def broadcasts_advance(*, now: datetime) -> int:
         if Broadcast.objects.filter(pk=broadcast_id, state=BroadcastState.SCHEDULED).update(
             state=BroadcastState.FANNING_OUT
         ):
-            _task_publish(name=FAN_OUT_TASK, broadcast_id=broadcast_id)
-            queued += 1
+            _fan_out_tasks_publish(broadcast_id=broadcast_id)
+            queued += settings.NOTIFY_BROADCAST_FAN_OUT_TASKS
     lease = timedelta(seconds=settings.NOTIFY_BROADCAST_LEASE_SECONDS)
     # A lease that ran out, or a fan-out queued a lease ago that never started.
     lost = Q(fanout_lease_expires_at__lt=now) | Q(
         fanout_lease_expires_at__isnull=True, started_at__isnull=True, created_at__lt=now - lease
     )
     for broadcast_id in Broadcast.objects.filter(lost, state=BroadcastState.FANNING_OUT).values_list("id", flat=True):
-        _task_publish(name=FAN_OUT_TASK, broadcast_id=broadcast_id)
-        queued += 1
+        _fan_out_tasks_publish(broadcast_id=broadcast_id)
+        queued += settings.NOTIFY_BROADCAST_FAN_OUT_TASKS
     cancels = Broadcast.objects.filter(
         Q(fanout_lease_expires_at__lt=now) | Q(fanout_lease_expires_at__isnull=True),
         state=BroadcastState.CANCELLED,

@@ -58,10 +58,17 @@ class PlannedChunk:
 
 
 def chunk_plan_sql(
-    *, broadcast: Broadcast, recipient_ids: list[str], rate: int | None, start: datetime, now: datetime
+    *,
+    broadcast: Broadcast,
+    recipient_ids: list[str],
+    rate: int | None,
+    start: datetime,
+    position: int,
+    now: datetime,
 ) -> PlannedChunk:
     """Plan the broadcast's notification for each of these (newly reached) recipients, in
-    one statement, and publish the due deliveries once the transaction commits."""
+    one statement, and publish the due deliveries once the transaction commits. A paced
+    broadcast places them in time after the `position` audience members claimed before."""
     if not recipient_ids:
         return PlannedChunk(notifications=0, published=0)
     category = broadcast.category
@@ -81,7 +88,7 @@ def chunk_plan_sql(
     # When each is due: the broadcast's send_at, one second's worth after another from the
     # start when paced, or the next local time in each recipient's timezone.
     if rate is not None:
-        params.update(start=start, rate=rate, position=broadcast.planned_count)
+        params.update(start=start, rate=rate, position=position)
         send_at = (
             "%(start)s::timestamptz"
             " + ((%(position)s::bigint + row_number() OVER (ORDER BY r.id) - 1) / %(rate)s::bigint)"

@@ -9,7 +9,15 @@ from django.db import connection
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from apps.audiences.models import Broadcast, BroadcastRecipient, BroadcastState, Segment, Topic, TopicMembership
+from apps.audiences.models import (
+    Broadcast,
+    BroadcastChunk,
+    BroadcastRecipient,
+    BroadcastState,
+    Segment,
+    Topic,
+    TopicMembership,
+)
 from apps.catalog.models import Priority
 from apps.deliveries.models import Delivery, DeliveryStatus, Notification
 from notify.pipeline.broadcast import (
@@ -18,6 +26,8 @@ from notify.pipeline.broadcast import (
     broadcast_roll_up,
     broadcasts_advance,
     cancel_finish,
+    chunk_claim,
+    chunk_fan_out,
     fan_out,
     fan_out_chunk,
     resume_publish,
@@ -98,13 +108,64 @@ def test_fan_out_goes_in_chunks_from_its_cursor_and_a_repeated_chunk_adds_nobody
     body = broadcast(api, {"category": "welcome", "audience": {"all": True}})
     assert fan_out_chunk(broadcast_id=body["id"]).planned == 2
     row = Broadcast.objects.get(pk=body["id"])
-    assert row.planned_count == 2 and row.cursor is not None and row.state == BroadcastState.FANNING_OUT
+    assert row.claimed_count == 2 and row.cursor is not None and row.state == BroadcastState.FANNING_OUT
+    # The planned chunk's count joins the broadcast's at the next claim.
+    assert list(row.chunks.values_list("planned", flat=True)) == [2]
     # A chunk run again from an older cursor (a retried task) finds everyone reached already.
     Broadcast.objects.filter(pk=row.pk).update(cursor=None)
     assert fan_out_chunk(broadcast_id=body["id"]).planned == 0
     fan_out(broadcast_id=body["id"])
     assert reached(body["id"]) == ["p0", "p1", "p2", "p3", "p4"]
     assert BroadcastRecipient.objects.filter(broadcast_id=body["id"]).count() == 5
+
+
+def test_chunks_are_planned_side_by_side_and_a_dead_tasks_chunk_is_taken_over(api, workspace, settings):
+    settings.NOTIFY_BROADCAST_CHUNK = 2
+    people(workspace, 5)
+    body = broadcast(api, {"category": "welcome", "audience": {"all": True}})
+    # Two tasks claim in turn: each gets its own range, the second starting where the first ends.
+    dying = chunk_claim(broadcast_id=body["id"])
+    living = chunk_claim(broadcast_id=body["id"])
+    assert dying is not None and living is not None
+    assert dying.chunk.after is None and living.chunk.after == dying.chunk.until
+    assert (dying.chunk.position, living.chunk.position) == (0, 2)
+    # The first task dies before planning; the second plans its chunk and the last one.
+    assert chunk_fan_out(broadcast_id=body["id"], claim=living) == 2
+    assert fan_out_chunk(broadcast_id=body["id"]).planned == 1
+    # Then nothing is left that it may take while the dead task's lease runs: the fan-out
+    # is not finished, and the counts of what was planned are in.
+    assert fan_out_chunk(broadcast_id=body["id"]).done
+    row = Broadcast.objects.get(pk=body["id"])
+    assert (row.state, row.planned_count, row.claimed_count) == (BroadcastState.FANNING_OUT, 3, 5)
+    assert reached(body["id"]) == ["p2", "p3", "p4"]
+
+    # Once the lease has run out, the next fan-out takes the chunk over and finishes.
+    BroadcastChunk.objects.filter(pk=dying.chunk.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    assert fan_out(broadcast_id=body["id"]) == 2
+    row = Broadcast.objects.get(pk=body["id"])
+    assert (row.state, row.planned_count, row.audience_count) == (BroadcastState.SENDING, 5, 5)
+    assert reached(body["id"]) == ["p0", "p1", "p2", "p3", "p4"]
+    assert not row.chunks.exists()
+    # The dead task, were it only slow, plans nothing a second time.
+    assert chunk_fan_out(broadcast_id=body["id"], claim=dying) == 0
+    assert Notification.objects.filter(event__broadcast__id=body["id"]).count() == 5
+
+
+def test_a_chunk_claimed_before_a_pause_waits_for_the_resume(api, workspace, settings):
+    settings.NOTIFY_BROADCAST_CHUNK = 2
+    people(workspace, 3)
+    body = broadcast(api, {"category": "welcome", "audience": {"all": True}})
+    claim = chunk_claim(broadcast_id=body["id"])
+    assert claim is not None
+    paused = broadcast_pause(broadcast=Broadcast.objects.get(pk=body["id"]))
+    assert chunk_fan_out(broadcast_id=body["id"], claim=claim) == 0
+    assert reached(body["id"]) == []
+    # Left for whoever resumes: no lease to wait out.
+    assert BroadcastChunk.objects.get(pk=claim.chunk.pk).lease_expires_at is None
+    broadcast_resume(broadcast=paused)
+    fan_out(broadcast_id=body["id"])
+    assert reached(body["id"]) == ["p0", "p1", "p2"]
+    assert Broadcast.objects.get(pk=body["id"]).state == BroadcastState.SENDING
 
 
 def test_the_unique_pair_refuses_a_second_notification_for_a_recipient(api, workspace):
