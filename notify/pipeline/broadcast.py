@@ -514,7 +514,8 @@ def broadcast_pause(*, broadcast: Broadcast) -> Broadcast:
             raise NotControllable(f"A {broadcast.state} broadcast cannot be paused.")
         broadcast.state = BroadcastState.PAUSED
         broadcast.paused_at = timezone.now()
-        broadcast.save(update_fields=["state", "paused_at"])
+        _planned_fold(broadcast=broadcast)  # the count stands while it is paused
+        broadcast.save(update_fields=["state", "paused_at", "planned_count"])
     return broadcast
 
 
@@ -550,7 +551,10 @@ def broadcast_cancel(*, broadcast: Broadcast) -> Broadcast:
         broadcast.state = BroadcastState.CANCELLED
         broadcast.cancelled_at = broadcast.finished_at = now
         broadcast.fanout_lease_expires_at = now + timedelta(seconds=settings.NOTIFY_BROADCAST_LEASE_SECONDS)
-        broadcast.save(update_fields=["state", "cancelled_at", "finished_at", "fanout_lease_expires_at"])
+        _planned_fold(broadcast=broadcast)
+        broadcast.save(
+            update_fields=["state", "cancelled_at", "finished_at", "fanout_lease_expires_at", "planned_count"]
+        )
         transaction.on_commit(partial(_task_publish, name=CANCEL_TASK, broadcast_id=broadcast.id))
     return broadcast
 

@@ -227,6 +227,8 @@ def test_a_paused_broadcast_is_not_claimed_and_resumes_where_it_stopped(api, wor
     row = Broadcast.objects.get(pk=body["id"])
     paused = api.post(f"/api/v1/broadcasts/{row.id}/pause").json()
     assert paused["state"] == "paused"
+    # What its planned chunk reached is counted when it pauses, not at the next claim.
+    assert Broadcast.objects.get(pk=row.id).planned_count == 2
     # Fan-out stops, and the senders leave what was planned alone.
     assert fan_out_chunk(broadcast_id=row.id).planned == 0
     ids = [str(i) for i in Delivery.objects.filter(notification__event_id=row.event_id).values_list("id", flat=True)]
