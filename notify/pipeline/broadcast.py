@@ -1,13 +1,15 @@
 """Broadcasts: one event for a whole audience.
 
 Fan-out turns the audience into the broadcast event's notifications and deliveries a chunk
-at a time. Each chunk is one transaction that locks the broadcast row, picks the next
-recipients after the stored cursor in the database, records them in BroadcastRecipient
-(whose unique (broadcast, recipient) pair skips anyone reached before), plans them as an
-event's recipients are planned, and stores the new cursor. A worker killed mid-chunk rolls
-the chunk back; the next run starts from the stored cursor. From there the ordinary pipeline
-sends: preferences, consent, quiet hours, caps, routing, rate limits and kill switches apply
-at send time."""
+at a time, with several tasks at once (NOTIFY_BROADCAST_FAN_OUT_TASKS). A task claims a chunk
+in a short transaction that locks the broadcast row: the next range of recipients after the
+stored cursor, recorded as a BroadcastChunk with a lease, and the cursor moved past it. It then
+plans the chunk in a transaction of its own, which records the range's recipients in
+BroadcastRecipient (whose unique (broadcast, recipient) pair skips anyone reached before),
+plans them as an event's recipients are planned, and notes the chunk planned. A worker killed
+mid-chunk rolls the chunk back, and another task takes the chunk over once its lease runs out.
+From there the ordinary pipeline sends: preferences, consent, quiet hours, caps, routing, rate
+limits and kill switches apply at send time."""
 
 import logging
 import math
@@ -237,6 +239,9 @@ def fan_out_chunk(*, broadcast_id: UUID) -> ChunkOutcome:
 
 @dataclass(frozen=True)
 class ChunkClaim:
+    """A chunk a task holds the lease of, and when it claimed it: the chunk is planned as of
+    that moment."""
+
     chunk: BroadcastChunk
     at: datetime
 
