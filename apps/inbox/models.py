@@ -12,6 +12,7 @@ from apps.catalog.models import Severity
 from apps.deliveries.models import Delivery, Event
 from apps.recipients.models import Recipient
 from apps.tenants.encryption import SealedJSONField, SealedTextField
+from notify.pipeline.bulk import LeanLoading
 
 # Stored as a rank so that "the highest unread severity" is one ordered index read.
 SEVERITY_RANK = {Severity.LOW: 1, Severity.MEDIUM: 2, Severity.HIGH: 3}
@@ -62,8 +63,9 @@ class StringListHas(Lookup):
         return f"{column} @> ARRAY[%s]::varchar[]", (*column_params, self.rhs)
 
 
-class InboxItem(models.Model):
-    """One in-app notification in a recipient's inbox, with its read, seen and archived state."""
+class InboxItem(LeanLoading, models.Model):
+    """One in-app notification in a recipient's inbox, with its read, seen and archived state.
+    A broadcast's in-app batch builds them by the thousand (LeanLoading)."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     recipient = models.ForeignKey(Recipient, on_delete=models.CASCADE, related_name="inbox_items", db_index=False)

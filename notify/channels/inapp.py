@@ -77,7 +77,7 @@ class InAppChannel(Channel):
 
 
 def _item(*, message: OutboundMessage, now: datetime, attributes: dict) -> InboxItem:
-    return InboxItem(
+    return InboxItem.new(
         recipient_id=UUID(message.address),  # as read from the database: the push keys counts by it
         delivery_id=message.delivery_id,
         title=message.content.title,
