@@ -424,7 +424,7 @@ NOTIFY_SWEEP_CHUNK = env.int("NOTIFY_SWEEP_CHUNK", default=5000)
 NOTIFY_BROADCAST_CHUNK = env.int("NOTIFY_BROADCAST_CHUNK", default=5000)
 # Fan-out tasks a broadcast starts, each planning a chunk at a time: the chunks' statements
 # run on that many database connections at once. Worth the maintenance worker's concurrency.
-NOTIFY_BROADCAST_FAN_OUT_TASKS = max(1, env.int("NOTIFY_BROADCAST_FAN_OUT_TASKS", default=2))
+NOTIFY_BROADCAST_FAN_OUT_TASKS = max(1, env.int("NOTIFY_BROADCAST_FAN_OUT_TASKS", default=3))
 # A fan-out whose worker has not finished a chunk by then is started again by the sweeper.
 NOTIFY_BROADCAST_LEASE_SECONDS = env.float("NOTIFY_BROADCAST_LEASE_SECONDS", default=30.0)
 NOTIFY_RETRY_POLICY = {

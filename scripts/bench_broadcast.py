@@ -11,7 +11,7 @@ P99 (API call -> provider) of OTPs sent while the broadcast runs; then the textb
 `--baseline-limit` recipients of the same audience, the ratio of the two rates, and the peak
 RSS of each process. Without --beat no periodic task runs (sweeper, rollups, gauges), so the
 figures leave out what they cost a deployment. The maintenance worker has a process for each of
-a broadcast's fan-out tasks (NOTIFY_BROADCAST_FAN_OUT_TASKS, 2; set it to 1 for one at a time).
+a broadcast's fan-out tasks (NOTIFY_BROADCAST_FAN_OUT_TASKS, 3; set it to 1 for one at a time).
 Run it through `make bench ARGS="--broadcast 100000"`, which prepares
 the database, Redis and the virtualenv."""
 

@@ -136,8 +136,8 @@ def test_a_fan_out_worker_killed_mid_broadcast_resumes_and_each_recipient_gets_i
     assert stopped_at.planned_count < total, "fan-out finished before the kill: the test proved nothing"
     assert stopped_at.state == BroadcastState.FANNING_OUT
 
-    # Two processes, as the compose file runs them: the fan-out tasks plan chunks side by side,
-    # and one of them takes over the chunk the killed worker held once its lease runs out.
+    # Two processes: the fan-out tasks plan chunks side by side, and one of them takes over the
+    # chunk the killed worker held once its lease runs out.
     workers.start("maintenance", concurrency=2)
     workers.start("bulk", concurrency=2)
     workers.start_beat()
